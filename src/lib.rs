@@ -1,0 +1,3 @@
+//! nixery: a container registry that builds images on demand with Nix.
+
+pub mod store_path;
