@@ -1,3 +1,4 @@
 //! nixery: a container registry that builds images on demand with Nix.
 
+pub mod digest;
 pub mod store_path;
