@@ -1,4 +1,9 @@
 //! nixery: a container registry that builds images on demand with Nix.
 
+pub mod config;
+pub mod db;
 pub mod digest;
+pub mod error;
+pub mod image;
+pub mod source;
 pub mod store_path;

@@ -1,0 +1,251 @@
+//! Settings: flags, then the original Nixery's environment variables, then
+//! defaults; validated into a [`Config`] before anything starts.
+
+use crate::source::Source;
+use clap::Args;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// `nixery serve` flags. Each falls back to an environment variable; the
+/// original's names are kept so this is a drop-in replacement.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// HTTP port to listen on.
+    #[arg(long, env = "PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// Address to listen on.
+    #[arg(long, env = "NIXERY_LISTEN_ADDRESS", default_value = "0.0.0.0")]
+    pub listen_address: IpAddr,
+    /// Nix channel name or nixpkgs commit to build from.
+    #[arg(long, env = "NIXERY_CHANNEL")]
+    pub channel: Option<String>,
+    /// Git repository with a package set; image tags are its refs.
+    #[arg(long, env = "NIXERY_PKGS_REPO")]
+    pub pkgs_repo: Option<String>,
+    /// Local directory with a package set.
+    #[arg(long, env = "NIXERY_PKGS_PATH")]
+    pub pkgs_path: Option<PathBuf>,
+    /// Storage backend: only `filesystem`.
+    #[arg(long, env = "NIXERY_STORAGE_BACKEND", default_value = "filesystem")]
+    pub storage_backend: String,
+    /// Directory for blobs and the database.
+    #[arg(long, env = "STORAGE_PATH")]
+    pub storage_path: Option<PathBuf>,
+    /// Seconds each Nix invocation may run.
+    #[arg(long, env = "NIX_TIMEOUT", default_value_t = 60)]
+    pub nix_timeout: u64,
+    /// File path or http(s) URL of JSON `{"name": count}` popularity data.
+    #[arg(long, env = "NIX_POPULARITY_URL")]
+    pub popularity_url: Option<String>,
+    /// Image builds that may run at once; more wait their turn.
+    #[arg(long, env = "NIXERY_MAX_BUILDS", default_value_t = 2)]
+    pub max_concurrent_builds: usize,
+    /// Extra Nix option as NAME=VALUE, passed to every Nix call (repeatable;
+    /// the variable takes several separated by `;`).
+    #[arg(long = "nix-option", env = "NIXERY_NIX_OPTIONS", value_delimiter = ';')]
+    pub nix_options: Vec<String>,
+    /// Most layers of store paths per image; the symlink layer comes on top
+    /// (Docker allows 125 in all).
+    #[arg(long, env = "NIXERY_LAYER_BUDGET", default_value_t = 94)]
+    pub layer_budget: usize,
+    /// Seconds a build from a moving source (path, channel name, branch) is
+    /// served from cache before it is evaluated again.
+    #[arg(long, env = "NIXERY_CACHE_TTL", default_value_t = 300)]
+    pub cache_ttl: u64,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub source: Source,
+    pub storage_path: PathBuf,
+    pub nix_timeout: Duration,
+    pub popularity_url: Option<String>,
+    pub max_concurrent_builds: usize,
+    pub nix_options: Vec<(String, String)>,
+    pub layer_budget: usize,
+    pub cache_ttl: Duration,
+}
+
+/// A setting that is missing or contradicts another; says which.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("no package source: set one of --pkgs-path (NIXERY_PKGS_PATH), --channel (NIXERY_CHANNEL) or --pkgs-repo (NIXERY_PKGS_REPO)")]
+    NoSource,
+    #[error("more than one package source ({0}): set exactly one of NIXERY_PKGS_PATH, NIXERY_CHANNEL, NIXERY_PKGS_REPO")]
+    SeveralSources(String),
+    #[error("--pkgs-path (NIXERY_PKGS_PATH) {0:?} is not a readable directory")]
+    PkgsPath(PathBuf),
+    #[error("--storage-backend (NIXERY_STORAGE_BACKEND) {0:?} is not supported; use `filesystem`")]
+    Backend(String),
+    #[error("--storage-path (STORAGE_PATH) is required for the filesystem backend")]
+    NoStoragePath,
+    #[error("--nix-timeout (NIX_TIMEOUT) must be at least 1 second")]
+    Timeout,
+    #[error("--max-concurrent-builds (NIXERY_MAX_BUILDS) must be at least 1")]
+    MaxBuilds,
+    #[error("--layer-budget (NIXERY_LAYER_BUDGET) must be between 1 and 124, got {0}")]
+    LayerBudget(usize),
+    #[error("--nix-option (NIXERY_NIX_OPTIONS) {0:?} is not of the form NAME=VALUE")]
+    NixOption(String),
+}
+
+fn non_empty<T: AsRef<std::ffi::OsStr>>(v: &Option<T>) -> bool {
+    v.as_ref().is_some_and(|s| !s.as_ref().is_empty())
+}
+
+impl ServeArgs {
+    pub fn validate(&self) -> Result<Config, ConfigError> {
+        let mut sources = Vec::new();
+        if non_empty(&self.pkgs_path) {
+            sources.push("NIXERY_PKGS_PATH");
+        }
+        if non_empty(&self.channel) {
+            sources.push("NIXERY_CHANNEL");
+        }
+        if non_empty(&self.pkgs_repo) {
+            sources.push("NIXERY_PKGS_REPO");
+        }
+        let source = match (
+            sources.len(),
+            &self.pkgs_path,
+            &self.channel,
+            &self.pkgs_repo,
+        ) {
+            (0, ..) => return Err(ConfigError::NoSource),
+            (1, Some(p), ..) if !p.as_os_str().is_empty() => {
+                // Nix needs an absolute path; resolving it now also proves it exists.
+                let abs = std::fs::canonicalize(p).map_err(|_| ConfigError::PkgsPath(p.clone()))?;
+                if !abs.is_dir() {
+                    return Err(ConfigError::PkgsPath(p.clone()));
+                }
+                Source::Path(abs)
+            }
+            (1, _, Some(c), _) if !c.is_empty() => Source::Channel(c.clone()),
+            (1, _, _, Some(r)) => Source::Git(r.clone()),
+            _ => return Err(ConfigError::SeveralSources(sources.join(", "))),
+        };
+        if self.storage_backend != "filesystem" {
+            return Err(ConfigError::Backend(self.storage_backend.clone()));
+        }
+        let storage_path = match &self.storage_path {
+            Some(p) if !p.as_os_str().is_empty() => p.clone(),
+            _ => return Err(ConfigError::NoStoragePath),
+        };
+        if self.nix_timeout == 0 {
+            return Err(ConfigError::Timeout);
+        }
+        if self.max_concurrent_builds == 0 {
+            return Err(ConfigError::MaxBuilds);
+        }
+        if !(1..=124).contains(&self.layer_budget) {
+            return Err(ConfigError::LayerBudget(self.layer_budget));
+        }
+        let nix_options = self
+            .nix_options
+            .iter()
+            .filter(|o| !o.trim().is_empty())
+            .map(|o| match o.trim().split_once('=') {
+                Some((k, v)) if !k.trim().is_empty() => {
+                    Ok((k.trim().to_owned(), v.trim().to_owned()))
+                }
+                _ => Err(ConfigError::NixOption(o.clone())),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Config {
+            listen: SocketAddr::new(self.listen_address, self.port),
+            source,
+            storage_path,
+            nix_timeout: Duration::from_secs(self.nix_timeout),
+            popularity_url: self.popularity_url.clone().filter(|u| !u.is_empty()),
+            max_concurrent_builds: self.max_concurrent_builds,
+            nix_options,
+            layer_budget: self.layer_budget,
+            cache_ttl: Duration::from_secs(self.cache_ttl),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut full = vec!["nixery"];
+        full.extend_from_slice(args);
+        Cli::parse_from(full).serve.validate()
+    }
+
+    #[test]
+    fn requires_exactly_one_source_and_storage() {
+        let dir = std::env::temp_dir();
+        let d = dir.to_str().unwrap();
+        assert_eq!(
+            parse(&["--storage-path", d]).unwrap_err(),
+            ConfigError::NoSource
+        );
+        assert!(matches!(
+            parse(&[
+                "--storage-path",
+                d,
+                "--pkgs-path",
+                d,
+                "--channel",
+                "nixos-unstable"
+            ]),
+            Err(ConfigError::SeveralSources(_))
+        ));
+        assert_eq!(
+            parse(&["--pkgs-path", d]).unwrap_err(),
+            ConfigError::NoStoragePath
+        );
+        assert!(matches!(
+            parse(&["--storage-path", d, "--pkgs-path", "/no/such/dir"]),
+            Err(ConfigError::PkgsPath(_))
+        ));
+        assert!(matches!(
+            parse(&[
+                "--storage-path",
+                d,
+                "--channel",
+                "c",
+                "--storage-backend",
+                "gcs"
+            ]),
+            Err(ConfigError::Backend(_))
+        ));
+        assert!(matches!(
+            parse(&[
+                "--storage-path",
+                d,
+                "--channel",
+                "c",
+                "--nix-option",
+                "nonsense"
+            ]),
+            Err(ConfigError::NixOption(_))
+        ));
+        let ok = parse(&[
+            "--storage-path",
+            d,
+            "--channel",
+            "c",
+            "--nix-option",
+            "substituters=",
+            "--port",
+            "0",
+        ])
+        .unwrap();
+        assert_eq!(ok.nix_options, vec![("substituters".into(), String::new())]);
+        assert_eq!(ok.source, Source::Channel("c".into()));
+    }
+}

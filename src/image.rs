@@ -1,0 +1,347 @@
+//! Image names: the distribution grammar, and the name -> package list rules
+//! of the original Nixery (path components are packages, meta-packages,
+//! always-added packages).
+
+use crate::digest::{Digest, DigestError};
+use std::fmt;
+
+/// Packages that every image gets, as in the original.
+pub const ALWAYS_ADDED: [&str; 2] = ["cacert", "iana-etc"];
+/// What the `shell` meta-package expands to.
+pub const SHELL_PACKAGES: [&str; 4] = ["bashInteractive", "coreutils", "moreutils", "nano"];
+/// Where the cacert package puts its bundle; exported as SSL_CERT_FILE.
+pub const SSL_CERT_FILE: &str = "/etc/ssl/certs/ca-bundle.crt";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ReferenceError {
+    #[error(
+        "invalid repository name {0:?}: components must match [a-z0-9]+((\\.|_|__|-+)[a-z0-9]+)*"
+    )]
+    Name(String),
+    #[error("invalid tag {0:?}: must match [a-zA-Z0-9_][a-zA-Z0-9._-]{{0,127}}")]
+    Tag(String),
+    #[error(transparent)]
+    Digest(#[from] DigestError),
+}
+
+/// Checks a repository name against the distribution grammar.
+pub fn validate_name(name: &str) -> Result<(), ReferenceError> {
+    // 255 is the practical limit registries and clients agree on.
+    if name.is_empty() || name.len() > 255 || !name.split('/').all(valid_component) {
+        return Err(ReferenceError::Name(name.to_owned()));
+    }
+    Ok(())
+}
+
+/// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`
+fn valid_component(c: &str) -> bool {
+    let b = c.as_bytes();
+    let alnum = |x: u8| x.is_ascii_lowercase() || x.is_ascii_digit();
+    let mut i = 0;
+    loop {
+        let start = i;
+        while i < b.len() && alnum(b[i]) {
+            i += 1;
+        }
+        if i == start {
+            return false;
+        }
+        if i == b.len() {
+            return true;
+        }
+        let sep_start = i;
+        match b[i] {
+            b'.' => i += 1,
+            b'_' => {
+                i += 1;
+                if i < b.len() && b[i] == b'_' {
+                    i += 1;
+                }
+            }
+            b'-' => {
+                while i < b.len() && b[i] == b'-' {
+                    i += 1;
+                }
+            }
+            _ => return false,
+        }
+        debug_assert!(i > sep_start);
+    }
+}
+
+/// Checks a tag against the distribution grammar.
+pub fn validate_tag(tag: &str) -> Result<(), ReferenceError> {
+    let b = tag.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 128
+        && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
+        && b[1..]
+            .iter()
+            .all(|&x| x.is_ascii_alphanumeric() || matches!(x, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ReferenceError::Tag(tag.to_owned()))
+    }
+}
+
+/// A manifest reference: a tag or a digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reference {
+    Tag(String),
+    Digest(Digest),
+}
+
+impl Reference {
+    pub fn parse(s: &str) -> Result<Self, ReferenceError> {
+        if s.contains(':') {
+            Ok(Reference::Digest(s.parse()?))
+        } else {
+            validate_tag(s)?;
+            Ok(Reference::Tag(s.to_owned()))
+        }
+    }
+}
+
+/// What a `/v2/...` path asks for; the name is already validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistryPath {
+    Manifest { name: String, reference: Reference },
+    Blob { name: String, digest: Digest },
+    TagsList { name: String },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PathError {
+    #[error("no such endpoint")]
+    NotFound,
+    #[error(transparent)]
+    Reference(#[from] ReferenceError),
+}
+
+impl RegistryPath {
+    /// Parses the part after `/v2/`. Names contain slashes, so the path is
+    /// read from its end: references never do.
+    pub fn parse(rest: &str) -> Result<Self, PathError> {
+        let parts: Vec<&str> = rest.split('/').collect();
+        if parts.len() < 3 {
+            return Err(PathError::NotFound);
+        }
+        let (head, tail) = parts.split_at(parts.len() - 2);
+        let name = head.join("/");
+        match (tail[0], tail[1]) {
+            ("manifests", reference) => {
+                validate_name(&name)?;
+                let reference = Reference::parse(reference)?;
+                Ok(RegistryPath::Manifest { name, reference })
+            }
+            ("blobs", digest) => {
+                validate_name(&name)?;
+                Ok(RegistryPath::Blob {
+                    name,
+                    digest: digest.parse().map_err(ReferenceError::Digest)?,
+                })
+            }
+            ("tags", "list") => {
+                validate_name(&name)?;
+                Ok(RegistryPath::TagsList { name })
+            }
+            _ => Err(PathError::NotFound),
+        }
+    }
+}
+
+/// Target architecture, chosen by the `arm64` meta-package.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Arch {
+    Amd64,
+    Arm64,
+}
+
+impl Arch {
+    /// The Nix system double.
+    pub fn nix_system(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "x86_64-linux",
+            Arch::Arm64 => "aarch64-linux",
+        }
+    }
+
+    /// The architecture name in the image config.
+    pub fn docker(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "amd64",
+            Arch::Arm64 => "arm64",
+        }
+    }
+}
+
+impl fmt::Display for Arch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.docker())
+    }
+}
+
+/// What to build: the package attribute names, the architecture and the tag.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ImageSpec {
+    /// Sorted and de-duplicated, meta-packages expanded, always-added included.
+    pub packages: Vec<String>,
+    pub arch: Arch,
+    pub tag: String,
+}
+
+impl ImageSpec {
+    /// Turns a validated image name and tag into a spec. Component order does
+    /// not matter: `a/b` and `b/a` are the same image.
+    pub fn from_name(name: &str, tag: &str) -> Self {
+        let mut arch = Arch::Amd64;
+        let mut packages: Vec<String> = Vec::new();
+        for component in name.split('/') {
+            match component {
+                "arm64" => arch = Arch::Arm64,
+                "shell" => packages.extend(SHELL_PACKAGES.iter().map(|p| p.to_string())),
+                other => packages.push(other.to_owned()),
+            }
+        }
+        packages.extend(ALWAYS_ADDED.iter().map(|p| p.to_string()));
+        packages.sort();
+        packages.dedup();
+        ImageSpec {
+            packages,
+            arch,
+            tag: tag.to_owned(),
+        }
+    }
+
+    /// The image starts `bash` by default when it has an interactive shell.
+    pub fn default_cmd(&self) -> Option<Vec<String>> {
+        self.packages
+            .iter()
+            .any(|p| p.eq_ignore_ascii_case("bashInteractive"))
+            .then(|| vec!["bash".to_owned()])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn name_grammar() {
+        for ok in [
+            "a",
+            "shell/hello",
+            "tools.xev",
+            "a_b",
+            "a__b",
+            "a---b",
+            "1password",
+            "x/y/z0",
+        ] {
+            assert_eq!(validate_name(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            "A",
+            "bashInteractive",
+            "a/",
+            "/a",
+            "a//b",
+            "_a",
+            "a_",
+            "a___b",
+            "a.-b",
+            "a..b",
+            "..",
+            "a/../b",
+            "a b",
+            "é",
+        ] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_name(&"a".repeat(256)).is_err());
+    }
+
+    #[test]
+    fn tag_grammar() {
+        for ok in ["latest", "v1.0", "_x", "A-b_c.d", &"a".repeat(128)] {
+            assert_eq!(validate_tag(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", ".x", "-x", "a/b", "a:b", &"a".repeat(129), "ü"] {
+            assert!(validate_tag(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn parses_registry_paths_from_the_end() {
+        assert_eq!(
+            RegistryPath::parse("shell/hello/manifests/latest"),
+            Ok(RegistryPath::Manifest {
+                name: "shell/hello".into(),
+                reference: Reference::Tag("latest".into())
+            })
+        );
+        // A package may be called "manifests" or "blobs".
+        assert_eq!(
+            RegistryPath::parse("blobs/manifests/manifests/v1"),
+            Ok(RegistryPath::Manifest {
+                name: "blobs/manifests".into(),
+                reference: Reference::Tag("v1".into())
+            })
+        );
+        let d = Digest::of(b"x");
+        assert_eq!(
+            RegistryPath::parse(&format!("a/blobs/{d}")),
+            Ok(RegistryPath::Blob {
+                name: "a".into(),
+                digest: d
+            })
+        );
+        assert_eq!(
+            RegistryPath::parse("a/b/tags/list"),
+            Ok(RegistryPath::TagsList { name: "a/b".into() })
+        );
+        assert_eq!(RegistryPath::parse("a/other/x"), Err(PathError::NotFound));
+        assert_eq!(RegistryPath::parse("manifests/x"), Err(PathError::NotFound));
+        assert!(matches!(
+            RegistryPath::parse("Hello/manifests/latest"),
+            Err(PathError::Reference(ReferenceError::Name(_)))
+        ));
+        assert!(matches!(
+            RegistryPath::parse("a/blobs/sha256:zz"),
+            Err(PathError::Reference(ReferenceError::Digest(_)))
+        ));
+        assert!(matches!(
+            RegistryPath::parse("a/manifests/bad:tag"),
+            Err(PathError::Reference(ReferenceError::Digest(_)))
+        ));
+    }
+
+    #[test]
+    fn spec_is_sorted_with_meta_packages_expanded() {
+        let a = ImageSpec::from_name("shell/hello", "latest");
+        let b = ImageSpec::from_name("hello/shell", "latest");
+        assert_eq!(a, b);
+        assert_eq!(
+            a.packages,
+            [
+                "bashInteractive",
+                "cacert",
+                "coreutils",
+                "hello",
+                "iana-etc",
+                "moreutils",
+                "nano"
+            ]
+        );
+        assert_eq!(a.arch, Arch::Amd64);
+        assert_eq!(a.default_cmd(), Some(vec!["bash".to_owned()]));
+
+        let arm = ImageSpec::from_name("arm64/hello/hello", "v2");
+        assert_eq!(arm.packages, ["cacert", "hello", "iana-etc"]);
+        assert_eq!(arm.arch, Arch::Arm64);
+        assert_eq!(arm.arch.nix_system(), "aarch64-linux");
+        assert_eq!(arm.default_cmd(), None);
+    }
+}
