@@ -5,5 +5,6 @@ pub mod db;
 pub mod digest;
 pub mod error;
 pub mod image;
+pub mod singleflight;
 pub mod source;
 pub mod store_path;
