@@ -569,6 +569,58 @@ mod tests {
         assert_eq!(timeout.stderr_tail(3), None);
     }
 
+    #[tokio::test]
+    async fn missing_program_is_a_spawn_error() {
+        let nix = Nix::new(PathBuf::new(), Duration::from_secs(5), vec![]);
+        let err = nix
+            .run(Stage::Resolve, "/nonexistent/nix-instantiate", vec![])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, NixError::Spawn { .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_the_whole_group() {
+        // A unique duration marks this test's processes.
+        let marker = "30.4817";
+        let script = format!("sleep {marker} & sleep {marker}; wait");
+        let nix = Nix::new(PathBuf::new(), Duration::from_millis(300), vec![]);
+        let started = Instant::now();
+        let err = nix
+            .run(Stage::Realise, "/bin/sh", vec!["-c".into(), script.into()])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                NixError::Timeout {
+                    stage: Stage::Realise,
+                    seconds: 1
+                }
+            ),
+            "{err:?}"
+        );
+        // sh dies on SIGTERM at once, without waiting for the grace period.
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let left = || -> Vec<Vec<u8>> {
+            std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+                .filter(|c| String::from_utf8_lossy(c).contains(marker))
+                .collect()
+        };
+        // Signals are delivered asynchronously: give the sleeps a moment.
+        for _ in 0..20 {
+            if left().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let left = left();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+
     #[test]
     fn timeout_secs_rounds_up() {
         let nix = |d| Nix::new(PathBuf::new(), d, vec![]).timeout_secs();
