@@ -5,6 +5,7 @@ pub mod db;
 pub mod digest;
 pub mod error;
 pub mod image;
+pub mod nix;
 pub mod singleflight;
 pub mod source;
 pub mod store_path;

@@ -1,0 +1,631 @@
+//! Async wrappers around the Nix command line tools.
+//!
+//! Every invocation runs in its own process group and is bounded by a
+//! timeout. Nix starts builders in their own sessions, which a signal to
+//! our process group cannot reach, so on timeout (or when the future is
+//! dropped) Nix first gets SIGTERM to stop its builders itself and only
+//! then, after a grace period, SIGKILL.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::{Child, Command};
+
+use crate::store_path::PathInfo;
+
+/// How long Nix gets to clean up after SIGTERM before SIGKILL.
+const TERM_GRACE: Duration = Duration::from_secs(3);
+
+/// `nix-store --realise` exits with this status when a build timed out.
+const NIX_BUILD_TIMED_OUT: i32 = 101;
+
+/// Which Nix operation an error comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Evaluating prepare-image.nix (`nix-instantiate`).
+    Resolve,
+    /// Building derivations (`nix-store --realise`).
+    Realise,
+    /// Querying the runtime closure (`nix path-info`).
+    Closure,
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Stage::Resolve => "resolve",
+            Stage::Realise => "realise",
+            Stage::Closure => "closure",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NixError {
+    #[error("could not start {program}: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("nix {stage} timed out after {seconds} s")]
+    Timeout { stage: Stage, seconds: u64 },
+    #[error("nix {stage} failed ({}): {}", status_text(*.status), last_lines(.stderr, 3))]
+    Failed {
+        stage: Stage,
+        /// Exit status; `None` if Nix was killed by a signal.
+        status: Option<i32>,
+        /// Nix's complete stderr (build logs included).
+        stderr: String,
+    },
+    #[error("could not parse the output of nix {stage}: {source}")]
+    Parse {
+        stage: Stage,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("I/O error while running nix {stage}: {source}")]
+    Io {
+        stage: Stage,
+        #[source]
+        source: io::Error,
+    },
+    #[error("nix reports {path} as not valid (is it built?)")]
+    InvalidPath { path: String },
+}
+
+impl NixError {
+    /// The last `n` lines of Nix's stderr, for short messages; `None` for
+    /// errors that carry no stderr.
+    pub fn stderr_tail(&self, n: usize) -> Option<&str> {
+        match self {
+            NixError::Failed { stderr, .. } => Some(last_lines(stderr, n)),
+            _ => None,
+        }
+    }
+}
+
+fn status_text(status: Option<i32>) -> String {
+    match status {
+        Some(code) => format!("exit status {code}"),
+        None => "killed by a signal".to_string(),
+    }
+}
+
+/// The last `n` lines of `s`, without a trailing newline.
+fn last_lines(s: &str, n: usize) -> &str {
+    let s = s.trim_end();
+    if n == 0 {
+        return "";
+    }
+    match s.rmatch_indices('\n').nth(n - 1) {
+        Some((i, _)) => &s[i + 1..],
+        None => s,
+    }
+}
+
+/// A package name resolved to its derivation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResolvedPackage {
+    #[serde(rename = "drvPath")]
+    pub drv_path: String,
+    #[serde(rename = "outPath")]
+    pub out_path: String,
+}
+
+/// The outcome of resolving package names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resolved {
+    /// Keyed by the name as requested.
+    pub found: BTreeMap<String, ResolvedPackage>,
+    #[serde(rename = "notFound")]
+    pub not_found: Vec<String>,
+}
+
+/// Runs Nix. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Nix {
+    prepare_image: PathBuf,
+    timeout: Duration,
+    options: Vec<(String, String)>,
+}
+
+impl Nix {
+    /// `prepare_image` is the path of `nix/prepare-image.nix`; `options`
+    /// are passed as `--option NAME VALUE` to every invocation.
+    pub fn new(prepare_image: PathBuf, timeout: Duration, options: Vec<(String, String)>) -> Self {
+        Nix {
+            prepare_image,
+            timeout,
+            options,
+        }
+    }
+
+    /// Names -> derivations via prepare-image.nix; unknown names are
+    /// listed, not an error.
+    pub async fn resolve(
+        &self,
+        src_type: &str,
+        src_args: &str,
+        system: &str,
+        packages: &[String],
+    ) -> Result<Resolved, NixError> {
+        // Names reach Nix only as --argstr values, never as Nix code.
+        let packages_json = serde_json::Value::from(packages.to_vec()).to_string();
+        let mut args: Vec<OsString> = vec![
+            "--eval".into(),
+            "--strict".into(),
+            "--json".into(),
+            // Evaluating drvPath writes .drv files to the store.
+            "--read-write-mode".into(),
+            self.prepare_image.clone().into(),
+        ];
+        for (name, value) in [
+            ("srcType", src_type),
+            ("srcArgs", src_args),
+            ("system", system),
+            ("packages", packages_json.as_str()),
+        ] {
+            args.extend(["--argstr".into(), name.into(), value.into()]);
+        }
+        let stdout = self.run(Stage::Resolve, "nix-instantiate", args).await?;
+        parse_resolved(&stdout)
+    }
+
+    /// Builds the derivations (nix-store --realise), bounded by the timeout.
+    pub async fn realise(&self, drv_paths: &[String]) -> Result<(), NixError> {
+        if drv_paths.is_empty() {
+            return Ok(());
+        }
+        let mut args: Vec<OsString> = vec![
+            "--realise".into(),
+            // Nix's own limit kills builders cleanly; ours is the backstop.
+            "--timeout".into(),
+            self.timeout_secs().to_string().into(),
+        ];
+        args.extend(drv_paths.iter().map(OsString::from));
+        self.run(Stage::Realise, "nix-store", args).await?;
+        Ok(())
+    }
+
+    /// The runtime closure of the out paths, from Nix's own metadata.
+    pub async fn closure(&self, out_paths: &[String]) -> Result<Vec<PathInfo>, NixError> {
+        if out_paths.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut args: Vec<OsString> = vec![
+            "--extra-experimental-features".into(),
+            "nix-command".into(),
+            "path-info".into(),
+            "--json".into(),
+            "--recursive".into(),
+        ];
+        args.extend(out_paths.iter().map(OsString::from));
+        let stdout = self.run(Stage::Closure, "nix", args).await?;
+        let store_dir = out_paths[0]
+            .rsplit_once('/')
+            .map_or("/nix/store", |(dir, _)| dir);
+        parse_path_info(&stdout, store_dir)
+    }
+
+    /// Whole seconds for Nix's `--timeout`, at least 1 (0 means none).
+    fn timeout_secs(&self) -> u64 {
+        let secs = self.timeout.as_secs() + u64::from(self.timeout.subsec_nanos() > 0);
+        secs.max(1)
+    }
+
+    /// Runs `program args --option ...` and returns its stdout.
+    async fn run(
+        &self,
+        stage: Stage,
+        program: &str,
+        mut args: Vec<OsString>,
+    ) -> Result<Vec<u8>, NixError> {
+        for (name, value) in &self.options {
+            args.extend(["--option".into(), name.into(), value.into()]);
+        }
+        tracing::debug!(%stage, program, ?args, "running nix");
+        let started = Instant::now();
+
+        let mut cmd = Command::new(program);
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let child = cmd.spawn().map_err(|source| NixError::Spawn {
+            program: program.to_string(),
+            source,
+        })?;
+        let mut guard = ChildGuard(None);
+        let child = guard.0.insert(child);
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+
+        let waited = tokio::time::timeout(self.timeout, async {
+            let (out, err, status) = tokio::join!(read_all(stdout), read_all(stderr), child.wait());
+            Ok::<_, io::Error>((out?, err?, status?))
+        })
+        .await;
+
+        let (stdout, stderr, status) = match waited {
+            Err(_elapsed) => {
+                tracing::warn!(%stage, program, timeout = ?self.timeout, "nix timed out, stopping it");
+                if let Some(child) = guard.0.take() {
+                    terminate(child).await;
+                }
+                return Err(NixError::Timeout {
+                    stage,
+                    seconds: self.timeout_secs(),
+                });
+            }
+            Ok(Err(source)) => return Err(NixError::Io { stage, source }),
+            Ok(Ok(done)) => done,
+        };
+        // Reaped: nothing left for the guard to stop.
+        guard.0 = None;
+
+        let stderr = String::from_utf8_lossy(&stderr).into_owned();
+        tracing::debug!(%stage, program, elapsed = ?started.elapsed(), ?status, "nix finished");
+        if status.success() {
+            return Ok(stdout);
+        }
+        tracing::warn!(%stage, program, ?status, %stderr, "nix failed");
+        if stage == Stage::Realise && status.code() == Some(NIX_BUILD_TIMED_OUT) {
+            return Err(NixError::Timeout {
+                stage,
+                seconds: self.timeout_secs(),
+            });
+        }
+        Err(NixError::Failed {
+            stage,
+            status: status.code(),
+            stderr,
+        })
+    }
+}
+
+async fn read_all(pipe: Option<impl AsyncRead + Unpin>) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    if let Some(mut pipe) = pipe {
+        pipe.read_to_end(&mut buf).await?;
+    }
+    Ok(buf)
+}
+
+/// Sends `signal` to the process group led by `pid`. Errors (typically
+/// ESRCH: the group is already gone) are ignored: there is nothing to do.
+fn signal_group(pid: u32, signal: libc::c_int) {
+    if let Ok(pid) = libc::pid_t::try_from(pid) {
+        // SAFETY: kill(2) takes plain integers and touches no memory. The
+        // leader is not reaped yet, so its id still names our group.
+        unsafe {
+            libc::kill(-pid, signal);
+        }
+    }
+}
+
+/// Stops a child started with `process_group(0)`: SIGTERM first so that
+/// Nix kills its builders, then SIGKILL for whatever is left.
+async fn terminate(mut child: Child) {
+    let Some(pid) = child.id() else {
+        return; // already reaped
+    };
+    signal_group(pid, libc::SIGTERM);
+    if tokio::time::timeout(TERM_GRACE, child.wait())
+        .await
+        .is_err()
+    {
+        signal_group(pid, libc::SIGKILL);
+        if let Err(err) = child.wait().await {
+            tracing::warn!(pid, %err, "could not reap nix");
+        }
+    }
+}
+
+/// Owns a running child; stops it if dropped before it was reaped, e.g.
+/// when the caller's future is cancelled.
+struct ChildGuard(Option<Child>);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let Some(child) = self.0.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(terminate(child));
+            }
+            Err(_) => {
+                // No runtime to wait in: SIGTERM now, and kill_on_drop
+                // SIGKILLs the direct child.
+                if let Some(pid) = child.id() {
+                    signal_group(pid, libc::SIGTERM);
+                }
+            }
+        }
+    }
+}
+
+/// prepare-image.nix evaluates to a string holding the JSON object (see
+/// there why); a plain object is accepted too.
+fn parse_resolved(stdout: &[u8]) -> Result<Resolved, NixError> {
+    let parse = |source| NixError::Parse {
+        stage: Stage::Resolve,
+        source,
+    };
+    match serde_json::from_slice(stdout).map_err(parse)? {
+        serde_json::Value::String(inner) => serde_json::from_str(&inner).map_err(parse),
+        value => serde_json::from_value(value).map_err(parse),
+    }
+}
+
+/// One `nix path-info --json` record, minus the path itself.
+#[derive(Deserialize)]
+struct PathInfoRecord {
+    /// Absent for paths that are not valid.
+    #[serde(rename = "narSize")]
+    nar_size: Option<u64>,
+    #[serde(default)]
+    references: Vec<String>,
+}
+
+/// Nix up to 2.18 prints a list of records with a `path`.
+#[derive(Deserialize)]
+struct PathInfoListRecord {
+    path: String,
+    #[serde(flatten)]
+    record: PathInfoRecord,
+}
+
+/// Parses both `nix path-info --json` shapes: a list of records (Nix up to
+/// 2.18) and an object keyed by path, `null` for invalid paths (2.19+).
+/// Paths given relative to the store are made absolute with `store_dir`.
+fn parse_path_info(stdout: &[u8], store_dir: &str) -> Result<Vec<PathInfo>, NixError> {
+    let parse = |source| NixError::Parse {
+        stage: Stage::Closure,
+        source,
+    };
+    let records: Vec<(String, Option<PathInfoRecord>)> = match serde_json::from_slice(stdout)
+        .map_err(parse)?
+    {
+        serde_json::Value::Array(items) => items
+            .into_iter()
+            .map(|item| {
+                serde_json::from_value::<PathInfoListRecord>(item).map(|r| (r.path, Some(r.record)))
+            })
+            .collect::<Result<_, _>>()
+            .map_err(parse)?,
+        value => serde_json::from_value::<BTreeMap<String, Option<PathInfoRecord>>>(value)
+            .map_err(parse)?
+            .into_iter()
+            .collect(),
+    };
+
+    let absolute = |p: String| {
+        if p.starts_with('/') {
+            p
+        } else {
+            format!("{store_dir}/{p}")
+        }
+    };
+    let mut closure = BTreeMap::new();
+    for (path, record) in records {
+        let path = absolute(path);
+        let Some(PathInfoRecord {
+            nar_size: Some(nar_size),
+            references,
+        }) = record
+        else {
+            return Err(NixError::InvalidPath { path });
+        };
+        let mut references: Vec<String> = references.into_iter().map(absolute).collect();
+        references.sort();
+        references.dedup();
+        closure.insert(
+            path.clone(),
+            PathInfo {
+                path,
+                nar_size,
+                references,
+            },
+        );
+    }
+    Ok(closure.into_values().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GLIBC: &str = "/nix/store/c2a5w403b5l4xcazdzw2d66p48p0hzpk-glibc-2.36";
+    const HELLO: &str = "/nix/store/mp2idg5w9j21l85c53gb9bkmfpk0ggbx-hello-2.10";
+
+    fn expected() -> Vec<PathInfo> {
+        vec![
+            PathInfo {
+                path: GLIBC.into(),
+                nar_size: 4222208,
+                references: vec![],
+            },
+            PathInfo {
+                path: HELLO.into(),
+                nar_size: 36184,
+                references: vec![GLIBC.into()],
+            },
+        ]
+    }
+
+    #[test]
+    fn path_info_list_shape() {
+        // Verbatim from Nix 2.8.
+        let json = r#"[{"path":"/nix/store/c2a5w403b5l4xcazdzw2d66p48p0hzpk-glibc-2.36","narHash":"sha256-VXNLXKcgum2EwRhUjtpIPtXyPfSygtUUhihX+gTMC9c=","narSize":4222208,"references":[],"deriver":"/nix/store/apnrvjqcc1n26sg1mx93a49ssz8rghvk-glibc-2.36.drv","registrationTime":1795440069,"ultimate":true},{"path":"/nix/store/mp2idg5w9j21l85c53gb9bkmfpk0ggbx-hello-2.10","narHash":"sha256-HN6s3W77d31JI9vCFh2UtbpCh7cY+Q/9PYObrX/kXYI=","narSize":36184,"references":["/nix/store/c2a5w403b5l4xcazdzw2d66p48p0hzpk-glibc-2.36"],"deriver":"/nix/store/q4qpdi3l7v7pa7szykywqvjyaaxx30za-hello-2.10.drv","registrationTime":1795440069,"ultimate":true}]"#;
+        let got = parse_path_info(json.as_bytes(), "/nix/store").unwrap();
+        assert_eq!(got, expected());
+    }
+
+    #[test]
+    fn path_info_object_shape() {
+        // The Nix 2.19+ shape, hello first to check the output is sorted.
+        let json = r#"{
+          "/nix/store/mp2idg5w9j21l85c53gb9bkmfpk0ggbx-hello-2.10": {
+            "ca": null, "deriver": "/nix/store/q4qpdi3l7v7pa7szykywqvjyaaxx30za-hello-2.10.drv",
+            "narHash": "sha256-HN6s3W77d31JI9vCFh2UtbpCh7cY+Q/9PYObrX/kXYI=", "narSize": 36184,
+            "references": ["/nix/store/c2a5w403b5l4xcazdzw2d66p48p0hzpk-glibc-2.36"],
+            "registrationTime": 1795440069, "signatures": [], "ultimate": true
+          },
+          "/nix/store/c2a5w403b5l4xcazdzw2d66p48p0hzpk-glibc-2.36": {
+            "ca": null, "narHash": "sha256-VXNLXKcgum2EwRhUjtpIPtXyPfSygtUUhihX+gTMC9c=",
+            "narSize": 4222208, "references": [], "signatures": [], "ultimate": true
+          }
+        }"#;
+        let got = parse_path_info(json.as_bytes(), "/nix/store").unwrap();
+        assert_eq!(got, expected());
+    }
+
+    #[test]
+    fn path_info_relative_paths_are_made_absolute() {
+        let json = r#"{"mp2idg5w9j21l85c53gb9bkmfpk0ggbx-hello-2.10": {"narSize": 36184,
+          "references": ["c2a5w403b5l4xcazdzw2d66p48p0hzpk-glibc-2.36"]},
+          "c2a5w403b5l4xcazdzw2d66p48p0hzpk-glibc-2.36": {"narSize": 4222208, "references": []}}"#;
+        let got = parse_path_info(json.as_bytes(), "/nix/store").unwrap();
+        assert_eq!(got, expected());
+    }
+
+    #[test]
+    fn path_info_invalid_paths_are_errors() {
+        let list = r#"[{"path":"/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x","valid":false}]"#;
+        let object = r#"{"/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x": null}"#;
+        for json in [list, object] {
+            match parse_path_info(json.as_bytes(), "/nix/store") {
+                Err(NixError::InvalidPath { path }) => {
+                    assert_eq!(path, "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x")
+                }
+                other => panic!("expected InvalidPath, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn path_info_garbage_is_a_parse_error() {
+        for json in [
+            "",
+            "42",
+            r#"[{"narSize": 1}]"#,
+            r#"{"/x": {"narSize": "big"}}"#,
+        ] {
+            assert!(
+                matches!(
+                    parse_path_info(json.as_bytes(), "/nix/store"),
+                    Err(NixError::Parse {
+                        stage: Stage::Closure,
+                        ..
+                    })
+                ),
+                "{json:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn resolved_from_string_or_object() {
+        let object = r#"{"found":{"hello":{"drvPath":"/nix/store/a.drv","outPath":"/nix/store/a"}},"notFound":["x"]}"#;
+        let string = serde_json::Value::from(object).to_string();
+        for json in [object, string.as_str()] {
+            let got = parse_resolved(json.as_bytes()).unwrap();
+            assert_eq!(got.not_found, vec!["x".to_string()]);
+            assert_eq!(got.found["hello"].drv_path, "/nix/store/a.drv");
+            assert_eq!(got.found["hello"].out_path, "/nix/store/a");
+        }
+        assert!(parse_resolved(br#""not json""#).is_err());
+    }
+
+    #[test]
+    fn stderr_tail_and_message() {
+        let err = NixError::Failed {
+            stage: Stage::Realise,
+            status: Some(100),
+            stderr: "one\ntwo\nthree\nfour\n".into(),
+        };
+        assert_eq!(err.stderr_tail(2), Some("three\nfour"));
+        assert_eq!(err.stderr_tail(10), Some("one\ntwo\nthree\nfour"));
+        assert_eq!(err.stderr_tail(0), Some(""));
+        assert_eq!(
+            err.to_string(),
+            "nix realise failed (exit status 100): two\nthree\nfour"
+        );
+        let timeout = NixError::Timeout {
+            stage: Stage::Resolve,
+            seconds: 2,
+        };
+        assert_eq!(timeout.stderr_tail(3), None);
+    }
+
+    #[tokio::test]
+    async fn missing_program_is_a_spawn_error() {
+        let nix = Nix::new(PathBuf::new(), Duration::from_secs(5), vec![]);
+        let err = nix
+            .run(Stage::Resolve, "/nonexistent/nix-instantiate", vec![])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, NixError::Spawn { .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_the_whole_group() {
+        // A unique duration marks this test's processes.
+        let marker = "30.4817";
+        let script = format!("sleep {marker} & sleep {marker}; wait");
+        let nix = Nix::new(PathBuf::new(), Duration::from_millis(300), vec![]);
+        let started = Instant::now();
+        let err = nix
+            .run(Stage::Realise, "/bin/sh", vec!["-c".into(), script.into()])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                NixError::Timeout {
+                    stage: Stage::Realise,
+                    seconds: 1
+                }
+            ),
+            "{err:?}"
+        );
+        // sh dies on SIGTERM at once, without waiting for the grace period.
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let left = || -> Vec<Vec<u8>> {
+            std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+                .filter(|c| String::from_utf8_lossy(c).contains(marker))
+                .collect()
+        };
+        // Signals are delivered asynchronously: give the sleeps a moment.
+        for _ in 0..20 {
+            if left().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let left = left();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+
+    #[test]
+    fn timeout_secs_rounds_up() {
+        let nix = |d| Nix::new(PathBuf::new(), d, vec![]).timeout_secs();
+        assert_eq!(nix(Duration::from_millis(1)), 1);
+        assert_eq!(nix(Duration::from_millis(2500)), 3);
+        assert_eq!(nix(Duration::from_secs(2)), 2);
+    }
+}
