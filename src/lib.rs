@@ -1,5 +1,7 @@
 //! nixery: a container registry that builds images on demand with Nix.
 
+pub mod archive;
+pub mod blobs;
 pub mod config;
 pub mod db;
 pub mod digest;
