@@ -2,4 +2,5 @@
 
 pub mod digest;
 pub mod layers;
+pub mod manifest;
 pub mod store_path;
