@@ -7,6 +7,8 @@ pub mod db;
 pub mod digest;
 pub mod error;
 pub mod image;
+pub mod layers;
+pub mod manifest;
 pub mod nix;
 pub mod singleflight;
 pub mod source;
