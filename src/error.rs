@@ -17,6 +17,7 @@ pub enum ErrorCode {
     NameUnknown,
     TagInvalid,
     Unsupported,
+    #[serde(rename = "TOOMANYREQUESTS")]
     TooManyRequests,
     Unknown,
 }

@@ -1,0 +1,434 @@
+//! Turns an image name into a manifest: cache lookup, then (at most once per
+//! image at a time, and at most N at once) Nix, layering, packing and the
+//! manifest, recording what each build did.
+
+use crate::archive::{self, ArchiveError, PackedLayer};
+use crate::blobs::{BlobError, BlobStore};
+use crate::db::{BuildOutcome, BuildRecord, Db, DbError, LayerRecord, ManifestRecord};
+use crate::digest::Digest;
+use crate::image::{ImageSpec, SSL_CERT_FILE};
+use crate::layers::{self, LayerError};
+use crate::manifest::{self, ImageConfig, LayerBlob, ManifestError};
+use crate::nix::{Nix, NixError};
+use crate::singleflight::SingleFlight;
+use crate::source::Source;
+use crate::store_path::{self, PathInfo};
+use futures::stream::{self, StreamExt, TryStreamExt};
+use sha2::{Digest as _, Sha256};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+/// Lines of Nix's stderr kept in a build record.
+const STDERR_TAIL_LINES: usize = 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("packages not found: {}", .0.join(", "))]
+    NotFound(Vec<String>),
+    #[error(transparent)]
+    Nix(#[from] NixError),
+    #[error(transparent)]
+    Layers(#[from] LayerError),
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// An error of a task whose result several builds share.
+    #[error(transparent)]
+    Shared(Arc<BuildError>),
+    #[error("a background task failed: {0}")]
+    Task(String),
+}
+
+impl BuildError {
+    /// The end of Nix's output, when Nix is what failed.
+    pub fn stderr_tail(&self, lines: usize) -> Option<&str> {
+        match self {
+            BuildError::Nix(n) => n.stderr_tail(lines),
+            BuildError::Shared(inner) => inner.stderr_tail(lines),
+            _ => None,
+        }
+    }
+}
+
+pub type BuildResult = Result<Digest, Arc<BuildError>>;
+
+/// What the builder needs from the configuration.
+pub struct BuilderSettings {
+    pub source: Source,
+    pub nix: Nix,
+    pub layer_budget: usize,
+    pub cache_ttl: Duration,
+    pub max_concurrent_builds: usize,
+    /// Counts from NIX_POPULARITY_URL; this server's own counts are added.
+    pub popularity: HashMap<String, u64>,
+}
+
+pub struct Builder {
+    settings: BuilderSettings,
+    db: Db,
+    blobs: BlobStore,
+    builds: SingleFlight<BuildResult>,
+    layers: SingleFlight<Result<LayerRecord, Arc<BuildError>>>,
+    permits: Semaphore,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn hex_sha256(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0]);
+    }
+    hex::encode(h.finalize())
+}
+
+/// Records phase durations as a build goes.
+struct Phases {
+    done: Vec<(String, u64)>,
+    current: Instant,
+}
+
+impl Phases {
+    fn new() -> Self {
+        Phases {
+            done: Vec::new(),
+            current: Instant::now(),
+        }
+    }
+
+    fn finish(&mut self, name: &str) {
+        let ms = self.current.elapsed().as_millis() as u64;
+        self.done.push((name.to_owned(), ms));
+        self.current = Instant::now();
+    }
+}
+
+/// What a build did besides its manifest, for the record.
+#[derive(Default)]
+struct Counters {
+    layers_total: AtomicU64,
+    layers_reused: AtomicU64,
+    bytes_packed: Arc<AtomicU64>,
+}
+
+impl Builder {
+    pub fn new(settings: BuilderSettings, db: Db, blobs: BlobStore) -> Arc<Self> {
+        let permits = Semaphore::new(settings.max_concurrent_builds);
+        Arc::new(Builder {
+            settings,
+            db,
+            blobs,
+            builds: SingleFlight::default(),
+            layers: SingleFlight::default(),
+            permits,
+        })
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    pub fn blobs(&self) -> &BlobStore {
+        &self.blobs
+    }
+
+    /// The cache key of an image: everything that selects its contents.
+    fn cache_key(&self, spec: &ImageSpec) -> String {
+        let src = self.settings.source.nix_source(&spec.tag);
+        let packages = spec.packages.join("\n");
+        hex_sha256(&[
+            "image-v1",
+            src.src_type,
+            &src.src_args,
+            spec.arch.nix_system(),
+            &packages,
+        ])
+    }
+
+    /// A cached manifest that may be served without asking Nix.
+    fn fresh_cached(&self, key: &str, tag: &str) -> Result<Option<Digest>, DbError> {
+        let Some(record) = self.db.manifest(key)? else {
+            return Ok(None);
+        };
+        if !self.blobs.contains(&record.digest) {
+            return Ok(None);
+        }
+        let age = now_unix().saturating_sub(record.checked_at);
+        let fresh = self.settings.source.is_pinned(tag) || age < self.settings.cache_ttl.as_secs();
+        Ok(fresh.then_some(record.digest))
+    }
+
+    /// The manifest digest for a validated image name and tag, building the
+    /// image if it is not cached.
+    pub async fn manifest_for(self: &Arc<Self>, name: &str, tag: &str) -> BuildResult {
+        let spec = ImageSpec::from_name(name, tag);
+        let key = self.cache_key(&spec);
+        if let Some(digest) = self
+            .fresh_cached(&key, tag)
+            .map_err(|e| Arc::new(e.into()))?
+        {
+            return Ok(digest);
+        }
+        let this = Arc::clone(self);
+        let image = name.to_owned();
+        let task_key = key.clone();
+        self.builds
+            .run(&key, move || async move {
+                this.build(image, spec, task_key).await
+            })
+            .await
+            .unwrap_or_else(|| Err(Arc::new(BuildError::Task("image build panicked".into()))))
+    }
+
+    /// One build, recorded whatever its outcome.
+    async fn build(self: Arc<Self>, image: String, spec: ImageSpec, key: String) -> BuildResult {
+        // A build that finished just before this one was started leaves its
+        // result in the cache.
+        if let Some(digest) = self
+            .fresh_cached(&key, &spec.tag)
+            .map_err(|e| Arc::new(e.into()))?
+        {
+            return Ok(digest);
+        }
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|e| Arc::new(BuildError::Task(e.to_string())))?;
+        let started_at = now_unix();
+        let mut phases = Phases::new();
+        let counters = Counters::default();
+        let span = tracing::info_span!("build", image = %image, tag = %spec.tag);
+        let result = self
+            .run_build(&image, &spec, &key, &mut phases, &counters)
+            .instrument(span)
+            .await;
+        let outcome = match &result {
+            Ok(digest) => BuildOutcome::Success { manifest: *digest },
+            Err(BuildError::NotFound(names)) => BuildOutcome::PackagesNotFound(names.clone()),
+            Err(e) => BuildOutcome::Failed {
+                message: e.to_string(),
+                stderr_tail: e
+                    .stderr_tail(STDERR_TAIL_LINES)
+                    .unwrap_or_default()
+                    .to_owned(),
+            },
+        };
+        match &result {
+            Ok(d) => {
+                tracing::info!(image = %image, tag = %spec.tag, manifest = %d, phases = ?phases.done, "image built")
+            }
+            Err(e) => {
+                tracing::warn!(image = %image, tag = %spec.tag, error = %e, "image build failed")
+            }
+        }
+        let record = BuildRecord {
+            image,
+            tag: spec.tag.clone(),
+            started_at,
+            phases: phases.done,
+            layers_total: counters.layers_total.load(Ordering::Relaxed) as usize,
+            layers_reused: counters.layers_reused.load(Ordering::Relaxed) as usize,
+            bytes_packed: counters.bytes_packed.load(Ordering::Relaxed),
+            outcome,
+        };
+        if let Err(e) = self.db.add_build(&record) {
+            tracing::warn!(error = %e, "could not record build");
+        }
+        if let Err(e) = self.db.flush().await {
+            tracing::warn!(error = %e, "could not flush database");
+        }
+        result.map_err(Arc::new)
+    }
+
+    async fn run_build(
+        &self,
+        image: &str,
+        spec: &ImageSpec,
+        key: &str,
+        phases: &mut Phases,
+        counters: &Counters,
+    ) -> Result<Digest, BuildError> {
+        let nix = &self.settings.nix;
+        let src = self.settings.source.nix_source(&spec.tag);
+        let resolved = nix
+            .resolve(
+                src.src_type,
+                &src.src_args,
+                spec.arch.nix_system(),
+                &spec.packages,
+            )
+            .await?;
+        phases.finish("resolve");
+        if !resolved.not_found.is_empty() {
+            return Err(BuildError::NotFound(resolved.not_found));
+        }
+        let drvs: Vec<String> = resolved
+            .found
+            .values()
+            .map(|p| p.drv_path.clone())
+            .collect();
+        // Sorted by package name, so the symlink layer's order is stable.
+        let outs: Vec<String> = resolved
+            .found
+            .values()
+            .map(|p| p.out_path.clone())
+            .collect();
+        nix.realise(&drvs).await?;
+        phases.finish("nix build");
+        let closure = nix.closure(&outs).await?;
+        phases.finish("closure");
+
+        // A moving source that still yields the same store paths keeps its
+        // manifest: only the check time moves.
+        if let Some(previous) = self.db.manifest(key)? {
+            if previous.out_paths == outs && self.blobs.contains(&previous.digest) {
+                let record = ManifestRecord {
+                    checked_at: now_unix(),
+                    ..previous
+                };
+                self.db.put_manifest(key, &record)?;
+                self.db.add_tag(image, &spec.tag)?;
+                return Ok(record.digest);
+            }
+        }
+
+        let popularity = self.popularity()?;
+        let plan = layers::plan(&closure, &outs, &popularity, self.settings.layer_budget)?;
+        phases.finish("layering");
+        let digest = self
+            .pack_and_write(image, spec, key, &closure, &outs, plan, counters)
+            .await?;
+        phases.finish("packing");
+        Ok(digest)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn pack_and_write(
+        &self,
+        image: &str,
+        spec: &ImageSpec,
+        key: &str,
+        closure: &[PathInfo],
+        outs: &[String],
+        plan: Vec<layers::Layer>,
+        counters: &Counters,
+    ) -> Result<Digest, BuildError> {
+        let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let mut jobs: Vec<(String, Vec<PathBuf>, bool)> = plan
+            .iter()
+            .map(|l| (l.key(), l.paths.iter().map(PathBuf::from).collect(), false))
+            .collect();
+        let symlink_key = hex_sha256(&["symlink-layer-v1", &outs.join("\n")]);
+        jobs.push((symlink_key, outs.iter().map(PathBuf::from).collect(), true));
+        counters
+            .layers_total
+            .store(jobs.len() as u64, Ordering::Relaxed);
+        // `buffered` keeps the plan's order while packing several at once.
+        let records: Vec<LayerRecord> = stream::iter(jobs)
+            .map(|(layer_key, paths, symlinks)| self.layer(layer_key, paths, symlinks, counters))
+            .buffered(parallel)
+            .try_collect()
+            .await?;
+        let layer_blobs: Vec<LayerBlob> = records
+            .iter()
+            .map(|r| LayerBlob {
+                digest: r.digest,
+                diff_id: r.diff_id,
+                size: r.size,
+            })
+            .collect();
+        let config = ImageConfig {
+            architecture: spec.arch.docker().to_owned(),
+            env: vec![format!("SSL_CERT_FILE={SSL_CERT_FILE}")],
+            cmd: spec.default_cmd(),
+        };
+        let built = manifest::build(&config, &layer_blobs)?;
+        self.blobs.put(&built.config_json)?;
+        self.blobs.put(&built.manifest_json)?;
+        self.db.put_manifest(
+            key,
+            &ManifestRecord {
+                digest: built.manifest_digest,
+                checked_at: now_unix(),
+                out_paths: outs.to_vec(),
+            },
+        )?;
+        self.db.add_tag(image, &spec.tag)?;
+        self.db
+            .add_popularity(closure.iter().map(|p| store_path::name_of(&p.path)))?;
+        Ok(built.manifest_digest)
+    }
+
+    /// One layer: from the index if it was packed before, else packed now
+    /// (once, however many builds ask for it at the same time).
+    async fn layer(
+        &self,
+        key: String,
+        paths: Vec<PathBuf>,
+        symlinks: bool,
+        counters: &Counters,
+    ) -> Result<LayerRecord, BuildError> {
+        if let Some(record) = self.db.layer(&key)? {
+            if self.blobs.contains(&record.digest) {
+                counters.layers_reused.fetch_add(1, Ordering::Relaxed);
+                return Ok(record);
+            }
+        }
+        let progress = Arc::clone(&counters.bytes_packed);
+        let db = self.db.clone();
+        let blobs = self.blobs.clone();
+        let task_key = key.clone();
+        let result = self
+            .layers
+            .run(&key, move || async move {
+                let packed =
+                    tokio::task::spawn_blocking(move || -> Result<PackedLayer, ArchiveError> {
+                        if symlinks {
+                            archive::pack_symlink_layer(&blobs, &paths, &progress)
+                        } else {
+                            archive::pack_paths(&blobs, &paths, &progress)
+                        }
+                    })
+                    .await
+                    .map_err(|e| Arc::new(BuildError::Task(e.to_string())))?
+                    .map_err(|e| Arc::new(BuildError::Archive(e)))?;
+                let record = LayerRecord {
+                    digest: packed.digest,
+                    diff_id: packed.diff_id,
+                    size: packed.size,
+                };
+                db.put_layer(&task_key, &record)
+                    .map_err(|e| Arc::new(BuildError::Db(e)))?;
+                Ok(record)
+            })
+            .await
+            .unwrap_or_else(|| Err(Arc::new(BuildError::Task("layer packing panicked".into()))));
+        result.map_err(BuildError::Shared)
+    }
+
+    /// Popularity from NIX_POPULARITY_URL plus what this server has built.
+    fn popularity(&self) -> Result<HashMap<String, u64>, DbError> {
+        let mut counts = self.settings.popularity.clone();
+        for (name, n) in self.db.popularity()? {
+            *counts.entry(name).or_insert(0) += n;
+        }
+        Ok(counts)
+    }
+}

@@ -1,0 +1,4 @@
+//! HTTP: the registry API under `/v2/`.
+
+pub mod range;
+pub mod registry;

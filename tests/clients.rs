@@ -1,0 +1,212 @@
+//! End to end with real clients: the `nixery` binary, docker and skopeo.
+
+mod common;
+
+use common::{fixture_dir, nix_closure, require_tool};
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+/// The real binary on a free port; killed on drop.
+struct Binary {
+    child: Child,
+    port: u16,
+    _storage: tempfile::TempDir,
+}
+
+impl Binary {
+    fn start() -> Binary {
+        require_tool("nix-instantiate");
+        let storage = tempfile::tempdir().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nixery"))
+            .arg("serve")
+            .env("PORT", "0")
+            .env("NIXERY_LISTEN_ADDRESS", "127.0.0.1")
+            .env("NIXERY_PKGS_PATH", fixture_dir())
+            .env("STORAGE_PATH", storage.path())
+            .env("NIXERY_NIX_OPTIONS", "substituters=")
+            .env("NIX_TIMEOUT", "300")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("nixery starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        // Keep reading so the server never writes into a closed pipe.
+        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+        let port = line
+            .trim()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        Binary {
+            child,
+            port,
+            _storage: storage,
+        }
+    }
+
+    fn image(&self, name: &str) -> String {
+        format!("localhost:{}/{name}", self.port)
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn docker(args: &[&str]) -> String {
+    run(Command::new("docker").args(args))
+}
+
+#[test]
+fn docker_pulls_and_runs_images() {
+    require_tool("docker");
+    let server = Binary::start();
+    let busybox = server.image("busybox");
+    let shell = server.image("shell/hello");
+    docker(&["pull", &busybox]);
+    let out = docker(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        &busybox,
+        "sh",
+        "-c",
+        "echo from busybox",
+    ]);
+    assert_eq!(out.trim(), "from busybox");
+
+    docker(&["pull", &shell]);
+    let out = docker(&["run", "--rm", "--network", "none", &shell, "hello"]);
+    assert_eq!(out.trim(), "Hello, world!");
+    // The shell image starts bash, has coreutils' env at /usr/bin/env, a
+    // writable /tmp and the CA bundle where SSL_CERT_FILE says.
+    let out = docker(&[
+        "run", "--rm", "--network", "none", &shell, "bash", "-c",
+        "echo $BASH_VERSION >/dev/null && /usr/bin/env true && touch /tmp/x && test -s \"$SSL_CERT_FILE\" && test -s /etc/services && echo ok",
+    ]);
+    assert_eq!(out.trim(), "ok");
+    let cmd = docker(&["inspect", "--format", "{{json .Config.Cmd}}", &shell]);
+    assert_eq!(cmd.trim(), r#"["bash"]"#);
+    let _ = Command::new("docker")
+        .args(["rmi", "-f", &busybox, &shell])
+        .output();
+}
+
+/// Compares what an unpacked image holds at each store path with the store.
+fn assert_same_tree(store: &Path, unpacked: &Path) {
+    let meta = std::fs::symlink_metadata(store).unwrap();
+    let got = std::fs::symlink_metadata(unpacked)
+        .unwrap_or_else(|_| panic!("{} missing from the image", store.display()));
+    if meta.file_type().is_symlink() {
+        assert!(got.file_type().is_symlink(), "{}", store.display());
+        assert_eq!(
+            std::fs::read_link(store).unwrap(),
+            std::fs::read_link(unpacked).unwrap()
+        );
+    } else if meta.is_dir() {
+        assert!(got.is_dir(), "{}", store.display());
+        let mut names: Vec<_> = std::fs::read_dir(store)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        let mut got_names: Vec<_> = std::fs::read_dir(unpacked)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        got_names.sort();
+        assert_eq!(names, got_names, "{}", store.display());
+        for n in names {
+            assert_same_tree(&store.join(&n), &unpacked.join(&n));
+        }
+    } else {
+        assert!(got.is_file(), "{}", store.display());
+        assert_eq!(
+            meta.permissions().mode() & 0o111 != 0,
+            got.permissions().mode() & 0o111 != 0,
+            "exec bit of {}",
+            store.display()
+        );
+        assert!(
+            std::fs::read(store).unwrap() == std::fs::read(unpacked).unwrap(),
+            "content of {}",
+            store.display()
+        );
+    }
+}
+
+fn skopeo_unpack(server: &Binary, name: &str, work: &Path) -> std::path::PathBuf {
+    std::fs::create_dir_all(work).unwrap();
+    let layout = work.join("oci");
+    let bundle = work.join("bundle");
+    run(Command::new("skopeo").args([
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{}", server.image(name)),
+        &format!("oci:{}:img", layout.display()),
+    ]));
+    run(Command::new("umoci").args([
+        "unpack",
+        "--image",
+        &format!("{}:img", layout.display()),
+        &bundle.to_string_lossy(),
+    ]));
+    bundle.join("rootfs")
+}
+
+#[test]
+fn skopeo_copies_images_that_match_the_store() {
+    require_tool("skopeo");
+    require_tool("umoci");
+    let server = Binary::start();
+    let work = tempfile::tempdir().unwrap();
+
+    // skopeo inspect lists tags first.
+    let inspect = run(Command::new("skopeo").args([
+        "inspect",
+        "--tls-verify=false",
+        &format!("docker://{}", server.image("awkward")),
+    ]));
+    assert!(inspect.contains("\"Architecture\": \"amd64\""), "{inspect}");
+
+    for name in ["shell/hello", "awkward"] {
+        let dir = work.path().join(name.replace('/', "_"));
+        let rootfs = skopeo_unpack(&server, name, &dir);
+        let attr = if name == "awkward" {
+            "awkward"
+        } else {
+            "hello"
+        };
+        for path in nix_closure(attr) {
+            let inside = rootfs.join(path.trim_start_matches('/'));
+            assert_same_tree(Path::new(&path), &inside);
+        }
+        let tmp = std::fs::metadata(rootfs.join("tmp")).unwrap();
+        assert_eq!(tmp.permissions().mode() & 0o7777, 0o1777);
+    }
+    let hello = work.path().join("shell_hello/bundle/rootfs");
+    let link = std::fs::read_link(hello.join("bin/hello")).unwrap();
+    assert!(link.starts_with("/nix/store/"), "{}", link.display());
+    assert!(std::fs::symlink_metadata(hello.join("usr/bin/env")).is_ok());
+}

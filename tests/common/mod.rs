@@ -1,0 +1,123 @@
+//! Shared by the integration tests: start a real server on port 0 with a
+//! temporary STORAGE_PATH and the fixture package set.
+#![allow(dead_code)]
+
+use clap::Parser;
+use nixery::config::{Config, ServeArgs};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tokio::sync::oneshot;
+
+pub fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pkgs")
+}
+
+/// Fails (never skips) when a tool the tests need is missing.
+pub fn require_tool(tool: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{tool} is required by this test; .ci/run installs it"
+    );
+}
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+/// A config for the fixture set: Nix never waits on a binary cache.
+pub fn config(storage: &Path, extra: &[&str]) -> Config {
+    require_tool("nix-instantiate");
+    let mut args = vec![
+        "nixery".to_owned(),
+        "--port".into(),
+        "0".into(),
+        "--listen-address".into(),
+        "127.0.0.1".into(),
+        "--pkgs-path".into(),
+        fixture_dir().to_string_lossy().into_owned(),
+        "--storage-path".into(),
+        storage.to_string_lossy().into_owned(),
+        "--nix-option".into(),
+        "substituters=".into(),
+        "--nix-timeout".into(),
+        "300".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Cli::try_parse_from(args)
+        .expect("test flags parse")
+        .serve
+        .validate()
+        .expect("test config is valid")
+}
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub builder: std::sync::Arc<nixery::builder::Builder>,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestServer {
+    pub async fn start(config: &Config) -> TestServer {
+        let server = nixery::Server::start(config).await.expect("server starts");
+        let addr = server.local_addr().expect("bound");
+        let builder = server.builder();
+        let (tx, rx) = oneshot::channel();
+        let handle = tokio::spawn(server.run(async {
+            let _ = rx.await;
+        }));
+        TestServer {
+            addr,
+            builder,
+            stop: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Stops the server and waits until it has let go of its storage.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            h.await.expect("server task").expect("server ran");
+        }
+    }
+}
+
+/// The runtime closure of a fixture attribute, as Nix itself reports it.
+pub fn nix_closure(attr: &str) -> Vec<String> {
+    let out = Command::new("nix-build")
+        .args(["--no-out-link", "--option", "substituters", ""])
+        .arg(fixture_dir())
+        .args(["-A", attr])
+        .output()
+        .expect("nix-build runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let q = Command::new("nix-store")
+        .args(["-qR", &path])
+        .output()
+        .expect("nix-store runs");
+    assert!(q.status.success());
+    String::from_utf8_lossy(&q.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
