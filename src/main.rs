@@ -59,11 +59,16 @@ fn serve(args: ServeArgs) -> ExitCode {
         } else {
             addr.ip().to_string()
         };
-        println!("nixery listening on {addr}");
-        println!(
+        // Not println!: a closed stdout must not take the server down.
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "nixery listening on {addr}");
+        let _ = writeln!(
+            out,
             "try: docker run --rm {host}:{}/shell/hello hello",
             addr.port()
         );
+        let _ = out.flush();
+        drop(out);
         server.run(shutdown_signal()).await?;
         Ok(())
     });

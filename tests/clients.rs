@@ -17,6 +17,12 @@ struct Binary {
 
 impl Binary {
     fn start() -> Binary {
+        Binary::start_with(true)
+    }
+
+    /// `drain`: keep reading the server's stdout; else close it after the
+    /// first line.
+    fn start_with(drain: bool) -> Binary {
         require_tool("nix-instantiate");
         let storage = tempfile::tempdir().unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_nixery"))
@@ -35,8 +41,9 @@ impl Binary {
         let mut reader = BufReader::new(stdout);
         let mut line = String::new();
         reader.read_line(&mut line).unwrap();
-        // Keep reading so the server never writes into a closed pipe.
-        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+        if drain {
+            std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+        }
         let port = line
             .trim()
             .rsplit(':')
@@ -75,6 +82,16 @@ fn run(cmd: &mut Command) -> String {
 
 fn docker(args: &[&str]) -> String {
     run(Command::new("docker").args(args))
+}
+
+#[test]
+fn survives_a_closed_stdout() {
+    let server = Binary::start_with(false);
+    // Give the server time to write its second line into the closed pipe.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let out =
+        run(Command::new("curl").args(["-sf", &format!("http://127.0.0.1:{}/v2/", server.port)]));
+    assert_eq!(out, "{}");
 }
 
 #[test]
