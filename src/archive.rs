@@ -29,8 +29,11 @@ use tar::{EntryType, Header};
 /// `examples/pack_throughput.rs`, miniz_oxide): level 1 gives 41.6% at
 /// ~100 MB/s, level 2 37.0% at 61 MB/s, level 6 34.6% at 16 MB/s. Level 2
 /// gets two thirds of level 6's saving over level 1 at four times its speed.
-/// Changing it changes every layer digest (and the flate2 backend must stay
-/// the pure-Rust one for the same reason).
+/// The backend is flate2's zlib-rs (pure Rust): at level 2 it packed
+/// /usr/share/perl at 87-98 MB/s against miniz_oxide's 36-70 MB/s (2% larger
+/// output), and the incompressible fixture `big` at 24 against 13-20 MB/s,
+/// interleaved runs on a loaded 2-core machine. Changing the level or the
+/// backend changes every layer digest.
 pub const GZIP_LEVEL: u32 = 2;
 
 /// mtime of every entry: 1 rather than 0, as Nix's store normalises it.
