@@ -2,7 +2,6 @@
 
 use clap::{Parser, Subcommand};
 use nixery::config::ServeArgs;
-use std::io::Write;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -20,6 +19,9 @@ struct Cli {
 enum Command {
     /// Serve the registry.
     Serve(ServeArgs),
+    /// Validate the settings `serve` would get, without serving: exit 0 and
+    /// a summary, or 2 and what is wrong.
+    CheckConfig(nixery::check::CheckArgs),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +35,23 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::CheckConfig(args) => check_config(args),
+    }
+}
+
+fn check_config(args: nixery::check::CheckArgs) -> ExitCode {
+    match nixery::check::check(&args) {
+        Ok(config) => {
+            print!(
+                "{}",
+                nixery::check::summary(&config, !args.no_filesystem_checks)
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("nixery: invalid configuration: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 
@@ -43,6 +62,15 @@ fn serve(args: ServeArgs) -> ExitCode {
             eprintln!("nixery: {e}");
             return ExitCode::from(2);
         }
+    };
+    // Before the runtime's threads exist: this edits the environment.
+    let notifier = match nixery::notify::Notifier::take_from_env() {
+        Some(Ok(n)) => Some(std::sync::Arc::new(n)),
+        Some(Err(e)) => {
+            eprintln!("nixery: {e}");
+            return ExitCode::FAILURE;
+        }
+        None => None,
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -64,7 +92,16 @@ fn serve(args: ServeArgs) -> ExitCode {
             "try: docker run --rm {host}:{}/shell/hello hello",
             addr.port()
         );
-        server.run(shutdown_signal()).await?;
+        notify(
+            notifier.as_deref(),
+            &format!("READY=1\nSTATUS=listening on {addr}"),
+        );
+        server
+            .run(async move {
+                shutdown_signal().await;
+                notify(notifier.as_deref(), "STOPPING=1");
+            })
+            .await?;
         Ok(())
     });
     match result {
@@ -72,6 +109,16 @@ fn serve(args: ServeArgs) -> ExitCode {
         Err(e) => {
             eprintln!("nixery: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Tells systemd (`Type=notify`) about a state change; a failure only
+/// costs the notification.
+fn notify(notifier: Option<&nixery::notify::Notifier>, state: &str) {
+    if let Some(n) = notifier {
+        if let Err(e) = n.notify(state) {
+            tracing::warn!(error = %e, "could not notify systemd");
         }
     }
 }
