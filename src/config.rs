@@ -98,6 +98,17 @@ fn non_empty<T: AsRef<std::ffi::OsStr>>(v: &Option<T>) -> bool {
 
 impl ServeArgs {
     pub fn validate(&self) -> Result<Config, ConfigError> {
+        self.validate_reading(true)
+    }
+
+    /// As [`validate`](Self::validate), but reads no file: `--pkgs-path` is
+    /// kept as given. For checks in a Nix build sandbox, where the running
+    /// system's paths do not exist.
+    pub fn validate_offline(&self) -> Result<Config, ConfigError> {
+        self.validate_reading(false)
+    }
+
+    fn validate_reading(&self, read_files: bool) -> Result<Config, ConfigError> {
         let mut sources = Vec::new();
         if non_empty(&self.pkgs_path) {
             sources.push("NIXERY_PKGS_PATH");
@@ -115,6 +126,7 @@ impl ServeArgs {
             &self.pkgs_repo,
         ) {
             (0, ..) => return Err(ConfigError::NoSource),
+            (1, Some(p), ..) if !p.as_os_str().is_empty() && !read_files => Source::Path(p.clone()),
             (1, Some(p), ..) if !p.as_os_str().is_empty() => {
                 // Nix needs an absolute path; resolving it now also proves it exists.
                 let abs = std::fs::canonicalize(p).map_err(|_| ConfigError::PkgsPath(p.clone()))?;

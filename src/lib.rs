@@ -5,6 +5,7 @@
 pub mod archive;
 pub mod blobs;
 pub mod builder;
+pub mod check;
 pub mod config;
 pub mod db;
 pub mod digest;
@@ -14,6 +15,7 @@ pub mod image;
 pub mod layers;
 pub mod manifest;
 pub mod nix;
+pub mod notify;
 pub mod popularity;
 pub mod singleflight;
 pub mod source;

@@ -20,6 +20,9 @@ struct Cli {
 enum Command {
     /// Serve the registry.
     Serve(ServeArgs),
+    /// Validate the settings `serve` would get, without serving: exit 0 and
+    /// a summary, or 2 and what is wrong.
+    CheckConfig(nixery::check::CheckArgs),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +36,23 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::CheckConfig(args) => check_config(args),
+    }
+}
+
+fn check_config(args: nixery::check::CheckArgs) -> ExitCode {
+    match nixery::check::check(&args) {
+        Ok(config) => {
+            print!(
+                "{}",
+                nixery::check::summary(&config, !args.no_filesystem_checks)
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("nixery: invalid configuration: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 
@@ -43,6 +63,15 @@ fn serve(args: ServeArgs) -> ExitCode {
             eprintln!("nixery: {e}");
             return ExitCode::from(2);
         }
+    };
+    // Before the runtime's threads exist: this edits the environment.
+    let notifier = match nixery::notify::Notifier::take_from_env() {
+        Some(Ok(n)) => Some(std::sync::Arc::new(n)),
+        Some(Err(e)) => {
+            eprintln!("nixery: {e}");
+            return ExitCode::FAILURE;
+        }
+        None => None,
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -69,7 +98,16 @@ fn serve(args: ServeArgs) -> ExitCode {
         );
         let _ = out.flush();
         drop(out);
-        server.run(shutdown_signal()).await?;
+        notify(
+            notifier.as_deref(),
+            &format!("READY=1\nSTATUS=listening on {addr}"),
+        );
+        server
+            .run(async move {
+                shutdown_signal().await;
+                notify(notifier.as_deref(), "STOPPING=1");
+            })
+            .await?;
         Ok(())
     });
     match result {
@@ -77,6 +115,16 @@ fn serve(args: ServeArgs) -> ExitCode {
         Err(e) => {
             eprintln!("nixery: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Tells systemd (`Type=notify`) about a state change; a failure only
+/// costs the notification.
+fn notify(notifier: Option<&nixery::notify::Notifier>, state: &str) {
+    if let Some(n) = notifier {
+        if let Err(e) = n.notify(state) {
+            tracing::warn!(error = %e, "could not notify systemd");
         }
     }
 }

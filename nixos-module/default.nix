@@ -1,0 +1,353 @@
+# NixOS module for nixery: `services.nixery.enable = true;`.
+#
+# The server runs as a dynamic user and builds through the system's
+# nix-daemon; every setting becomes one of the environment variables
+# `nixery serve` reads, and `nixery check-config` validates them when the
+# system is built.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+
+let
+  inherit (lib)
+    concatStringsSep
+    filterAttrs
+    hasPrefix
+    literalExpression
+    mapAttrsToList
+    mkEnableOption
+    mkIf
+    mkOption
+    types
+    ;
+
+  cfg = config.services.nixery;
+
+  sourceOptions = {
+    channel = "NIXERY_CHANNEL";
+    pkgsRepo = "NIXERY_PKGS_REPO";
+    pkgsPath = "NIXERY_PKGS_PATH";
+    flake = "NIXERY_FLAKE";
+  };
+  sourcesSet = builtins.filter (name: cfg.${name} != null) (builtins.attrNames sourceOptions);
+
+  stateDir = "/var/lib/";
+  # StateDirectory= creates the storage directory (owned by the dynamic
+  # user) when it lies under /var/lib; anywhere else it must be made
+  # writable with ReadWritePaths= and prepared by the administrator.
+  storageInStateDir = hasPrefix stateDir cfg.storagePath && cfg.storagePath != stateDir;
+
+  cacheDir = "/var/cache/nixery";
+
+  nixOptionsValue = concatStringsSep ";" (mapAttrsToList (n: v: "${n}=${v}") cfg.nixOptions);
+
+  # What the service runs with; null settings are left out so the
+  # binary's own defaults apply.
+  environment =
+    filterAttrs (_: v: v != null) {
+      PORT = toString cfg.port;
+      NIXERY_LISTEN_ADDRESS = cfg.listenAddress;
+      NIXERY_CHANNEL = cfg.channel;
+      NIXERY_PKGS_REPO = cfg.pkgsRepo;
+      NIXERY_PKGS_PATH = cfg.pkgsPath;
+      NIXERY_FLAKE = cfg.flake;
+      NIXERY_STORAGE_BACKEND = "filesystem";
+      STORAGE_PATH = cfg.storagePath;
+      NIX_TIMEOUT = toString cfg.nixTimeout;
+      NIX_POPULARITY_URL = cfg.popularityUrl;
+      NIXERY_MAX_BUILDS = toString cfg.maxConcurrentBuilds;
+      NIXERY_NIX_OPTIONS = if cfg.nixOptions == { } then null else nixOptionsValue;
+      NIXERY_LAYER_BUDGET = toString cfg.layerBudget;
+      NIXERY_CACHE_TTL = toString cfg.cacheTtl;
+      NIXERY_LOG_FORMAT = cfg.logFormat;
+      # The store belongs to the nix-daemon; the dynamic user only talks
+      # to it.
+      NIX_REMOTE = "daemon";
+      # Nix keeps fetchTarball/fetchGit caches (channel and pkgsRepo
+      # sources) and other state under HOME: the unit's cache directory.
+      HOME = cacheDir;
+      XDG_CACHE_HOME = cacheDir;
+    }
+    // cfg.extraEnvironment;
+
+  nixery = "${cfg.package}/bin/nixery";
+
+  # Runs check-config on the unit's environment (the environment file,
+  # holding secrets, is not available to a build), so a bad setting fails
+  # the system build. Paths of the running system do not exist in the
+  # build sandbox, hence --no-filesystem-checks.
+  checked =
+    pkgs.runCommand "nixery-checked-config"
+      {
+        preferLocalBuild = true;
+        allowSubstitutes = false;
+      }
+      ''
+        env -i ${lib.escapeShellArgs (mapAttrsToList (n: v: "${n}=${v}") environment)} \
+          ${nixery} check-config --no-filesystem-checks
+        mkdir -p $out/bin
+        ln -s ${nixery} $out/bin/nixery
+      '';
+
+  executable = if cfg.checkConfig then "${checked}/bin/nixery" else nixery;
+
+  nullOrStr =
+    description: example:
+    mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      inherit description example;
+    };
+in
+{
+  options.services.nixery = {
+    enable = mkEnableOption "nixery, a container registry that builds images on demand with Nix";
+
+    # Not mkPackageOption: nixpkgs' `nixery` attribute is the original Go
+    # server, which has neither `serve` nor `check-config`.
+    package = mkOption {
+      type = types.package;
+      default = pkgs.callPackage ../nix/package.nix { };
+      defaultText = literalExpression "pkgs.callPackage ./nix/package.nix { } # from this repository";
+      description = "The nixery package to run.";
+    };
+
+    listenAddress = mkOption {
+      type = types.str;
+      default = "0.0.0.0";
+      example = "::";
+      description = "IP address to listen on.";
+    };
+
+    port = mkOption {
+      type = types.port;
+      default = 8080;
+      description = "HTTP port of the registry.";
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Whether to open {option}`services.nixery.port` in the firewall.";
+    };
+
+    storagePath = mkOption {
+      type = types.str;
+      default = "/var/lib/nixery";
+      description = ''
+        Directory for blobs and the database. Under {file}`/var/lib` it is
+        created by systemd (`StateDirectory=`); elsewhere it must exist and
+        be writable by the service, which runs as a dynamic user.
+      '';
+    };
+
+    channel = nullOrStr ''
+      Package source: a nixpkgs channel name or commit, or a nixpkgs
+      tarball URL. Exactly one of {option}`channel`, {option}`pkgsRepo`,
+      {option}`pkgsPath` and {option}`flake` must be set.
+    '' "nixos-unstable";
+
+    pkgsRepo = nullOrStr ''
+      Package source: a git repository with a package set; image tags
+      select its refs. Credentials belong in
+      {option}`services.nixery.environmentFile` as `NIXERY_PKGS_REPO=...`,
+      which overrides this value at run time.
+    '' "https://github.com/NixOS/nixpkgs";
+
+    pkgsPath = nullOrStr ''
+      Package source: an absolute path to a local package set.
+    '' (literalExpression ''"''${pkgs.path}"'');
+
+    flake = nullOrStr ''
+      Package source: a flake reference whose packages are served.
+    '' "github:NixOS/nixpkgs/nixos-unstable";
+
+    nixTimeout = mkOption {
+      type = types.ints.positive;
+      default = 60;
+      description = "Seconds each Nix invocation may run.";
+    };
+
+    popularityUrl = nullOrStr ''
+      File path or http(s) URL of JSON `{"name": count}` popularity data,
+      used to lay out layers.
+    '' "https://example.org/popularity.json";
+
+    maxConcurrentBuilds = mkOption {
+      type = types.ints.positive;
+      default = 2;
+      description = "Image builds that may run at once; more wait their turn.";
+    };
+
+    logFormat = mkOption {
+      type = types.enum [
+        "text"
+        "json"
+      ];
+      default = "text";
+      description = "Format of the log lines nixery writes to the journal.";
+    };
+
+    layerBudget = mkOption {
+      type = types.ints.between 1 124;
+      default = 94;
+      description = "Most layers of store paths per image; the symlink layer comes on top.";
+    };
+
+    cacheTtl = mkOption {
+      type = types.ints.unsigned;
+      default = 300;
+      description = ''
+        Seconds a build from a moving source (path, channel name, branch)
+        is served from cache before Nix is asked again.
+      '';
+    };
+
+    nixOptions = mkOption {
+      type = types.attrsOf types.str;
+      default = { };
+      example = {
+        keep-going = "true";
+      };
+      description = ''
+        Options passed to every Nix call as `--option NAME VALUE`. The
+        nix-daemon ignores most of them from users it does not trust; set
+        system-wide ones in {option}`nix.settings` instead.
+      '';
+    };
+
+    extraEnvironment = mkOption {
+      type = types.attrsOf types.str;
+      default = { };
+      example = {
+        RUST_LOG = "nixery=debug,info";
+      };
+      description = "Further environment variables of the service; they override the ones above.";
+    };
+
+    environmentFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/run/secrets/nixery.env";
+      description = ''
+        Absolute path of a file of `NAME=value` lines read when the service
+        starts, for secrets such as a `NIXERY_PKGS_REPO` URL with a token;
+        it overrides the other settings. Give it as a string so that it is
+        not copied into the world-readable Nix store.
+      '';
+    };
+
+    checkConfig = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Whether to run `nixery check-config` on the settings when the
+        system is built. Turn it off for cross builds, where the build
+        machine cannot run the package.
+      '';
+    };
+  };
+
+  config = mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = builtins.length sourcesSet == 1;
+        message = "services.nixery: set exactly one package source of channel, pkgsRepo, pkgsPath and flake; set: ${
+          if sourcesSet == [ ] then "none" else concatStringsSep ", " sourcesSet
+        }.";
+      }
+      {
+        assertion = hasPrefix "/" cfg.storagePath;
+        message = "services.nixery.storagePath must be an absolute path, got ${cfg.storagePath}.";
+      }
+      {
+        assertion =
+          cfg.environmentFile == null
+          || (hasPrefix "/" cfg.environmentFile && !hasPrefix "${builtins.storeDir}/" cfg.environmentFile);
+        message = "services.nixery.environmentFile must be an absolute path outside the Nix store (it holds secrets).";
+      }
+      {
+        assertion = lib.all (n: builtins.match "[^=;]+" n != null) (builtins.attrNames cfg.nixOptions)
+          && lib.all (v: !lib.hasInfix ";" v) (builtins.attrValues cfg.nixOptions);
+        message = "services.nixery.nixOptions: names may not contain `=` or `;`, values not `;`.";
+      }
+      {
+        assertion = config.nix.enable;
+        message = "services.nixery builds through the nix-daemon and needs nix.enable.";
+      }
+    ];
+
+    networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall [ cfg.port ];
+
+    systemd.services.nixery = {
+      description = "Nixery container registry";
+      wantedBy = [ "multi-user.target" ];
+      after = [
+        "network.target"
+        "nix-daemon.socket"
+      ];
+      requires = [ "nix-daemon.socket" ];
+      inherit environment;
+
+      serviceConfig = {
+        # nixery sends READY=1 once it listens, STOPPING=1 on SIGTERM.
+        Type = "notify";
+        ExecStart = "${executable} serve";
+        EnvironmentFile = mkIf (cfg.environmentFile != null) cfg.environmentFile;
+        Restart = "on-failure";
+        RestartSec = 5;
+
+        DynamicUser = true;
+        StateDirectory = mkIf storageInStateDir (lib.removePrefix stateDir cfg.storagePath);
+        ReadWritePaths = mkIf (!storageInStateDir) [ cfg.storagePath ];
+        CacheDirectory = "nixery";
+        WorkingDirectory = cacheDir;
+        UMask = "0077";
+
+        # Talking to the daemon needs only connect(2) on its socket, which
+        # a read-only /nix does not prevent.
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        PrivateTmp = true;
+        PrivateDevices = true;
+        PrivateUsers = true;
+        NoNewPrivileges = true;
+        CapabilityBoundingSet = [ "" ];
+        AmbientCapabilities = [ "" ];
+        DeviceAllow = [ "" ];
+        DevicePolicy = "closed";
+        LockPersonality = true;
+        MemoryDenyWriteExecute = true;
+        ProtectClock = true;
+        ProtectControlGroups = true;
+        ProtectHostname = true;
+        ProtectKernelLogs = true;
+        ProtectKernelModules = true;
+        ProtectKernelTunables = true;
+        ProtectProc = "invisible";
+        RemoveIPC = true;
+        RestrictAddressFamilies = [
+          "AF_UNIX"
+          "AF_INET"
+          "AF_INET6"
+        ];
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        SystemCallArchitectures = "native";
+        # Not ~@resources: the Nix client raises its stack limit with
+        # setrlimit(2).
+        SystemCallFilter = [
+          "@system-service"
+          "~@privileged"
+        ];
+        # A filtered call fails instead of killing a build mid-way.
+        SystemCallErrorNumber = "EPERM";
+        LimitNOFILE = 65536;
+      };
+    };
+  };
+}

@@ -1,0 +1,194 @@
+//! The NixOS module (nixos-module/default.nix), evaluated with the stub
+//! library in nixos-module/tests (this machine has no nixpkgs), and its
+//! build-time `check-config` run against the real binary.
+
+mod common;
+
+use common::require_tool;
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+
+fn eval(settings: &str) -> Value {
+    require_tool("nix-instantiate");
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("nixos-module/tests/stub-eval.nix");
+    let out = Command::new("nix-instantiate")
+        .args(["--eval", "--strict", "--json"])
+        .arg(file)
+        .args(["--argstr", "settings", settings])
+        .output()
+        .expect("nix-instantiate runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON from nix-instantiate")
+}
+
+/// Runs the module's build-time check script with the binary under test;
+/// returns whether it succeeded, and its stderr.
+fn run_build_check(unit: &Value) -> (bool, String) {
+    let exec = unit["serviceConfig"]["ExecStart"].as_str().unwrap();
+    let script = exec
+        .strip_prefix("<<nixery-checked-config:")
+        .and_then(|s| s.split_once(">>"))
+        .map(|(script, rest)| {
+            assert_eq!(rest, "/bin/nixery serve");
+            script
+        })
+        .unwrap_or_else(|| panic!("ExecStart does not run the checked binary: {exec}"));
+    let script = script.replace("@NIXERY@/bin/nixery", env!("CARGO_BIN_EXE_nixery"));
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .env("out", dir.path().join("out"))
+        .current_dir(dir.path())
+        .output()
+        .expect("bash runs");
+    if out.status.success() {
+        assert!(dir.path().join("out/bin/nixery").exists());
+    }
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn module_yields_a_hardened_notify_unit_through_the_daemon() {
+    let unit = eval(r#"{"channel": "nixos-unstable"}"#);
+    assert_eq!(unit["failedAssertions"], serde_json::json!([]));
+    for name in [
+        "enable",
+        "package",
+        "listenAddress",
+        "port",
+        "openFirewall",
+        "storagePath",
+        "channel",
+        "pkgsRepo",
+        "pkgsPath",
+        "flake",
+        "nixTimeout",
+        "popularityUrl",
+        "maxConcurrentBuilds",
+        "logFormat",
+        "extraEnvironment",
+        "environmentFile",
+    ] {
+        assert!(
+            unit["options"].as_array().unwrap().contains(&name.into()),
+            "option {name}"
+        );
+    }
+    let sc = &unit["serviceConfig"];
+    assert_eq!(sc["Type"], "notify");
+    assert_eq!(sc["DynamicUser"], true);
+    assert_eq!(sc["StateDirectory"], "nixery");
+    assert_eq!(sc["ProtectSystem"], "strict");
+    assert_eq!(sc["ProtectHome"], true);
+    assert_eq!(sc["PrivateTmp"], true);
+    assert_eq!(sc["NoNewPrivileges"], true);
+    assert_eq!(sc["CapabilityBoundingSet"], serde_json::json!([""]));
+    assert_eq!(
+        sc["RestrictAddressFamilies"],
+        serde_json::json!(["AF_UNIX", "AF_INET", "AF_INET6"])
+    );
+    assert_eq!(sc["SystemCallFilter"][0], "@system-service");
+    assert!(sc.get("EnvironmentFile").is_none());
+    assert!(unit["requires"]
+        .as_array()
+        .unwrap()
+        .contains(&"nix-daemon.socket".into()));
+    assert!(unit["after"]
+        .as_array()
+        .unwrap()
+        .contains(&"nix-daemon.socket".into()));
+    let env = &unit["environment"];
+    assert_eq!(env["NIX_REMOTE"], "daemon");
+    assert_eq!(env["NIXERY_CHANNEL"], "nixos-unstable");
+    assert_eq!(env["STORAGE_PATH"], "/var/lib/nixery");
+    assert_eq!(env["PORT"], "8080");
+    assert!(env.get("NIXERY_PKGS_PATH").is_none());
+    assert_eq!(unit["firewall"], serde_json::json!([]));
+}
+
+#[test]
+fn module_maps_settings_to_the_binarys_variables() {
+    let unit = eval(
+        r#"{"pkgsPath": "/srv/pkgs", "port": 5000, "openFirewall": true,
+            "storagePath": "/srv/nixery", "nixOptions": {"keep-going": "true", "cores": "2"},
+            "extraEnvironment": {"RUST_LOG": "debug"}, "environmentFile": "/run/secrets/nixery",
+            "logFormat": "json", "popularityUrl": "https://example.org/p.json"}"#,
+    );
+    assert_eq!(unit["failedAssertions"], serde_json::json!([]));
+    let env = &unit["environment"];
+    assert_eq!(env["NIXERY_PKGS_PATH"], "/srv/pkgs");
+    assert_eq!(env["PORT"], "5000");
+    assert_eq!(env["NIXERY_NIX_OPTIONS"], "cores=2;keep-going=true");
+    assert_eq!(env["RUST_LOG"], "debug");
+    assert_eq!(env["NIXERY_LOG_FORMAT"], "json");
+    assert_eq!(env["NIX_POPULARITY_URL"], "https://example.org/p.json");
+    let sc = &unit["serviceConfig"];
+    // Storage outside /var/lib is opened up instead of created.
+    assert!(sc.get("StateDirectory").is_none());
+    assert_eq!(sc["ReadWritePaths"], serde_json::json!(["/srv/nixery"]));
+    assert_eq!(sc["EnvironmentFile"], "/run/secrets/nixery");
+    assert_eq!(unit["firewall"], serde_json::json!([5000]));
+}
+
+#[test]
+fn module_asserts_exactly_one_package_source() {
+    let none = eval("{}");
+    let msgs = none["failedAssertions"].as_array().unwrap();
+    assert_eq!(msgs.len(), 1, "{msgs:?}");
+    assert!(
+        msgs[0]
+            .as_str()
+            .unwrap()
+            .contains("exactly one package source")
+            && msgs[0].as_str().unwrap().contains("set: none"),
+        "{msgs:?}"
+    );
+    let two = eval(r#"{"channel": "a", "pkgsRepo": "b"}"#);
+    let msgs = two["failedAssertions"].as_array().unwrap();
+    assert_eq!(msgs.len(), 1, "{msgs:?}");
+    assert!(
+        msgs[0].as_str().unwrap().contains("set: channel, pkgsRepo"),
+        "{msgs:?}"
+    );
+    let secret_in_store = eval(r#"{"channel": "a", "environmentFile": "/nix/store/x-env"}"#);
+    assert_eq!(
+        secret_in_store["failedAssertions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn module_build_time_check_accepts_good_and_rejects_bad_settings() {
+    // Paths of the running system need not exist at build time.
+    let (ok, stderr) = run_build_check(&eval(r#"{"pkgsPath": "/srv/no/such/pkgs"}"#));
+    assert!(ok, "{stderr}");
+
+    let (ok, stderr) = run_build_check(&eval(r#"{"pkgsPath": "relative/pkgs"}"#));
+    assert!(!ok);
+    assert!(
+        stderr.contains(
+            "nixery: invalid configuration: --pkgs-path (NIXERY_PKGS_PATH) \"relative/pkgs\" must be an absolute path"
+        ),
+        "{stderr}"
+    );
+
+    let (ok, stderr) = run_build_check(&eval(
+        r#"{"channel": "c", "popularityUrl": "ftp://example.org/p.json"}"#,
+    ));
+    assert!(!ok);
+    assert!(
+        stderr.contains("scheme \"ftp\" is not supported"),
+        "{stderr}"
+    );
+}
