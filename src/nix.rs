@@ -622,6 +622,30 @@ mod tests {
             assert_eq!(got.found["hello"].out_path, "/nix/store/a");
         }
         assert!(parse_resolved(br#""not json""#).is_err());
+        assert_eq!(
+            parse_resolved(object.as_bytes()).unwrap().source,
+            SourceInfo::default()
+        );
+        let with_source = r#"{"found":{},"notFound":[],"source":{"path":"/nix/store/s","rev":null,"narHash":"sha256-x"}}"#;
+        let source = parse_resolved(with_source.as_bytes()).unwrap().source;
+        assert_eq!(source.path.as_deref(), Some("/nix/store/s"));
+        assert_eq!(
+            (source.rev, source.nar_hash.as_deref()),
+            (None, Some("sha256-x"))
+        );
+    }
+
+    #[test]
+    fn nar_hash_from_either_path_info_shape() {
+        let list = br#"[{"path":"/nix/store/s","narHash":"sha256-a","narSize":1}]"#;
+        let object = br#"{"/nix/store/s":{"narHash":"sha256-a","narSize":1}}"#;
+        for json in [&list[..], &object[..]] {
+            assert_eq!(parse_nar_hash(json, "/nix/store/s").unwrap(), "sha256-a");
+        }
+        assert!(matches!(
+            parse_nar_hash(br#"{"/nix/store/s":null}"#, "/nix/store/s"),
+            Err(NixError::InvalidPath { .. })
+        ));
     }
 
     #[test]
