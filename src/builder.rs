@@ -300,9 +300,9 @@ impl Builder {
         *revision = resolution.commit.clone();
         // A moving tag that now names a commit built before: no evaluation.
         if let Some(ck) = &commit_key {
+            phases.finish("revision");
             if let Some(built) = self.db.manifest(ck)? {
                 if self.blobs.contains(&built.digest) {
-                    phases.finish("revision");
                     return self.keep(image, spec, key, built);
                 }
             }
