@@ -6,13 +6,16 @@
 #
 # Output (with --eval --strict --json): a JSON string whose content is
 #   { "found": { "<name>": { "drvPath": ..., "outPath": ... } },
-#     "notFound": [ "<name>" ] }
+#     "notFound": [ "<name>" ],
+#     "source": { "path": ..., "rev": ..., "narHash": ... } }
+# where `source` says what was evaluated (null where unknown).
 {
-  # "path", "nixpkgs" or "git".
+  # "path", "nixpkgs", "git" or "flake" (needs the flakes feature).
   srcType ? "path"
 , # path: absolute path of the package set.
   # nixpkgs: channel name or commit, or a tarball URL or absolute path.
-  # git: JSON { "url": ..., "ref": ... } or { "url": ..., "rev": ... }.
+  # git: JSON arguments of builtins.fetchGit (url, rev, ref or allRefs).
+  # flake: a flake reference; packages.<system>, then legacyPackages.
   srcArgs
 , system ? builtins.currentSystem
 , # JSON list of package names.
@@ -39,10 +42,26 @@ let
         else "https://github.com/NixOS/nixpkgs/archive/${srcArgs}.tar.gz")
     else if srcType == "git" then
       builtins.fetchGit (fromJSON srcArgs)
+    else if srcType == "flake" then
+      builtins.getFlake srcArgs
     else
       throw "unknown package source type: ${srcType}";
 
-  pkgs = import pkgSrc { inherit system; };
+  # A flake's own packages win over its legacyPackages (only names are
+  # read to merge them; no package is evaluated).
+  pkgs =
+    if srcType == "flake" then
+      (pkgSrc.legacyPackages.${system} or { }) // (pkgSrc.packages.${system} or { })
+    else import pkgSrc { inherit system; };
+
+  # What was evaluated, for the build record: fetchGit and flakes report a
+  # commit and NAR hash; a tarball only its store path.
+  info = if srcType == "flake" then pkgSrc.sourceInfo else pkgSrc;
+  sourceInfo = {
+    path = if srcType == "path" then null else unsafeDiscardStringContext (toString info);
+    rev = if isAttrs info then info.rev or null else null;
+    narHash = if isAttrs info then info.narHash or null else null;
+  };
 
   upper = [ "A" "B" "C" "D" "E" "F" "G" "H" "I" "J" "K" "L" "M" "N" "O" "P" "Q" "R" "S" "T" "U" "V" "W" "X" "Y" "Z" ];
   lower = [ "a" "b" "c" "d" "e" "f" "g" "h" "i" "j" "k" "l" "m" "n" "o" "p" "q" "r" "s" "t" "u" "v" "w" "x" "y" "z" ];
@@ -100,4 +119,4 @@ let
   # objects are assembled by hand; toJSON still escapes every string.
   entry = r: "${toJSON r.name}:{\"drvPath\":${toJSON (unsafeDiscardStringContext r.drv.drvPath)},\"outPath\":${toJSON (unsafeDiscardStringContext r.drv.outPath)}}";
 in
-"{\"found\":{${concatStringsSep "," (map entry parts.right)}},\"notFound\":${toJSON (map (r: r.name) parts.wrong)}}"
+"{\"found\":{${concatStringsSep "," (map entry parts.right)}},\"notFound\":${toJSON (map (r: r.name) parts.wrong)},\"source\":${toJSON sourceInfo}}"

@@ -6,6 +6,7 @@ use crate::archive::{self, ArchiveError, PackedLayer};
 use crate::blobs::{BlobError, BlobStore};
 use crate::db::{BuildOutcome, BuildRecord, Db, DbError, LayerRecord, ManifestRecord};
 use crate::digest::Digest;
+use crate::git::GitError;
 use crate::image::{ImageSpec, SSL_CERT_FILE};
 use crate::layers::{self, LayerError};
 use crate::manifest::{self, ImageConfig, LayerBlob, ManifestError};
@@ -30,6 +31,9 @@ const STDERR_TAIL_LINES: usize = 30;
 pub enum BuildError {
     #[error("packages not found: {}", .0.join(", "))]
     NotFound(Vec<String>),
+    /// The tag is not a valid ref, names none, or git failed.
+    #[error(transparent)]
+    Source(#[from] GitError),
     #[error(transparent)]
     Nix(#[from] NixError),
     #[error(transparent)]
@@ -148,16 +152,28 @@ impl Builder {
         &self.blobs
     }
 
-    /// The cache key of an image: everything that selects its contents.
+    /// The cache key of an image as pulled: the source, the tag if the
+    /// source reads it, the system and the packages.
     fn cache_key(&self, spec: &ImageSpec) -> String {
-        let src = self.settings.source.nix_source(&spec.tag);
-        let packages = spec.packages.join("\n");
+        let source = &self.settings.source;
         hex_sha256(&[
-            "image-v1",
-            src.src_type,
-            &src.src_args,
+            "image-v2",
+            &source.describe(),
+            source.cache_tag(&spec.tag),
             spec.arch.nix_system(),
-            &packages,
+            &spec.packages.join("\n"),
+        ])
+    }
+
+    /// The key of an image built from an exact commit, whichever tag led
+    /// there: its contents can never change, so it is reused for good.
+    fn commit_key(&self, spec: &ImageSpec, commit: &str) -> String {
+        hex_sha256(&[
+            "image-commit-v1",
+            &self.settings.source.describe(),
+            commit,
+            spec.arch.nix_system(),
+            &spec.packages.join("\n"),
         ])
     }
 
@@ -177,6 +193,11 @@ impl Builder {
     /// The manifest digest for a validated image name and tag, building the
     /// image if it is not cached.
     pub async fn manifest_for(self: &Arc<Self>, name: &str, tag: &str) -> BuildResult {
+        // The registry grammar was checked; a git source also needs a ref.
+        self.settings
+            .source
+            .check_tag(tag)
+            .map_err(|e| Arc::new(e.into()))?;
         let spec = ImageSpec::from_name(name, tag);
         let key = self.cache_key(&spec);
         if let Some(digest) = self
@@ -214,9 +235,10 @@ impl Builder {
         let started_at = now_unix();
         let mut phases = Phases::new();
         let counters = Counters::default();
+        let mut revision = None;
         let span = tracing::info_span!("build", image = %image, tag = %spec.tag);
         let result = self
-            .run_build(&image, &spec, &key, &mut phases, &counters)
+            .run_build(&image, &spec, &key, &mut phases, &counters, &mut revision)
             .instrument(span)
             .await;
         let outcome = match &result {
@@ -247,6 +269,7 @@ impl Builder {
             layers_reused: counters.layers_reused.load(Ordering::Relaxed) as usize,
             bytes_packed: counters.bytes_packed.load(Ordering::Relaxed),
             outcome,
+            revision,
         };
         if let Err(e) = self.db.add_build(&record) {
             tracing::warn!(error = %e, "could not record build");
@@ -264,9 +287,26 @@ impl Builder {
         key: &str,
         phases: &mut Phases,
         counters: &Counters,
+        revision: &mut Option<String>,
     ) -> Result<Digest, BuildError> {
         let nix = &self.settings.nix;
-        let src = self.settings.source.nix_source(&spec.tag);
+        let resolution = self
+            .settings
+            .source
+            .resolve(&spec.tag, nix.timeout())
+            .await?;
+        let src = &resolution.nix;
+        let commit_key = resolution.commit.as_ref().map(|c| self.commit_key(spec, c));
+        *revision = resolution.commit.clone();
+        // A moving tag that now names a commit built before: no evaluation.
+        if let Some(ck) = &commit_key {
+            phases.finish("revision");
+            if let Some(built) = self.db.manifest(ck)? {
+                if self.blobs.contains(&built.digest) {
+                    return self.keep(image, spec, key, built);
+                }
+            }
+        }
         let resolved = nix
             .resolve(
                 src.src_type,
@@ -275,6 +315,19 @@ impl Builder {
                 &spec.packages,
             )
             .await?;
+        if revision.is_none() {
+            *revision = match (
+                &resolved.source.rev,
+                &resolved.source.nar_hash,
+                &resolved.source.path,
+            ) {
+                (Some(rev), ..) => Some(rev.clone()),
+                (None, Some(hash), _) => Some(hash.clone()),
+                // A tarball: its NAR hash identifies what was evaluated.
+                (None, None, Some(path)) => Some(nix.nar_hash(path).await?),
+                (None, None, None) => None,
+            };
+        }
         phases.finish("resolve");
         if !resolved.not_found.is_empty() {
             return Err(BuildError::NotFound(resolved.not_found));
@@ -296,35 +349,56 @@ impl Builder {
         phases.finish("closure");
 
         // A moving source that still yields the same store paths keeps its
-        // manifest: only the check time moves.
-        if let Some(previous) = self.db.manifest(key)? {
-            if previous.out_paths == outs && self.blobs.contains(&previous.digest) {
-                let record = ManifestRecord {
+        // manifest: only the check time and the revision move.
+        let previous = self.db.manifest(key)?;
+        let record = match previous {
+            Some(p) if p.out_paths == outs && self.blobs.contains(&p.digest) => ManifestRecord {
+                revision: revision.clone(),
+                ..p
+            },
+            _ => {
+                let popularity = self.popularity()?;
+                let plan = layers::plan(&closure, &outs, &popularity, self.settings.layer_budget)?;
+                phases.finish("layering");
+                let digest = self
+                    .pack_and_write(spec, &closure, &outs, plan, counters)
+                    .await?;
+                phases.finish("packing");
+                ManifestRecord {
+                    digest,
                     checked_at: now_unix(),
-                    ..previous
-                };
-                self.db.put_manifest(key, &record)?;
-                self.db.add_tag(image, &spec.tag)?;
-                return Ok(record.digest);
+                    out_paths: outs,
+                    revision: revision.clone(),
+                }
             }
+        };
+        if let Some(ck) = &commit_key {
+            self.db.put_manifest(ck, &record)?;
         }
-
-        let popularity = self.popularity()?;
-        let plan = layers::plan(&closure, &outs, &popularity, self.settings.layer_budget)?;
-        phases.finish("layering");
-        let digest = self
-            .pack_and_write(image, spec, key, &closure, &outs, plan, counters)
-            .await?;
-        phases.finish("packing");
-        Ok(digest)
+        self.keep(image, spec, key, record)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn pack_and_write(
+    /// Records a manifest as current for the pulled name and tag.
+    fn keep(
         &self,
         image: &str,
         spec: &ImageSpec,
         key: &str,
+        record: ManifestRecord,
+    ) -> Result<Digest, BuildError> {
+        let record = ManifestRecord {
+            checked_at: now_unix(),
+            ..record
+        };
+        self.db.put_manifest(key, &record)?;
+        self.db.add_tag(image, &spec.tag)?;
+        Ok(record.digest)
+    }
+
+    /// Packs the layers and writes the config and manifest blobs.
+    async fn pack_and_write(
+        &self,
+        spec: &ImageSpec,
         closure: &[PathInfo],
         outs: &[String],
         plan: Vec<layers::Layer>,
@@ -362,15 +436,6 @@ impl Builder {
         let built = manifest::build(&config, &layer_blobs)?;
         self.blobs.put(&built.config_json)?;
         self.blobs.put(&built.manifest_json)?;
-        self.db.put_manifest(
-            key,
-            &ManifestRecord {
-                digest: built.manifest_digest,
-                checked_at: now_unix(),
-                out_paths: outs.to_vec(),
-            },
-        )?;
-        self.db.add_tag(image, &spec.tag)?;
         self.db
             .add_popularity(closure.iter().map(|p| store_path::name_of(&p.path)))?;
         Ok(built.manifest_digest)

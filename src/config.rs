@@ -26,6 +26,10 @@ pub struct ServeArgs {
     /// Local directory with a package set.
     #[arg(long, env = "NIXERY_PKGS_PATH")]
     pub pkgs_path: Option<PathBuf>,
+    /// Flake reference; images use its packages.<system>, then
+    /// legacyPackages.<system>.
+    #[arg(long, env = "NIXERY_FLAKE")]
+    pub flake: Option<String>,
     /// Storage backend: only `filesystem`.
     #[arg(long, env = "NIXERY_STORAGE_BACKEND", default_value = "filesystem")]
     pub storage_backend: String,
@@ -72,12 +76,14 @@ pub struct Config {
 /// A setting that is missing or contradicts another; says which.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("no package source: set one of --pkgs-path (NIXERY_PKGS_PATH), --channel (NIXERY_CHANNEL) or --pkgs-repo (NIXERY_PKGS_REPO)")]
+    #[error("no package source: set one of --pkgs-path (NIXERY_PKGS_PATH), --channel (NIXERY_CHANNEL), --pkgs-repo (NIXERY_PKGS_REPO) or --flake (NIXERY_FLAKE)")]
     NoSource,
-    #[error("more than one package source ({0}): set exactly one of NIXERY_PKGS_PATH, NIXERY_CHANNEL, NIXERY_PKGS_REPO")]
+    #[error("more than one package source ({0}): set exactly one of NIXERY_PKGS_PATH, NIXERY_CHANNEL, NIXERY_PKGS_REPO, NIXERY_FLAKE")]
     SeveralSources(String),
     #[error("--pkgs-path (NIXERY_PKGS_PATH) {0:?} is not a readable directory")]
     PkgsPath(PathBuf),
+    #[error("--flake (NIXERY_FLAKE) {0:?}: a relative path must name an existing directory")]
+    FlakePath(String),
     #[error("--storage-backend (NIXERY_STORAGE_BACKEND) {0:?} is not supported; use `filesystem`")]
     Backend(String),
     #[error("--storage-path (STORAGE_PATH) is required for the filesystem backend")]
@@ -92,11 +98,57 @@ pub enum ConfigError {
     NixOption(String),
 }
 
+/// `builtins.getFlake` takes no relative paths: make them absolute.
+fn flake_ref(flake: &str) -> Result<String, ConfigError> {
+    if !(flake == "." || flake.starts_with("./") || flake.starts_with("../")) {
+        return Ok(flake.to_owned());
+    }
+    std::fs::canonicalize(flake)
+        .ok()
+        .and_then(|p| p.to_str().map(str::to_owned))
+        .ok_or_else(|| ConfigError::FlakePath(flake.to_owned()))
+}
+
 fn non_empty<T: AsRef<std::ffi::OsStr>>(v: &Option<T>) -> bool {
     v.as_ref().is_some_and(|s| !s.as_ref().is_empty())
 }
 
 impl ServeArgs {
+    /// The one package source that is set. `read_files`: resolve a pkgs
+    /// path on disk (not in a build sandbox, where it does not exist).
+    fn source(&self, read_files: bool) -> Result<Source, ConfigError> {
+        let set: Vec<&str> = [
+            (non_empty(&self.pkgs_path), "NIXERY_PKGS_PATH"),
+            (non_empty(&self.channel), "NIXERY_CHANNEL"),
+            (non_empty(&self.pkgs_repo), "NIXERY_PKGS_REPO"),
+            (non_empty(&self.flake), "NIXERY_FLAKE"),
+        ]
+        .into_iter()
+        .filter_map(|(is_set, name)| is_set.then_some(name))
+        .collect();
+        let value = |v: &Option<String>| v.clone().unwrap_or_default();
+        match set.as_slice() {
+            [] => Err(ConfigError::NoSource),
+            ["NIXERY_PKGS_PATH"] if !read_files => {
+                Ok(Source::Path(self.pkgs_path.clone().unwrap_or_default()))
+            }
+            ["NIXERY_PKGS_PATH"] => {
+                let p = self.pkgs_path.clone().unwrap_or_default();
+                // Nix needs an absolute path; resolving it now also proves it exists.
+                let abs =
+                    std::fs::canonicalize(&p).map_err(|_| ConfigError::PkgsPath(p.clone()))?;
+                if !abs.is_dir() {
+                    return Err(ConfigError::PkgsPath(p));
+                }
+                Ok(Source::Path(abs))
+            }
+            ["NIXERY_CHANNEL"] => Ok(Source::Channel(value(&self.channel))),
+            ["NIXERY_PKGS_REPO"] => Ok(Source::Git(value(&self.pkgs_repo))),
+            ["NIXERY_FLAKE"] => flake_ref(&value(&self.flake)).map(Source::Flake),
+            several => Err(ConfigError::SeveralSources(several.join(", "))),
+        }
+    }
+
     pub fn validate(&self) -> Result<Config, ConfigError> {
         self.validate_reading(true)
     }
@@ -109,36 +161,7 @@ impl ServeArgs {
     }
 
     fn validate_reading(&self, read_files: bool) -> Result<Config, ConfigError> {
-        let mut sources = Vec::new();
-        if non_empty(&self.pkgs_path) {
-            sources.push("NIXERY_PKGS_PATH");
-        }
-        if non_empty(&self.channel) {
-            sources.push("NIXERY_CHANNEL");
-        }
-        if non_empty(&self.pkgs_repo) {
-            sources.push("NIXERY_PKGS_REPO");
-        }
-        let source = match (
-            sources.len(),
-            &self.pkgs_path,
-            &self.channel,
-            &self.pkgs_repo,
-        ) {
-            (0, ..) => return Err(ConfigError::NoSource),
-            (1, Some(p), ..) if !p.as_os_str().is_empty() && !read_files => Source::Path(p.clone()),
-            (1, Some(p), ..) if !p.as_os_str().is_empty() => {
-                // Nix needs an absolute path; resolving it now also proves it exists.
-                let abs = std::fs::canonicalize(p).map_err(|_| ConfigError::PkgsPath(p.clone()))?;
-                if !abs.is_dir() {
-                    return Err(ConfigError::PkgsPath(p.clone()));
-                }
-                Source::Path(abs)
-            }
-            (1, _, Some(c), _) if !c.is_empty() => Source::Channel(c.clone()),
-            (1, _, _, Some(r)) => Source::Git(r.clone()),
-            _ => return Err(ConfigError::SeveralSources(sources.join(", "))),
-        };
+        let source = self.source(read_files)?;
         if self.storage_backend != "filesystem" {
             return Err(ConfigError::Backend(self.storage_backend.clone()));
         }
@@ -259,5 +282,21 @@ mod tests {
         .unwrap();
         assert_eq!(ok.nix_options, vec![("substituters".into(), String::new())]);
         assert_eq!(ok.source, Source::Channel("c".into()));
+        assert!(matches!(
+            parse(&["--storage-path", d, "--flake", "path:/f", "--pkgs-repo", "file:///r"]),
+            Err(ConfigError::SeveralSources(s)) if s == "NIXERY_PKGS_REPO, NIXERY_FLAKE"
+        ));
+        let flake = parse(&["--storage-path", d, "--flake", "github:o/r"]).unwrap();
+        assert_eq!(flake.source, Source::Flake("github:o/r".into()));
+        let cwd = std::env::current_dir().unwrap();
+        let rel = parse(&["--storage-path", d, "--flake", "."]).unwrap();
+        assert_eq!(
+            rel.source,
+            Source::Flake(cwd.canonicalize().unwrap().to_str().unwrap().into())
+        );
+        assert!(matches!(
+            parse(&["--storage-path", d, "--flake", "./no/such/dir"]),
+            Err(ConfigError::FlakePath(_))
+        ));
     }
 }

@@ -8,6 +8,9 @@
 //! - `builds`: build id (u64, big-endian) -> [`BuildRecord`]
 //! - `tags`: `<name>\0<tag>` -> ()
 //!
+//! Values are bincode with serde, which has no field names: adding a field
+//! changes the encoding, and records written before cannot be read.
+//!
 //! Blobs are written before the records that point at them, so a crash can
 //! leave an unreferenced blob but never a record without its blob.
 
@@ -36,6 +39,9 @@ pub struct ManifestRecord {
     pub checked_at: u64,
     /// The top-level store paths the image was built from.
     pub out_paths: Vec<String>,
+    /// What the package source resolved to: a git commit, or a NAR hash
+    /// (`sha256-...`) of a tarball or flake; `None` for a local path.
+    pub revision: Option<String>,
 }
 
 /// A packed layer, shared by every image with the same store paths.
@@ -70,6 +76,9 @@ pub struct BuildRecord {
     pub layers_reused: usize,
     pub bytes_packed: u64,
     pub outcome: BuildOutcome,
+    /// The package source's revision this build used, once known (see
+    /// [`ManifestRecord::revision`]).
+    pub revision: Option<String>,
 }
 
 #[derive(Clone)]
@@ -221,6 +230,7 @@ mod tests {
                 digest: d,
                 checked_at: 5,
                 out_paths: vec!["/nix/store/x".into()],
+                revision: Some("sha256-x".into()),
             };
             db.put_manifest("k", &rec).unwrap();
             db.put_layer(
@@ -246,13 +256,15 @@ mod tests {
                     layers_reused: 0,
                     bytes_packed: 1,
                     outcome: BuildOutcome::Success { manifest: d },
+                    revision: None,
                 })
                 .unwrap();
             }
             db.db.flush().unwrap();
         }
         let db = Db::open(dir.path()).unwrap();
-        assert_eq!(db.manifest("k").unwrap().unwrap().digest, d);
+        let m = db.manifest("k").unwrap().unwrap();
+        assert_eq!((m.digest, m.revision.as_deref()), (d, Some("sha256-x")));
         assert!(db.manifest("other").unwrap().is_none());
         assert!(db.is_manifest(&d).unwrap());
         assert_eq!(db.layer("l").unwrap().unwrap().size, 3);

@@ -10,6 +10,7 @@ pub mod config;
 pub mod db;
 pub mod digest;
 pub mod error;
+pub mod git;
 pub mod http;
 pub mod image;
 pub mod layers;
@@ -119,7 +120,8 @@ impl Server {
                 prepare_image,
                 config.nix_timeout,
                 config.nix_options.clone(),
-            ),
+            )
+            .with_fetch_ttl(config.cache_ttl),
             layer_budget: config.layer_budget,
             cache_ttl: config.cache_ttl,
             max_concurrent_builds: config.max_concurrent_builds,

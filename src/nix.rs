@@ -127,6 +127,22 @@ pub struct Resolved {
     pub found: BTreeMap<String, ResolvedPackage>,
     #[serde(rename = "notFound")]
     pub not_found: Vec<String>,
+    /// What the package set was evaluated from.
+    #[serde(default)]
+    pub source: SourceInfo,
+}
+
+/// What prepare-image.nix reports of the package set it evaluated; each
+/// field is absent where the source type has no such thing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceInfo {
+    /// Store path of the fetched source (not for a local path).
+    pub path: Option<String>,
+    /// Git commit (fetchGit, flakes in git).
+    pub rev: Option<String>,
+    /// NAR hash in SRI form (fetchGit, flakes).
+    #[serde(rename = "narHash")]
+    pub nar_hash: Option<String>,
 }
 
 /// Runs Nix. Cheap to clone.
@@ -135,6 +151,7 @@ pub struct Nix {
     prepare_image: PathBuf,
     timeout: Duration,
     options: Vec<(String, String)>,
+    fetch_ttl: Option<Duration>,
 }
 
 impl Nix {
@@ -145,7 +162,17 @@ impl Nix {
             prepare_image,
             timeout,
             options,
+            fetch_ttl: None,
         }
+    }
+
+    /// How long the fetchers may trust a cached download of a moving
+    /// source (Nix's `tarball-ttl`, default one hour), so that a re-check
+    /// after the image cache TTL really looks again. `--option` given by
+    /// the user still wins.
+    pub fn with_fetch_ttl(mut self, ttl: Duration) -> Self {
+        self.fetch_ttl = Some(ttl);
+        self
     }
 
     /// Names -> derivations via prepare-image.nix; unknown names are
@@ -167,6 +194,16 @@ impl Nix {
             "--read-write-mode".into(),
             self.prepare_image.clone().into(),
         ];
+        if src_type == "flake" {
+            args.extend([
+                "--extra-experimental-features".into(),
+                "nix-command flakes".into(),
+            ]);
+        }
+        if let Some(ttl) = self.fetch_ttl {
+            let secs = ttl.as_secs().to_string();
+            args.extend(["--option".into(), "tarball-ttl".into(), secs.into()]);
+        }
         for (name, value) in [
             ("srcType", src_type),
             ("srcArgs", src_args),
@@ -213,6 +250,24 @@ impl Nix {
             .rsplit_once('/')
             .map_or("/nix/store", |(dir, _)| dir);
         parse_path_info(&stdout, store_dir)
+    }
+
+    /// The NAR hash (SRI) of a valid store path, e.g. a fetched tarball.
+    pub async fn nar_hash(&self, path: &str) -> Result<String, NixError> {
+        let args: Vec<OsString> = vec![
+            "--extra-experimental-features".into(),
+            "nix-command".into(),
+            "path-info".into(),
+            "--json".into(),
+            path.into(),
+        ];
+        let stdout = self.run(Stage::Closure, "nix", args).await?;
+        parse_nar_hash(&stdout, path)
+    }
+
+    /// How long each call may run; other tools a build runs get as long.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// Whole seconds for Nix's `--timeout`, at least 1 (0 means none).
@@ -366,6 +421,27 @@ fn parse_resolved(stdout: &[u8]) -> Result<Resolved, NixError> {
         serde_json::Value::String(inner) => serde_json::from_str(&inner).map_err(parse),
         value => serde_json::from_value(value).map_err(parse),
     }
+}
+
+/// `narHash` from either `nix path-info --json` shape (see below).
+fn parse_nar_hash(stdout: &[u8], path: &str) -> Result<String, NixError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(stdout).map_err(|source| NixError::Parse {
+            stage: Stage::Closure,
+            source,
+        })?;
+    let record = match &value {
+        serde_json::Value::Array(items) => items.first(),
+        serde_json::Value::Object(map) => map.values().next(),
+        _ => None,
+    };
+    record
+        .and_then(|r| r.get("narHash"))
+        .and_then(|h| h.as_str())
+        .map(str::to_owned)
+        .ok_or_else(|| NixError::InvalidPath {
+            path: path.to_owned(),
+        })
 }
 
 /// One `nix path-info --json` record, minus the path itself.
@@ -546,6 +622,30 @@ mod tests {
             assert_eq!(got.found["hello"].out_path, "/nix/store/a");
         }
         assert!(parse_resolved(br#""not json""#).is_err());
+        assert_eq!(
+            parse_resolved(object.as_bytes()).unwrap().source,
+            SourceInfo::default()
+        );
+        let with_source = r#"{"found":{},"notFound":[],"source":{"path":"/nix/store/s","rev":null,"narHash":"sha256-x"}}"#;
+        let source = parse_resolved(with_source.as_bytes()).unwrap().source;
+        assert_eq!(source.path.as_deref(), Some("/nix/store/s"));
+        assert_eq!(
+            (source.rev, source.nar_hash.as_deref()),
+            (None, Some("sha256-x"))
+        );
+    }
+
+    #[test]
+    fn nar_hash_from_either_path_info_shape() {
+        let list = br#"[{"path":"/nix/store/s","narHash":"sha256-a","narSize":1}]"#;
+        let object = br#"{"/nix/store/s":{"narHash":"sha256-a","narSize":1}}"#;
+        for json in [&list[..], &object[..]] {
+            assert_eq!(parse_nar_hash(json, "/nix/store/s").unwrap(), "sha256-a");
+        }
+        assert!(matches!(
+            parse_nar_hash(br#"{"/nix/store/s":null}"#, "/nix/store/s"),
+            Err(NixError::InvalidPath { .. })
+        ));
     }
 
     #[test]

@@ -1,16 +1,31 @@
 //! Where packages come from, and how an image tag selects a version of them.
+//!
+//! Only git repositories read the tag, as in the original: `latest` is the
+//! default branch, 40 hex a commit, anything else a git tag or a branch.
+//! Every other source serves the same package set whatever the tag.
 
+use crate::git::{self, GitError};
 use std::path::PathBuf;
+use std::time::Duration;
+
+pub use crate::git::is_commit;
+
+/// Where a channel name or nixpkgs commit is fetched from, as the original.
+const NIXPKGS_ARCHIVE: &str = "https://github.com/NixOS/nixpkgs/archive";
 
 /// The one package source an instance serves from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
     /// A local directory with a package set (`NIXERY_PKGS_PATH`).
     Path(PathBuf),
-    /// A nixpkgs channel name, commit, or tarball URL (`NIXERY_CHANNEL`).
+    /// A nixpkgs channel name or commit, or a tarball URL or absolute path
+    /// (`NIXERY_CHANNEL`).
     Channel(String),
     /// A git repository whose refs are image tags (`NIXERY_PKGS_REPO`).
     Git(String),
+    /// A flake reference (`NIXERY_FLAKE`): `packages.<system>`, then
+    /// `legacyPackages.<system>`.
+    Flake(String),
 }
 
 /// The `srcType`/`srcArgs` pair that `prepare-image.nix` takes.
@@ -20,32 +35,63 @@ pub struct NixSource {
     pub src_args: String,
 }
 
+/// A tag resolved, before evaluation, to what Nix is to evaluate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolution {
+    pub nix: NixSource,
+    /// The commit, when it is known before evaluation (git sources, a
+    /// channel given as a commit): everything a build depends on.
+    pub commit: Option<String>,
+}
+
 impl Source {
-    /// Nix arguments for a tag: only git repositories read the tag, as in the
-    /// original (`latest` is the default branch, 40 hex a commit, else a ref).
-    pub fn nix_source(&self, tag: &str) -> NixSource {
+    /// Checks a tag (already valid in the registry grammar) as a git ref
+    /// name, for the sources that hand it to git and Nix.
+    pub fn check_tag(&self, tag: &str) -> Result<(), GitError> {
         match self {
-            Source::Path(p) => NixSource {
-                src_type: "path",
-                src_args: p.to_string_lossy().into_owned(),
-            },
-            Source::Channel(c) => NixSource {
-                src_type: "nixpkgs",
-                src_args: c.clone(),
-            },
+            Source::Git(_) => git::check_ref_name(tag),
+            _ => Ok(()),
+        }
+    }
+
+    /// Resolves a tag: a git ref becomes a commit with `git ls-remote`
+    /// (bounded by `timeout`); other sources need no network here.
+    pub async fn resolve(&self, tag: &str, timeout: Duration) -> Result<Resolution, GitError> {
+        match self {
             Source::Git(url) => {
-                let args = if tag == "latest" {
-                    serde_json::json!({ "url": url })
-                } else if is_commit(tag) {
-                    serde_json::json!({ "url": url, "rev": tag })
+                self.check_tag(tag)?;
+                let (rev, ref_name) = if is_commit(tag) {
+                    (tag.to_owned(), None)
                 } else {
-                    serde_json::json!({ "url": url, "ref": tag })
+                    let target = git::resolve(url, tag, timeout).await?;
+                    (target.rev, target.ref_name)
                 };
-                NixSource {
-                    src_type: "git",
-                    src_args: args.to_string(),
-                }
+                Ok(Resolution {
+                    nix: git_source(url, &rev, ref_name.as_deref()),
+                    commit: Some(rev),
+                })
             }
+            Source::Path(p) => Ok(Resolution {
+                nix: NixSource {
+                    src_type: "path",
+                    src_args: p.to_string_lossy().into_owned(),
+                },
+                commit: None,
+            }),
+            Source::Channel(c) => Ok(Resolution {
+                nix: NixSource {
+                    src_type: "nixpkgs",
+                    src_args: channel_url(c),
+                },
+                commit: is_commit(c).then(|| c.clone()),
+            }),
+            Source::Flake(f) => Ok(Resolution {
+                nix: NixSource {
+                    src_type: "flake",
+                    src_args: f.clone(),
+                },
+                commit: None,
+            }),
         }
     }
 
@@ -53,9 +99,18 @@ impl Source {
     /// can be cached for good.
     pub fn is_pinned(&self, tag: &str) -> bool {
         match self {
-            Source::Path(_) => false,
+            Source::Path(_) | Source::Flake(_) => false,
             Source::Channel(c) => is_commit(c),
             Source::Git(_) => is_commit(tag),
+        }
+    }
+
+    /// The part of a tag that selects contents: sources that ignore tags
+    /// share one cache entry for all of them.
+    pub fn cache_tag<'a>(&self, tag: &'a str) -> &'a str {
+        match self {
+            Source::Git(_) => tag,
+            _ => "",
         }
     }
 
@@ -65,33 +120,95 @@ impl Source {
             Source::Path(p) => format!("path:{}", p.display()),
             Source::Channel(c) => format!("channel:{c}"),
             Source::Git(url) => format!("git:{url}"),
+            Source::Flake(f) => format!("flake:{f}"),
         }
     }
 }
 
-fn is_commit(s: &str) -> bool {
-    s.len() == 40 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+/// The tarball a channel setting names: a URL or absolute path as is (an
+/// air-gapped site serves its own), else nixpkgs on GitHub.
+pub fn channel_url(channel: &str) -> String {
+    let is_url = ["http://", "https://", "file://"]
+        .iter()
+        .any(|s| channel.starts_with(s));
+    if is_url {
+        channel.to_owned()
+    } else if channel.starts_with('/') {
+        format!("file://{channel}")
+    } else {
+        format!("{NIXPKGS_ARCHIVE}/{channel}.tar.gz")
+    }
+}
+
+/// fetchGit arguments for an exact commit. A known ref is passed fully
+/// qualified (Nix reads a bare name as a branch); without one Nix fetches
+/// all refs so that any commit is found.
+fn git_source(url: &str, rev: &str, ref_name: Option<&str>) -> NixSource {
+    let args = match ref_name {
+        Some(r) => serde_json::json!({ "url": url, "rev": rev, "ref": r }),
+        None => serde_json::json!({ "url": url, "rev": rev, "allRefs": true }),
+    };
+    NixSource {
+        src_type: "git",
+        src_args: args.to_string(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn git_tags_select_refs() {
-        let g = Source::Git("file:///repo".into());
-        let commit = "0123456789abcdef0123456789abcdef01234567";
-        assert_eq!(g.nix_source("latest").src_args, r#"{"url":"file:///repo"}"#);
+    const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+    #[tokio::test]
+    async fn commits_need_no_lookup_and_are_pinned() {
+        let g = Source::Git("file:///nonexistent".into());
+        let r = g.resolve(COMMIT, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(r.commit.as_deref(), Some(COMMIT));
         assert_eq!(
-            g.nix_source(commit).src_args,
-            format!(r#"{{"rev":"{commit}","url":"file:///repo"}}"#)
+            r.nix.src_args,
+            format!(r#"{{"allRefs":true,"rev":"{COMMIT}","url":"file:///nonexistent"}}"#)
         );
-        assert_eq!(
-            g.nix_source("release-v2").src_args,
-            r#"{"ref":"release-v2","url":"file:///repo"}"#
-        );
-        assert!(g.is_pinned(commit));
+        assert!(g.is_pinned(COMMIT));
         assert!(!g.is_pinned("latest"));
-        assert!(!Source::Path("/p".into()).is_pinned(commit));
+        assert!(!Source::Path("/p".into()).is_pinned(COMMIT));
+        assert!(!Source::Flake("path:/p".into()).is_pinned(COMMIT));
+        assert!(Source::Channel(COMMIT.into()).is_pinned("latest"));
+        assert!(!Source::Channel("nixos-unstable".into()).is_pinned(COMMIT));
+    }
+
+    #[tokio::test]
+    async fn bad_ref_names_never_reach_git() {
+        let g = Source::Git("file:///nonexistent".into());
+        for tag in ["a..b", "x.lock", "end."] {
+            assert!(matches!(
+                g.resolve(tag, Duration::from_secs(5)).await,
+                Err(GitError::InvalidRef(_))
+            ));
+        }
+        assert_eq!(Source::Path("/p".into()).check_tag("a..b"), Ok(()));
+    }
+
+    #[test]
+    fn channel_urls() {
+        assert_eq!(
+            channel_url("nixos-unstable"),
+            "https://github.com/NixOS/nixpkgs/archive/nixos-unstable.tar.gz"
+        );
+        assert_eq!(
+            channel_url(COMMIT),
+            format!("https://github.com/NixOS/nixpkgs/archive/{COMMIT}.tar.gz")
+        );
+        assert_eq!(
+            channel_url("http://127.0.0.1:1/n.tgz"),
+            "http://127.0.0.1:1/n.tgz"
+        );
+        assert_eq!(channel_url("/srv/n.tar.gz"), "file:///srv/n.tar.gz");
+    }
+
+    #[test]
+    fn only_git_reads_tags() {
+        assert_eq!(Source::Git("u".into()).cache_tag("v1"), "v1");
+        assert_eq!(Source::Channel("c".into()).cache_tag("v1"), "");
     }
 }

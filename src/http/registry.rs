@@ -4,6 +4,7 @@ use super::range::{self, RangeRequest};
 use crate::builder::{BuildError, Builder};
 use crate::digest::Digest;
 use crate::error::{ApiError, ErrorCode};
+use crate::git::GitError;
 use crate::image::{PathError, Reference, ReferenceError, RegistryPath};
 use crate::manifest::MANIFEST_MEDIA_TYPE;
 use crate::nix::NixError;
@@ -139,6 +140,17 @@ pub fn build_error(e: &BuildError) -> ApiError {
             format!("packages not found: {}", names.join(", ")),
         )
         .with_detail(serde_json::json!({ "packages": names })),
+        BuildError::Source(e @ GitError::InvalidRef(_)) => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::TagInvalid,
+            e.to_string(),
+        ),
+        BuildError::Source(e @ (GitError::UnknownRef(_) | GitError::NoHead)) => ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::ManifestUnknown,
+            e.to_string(),
+        ),
+        BuildError::Source(_) => ApiError::internal("asking the package repository for the tag"),
         BuildError::Nix(NixError::Timeout { seconds, .. }) => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             ErrorCode::Unknown,

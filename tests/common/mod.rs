@@ -34,6 +34,12 @@ struct Cli {
 
 /// A config for the fixture set: Nix never waits on a binary cache.
 pub fn config(storage: &Path, extra: &[&str]) -> Config {
+    let fixture = fixture_dir().to_string_lossy().into_owned();
+    config_with_source(storage, &["--pkgs-path", &fixture], extra)
+}
+
+/// As [`config`], with another package source (e.g. `["--channel", url]`).
+pub fn config_with_source(storage: &Path, source: &[&str], extra: &[&str]) -> Config {
     require_tool("nix-instantiate");
     let mut args = vec![
         "nixery".to_owned(),
@@ -41,15 +47,16 @@ pub fn config(storage: &Path, extra: &[&str]) -> Config {
         "0".into(),
         "--listen-address".into(),
         "127.0.0.1".into(),
-        "--pkgs-path".into(),
-        fixture_dir().to_string_lossy().into_owned(),
+    ];
+    args.extend(source.iter().map(|s| s.to_string()));
+    args.extend([
         "--storage-path".into(),
         storage.to_string_lossy().into_owned(),
         "--nix-option".into(),
         "substituters=".into(),
         "--nix-timeout".into(),
         "300".into(),
-    ];
+    ]);
     args.extend(extra.iter().map(|s| s.to_string()));
     Cli::try_parse_from(args)
         .expect("test flags parse")
