@@ -82,6 +82,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     };
     let result: anyhow::Result<()> = runtime.block_on(async {
         let server = nixery::Server::start(&config).await?;
+        let shutdown = shutdown_signal()?;
         let addr = server.local_addr()?;
         let host = if addr.ip().is_unspecified() {
             "localhost".to_owned()
@@ -104,7 +105,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         );
         server
             .run(async move {
-                shutdown_signal().await;
+                shutdown.await;
                 notify(notifier.as_deref(), "STOPPING=1");
             })
             .await?;
@@ -129,18 +130,16 @@ fn notify(notifier: Option<&nixery::notify::Notifier>, state: &str) {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    tracing::info!("shutting down");
+/// Installs the SIGTERM and SIGINT handlers now and returns a future that
+/// resolves on either. Installed before readiness is announced: a SIGTERM
+/// that came before the first poll would otherwise kill the process
+/// without a graceful shutdown.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! { _ = term.recv() => {}, _ = interrupt.recv() => {} }
+        tracing::info!("shutting down");
+    })
 }
