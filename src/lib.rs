@@ -13,10 +13,12 @@ pub mod http;
 pub mod image;
 pub mod layers;
 pub mod manifest;
+pub mod metrics;
 pub mod nix;
 pub mod popularity;
 pub mod singleflight;
 pub mod source;
+pub mod status;
 pub mod store_path;
 
 use axum::http::{HeaderName, HeaderValue};
@@ -123,7 +125,15 @@ impl Server {
             max_concurrent_builds: config.max_concurrent_builds,
             popularity,
         };
-        let builder = Builder::new(settings, db, blobs);
+        let status = status::Status::new(
+            db.clone(),
+            status::Instance {
+                version: env!("CARGO_PKG_VERSION"),
+                source: config.source.describe(),
+                storage_path: config.storage_path.display().to_string(),
+            },
+        );
+        let builder = Builder::new(settings, db, blobs, status);
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Listen {

@@ -2,7 +2,6 @@
 
 use clap::{Parser, Subcommand};
 use nixery::config::ServeArgs;
-use std::io::Write;
 use std::process::ExitCode;
 
 #[derive(Parser)]
