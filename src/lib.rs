@@ -8,6 +8,7 @@ pub mod builder;
 pub mod config;
 pub mod db;
 pub mod digest;
+pub mod disk;
 pub mod error;
 pub mod http;
 pub mod image;
@@ -16,6 +17,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod nix;
 pub mod popularity;
+pub mod report;
 pub mod singleflight;
 pub mod source;
 pub mod status;
@@ -31,7 +33,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tower_http::set_header::SetResponseHeaderLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
+use tower_http::LatencyUnit;
+use tracing::Level;
 
 /// The image-preparation expression, shipped inside the binary so that an
 /// installed server never looks for it on disk.
@@ -76,7 +80,11 @@ pub fn write_atomically(path: &Path, content: &[u8]) -> std::io::Result<()> {
 
 /// The axum application for a builder.
 pub fn router(builder: Arc<Builder>) -> Router {
+    let status = Arc::clone(builder.status());
     Router::new()
+        .route("/", get(http::admin::page))
+        .route("/api/status", get(http::admin::status))
+        .route("/metrics", get(http::admin::metrics))
         .route("/v2", get(http::registry::base))
         .route("/v2/", get(http::registry::base))
         .route("/v2/{*rest}", any(http::registry::dispatch))
@@ -85,7 +93,19 @@ pub fn router(builder: Arc<Builder>) -> Router {
             HeaderName::from_static("docker-distribution-api-version"),
             HeaderValue::from_static("registry/2.0"),
         ))
-        .layer(TraceLayer::new_for_http())
+        .layer(axum::middleware::from_fn_with_state(
+            status,
+            http::observe::measure,
+        ))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
+                .on_response(
+                    DefaultOnResponse::new()
+                        .level(Level::INFO)
+                        .latency_unit(LatencyUnit::Millis),
+                ),
+        )
         .with_state(builder)
 }
 

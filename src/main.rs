@@ -1,7 +1,7 @@
 //! The `nixery` binary: flags, logging, signals. Everything else is the library.
 
 use clap::{Parser, Subcommand};
-use nixery::config::ServeArgs;
+use nixery::config::{LogFormat, ServeArgs};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -23,15 +23,29 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => {
+            init_logging(args.log_format);
+            serve(args)
+        }
+    }
+}
+
+/// Logs to stderr, filtered by RUST_LOG (default `info`). Requests and
+/// builds each run in a span, so their fields are on every line they log.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
     }
 }
 
