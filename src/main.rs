@@ -77,6 +77,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             "try: docker run --rm {host}:{}/shell/hello hello",
             addr.port()
         );
+        println!("admin page: http://{host}:{}/", addr.port());
         server.run(shutdown_signal()).await?;
         Ok(())
     });
