@@ -111,6 +111,29 @@ pub struct CacheView {
     pub popular_packages: Vec<Count>,
 }
 
+/// Hides the server account's home directory in Nix's output and error
+/// messages (Nix caches fetched sources there); the paths the operator
+/// configured are shown as they are elsewhere on the page.
+struct Redact(Option<String>);
+
+impl Redact {
+    fn from_env() -> Redact {
+        Redact(
+            std::env::var("HOME")
+                .ok()
+                .map(|h| h.trim_end_matches('/').to_owned())
+                .filter(|h| h.starts_with('/') && h.len() > 1),
+        )
+    }
+
+    fn apply(&self, text: &str) -> String {
+        match &self.0 {
+            Some(home) => text.replace(&format!("{home}/"), "~/"),
+            None => text.to_owned(),
+        }
+    }
+}
+
 fn top(counts: Vec<(String, u64)>) -> Vec<Count> {
     counts
         .into_iter()
@@ -136,12 +159,29 @@ impl Report {
                 None
             }
         };
+        let redact = Redact::from_env();
         let (hits, misses) = db.lookups()?;
         let lookups = hits + misses;
         Ok(Report {
             in_flight: status.in_flight(),
-            builds: db.builds()?.into_iter().map(BuildView::from).collect(),
-            errors: db.errors()?,
+            builds: db
+                .builds()?
+                .into_iter()
+                .map(|b| {
+                    let mut view = BuildView::from(b);
+                    view.message = view.message.map(|m| redact.apply(&m));
+                    view
+                })
+                .collect(),
+            errors: db
+                .errors()?
+                .into_iter()
+                .map(|e| ErrorRecord {
+                    message: redact.apply(&e.message),
+                    stderr_tail: redact.apply(&e.stderr_tail),
+                    ..e
+                })
+                .collect(),
             cache: CacheView {
                 manifests,
                 layers,
@@ -156,5 +196,20 @@ impl Report {
             },
             instance,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn home_directory_is_hidden() {
+        let r = Redact(Some("/home/op".into()));
+        assert_eq!(
+            r.apply("error: opening /home/op/.cache/nix/x: denied; /home/operator stays"),
+            "error: opening ~/.cache/nix/x: denied; /home/operator stays"
+        );
+        assert_eq!(Redact(None).apply("/home/op/x"), "/home/op/x");
     }
 }
