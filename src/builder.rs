@@ -4,7 +4,7 @@
 
 use crate::archive::{self, ArchiveError, PackedLayer};
 use crate::blobs::{BlobError, BlobStore};
-use crate::db::{BuildOutcome, BuildRecord, Db, DbError, LayerRecord, ManifestRecord};
+use crate::db::{BuildOutcome, BuildRecord, Db, DbError, LayerRecord, Lookup, ManifestRecord};
 use crate::digest::Digest;
 use crate::git::GitError;
 use crate::image::{ImageSpec, SSL_CERT_FILE};
@@ -13,6 +13,7 @@ use crate::manifest::{self, ImageConfig, LayerBlob, ManifestError};
 use crate::nix::{Nix, NixError};
 use crate::singleflight::SingleFlight;
 use crate::source::Source;
+use crate::status::{LiveBuild, Phase, Status};
 use crate::store_path::{self, PathInfo};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use sha2::{Digest as _, Sha256};
@@ -84,6 +85,7 @@ pub struct Builder {
     builds: SingleFlight<BuildResult>,
     layers: SingleFlight<Result<LayerRecord, Arc<BuildError>>>,
     permits: Semaphore,
+    status: Arc<Status>,
 }
 
 fn now_unix() -> u64 {
@@ -123,16 +125,33 @@ impl Phases {
     }
 }
 
-/// What a build did besides its manifest, for the record.
-#[derive(Default)]
+/// What a build did besides its manifest, for the record, and its handle
+/// on the admin page's list of builds in flight.
 struct Counters {
     layers_total: AtomicU64,
     layers_reused: AtomicU64,
     bytes_packed: Arc<AtomicU64>,
+    live: LiveBuild,
+}
+
+impl Counters {
+    fn new(live: LiveBuild) -> Self {
+        Counters {
+            layers_total: AtomicU64::new(0),
+            layers_reused: AtomicU64::new(0),
+            bytes_packed: live.bytes_counter(),
+            live,
+        }
+    }
 }
 
 impl Builder {
-    pub fn new(settings: BuilderSettings, db: Db, blobs: BlobStore) -> Arc<Self> {
+    pub fn new(
+        settings: BuilderSettings,
+        db: Db,
+        blobs: BlobStore,
+        status: Arc<Status>,
+    ) -> Arc<Self> {
         let permits = Semaphore::new(settings.max_concurrent_builds);
         Arc::new(Builder {
             settings,
@@ -141,7 +160,12 @@ impl Builder {
             builds: SingleFlight::default(),
             layers: SingleFlight::default(),
             permits,
+            status,
         })
+    }
+
+    pub fn status(&self) -> &Arc<Status> {
+        &self.status
     }
 
     pub fn db(&self) -> &Db {
@@ -204,17 +228,22 @@ impl Builder {
             .fresh_cached(&key, tag)
             .map_err(|e| Arc::new(e.into()))?
         {
+            self.status.manifest_requested(name, Lookup::Hit, true);
             return Ok(digest);
         }
         let this = Arc::clone(self);
         let image = name.to_owned();
         let task_key = key.clone();
-        self.builds
+        let result = self
+            .builds
             .run(&key, move || async move {
                 this.build(image, spec, task_key).await
             })
             .await
-            .unwrap_or_else(|| Err(Arc::new(BuildError::Task("image build panicked".into()))))
+            .unwrap_or_else(|| Err(Arc::new(BuildError::Task("image build panicked".into()))));
+        self.status
+            .manifest_requested(name, Lookup::Miss, result.is_ok());
+        result
     }
 
     /// One build, recorded whatever its outcome.
@@ -232,9 +261,9 @@ impl Builder {
             .acquire()
             .await
             .map_err(|e| Arc::new(BuildError::Task(e.to_string())))?;
+        let counters = Counters::new(self.status.build_started(&image, &spec.tag));
         let started_at = now_unix();
         let mut phases = Phases::new();
-        let counters = Counters::default();
         let mut revision = None;
         let span = tracing::info_span!("build", image = %image, tag = %spec.tag);
         let result = self
@@ -274,6 +303,7 @@ impl Builder {
         if let Err(e) = self.db.add_build(&record) {
             tracing::warn!(error = %e, "could not record build");
         }
+        self.status.build_finished(&record);
         if let Err(e) = self.db.flush().await {
             tracing::warn!(error = %e, "could not flush database");
         }
@@ -290,6 +320,7 @@ impl Builder {
         revision: &mut Option<String>,
     ) -> Result<Digest, BuildError> {
         let nix = &self.settings.nix;
+        counters.live.enter(Phase::Resolving);
         let resolution = self
             .settings
             .source
@@ -343,6 +374,7 @@ impl Builder {
             .values()
             .map(|p| p.out_path.clone())
             .collect();
+        counters.live.enter(Phase::Building);
         nix.realise(&drvs).await?;
         phases.finish("nix build");
         let closure = nix.closure(&outs).await?;
@@ -357,6 +389,7 @@ impl Builder {
                 ..p
             },
             _ => {
+                counters.live.enter(Phase::Packing);
                 let popularity = self.popularity()?;
                 let plan = layers::plan(&closure, &outs, &popularity, self.settings.layer_budget)?;
                 phases.finish("layering");
@@ -414,10 +447,12 @@ impl Builder {
         counters
             .layers_total
             .store(jobs.len() as u64, Ordering::Relaxed);
+        counters.live.set_layers_total(jobs.len() as u64);
         // `buffered` keeps the plan's order while packing several at once.
         let records: Vec<LayerRecord> = stream::iter(jobs)
             .map(|(layer_key, paths, symlinks)| self.layer(layer_key, paths, symlinks, counters))
             .buffered(parallel)
+            .inspect_ok(|_| counters.live.layer_done())
             .try_collect()
             .await?;
         let layer_blobs: Vec<LayerBlob> = records
@@ -433,6 +468,7 @@ impl Builder {
             env: vec![format!("SSL_CERT_FILE={SSL_CERT_FILE}")],
             cmd: spec.default_cmd(),
         };
+        counters.live.enter(Phase::WritingManifest);
         let built = manifest::build(&config, &layer_blobs)?;
         self.blobs.put(&built.config_json)?;
         self.blobs.put(&built.manifest_json)?;

@@ -57,6 +57,16 @@ pub struct ServeArgs {
     /// served from cache before it is evaluated again.
     #[arg(long, env = "NIXERY_CACHE_TTL", default_value_t = 300)]
     pub cache_ttl: u64,
+    /// Log lines as readable text or as one JSON object per line.
+    #[arg(long, env = "NIXERY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How the server writes its log to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// A validated configuration.

@@ -7,6 +7,10 @@
 //! - `popularity`: store path name -> count (u64, big-endian)
 //! - `builds`: build id (u64, big-endian) -> [`BuildRecord`]
 //! - `tags`: `<name>\0<tag>` -> ()
+//! - `errors`: error id (u64, big-endian) -> [`ErrorRecord`]
+//! - `pulls`: image name -> manifest pulls by tag (u64, big-endian)
+//! - `lookups`: `hit` / `miss` -> manifest requests by tag answered from
+//!   cache or not (u64, big-endian)
 //!
 //! Values are bincode with serde, which has no field names: adding a field
 //! changes the encoding, and records written before cannot be read.
@@ -20,6 +24,9 @@ use std::path::Path;
 
 /// Build records kept for the admin page.
 const BUILDS_KEPT: usize = 100;
+
+/// Error records kept for the admin page (the original shows 15).
+pub const ERRORS_KEPT: usize = 50;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -81,6 +88,35 @@ pub struct BuildRecord {
     pub revision: Option<String>,
 }
 
+/// A failed build, kept apart from the build records so that a run of
+/// successful builds does not push errors off the admin page.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorRecord {
+    pub image: String,
+    pub tag: String,
+    /// Unix seconds when the build failed.
+    pub at: u64,
+    pub message: String,
+    /// The end of Nix's stderr; empty when Nix was not what failed.
+    pub stderr_tail: String,
+}
+
+/// Whether a manifest request by tag was answered from the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    Hit,
+    Miss,
+}
+
+impl Lookup {
+    fn key(self) -> &'static str {
+        match self {
+            Lookup::Hit => "hit",
+            Lookup::Miss => "miss",
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Db {
     db: sled::Db,
@@ -90,6 +126,9 @@ pub struct Db {
     popularity: sled::Tree,
     builds: sled::Tree,
     tags: sled::Tree,
+    errors: sled::Tree,
+    pulls: sled::Tree,
+    lookups: sled::Tree,
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, DbError> {
@@ -107,6 +146,43 @@ fn be_u64(bytes: &[u8]) -> u64 {
     bytes.try_into().map(u64::from_be_bytes).unwrap_or(0)
 }
 
+fn increment(tree: &sled::Tree, key: &[u8]) -> Result<(), DbError> {
+    tree.update_and_fetch(key, |old| {
+        Some((old.map(be_u64).unwrap_or(0) + 1).to_be_bytes().to_vec())
+    })?;
+    Ok(())
+}
+
+/// Appends to a tree keyed by id, dropping the oldest beyond `keep`.
+fn push_bounded(
+    db: &sled::Db,
+    tree: &sled::Tree,
+    value: Vec<u8>,
+    keep: usize,
+) -> Result<(), DbError> {
+    let id = db.generate_id()?;
+    tree.insert(id.to_be_bytes(), value)?;
+    while tree.len() > keep {
+        if tree.pop_min()?.is_none() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Every key with its count, largest first.
+fn counts_desc(tree: &sled::Tree) -> Result<Vec<(String, u64)>, DbError> {
+    let mut all = tree
+        .iter()
+        .map(|kv| {
+            let (k, v) = kv?;
+            Ok((String::from_utf8_lossy(&k).into_owned(), be_u64(&v)))
+        })
+        .collect::<Result<Vec<_>, DbError>>()?;
+    all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    Ok(all)
+}
+
 impl Db {
     pub fn open(path: &Path) -> Result<Self, DbError> {
         let db = sled::open(path)?;
@@ -117,6 +193,9 @@ impl Db {
             popularity: db.open_tree("popularity")?,
             builds: db.open_tree("builds")?,
             tags: db.open_tree("tags")?,
+            errors: db.open_tree("errors")?,
+            pulls: db.open_tree("pulls")?,
+            lookups: db.open_tree("lookups")?,
             db,
         })
     }
@@ -154,9 +233,7 @@ impl Db {
         names: impl IntoIterator<Item = &'a str>,
     ) -> Result<(), DbError> {
         for name in names {
-            self.popularity.update_and_fetch(name, |old| {
-                Some((old.map(be_u64).unwrap_or(0) + 1).to_be_bytes().to_vec())
-            })?;
+            increment(&self.popularity, name.as_bytes())?;
         }
         Ok(())
     }
@@ -173,19 +250,55 @@ impl Db {
 
     /// Records a build, keeping the newest [`BUILDS_KEPT`].
     pub fn add_build(&self, record: &BuildRecord) -> Result<(), DbError> {
-        let id = self.db.generate_id()?;
-        self.builds.insert(id.to_be_bytes(), encode(record)?)?;
-        while self.builds.len() > BUILDS_KEPT {
-            if self.builds.pop_min()?.is_none() {
-                break;
-            }
-        }
-        Ok(())
+        push_bounded(&self.db, &self.builds, encode(record)?, BUILDS_KEPT)
     }
 
     /// Build records, newest first.
     pub fn builds(&self) -> Result<Vec<BuildRecord>, DbError> {
         self.builds.iter().rev().map(|kv| decode(&kv?.1)).collect()
+    }
+
+    /// Records a failed build, keeping the newest [`ERRORS_KEPT`].
+    pub fn add_error(&self, record: &ErrorRecord) -> Result<(), DbError> {
+        push_bounded(&self.db, &self.errors, encode(record)?, ERRORS_KEPT)
+    }
+
+    /// Error records, newest first.
+    pub fn errors(&self) -> Result<Vec<ErrorRecord>, DbError> {
+        self.errors.iter().rev().map(|kv| decode(&kv?.1)).collect()
+    }
+
+    /// Counts a manifest request by tag: how it was answered, and, when it
+    /// was answered with a manifest, one more pull of the image.
+    pub fn count_manifest_request(
+        &self,
+        image: &str,
+        lookup: Lookup,
+        served: bool,
+    ) -> Result<(), DbError> {
+        increment(&self.lookups, lookup.key().as_bytes())?;
+        if served {
+            increment(&self.pulls, image.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Manifest requests by tag answered from the cache, and not.
+    pub fn lookups(&self) -> Result<(u64, u64), DbError> {
+        let get = |l: Lookup| -> Result<u64, DbError> {
+            Ok(self.lookups.get(l.key())?.map_or(0, |v| be_u64(&v)))
+        };
+        Ok((get(Lookup::Hit)?, get(Lookup::Miss)?))
+    }
+
+    /// Pulls per image, most pulled first.
+    pub fn pulls(&self) -> Result<Vec<(String, u64)>, DbError> {
+        counts_desc(&self.pulls)
+    }
+
+    /// Popularity counts, most popular first.
+    pub fn popularity_desc(&self) -> Result<Vec<(String, u64)>, DbError> {
+        counts_desc(&self.popularity)
     }
 
     pub fn add_tag(&self, name: &str, tag: &str) -> Result<(), DbError> {
@@ -260,9 +373,29 @@ mod tests {
                 })
                 .unwrap();
             }
+            for i in 0..(ERRORS_KEPT + 2) {
+                db.add_error(&ErrorRecord {
+                    image: format!("err{i}"),
+                    tag: "latest".into(),
+                    at: i as u64,
+                    message: "m".into(),
+                    stderr_tail: "s".into(),
+                })
+                .unwrap();
+            }
+            db.count_manifest_request("a", Lookup::Miss, true).unwrap();
+            db.count_manifest_request("a", Lookup::Hit, true).unwrap();
+            db.count_manifest_request("b", Lookup::Hit, true).unwrap();
+            db.count_manifest_request("c", Lookup::Miss, false).unwrap();
             db.db.flush().unwrap();
         }
         let db = Db::open(dir.path()).unwrap();
+        let errors = db.errors().unwrap();
+        assert_eq!(errors.len(), ERRORS_KEPT);
+        assert_eq!(errors[0].image, format!("err{}", ERRORS_KEPT + 1));
+        assert_eq!(db.lookups().unwrap(), (2, 2));
+        assert_eq!(db.pulls().unwrap(), vec![("a".into(), 2), ("b".into(), 1)]);
+        assert_eq!(db.popularity_desc().unwrap()[0], ("a".into(), 2));
         let m = db.manifest("k").unwrap().unwrap();
         assert_eq!((m.digest, m.revision.as_deref()), (d, Some("sha256-x")));
         assert!(db.manifest("other").unwrap().is_none());

@@ -9,17 +9,21 @@ pub mod check;
 pub mod config;
 pub mod db;
 pub mod digest;
+pub mod disk;
 pub mod error;
 pub mod git;
 pub mod http;
 pub mod image;
 pub mod layers;
 pub mod manifest;
+pub mod metrics;
 pub mod nix;
 pub mod notify;
 pub mod popularity;
+pub mod report;
 pub mod singleflight;
 pub mod source;
+pub mod status;
 pub mod store_path;
 
 use axum::http::{HeaderName, HeaderValue};
@@ -32,7 +36,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tower_http::set_header::SetResponseHeaderLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
+use tower_http::LatencyUnit;
+use tracing::Level;
 
 /// The image-preparation expression, shipped inside the binary so that an
 /// installed server never looks for it on disk.
@@ -77,7 +83,11 @@ pub fn write_atomically(path: &Path, content: &[u8]) -> std::io::Result<()> {
 
 /// The axum application for a builder.
 pub fn router(builder: Arc<Builder>) -> Router {
+    let status = Arc::clone(builder.status());
     Router::new()
+        .route("/", get(http::admin::page))
+        .route("/api/status", get(http::admin::status))
+        .route("/metrics", get(http::admin::metrics))
         .route("/v2", get(http::registry::base))
         .route("/v2/", get(http::registry::base))
         .route("/v2/{*rest}", any(http::registry::dispatch))
@@ -86,7 +96,19 @@ pub fn router(builder: Arc<Builder>) -> Router {
             HeaderName::from_static("docker-distribution-api-version"),
             HeaderValue::from_static("registry/2.0"),
         ))
-        .layer(TraceLayer::new_for_http())
+        .layer(axum::middleware::from_fn_with_state(
+            status,
+            http::observe::measure,
+        ))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
+                .on_response(
+                    DefaultOnResponse::new()
+                        .level(Level::INFO)
+                        .latency_unit(LatencyUnit::Millis),
+                ),
+        )
         .with_state(builder)
 }
 
@@ -127,7 +149,15 @@ impl Server {
             max_concurrent_builds: config.max_concurrent_builds,
             popularity,
         };
-        let builder = Builder::new(settings, db, blobs);
+        let status = status::Status::new(
+            db.clone(),
+            status::Instance {
+                version: env!("CARGO_PKG_VERSION"),
+                source: config.source.describe(),
+                storage_path: config.storage_path.display().to_string(),
+            },
+        );
+        let builder = Builder::new(settings, db, blobs, status);
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Listen {

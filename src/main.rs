@@ -1,8 +1,7 @@
 //! The `nixery` binary: flags, logging, signals. Everything else is the library.
 
 use clap::{Parser, Subcommand};
-use nixery::config::ServeArgs;
-use std::io::Write;
+use nixery::config::{LogFormat, ServeArgs};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -27,15 +26,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => {
+            init_logging(args.log_format);
+            serve(args)
+        }
         Command::CheckConfig(args) => check_config(args),
     }
 }
@@ -53,6 +48,24 @@ fn check_config(args: nixery::check::CheckArgs) -> ExitCode {
             eprintln!("nixery: invalid configuration: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// Logs to stderr, filtered by RUST_LOG (default `info`). Requests and
+/// builds each run in a span, so their fields are on every line they log.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
     }
 }
 
@@ -89,16 +102,14 @@ fn serve(args: ServeArgs) -> ExitCode {
         } else {
             addr.ip().to_string()
         };
-        // Not println!: a closed stdout must not take the server down.
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "nixery listening on {addr}");
-        let _ = writeln!(
-            out,
-            "try: docker run --rm {host}:{}/shell/hello hello",
-            addr.port()
-        );
-        let _ = out.flush();
-        drop(out);
+        announce(&[
+            format!("nixery listening on {addr}"),
+            format!(
+                "try: docker run --rm {host}:{}/shell/hello hello",
+                addr.port()
+            ),
+            format!("admin page: http://{host}:{}/", addr.port()),
+        ]);
         notify(
             notifier.as_deref(),
             &format!("READY=1\nSTATUS=listening on {addr}"),
@@ -118,6 +129,17 @@ fn serve(args: ServeArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Prints start-up lines. Not println!: a closed stdout must not take the
+/// server down.
+fn announce(lines: &[String]) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    for line in lines {
+        let _ = writeln!(out, "{line}");
+    }
+    let _ = out.flush();
 }
 
 /// Tells systemd (`Type=notify`) about a state change; a failure only

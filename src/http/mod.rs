@@ -1,4 +1,8 @@
-//! HTTP: the registry API under `/v2/`.
+//! HTTP: the registry API under `/v2/`, the admin page, status JSON and
+//! metrics, and the middleware that measures every request.
 
+pub mod admin;
+pub mod format;
+pub mod observe;
 pub mod range;
 pub mod registry;

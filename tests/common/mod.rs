@@ -2,12 +2,19 @@
 //! temporary STORAGE_PATH and the fixture package set.
 #![allow(dead_code)]
 
+pub mod browser;
+
 use clap::Parser;
 use nixery::config::{Config, ServeArgs};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tokio::sync::oneshot;
+
+/// Where tests leave files for CI to keep (screenshots).
+pub fn artifacts_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/artifacts")
+}
 
 pub fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pkgs")

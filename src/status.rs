@@ -1,0 +1,342 @@
+//! What the server is doing and has done, for the admin page and metrics:
+//! builds in flight with their phase and progress, and the bookkeeping the
+//! builder reports into when a build ends or a manifest is asked for.
+
+use crate::db::{BuildOutcome, BuildRecord, Db, ErrorRecord, Lookup};
+use crate::metrics::{BuildResult, CacheResult, Metrics};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// Where a build in flight is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    Queued,
+    Resolving,
+    Building,
+    Packing,
+    WritingManifest,
+}
+
+impl Phase {
+    const ALL: [Phase; 5] = [
+        Phase::Queued,
+        Phase::Resolving,
+        Phase::Building,
+        Phase::Packing,
+        Phase::WritingManifest,
+    ];
+
+    fn from_u8(n: u8) -> Phase {
+        Phase::ALL
+            .get(usize::from(n))
+            .copied()
+            .unwrap_or(Phase::Queued)
+    }
+
+    /// Stable name for scripts.
+    pub fn id(self) -> &'static str {
+        match self {
+            Phase::Queued => "queued",
+            Phase::Resolving => "resolving",
+            Phase::Building => "building",
+            Phase::Packing => "packing",
+            Phase::WritingManifest => "writing_manifest",
+        }
+    }
+
+    /// What the page shows.
+    pub fn label(self) -> &'static str {
+        match self {
+            Phase::Queued => "waiting for a build slot",
+            Phase::Resolving => "resolving packages",
+            Phase::Building => "building with Nix",
+            Phase::Packing => "packing layers",
+            Phase::WritingManifest => "writing manifest",
+        }
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+struct LiveState {
+    image: String,
+    tag: String,
+    started_at: u64,
+    started: Instant,
+    phase: AtomicU8,
+    layers_total: AtomicU64,
+    layers_done: AtomicU64,
+    bytes: Arc<AtomicU64>,
+}
+
+type LiveMap = Arc<Mutex<BTreeMap<u64, Arc<LiveState>>>>;
+
+/// A map stays usable after a panic elsewhere: its entries are plain data.
+fn lock(map: &LiveMap) -> MutexGuard<'_, BTreeMap<u64, Arc<LiveState>>> {
+    map.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A build in flight; dropping it (whatever the outcome) takes it off the
+/// list.
+pub struct LiveBuild {
+    id: u64,
+    state: Arc<LiveState>,
+    live: LiveMap,
+    metrics: Arc<Metrics>,
+}
+
+impl LiveBuild {
+    pub fn enter(&self, phase: Phase) {
+        self.state.phase.store(phase as u8, Ordering::Relaxed);
+    }
+
+    pub fn set_layers_total(&self, n: u64) {
+        self.state.layers_total.store(n, Ordering::Relaxed);
+    }
+
+    pub fn layer_done(&self) {
+        self.state.layers_done.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counter the packers add written bytes to.
+    pub fn bytes_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.state.bytes)
+    }
+}
+
+impl Drop for LiveBuild {
+    fn drop(&mut self) {
+        lock(&self.live).remove(&self.id);
+        self.metrics.build_ended();
+    }
+}
+
+/// A build in flight as the page and `/api/status` show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct InFlight {
+    pub image: String,
+    pub tag: String,
+    pub phase: &'static str,
+    pub phase_label: &'static str,
+    pub started_at: u64,
+    pub elapsed_ms: u64,
+    pub layers_done: u64,
+    pub layers_total: u64,
+    pub bytes_written: u64,
+}
+
+/// What the operator configured, shown on the page as is.
+#[derive(Debug, Clone, Serialize)]
+pub struct Instance {
+    pub version: &'static str,
+    pub source: String,
+    pub storage_path: String,
+}
+
+pub struct Status {
+    db: Db,
+    metrics: Arc<Metrics>,
+    instance: Instance,
+    next_id: AtomicU64,
+    live: LiveMap,
+}
+
+impl Status {
+    pub fn new(db: Db, instance: Instance) -> Arc<Self> {
+        Arc::new(Status {
+            db,
+            metrics: Arc::new(Metrics::new()),
+            instance,
+            next_id: AtomicU64::new(0),
+            live: LiveMap::default(),
+        })
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn instance(&self) -> &Instance {
+        &self.instance
+    }
+
+    /// Lists a build as in flight (waiting for a slot) until the returned
+    /// handle is dropped.
+    pub fn build_started(&self, image: &str, tag: &str) -> LiveBuild {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let state = Arc::new(LiveState {
+            image: image.to_owned(),
+            tag: tag.to_owned(),
+            started_at: now_unix(),
+            started: Instant::now(),
+            phase: AtomicU8::new(Phase::Queued as u8),
+            layers_total: AtomicU64::new(0),
+            layers_done: AtomicU64::new(0),
+            bytes: Arc::new(AtomicU64::new(0)),
+        });
+        lock(&self.live).insert(id, Arc::clone(&state));
+        self.metrics.build_started();
+        LiveBuild {
+            id,
+            state,
+            live: Arc::clone(&self.live),
+            metrics: Arc::clone(&self.metrics),
+        }
+    }
+
+    /// Builds in flight, oldest first.
+    pub fn in_flight(&self) -> Vec<InFlight> {
+        lock(&self.live)
+            .values()
+            .map(|s| {
+                let phase = Phase::from_u8(s.phase.load(Ordering::Relaxed));
+                InFlight {
+                    image: s.image.clone(),
+                    tag: s.tag.clone(),
+                    phase: phase.id(),
+                    phase_label: phase.label(),
+                    started_at: s.started_at,
+                    elapsed_ms: s.started.elapsed().as_millis() as u64,
+                    layers_done: s.layers_done.load(Ordering::Relaxed),
+                    layers_total: s.layers_total.load(Ordering::Relaxed),
+                    bytes_written: s.bytes.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
+    }
+
+    /// A build ended: metrics, and an error record if it failed.
+    pub fn build_finished(&self, record: &BuildRecord) {
+        let error = match &record.outcome {
+            BuildOutcome::Success { .. } => None,
+            BuildOutcome::PackagesNotFound(names) => Some((
+                BuildResult::not_found,
+                format!("packages not found: {}", names.join(", ")),
+                String::new(),
+            )),
+            BuildOutcome::Failed {
+                message,
+                stderr_tail,
+            } => Some((BuildResult::failed, message.clone(), stderr_tail.clone())),
+        };
+        let reused = record.layers_reused as u64;
+        let built = (record.layers_total as u64).saturating_sub(reused);
+        let result = error.as_ref().map_or(BuildResult::success, |e| e.0);
+        self.metrics
+            .build_finished(result, &record.phases, reused, built);
+        if let Some((_, message, stderr_tail)) = error {
+            let error = ErrorRecord {
+                image: record.image.clone(),
+                tag: record.tag.clone(),
+                at: now_unix(),
+                message,
+                stderr_tail,
+            };
+            if let Err(e) = self.db.add_error(&error) {
+                tracing::warn!(error = %e, "could not record a build error");
+            }
+        }
+    }
+
+    /// A manifest request by tag was answered from the cache (hit) or went
+    /// to a build (miss); `served` when it got a manifest.
+    pub fn manifest_requested(&self, image: &str, lookup: Lookup, served: bool) {
+        self.metrics.manifest_lookup(match lookup {
+            Lookup::Hit => CacheResult::hit,
+            Lookup::Miss => CacheResult::miss,
+        });
+        if let Err(e) = self.db.count_manifest_request(image, lookup, served) {
+            tracing::warn!(error = %e, "could not count a manifest request");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::digest::Digest;
+
+    fn status(dir: &std::path::Path) -> Arc<Status> {
+        let db = Db::open(dir).unwrap();
+        Status::new(
+            db,
+            Instance {
+                version: "0",
+                source: "path:/p".into(),
+                storage_path: "/s".into(),
+            },
+        )
+    }
+
+    #[test]
+    fn live_builds_show_progress_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = status(dir.path());
+        let a = s.build_started("hello", "latest");
+        let b = s.build_started("shell", "v1");
+        a.enter(Phase::Packing);
+        a.set_layers_total(3);
+        a.layer_done();
+        a.bytes_counter().fetch_add(42, Ordering::Relaxed);
+        let live = s.in_flight();
+        assert_eq!(live.len(), 2);
+        assert_eq!(
+            (live[0].image.as_str(), live[0].phase, live[0].layers_done),
+            ("hello", "packing", 1)
+        );
+        assert_eq!((live[0].layers_total, live[0].bytes_written), (3, 42));
+        assert_eq!(live[1].phase_label, "waiting for a build slot");
+        drop(a);
+        assert_eq!(s.in_flight().len(), 1);
+        drop(b);
+        assert!(s.in_flight().is_empty());
+        assert!(s
+            .metrics()
+            .encode()
+            .unwrap()
+            .contains("nixery_builds_in_flight 0"));
+    }
+
+    #[test]
+    fn failed_builds_become_error_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = status(dir.path());
+        let record = |outcome| BuildRecord {
+            image: "broken".into(),
+            tag: "latest".into(),
+            started_at: 1,
+            phases: vec![("resolve".into(), 5)],
+            layers_total: 0,
+            layers_reused: 0,
+            bytes_packed: 0,
+            outcome,
+            revision: None,
+        };
+        s.build_finished(&record(BuildOutcome::Success {
+            manifest: Digest::of(b"m"),
+        }));
+        s.build_finished(&record(BuildOutcome::PackagesNotFound(vec!["x".into()])));
+        s.build_finished(&record(BuildOutcome::Failed {
+            message: "nix realise failed".into(),
+            stderr_tail: "boom".into(),
+        }));
+        let errors = s.db.errors().unwrap();
+        assert_eq!(errors.len(), 2);
+        assert_eq!(errors[0].stderr_tail, "boom");
+        assert_eq!(errors[1].message, "packages not found: x");
+        s.manifest_requested("hello", Lookup::Hit, true);
+        assert_eq!(s.db.lookups().unwrap(), (1, 0));
+        let text = s.metrics().encode().unwrap();
+        assert!(text.contains("nixery_builds_total{result=\"failed\"} 1"));
+        assert!(text.contains("nixery_manifest_cache_lookups_total{result=\"hit\"} 1"));
+    }
+}
