@@ -2,58 +2,16 @@
 
 mod common;
 
-use common::{config, nix_closure, TestServer};
-use nixery::digest::Digest;
+use common::{config, get_blob, get_manifest, header, nix_closure, TestServer, MANIFEST_TYPE};
 use reqwest::{Client, StatusCode};
 use serde_json::Value;
 use std::collections::HashSet;
-
-const MANIFEST_TYPE: &str = "application/vnd.docker.distribution.manifest.v2+json";
-
-fn header<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {
-    r.headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_else(|| panic!("missing header {name}"))
-}
 
 async fn error_code(r: reqwest::Response) -> (StatusCode, Value) {
     let status = r.status();
     assert_eq!(header(&r, "content-type"), "application/json");
     let v: Value = serde_json::from_slice(&r.bytes().await.unwrap()).expect("error body is JSON");
     (status, v["errors"][0].clone())
-}
-
-/// Fetches a manifest by tag, checking the headers every client relies on.
-async fn get_manifest(client: &Client, s: &TestServer, name: &str, tag: &str) -> (Digest, Value) {
-    let r = client
-        .get(s.url(&format!("/v2/{name}/manifests/{tag}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
-    assert_eq!(header(&r, "content-type"), MANIFEST_TYPE);
-    assert_eq!(
-        header(&r, "docker-distribution-api-version"),
-        "registry/2.0"
-    );
-    let digest: Digest = header(&r, "docker-content-digest").parse().unwrap();
-    let body = r.bytes().await.unwrap();
-    assert_eq!(Digest::of(&body), digest, "digest header matches the bytes");
-    (digest, serde_json::from_slice(&body).unwrap())
-}
-
-async fn get_blob(client: &Client, s: &TestServer, digest: &str) -> Vec<u8> {
-    let r = client
-        .get(s.url(&format!("/v2/x/blobs/{digest}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(header(&r, "docker-content-digest"), digest);
-    let body = r.bytes().await.unwrap().to_vec();
-    assert_eq!(Digest::of(&body).to_string(), digest);
-    body
 }
 
 #[tokio::test]

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{config_with_source, fixture_dir, require_tool, TestServer};
+use common::{config_with_source, fixture_dir, get_manifest, require_tool, TestServer};
 use flate2::read::GzDecoder;
 use nixery::digest::Digest;
 use reqwest::{Client, StatusCode};
@@ -37,22 +37,6 @@ fn package_set(dir: &Path, version: &str) {
 "#,
     )
     .unwrap();
-}
-
-async fn get_manifest(c: &Client, s: &TestServer, name: &str, tag: &str) -> (Digest, Value) {
-    let r = c
-        .get(s.url(&format!("/v2/{name}/manifests/{tag}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        r.status(),
-        StatusCode::OK,
-        "{tag}: {}",
-        r.text().await.unwrap()
-    );
-    let body = r.bytes().await.unwrap();
-    (Digest::of(&body), serde_json::from_slice(&body).unwrap())
 }
 
 async fn error_of(c: &Client, s: &TestServer, name: &str, tag: &str) -> (StatusCode, String) {

@@ -6,6 +6,9 @@ pub mod browser;
 
 use clap::Parser;
 use nixery::config::{Config, ServeArgs};
+use nixery::digest::Digest;
+use reqwest::{Client, StatusCode};
+use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -134,4 +137,57 @@ pub fn nix_closure(attr: &str) -> Vec<String> {
         .lines()
         .map(str::to_owned)
         .collect()
+}
+
+pub const MANIFEST_TYPE: &str = "application/vnd.docker.distribution.manifest.v2+json";
+
+/// A response header that must be there.
+pub fn header<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {
+    r.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_else(|| panic!("missing header {name}"))
+}
+
+/// Fetches a manifest by tag, checking the headers every client relies on.
+pub async fn get_manifest(
+    client: &Client,
+    s: &TestServer,
+    name: &str,
+    tag: &str,
+) -> (Digest, Value) {
+    let r = client
+        .get(s.url(&format!("/v2/{name}/manifests/{tag}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "{name}:{tag}: {}",
+        r.text().await.unwrap()
+    );
+    assert_eq!(header(&r, "content-type"), MANIFEST_TYPE);
+    assert_eq!(
+        header(&r, "docker-distribution-api-version"),
+        "registry/2.0"
+    );
+    let digest: Digest = header(&r, "docker-content-digest").parse().unwrap();
+    let body = r.bytes().await.unwrap();
+    assert_eq!(Digest::of(&body), digest, "digest header matches the bytes");
+    (digest, serde_json::from_slice(&body).unwrap())
+}
+
+/// Fetches a blob, checking its digest header and content.
+pub async fn get_blob(client: &Client, s: &TestServer, digest: &str) -> Vec<u8> {
+    let r = client
+        .get(s.url(&format!("/v2/x/blobs/{digest}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "docker-content-digest"), digest);
+    let body = r.bytes().await.unwrap().to_vec();
+    assert_eq!(Digest::of(&body).to_string(), digest);
+    body
 }
