@@ -50,6 +50,8 @@ pub enum BuildError {
     /// An error of a task whose result several builds share.
     #[error(transparent)]
     Shared(Arc<BuildError>),
+    #[error("cannot create a GC root directory: {0}")]
+    GcRoot(std::io::Error),
     #[error("a background task failed: {0}")]
     Task(String),
 }
@@ -74,6 +76,8 @@ pub struct BuilderSettings {
     pub layer_budget: usize,
     pub cache_ttl: Duration,
     pub max_concurrent_builds: usize,
+    /// Where each build keeps GC roots for its store paths while it runs.
+    pub gc_roots: PathBuf,
     /// Counts from NIX_POPULARITY_URL; this server's own counts are added.
     pub popularity: HashMap<String, u64>,
 }
@@ -270,6 +274,12 @@ impl Builder {
             .run_build(&image, &spec, &key, &mut phases, &counters, &mut revision)
             .instrument(span)
             .await;
+        // The layers are packed (or the build failed): the store paths may go.
+        match std::fs::remove_dir_all(self.gc_root_dir(&key)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(error = %e, "could not remove a build's GC roots"),
+        }
         let outcome = match &result {
             Ok(digest) => BuildOutcome::Success { manifest: *digest },
             Err(BuildError::NotFound(names)) => BuildOutcome::PackagesNotFound(names.clone()),
@@ -375,7 +385,9 @@ impl Builder {
             .map(|p| p.out_path.clone())
             .collect();
         counters.live.enter(Phase::Building);
-        nix.realise(&drvs).await?;
+        let gc_root = self.gc_root_dir(key);
+        std::fs::create_dir_all(&gc_root).map_err(BuildError::GcRoot)?;
+        nix.realise(&drvs, &gc_root.join("out")).await?;
         phases.finish("nix build");
         let closure = nix.closure(&outs).await?;
         phases.finish("closure");
@@ -522,6 +534,12 @@ impl Builder {
             .await
             .unwrap_or_else(|| Err(Arc::new(BuildError::Task("layer packing panicked".into()))));
         result.map_err(BuildError::Shared)
+    }
+
+    /// The directory whose links keep a build's store paths alive; one build
+    /// per key runs at a time, so the key names it.
+    fn gc_root_dir(&self, key: &str) -> PathBuf {
+        self.settings.gc_roots.join(key)
     }
 
     /// Popularity from NIX_POPULARITY_URL plus what this server has built.

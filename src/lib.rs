@@ -128,6 +128,14 @@ impl Server {
         std::fs::create_dir_all(&config.storage_path).map_err(storage)?;
         let nix_dir = config.storage_path.join("nix");
         std::fs::create_dir_all(&nix_dir).map_err(storage)?;
+        // Roots left by builds that a crash interrupted would keep their
+        // store paths from the garbage collector for good.
+        let gc_roots = config.storage_path.join("gcroots");
+        match std::fs::remove_dir_all(&gc_roots) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(storage(e)),
+            _ => {}
+        }
+        std::fs::create_dir_all(&gc_roots).map_err(storage)?;
         let prepare_image = nix_dir.join("prepare-image.nix");
         write_atomically(&prepare_image, PREPARE_IMAGE_NIX.as_bytes()).map_err(storage)?;
         let blobs = blobs::BlobStore::open(&config.storage_path)?;
@@ -147,6 +155,7 @@ impl Server {
             layer_budget: config.layer_budget,
             cache_ttl: config.cache_ttl,
             max_concurrent_builds: config.max_concurrent_builds,
+            gc_roots,
             popularity,
         };
         let status = status::Status::new(

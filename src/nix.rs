@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -217,7 +217,7 @@ impl Nix {
     }
 
     /// Builds the derivations (nix-store --realise), bounded by the timeout.
-    pub async fn realise(&self, drv_paths: &[String]) -> Result<(), NixError> {
+    pub async fn realise(&self, drv_paths: &[String], gc_root: &Path) -> Result<(), NixError> {
         if drv_paths.is_empty() {
             return Ok(());
         }
@@ -226,6 +226,11 @@ impl Nix {
             // Nix's own limit kills builders cleanly; ours is the backstop.
             "--timeout".into(),
             self.timeout_secs().to_string().into(),
+            // Keeps the outputs (and so their closures) from the garbage
+            // collector until the caller removes the links, i.e. while the
+            // image is packed. Nix names them gc_root, gc_root-2, ...
+            "--add-root".into(),
+            gc_root.as_os_str().to_owned(),
         ];
         args.extend(drv_paths.iter().map(OsString::from));
         self.run(Stage::Realise, "nix-store", args).await?;

@@ -33,10 +33,52 @@ async fn resolve(nix: &Nix, names: &[&str]) -> Result<Resolved, NixError> {
 async fn build(nix: &Nix, name: &str) -> String {
     let resolved = resolve(nix, &[name]).await.unwrap();
     let pkg = &resolved.found[name];
-    nix.realise(std::slice::from_ref(&pkg.drv_path))
+    let roots = tempfile::tempdir().unwrap();
+    nix.realise(std::slice::from_ref(&pkg.drv_path), &roots.path().join("r"))
         .await
         .unwrap();
     pkg.out_path.clone()
+}
+
+/// The GC roots Nix knows for a store path.
+fn roots_of(path: &str) -> String {
+    let out = std::process::Command::new("nix-store")
+        .args(["--query", "--roots", path])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn realised_outputs_are_rooted_until_the_link_goes() {
+    let nix = nix(Duration::from_secs(120));
+    let resolved = resolve(&nix, &["hello", "coreutils"]).await.unwrap();
+    let drvs: Vec<String> = resolved
+        .found
+        .values()
+        .map(|p| p.drv_path.clone())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("build").join("out");
+    std::fs::create_dir_all(root.parent().unwrap()).unwrap();
+    nix.realise(&drvs, &root).await.unwrap();
+    for pkg in resolved.found.values() {
+        let roots = roots_of(&pkg.out_path);
+        assert!(
+            roots.contains(&dir.path().join("build").display().to_string()),
+            "{} not rooted: {roots}",
+            pkg.out_path
+        );
+    }
+    std::fs::remove_dir_all(dir.path().join("build")).unwrap();
+    for pkg in resolved.found.values() {
+        let roots = roots_of(&pkg.out_path);
+        assert!(
+            !roots.contains(&dir.path().display().to_string()),
+            "still rooted: {roots}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -156,7 +198,10 @@ async fn broken_build_keeps_the_builder_message() {
     let nix = nix(Duration::from_secs(120));
     let resolved = resolve(&nix, &["broken"]).await.unwrap();
     let err = nix
-        .realise(&[resolved.found["broken"].drv_path.clone()])
+        .realise(
+            &[resolved.found["broken"].drv_path.clone()],
+            &std::env::temp_dir().join("nixery-test-broken-root"),
+        )
         .await
         .unwrap_err();
     match &err {
@@ -181,7 +226,10 @@ async fn slow_build_times_out() {
     let resolved = resolve(&nix, &["slow"]).await.unwrap();
     let started = Instant::now();
     let err = nix
-        .realise(&[resolved.found["slow"].drv_path.clone()])
+        .realise(
+            &[resolved.found["slow"].drv_path.clone()],
+            &std::env::temp_dir().join("nixery-test-slow-root"),
+        )
         .await
         .unwrap_err();
     let elapsed = started.elapsed();

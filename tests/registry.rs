@@ -175,6 +175,11 @@ async fn builds_serves_and_reuses_an_image() {
         "the second pull of shell/hello was a cache hit"
     );
     assert!(builds[0].layers_reused >= 1);
+    // Finished builds let go of their GC roots.
+    let roots = std::fs::read_dir(dir.path().join("gcroots"))
+        .unwrap()
+        .count();
+    assert_eq!(roots, 0);
     s.stop().await;
 
     // A restart on the same storage serves the image without building.

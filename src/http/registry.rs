@@ -167,6 +167,7 @@ pub fn build_error(e: &BuildError) -> ApiError {
         BuildError::Blob(_) => ApiError::internal("writing to the blob store"),
         BuildError::Manifest(_) => ApiError::internal("writing the manifest"),
         BuildError::Db(_) => ApiError::internal("using the database"),
+        BuildError::GcRoot(_) => ApiError::internal("preparing the build"),
         BuildError::Task(_) => ApiError::internal("building the image"),
     }
 }
