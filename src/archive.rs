@@ -10,10 +10,9 @@
 //! Nothing but one read buffer of file content is held in memory.
 
 use crate::blobs::{BlobError, BlobStore, BlobWriter};
-use crate::digest::Digest;
+use crate::digest::{Digest, HashingWriter};
 use flate2::write::GzEncoder;
 use flate2::{Compression, GzBuilder};
-use sha2::{Digest as _, Sha256};
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs::{self, OpenOptions};
@@ -348,26 +347,6 @@ fn add_usr_bin_env(root: &mut BTreeMap<Vec<u8>, MergeNode>) {
         .or_insert(MergeNode::Link(target));
 }
 
-/// Hashes (and counts) the uncompressed tar on its way to the compressor.
-struct HashWriter<W> {
-    inner: W,
-    hasher: Sha256,
-    len: u64,
-}
-
-impl<W: Write> Write for HashWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.len += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 /// Reports compressed bytes as they leave the compressor.
 struct ProgressWriter<'a> {
     inner: BlobWriter,
@@ -413,7 +392,7 @@ impl<R: Read> Read for ExactLen<R> {
     }
 }
 
-type TarSink<'a> = BufWriter<HashWriter<GzEncoder<ProgressWriter<'a>>>>;
+type TarSink<'a> = BufWriter<HashingWriter<GzEncoder<ProgressWriter<'a>>>>;
 
 /// Writes normalised entries into a layer blob.
 struct LayerWriter<'a> {
@@ -449,11 +428,8 @@ impl<'a> LayerWriter<'a> {
             },
             Compression::new(level),
         );
-        let hashed = HashWriter {
-            inner: gz,
-            hasher: Sha256::new(),
-            len: 0,
-        };
+        // Hashes the uncompressed tar on its way to the compressor.
+        let hashed = HashingWriter::new(gz);
         Ok(LayerWriter {
             tar: tar::Builder::new(BufWriter::with_capacity(TAR_BUFFER, hashed)),
         })
@@ -544,9 +520,8 @@ impl<'a> LayerWriter<'a> {
         let hashed = sink
             .into_inner()
             .map_err(|e| ArchiveError::Write(e.into_error()))?;
-        let diff_id = Digest::from_bytes(hashed.hasher.finalize().into());
-        let tar_size = hashed.len;
-        let progress = hashed.inner.finish().map_err(ArchiveError::Write)?;
+        let (gz, diff_id, tar_size) = hashed.finish();
+        let progress = gz.finish().map_err(ArchiveError::Write)?;
         let (digest, size) = progress.inner.commit()?;
         Ok(PackedLayer {
             digest,

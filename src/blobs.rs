@@ -6,10 +6,9 @@
 //! correctly named blob (and perhaps debris in `tmp/`, cleared on open).
 //! Blob paths are only ever built from a parsed [`Digest`].
 
-use crate::digest::Digest;
-use sha2::{Digest as _, Sha256};
+use crate::digest::{Digest, HashingWriter};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -131,9 +130,7 @@ impl BlobStore {
             {
                 Ok(file) => {
                     return Ok(BlobWriter {
-                        file: BufWriter::with_capacity(WRITE_BUFFER, file),
-                        hasher: Sha256::new(),
-                        len: 0,
+                        out: HashingWriter::new(BufWriter::with_capacity(WRITE_BUFFER, file)),
                         tmp: TempPath(Some(path)),
                         store: self.clone(),
                     })
@@ -214,17 +211,9 @@ impl BlobStore {
             }
             Err(e) => return Err(io_err("opening", &path)(e)),
         };
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            match file.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => hasher.update(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_err("reading", &path)(e)),
-            }
-        }
-        Ok(Digest::from_bytes(hasher.finalize().into()) == *digest)
+        let mut hashed = HashingWriter::new(io::sink());
+        io::copy(&mut file, &mut hashed).map_err(io_err("reading", &path))?;
+        Ok(hashed.finish().1 == *digest)
     }
 }
 
@@ -266,35 +255,29 @@ impl Drop for TempPath {
 /// committing deletes the temp file.
 #[derive(Debug)]
 pub struct BlobWriter {
-    file: BufWriter<File>,
-    hasher: Sha256,
-    len: u64,
+    out: HashingWriter<BufWriter<File>>,
     tmp: TempPath,
     store: BlobStore,
 }
 
 impl Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.file.write(buf)?;
-        // Hash only what was accepted: a short write is retried by the caller.
-        self.hasher.update(&buf[..n]);
-        self.len += n as u64;
-        Ok(n)
+        self.out.write(buf)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
+        self.out.flush()
     }
 }
 
 impl BlobWriter {
     /// Bytes written so far.
     pub fn len(&self) -> u64 {
-        self.len
+        self.out.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.out.is_empty()
     }
 
     /// Makes the blob durable under its digest: fsync, rename, fsync the
@@ -323,17 +306,11 @@ impl BlobWriter {
     }
 
     fn finish(self) -> Result<(Digest, File, TempPath, u64, BlobStore), BlobError> {
-        let BlobWriter {
-            file,
-            hasher,
-            len,
-            tmp,
-            store,
-        } = self;
+        let BlobWriter { out, tmp, store } = self;
+        let (file, digest, len) = out.finish();
         let file = file
             .into_inner()
             .map_err(|e| io_err("writing", tmp.path())(e.into_error()))?;
-        let digest = Digest::from_bytes(hasher.finalize().into());
         Ok((digest, file, tmp, len, store))
     }
 }

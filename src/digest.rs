@@ -92,6 +92,53 @@ impl<'de> serde::Deserialize<'de> for Digest {
     }
 }
 
+/// Passes bytes on to `inner`, hashing and counting exactly what it
+/// accepted, so a digest is computed in the same pass that writes the data.
+#[derive(Debug)]
+pub struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    len: u64,
+}
+
+impl<W> HashingWriter<W> {
+    pub fn new(inner: W) -> Self {
+        HashingWriter {
+            inner,
+            hasher: Sha256::new(),
+            len: 0,
+        }
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The inner writer, the digest of everything written and its length.
+    pub fn finish(self) -> (W, Digest, u64) {
+        (self.inner, Digest(self.hasher.finalize().into()), self.len)
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        // Hash only what was accepted: a short write is retried by the caller.
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,6 +152,32 @@ mod tests {
             "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
         assert_eq!(s.parse::<Digest>(), Ok(d));
+    }
+
+    /// A writer that takes at most 3 bytes a call.
+    struct Short(Vec<u8>);
+
+    impl std::io::Write for Short {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(3);
+            self.0.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn hashing_writer_hashes_what_was_accepted() {
+        use std::io::Write;
+        let mut w = HashingWriter::new(Short(Vec::new()));
+        w.write_all(b"hello world").unwrap();
+        assert_eq!(w.len(), 11);
+        let (inner, digest, len) = w.finish();
+        assert_eq!((inner.0.as_slice(), len), (&b"hello world"[..], 11));
+        assert_eq!(digest, Digest::of(b"hello world"));
     }
 
     #[test]
