@@ -260,12 +260,13 @@ impl Builder {
         {
             return Ok(digest);
         }
+        // Listed in flight (as queued) while it waits for a build slot.
+        let counters = Counters::new(self.status.build_started(&image, &spec.tag));
         let _permit = self
             .permits
             .acquire()
             .await
             .map_err(|e| Arc::new(BuildError::Task(e.to_string())))?;
-        let counters = Counters::new(self.status.build_started(&image, &spec.tag));
         let started_at = now_unix();
         let mut phases = Phases::new();
         let mut revision = None;

@@ -356,3 +356,66 @@ async fn large_closures_stay_within_the_layer_budget() {
     assert!(m["layers"].as_array().unwrap().len() < 10);
     s.stop().await;
 }
+
+/// Polls `/api/status` until `ready` holds for its `in_flight` list.
+async fn wait_for_in_flight(
+    c: &Client,
+    s: &TestServer,
+    what: &str,
+    ready: impl Fn(&[Value]) -> bool,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let body = c
+            .get(s.url("/api/status"))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let status: Value = serde_json::from_slice(&body).unwrap();
+        let in_flight = status["in_flight"].as_array().cloned().unwrap_or_default();
+        if ready(&in_flight) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never saw {what}: {in_flight:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn builds_beyond_the_limit_wait_their_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(&config(dir.path(), &["--max-concurrent-builds", "1"])).await;
+    let c = Client::new();
+    let pull = |name: &str| {
+        let c = c.clone();
+        let url = s.url(&format!("/v2/{name}/manifests/latest"));
+        tokio::spawn(async move { c.get(url).send().await.unwrap().status() })
+    };
+    // `sleepy` builds for 10 s and is new on every evaluation.
+    let slow = pull("sleepy");
+    let phase_of = |in_flight: &[Value], image: &str| {
+        in_flight
+            .iter()
+            .find(|b| b["image"] == image)
+            .map(|b| b["phase"].as_str().unwrap_or_default().to_owned())
+    };
+    wait_for_in_flight(&c, &s, "sleepy building", |f| {
+        phase_of(f, "sleepy").as_deref() == Some("building")
+    })
+    .await;
+    let queued = pull("hello");
+    wait_for_in_flight(&c, &s, "hello queued behind sleepy", |f| {
+        phase_of(f, "hello").as_deref() == Some("queued")
+            && phase_of(f, "sleepy").as_deref() == Some("building")
+    })
+    .await;
+    assert_eq!(slow.await.unwrap(), StatusCode::OK);
+    assert_eq!(queued.await.unwrap(), StatusCode::OK);
+    s.stop().await;
+}
