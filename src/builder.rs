@@ -25,8 +25,26 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
-/// Lines of Nix's stderr kept in a build record.
-const STDERR_TAIL_LINES: usize = 30;
+/// Bytes of Nix's stderr kept in a build record: all of it for any error
+/// message, the end of it for a long build log (the log has everything).
+const STDERR_KEPT_BYTES: usize = 64 * 1024;
+
+/// The last `max` bytes of `text`, starting at a line (or at least a
+/// character) boundary.
+fn tail(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut start = text.len() - max;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    let cut = &text[start..];
+    match cut.find('\n') {
+        Some(i) if i + 1 < cut.len() => &cut[i + 1..],
+        _ => cut,
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -286,10 +304,11 @@ impl Builder {
             Err(BuildError::NotFound(names)) => BuildOutcome::PackagesNotFound(names.clone()),
             Err(e) => BuildOutcome::Failed {
                 message: e.to_string(),
-                stderr_tail: e
-                    .stderr_tail(STDERR_TAIL_LINES)
-                    .unwrap_or_default()
-                    .to_owned(),
+                stderr_tail: tail(
+                    e.stderr_tail(usize::MAX).unwrap_or_default(),
+                    STDERR_KEPT_BYTES,
+                )
+                .to_owned(),
             },
         };
         match &result {
@@ -297,7 +316,8 @@ impl Builder {
                 tracing::info!(image = %image, tag = %spec.tag, manifest = %d, phases = ?phases.done, "image built")
             }
             Err(e) => {
-                tracing::warn!(image = %image, tag = %spec.tag, error = %e, "image build failed")
+                let stderr = e.stderr_tail(usize::MAX).unwrap_or_default();
+                tracing::warn!(image = %image, tag = %spec.tag, error = %e, stderr, "image build failed")
             }
         }
         let record = BuildRecord {
@@ -550,5 +570,20 @@ impl Builder {
             *counts.entry(name).or_insert(0) += n;
         }
         Ok(counts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tail;
+
+    #[test]
+    fn tail_cuts_at_a_line_within_the_limit() {
+        assert_eq!(tail("short", 10), "short");
+        assert_eq!(tail("one\ntwo\nthree\n", 9), "three\n");
+        // No newline in reach: cut at a character boundary.
+        assert_eq!(tail("aaaaébbbb", 5), "bbbb");
+        assert_eq!(tail("aaaaébbbb", 6), "ébbbb");
+        assert!(tail(&"x\n".repeat(100_000), 1000).len() <= 1000);
     }
 }
