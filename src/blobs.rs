@@ -1,8 +1,8 @@
 //! Content-addressed blob store on local disk.
 //!
 //! Layout: `<root>/blobs/sha256/<first 2 hex>/<64 hex>`, plus `<root>/tmp/`
-//! for blobs being written. A blob becomes visible only by an atomic rename
-//! after its bytes are fsynced, so a crash leaves either nothing or a whole,
+//! for blobs being written. A blob becomes visible only by an atomic link
+//! of its temp file, after its bytes are fsynced, so a crash leaves either nothing or a whole,
 //! correctly named blob (and perhaps debris in `tmp/`, cleared on open).
 //! Blob paths are only ever built from a parsed [`Digest`].
 
@@ -51,6 +51,10 @@ struct Dirs {
     blobs: PathBuf,
     /// `<root>/tmp`
     tmp: PathBuf,
+    /// Stored blobs and their bytes: counted once at open, then kept up to
+    /// date by commits, so stats never walk the directory.
+    count: AtomicU64,
+    bytes: AtomicU64,
 }
 
 /// A content-addressed blob store. Cloning is cheap and shares the store.
@@ -97,8 +101,14 @@ impl BlobStore {
             tracing::info!(removed, dir = %tmp.display(), "removed leftover temp blobs");
         }
 
+        let (count, bytes) = scan(&blobs)?;
         Ok(BlobStore {
-            dirs: Arc::new(Dirs { blobs, tmp }),
+            dirs: Arc::new(Dirs {
+                blobs,
+                tmp,
+                count: AtomicU64::new(count),
+                bytes: AtomicU64::new(bytes),
+            }),
         })
     }
 
@@ -168,37 +178,18 @@ impl BlobStore {
             return Ok(Some(Blob(Inner::Empty)));
         }
         // SAFETY: committed blobs are never written in place: they are
-        // created read-only in tmp/, renamed into place whole, and only ever
-        // replaced by a rename (which leaves this mapping's inode intact).
+        // created read-only in tmp/ and linked into place whole; a name,
+        // once linked, is never replaced.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err("mapping", &path))?;
         Ok(Some(Blob(Inner::Mapped(map))))
     }
 
     /// Count and total bytes of stored blobs.
-    pub fn stats(&self) -> Result<(u64, u64), BlobError> {
-        let (mut count, mut bytes) = (0u64, 0u64);
-        let root = &self.dirs.blobs;
-        for shard in fs::read_dir(root).map_err(io_err("listing", root))? {
-            let shard = shard.map_err(io_err("listing", root))?;
-            if !shard.file_type().is_ok_and(|t| t.is_dir()) {
-                continue;
-            }
-            let shard_path = shard.path();
-            for blob in fs::read_dir(&shard_path).map_err(io_err("listing", &shard_path))? {
-                let blob = blob.map_err(io_err("listing", &shard_path))?;
-                let meta = match blob.metadata() {
-                    Ok(m) => m,
-                    // Raced with a removal: not a blob any more.
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(io_err("stat", &blob.path())(e)),
-                };
-                if meta.is_file() {
-                    count += 1;
-                    bytes += meta.len();
-                }
-            }
-        }
-        Ok((count, bytes))
+    pub fn stats(&self) -> (u64, u64) {
+        (
+            self.dirs.count.load(Ordering::Relaxed),
+            self.dirs.bytes.load(Ordering::Relaxed),
+        )
     }
 
     /// Re-hashes a stored blob; false if its content no longer matches its name.
@@ -215,6 +206,32 @@ impl BlobStore {
         io::copy(&mut file, &mut hashed).map_err(io_err("reading", &path))?;
         Ok(hashed.finish().1 == *digest)
     }
+}
+
+/// Counts the blobs under `root` and their bytes.
+fn scan(root: &Path) -> Result<(u64, u64), BlobError> {
+    let (mut count, mut bytes) = (0u64, 0u64);
+    for shard in fs::read_dir(root).map_err(io_err("listing", root))? {
+        let shard = shard.map_err(io_err("listing", root))?;
+        if !shard.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let shard_path = shard.path();
+        for blob in fs::read_dir(&shard_path).map_err(io_err("listing", &shard_path))? {
+            let blob = blob.map_err(io_err("listing", &shard_path))?;
+            let meta = match blob.metadata() {
+                Ok(m) => m,
+                // Raced with a removal: not a blob any more.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err("stat", &blob.path())(e)),
+            };
+            if meta.is_file() {
+                count += 1;
+                bytes += meta.len();
+            }
+        }
+    }
+    Ok((count, bytes))
 }
 
 /// Fsyncs a directory so that entries created or renamed in it are durable.
@@ -280,12 +297,12 @@ impl BlobWriter {
         self.out.is_empty()
     }
 
-    /// Makes the blob durable under its digest: fsync, rename, fsync the
-    /// directory. If the blob already exists the temp file is dropped (same
+    /// Makes the blob durable under its digest: fsync, link into place,
+    /// fsync the directory. If the blob already exists the temp file is dropped (same
     /// content, by definition).
     pub fn commit(self) -> Result<(Digest, u64), BlobError> {
         let (digest, file, tmp, len, store) = self.finish()?;
-        store.install(&digest, file, tmp)?;
+        store.install(&digest, file, tmp, len)?;
         Ok((digest, len))
     }
 
@@ -301,7 +318,7 @@ impl BlobWriter {
                 actual,
             });
         }
-        store.install(&actual, file, tmp)?;
+        store.install(&actual, file, tmp, len)?;
         Ok(len)
     }
 
@@ -316,7 +333,13 @@ impl BlobWriter {
 }
 
 impl BlobStore {
-    fn install(&self, digest: &Digest, file: File, mut tmp: TempPath) -> Result<(), BlobError> {
+    fn install(
+        &self,
+        digest: &Digest,
+        file: File,
+        tmp: TempPath,
+        len: u64,
+    ) -> Result<(), BlobError> {
         let dest = self.path_of(digest);
         if fs::symlink_metadata(&dest).is_ok() {
             // Already stored; the temp file is removed when `tmp` drops.
@@ -331,11 +354,17 @@ impl BlobStore {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(io_err("creating", &shard)(e)),
         }
-        // A concurrent writer of the same content may rename first; ours
-        // then replaces it with identical bytes, which is harmless.
-        let src = tmp.path().to_owned();
-        fs::rename(&src, &dest).map_err(io_err("renaming into place", &src))?;
-        tmp.0 = None;
+        // A link, not a rename: it fails if a concurrent writer of the same
+        // content got there first, so each blob is counted once. The temp
+        // name goes when `tmp` drops; a crash leaves it for `open` to clear.
+        match fs::hard_link(tmp.path(), &dest) {
+            Ok(()) => {
+                self.dirs.count.fetch_add(1, Ordering::Relaxed);
+                self.dirs.bytes.fetch_add(len, Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+            Err(e) => return Err(io_err("linking into place", tmp.path())(e)),
+        }
         sync_dir(&shard)
     }
 }
@@ -466,7 +495,7 @@ mod tests {
         assert_eq!(tmp_names(dir.path()).len(), 1);
         drop(w);
         assert!(tmp_names(dir.path()).is_empty());
-        assert_eq!(store.stats().unwrap(), (0, 0));
+        assert_eq!(store.stats(), (0, 0));
     }
 
     #[test]
@@ -488,7 +517,7 @@ mod tests {
         }
         assert!(tmp_names(dir.path()).is_empty());
         assert!(!store.contains(&Digest::of(b"actual")));
-        assert_eq!(store.stats().unwrap(), (0, 0));
+        assert_eq!(store.stats(), (0, 0));
 
         let mut w = store.writer().unwrap();
         w.write_all(b"actual").unwrap();
@@ -518,7 +547,7 @@ mod tests {
         for r in results {
             assert_eq!(r.unwrap(), (Digest::of(&data), data.len() as u64));
         }
-        assert_eq!(store.stats().unwrap(), (1, data.len() as u64));
+        assert_eq!(store.stats(), (1, data.len() as u64));
         assert!(tmp_names(dir.path()).is_empty());
         assert!(store.verify(&Digest::of(&data)).unwrap());
     }
@@ -527,12 +556,15 @@ mod tests {
     fn stats_counts_blobs_once() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
-        assert_eq!(store.stats().unwrap(), (0, 0));
+        assert_eq!(store.stats(), (0, 0));
         store.put(b"one").unwrap();
         store.put(b"three").unwrap();
         store.put(b"three").unwrap();
         store.put(b"").unwrap();
-        assert_eq!(store.stats().unwrap(), (3, 8));
+        assert_eq!(store.stats(), (3, 8));
+        // A reopened store counts what is on disk.
+        drop(store);
+        assert_eq!(BlobStore::open(dir.path()).unwrap().stats(), (3, 8));
     }
 
     #[test]

@@ -149,7 +149,7 @@ impl Report {
         let status = builder.status();
         let db = builder.db();
         let (manifests, layers) = db.counts();
-        let (blobs, blob_bytes) = builder.blobs().stats()?;
+        let (blobs, blob_bytes) = builder.blobs().stats();
         let instance = status.instance().clone();
         let free_bytes = match crate::disk::free_bytes(std::path::Path::new(&instance.storage_path))
         {
