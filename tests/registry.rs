@@ -2,22 +2,17 @@
 
 mod common;
 
-use common::{config, get_blob, get_manifest, header, nix_closure, TestServer, MANIFEST_TYPE};
+use common::{
+    config, error_code, fresh_server, get_blob, get_manifest, header, nix_closure, TestServer,
+    MANIFEST_TYPE,
+};
 use reqwest::{Client, StatusCode};
 use serde_json::Value;
 use std::collections::HashSet;
 
-async fn error_code(r: reqwest::Response) -> (StatusCode, Value) {
-    let status = r.status();
-    assert_eq!(header(&r, "content-type"), "application/json");
-    let v: Value = serde_json::from_slice(&r.bytes().await.unwrap()).expect("error body is JSON");
-    (status, v["errors"][0].clone())
-}
-
 #[tokio::test]
 async fn base_errors_and_grammar() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = TestServer::start(&config(dir.path(), &[])).await;
+    let (_dir, s) = fresh_server(&[]).await;
     let c = Client::new();
 
     for path in ["/v2/", "/v2"] {
@@ -199,8 +194,7 @@ async fn builds_serves_and_reuses_an_image() {
 
 #[tokio::test]
 async fn unknown_packages_and_failed_builds() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = TestServer::start(&config(dir.path(), &[])).await;
+    let (_dir, s) = fresh_server(&[]).await;
     let c = Client::new();
 
     let r = c
@@ -241,8 +235,7 @@ async fn unknown_packages_and_failed_builds() {
 
 #[tokio::test]
 async fn lookup_rules_and_arm64() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = TestServer::start(&config(dir.path(), &[])).await;
+    let (_dir, s) = fresh_server(&[]).await;
     let c = Client::new();
     // Dotted path, lowercase fallback, digit prefix.
     get_manifest(&c, &s, "tools.xev/bashinteractive/1password", "latest").await;
@@ -256,8 +249,7 @@ async fn lookup_rules_and_arm64() {
 
 #[tokio::test]
 async fn ranges_on_blobs() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = TestServer::start(&config(dir.path(), &[])).await;
+    let (_dir, s) = fresh_server(&[]).await;
     let c = Client::new();
     let (_, m) = get_manifest(&c, &s, "hello", "latest").await;
     let d = m["layers"][0]["digest"].as_str().unwrap();
@@ -302,8 +294,7 @@ async fn ranges_on_blobs() {
 
 #[tokio::test]
 async fn parallel_pulls_share_one_build() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = TestServer::start(&config(dir.path(), &[])).await;
+    let (_dir, s) = fresh_server(&[]).await;
     let c = Client::new();
     let url = s.url("/v2/coreutils/hello/manifests/latest");
     let pulls = (0..6).map(|_| {
@@ -389,8 +380,7 @@ async fn wait_for_in_flight(
 
 #[tokio::test]
 async fn builds_beyond_the_limit_wait_their_turn() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = TestServer::start(&config(dir.path(), &["--max-concurrent-builds", "1"])).await;
+    let (_dir, s) = fresh_server(&["--max-concurrent-builds", "1"]).await;
     let c = Client::new();
     let pull = |name: &str| {
         let c = c.clone();

@@ -5,7 +5,9 @@
 
 mod common;
 
-use common::{config_with_source, fixture_dir, get_manifest, require_tool, TestServer};
+use common::{
+    config_with_source, error_code, fixture_dir, get_blob, get_manifest, require_tool, TestServer,
+};
 use flate2::read::GzDecoder;
 use nixery::digest::Digest;
 use reqwest::{Client, StatusCode};
@@ -45,22 +47,15 @@ async fn error_of(c: &Client, s: &TestServer, name: &str, tag: &str) -> (StatusC
         .send()
         .await
         .unwrap();
-    let status = r.status();
-    let v: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
-    (status, v["errors"][0]["code"].as_str().unwrap().to_owned())
+    let (status, error) = error_code(r).await;
+    (status, error["code"].as_str().unwrap().to_owned())
 }
 
 /// The content of the stamp's `share/version` in the image's layers.
 async fn stamp_version(c: &Client, s: &TestServer, manifest: &Value) -> String {
     for layer in manifest["layers"].as_array().unwrap() {
         let digest = layer["digest"].as_str().unwrap();
-        let r = c
-            .get(s.url(&format!("/v2/stamp/blobs/{digest}")))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::OK);
-        let gz = r.bytes().await.unwrap();
+        let gz = get_blob(c, s, digest).await;
         let mut tar = tar::Archive::new(GzDecoder::new(&gz[..]));
         for entry in tar.entries().unwrap() {
             let mut entry = entry.unwrap();

@@ -114,6 +114,14 @@ impl TestServer {
     }
 }
 
+/// A server on a new temporary storage path; keep the directory as long as
+/// the server.
+pub async fn fresh_server(extra: &[&str]) -> (tempfile::TempDir, TestServer) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = TestServer::start(&config(dir.path(), extra)).await;
+    (dir, server)
+}
+
 /// The runtime closure of a fixture attribute, as Nix itself reports it.
 pub fn nix_closure(attr: &str) -> Vec<String> {
     let out = Command::new("nix-build")
@@ -176,6 +184,15 @@ pub async fn get_manifest(
     let body = r.bytes().await.unwrap();
     assert_eq!(Digest::of(&body), digest, "digest header matches the bytes");
     (digest, serde_json::from_slice(&body).unwrap())
+}
+
+/// The status and first error of a registry error response, checking that
+/// it is JSON.
+pub async fn error_code(r: reqwest::Response) -> (StatusCode, Value) {
+    let status = r.status();
+    assert_eq!(header(&r, "content-type"), "application/json");
+    let v: Value = serde_json::from_slice(&r.bytes().await.unwrap()).expect("error body is JSON");
+    (status, v["errors"][0].clone())
 }
 
 /// Fetches a blob, checking its digest header and content.
