@@ -150,7 +150,6 @@ impl Phases {
 /// What a build did besides its manifest, for the record, and its handle
 /// on the admin page's list of builds in flight.
 struct Counters {
-    layers_total: AtomicU64,
     layers_reused: AtomicU64,
     bytes_packed: Arc<AtomicU64>,
     live: LiveBuild,
@@ -159,7 +158,6 @@ struct Counters {
 impl Counters {
     fn new(live: LiveBuild) -> Self {
         Counters {
-            layers_total: AtomicU64::new(0),
             layers_reused: AtomicU64::new(0),
             bytes_packed: live.bytes_counter(),
             live,
@@ -325,7 +323,7 @@ impl Builder {
             tag: spec.tag.clone(),
             started_at,
             phases: phases.done,
-            layers_total: counters.layers_total.load(Ordering::Relaxed) as usize,
+            layers_total: counters.live.layers_total() as usize,
             layers_reused: counters.layers_reused.load(Ordering::Relaxed) as usize,
             bytes_packed: counters.bytes_packed.load(Ordering::Relaxed),
             outcome,
@@ -477,9 +475,6 @@ impl Builder {
             .collect();
         let symlink_key = hex_sha256(&["symlink-layer-v1", &outs.join("\n")]);
         jobs.push((symlink_key, outs.iter().map(PathBuf::from).collect(), true));
-        counters
-            .layers_total
-            .store(jobs.len() as u64, Ordering::Relaxed);
         counters.live.set_layers_total(jobs.len() as u64);
         // `buffered` keeps the plan's order while packing several at once.
         let records: Vec<LayerRecord> = stream::iter(jobs)

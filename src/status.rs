@@ -103,6 +103,10 @@ impl LiveBuild {
         self.state.layers_total.store(n, Ordering::Relaxed);
     }
 
+    pub fn layers_total(&self) -> u64 {
+        self.state.layers_total.load(Ordering::Relaxed)
+    }
+
     pub fn layer_done(&self) {
         self.state.layers_done.fetch_add(1, Ordering::Relaxed);
     }
