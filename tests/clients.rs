@@ -15,35 +15,35 @@ struct Binary {
     _storage: tempfile::TempDir,
 }
 
-impl Binary {
-    fn start() -> Binary {
-        Binary::start_with(true)
-    }
+/// `nixery serve` on a free port with the fixture set and `storage`.
+fn serve_command(storage: &Path) -> Command {
+    require_tool("nix-instantiate");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixery"));
+    cmd.arg("serve")
+        .env("PORT", "0")
+        .env("NIXERY_LISTEN_ADDRESS", "127.0.0.1")
+        .env("NIXERY_PKGS_PATH", fixture_dir())
+        .env("STORAGE_PATH", storage)
+        .env("NIXERY_NIX_OPTIONS", "substituters=")
+        .env("NIX_TIMEOUT", "300")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    cmd
+}
 
-    /// `drain`: keep reading the server's stdout; else close it after the
-    /// first line.
-    fn start_with(drain: bool) -> Binary {
-        require_tool("nix-instantiate");
+impl Binary {
+    /// Starts the server and reads its port from its first line of output.
+    fn start() -> Binary {
         let storage = tempfile::tempdir().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_nixery"))
-            .arg("serve")
-            .env("PORT", "0")
-            .env("NIXERY_LISTEN_ADDRESS", "127.0.0.1")
-            .env("NIXERY_PKGS_PATH", fixture_dir())
-            .env("STORAGE_PATH", storage.path())
-            .env("NIXERY_NIX_OPTIONS", "substituters=")
-            .env("NIX_TIMEOUT", "300")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+        let mut child = serve_command(storage.path())
             .spawn()
             .expect("nixery starts");
         let stdout = child.stdout.take().unwrap();
         let mut reader = BufReader::new(stdout);
         let mut line = String::new();
         reader.read_line(&mut line).unwrap();
-        if drain {
-            std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-        }
+        // Keep reading so the server never writes into a closed pipe.
+        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
         let port = line
             .trim()
             .rsplit(':')
@@ -86,9 +86,33 @@ fn docker(args: &[&str]) -> String {
 
 #[test]
 fn survives_a_closed_stdout() {
-    let server = Binary::start_with(false);
-    // Give the server time to write its second line into the closed pipe.
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut cmd = serve_command(&dir.path().join("storage"));
+    let child = cmd.env("NOTIFY_SOCKET", &socket_path).spawn().unwrap();
+    let mut server = Binary {
+        child,
+        port: 0,
+        _storage: dir,
+    };
+    // Closed before the server writes a line, so every write it makes to
+    // stdout fails; it must still come up (readiness follows the lines).
+    drop(server.child.stdout.take());
+    let mut buf = [0u8; 512];
+    let len = socket
+        .recv(&mut buf)
+        .expect("READY=1 although stdout is closed");
+    let ready = String::from_utf8_lossy(&buf[..len]).into_owned();
+    server.port = ready
+        .lines()
+        .find_map(|l| l.strip_prefix("STATUS=listening on "))
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {ready:?}"));
     let out =
         run(Command::new("curl").args(["-sf", &format!("http://127.0.0.1:{}/v2/", server.port)]));
     assert_eq!(out, "{}");
