@@ -12,8 +12,8 @@
 mod common;
 
 use common::{config, nix_closure, TestServer};
-use nixery::archive;
-use nixery::blobs::BlobStore;
+use nixery::build::archive;
+use nixery::store::fs::BlobStore;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};

@@ -9,8 +9,8 @@
 
 use anyhow::{bail, Context, Result};
 use flate2::read::GzDecoder;
-use nixery::layers::{plan, DEFAULT_LAYER_BUDGET, PINNED_POPULARITY};
-use nixery::store_path::{name_of, PathInfo};
+use nixery::build::layers::{plan, DEFAULT_LAYER_BUDGET, PINNED_POPULARITY};
+use nixery::build::store_path::{name_of, PathInfo};
 use serde::Deserialize;
 use std::collections::{HashMap, HashSet};
 use std::fs::File;

@@ -6,8 +6,8 @@
 //! The layers go to a temporary blob store, removed on exit, unless
 //! `NIXERY_KEEP_STORE=<dir>` names a store to keep them in.
 
-use nixery::archive::{pack_paths_with_level, GZIP_LEVEL};
-use nixery::blobs::BlobStore;
+use nixery::build::archive::{pack_paths_with_level, GZIP_LEVEL};
+use nixery::store::fs::BlobStore;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::time::Instant;

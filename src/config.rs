@@ -1,7 +1,7 @@
 //! Settings: flags, then the original Nixery's environment variables, then
 //! defaults; validated into a [`Config`] before anything starts.
 
-use crate::source::Source;
+use crate::build::source::Source;
 use clap::Args;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;

@@ -2,34 +2,19 @@
 //!
 //! [`Server::start`] is what both the binary and the tests run.
 
-pub mod archive;
-pub mod blobs;
-pub mod builder;
-pub mod check;
+pub mod build;
+pub mod cli;
 pub mod config;
-pub mod db;
 pub mod digest;
-pub mod disk;
 pub mod error;
-pub mod git;
 pub mod http;
-pub mod image;
-pub mod layers;
-pub mod manifest;
-pub mod metrics;
-pub mod nix;
-pub mod notify;
-pub mod popularity;
-pub mod report;
-pub mod singleflight;
-pub mod source;
-pub mod status;
-pub mod store_path;
+pub mod observe;
+pub mod store;
 
 use axum::http::{HeaderName, HeaderValue};
 use axum::routing::{any, get};
 use axum::Router;
-use builder::{Builder, BuilderSettings};
+use build::builder::{Builder, BuilderSettings};
 use config::Config;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -52,11 +37,11 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Blobs(#[from] blobs::BlobError),
+    Blobs(#[from] store::fs::BlobError),
     #[error(transparent)]
-    Db(#[from] db::DbError),
+    Db(#[from] store::db::DbError),
     #[error(transparent)]
-    Popularity(#[from] popularity::PopularityError),
+    Popularity(#[from] build::popularity::PopularityError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -138,15 +123,15 @@ impl Server {
         std::fs::create_dir_all(&gc_roots).map_err(storage)?;
         let prepare_image = nix_dir.join("prepare-image.nix");
         write_atomically(&prepare_image, PREPARE_IMAGE_NIX.as_bytes()).map_err(storage)?;
-        let blobs = blobs::BlobStore::open(&config.storage_path)?;
-        let db = db::Db::open(&config.storage_path.join("db"))?;
+        let blobs = store::fs::BlobStore::open(&config.storage_path)?;
+        let db = store::db::Db::open(&config.storage_path.join("db"))?;
         let popularity = match &config.popularity_url {
-            Some(url) => popularity::load(url).await?,
+            Some(url) => build::popularity::load(url).await?,
             None => Default::default(),
         };
         let settings = BuilderSettings {
             source: config.source.clone(),
-            nix: nix::Nix::new(
+            nix: build::nix::Nix::new(
                 prepare_image,
                 config.nix_timeout,
                 config.nix_options.clone(),
@@ -158,9 +143,9 @@ impl Server {
             gc_roots,
             popularity,
         };
-        let status = status::Status::new(
+        let status = observe::status::Status::new(
             db.clone(),
-            status::Instance {
+            observe::status::Instance {
                 version: env!("CARGO_PKG_VERSION"),
                 source: config.source.describe(),
                 storage_path: config.storage_path.display().to_string(),

@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use nixery::nix::{Nix, NixError, Resolved, Stage};
-use nixery::store_path::name_of;
+use nixery::build::nix::{Nix, NixError, Resolved, Stage};
+use nixery::build::store_path::name_of;
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/pkgs");
 const PREPARE_IMAGE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/nix/prepare-image.nix");

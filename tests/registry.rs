@@ -222,7 +222,7 @@ async fn unknown_packages_and_failed_builds() {
     assert!(!err["message"].as_str().unwrap().contains("/nix/store"));
     let builds = s.builder.db().builds().unwrap();
     match &builds[0].outcome {
-        nixery::db::BuildOutcome::Failed { stderr_tail, .. } => {
+        nixery::store::db::BuildOutcome::Failed { stderr_tail, .. } => {
             assert!(
                 stderr_tail.contains("fixture"),
                 "stderr kept: {stderr_tail}"
@@ -324,7 +324,12 @@ async fn large_closures_stay_within_the_layer_budget() {
     // popular the image needs more layers than the budget allows.
     let popularity: serde_json::Map<String, Value> = closure
         .iter()
-        .map(|p| (nixery::store_path::name_of(p).to_owned(), Value::from(1000)))
+        .map(|p| {
+            (
+                nixery::build::store_path::name_of(p).to_owned(),
+                Value::from(1000),
+            )
+        })
         .collect();
     let pop_file = dir.path().join("popularity.json");
     std::fs::write(&pop_file, serde_json::to_vec(&popularity).unwrap()).unwrap();

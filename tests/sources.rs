@@ -76,7 +76,7 @@ async fn pull(c: &Client, s: &TestServer, tag: &str) -> (Digest, String) {
     (digest, stamp_version(c, s, &manifest).await)
 }
 
-fn builds(s: &TestServer) -> Vec<nixery::db::BuildRecord> {
+fn builds(s: &TestServer) -> Vec<nixery::store::db::BuildRecord> {
     s.builder.db().builds().unwrap()
 }
 

@@ -6,9 +6,9 @@
 //! ever a value.
 
 use super::format;
-use crate::builder::Builder;
+use crate::build::builder::Builder;
 use crate::error::ApiError;
-use crate::report::Report;
+use crate::http::report::Report;
 use askama::Template;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -114,7 +114,7 @@ pub async fn status(State(builder): State<Arc<Builder>>) -> Response {
 /// `GET /metrics`.
 pub async fn metrics(State(builder): State<Arc<Builder>>) -> Response {
     match builder.status().metrics().encode() {
-        Ok(text) => with_type(text.into_response(), crate::metrics::CONTENT_TYPE),
+        Ok(text) => with_type(text.into_response(), crate::observe::metrics::CONTENT_TYPE),
         Err(_) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "could not encode metrics",

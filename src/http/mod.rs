@@ -6,3 +6,4 @@ pub mod format;
 pub mod observe;
 pub mod range;
 pub mod registry;
+pub mod report;

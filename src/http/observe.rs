@@ -1,8 +1,8 @@
 //! Per-request metrics: count and latency by route and status, and the
 //! bytes of blob bodies handed to clients.
 
-use crate::metrics::Route;
-use crate::status::Status;
+use crate::observe::metrics::Route;
+use crate::observe::status::Status;
 use axum::extract::{Request, State};
 use axum::http::{header, Method};
 use axum::middleware::Next;

@@ -1,13 +1,13 @@
 //! The pull side of the distribution API: `/v2/`, manifests, blobs, tags.
 
 use super::range::{self, RangeRequest};
-use crate::builder::{BuildError, Builder};
+use crate::build::builder::{BuildError, Builder};
+use crate::build::git::GitError;
+use crate::build::image::{PathError, Reference, ReferenceError, RegistryPath};
+use crate::build::manifest::MANIFEST_MEDIA_TYPE;
+use crate::build::nix::NixError;
 use crate::digest::Digest;
 use crate::error::{ApiError, ErrorCode};
-use crate::git::GitError;
-use crate::image::{PathError, Reference, ReferenceError, RegistryPath};
-use crate::manifest::MANIFEST_MEDIA_TYPE;
-use crate::nix::NixError;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};

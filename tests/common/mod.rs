@@ -77,7 +77,7 @@ pub fn config_with_source(storage: &Path, source: &[&str], extra: &[&str]) -> Co
 
 pub struct TestServer {
     pub addr: SocketAddr,
-    pub builder: std::sync::Arc<nixery::builder::Builder>,
+    pub builder: std::sync::Arc<nixery::build::builder::Builder>,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }

@@ -9,8 +9,8 @@
 //! gzip -> progress counter -> [`BlobWriter`] (sha256 of the gzip, digest).
 //! Nothing but one read buffer of file content is held in memory.
 
-use crate::blobs::{BlobError, BlobStore, BlobWriter};
 use crate::digest::{Digest, HashingWriter};
+use crate::store::fs::{BlobError, BlobStore, BlobWriter};
 use flate2::write::GzEncoder;
 use flate2::{Compression, GzBuilder};
 use std::collections::BTreeMap;

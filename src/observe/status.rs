@@ -2,8 +2,8 @@
 //! builds in flight with their phase and progress, and the bookkeeping the
 //! builder reports into when a build ends or a manifest is asked for.
 
-use crate::db::{BuildOutcome, BuildRecord, Db, ErrorRecord, Lookup};
-use crate::metrics::{BuildResult, CacheResult, Metrics};
+use crate::observe::metrics::{BuildResult, CacheResult, Metrics};
+use crate::store::db::{BuildOutcome, BuildRecord, Db, ErrorRecord, Lookup};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};

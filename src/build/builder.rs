@@ -2,19 +2,21 @@
 //! image at a time, and at most N at once) Nix, layering, packing and the
 //! manifest, recording what each build did.
 
-use crate::archive::{self, ArchiveError, PackedLayer};
-use crate::blobs::{BlobError, BlobStore};
-use crate::db::{BuildOutcome, BuildRecord, Db, DbError, LayerRecord, Lookup, ManifestRecord};
+use crate::build::archive::{self, ArchiveError, PackedLayer};
+use crate::build::git::GitError;
+use crate::build::image::{ImageSpec, SSL_CERT_FILE};
+use crate::build::layers::{self, LayerError};
+use crate::build::manifest::{self, ImageConfig, LayerBlob, ManifestError};
+use crate::build::nix::{Nix, NixError};
+use crate::build::singleflight::SingleFlight;
+use crate::build::source::Source;
+use crate::build::store_path::{self, PathInfo};
 use crate::digest::Digest;
-use crate::git::GitError;
-use crate::image::{ImageSpec, SSL_CERT_FILE};
-use crate::layers::{self, LayerError};
-use crate::manifest::{self, ImageConfig, LayerBlob, ManifestError};
-use crate::nix::{Nix, NixError};
-use crate::singleflight::SingleFlight;
-use crate::source::Source;
-use crate::status::{LiveBuild, Phase, Status};
-use crate::store_path::{self, PathInfo};
+use crate::observe::status::{LiveBuild, Phase, Status};
+use crate::store::db::{
+    BuildOutcome, BuildRecord, Db, DbError, LayerRecord, Lookup, ManifestRecord,
+};
+use crate::store::fs::{BlobError, BlobStore};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use sha2::{Digest as _, Sha256};
 use std::collections::HashMap;

@@ -2,10 +2,10 @@
 //! store and the builds in flight. `/api/status` serves it as JSON and `/`
 //! renders it, so scripts and people see the same figures.
 
-use crate::blobs::BlobError;
-use crate::builder::Builder;
-use crate::db::{BuildOutcome, BuildRecord, DbError, ErrorRecord};
-use crate::status::{InFlight, Instance};
+use crate::build::builder::Builder;
+use crate::observe::status::{InFlight, Instance};
+use crate::store::db::{BuildOutcome, BuildRecord, DbError, ErrorRecord};
+use crate::store::fs::BlobError;
 use serde::Serialize;
 
 /// Entries in the "most pulled" and "most popular" lists.
@@ -151,14 +151,14 @@ impl Report {
         let (manifests, layers) = db.counts();
         let (blobs, blob_bytes) = builder.blobs().stats();
         let instance = status.instance().clone();
-        let free_bytes = match crate::disk::free_bytes(std::path::Path::new(&instance.storage_path))
-        {
-            Ok(n) => Some(n),
-            Err(e) => {
-                tracing::warn!(error = %e, "could not read free disk space");
-                None
-            }
-        };
+        let free_bytes =
+            match crate::store::disk::free_bytes(std::path::Path::new(&instance.storage_path)) {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read free disk space");
+                    None
+                }
+            };
         let redact = Redact::from_env();
         let (hits, misses) = db.lookups()?;
         let lookups = hits + misses;

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 
-use crate::store_path::PathInfo;
+use crate::build::store_path::PathInfo;
 
 /// How long Nix gets to clean up after SIGTERM before SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(3);

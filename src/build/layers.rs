@@ -13,7 +13,7 @@
 //!    sizes of its members. If there are more layers than the budget, the
 //!    lowest-rated ones are folded into a single layer.
 
-use crate::store_path::{name_of, PathInfo};
+use crate::build::store_path::{name_of, PathInfo};
 use petgraph::algo::dominators;
 use petgraph::graph::{DiGraph, NodeIndex};
 use sha2::{Digest as _, Sha256};

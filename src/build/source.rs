@@ -4,11 +4,11 @@
 //! default branch, 40 hex a commit, anything else a git tag or a branch.
 //! Every other source serves the same package set whatever the tag.
 
-use crate::git::{self, GitError};
+use crate::build::git::{self, GitError};
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use crate::git::is_commit;
+pub use crate::build::git::is_commit;
 
 /// Where a channel name or nixpkgs commit is fetched from, as the original.
 const NIXPKGS_ARCHIVE: &str = "https://github.com/NixOS/nixpkgs/archive";

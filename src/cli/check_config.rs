@@ -47,7 +47,7 @@ pub fn check(args: &CheckArgs) -> Result<Config, CheckError> {
     if offline {
         // The unit's working directory is not the build's: only absolute
         // paths mean the same thing at build time and at run time.
-        if let crate::source::Source::Path(p) = &config.source {
+        if let crate::build::source::Source::Path(p) = &config.source {
             require_absolute(PKGS_PATH, p)?;
         }
         require_absolute(STORAGE_PATH, &config.storage_path)?;
@@ -165,6 +165,20 @@ pub fn summary(config: &Config, files_checked: bool) -> String {
         config.cache_ttl.as_secs(),
         config.popularity_url.as_deref().unwrap_or("none"),
     )
+}
+
+/// `nixery check-config`: exit 0 and a summary, or 2 and what is wrong.
+pub fn run(args: CheckArgs) -> std::process::ExitCode {
+    match check(&args) {
+        Ok(config) => {
+            print!("{}", summary(&config, !args.no_filesystem_checks));
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("nixery: invalid configuration: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,16 @@
+//! From an image name to a stored manifest: the name (`image`), where
+//! packages come from (`source`, `git`), Nix (`nix`), the closure's layer
+//! plan (`layers`, `popularity`), packing (`archive`), the manifest, and
+//! the orchestration of it all (`builder`, `singleflight`).
+
+pub mod archive;
+pub mod builder;
+pub mod git;
+pub mod image;
+pub mod layers;
+pub mod manifest;
+pub mod nix;
+pub mod popularity;
+pub mod singleflight;
+pub mod source;
+pub mod store_path;
