@@ -169,6 +169,11 @@ pub fn build_error(e: &BuildError) -> ApiError {
         BuildError::Db(_) => ApiError::internal("using the database"),
         BuildError::GcRoot(_) => ApiError::internal("preparing the build"),
         BuildError::Task(_) => ApiError::internal("building the image"),
+        BuildError::NoSource(_) => ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::ManifestUnknown,
+            e.to_string(),
+        ),
     }
 }
 
