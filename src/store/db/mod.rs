@@ -240,10 +240,19 @@ impl Db {
 
     /// Every cached build: cache key and record.
     pub fn manifests(&self) -> Result<Vec<(String, ManifestRecord)>, DbError> {
+        self.all(&self.manifests, "manifests")
+    }
+
+    /// Every record of a tree with its key; undecodable ones are absent.
+    fn all<T: Record>(
+        &self,
+        tree: &sled::Tree,
+        name: &'static str,
+    ) -> Result<Vec<(String, T)>, DbError> {
         let mut out = Vec::new();
-        for kv in self.manifests.iter() {
+        for kv in tree.iter() {
             let (k, v) = kv?;
-            if let Some(r) = self.decode("manifests", &v) {
+            if let Some(r) = self.decode(name, &v) {
                 out.push((String::from_utf8_lossy(&k).into_owned(), r));
             }
         }
@@ -299,18 +308,14 @@ impl Db {
 
     /// Every name and tag recorded in a tree, with its record.
     pub fn tag_records(&self, which: TagTree) -> Result<Vec<(String, String, TagRecord)>, DbError> {
-        let mut out = Vec::new();
-        for kv in self.tag_tree(which).iter() {
-            let (k, v) = kv?;
-            let key = String::from_utf8_lossy(&k).into_owned();
-            let Some((name, tag)) = key.split_once('\0') else {
-                continue;
-            };
-            if let Some(r) = self.decode(which.name(), &v) {
-                out.push((name.to_owned(), tag.to_owned(), r));
-            }
-        }
-        Ok(out)
+        Ok(self
+            .all(self.tag_tree(which), which.name())?
+            .into_iter()
+            .filter_map(|(key, r)| {
+                let (name, tag) = key.split_once('\0')?;
+                Some((name.to_owned(), tag.to_owned(), r))
+            })
+            .collect())
     }
 
     pub fn remove_tag_record(&self, which: TagTree, name: &str, tag: &str) -> Result<(), DbError> {
@@ -320,14 +325,7 @@ impl Db {
 
     /// Every packed layer: key and record.
     pub fn layers(&self) -> Result<Vec<(String, LayerRecord)>, DbError> {
-        let mut out = Vec::new();
-        for kv in self.layers.iter() {
-            let (k, v) = kv?;
-            if let Some(r) = self.decode("layers", &v) {
-                out.push((String::from_utf8_lossy(&k).into_owned(), r));
-            }
-        }
-        Ok(out)
+        self.all(&self.layers, "layers")
     }
 
     /// Forgets a packed layer, so it is packed again when needed.
