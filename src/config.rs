@@ -88,7 +88,7 @@ pub struct Config {
 pub enum ConfigError {
     #[error("no package source: set one of --pkgs-path (NIXERY_PKGS_PATH), --channel (NIXERY_CHANNEL), --pkgs-repo (NIXERY_PKGS_REPO) or --flake (NIXERY_FLAKE)")]
     NoSource,
-    #[error("more than one package source ({0}): set exactly one of NIXERY_PKGS_PATH, NIXERY_CHANNEL, NIXERY_PKGS_REPO, NIXERY_FLAKE")]
+    #[error("more than one package source ({0}): set at most one of NIXERY_PKGS_PATH, NIXERY_CHANNEL, NIXERY_PKGS_REPO, NIXERY_FLAKE (none for a mirror)")]
     SeveralSources(String),
     #[error("--pkgs-path (NIXERY_PKGS_PATH) {0:?} is not a readable directory")]
     PkgsPath(PathBuf),
