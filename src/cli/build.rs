@@ -117,6 +117,15 @@ impl Progress {
     }
 
     fn show(&mut self, live: &[InFlight]) {
+        // Bars of builds that ended stop where they are.
+        for (key, (bar, _)) in &self.shown {
+            let running = live
+                .iter()
+                .any(|b| *key == format!("{}:{}", b.image, b.tag));
+            if !running && !bar.is_finished() {
+                bar.finish_with_message("done");
+            }
+        }
         for b in live {
             let key = format!("{}:{}", b.image, b.tag);
             let detail = format!(

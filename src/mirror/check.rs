@@ -62,9 +62,9 @@ pub fn check(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Findings, CheckError> {
     let mut f = Findings::default();
-    let all = blobs.list()?;
+    let all = blobs.list_blobs()?;
     let mut corrupt = BTreeSet::new();
-    for (i, digest) in all.iter().enumerate() {
+    for (i, (digest, len)) in all.iter().enumerate() {
         // A blob removed meanwhile is no damage.
         match blobs.verify(digest) {
             Ok(true) => {}
@@ -74,7 +74,7 @@ pub fn check(
             Err(BlobError::NotFound(_)) => {}
             Err(e) => return Err(e.into()),
         }
-        f.bytes += blobs.size(digest).unwrap_or(0);
+        f.bytes += len;
         progress(i + 1, all.len());
     }
     f.blobs = all.len();
@@ -129,7 +129,7 @@ fn manifest_problem(
         if corrupt.contains(&r.digest) {
             return Ok(Some(format!("blob {} is corrupt", r.digest)));
         }
-        match blobs.size(&r.digest) {
+        match blobs.stat_blob(&r.digest)? {
             None => return Ok(Some(format!("blob {} is missing", r.digest))),
             Some(n) if n != r.size => {
                 return Ok(Some(format!(

@@ -117,15 +117,20 @@ impl Checked {
     }
 }
 
+/// Prefix of staging directories, so leftovers of a crash can be told.
+const STAGING_PREFIX: &str = "import-";
+
 /// Checks the layout at `input`: a directory, or a tar file unpacked under
-/// `staging_parent` first.
+/// `staging_parent` first. The caller holds the storage (its database), so
+/// staging directories found there are a crashed import's and are removed.
 pub fn check(input: &Path, staging_parent: &Path) -> Result<Checked, ImportError> {
+    remove_leftovers(staging_parent);
     let meta = std::fs::metadata(input).map_err(io_err("reading", input))?;
     let (dir, staging) = if meta.is_dir() {
         (input.to_owned(), None)
     } else {
         let dir = staging_parent.join(format!(
-            "import-{}-{}",
+            "{STAGING_PREFIX}{}-{}",
             std::process::id(),
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -149,6 +154,21 @@ pub fn check(input: &Path, staging_parent: &Path) -> Result<Checked, ImportError
     };
     check_layout(&mut checked)?;
     Ok(checked)
+}
+
+fn remove_leftovers(staging_parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(staging_parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let ours = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(STAGING_PREFIX));
+        if ours && entry.path().is_dir() {
+            drop(Staging(entry.path()));
+        }
+    }
 }
 
 fn check_layout(c: &mut Checked) -> Result<(), ImportError> {

@@ -204,9 +204,9 @@ impl BlobStore {
         w.commit_expecting(expected)
     }
 
-    /// The digests of every stored blob, sorted; files that are not named
-    /// as a digest are skipped.
-    pub fn list(&self) -> Result<Vec<Digest>, BlobError> {
+    /// Every stored blob with its size in bytes, sorted by digest; files
+    /// not named as a digest are skipped.
+    pub fn list_blobs(&self) -> Result<Vec<(Digest, u64)>, BlobError> {
         let root = &self.dirs.blobs;
         let mut out = Vec::new();
         for shard in fs::read_dir(root).map_err(io_err("listing", root))? {
@@ -219,13 +219,26 @@ impl BlobStore {
                 let parsed = name
                     .to_str()
                     .and_then(|hex| format!("sha256:{hex}").parse::<Digest>().ok());
-                if let Some(d) = parsed.filter(|d| self.path_of(d).is_file()) {
-                    out.push(d);
+                if let Some(d) = parsed {
+                    if let Some(len) = self.stat_blob(&d)? {
+                        out.push((d, len));
+                    }
                 }
             }
         }
         out.sort();
         Ok(out)
+    }
+
+    /// The size of a stored blob, or None if it is not stored.
+    pub fn stat_blob(&self, digest: &Digest) -> Result<Option<u64>, BlobError> {
+        let path = self.path_of(digest);
+        match fs::metadata(&path) {
+            Ok(m) if m.is_file() => Ok(Some(m.len())),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("stat", &path)(e)),
+        }
     }
 
     /// Removes a stored blob (a corrupt one, or one nothing references).
@@ -246,14 +259,6 @@ impl BlobStore {
         self.dirs.bytes.fetch_sub(len, Ordering::Relaxed);
         sync_dir(&self.shard_dir(digest))?;
         Ok(true)
-    }
-
-    /// The size of a stored blob, or None if it is not stored.
-    pub fn size(&self, digest: &Digest) -> Option<u64> {
-        fs::metadata(self.path_of(digest))
-            .ok()
-            .filter(|m| m.is_file())
-            .map(|m| m.len())
     }
 
     /// Re-hashes a stored blob; false if its content no longer matches its name.
@@ -648,7 +653,7 @@ mod tests {
     }
 
     #[test]
-    fn list_delete_and_put_expecting() {
+    fn list_stat_delete_and_put_expecting() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
         let a = store.put(b"a").unwrap();
@@ -661,13 +666,13 @@ mod tests {
             store.put_expecting(&mut &b"cc"[..], &Digest::of(b"not cc")),
             Err(BlobError::DigestMismatch { .. })
         ));
-        let mut want = vec![a, b.1];
+        let mut want = vec![(a, 1), (b.1, 2)];
         want.sort();
-        assert_eq!(store.list().unwrap(), want);
-        assert_eq!(store.size(&b.1), Some(2));
+        assert_eq!(store.list_blobs().unwrap(), want);
+        assert_eq!(store.stat_blob(&b.1).unwrap(), Some(2));
         assert!(store.delete(&a).unwrap());
         assert!(!store.delete(&a).unwrap());
-        assert_eq!(store.list().unwrap(), vec![b.1]);
+        assert_eq!(store.list_blobs().unwrap(), vec![(b.1, 2)]);
         assert_eq!(store.stats(), (1, 2));
     }
 
