@@ -7,7 +7,7 @@ use crate::build::git::GitError;
 use crate::build::image::{ImageSpec, SSL_CERT_FILE};
 use crate::build::layers::{self, LayerError};
 use crate::build::manifest::{self, ImageConfig, LayerBlob, ManifestError};
-use crate::build::nix::{Nix, NixError};
+use crate::build::nix::{Nix, NixError, Stage};
 use crate::build::singleflight::SingleFlight;
 use crate::build::source::Source;
 use crate::build::store_path::{self, PathInfo};
@@ -89,14 +89,23 @@ impl BuildError {
     }
 
     /// Whether the package source could not be reached (a tarball or git
-    /// fetch failed to connect, or timed out), as opposed to a build that
-    /// ran and failed: only then is a stale image better than none.
+    /// fetch failed to connect, or its lookup or evaluation timed out), as
+    /// opposed to a build that ran and failed: only then is a stale image
+    /// better than none.
     pub fn is_source_unreachable(&self) -> bool {
         match self {
             BuildError::Shared(inner) => inner.is_source_unreachable(),
             BuildError::Source(GitError::Timeout(_) | GitError::Failed(_)) => true,
-            BuildError::Nix(NixError::Timeout { .. }) => true,
-            BuildError::Nix(NixError::Failed { stderr, .. }) => is_fetch_failure(stderr),
+            // Evaluation is where Nix fetches the source.
+            BuildError::Nix(NixError::Timeout {
+                stage: Stage::Resolve,
+                ..
+            }) => true,
+            BuildError::Nix(NixError::Failed {
+                stage: Stage::Resolve,
+                stderr,
+                ..
+            }) => is_fetch_failure(stderr),
             _ => false,
         }
     }
@@ -665,7 +674,27 @@ impl Builder {
 
 #[cfg(test)]
 mod tests {
-    use super::{is_fetch_failure, tail};
+    use super::{is_fetch_failure, tail, BuildError, GitError, NixError, Stage};
+
+    #[test]
+    fn only_an_unreachable_source_is_worth_serving_stale() {
+        let timeout = |stage| BuildError::Nix(NixError::Timeout { stage, seconds: 1 });
+        assert!(timeout(Stage::Resolve).is_source_unreachable());
+        assert!(!timeout(Stage::Realise).is_source_unreachable());
+        assert!(BuildError::Source(GitError::Failed("x".into())).is_source_unreachable());
+        assert!(!BuildError::Source(GitError::UnknownRef("v".into())).is_source_unreachable());
+        assert!(!BuildError::NotFound(vec!["x".into()]).is_source_unreachable());
+        let failed = |stage, stderr: &str| {
+            BuildError::Nix(NixError::Failed {
+                stage,
+                status: Some(1),
+                stderr: stderr.into(),
+            })
+        };
+        let download = "error: unable to download 'http://x/n.tgz': Couldn't connect to server (7)";
+        assert!(failed(Stage::Resolve, download).is_source_unreachable());
+        assert!(!failed(Stage::Realise, download).is_source_unreachable());
+    }
 
     #[test]
     fn fetch_failures_are_told_from_build_failures() {
