@@ -326,7 +326,7 @@ fn docker_and_skopeo_pick_a_platform_from_the_index() {
 }
 
 #[test]
-fn podman_pulls_and_runs() {
+fn podman_pulls_each_platform() {
     require_tool("podman");
     let server = two_platform_server();
     let hello = server.image("hello");
