@@ -122,7 +122,10 @@ impl Server {
         }
         std::fs::create_dir_all(&gc_roots).map_err(storage)?;
         let prepare_image = nix_dir.join("prepare-image.nix");
-        write_atomically(&prepare_image, PREPARE_IMAGE_NIX.as_bytes()).map_err(storage)?;
+        // Written only when it changed: a server must start on a full disk.
+        if std::fs::read(&prepare_image).ok().as_deref() != Some(PREPARE_IMAGE_NIX.as_bytes()) {
+            write_atomically(&prepare_image, PREPARE_IMAGE_NIX.as_bytes()).map_err(storage)?;
+        }
         let blobs = store::fs::BlobStore::open(&config.storage_path)?;
         let db = store::db::Db::open(&config.storage_path.join("db"))?;
         let popularity = match &config.popularity_url {

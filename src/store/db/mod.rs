@@ -12,15 +12,26 @@
 //! - `lookups`: `hit` / `miss` -> manifest requests by tag answered from
 //!   cache or not (u64, big-endian)
 //!
-//! Values are bincode with serde, which has no field names: adding a field
-//! changes the encoding, and records written before cannot be read.
+//! - `meta`: `schema` -> the layout version (u32, big-endian); see
+//!   [`migrate`]
+//!
+//! Record values are a version byte and bincode (see [`records`]). A record
+//! that cannot be decoded is logged once per tree and treated as absent:
+//! an image whose record is damaged is rebuilt, never a 500.
 //!
 //! Blobs are written before the records that point at them, so a crash can
 //! leave an unreferenced blob but never a record without its blob.
 
+mod migrate;
+pub mod records;
+
+pub use migrate::SCHEMA_VERSION;
+pub use records::{BuildOutcome, BuildRecord, ErrorRecord, LayerRecord, ManifestRecord, Record};
+
 use crate::digest::Digest;
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::collections::HashSet;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 /// Build records kept for the admin page.
 const BUILDS_KEPT: usize = 100;
@@ -34,71 +45,14 @@ pub enum DbError {
     Sled(#[from] sled::Error),
     #[error("database record could not be encoded: {0}")]
     Encode(#[from] bincode::error::EncodeError),
-    #[error("database record could not be decoded: {0}")]
-    Decode(#[from] bincode::error::DecodeError),
-}
-
-/// A built image: its manifest and what it was built from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ManifestRecord {
-    pub digest: Digest,
-    /// Unix seconds of the build (or of the last check that it is current).
-    pub checked_at: u64,
-    /// The top-level store paths the image was built from.
-    pub out_paths: Vec<String>,
-    /// What the package source resolved to: a git commit, or a NAR hash
-    /// (`sha256-...`) of a tarball or flake; `None` for a local path.
-    pub revision: Option<String>,
-}
-
-/// A packed layer, shared by every image with the same store paths.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LayerRecord {
-    pub digest: Digest,
-    pub diff_id: Digest,
-    pub size: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum BuildOutcome {
-    Success {
-        manifest: Digest,
-    },
-    PackagesNotFound(Vec<String>),
-    Failed {
-        message: String,
-        stderr_tail: String,
-    },
-}
-
-/// What one build did, for the admin page and the log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BuildRecord {
-    pub image: String,
-    pub tag: String,
-    pub started_at: u64,
-    /// Milliseconds per phase, in the order they ran.
-    pub phases: Vec<(String, u64)>,
-    pub layers_total: usize,
-    pub layers_reused: usize,
-    pub bytes_packed: u64,
-    pub outcome: BuildOutcome,
-    /// The package source's revision this build used, once known (see
-    /// [`ManifestRecord::revision`]).
-    pub revision: Option<String>,
-}
-
-/// A failed build, kept apart from the build records so that a run of
-/// successful builds does not push errors off the admin page.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorRecord {
-    pub image: String,
-    pub tag: String,
-    /// Unix seconds when the build failed.
-    pub at: u64,
-    pub message: String,
-    /// The end of Nix's stderr; empty when Nix was not what failed.
-    pub stderr_tail: String,
+    #[error(
+        "the database was written by a newer nixery (layout version {found}; \
+         this one reads up to {supported}): start that version, or move the \
+         database away to start afresh"
+    )]
+    TooNew { found: u32, supported: u32 },
+    #[error("database migration from layout version {from}: {message}")]
+    Migration { from: u32, message: String },
 }
 
 /// Whether a manifest request by tag was answered from the cache.
@@ -129,17 +83,26 @@ pub struct Db {
     errors: sled::Tree,
     pulls: sled::Tree,
     lookups: sled::Tree,
+    /// Trees whose undecodable records were already logged.
+    logged_undecodable: Arc<Mutex<HashSet<&'static str>>>,
 }
 
-fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, DbError> {
-    Ok(bincode::serde::encode_to_vec(
-        value,
-        bincode::config::standard(),
-    )?)
+fn encode<T: Record>(value: &T) -> Result<Vec<u8>, DbError> {
+    let mut out = vec![T::VERSION];
+    bincode::serde::encode_into_std_write(value, &mut out, bincode::config::standard())?;
+    Ok(out)
 }
 
-fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DbError> {
-    Ok(bincode::serde::decode_from_slice(bytes, bincode::config::standard())?.0)
+/// Decodes a record of its current version, or upgrades an older one.
+fn decode<T: Record>(bytes: &[u8]) -> Option<T> {
+    let (&version, body) = bytes.split_first()?;
+    if version == T::VERSION {
+        bincode::serde::decode_from_slice(body, bincode::config::standard())
+            .ok()
+            .map(|(v, _)| v)
+    } else {
+        T::upgrade(version, body)
+    }
 }
 
 fn be_u64(bytes: &[u8]) -> u64 {
@@ -186,6 +149,7 @@ fn counts_desc(tree: &sled::Tree) -> Result<Vec<(String, u64)>, DbError> {
 impl Db {
     pub fn open(path: &Path) -> Result<Self, DbError> {
         let db = sled::open(path)?;
+        migrate::run(&db)?;
         Ok(Db {
             manifests: db.open_tree("manifests")?,
             manifest_digests: db.open_tree("manifest_digests")?,
@@ -196,15 +160,37 @@ impl Db {
             errors: db.open_tree("errors")?,
             pulls: db.open_tree("pulls")?,
             lookups: db.open_tree("lookups")?,
+            logged_undecodable: Arc::default(),
             db,
         })
     }
 
+    /// Decodes a record read from `tree`; one that cannot be decoded is
+    /// absent, and logged the first time per tree.
+    fn decode<T: Record>(&self, tree: &'static str, bytes: &[u8]) -> Option<T> {
+        let record = decode(bytes);
+        if record.is_none() {
+            let first = self
+                .logged_undecodable
+                .lock()
+                .map(|mut seen| seen.insert(tree))
+                .unwrap_or(false);
+            if first {
+                tracing::warn!(
+                    tree,
+                    "a database record could not be decoded; it is treated as \
+                     absent (an image is rebuilt, a build record not shown)"
+                );
+            }
+        }
+        record
+    }
+
     pub fn manifest(&self, cache_key: &str) -> Result<Option<ManifestRecord>, DbError> {
-        self.manifests
+        Ok(self
+            .manifests
             .get(cache_key)?
-            .map(|v| decode(&v))
-            .transpose()
+            .and_then(|v| self.decode("manifests", &v)))
     }
 
     pub fn put_manifest(&self, cache_key: &str, record: &ManifestRecord) -> Result<(), DbError> {
@@ -226,7 +212,10 @@ impl Db {
     }
 
     pub fn layer(&self, key: &str) -> Result<Option<LayerRecord>, DbError> {
-        self.layers.get(key)?.map(|v| decode(&v)).transpose()
+        Ok(self
+            .layers
+            .get(key)?
+            .and_then(|v| self.decode("layers", &v)))
     }
 
     pub fn put_layer(&self, key: &str, record: &LayerRecord) -> Result<(), DbError> {
@@ -262,7 +251,11 @@ impl Db {
 
     /// Build records, newest first.
     pub fn builds(&self) -> Result<Vec<BuildRecord>, DbError> {
-        self.builds.iter().rev().map(|kv| decode(&kv?.1)).collect()
+        let mut out = Vec::new();
+        for kv in self.builds.iter().rev() {
+            out.extend(self.decode("builds", &kv?.1));
+        }
+        Ok(out)
     }
 
     /// Records a failed build, keeping the newest [`ERRORS_KEPT`].
@@ -272,7 +265,11 @@ impl Db {
 
     /// Error records, newest first.
     pub fn errors(&self) -> Result<Vec<ErrorRecord>, DbError> {
-        self.errors.iter().rev().map(|kv| decode(&kv?.1)).collect()
+        let mut out = Vec::new();
+        for kv in self.errors.iter().rev() {
+            out.extend(self.decode("errors", &kv?.1));
+        }
+        Ok(out)
     }
 
     /// Counts a manifest request by tag: how it was answered, and, when it
@@ -416,5 +413,88 @@ mod tests {
         let builds = db.builds().unwrap();
         assert_eq!(builds.len(), BUILDS_KEPT);
         assert_eq!(builds[0].image, format!("img{}", BUILDS_KEPT + 4));
+    }
+
+    fn sample_manifest() -> ManifestRecord {
+        ManifestRecord {
+            digest: Digest::of(b"m"),
+            checked_at: 7,
+            out_paths: vec!["/nix/store/x-hello".into()],
+            revision: None,
+        }
+    }
+
+    /// Layout 1 as the previous release wrote it: bare bincode values and
+    /// no `meta` tree.
+    #[test]
+    fn opens_a_layout_1_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let bare = |v: &ManifestRecord| {
+            bincode::serde::encode_to_vec(v, bincode::config::standard()).unwrap()
+        };
+        {
+            let raw = sled::open(dir.path()).unwrap();
+            let manifests = raw.open_tree("manifests").unwrap();
+            manifests.insert("k", bare(&sample_manifest())).unwrap();
+            let layer = LayerRecord {
+                digest: Digest::of(b"l"),
+                diff_id: Digest::of(b"d"),
+                size: 9,
+            };
+            let layer = bincode::serde::encode_to_vec(layer, bincode::config::standard()).unwrap();
+            raw.open_tree("layers").unwrap().insert("l", layer).unwrap();
+            raw.open_tree("pulls")
+                .unwrap()
+                .insert("a", &5u64.to_be_bytes())
+                .unwrap();
+            raw.flush().unwrap();
+        }
+        for _ in 0..2 {
+            let db = Db::open(dir.path()).unwrap();
+            assert_eq!(db.manifest("k").unwrap(), Some(sample_manifest()));
+            assert_eq!(db.layer("l").unwrap().unwrap().size, 9);
+            assert_eq!(db.pulls().unwrap(), vec![("a".into(), 5)]);
+            let meta = db.db.open_tree("meta").unwrap();
+            let schema = meta.get("schema").unwrap().unwrap();
+            assert_eq!(schema.as_ref(), SCHEMA_VERSION.to_be_bytes());
+            db.db.flush().unwrap();
+        }
+    }
+
+    #[test]
+    fn undecodable_records_are_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        db.put_manifest("good", &sample_manifest()).unwrap();
+        db.manifests
+            .insert("garbage", &[1u8, 0xff, 0xff][..])
+            .unwrap();
+        db.manifests.insert("future", &[200u8, 0][..]).unwrap();
+        db.manifests.insert("empty", &[][..]).unwrap();
+        db.builds
+            .insert(0u64.to_be_bytes(), &[1u8, 0xff][..])
+            .unwrap();
+        assert_eq!(db.manifest("good").unwrap(), Some(sample_manifest()));
+        for key in ["garbage", "future", "empty"] {
+            assert_eq!(db.manifest(key).unwrap(), None, "{key}");
+        }
+        assert!(db.builds().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_newer_layout_is_refused_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let raw = sled::open(dir.path()).unwrap();
+            let newer = (SCHEMA_VERSION + 1).to_be_bytes();
+            raw.open_tree("meta")
+                .unwrap()
+                .insert("schema", &newer)
+                .unwrap();
+            raw.flush().unwrap();
+        }
+        let err = Db::open(dir.path()).err().unwrap();
+        assert!(matches!(err, DbError::TooNew { .. }), "{err}");
+        assert!(err.to_string().contains("newer nixery"), "{err}");
     }
 }
