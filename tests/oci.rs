@@ -322,3 +322,26 @@ async fn oci_conformance_suite_passes_all_a_pull_only_registry_can() {
     );
     s.stop().await;
 }
+
+#[tokio::test]
+async fn digests_are_the_same_on_another_server() {
+    let c = Client::new();
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let (_dir, s) = fresh_server(&[]).await;
+        let (docker, _) =
+            get_manifest_as(&c, &s, "hello", "latest", MANIFEST_TYPE, MANIFEST_TYPE).await;
+        let (oci, _) = get_manifest_as(
+            &c,
+            &s,
+            "hello",
+            "latest",
+            OCI_MANIFEST_TYPE,
+            OCI_MANIFEST_TYPE,
+        )
+        .await;
+        seen.push((docker, oci));
+        s.stop().await;
+    }
+    assert_eq!(seen[0], seen[1], "fixed `created`, so rebuilt images match");
+}
