@@ -3,10 +3,12 @@
 
 mod common;
 
+use common::TestServer;
 use common::{
     error_code, fresh_server, get_blob, get_manifest_as, header, require_tool, LIST_TYPE,
     MANIFEST_TYPE, OCI_INDEX_TYPE, OCI_MANIFEST_TYPE,
 };
+use nixery::digest::Digest;
 use reqwest::{Client, StatusCode};
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -27,21 +29,18 @@ fn digests(list: &Value) -> Vec<String> {
         .collect()
 }
 
+/// `name:latest` as a Docker schema2 and as an OCI manifest.
+async fn both_forms(c: &Client, s: &TestServer, name: &str) -> ((Digest, Value), (Digest, Value)) {
+    let docker = get_manifest_as(c, s, name, "latest", MANIFEST_TYPE, MANIFEST_TYPE).await;
+    let oci = get_manifest_as(c, s, name, "latest", OCI_MANIFEST_TYPE, OCI_MANIFEST_TYPE).await;
+    (docker, oci)
+}
+
 #[tokio::test]
 async fn docker_and_oci_forms_share_the_blobs() {
     let (_dir, s) = fresh_server(&[]).await;
     let c = Client::new();
-    let (docker, dm) =
-        get_manifest_as(&c, &s, "hello", "latest", MANIFEST_TYPE, MANIFEST_TYPE).await;
-    let (oci, om) = get_manifest_as(
-        &c,
-        &s,
-        "hello",
-        "latest",
-        OCI_MANIFEST_TYPE,
-        OCI_MANIFEST_TYPE,
-    )
-    .await;
+    let ((docker, dm), (oci, om)) = both_forms(&c, &s, "hello").await;
     assert_ne!(docker, oci, "two documents, two digests");
     assert_eq!(dm["config"]["digest"], om["config"]["digest"]);
     assert_eq!(om["config"]["mediaType"], OCI_CONFIG_TYPE);
@@ -329,17 +328,7 @@ async fn digests_are_the_same_on_another_server() {
     let mut seen = Vec::new();
     for _ in 0..2 {
         let (_dir, s) = fresh_server(&[]).await;
-        let (docker, _) =
-            get_manifest_as(&c, &s, "hello", "latest", MANIFEST_TYPE, MANIFEST_TYPE).await;
-        let (oci, _) = get_manifest_as(
-            &c,
-            &s,
-            "hello",
-            "latest",
-            OCI_MANIFEST_TYPE,
-            OCI_MANIFEST_TYPE,
-        )
-        .await;
+        let ((docker, _), (oci, _)) = both_forms(&c, &s, "hello").await;
         seen.push((docker, oci));
         s.stop().await;
     }
