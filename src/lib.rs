@@ -149,6 +149,7 @@ pub async fn open_builder(config: &Config) -> Result<Arc<Builder>, StartError> {
         max_concurrent_builds: config.max_concurrent_builds,
         gc_roots,
         popularity,
+        platforms: config.platforms.clone(),
     };
     let status = observe::status::Status::new(
         db.clone(),

@@ -200,7 +200,7 @@ fn air_gapped_round_trip() {
                 .unwrap();
         distinct.insert(m["digest"].as_str().unwrap().to_owned());
         distinct.insert(
-            oci["annotations"]["org.nixery.docker-manifest"]
+            m["annotations"]["org.nixery.docker-manifest"]
                 .as_str()
                 .unwrap()
                 .to_owned(),
@@ -250,6 +250,24 @@ fn air_gapped_round_trip() {
             "{head}"
         );
     }
+    // A client that asks for OCI gets the layout's OCI manifest.
+    for m in index["manifests"].as_array().unwrap() {
+        let name = m["annotations"]["org.opencontainers.image.ref.name"]
+            .as_str()
+            .unwrap()
+            .trim_end_matches(":latest");
+        let head = run(Command::new("curl").args([
+            "-sfI",
+            "-H",
+            "Accept: application/vnd.oci.image.manifest.v1+json",
+            &format!(
+                "http://127.0.0.1:{}/v2/{name}/manifests/latest",
+                server.port
+            ),
+        ]));
+        let want = format!("docker-content-digest: {}", m["digest"].as_str().unwrap());
+        assert!(head.to_lowercase().contains(&want), "{head}");
+    }
     let missing = run(Command::new("curl").args([
         "-s",
         &format!(
@@ -294,6 +312,11 @@ fn air_gapped_round_trip() {
     ]));
     let inspect = run(Command::new("skopeo").args(["inspect", "--tls-verify=false", &dest]));
     assert!(inspect.contains("\"Architecture\": \"amd64\""), "{inspect}");
+    let busybox_oci = index["manifests"][1]["digest"].as_str().unwrap();
+    assert!(
+        inspect.contains(busybox_oci),
+        "pushed as exported: {inspect}"
+    );
 
     // umoci unpacks what the store holds.
     let bundle = work.path().join("bundle");

@@ -4,7 +4,7 @@
 //! file; only then are blobs stored and names recorded, so a broken layout
 //! leaves the storage as it was.
 
-use super::layout::{Index, Manifest, DOCKER_MANIFEST, OCI_MANIFEST, REF_NAME};
+use super::layout::{Descriptor, Index, Manifest, DOCKER_MANIFEST, OCI_MANIFEST, REF_NAME};
 use super::ImageRef;
 use crate::build::manifest::MANIFEST_MEDIA_TYPE;
 use crate::digest::{Digest, HashingWriter};
@@ -202,7 +202,7 @@ fn check_layout(c: &mut Checked) -> Result<(), ImportError> {
         let manifest = parse(&entry.digest, &bytes)?;
         let (docker_digest, docker) = match manifest.media_type.as_str() {
             MANIFEST_MEDIA_TYPE => (entry.digest, manifest),
-            OCI_MANIFEST => docker_of(c, &entry.digest, &manifest)?,
+            OCI_MANIFEST => docker_of(c, entry, &manifest)?,
             other => {
                 return Err(ImportError::BadManifest {
                     digest: entry.digest,
@@ -228,18 +228,18 @@ fn parse(digest: &Digest, bytes: &[u8]) -> Result<Manifest, ImportError> {
     })
 }
 
-/// The Docker manifest an OCI manifest of an export names, checked to have
-/// the same blobs.
+/// The Docker manifest that an export's index entry names beside its OCI
+/// manifest, checked to have the same blobs.
 fn docker_of(
     c: &mut Checked,
-    oci_digest: &Digest,
+    entry: &Descriptor,
     oci: &Manifest,
 ) -> Result<(Digest, Manifest), ImportError> {
     let bad = |message: String| ImportError::BadManifest {
-        digest: *oci_digest,
+        digest: entry.digest,
         message,
     };
-    let named = oci.annotations.get(DOCKER_MANIFEST).ok_or_else(|| {
+    let named = entry.annotations.get(DOCKER_MANIFEST).ok_or_else(|| {
         bad(format!(
             "no {DOCKER_MANIFEST} annotation: not written by nixery export"
         ))

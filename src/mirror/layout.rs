@@ -1,13 +1,15 @@
 //! OCI image layouts (image-spec `image-layout.md`): `oci-layout`,
 //! `index.json` and `blobs/sha256/<hex>`, as `nixery export` writes them.
 //!
-//! The registry serves Docker schema2 manifests; OCI tools (umoci) want OCI
-//! media types. The layout's manifests are the OCI form of each image, with
-//! the same config and layer blobs, and each names the Docker manifest the
-//! registry served (a blob of the layout too) in an annotation, so that an
-//! import serves exactly the bytes, and so the digest, the outside served.
+//! The builder stores Docker schema2 manifests; OCI tools (umoci) want OCI
+//! media types. The layout's manifests are each image's OCI form, the bytes
+//! the registry serves to a client that asks for OCI (same config and layer
+//! blobs). Each index entry also names the Docker manifest (a blob of the
+//! layout too) in an annotation, so that an import serves exactly the
+//! bytes, and so the digests, that the outside served.
 
 use super::ImageRef;
+use crate::build::manifest::{self, Format};
 use crate::digest::Digest;
 use crate::store::fs::{BlobError, BlobStore};
 use serde::{Deserialize, Serialize};
@@ -17,11 +19,10 @@ use std::path::Path;
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-pub const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 /// The image-spec annotation that names an index entry (`NAME:TAG`).
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
-/// The digest of the Docker manifest an OCI manifest was made from.
+/// On an index entry: the digest of the Docker manifest its OCI manifest
+/// was made from.
 pub const DOCKER_MANIFEST: &str = "org.nixery.docker-manifest";
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +33,8 @@ pub enum LayoutError {
     Blob(#[from] BlobError),
     #[error("blob {0} is not in the store (run `nixery verify`)")]
     MissingBlob(Digest),
+    #[error("manifest {digest} cannot be converted to OCI: {message}")]
+    Convert { digest: Digest, message: String },
     #[error("manifest {digest} cannot be read: {source}")]
     Manifest {
         digest: Digest,
@@ -97,21 +100,6 @@ fn descriptor(media_type: &str, digest: Digest, size: u64) -> Descriptor {
     }
 }
 
-/// The OCI form of a Docker manifest: same blobs, OCI media types.
-fn to_oci(docker: &Manifest, docker_digest: &Digest) -> Manifest {
-    Manifest {
-        schema_version: 2,
-        media_type: OCI_MANIFEST.to_owned(),
-        config: descriptor(OCI_CONFIG, docker.config.digest, docker.config.size),
-        layers: docker
-            .layers
-            .iter()
-            .map(|l| descriptor(OCI_LAYER, l.digest, l.size))
-            .collect(),
-        annotations: BTreeMap::from([(DOCKER_MANIFEST.to_owned(), docker_digest.to_string())]),
-    }
-}
-
 /// What an export wrote.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Written {
@@ -141,22 +129,21 @@ pub fn write(
                 written.blobs += 1;
             }
         }
-        let oci = serde_json::to_vec(&to_oci(&docker, digest)).map_err(|source| {
-            LayoutError::Manifest {
+        let oci =
+            manifest::convert(&docker_bytes, Format::Oci).map_err(|e| LayoutError::Convert {
                 digest: *digest,
-                source,
-            }
-        })?;
-        let oci_digest = Digest::of(&oci);
-        if seen.insert(oci_digest) {
-            write_file(&blob_dir.join(oci_digest.hex()), &oci)?;
+                message: e.to_string(),
+            })?;
+        if seen.insert(oci.digest) {
+            write_file(&blob_dir.join(oci.digest.hex()), &oci.json)?;
             written.blobs += 1;
-            written.bytes += oci.len() as u64;
+            written.bytes += oci.json.len() as u64;
         }
-        let mut entry = descriptor(OCI_MANIFEST, oci_digest, oci.len() as u64);
-        entry
-            .annotations
-            .insert(REF_NAME.to_owned(), image.to_string());
+        let mut entry = descriptor(OCI_MANIFEST, oci.digest, oci.json.len() as u64);
+        entry.annotations = BTreeMap::from([
+            (REF_NAME.to_owned(), image.to_string()),
+            (DOCKER_MANIFEST.to_owned(), digest.to_string()),
+        ]);
         entries.push(entry);
     }
     let index = Index {
