@@ -348,6 +348,13 @@ impl Builder {
         tag: &str,
         arch: Arch,
     ) -> BuildResult {
+        // A mirror serves one platform per name, through `manifest_for`.
+        if self.settings.source.is_mirror() {
+            return Err(Arc::new(BuildError::NoSource(format!(
+                "{name}:{tag} for {}",
+                arch.docker()
+            ))));
+        }
         // The registry grammar was checked; a git source also needs a ref.
         self.settings
             .source
