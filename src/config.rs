@@ -57,6 +57,23 @@ pub struct ServeArgs {
     /// served from cache before it is evaluated again.
     #[arg(long, env = "NIXERY_CACHE_TTL", default_value_t = 300)]
     pub cache_ttl: u64,
+    /// An htpasswd file (bcrypt entries, `htpasswd -B`); when set, `/v2/`
+    /// and the admin page need HTTP Basic credentials from it. Reread when
+    /// it changes.
+    #[arg(long, env = "NIXERY_HTPASSWD")]
+    pub htpasswd: Option<PathBuf>,
+    /// With --htpasswd: leave /metrics open to scrapers without credentials.
+    #[arg(long, env = "NIXERY_METRICS_PUBLIC")]
+    pub metrics_public: bool,
+    /// Client connections open at once; more wait to be accepted.
+    #[arg(long, env = "NIXERY_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers.
+    #[arg(long, env = "NIXERY_HEADER_TIMEOUT", default_value_t = 10)]
+    pub header_timeout: u64,
+    /// Seconds a connection may stay open without a request in progress.
+    #[arg(long, env = "NIXERY_IDLE_TIMEOUT", default_value_t = 60)]
+    pub idle_timeout: u64,
     /// Log lines as readable text or as one JSON object per line.
     #[arg(long, env = "NIXERY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -81,6 +98,9 @@ pub struct Config {
     pub nix_options: Vec<(String, String)>,
     pub layer_budget: usize,
     pub cache_ttl: Duration,
+    pub htpasswd: Option<PathBuf>,
+    pub metrics_public: bool,
+    pub connections: crate::http::conn::Limits,
 }
 
 /// A setting that is missing or contradicts another; says which.
@@ -106,6 +126,8 @@ pub enum ConfigError {
     LayerBudget(usize),
     #[error("--nix-option (NIXERY_NIX_OPTIONS) {0:?} is not of the form NAME=VALUE")]
     NixOption(String),
+    #[error("--max-connections, --header-timeout and --idle-timeout (NIXERY_MAX_CONNECTIONS, NIXERY_HEADER_TIMEOUT, NIXERY_IDLE_TIMEOUT) must be at least 1")]
+    Connections,
 }
 
 /// `builtins.getFlake` takes no relative paths: make them absolute.
@@ -199,6 +221,9 @@ impl ServeArgs {
                 _ => Err(ConfigError::NixOption(o.clone())),
             })
             .collect::<Result<_, _>>()?;
+        if self.max_connections == 0 || self.header_timeout == 0 || self.idle_timeout == 0 {
+            return Err(ConfigError::Connections);
+        }
         Ok(Config {
             listen: SocketAddr::new(self.listen_address, self.port),
             source,
@@ -209,6 +234,13 @@ impl ServeArgs {
             nix_options,
             layer_budget: self.layer_budget,
             cache_ttl: Duration::from_secs(self.cache_ttl),
+            htpasswd: self.htpasswd.clone().filter(|p| !p.as_os_str().is_empty()),
+            metrics_public: self.metrics_public,
+            connections: crate::http::conn::Limits {
+                max_connections: self.max_connections,
+                header_timeout: Duration::from_secs(self.header_timeout),
+                idle_timeout: Duration::from_secs(self.idle_timeout),
+            },
         })
     }
 }

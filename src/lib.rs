@@ -9,6 +9,7 @@ pub mod digest;
 pub mod error;
 pub mod http;
 pub mod observe;
+pub mod redact;
 pub mod store;
 
 use axum::http::{HeaderName, HeaderValue};
@@ -42,6 +43,8 @@ pub enum StartError {
     Db(#[from] store::db::DbError),
     #[error(transparent)]
     Popularity(#[from] build::popularity::PopularityError),
+    #[error(transparent)]
+    Htpasswd(#[from] http::auth::HtpasswdError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -66,17 +69,27 @@ pub fn write_atomically(path: &Path, content: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// The axum application for a builder.
-pub fn router(builder: Arc<Builder>) -> Router {
+/// The axum application for a builder; with `auth`, everything but what
+/// it leaves public needs credentials.
+pub fn router(builder: Arc<Builder>, auth: Option<Arc<http::auth::Auth>>) -> Router {
     let status = Arc::clone(builder.status());
-    Router::new()
+    let routes = Router::new()
         .route("/", get(http::admin::page))
         .route("/api/status", get(http::admin::status))
         .route("/metrics", get(http::admin::metrics))
-        .route("/v2", get(http::registry::base))
-        .route("/v2/", get(http::registry::base))
+        .route("/v2", any(http::registry::base))
+        .route("/v2/", any(http::registry::base))
         .route("/v2/{*rest}", any(http::registry::dispatch))
         .fallback(|| async { error::ApiError::not_found_route() })
+        .method_not_allowed_fallback(|| async { error::ApiError::method_not_allowed() });
+    let routes = match auth {
+        Some(auth) => routes.layer(axum::middleware::from_fn_with_state(
+            auth,
+            http::auth::require,
+        )),
+        None => routes,
+    };
+    routes
         .layer(SetResponseHeaderLayer::overriding(
             HeaderName::from_static("docker-distribution-api-version"),
             HeaderValue::from_static("registry/2.0"),
@@ -101,6 +114,8 @@ pub fn router(builder: Arc<Builder>) -> Router {
 pub struct Server {
     listener: tokio::net::TcpListener,
     builder: Arc<Builder>,
+    auth: Option<Arc<http::auth::Auth>>,
+    limits: http::conn::Limits,
 }
 
 impl Server {
@@ -126,6 +141,10 @@ impl Server {
         if std::fs::read(&prepare_image).ok().as_deref() != Some(PREPARE_IMAGE_NIX.as_bytes()) {
             write_atomically(&prepare_image, PREPARE_IMAGE_NIX.as_bytes()).map_err(storage)?;
         }
+        let auth = match &config.htpasswd {
+            Some(path) => Some(http::auth::Auth::open(path, config.metrics_public)?),
+            None => None,
+        };
         let blobs = store::fs::BlobStore::open(&config.storage_path)?;
         let db = store::db::Db::open(&config.storage_path.join("db"))?;
         let popularity = match &config.popularity_url {
@@ -161,7 +180,12 @@ impl Server {
                 addr: config.listen,
                 source,
             })?;
-        Ok(Server { listener, builder })
+        Ok(Server {
+            listener,
+            builder,
+            auth,
+            limits: config.connections,
+        })
     }
 
     /// The builder, for tests and tools that inspect what was built.
@@ -179,9 +203,12 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let db = self.builder.db().clone();
-        axum::serve(self.listener, router(self.builder))
-            .with_graceful_shutdown(shutdown)
-            .await?;
+        let watcher = self.auth.as_ref().map(|a| a.watch());
+        let app = router(self.builder, self.auth);
+        http::conn::serve(self.listener, app, self.limits, shutdown).await?;
+        if let Some(w) = watcher {
+            w.abort();
+        }
         if let Err(e) = db.flush().await {
             tracing::warn!(error = %e, "could not flush the database at shutdown");
         }

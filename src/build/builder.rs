@@ -223,17 +223,48 @@ impl Builder {
         ])
     }
 
-    /// A cached manifest that may be served without asking Nix.
+    /// Whether a stored manifest and every blob it names are whole, so a
+    /// client can complete a pull of it. Blocking (it reads and stats).
+    fn complete(&self, manifest: &Digest) -> bool {
+        let whole = self.blobs.get(manifest).ok().flatten().is_some_and(|m| {
+            let referenced = manifest::referenced_blobs(m.as_ref());
+            referenced.is_some_and(|blobs| {
+                blobs
+                    .iter()
+                    .all(|(digest, size)| self.blobs.contains_whole(digest, *size))
+            })
+        });
+        if !whole {
+            tracing::warn!(%manifest, "a cached manifest names a missing or damaged blob; the image is rebuilt");
+        }
+        whole
+    }
+
+    /// A cached manifest that may be served without asking Nix. Blocking.
     fn fresh_cached(&self, key: &str, tag: &str) -> Result<Option<Digest>, DbError> {
         let Some(record) = self.db.manifest(key)? else {
             return Ok(None);
         };
-        if !self.blobs.contains(&record.digest) {
+        if !self.complete(&record.digest) {
             return Ok(None);
         }
         let age = now_unix().saturating_sub(record.checked_at);
         let fresh = self.settings.source.is_pinned(tag) || age < self.settings.cache_ttl.as_secs();
         Ok(fresh.then_some(record.digest))
+    }
+
+    /// [`fresh_cached`](Self::fresh_cached) on a blocking thread.
+    async fn fresh_cached_off_thread(
+        self: &Arc<Self>,
+        key: &str,
+        tag: &str,
+    ) -> Result<Option<Digest>, Arc<BuildError>> {
+        let this = Arc::clone(self);
+        let (key, tag) = (key.to_owned(), tag.to_owned());
+        tokio::task::spawn_blocking(move || this.fresh_cached(&key, &tag))
+            .await
+            .map_err(|e| Arc::new(BuildError::Task(e.to_string())))?
+            .map_err(|e| Arc::new(e.into()))
     }
 
     /// The manifest digest for a validated image name and tag, building the
@@ -246,10 +277,7 @@ impl Builder {
             .map_err(|e| Arc::new(e.into()))?;
         let spec = ImageSpec::from_name(name, tag);
         let key = self.cache_key(&spec);
-        if let Some(digest) = self
-            .fresh_cached(&key, tag)
-            .map_err(|e| Arc::new(e.into()))?
-        {
+        if let Some(digest) = self.fresh_cached_off_thread(&key, tag).await? {
             self.status.manifest_requested(name, Lookup::Hit, true);
             return Ok(digest);
         }
@@ -272,10 +300,7 @@ impl Builder {
     async fn build(self: Arc<Self>, image: String, spec: ImageSpec, key: String) -> BuildResult {
         // A build that finished just before this one was started leaves its
         // result in the cache.
-        if let Some(digest) = self
-            .fresh_cached(&key, &spec.tag)
-            .map_err(|e| Arc::new(e.into()))?
-        {
+        if let Some(digest) = self.fresh_cached_off_thread(&key, &spec.tag).await? {
             return Ok(digest);
         }
         // Listed in flight (as queued) while it waits for a build slot.
@@ -364,7 +389,7 @@ impl Builder {
         if let Some(ck) = &commit_key {
             phases.finish("revision");
             if let Some(built) = self.db.manifest(ck)? {
-                if self.blobs.contains(&built.digest) {
+                if self.complete(&built.digest) {
                     return self.keep(image, spec, key, built);
                 }
             }
@@ -417,7 +442,7 @@ impl Builder {
         // manifest: only the check time and the revision move.
         let previous = self.db.manifest(key)?;
         let record = match previous {
-            Some(p) if p.out_paths == outs && self.blobs.contains(&p.digest) => ManifestRecord {
+            Some(p) if p.out_paths == outs && self.complete(&p.digest) => ManifestRecord {
                 revision: revision.clone(),
                 ..p
             },
@@ -517,7 +542,7 @@ impl Builder {
         counters: &Counters,
     ) -> Result<LayerRecord, BuildError> {
         if let Some(record) = self.db.layer(&key)? {
-            if self.blobs.contains(&record.digest) {
+            if self.blobs.contains_whole(&record.digest, record.size) {
                 counters.layers_reused.fetch_add(1, Ordering::Relaxed);
                 return Ok(record);
             }

@@ -155,7 +155,9 @@ async fn ls_remote(
         .map_err(|e| GitError::Spawn(e.to_string()))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        return Err(GitError::Failed(stderr.trim().to_owned()));
+        return Err(GitError::Failed(
+            crate::redact::redact(stderr.trim()).into_owned(),
+        ));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

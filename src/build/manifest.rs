@@ -92,6 +92,20 @@ struct Descriptor {
     digest: Digest,
 }
 
+/// The config and layer blobs a stored manifest names, with their sizes;
+/// `None` if the bytes are not such a manifest (damaged).
+pub fn referenced_blobs(manifest_json: &[u8]) -> Option<Vec<(Digest, u64)>> {
+    let doc: serde_json::Value = serde_json::from_slice(manifest_json).ok()?;
+    let descriptor = |d: &serde_json::Value| -> Option<(Digest, u64)> {
+        Some((d["digest"].as_str()?.parse().ok()?, d["size"].as_u64()?))
+    };
+    let mut blobs = vec![descriptor(&doc["config"])?];
+    for layer in doc["layers"].as_array()? {
+        blobs.push(descriptor(layer)?);
+    }
+    Some(blobs)
+}
+
 /// Serialises the config and the manifest for `layers`, base-most first.
 pub fn build(config: &ImageConfig, layers: &[LayerBlob]) -> Result<BuiltImage, ManifestError> {
     if !ARCHITECTURES.contains(&config.architecture.as_str()) {

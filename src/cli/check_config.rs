@@ -59,7 +59,7 @@ pub fn check(args: &CheckArgs) -> Result<Config, CheckError> {
     }
     if let Some(url) = &config.popularity_url {
         check_popularity(url, offline).map_err(|reason| CheckError::Popularity {
-            url: url.clone(),
+            url: crate::redact::redact(url).into_owned(),
             reason,
         })?;
     }
@@ -163,7 +163,7 @@ pub fn summary(config: &Config, files_checked: bool) -> String {
         config.nix_timeout.as_secs(),
         config.layer_budget,
         config.cache_ttl.as_secs(),
-        config.popularity_url.as_deref().unwrap_or("none"),
+        crate::redact::redact(config.popularity_url.as_deref().unwrap_or("none")),
     )
 }
 

@@ -2,6 +2,8 @@
 //! metrics, and the middleware that measures every request.
 
 pub mod admin;
+pub mod auth;
+pub mod conn;
 pub mod format;
 pub mod observe;
 pub mod range;

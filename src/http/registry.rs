@@ -9,6 +9,7 @@ use crate::build::nix::NixError;
 use crate::digest::Digest;
 use crate::error::{ApiError, ErrorCode};
 use axum::body::Body;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -19,8 +20,12 @@ use std::sync::Arc;
 
 const IMMUTABLE: &str = "max-age=31536000, immutable";
 
-/// `GET/HEAD /v2/`: tells clients this is a registry (no auth needed).
+/// `GET/HEAD /v2/`: tells clients this is a registry (and, with
+/// `--htpasswd`, whether their credentials are good).
 pub async fn base(method: Method) -> Response {
+    if method != Method::GET && method != Method::HEAD {
+        return ApiError::method_not_allowed().into_response();
+    }
     let body = if method == Method::HEAD { "" } else { "{}" };
     let mut r = (StatusCode::OK, body).into_response();
     set(&mut r, header::CONTENT_TYPE, "application/json");
@@ -45,22 +50,25 @@ pub struct TagsQuery {
 pub async fn dispatch(
     State(builder): State<Arc<Builder>>,
     method: Method,
-    Path(rest): Path<String>,
-    Query(query): Query<HashMap<String, String>>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
     let head = method == Method::HEAD;
     if method != Method::GET && !head {
+        return ApiError::method_not_allowed().into_response();
+    }
+    let (Ok(Path(rest)), Ok(Query(query))) = (path, query) else {
         return with_head(
             ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                ErrorCode::Unsupported,
-                "this registry only serves pulls",
+                StatusCode::BAD_REQUEST,
+                ErrorCode::NameInvalid,
+                "the path or query is not valid UTF-8 text",
             )
             .into_response(),
             head,
         );
-    }
+    };
     let result = match RegistryPath::parse(&rest) {
         Err(e) => Err(path_error(e)),
         Ok(RegistryPath::Manifest { name, reference }) => {
