@@ -145,6 +145,11 @@ impl Server {
             Some(path) => Some(http::auth::Auth::open(path, config.metrics_public)?),
             None => None,
         };
+        tracing::info!(
+            source = %config.source.describe(),
+            storage = %config.storage_path.display(),
+            "starting"
+        );
         let blobs = store::fs::BlobStore::open(&config.storage_path)?;
         let db = store::db::Db::open(&config.storage_path.join("db"))?;
         let popularity = match &config.popularity_url {

@@ -2,87 +2,11 @@
 
 mod common;
 
-use common::{fixture_dir, nix_closure, require_tool};
-use std::io::{BufRead, BufReader};
+use common::binary::{docker, run, serve_command, Binary};
+use common::{nix_closure, require_tool};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-
-/// The real binary on a free port; killed on drop.
-struct Binary {
-    child: Child,
-    port: u16,
-    _storage: tempfile::TempDir,
-}
-
-/// `nixery serve` on a free port with the fixture set and `storage`.
-fn serve_command(storage: &Path) -> Command {
-    require_tool("nix-instantiate");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixery"));
-    cmd.arg("serve")
-        .env("PORT", "0")
-        .env("NIXERY_LISTEN_ADDRESS", "127.0.0.1")
-        .env("NIXERY_PKGS_PATH", fixture_dir())
-        .env("STORAGE_PATH", storage)
-        .env("NIXERY_NIX_OPTIONS", "substituters=")
-        .env("NIX_TIMEOUT", "300")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    cmd
-}
-
-impl Binary {
-    /// Starts the server and reads its port from its first line of output.
-    fn start() -> Binary {
-        let storage = tempfile::tempdir().unwrap();
-        let mut child = serve_command(storage.path())
-            .spawn()
-            .expect("nixery starts");
-        let stdout = child.stdout.take().unwrap();
-        let mut reader = BufReader::new(stdout);
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        // Keep reading so the server never writes into a closed pipe.
-        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-        let port = line
-            .trim()
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {line:?}"));
-        Binary {
-            child,
-            port,
-            _storage: storage,
-        }
-    }
-
-    fn image(&self, name: &str) -> String {
-        format!("localhost:{}/{name}", self.port)
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn docker(args: &[&str]) -> String {
-    run(Command::new("docker").args(args))
-}
+use std::process::Command;
 
 #[test]
 fn survives_a_closed_stdout() {

@@ -87,6 +87,28 @@ impl BuildError {
     }
 }
 
+/// What Nix prints when a git source lacks the commit it was asked for.
+const MISSING_COMMIT: [&str; 4] = [
+    "Cannot find Git revision",
+    "not our ref",
+    "unadvertised object",
+    "bad object",
+];
+
+/// A commit tag that Nix cannot fetch because the repository lacks it is
+/// the documented 404, not a failed build.
+fn missing_commit(source: &Source, tag: &str, e: NixError) -> BuildError {
+    let missing = matches!(source, Source::Git(_))
+        && crate::build::source::is_commit(tag)
+        && e.stderr_tail(usize::MAX)
+            .is_some_and(|s| MISSING_COMMIT.iter().any(|m| s.contains(m)));
+    if missing {
+        BuildError::Source(GitError::UnknownCommit(tag.to_owned()))
+    } else {
+        e.into()
+    }
+}
+
 pub type BuildResult = Result<Digest, Arc<BuildError>>;
 
 /// What the builder needs from the configuration.
@@ -401,7 +423,8 @@ impl Builder {
                 spec.arch.nix_system(),
                 &spec.packages,
             )
-            .await?;
+            .await
+            .map_err(|e| missing_commit(&self.settings.source, &spec.tag, e))?;
         if revision.is_none() {
             *revision = match (
                 &resolved.source.rev,

@@ -14,6 +14,8 @@ pub enum GitError {
     InvalidRef(String),
     #[error("no branch or tag {0:?} in the package repository")]
     UnknownRef(String),
+    #[error("no commit {0} in the package repository")]
+    UnknownCommit(String),
     #[error("the package repository has no default branch (HEAD)")]
     NoHead,
     #[error("could not run git: {0}")]

@@ -153,7 +153,9 @@ pub fn build_error(e: &BuildError) -> ApiError {
             ErrorCode::TagInvalid,
             e.to_string(),
         ),
-        BuildError::Source(e @ (GitError::UnknownRef(_) | GitError::NoHead)) => ApiError::new(
+        BuildError::Source(
+            e @ (GitError::UnknownRef(_) | GitError::UnknownCommit(_) | GitError::NoHead),
+        ) => ApiError::new(
             StatusCode::NOT_FOUND,
             ErrorCode::ManifestUnknown,
             e.to_string(),

@@ -2,6 +2,7 @@
 //! temporary STORAGE_PATH and the fixture package set.
 #![allow(dead_code)]
 
+pub mod binary;
 pub mod browser;
 
 use clap::Parser;
