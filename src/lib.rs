@@ -69,6 +69,39 @@ pub fn write_atomically(path: &Path, content: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// Says so when the database lost records that the blob store shows were
+/// there: sled drops a damaged log's tail silently, and a database may be
+/// removed or restored from an old copy. The images are rebuilt on their
+/// next pull, reusing stored layers.
+fn report_lost_records(blobs: &store::fs::BlobStore, db: &store::db::Db) -> Result<(), StartError> {
+    use build::manifest::{is_manifest, MANIFEST_MAX_BYTES};
+    let mut stored = 0usize;
+    let mut unknown = 0usize;
+    for digest in blobs.small_blobs(MANIFEST_MAX_BYTES)? {
+        let Ok(Some(blob)) = blobs.get(&digest) else {
+            continue;
+        };
+        if is_manifest(blob.as_ref()) {
+            stored += 1;
+            if !db.is_manifest(&digest)? {
+                unknown += 1;
+            }
+        }
+    }
+    if unknown > 0 {
+        tracing::warn!(
+            stored_manifests = stored,
+            unknown_to_the_database = unknown,
+            new_database = db.was_created(),
+            "the database lacks images whose manifests are stored: it was damaged \
+             (sled drops the end of a damaged log), removed or restored from an \
+             older copy, or a build was interrupted; those images are rebuilt on \
+             their next pull, reusing stored layers"
+        );
+    }
+    Ok(())
+}
+
 /// The axum application for a builder; with `auth`, everything but what
 /// it leaves public needs credentials.
 pub fn router(builder: Arc<Builder>, auth: Option<Arc<http::auth::Auth>>) -> Router {
@@ -152,6 +185,7 @@ impl Server {
         );
         let blobs = store::fs::BlobStore::open(&config.storage_path)?;
         let db = store::db::Db::open(&config.storage_path.join("db"))?;
+        report_lost_records(&blobs, &db)?;
         let popularity = match &config.popularity_url {
             Some(url) => build::popularity::load(url).await?,
             None => Default::default(),

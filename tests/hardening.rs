@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::binary::Binary;
 use common::{error_code, fresh_server, get_blob, get_manifest, header};
 use nixery::digest::Digest;
 use reqwest::{Client, Method, StatusCode};
@@ -116,6 +117,67 @@ async fn an_image_whose_blobs_are_missing_or_short_is_rebuilt() {
     let builds = s.builder.db().builds().unwrap();
     assert_eq!(builds.len(), 2, "the damaged image was built again");
     s.stop().await;
+}
+
+/// Manifest digests of images pulled from a binary server, checking that
+/// every blob they name is served whole.
+async fn pull_all(server: &Binary, images: &[&str]) -> Vec<String> {
+    let c = Client::new();
+    let mut digests = Vec::new();
+    for image in images {
+        let r = c
+            .get(server.url(&format!("/v2/{image}/manifests/latest")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{image}");
+        let digest = header(&r, "docker-content-digest").to_owned();
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        let mut blobs = layer_digests(&manifest);
+        blobs.push(manifest["config"]["digest"].as_str().unwrap().to_owned());
+        for blob in blobs {
+            let bytes = c
+                .get(server.url(&format!("/v2/{image}/blobs/{blob}")))
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            assert_eq!(Digest::of(&bytes).to_string(), blob);
+        }
+        digests.push(digest);
+    }
+    digests
+}
+
+#[tokio::test]
+async fn a_damaged_database_is_reported_and_the_server_serves() {
+    let images = ["hello", "bash", "coreutils"];
+    let server = Binary::start();
+    let before = pull_all(&server, &images).await;
+    let storage = server.stop();
+    let db = storage.path().join("db");
+    // One flipped byte a third into sled's log, and a damaged conf file.
+    let mut log = std::fs::read(db.join("db")).unwrap();
+    let at = log.len() / 3;
+    log[at] ^= 0x10;
+    std::fs::write(db.join("db"), log).unwrap();
+    let mut conf = std::fs::read(db.join("conf")).unwrap();
+    conf[2] = 0xff;
+    std::fs::write(db.join("conf"), conf).unwrap();
+
+    let logs = tempfile::NamedTempFile::new().unwrap();
+    let log_file = logs.reopen().unwrap();
+    let server = Binary::start_on(storage, |cmd| {
+        cmd.stderr(std::process::Stdio::from(log_file));
+    });
+    assert_eq!(pull_all(&server, &images).await, before);
+    drop(server);
+    let log = std::fs::read_to_string(logs.path()).unwrap();
+    assert!(log.contains("sled conf file could not be read"), "{log}");
+    assert!(log.contains("the database lacks images"), "{log}");
 }
 
 /// A small deterministic generator, so a failure can be replayed.

@@ -92,6 +92,15 @@ struct Descriptor {
     digest: Digest,
 }
 
+/// Whether a blob is a manifest this registry wrote (they all start alike).
+pub fn is_manifest(blob: &[u8]) -> bool {
+    let prefix = br#"{"schemaVersion":2,"mediaType":""#;
+    blob.starts_with(prefix) && blob[prefix.len()..].starts_with(MANIFEST_MEDIA_TYPE.as_bytes())
+}
+
+/// Manifests are far smaller: a few hundred bytes a layer.
+pub const MANIFEST_MAX_BYTES: u64 = 64 * 1024;
+
 /// The config and layer blobs a stored manifest names, with their sizes;
 /// `None` if the bytes are not such a manifest (damaged).
 pub fn referenced_blobs(manifest_json: &[u8]) -> Option<Vec<(Digest, u64)>> {
@@ -234,6 +243,22 @@ mod tests {
             assert_eq!(entry["digest"], layer.digest.to_string());
             assert_eq!(entry["size"].as_u64(), Some(layer.size));
         }
+    }
+
+    #[test]
+    fn stored_manifests_are_recognised_and_read() {
+        let built = build(&config(), &[blob(1), blob(2)]).unwrap();
+        assert!(is_manifest(&built.manifest_json));
+        assert!(!is_manifest(&built.config_json));
+        assert!(!is_manifest(b"{\"schemaVersion\":2,\"mediaType\":\""));
+        let named = referenced_blobs(&built.manifest_json).unwrap();
+        assert_eq!(named.len(), 3);
+        assert_eq!(
+            named[0],
+            (built.config_digest, built.config_json.len() as u64)
+        );
+        assert_eq!(named[1], (blob(1).digest, blob(1).size));
+        assert_eq!(referenced_blobs(b"{}"), None);
     }
 
     #[test]

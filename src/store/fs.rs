@@ -191,6 +191,32 @@ impl BlobStore {
         Ok(Some(Blob(Inner::Mapped(map))))
     }
 
+    /// Digests of the stored blobs of at most `max_len` bytes (manifests
+    /// and configs are small). Walks the store: for start-up checks.
+    pub fn small_blobs(&self, max_len: u64) -> Result<Vec<Digest>, BlobError> {
+        let mut found = Vec::new();
+        let root = &self.dirs.blobs;
+        for shard in fs::read_dir(root).map_err(io_err("listing", root))? {
+            let shard = shard.map_err(io_err("listing", root))?.path();
+            let Ok(entries) = fs::read_dir(&shard) else {
+                continue;
+            };
+            for blob in entries.flatten() {
+                let small = blob
+                    .metadata()
+                    .is_ok_and(|m| m.is_file() && m.len() <= max_len);
+                let digest = blob
+                    .file_name()
+                    .to_str()
+                    .and_then(|hex| format!("sha256:{hex}").parse().ok());
+                if let (true, Some(d)) = (small, digest) {
+                    found.push(d);
+                }
+            }
+        }
+        Ok(found)
+    }
+
     /// Count and total bytes of stored blobs.
     pub fn stats(&self) -> (u64, u64) {
         (

@@ -38,7 +38,11 @@ impl Binary {
     /// Starts the server after `adjust` changed its command, and reads its
     /// port from its first line of output.
     pub fn start_with(adjust: impl FnOnce(&mut Command)) -> Binary {
-        let storage = tempfile::tempdir().unwrap();
+        Binary::start_on(tempfile::tempdir().unwrap(), adjust)
+    }
+
+    /// As [`start_with`](Self::start_with), on existing storage.
+    pub fn start_on(storage: tempfile::TempDir, adjust: impl FnOnce(&mut Command)) -> Binary {
         let mut cmd = serve_command(storage.path());
         adjust(&mut cmd);
         let mut child = cmd.spawn().expect("nixery starts");
@@ -71,6 +75,17 @@ impl Binary {
 
     pub fn storage(&self) -> &Path {
         self._storage.path()
+    }
+
+    /// Stops the server with SIGTERM (a clean shutdown) and hands back
+    /// its storage.
+    pub fn stop(mut self) -> tempfile::TempDir {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "clean shutdown: {status}");
+        let storage = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self._storage, storage)
     }
 }
 

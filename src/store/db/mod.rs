@@ -24,6 +24,7 @@
 
 mod migrate;
 pub mod records;
+mod recover;
 
 pub use migrate::SCHEMA_VERSION;
 pub use records::{BuildOutcome, BuildRecord, ErrorRecord, LayerRecord, ManifestRecord, Record};
@@ -51,6 +52,11 @@ pub enum DbError {
          database away to start afresh"
     )]
     TooNew { found: u32, supported: u32 },
+    #[error("database {path}: {message}")]
+    Recovery {
+        path: std::path::PathBuf,
+        message: String,
+    },
     #[error("database migration from layout version {from}: {message}")]
     Migration { from: u32, message: String },
 }
@@ -85,6 +91,8 @@ pub struct Db {
     lookups: sled::Tree,
     /// Trees whose undecodable records were already logged.
     logged_undecodable: Arc<Mutex<HashSet<&'static str>>>,
+    /// Whether this open created the database (it held nothing).
+    created: bool,
 }
 
 fn encode<T: Record>(value: &T) -> Result<Vec<u8>, DbError> {
@@ -148,8 +156,8 @@ fn counts_desc(tree: &sled::Tree) -> Result<Vec<(String, u64)>, DbError> {
 
 impl Db {
     pub fn open(path: &Path) -> Result<Self, DbError> {
-        let db = sled::open(path)?;
-        migrate::run(&db)?;
+        let db = recover::open(path)?;
+        let created = migrate::run(&db)?;
         Ok(Db {
             manifests: db.open_tree("manifests")?,
             manifest_digests: db.open_tree("manifest_digests")?,
@@ -161,8 +169,15 @@ impl Db {
             pulls: db.open_tree("pulls")?,
             lookups: db.open_tree("lookups")?,
             logged_undecodable: Arc::default(),
+            created,
             db,
         })
+    }
+
+    /// Whether opening found nothing and started a new database. With
+    /// blobs stored, that means the database was lost or damaged.
+    pub fn was_created(&self) -> bool {
+        self.created
     }
 
     /// Decodes a record read from `tree`; one that cannot be decoded is
