@@ -109,6 +109,17 @@ fn missing_commit(source: &Source, tag: &str, e: NixError) -> BuildError {
     }
 }
 
+/// Runs blocking work (sled, the file system, fsyncs, layer planning) on
+/// tokio's blocking threads, so one slow disk cannot stall every
+/// connection.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, BuildError> + Send + 'static,
+) -> Result<T, BuildError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| BuildError::Task(e.to_string()))?
+}
+
 pub type BuildResult = Result<Digest, Arc<BuildError>>;
 
 /// What the builder needs from the configuration.
@@ -300,7 +311,7 @@ impl Builder {
         let spec = ImageSpec::from_name(name, tag);
         let key = self.cache_key(&spec);
         if let Some(digest) = self.fresh_cached_off_thread(&key, tag).await? {
-            self.status.manifest_requested(name, Lookup::Hit, true);
+            self.count_request(name, Lookup::Hit, true);
             return Ok(digest);
         }
         let this = Arc::clone(self);
@@ -313,9 +324,15 @@ impl Builder {
             })
             .await
             .unwrap_or_else(|| Err(Arc::new(BuildError::Task("image build panicked".into()))));
-        self.status
-            .manifest_requested(name, Lookup::Miss, result.is_ok());
+        self.count_request(name, Lookup::Miss, result.is_ok());
         result
+    }
+
+    /// Counts a manifest request in the database, in the background.
+    fn count_request(&self, name: &str, lookup: Lookup, served: bool) {
+        let status = Arc::clone(&self.status);
+        let name = name.to_owned();
+        tokio::task::spawn_blocking(move || status.manifest_requested(&name, lookup, served));
     }
 
     /// One build, recorded whatever its outcome.
@@ -341,10 +358,13 @@ impl Builder {
             .instrument(span)
             .await;
         // The layers are packed (or the build failed): the store paths may go.
-        match std::fs::remove_dir_all(self.gc_root_dir(&key)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!(error = %e, "could not remove a build's GC roots"),
+        let gc_root = self.gc_root_dir(&key);
+        let removed = blocking(move || match std::fs::remove_dir_all(gc_root) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(BuildError::GcRoot(e)),
+            _ => Ok(()),
+        });
+        if let Err(e) = removed.await {
+            tracing::warn!(error = %e, "could not remove a build's GC roots");
         }
         let outcome = match &result {
             Ok(digest) => BuildOutcome::Success { manifest: *digest },
@@ -378,7 +398,9 @@ impl Builder {
             outcome,
             revision,
         };
-        if let Err(e) = self.db.add_build(&record) {
+        let db = self.db.clone();
+        let recorded = record.clone();
+        if let Err(e) = blocking(move || Ok(db.add_build(&recorded)?)).await {
             tracing::warn!(error = %e, "could not record build");
         }
         self.status.build_finished(&record);
@@ -389,7 +411,7 @@ impl Builder {
     }
 
     async fn run_build(
-        &self,
+        self: &Arc<Self>,
         image: &str,
         spec: &ImageSpec,
         key: &str,
@@ -410,10 +432,8 @@ impl Builder {
         // A moving tag that now names a commit built before: no evaluation.
         if let Some(ck) = &commit_key {
             phases.finish("revision");
-            if let Some(built) = self.db.manifest(ck)? {
-                if self.complete(&built.digest) {
-                    return self.keep(image, spec, key, built);
-                }
+            if let Some(built) = self.whole_manifest(ck).await? {
+                return self.keep(image, spec, key, built).await;
             }
         }
         let resolved = nix
@@ -455,7 +475,8 @@ impl Builder {
             .collect();
         counters.live.enter(Phase::Building);
         let gc_root = self.gc_root_dir(key);
-        std::fs::create_dir_all(&gc_root).map_err(BuildError::GcRoot)?;
+        let dir = gc_root.clone();
+        blocking(move || std::fs::create_dir_all(dir).map_err(BuildError::GcRoot)).await?;
         nix.realise(&drvs, &gc_root.join("out")).await?;
         phases.finish("nix build");
         let closure = nix.closure(&outs).await?;
@@ -463,16 +484,23 @@ impl Builder {
 
         // A moving source that still yields the same store paths keeps its
         // manifest: only the check time and the revision move.
-        let previous = self.db.manifest(key)?;
+        let previous = self.whole_manifest(key).await?;
         let record = match previous {
-            Some(p) if p.out_paths == outs && self.complete(&p.digest) => ManifestRecord {
+            Some(p) if p.out_paths == outs => ManifestRecord {
                 revision: revision.clone(),
                 ..p
             },
             _ => {
                 counters.live.enter(Phase::Packing);
-                let popularity = self.popularity()?;
-                let plan = layers::plan(&closure, &outs, &popularity, self.settings.layer_budget)?;
+                let this = Arc::clone(self);
+                let (closure, outs) = (closure.clone(), outs.clone());
+                let (plan, closure, outs) = blocking(move || {
+                    let popularity = this.popularity()?;
+                    let budget = this.settings.layer_budget;
+                    let plan = layers::plan(&closure, &outs, &popularity, budget)?;
+                    Ok((plan, closure, outs))
+                })
+                .await?;
                 phases.finish("layering");
                 let digest = self
                     .pack_and_write(spec, &closure, &outs, plan, counters)
@@ -486,14 +514,24 @@ impl Builder {
                 }
             }
         };
-        if let Some(ck) = &commit_key {
-            self.db.put_manifest(ck, &record)?;
+        if let Some(ck) = commit_key {
+            let (db, record) = (self.db.clone(), record.clone());
+            blocking(move || Ok(db.put_manifest(&ck, &record)?)).await?;
         }
-        self.keep(image, spec, key, record)
+        self.keep(image, spec, key, record).await
+    }
+
+    /// The manifest stored under `key` if it and all its blobs are whole.
+    async fn whole_manifest(
+        self: &Arc<Self>,
+        key: &str,
+    ) -> Result<Option<ManifestRecord>, BuildError> {
+        let (this, key) = (Arc::clone(self), key.to_owned());
+        blocking(move || Ok(this.db.manifest(&key)?.filter(|m| this.complete(&m.digest)))).await
     }
 
     /// Records a manifest as current for the pulled name and tag.
-    fn keep(
+    async fn keep(
         &self,
         image: &str,
         spec: &ImageSpec,
@@ -504,9 +542,14 @@ impl Builder {
             checked_at: now_unix(),
             ..record
         };
-        self.db.put_manifest(key, &record)?;
-        self.db.add_tag(image, &spec.tag)?;
-        Ok(record.digest)
+        let db = self.db.clone();
+        let (image, tag, key) = (image.to_owned(), spec.tag.clone(), key.to_owned());
+        blocking(move || {
+            db.put_manifest(&key, &record)?;
+            db.add_tag(&image, &tag)?;
+            Ok(record.digest)
+        })
+        .await
     }
 
     /// Packs the layers and writes the config and manifest blobs.
@@ -547,12 +590,19 @@ impl Builder {
             cmd: spec.default_cmd(),
         };
         counters.live.enter(Phase::WritingManifest);
-        let built = manifest::build(&config, &layer_blobs)?;
-        self.blobs.put(&built.config_json)?;
-        self.blobs.put(&built.manifest_json)?;
-        self.db
-            .add_popularity(closure.iter().map(|p| store_path::name_of(&p.path)))?;
-        Ok(built.manifest_digest)
+        let (blobs, db) = (self.blobs.clone(), self.db.clone());
+        let names: Vec<String> = closure
+            .iter()
+            .map(|p| store_path::name_of(&p.path).to_owned())
+            .collect();
+        blocking(move || {
+            let built = manifest::build(&config, &layer_blobs)?;
+            blobs.put(&built.config_json)?;
+            blobs.put(&built.manifest_json)?;
+            db.add_popularity(names.iter().map(String::as_str))?;
+            Ok(built.manifest_digest)
+        })
+        .await
     }
 
     /// One layer: from the index if it was packed before, else packed now
@@ -564,11 +614,16 @@ impl Builder {
         symlinks: bool,
         counters: &Counters,
     ) -> Result<LayerRecord, BuildError> {
-        if let Some(record) = self.db.layer(&key)? {
-            if self.blobs.contains_whole(&record.digest, record.size) {
-                counters.layers_reused.fetch_add(1, Ordering::Relaxed);
-                return Ok(record);
-            }
+        let (db, blobs, k) = (self.db.clone(), self.blobs.clone(), key.clone());
+        let stored = blocking(move || {
+            Ok(db
+                .layer(&k)?
+                .filter(|r| blobs.contains_whole(&r.digest, r.size)))
+        })
+        .await?;
+        if let Some(record) = stored {
+            counters.layers_reused.fetch_add(1, Ordering::Relaxed);
+            return Ok(record);
         }
         let progress = Arc::clone(&counters.bytes_packed);
         let db = self.db.clone();
@@ -577,25 +632,22 @@ impl Builder {
         let result = self
             .layers
             .run(&key, move || async move {
-                let packed =
-                    tokio::task::spawn_blocking(move || -> Result<PackedLayer, ArchiveError> {
-                        if symlinks {
-                            archive::pack_symlink_layer(&blobs, &paths, &progress)
-                        } else {
-                            archive::pack_paths(&blobs, &paths, &progress)
-                        }
-                    })
-                    .await
-                    .map_err(|e| Arc::new(BuildError::Task(e.to_string())))?
-                    .map_err(|e| Arc::new(BuildError::Archive(e)))?;
-                let record = LayerRecord {
-                    digest: packed.digest,
-                    diff_id: packed.diff_id,
-                    size: packed.size,
-                };
-                db.put_layer(&task_key, &record)
-                    .map_err(|e| Arc::new(BuildError::Db(e)))?;
-                Ok(record)
+                blocking(move || {
+                    let packed: PackedLayer = if symlinks {
+                        archive::pack_symlink_layer(&blobs, &paths, &progress)
+                    } else {
+                        archive::pack_paths(&blobs, &paths, &progress)
+                    }?;
+                    let record = LayerRecord {
+                        digest: packed.digest,
+                        diff_id: packed.diff_id,
+                        size: packed.size,
+                    };
+                    db.put_layer(&task_key, &record)?;
+                    Ok(record)
+                })
+                .await
+                .map_err(Arc::new)
             })
             .await
             .unwrap_or_else(|| Err(Arc::new(BuildError::Task("layer packing panicked".into()))));

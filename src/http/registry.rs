@@ -80,7 +80,7 @@ pub async fn dispatch(
                 n: query.get("n").cloned(),
                 last: query.get("last").cloned(),
             };
-            tags(&builder, &name, q)
+            tags(&builder, name, q).await
         }
     };
     match result {
@@ -210,10 +210,14 @@ async fn manifest(
 ) -> Result<Response, ApiError> {
     let (digest, immutable) = match reference {
         Reference::Digest(d) => {
-            let known = builder.db().is_manifest(&d).map_err(|e| {
-                tracing::error!(error = %e, "manifest lookup failed");
-                ApiError::internal("looking up the manifest")
-            })?;
+            let db = builder.db().clone();
+            let known = tokio::task::spawn_blocking(move || db.is_manifest(&d))
+                .await
+                .map_err(|_| ApiError::internal("looking up the manifest"))?
+                .map_err(|e| {
+                    tracing::error!(error = %e, "manifest lookup failed");
+                    ApiError::internal("looking up the manifest")
+                })?;
             if !known {
                 return Err(manifest_unknown(name));
             }
@@ -312,8 +316,17 @@ struct TagList<'a> {
 }
 
 /// The tags served for a name (`latest` always), paginated by `n`/`last`.
-fn tags(builder: &Arc<Builder>, name: &str, query: TagsQuery) -> Result<Response, ApiError> {
-    let mut all = builder.db().tags(name).map_err(|e| {
+async fn tags(
+    builder: &Arc<Builder>,
+    name: String,
+    query: TagsQuery,
+) -> Result<Response, ApiError> {
+    let db = builder.db().clone();
+    let (all, name) = tokio::task::spawn_blocking(move || (db.tags(&name), name))
+        .await
+        .map_err(|_| ApiError::internal("listing tags"))?;
+    let name = name.as_str();
+    let mut all = all.map_err(|e| {
         tracing::error!(error = %e, "tag lookup failed");
         ApiError::internal("listing tags")
     })?;
