@@ -279,3 +279,30 @@ async fn clients_that_never_finish_their_headers_cannot_starve_others() {
     let r = reqwest::get(server.url("/v2/")).await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
 }
+
+#[test]
+fn check_config_reads_the_htpasswd_file() {
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("htpasswd");
+    std::fs::write(&file, "alice:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\n").unwrap();
+    let check = |file: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_nixery"))
+            .args(["check-config", "--channel", "c", "--storage-path"])
+            .arg(work.path().join("storage"))
+            .arg("--htpasswd")
+            .arg(file)
+            .output()
+            .unwrap()
+    };
+    let out = check(&file);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("only bcrypt entries"), "{stderr}");
+    htpasswd(&file, "alice", "wonderland", true);
+    let out = check(&file);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -33,6 +33,8 @@ pub enum CheckError {
     Storage { path: PathBuf, reason: String },
     #[error("{POPULARITY} {url:?}: {reason}")]
     Popularity { url: String, reason: String },
+    #[error("--htpasswd (NIXERY_HTPASSWD): {0}")]
+    Htpasswd(#[from] crate::http::auth::HtpasswdError),
 }
 
 /// Validates `args` as `serve` would, plus what `serve` would only find out
@@ -56,6 +58,9 @@ pub fn check(args: &CheckArgs) -> Result<Config, CheckError> {
             path: config.storage_path.clone(),
             reason,
         })?;
+        if let Some(path) = &config.htpasswd {
+            crate::http::auth::load(path)?;
+        }
     }
     if let Some(url) = &config.popularity_url {
         check_popularity(url, offline).map_err(|reason| CheckError::Popularity {

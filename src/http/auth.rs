@@ -128,7 +128,8 @@ fn stamp(path: &Path) -> Option<Stamp> {
     Some((m.modified().ok()?, m.len(), m.ino()))
 }
 
-fn load(path: &Path) -> Result<Htpasswd, HtpasswdError> {
+/// Reads and parses an htpasswd file.
+pub fn load(path: &Path) -> Result<Htpasswd, HtpasswdError> {
     let text = std::fs::read_to_string(path).map_err(|e| HtpasswdError::Read {
         path: path.display().to_string(),
         reason: e.to_string(),
