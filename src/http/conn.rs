@@ -275,3 +275,50 @@ async fn watchdog(state: &ConnState, limits: &Limits) -> &'static str {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_connections: 1,
+        header_timeout: Duration::from_millis(100),
+        idle_timeout: Duration::from_millis(300),
+    };
+
+    /// A connection state as if opened `ago`.
+    fn opened(ago: Duration) -> ConnState {
+        let mut state = ConnState::new();
+        state.opened -= ago;
+        state
+    }
+
+    #[test]
+    fn a_silent_connection_expires_after_the_header_timeout() {
+        assert_eq!(opened(Duration::from_millis(50)).expired(&LIMITS), None);
+        assert_eq!(
+            opened(Duration::from_millis(150)).expired(&LIMITS),
+            Some("no request headers in time")
+        );
+    }
+
+    #[test]
+    fn a_request_in_progress_never_expires() {
+        let state = Arc::new(opened(Duration::from_secs(3600)));
+        let guard = InFlight::enter(&state);
+        assert_eq!(state.expired(&LIMITS), None);
+        drop(guard);
+        // Just finished: idle from now on.
+        assert_eq!(state.expired(&LIMITS), None);
+    }
+
+    #[test]
+    fn an_idle_connection_expires_after_the_idle_timeout() {
+        let state = Arc::new(opened(Duration::from_secs(10)));
+        drop(InFlight::enter(&state));
+        assert_eq!(state.expired(&LIMITS), None);
+        // The last byte moved 9.5 s after opening, 0.5 s ago.
+        state.last_activity_ms.store(9_500, Ordering::Relaxed);
+        assert_eq!(state.expired(&LIMITS), Some("idle"));
+    }
+}
