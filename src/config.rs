@@ -1,6 +1,7 @@
 //! Settings: flags, then the original Nixery's environment variables, then
 //! defaults; validated into a [`Config`] before anything starts.
 
+use crate::build::image::Arch;
 use crate::build::source::Source;
 use clap::Args;
 use std::net::{IpAddr, SocketAddr};
@@ -74,6 +75,11 @@ pub struct ServeArgs {
     /// Seconds a connection may stay open without a request in progress.
     #[arg(long, env = "NIXERY_IDLE_TIMEOUT", default_value_t = 60)]
     pub idle_timeout: u64,
+    /// Platforms a pull by tag is built for, comma-separated
+    /// (`linux/amd64,linux/arm64`); with more than one, clients that accept
+    /// an index get one. Default: the host's platform only.
+    #[arg(long, env = "NIXERY_PLATFORMS", value_delimiter = ',')]
+    pub platforms: Vec<String>,
     /// Log lines as readable text or as one JSON object per line.
     #[arg(long, env = "NIXERY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -101,6 +107,8 @@ pub struct Config {
     pub htpasswd: Option<PathBuf>,
     pub metrics_public: bool,
     pub connections: crate::http::conn::Limits,
+    /// At least one, no duplicates, in the order given.
+    pub platforms: Vec<Arch>,
 }
 
 /// A setting that is missing or contradicts another; says which.
@@ -128,6 +136,12 @@ pub enum ConfigError {
     NixOption(String),
     #[error("--max-connections, --header-timeout and --idle-timeout (NIXERY_MAX_CONNECTIONS, NIXERY_HEADER_TIMEOUT, NIXERY_IDLE_TIMEOUT) must be at least 1")]
     Connections,
+    #[error("--platforms (NIXERY_PLATFORMS) {0:?} is not one of linux/amd64, linux/arm64")]
+    Platform(String),
+    #[error(
+        "--platforms (NIXERY_PLATFORMS) is empty and this host ({0}) is neither amd64 nor arm64"
+    )]
+    NoHostPlatform(&'static str),
 }
 
 /// `builtins.getFlake` takes no relative paths: make them absolute.
@@ -224,6 +238,17 @@ impl ServeArgs {
         if self.max_connections == 0 || self.header_timeout == 0 || self.idle_timeout == 0 {
             return Err(ConfigError::Connections);
         }
+        let mut platforms = Vec::new();
+        for p in self.platforms.iter().filter(|p| !p.trim().is_empty()) {
+            let arch = Arch::from_platform(p).ok_or_else(|| ConfigError::Platform(p.clone()))?;
+            if !platforms.contains(&arch) {
+                platforms.push(arch);
+            }
+        }
+        if platforms.is_empty() {
+            platforms
+                .push(Arch::host().ok_or(ConfigError::NoHostPlatform(std::env::consts::ARCH))?);
+        }
         Ok(Config {
             listen: SocketAddr::new(self.listen_address, self.port),
             source,
@@ -241,6 +266,7 @@ impl ServeArgs {
                 header_timeout: Duration::from_secs(self.header_timeout),
                 idle_timeout: Duration::from_secs(self.idle_timeout),
             },
+            platforms,
         })
     }
 }
@@ -340,5 +366,25 @@ mod tests {
             parse(&["--storage-path", d, "--flake", "./no/such/dir"]),
             Err(ConfigError::FlakePath(_))
         ));
+    }
+
+    #[test]
+    fn platforms_default_to_the_host_and_parse_in_order() {
+        let dir = std::env::temp_dir();
+        let d = dir.to_str().unwrap();
+        let base = ["--storage-path", d, "--channel", "c"];
+        assert_eq!(parse(&base).unwrap().platforms, vec![Arch::host().unwrap()]);
+        let mut two = base.to_vec();
+        two.extend(["--platforms", "linux/arm64,linux/amd64,linux/arm64"]);
+        assert_eq!(
+            parse(&two).unwrap().platforms,
+            vec![Arch::Arm64, Arch::Amd64]
+        );
+        let mut bad = base.to_vec();
+        bad.extend(["--platforms", "linux/s390x"]);
+        assert_eq!(
+            parse(&bad).unwrap_err(),
+            ConfigError::Platform("linux/s390x".into())
+        );
     }
 }

@@ -203,6 +203,7 @@ impl Server {
             max_concurrent_builds: config.max_concurrent_builds,
             gc_roots,
             popularity,
+            platforms: config.platforms.clone(),
         };
         let status = observe::status::Status::new(
             db.clone(),

@@ -22,7 +22,10 @@ pub fn serve_command(storage: &Path) -> Command {
         .env("NIXERY_LISTEN_ADDRESS", "127.0.0.1")
         .env("NIXERY_PKGS_PATH", fixture_dir())
         .env("STORAGE_PATH", storage)
-        .env("NIXERY_NIX_OPTIONS", "substituters=")
+        .env(
+            "NIXERY_NIX_OPTIONS",
+            format!("substituters=;{}", super::ARM64_NIX_OPTION),
+        )
         .env("NIX_TIMEOUT", "300")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
