@@ -63,6 +63,10 @@ let
       NIXERY_LAYER_BUDGET = toString cfg.layerBudget;
       NIXERY_CACHE_TTL = toString cfg.cacheTtl;
       NIXERY_LOG_FORMAT = cfg.logFormat;
+      # systemd copies the file into the unit's credentials directory (%d),
+      # readable only by the service, so it never enters the Nix store.
+      NIXERY_HTPASSWD = if cfg.htpasswdFile == null then null else "%d/htpasswd";
+      NIXERY_METRICS_PUBLIC = if cfg.metricsPublic then "true" else null;
       # The store belongs to the nix-daemon; the dynamic user only talks
       # to it.
       NIX_REMOTE = "daemon";
@@ -240,6 +244,29 @@ in
       '';
     };
 
+    htpasswdFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/run/secrets/nixery.htpasswd";
+      description = ''
+        Absolute path of an htpasswd file with bcrypt entries (`htpasswd
+        -B`); when set, pulls and the admin page need HTTP Basic
+        credentials from it (`docker login`). The service reads it as a
+        systemd credential (`LoadCredential=`), so give it as a string: it
+        never enters the Nix store. After changing the file, restart the
+        service: the credential is a copy made at start.
+      '';
+    };
+
+    metricsPublic = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        With {option}`services.nixery.htpasswdFile`: leave `/metrics` open
+        to scrapers without credentials.
+      '';
+    };
+
     checkConfig = mkOption {
       type = types.bool;
       default = true;
@@ -269,6 +296,12 @@ in
         message = "services.nixery.environmentFile must be an absolute path outside the Nix store (it holds secrets).";
       }
       {
+        assertion =
+          cfg.htpasswdFile == null
+          || (hasPrefix "/" cfg.htpasswdFile && !hasPrefix "${builtins.storeDir}/" cfg.htpasswdFile);
+        message = "services.nixery.htpasswdFile must be an absolute path outside the Nix store (it holds password hashes).";
+      }
+      {
         assertion = lib.all (n: builtins.match "[^=;]+" n != null) (builtins.attrNames cfg.nixOptions)
           && lib.all (v: !lib.hasInfix ";" v) (builtins.attrValues cfg.nixOptions);
         message = "services.nixery.nixOptions: names may not contain `=` or `;`, values not `;`.";
@@ -296,6 +329,7 @@ in
         Type = "notify";
         ExecStart = "${executable} serve";
         EnvironmentFile = mkIf (cfg.environmentFile != null) cfg.environmentFile;
+        LoadCredential = mkIf (cfg.htpasswdFile != null) [ "htpasswd:${cfg.htpasswdFile}" ];
         Restart = "on-failure";
         RestartSec = 5;
 

@@ -58,6 +58,23 @@ pub struct ServeArgs {
     /// served from cache before it is evaluated again.
     #[arg(long, env = "NIXERY_CACHE_TTL", default_value_t = 300)]
     pub cache_ttl: u64,
+    /// An htpasswd file (bcrypt entries, `htpasswd -B`); when set, `/v2/`
+    /// and the admin page need HTTP Basic credentials from it. Reread when
+    /// it changes.
+    #[arg(long, env = "NIXERY_HTPASSWD")]
+    pub htpasswd: Option<PathBuf>,
+    /// With --htpasswd: leave /metrics open to scrapers without credentials.
+    #[arg(long, env = "NIXERY_METRICS_PUBLIC")]
+    pub metrics_public: bool,
+    /// Client connections open at once; more wait to be accepted.
+    #[arg(long, env = "NIXERY_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers.
+    #[arg(long, env = "NIXERY_HEADER_TIMEOUT", default_value_t = 10)]
+    pub header_timeout: u64,
+    /// Seconds a connection may stay open without a request in progress.
+    #[arg(long, env = "NIXERY_IDLE_TIMEOUT", default_value_t = 60)]
+    pub idle_timeout: u64,
     /// Platforms a pull by tag is built for, comma-separated
     /// (`linux/amd64,linux/arm64`); with more than one, clients that accept
     /// an index get one. Default: the host's platform only.
@@ -87,6 +104,9 @@ pub struct Config {
     pub nix_options: Vec<(String, String)>,
     pub layer_budget: usize,
     pub cache_ttl: Duration,
+    pub htpasswd: Option<PathBuf>,
+    pub metrics_public: bool,
+    pub connections: crate::http::conn::Limits,
     /// At least one, no duplicates, in the order given.
     pub platforms: Vec<Arch>,
 }
@@ -114,6 +134,8 @@ pub enum ConfigError {
     LayerBudget(usize),
     #[error("--nix-option (NIXERY_NIX_OPTIONS) {0:?} is not of the form NAME=VALUE")]
     NixOption(String),
+    #[error("--max-connections, --header-timeout and --idle-timeout (NIXERY_MAX_CONNECTIONS, NIXERY_HEADER_TIMEOUT, NIXERY_IDLE_TIMEOUT) must be at least 1")]
+    Connections,
     #[error("--platforms (NIXERY_PLATFORMS) {0:?} is not one of linux/amd64, linux/arm64")]
     Platform(String),
     #[error(
@@ -224,6 +246,9 @@ impl ServeArgs {
                 _ => Err(ConfigError::NixOption(o.clone())),
             })
             .collect::<Result<_, _>>()?;
+        if self.max_connections == 0 || self.header_timeout == 0 || self.idle_timeout == 0 {
+            return Err(ConfigError::Connections);
+        }
         let mut platforms = Vec::new();
         for p in self.platforms.iter().filter(|p| !p.trim().is_empty()) {
             let arch = Arch::from_platform(p).ok_or_else(|| ConfigError::Platform(p.clone()))?;
@@ -245,6 +270,13 @@ impl ServeArgs {
             nix_options,
             layer_budget: self.layer_budget,
             cache_ttl: Duration::from_secs(self.cache_ttl),
+            htpasswd: self.htpasswd.clone().filter(|p| !p.as_os_str().is_empty()),
+            metrics_public: self.metrics_public,
+            connections: crate::http::conn::Limits {
+                max_connections: self.max_connections,
+                header_timeout: Duration::from_secs(self.header_timeout),
+                idle_timeout: Duration::from_secs(self.idle_timeout),
+            },
             platforms,
         })
     }

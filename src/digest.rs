@@ -201,4 +201,23 @@ mod tests {
         assert_eq!("sha512:a/b".parse::<Digest>(), Err(DigestError::Invalid));
         assert_eq!("sha512:".parse::<Digest>(), Err(DigestError::Invalid));
     }
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn any_sha256_round_trips(raw in any::<[u8; 32]>()) {
+                let d = Digest::from_bytes(raw);
+                prop_assert_eq!(d.to_string().parse::<Digest>(), Ok(d));
+            }
+
+            #[test]
+            fn only_canonical_text_parses(text in "sha256:[0-9a-fA-F]{60,68}|\\PC{0,80}") {
+                if let Ok(d) = text.parse::<Digest>() {
+                    prop_assert_eq!(d.to_string(), text);
+                }
+            }
+        }
+    }
 }

@@ -16,6 +16,7 @@ pub enum ErrorCode {
     NameInvalid,
     NameUnknown,
     TagInvalid,
+    Unauthorized,
     Unsupported,
     #[serde(rename = "TOOMANYREQUESTS")]
     TooManyRequests,
@@ -63,6 +64,14 @@ impl ApiError {
             StatusCode::NOT_FOUND,
             ErrorCode::Unsupported,
             "this registry does not serve that endpoint",
+        )
+    }
+
+    pub fn method_not_allowed() -> Self {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::Unsupported,
+            "this registry only serves pulls (GET and HEAD)",
         )
     }
 

@@ -10,6 +10,7 @@ pub mod error;
 pub mod http;
 pub mod mirror;
 pub mod observe;
+pub mod redact;
 pub mod store;
 
 use axum::http::{HeaderName, HeaderValue};
@@ -43,6 +44,8 @@ pub enum StartError {
     Db(#[from] store::db::DbError),
     #[error(transparent)]
     Popularity(#[from] build::popularity::PopularityError),
+    #[error(transparent)]
+    Htpasswd(#[from] http::auth::HtpasswdError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -67,17 +70,60 @@ pub fn write_atomically(path: &Path, content: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// The axum application for a builder.
-pub fn router(builder: Arc<Builder>) -> Router {
+/// Says so when the database lost records that the blob store shows were
+/// there: sled drops a damaged log's tail silently, and a database may be
+/// removed or restored from an old copy. The images are rebuilt on their
+/// next pull, reusing stored layers.
+fn report_lost_records(blobs: &store::fs::BlobStore, db: &store::db::Db) -> Result<(), StartError> {
+    use build::manifest::{is_manifest, MANIFEST_MAX_BYTES};
+    let mut stored = 0usize;
+    let mut unknown = 0usize;
+    for digest in blobs.small_blobs(MANIFEST_MAX_BYTES)? {
+        let Ok(Some(blob)) = blobs.get(&digest) else {
+            continue;
+        };
+        if is_manifest(blob.as_ref()) {
+            stored += 1;
+            if !db.is_manifest(&digest)? {
+                unknown += 1;
+            }
+        }
+    }
+    if unknown > 0 {
+        tracing::warn!(
+            stored_manifests = stored,
+            unknown_to_the_database = unknown,
+            new_database = db.was_created(),
+            "the database lacks images whose manifests are stored: it was damaged \
+             (sled drops the end of a damaged log), removed or restored from an \
+             older copy, or a build was interrupted; those images are rebuilt on \
+             their next pull, reusing stored layers"
+        );
+    }
+    Ok(())
+}
+
+/// The axum application for a builder; with `auth`, everything but what
+/// it leaves public needs credentials.
+pub fn router(builder: Arc<Builder>, auth: Option<Arc<http::auth::Auth>>) -> Router {
     let status = Arc::clone(builder.status());
-    Router::new()
+    let routes = Router::new()
         .route("/", get(http::admin::page))
         .route("/api/status", get(http::admin::status))
         .route("/metrics", get(http::admin::metrics))
-        .route("/v2", get(http::registry::base))
-        .route("/v2/", get(http::registry::base))
+        .route("/v2", any(http::registry::base))
+        .route("/v2/", any(http::registry::base))
         .route("/v2/{*rest}", any(http::registry::dispatch))
         .fallback(|| async { error::ApiError::not_found_route() })
+        .method_not_allowed_fallback(|| async { error::ApiError::method_not_allowed() });
+    let routes = match auth {
+        Some(auth) => routes.layer(axum::middleware::from_fn_with_state(
+            auth,
+            http::auth::require,
+        )),
+        None => routes,
+    };
+    routes
         .layer(SetResponseHeaderLayer::overriding(
             HeaderName::from_static("docker-distribution-api-version"),
             HeaderValue::from_static("registry/2.0"),
@@ -102,6 +148,8 @@ pub fn router(builder: Arc<Builder>) -> Router {
 pub struct Server {
     listener: tokio::net::TcpListener,
     builder: Arc<Builder>,
+    auth: Option<Arc<http::auth::Auth>>,
+    limits: http::conn::Limits,
 }
 
 /// Opens storage (the database first: it refuses a second process) and
@@ -131,7 +179,13 @@ pub async fn open_builder(config: &Config) -> Result<Arc<Builder>, StartError> {
     if std::fs::read(&prepare_image).ok().as_deref() != Some(PREPARE_IMAGE_NIX.as_bytes()) {
         write_atomically(&prepare_image, PREPARE_IMAGE_NIX.as_bytes()).map_err(storage)?;
     }
+    tracing::info!(
+        source = %config.source.describe(),
+        storage = %config.storage_path.display(),
+        "starting"
+    );
     let blobs = store::fs::BlobStore::open(&config.storage_path)?;
+    report_lost_records(&blobs, &db)?;
     let popularity = match &config.popularity_url {
         Some(url) => build::popularity::load(url).await?,
         None => Default::default(),
@@ -165,6 +219,10 @@ pub async fn open_builder(config: &Config) -> Result<Arc<Builder>, StartError> {
 impl Server {
     /// Opens storage, loads popularity data and binds the listener.
     pub async fn start(config: &Config) -> Result<Server, StartError> {
+        let auth = match &config.htpasswd {
+            Some(path) => Some(http::auth::Auth::open(path, config.metrics_public)?),
+            None => None,
+        };
         let builder = open_builder(config).await?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -172,7 +230,12 @@ impl Server {
                 addr: config.listen,
                 source,
             })?;
-        Ok(Server { listener, builder })
+        Ok(Server {
+            listener,
+            builder,
+            auth,
+            limits: config.connections,
+        })
     }
 
     /// The builder, for tests and tools that inspect what was built.
@@ -190,9 +253,12 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let db = self.builder.db().clone();
-        axum::serve(self.listener, router(self.builder))
-            .with_graceful_shutdown(shutdown)
-            .await?;
+        let watcher = self.auth.as_ref().map(|a| a.watch());
+        let app = router(self.builder, self.auth);
+        http::conn::serve(self.listener, app, self.limits, shutdown).await?;
+        if let Some(w) = watcher {
+            w.abort();
+        }
         if let Err(e) = db.flush().await {
             tracing::warn!(error = %e, "could not flush the database at shutdown");
         }

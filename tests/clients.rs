@@ -2,46 +2,13 @@
 
 mod common;
 
+use common::binary::serve_command;
 use common::{
-    assert_same_tree, docker, docker_pull_and_run_fixtures, fixture_dir, nix_closure, require_tool,
-    run, Binary,
+    assert_same_tree, docker, docker_pull_and_run_fixtures, nix_closure, require_tool, run, Binary,
 };
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
-
-/// `nixery serve` on a free port with the fixture set and `storage`.
-fn serve_command(storage: &Path) -> Command {
-    require_tool("nix-instantiate");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixery"));
-    cmd.arg("serve")
-        .env("PORT", "0")
-        .env("NIXERY_LISTEN_ADDRESS", "127.0.0.1")
-        .env("NIXERY_PKGS_PATH", fixture_dir())
-        .env("STORAGE_PATH", storage)
-        .env(
-            "NIXERY_NIX_OPTIONS",
-            format!("substituters=;{}", common::ARM64_NIX_OPTION),
-        )
-        .env("NIX_TIMEOUT", "300")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    cmd
-}
-
-/// The server on a free port with the fixture set and a new storage.
-fn start_binary() -> Binary {
-    start_binary_with(&[])
-}
-
-/// As [`start_binary`], with more environment variables.
-fn start_binary_with(env: &[(&str, &str)]) -> Binary {
-    let storage = tempfile::tempdir().unwrap();
-    Binary::spawn(
-        serve_command(storage.path()).envs(env.iter().copied()),
-        Some(storage),
-    )
-}
+use std::process::Command;
 
 #[test]
 fn survives_a_closed_stdout() {
@@ -80,7 +47,7 @@ fn survives_a_closed_stdout() {
 #[test]
 fn docker_pulls_and_runs_images() {
     require_tool("docker");
-    let server = start_binary();
+    let server = Binary::start();
     docker_pull_and_run_fixtures(&format!("localhost:{}", server.port));
     let busybox = server.image("busybox");
     let shell = server.image("shell/hello");
@@ -121,7 +88,7 @@ fn skopeo_unpack(server: &Binary, name: &str, work: &Path) -> std::path::PathBuf
 fn skopeo_copies_images_that_match_the_store() {
     require_tool("skopeo");
     require_tool("umoci");
-    let server = start_binary();
+    let server = Binary::start();
     let work = tempfile::tempdir().unwrap();
 
     // skopeo inspect lists tags first.
@@ -156,7 +123,7 @@ fn skopeo_copies_images_that_match_the_store() {
 #[test]
 fn docker_runs_the_main_program_without_a_command() {
     require_tool("docker");
-    let server = start_binary();
+    let server = Binary::start();
     let hello = server.image("hello");
     docker(&["pull", &hello]);
     let out = docker(&["run", "--rm", "--network", "none", &hello]);
@@ -171,7 +138,9 @@ fn docker_runs_the_main_program_without_a_command() {
 
 /// A server that builds every pull by tag for amd64 and arm64.
 fn two_platform_server() -> Binary {
-    start_binary_with(&[("NIXERY_PLATFORMS", "linux/amd64,linux/arm64")])
+    Binary::start_with(|cmd| {
+        cmd.env("NIXERY_PLATFORMS", "linux/amd64,linux/arm64");
+    })
 }
 
 #[test]

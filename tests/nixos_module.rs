@@ -76,6 +76,8 @@ fn module_yields_a_hardened_notify_unit_through_the_daemon() {
         "logFormat",
         "extraEnvironment",
         "environmentFile",
+        "htpasswdFile",
+        "metricsPublic",
     ] {
         assert!(
             unit["options"].as_array().unwrap().contains(&name.into()),
@@ -97,6 +99,7 @@ fn module_yields_a_hardened_notify_unit_through_the_daemon() {
     );
     assert_eq!(sc["SystemCallFilter"][0], "@system-service");
     assert!(sc.get("EnvironmentFile").is_none());
+    assert!(sc.get("LoadCredential").is_none());
     assert!(unit["requires"]
         .as_array()
         .unwrap()
@@ -136,6 +139,30 @@ fn module_maps_settings_to_the_binarys_variables() {
     assert_eq!(sc["ReadWritePaths"], serde_json::json!(["/srv/nixery"]));
     assert_eq!(sc["EnvironmentFile"], "/run/secrets/nixery");
     assert_eq!(unit["firewall"], serde_json::json!([5000]));
+}
+
+#[test]
+fn module_passes_the_htpasswd_file_as_a_credential() {
+    let unit =
+        eval(r#"{"channel": "c", "htpasswdFile": "/run/secrets/htpasswd", "metricsPublic": true}"#);
+    assert_eq!(unit["failedAssertions"], serde_json::json!([]));
+    assert_eq!(
+        unit["serviceConfig"]["LoadCredential"],
+        serde_json::json!(["htpasswd:/run/secrets/htpasswd"])
+    );
+    let env = &unit["environment"];
+    assert_eq!(env["NIXERY_HTPASSWD"], "%d/htpasswd");
+    assert_eq!(env["NIXERY_METRICS_PUBLIC"], "true");
+    let (ok, stderr) = run_build_check(&unit);
+    assert!(ok, "{stderr}");
+
+    let in_store = eval(r#"{"channel": "c", "htpasswdFile": "/nix/store/x-htpasswd"}"#);
+    let msgs = in_store["failedAssertions"].as_array().unwrap();
+    assert_eq!(msgs.len(), 1, "{msgs:?}");
+    assert!(
+        msgs[0].as_str().unwrap().contains("htpasswdFile"),
+        "{msgs:?}"
+    );
 }
 
 #[test]

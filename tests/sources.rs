@@ -179,6 +179,11 @@ async fn git_tags_select_branches_tags_and_commits() {
         error_of(&c, &s, "stamp", "nosuchref").await,
         (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN".into())
     );
+    // A commit the repository does not have is as unknown as a ref.
+    assert_eq!(
+        error_of(&c, &s, "stamp", "0123456789abcdef0123456789abcdef01234567").await,
+        (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN".into())
+    );
     for bad in ["a..b", "x.lock", "end."] {
         assert_eq!(
             error_of(&c, &s, "stamp", bad).await,

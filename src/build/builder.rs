@@ -124,6 +124,39 @@ fn is_fetch_failure(stderr: &str) -> bool {
     SIGNS.iter().any(|s| stderr.contains(s))
 }
 
+/// What Nix prints when a git source lacks the commit it was asked for.
+const MISSING_COMMIT: [&str; 4] = [
+    "Cannot find Git revision",
+    "not our ref",
+    "unadvertised object",
+    "bad object",
+];
+
+/// A commit tag that Nix cannot fetch because the repository lacks it is
+/// the documented 404, not a failed build.
+fn missing_commit(source: &Source, tag: &str, e: NixError) -> BuildError {
+    let missing = matches!(source, Source::Git(_))
+        && crate::build::source::is_commit(tag)
+        && e.stderr_tail(usize::MAX)
+            .is_some_and(|s| MISSING_COMMIT.iter().any(|m| s.contains(m)));
+    if missing {
+        BuildError::Source(GitError::UnknownCommit(tag.to_owned()))
+    } else {
+        e.into()
+    }
+}
+
+/// Runs blocking work (sled, the file system, fsyncs, layer planning) on
+/// tokio's blocking threads, so one slow disk cannot stall every
+/// connection.
+pub(crate) async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, BuildError> + Send + 'static,
+) -> Result<T, BuildError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| BuildError::Task(e.to_string()))?
+}
+
 pub type BuildResult = Result<Digest, Arc<BuildError>>;
 
 /// What the builder needs from the configuration.
@@ -293,17 +326,48 @@ impl Builder {
         self.db.manifest(&self.cache_key(&spec))
     }
 
-    /// A cached manifest that may be served without asking Nix.
+    /// Whether a stored manifest and every blob it names are whole, so a
+    /// client can complete a pull of it. Blocking (it reads and stats).
+    fn complete(&self, manifest: &Digest) -> bool {
+        let whole = self.blobs.get(manifest).ok().flatten().is_some_and(|m| {
+            let referenced = manifest::referenced_blobs(m.as_ref());
+            referenced.is_some_and(|blobs| {
+                blobs
+                    .iter()
+                    .all(|(digest, size)| self.blobs.contains_whole(digest, *size))
+            })
+        });
+        if !whole {
+            tracing::warn!(%manifest, "a cached manifest names a missing or damaged blob; the image is rebuilt");
+        }
+        whole
+    }
+
+    /// A cached manifest that may be served without asking Nix. Blocking.
     fn fresh_cached(&self, key: &str, tag: &str) -> Result<Option<Digest>, DbError> {
         let Some(record) = self.db.manifest(key)? else {
             return Ok(None);
         };
-        if !self.blobs.contains(&record.digest) {
+        if !self.complete(&record.digest) {
             return Ok(None);
         }
         let age = now_unix().saturating_sub(record.checked_at);
         let fresh = self.settings.source.is_pinned(tag) || age < self.settings.cache_ttl.as_secs();
         Ok(fresh.then_some(record.digest))
+    }
+
+    /// [`fresh_cached`](Self::fresh_cached) on a blocking thread.
+    async fn fresh_cached_off_thread(
+        self: &Arc<Self>,
+        key: &str,
+        tag: &str,
+    ) -> Result<Option<Digest>, Arc<BuildError>> {
+        let this = Arc::clone(self);
+        let (key, tag) = (key.to_owned(), tag.to_owned());
+        tokio::task::spawn_blocking(move || this.fresh_cached(&key, &tag))
+            .await
+            .map_err(|e| Arc::new(BuildError::Task(e.to_string())))?
+            .map_err(|e| Arc::new(e.into()))
     }
 
     /// The platforms a pull of `name` by tag is built for: the `arm64`
@@ -362,11 +426,8 @@ impl Builder {
             .map_err(|e| Arc::new(e.into()))?;
         let spec = ImageSpec::for_arch(name, tag, arch);
         let key = self.cache_key(&spec);
-        if let Some(digest) = self
-            .fresh_cached(&key, tag)
-            .map_err(|e| Arc::new(e.into()))?
-        {
-            self.status.manifest_requested(name, Lookup::Hit, true);
+        if let Some(digest) = self.fresh_cached_off_thread(&key, tag).await? {
+            self.count_request(name, Lookup::Hit, true);
             return Ok(digest);
         }
         let this = Arc::clone(self);
@@ -383,8 +444,7 @@ impl Builder {
             Err(e) if e.is_source_unreachable() => self.stale(name, tag, &key, e),
             other => other,
         };
-        self.status
-            .manifest_requested(name, Lookup::Miss, result.is_ok());
+        self.count_request(name, Lookup::Miss, result.is_ok());
         result
     }
 
@@ -402,14 +462,18 @@ impl Builder {
         Ok(cached.digest)
     }
 
+    /// Counts a manifest request in the database, in the background.
+    fn count_request(&self, name: &str, lookup: Lookup, served: bool) {
+        let status = Arc::clone(&self.status);
+        let name = name.to_owned();
+        tokio::task::spawn_blocking(move || status.manifest_requested(&name, lookup, served));
+    }
+
     /// One build, recorded whatever its outcome.
     async fn build(self: Arc<Self>, image: String, spec: ImageSpec, key: String) -> BuildResult {
         // A build that finished just before this one was started leaves its
         // result in the cache.
-        if let Some(digest) = self
-            .fresh_cached(&key, &spec.tag)
-            .map_err(|e| Arc::new(e.into()))?
-        {
+        if let Some(digest) = self.fresh_cached_off_thread(&key, &spec.tag).await? {
             return Ok(digest);
         }
         // Listed in flight (as queued) while it waits for a build slot.
@@ -428,10 +492,13 @@ impl Builder {
             .instrument(span)
             .await;
         // The layers are packed (or the build failed): the store paths may go.
-        match std::fs::remove_dir_all(self.gc_root_dir(&key)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!(error = %e, "could not remove a build's GC roots"),
+        let gc_root = self.gc_root_dir(&key);
+        let removed = blocking(move || match std::fs::remove_dir_all(gc_root) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(BuildError::GcRoot(e)),
+            _ => Ok(()),
+        });
+        if let Err(e) = removed.await {
+            tracing::warn!(error = %e, "could not remove a build's GC roots");
         }
         let outcome = match &result {
             Ok(digest) => BuildOutcome::Success { manifest: *digest },
@@ -465,7 +532,9 @@ impl Builder {
             outcome,
             revision,
         };
-        if let Err(e) = self.db.add_build(&record) {
+        let db = self.db.clone();
+        let recorded = record.clone();
+        if let Err(e) = blocking(move || Ok(db.add_build(&recorded)?)).await {
             tracing::warn!(error = %e, "could not record build");
         }
         self.status.build_finished(&record);
@@ -476,7 +545,7 @@ impl Builder {
     }
 
     async fn run_build(
-        &self,
+        self: &Arc<Self>,
         image: &str,
         spec: &ImageSpec,
         key: &str,
@@ -497,10 +566,8 @@ impl Builder {
         // A moving tag that now names a commit built before: no evaluation.
         if let Some(ck) = &commit_key {
             phases.finish("revision");
-            if let Some(built) = self.db.manifest(ck)? {
-                if self.blobs.contains(&built.digest) {
-                    return self.keep(image, spec, key, built);
-                }
+            if let Some(built) = self.whole_manifest(ck).await? {
+                return self.keep(image, spec, key, built).await;
             }
         }
         let resolved = nix
@@ -510,7 +577,8 @@ impl Builder {
                 spec.arch.nix_system(),
                 &spec.packages,
             )
-            .await?;
+            .await
+            .map_err(|e| missing_commit(&self.settings.source, &spec.tag, e))?;
         if revision.is_none() {
             *revision = match (
                 &resolved.source.rev,
@@ -541,7 +609,8 @@ impl Builder {
             .collect();
         counters.live.enter(Phase::Building);
         let gc_root = self.gc_root_dir(key);
-        std::fs::create_dir_all(&gc_root).map_err(BuildError::GcRoot)?;
+        let dir = gc_root.clone();
+        blocking(move || std::fs::create_dir_all(dir).map_err(BuildError::GcRoot)).await?;
         nix.realise(&drvs, &gc_root.join("out")).await?;
         phases.finish("nix build");
         let closure = nix.closure(&outs).await?;
@@ -549,16 +618,23 @@ impl Builder {
 
         // A moving source that still yields the same store paths keeps its
         // manifest: only the check time and the revision move.
-        let previous = self.db.manifest(key)?;
+        let previous = self.whole_manifest(key).await?;
         let record = match previous {
-            Some(p) if p.out_paths == outs && self.blobs.contains(&p.digest) => ManifestRecord {
+            Some(p) if p.out_paths == outs => ManifestRecord {
                 revision: revision.clone(),
                 ..p
             },
             _ => {
                 counters.live.enter(Phase::Packing);
-                let popularity = self.popularity()?;
-                let plan = layers::plan(&closure, &outs, &popularity, self.settings.layer_budget)?;
+                let this = Arc::clone(self);
+                let (closure, outs) = (closure.clone(), outs.clone());
+                let (plan, closure, outs) = blocking(move || {
+                    let popularity = this.popularity()?;
+                    let budget = this.settings.layer_budget;
+                    let plan = layers::plan(&closure, &outs, &popularity, budget)?;
+                    Ok((plan, closure, outs))
+                })
+                .await?;
                 phases.finish("layering");
                 let config = self.image_config(spec, &resolved.found, revision.as_deref());
                 let digest = self
@@ -573,14 +649,24 @@ impl Builder {
                 }
             }
         };
-        if let Some(ck) = &commit_key {
-            self.db.put_manifest(ck, &record)?;
+        if let Some(ck) = commit_key {
+            let (db, record) = (self.db.clone(), record.clone());
+            blocking(move || Ok(db.put_manifest(&ck, &record)?)).await?;
         }
-        self.keep(image, spec, key, record)
+        self.keep(image, spec, key, record).await
+    }
+
+    /// The manifest stored under `key` if it and all its blobs are whole.
+    async fn whole_manifest(
+        self: &Arc<Self>,
+        key: &str,
+    ) -> Result<Option<ManifestRecord>, BuildError> {
+        let (this, key) = (Arc::clone(self), key.to_owned());
+        blocking(move || Ok(this.db.manifest(&key)?.filter(|m| this.complete(&m.digest)))).await
     }
 
     /// Records a manifest as current for the pulled name and tag.
-    fn keep(
+    async fn keep(
         &self,
         image: &str,
         spec: &ImageSpec,
@@ -591,17 +677,21 @@ impl Builder {
             checked_at: now_unix(),
             ..record
         };
-        self.db.put_manifest(key, &record)?;
         // What a mirror serves for the name: the platform a pull gets.
-        if self.platforms_for(image).first() == Some(&spec.arch) {
-            let named = TagRecord {
-                digest: record.digest,
-                at: record.checked_at,
-            };
-            self.db
-                .put_tag_record(TagTree::Built, image, &spec.tag, &named)?;
-        }
-        Ok(record.digest)
+        let named = (self.platforms_for(image).first() == Some(&spec.arch)).then_some(TagRecord {
+            digest: record.digest,
+            at: record.checked_at,
+        });
+        let db = self.db.clone();
+        let (image, tag, key) = (image.to_owned(), spec.tag.clone(), key.to_owned());
+        blocking(move || {
+            db.put_manifest(&key, &record)?;
+            if let Some(named) = named {
+                db.put_tag_record(TagTree::Built, &image, &tag, &named)?;
+            }
+            Ok(record.digest)
+        })
+        .await
     }
 
     /// The run settings and labels of an image (not its layers).
@@ -662,12 +752,19 @@ impl Builder {
             })
             .collect();
         counters.live.enter(Phase::WritingManifest);
-        let built = manifest::build(&config, &layer_blobs)?;
-        self.blobs.put(&built.config.json)?;
-        self.blobs.put(&built.manifest.json)?;
-        self.db
-            .add_popularity(closure.iter().map(|p| store_path::name_of(&p.path)))?;
-        Ok(built.manifest.digest)
+        let (blobs, db) = (self.blobs.clone(), self.db.clone());
+        let names: Vec<String> = closure
+            .iter()
+            .map(|p| store_path::name_of(&p.path).to_owned())
+            .collect();
+        blocking(move || {
+            let built = manifest::build(&config, &layer_blobs)?;
+            blobs.put(&built.config.json)?;
+            blobs.put(&built.manifest.json)?;
+            db.add_popularity(names.iter().map(String::as_str))?;
+            Ok(built.manifest.digest)
+        })
+        .await
     }
 
     /// One layer: from the index if it was packed before, else packed now
@@ -679,11 +776,16 @@ impl Builder {
         symlinks: bool,
         counters: &Counters,
     ) -> Result<LayerRecord, BuildError> {
-        if let Some(record) = self.db.layer(&key)? {
-            if self.blobs.contains(&record.digest) {
-                counters.layers_reused.fetch_add(1, Ordering::Relaxed);
-                return Ok(record);
-            }
+        let (db, blobs, k) = (self.db.clone(), self.blobs.clone(), key.clone());
+        let stored = blocking(move || {
+            Ok(db
+                .layer(&k)?
+                .filter(|r| blobs.contains_whole(&r.digest, r.size)))
+        })
+        .await?;
+        if let Some(record) = stored {
+            counters.layers_reused.fetch_add(1, Ordering::Relaxed);
+            return Ok(record);
         }
         let progress = Arc::clone(&counters.bytes_packed);
         let db = self.db.clone();
@@ -692,25 +794,22 @@ impl Builder {
         let result = self
             .layers
             .run(&key, move || async move {
-                let packed =
-                    tokio::task::spawn_blocking(move || -> Result<PackedLayer, ArchiveError> {
-                        if symlinks {
-                            archive::pack_symlink_layer(&blobs, &paths, &progress)
-                        } else {
-                            archive::pack_paths(&blobs, &paths, &progress)
-                        }
-                    })
-                    .await
-                    .map_err(|e| Arc::new(BuildError::Task(e.to_string())))?
-                    .map_err(|e| Arc::new(BuildError::Archive(e)))?;
-                let record = LayerRecord {
-                    digest: packed.digest,
-                    diff_id: packed.diff_id,
-                    size: packed.size,
-                };
-                db.put_layer(&task_key, &record)
-                    .map_err(|e| Arc::new(BuildError::Db(e)))?;
-                Ok(record)
+                blocking(move || {
+                    let packed: PackedLayer = if symlinks {
+                        archive::pack_symlink_layer(&blobs, &paths, &progress)
+                    } else {
+                        archive::pack_paths(&blobs, &paths, &progress)
+                    }?;
+                    let record = LayerRecord {
+                        digest: packed.digest,
+                        diff_id: packed.diff_id,
+                        size: packed.size,
+                    };
+                    db.put_layer(&task_key, &record)?;
+                    Ok(record)
+                })
+                .await
+                .map_err(Arc::new)
             })
             .await
             .unwrap_or_else(|| Err(Arc::new(BuildError::Task("layer packing panicked".into()))));

@@ -3,7 +3,7 @@
 //! manifest per platform. Each is written as a blob and marked as a
 //! manifest when first asked for, so that it then answers by its digest.
 
-use crate::build::builder::{BuildError, Builder};
+use crate::build::builder::{blocking, BuildError, Builder};
 use crate::build::image::Arch;
 use crate::build::manifest::{self, Document, Format, PlatformManifest};
 use crate::digest::Digest;
@@ -27,14 +27,6 @@ fn keep(blobs: &BlobStore, db: &Db, doc: &Document) -> Result<(), BuildError> {
     }
     db.add_manifest_digest(&doc.digest)?;
     Ok(())
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, BuildError> + Send + 'static,
-) -> Result<T, BuildError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| BuildError::Task(e.to_string()))?
 }
 
 impl Builder {

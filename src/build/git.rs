@@ -14,6 +14,8 @@ pub enum GitError {
     InvalidRef(String),
     #[error("no branch or tag {0:?} in the package repository")]
     UnknownRef(String),
+    #[error("no commit {0} in the package repository")]
+    UnknownCommit(String),
     #[error("the package repository has no default branch (HEAD)")]
     NoHead,
     #[error("could not run git: {0}")]
@@ -155,7 +157,9 @@ async fn ls_remote(
         .map_err(|e| GitError::Spawn(e.to_string()))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        return Err(GitError::Failed(stderr.trim().to_owned()));
+        return Err(GitError::Failed(
+            crate::redact::redact(stderr.trim()).into_owned(),
+        ));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

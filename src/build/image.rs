@@ -517,4 +517,55 @@ mod tests {
         assert_eq!(Arch::from_platform("windows/amd64"), None);
         assert_eq!(Arch::from_platform("amd64"), None);
     }
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// The grammar of a name component, written as a regex.
+        const COMPONENT: &str = "[a-z0-9]+((\\.|_|__|-+)[a-z0-9]+){0,3}";
+
+        proptest! {
+            #[test]
+            fn grammar_names_are_accepted(parts in proptest::collection::vec(COMPONENT, 1..4)) {
+                let name = parts.join("/");
+                prop_assume!(name.len() <= 255);
+                prop_assert_eq!(validate_name(&name), Ok(()));
+            }
+
+            #[test]
+            fn accepted_names_are_lowercase_ascii(name in "\\PC{0,40}") {
+                if validate_name(&name).is_ok() {
+                    prop_assert!(name.bytes().all(|b| b.is_ascii_lowercase()
+                        || b.is_ascii_digit() || b"._-/".contains(&b)));
+                    prop_assert!(!name.starts_with('/') && !name.ends_with('/'));
+                    prop_assert!(!name.contains("//") && !name.contains(".."));
+                }
+            }
+
+            #[test]
+            fn tags_follow_the_grammar(tag in "\\PC{0,140}") {
+                let grammar = !tag.is_empty()
+                    && tag.len() <= 128
+                    && tag.chars().enumerate().all(|(i, c)| {
+                        c.is_ascii_alphanumeric() || c == '_' || (i > 0 && (c == '.' || c == '-'))
+                    });
+                prop_assert_eq!(validate_tag(&tag).is_ok(), grammar);
+            }
+
+            #[test]
+            fn grammar_tags_are_accepted(tag in "[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}") {
+                prop_assert_eq!(Reference::parse(&tag), Ok(Reference::Tag(tag.clone())));
+            }
+
+            #[test]
+            fn registry_paths_never_panic(rest in "[a-z0-9/:._-]{0,60}|\\PC{0,60}") {
+                if let Ok(RegistryPath::Manifest { name, .. }
+                    | RegistryPath::Blob { name, .. }
+                    | RegistryPath::TagsList { name }) = RegistryPath::parse(&rest)
+                {
+                    prop_assert_eq!(validate_name(&name), Ok(()));
+                }
+            }
+        }
+    }
 }

@@ -158,6 +158,29 @@ struct Descriptor {
     digest: Digest,
 }
 
+/// Whether a blob is a manifest this registry wrote (they all start alike).
+pub fn is_manifest(blob: &[u8]) -> bool {
+    let prefix = br#"{"schemaVersion":2,"mediaType":""#;
+    blob.starts_with(prefix) && blob[prefix.len()..].starts_with(MANIFEST_MEDIA_TYPE.as_bytes())
+}
+
+/// Manifests are far smaller: a few hundred bytes a layer.
+pub const MANIFEST_MAX_BYTES: u64 = 64 * 1024;
+
+/// The config and layer blobs a stored manifest names, with their sizes;
+/// `None` if the bytes are not such a manifest (damaged).
+pub fn referenced_blobs(manifest_json: &[u8]) -> Option<Vec<(Digest, u64)>> {
+    let doc: serde_json::Value = serde_json::from_slice(manifest_json).ok()?;
+    let descriptor = |d: &serde_json::Value| -> Option<(Digest, u64)> {
+        Some((d["digest"].as_str()?.parse().ok()?, d["size"].as_u64()?))
+    };
+    let mut blobs = vec![descriptor(&doc["config"])?];
+    for layer in doc["layers"].as_array()? {
+        blobs.push(descriptor(layer)?);
+    }
+    Some(blobs)
+}
+
 /// Serialises the config and the Docker manifest for `layers`, base-most
 /// first.
 pub fn build(config: &ImageConfig, layers: &[LayerBlob]) -> Result<BuiltImage, ManifestError> {
@@ -388,6 +411,22 @@ mod tests {
             assert_eq!(entry["digest"], layer.digest.to_string());
             assert_eq!(entry["size"].as_u64(), Some(layer.size));
         }
+    }
+
+    #[test]
+    fn stored_manifests_are_recognised_and_read() {
+        let built = build(&config(), &[blob(1), blob(2)]).unwrap();
+        assert!(is_manifest(&built.manifest.json));
+        assert!(!is_manifest(&built.config.json));
+        assert!(!is_manifest(b"{\"schemaVersion\":2,\"mediaType\":\""));
+        let named = referenced_blobs(&built.manifest.json).unwrap();
+        assert_eq!(named.len(), 3);
+        assert_eq!(
+            named[0],
+            (built.config.digest, built.config.json.len() as u64)
+        );
+        assert_eq!(named[1], (blob(1).digest, blob(1).size));
+        assert_eq!(referenced_blobs(b"{}"), None);
     }
 
     #[test]

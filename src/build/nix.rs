@@ -323,7 +323,7 @@ impl Nix {
         for (name, value) in &self.options {
             args.extend(["--option".into(), name.into(), value.into()]);
         }
-        tracing::debug!(%stage, program, ?args, "running nix");
+        tracing::debug!(%stage, program, args = %crate::redact::redact(&format!("{args:?}")), "running nix");
         let started = Instant::now();
 
         let mut cmd = Command::new(program);
@@ -365,7 +365,8 @@ impl Nix {
         // Reaped: nothing left for the guard to stop.
         guard.0 = None;
 
-        let stderr = String::from_utf8_lossy(&stderr).into_owned();
+        // Nix echoes the source URL, credentials included.
+        let stderr = crate::redact::redact(&String::from_utf8_lossy(&stderr)).into_owned();
         tracing::debug!(%stage, program, elapsed = ?started.elapsed(), ?status, "nix finished");
         if status.success() {
             return Ok(stdout);

@@ -11,9 +11,16 @@ pub enum PopularityError {
         path: String,
         source: std::io::Error,
     },
-    #[error("could not fetch popularity data from {url}: {source}")]
+    #[error(
+        "could not fetch popularity data from {}: {}",
+        crate::redact::redact(url),
+        crate::redact::redact(&source.to_string())
+    )]
     Fetch { url: String, source: reqwest::Error },
-    #[error("popularity data from {from} is not a JSON object of counts: {source}")]
+    #[error(
+        "popularity data from {} is not a JSON object of counts: {source}",
+        crate::redact::redact(from)
+    )]
     Parse {
         from: String,
         source: serde_json::Error,

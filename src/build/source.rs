@@ -128,15 +128,17 @@ impl Source {
         without_credentials(&self.describe())
     }
 
-    /// A stable description for cache keys and the admin page.
+    /// A stable description for cache keys and the admin page, with any
+    /// credentials in a URL hidden (so changing a token keeps the cache).
     pub fn describe(&self) -> String {
-        match self {
+        let described = match self {
             Source::Path(p) => format!("path:{}", p.display()),
             Source::Channel(c) => format!("channel:{c}"),
             Source::Git(url) => format!("git:{url}"),
             Source::Flake(f) => format!("flake:{f}"),
             Source::Mirror => "mirror (no package source)".to_owned(),
-        }
+        };
+        crate::redact::redact(&described).into_owned()
     }
 }
 

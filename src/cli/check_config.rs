@@ -33,6 +33,8 @@ pub enum CheckError {
     Storage { path: PathBuf, reason: String },
     #[error("{POPULARITY} {url:?}: {reason}")]
     Popularity { url: String, reason: String },
+    #[error("--htpasswd (NIXERY_HTPASSWD): {0}")]
+    Htpasswd(#[from] crate::http::auth::HtpasswdError),
 }
 
 /// Validates `args` as `serve` would, plus what `serve` would only find out
@@ -56,10 +58,13 @@ pub fn check(args: &CheckArgs) -> Result<Config, CheckError> {
             path: config.storage_path.clone(),
             reason,
         })?;
+        if let Some(path) = &config.htpasswd {
+            crate::http::auth::load(path)?;
+        }
     }
     if let Some(url) = &config.popularity_url {
         check_popularity(url, offline).map_err(|reason| CheckError::Popularity {
-            url: url.clone(),
+            url: crate::redact::redact(url).into_owned(),
             reason,
         })?;
     }
@@ -163,7 +168,7 @@ pub fn summary(config: &Config, files_checked: bool) -> String {
         config.nix_timeout.as_secs(),
         config.layer_budget,
         config.cache_ttl.as_secs(),
-        config.popularity_url.as_deref().unwrap_or("none"),
+        crate::redact::redact(config.popularity_url.as_deref().unwrap_or("none")),
     )
 }
 

@@ -3,6 +3,8 @@
 
 pub mod accept;
 pub mod admin;
+pub mod auth;
+pub mod conn;
 pub mod format;
 pub mod observe;
 pub mod range;

@@ -45,7 +45,7 @@ pub fn parse(header: Option<&str>, len: u64) -> RangeRequest {
         (first, last) => match (num(first), num(last)) {
             (Some(a), Some(b)) if a > b => RangeRequest::Full,
             (Some(a), Some(_)) if a >= len => RangeRequest::Unsatisfiable,
-            (Some(a), Some(b)) => RangeRequest::Partial(a..(b + 1).min(len)),
+            (Some(a), Some(b)) => RangeRequest::Partial(a..b.saturating_add(1).min(len)),
             _ => RangeRequest::Full,
         },
     }
@@ -74,5 +74,50 @@ mod tests {
         assert_eq!(parse(Some("bytes=5-2"), 10), Full);
         assert_eq!(parse(Some("bytes=x-2"), 10), Full);
         assert_eq!(parse(Some("bytes=99999999999999999999999-"), 10), Full);
+        assert_eq!(
+            parse(Some("bytes=100-18446744073709551615"), 10),
+            Unsatisfiable
+        );
+        assert_eq!(
+            parse(Some("bytes=0-18446744073709551615"), 10),
+            Partial(0..10)
+        );
+        assert_eq!(
+            parse(Some("bytes=-18446744073709551615"), 10),
+            Partial(0..10)
+        );
+    }
+
+    /// A partial answer is never empty and never past the end.
+    fn check(request: RangeRequest, len: u64) -> Result<(), TestCaseError> {
+        if let Partial(r) = request {
+            prop_assert!(r.start < r.end && r.end <= len, "{r:?} of {len}");
+        }
+        Ok(())
+    }
+
+    use proptest::prelude::*;
+    proptest! {
+        #[test]
+        fn any_text_is_safe(header in "\\PC{0,40}", len in any::<u64>()) {
+            check(parse(Some(&header), len), len)?;
+        }
+
+        #[test]
+        fn any_numbers_are_safe(
+            a in any::<u64>(),
+            b in any::<u64>(),
+            len in prop_oneof![0..1000u64, any::<u64>()],
+        ) {
+            for header in [format!("bytes={a}-{b}"), format!("bytes={a}-"), format!("bytes=-{b}")] {
+                check(parse(Some(&header), len), len)?;
+            }
+            if a <= b && a < len {
+                prop_assert_eq!(
+                    parse(Some(&format!("bytes={a}-{b}")), len),
+                    Partial(a..b.saturating_add(1).min(len))
+                );
+            }
+        }
     }
 }

@@ -11,6 +11,7 @@ use crate::build::nix::NixError;
 use crate::digest::Digest;
 use crate::error::{ApiError, ErrorCode};
 use axum::body::Body;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -21,8 +22,12 @@ use std::sync::Arc;
 
 const IMMUTABLE: &str = "max-age=31536000, immutable";
 
-/// `GET/HEAD /v2/`: tells clients this is a registry (no auth needed).
+/// `GET/HEAD /v2/`: tells clients this is a registry (and, with
+/// `--htpasswd`, whether their credentials are good).
 pub async fn base(method: Method) -> Response {
+    if method != Method::GET && method != Method::HEAD {
+        return ApiError::method_not_allowed().into_response();
+    }
     let body = if method == Method::HEAD { "" } else { "{}" };
     let mut r = (StatusCode::OK, body).into_response();
     set(&mut r, header::CONTENT_TYPE, "application/json");
@@ -47,22 +52,25 @@ pub struct TagsQuery {
 pub async fn dispatch(
     State(builder): State<Arc<Builder>>,
     method: Method,
-    Path(rest): Path<String>,
-    Query(query): Query<HashMap<String, String>>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
     let head = method == Method::HEAD;
     if method != Method::GET && !head {
+        return ApiError::method_not_allowed().into_response();
+    }
+    let (Ok(Path(rest)), Ok(Query(query))) = (path, query) else {
         return with_head(
             ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                ErrorCode::Unsupported,
-                "this registry only serves pulls",
+                StatusCode::BAD_REQUEST,
+                ErrorCode::NameInvalid,
+                "the path or query is not valid UTF-8 text",
             )
             .into_response(),
             head,
         );
-    }
+    };
     let result = match RegistryPath::parse(&rest) {
         Err(e) => Err(path_error(e)),
         Ok(RegistryPath::Manifest { name, reference }) => {
@@ -82,7 +90,7 @@ pub async fn dispatch(
                 n: query.get("n").cloned(),
                 last: query.get("last").cloned(),
             };
-            tags(&builder, &name, q)
+            tags(&builder, name, q).await
         }
     };
     match result {
@@ -162,7 +170,9 @@ pub fn build_error(e: &BuildError) -> ApiError {
             ErrorCode::TagInvalid,
             e.to_string(),
         ),
-        BuildError::Source(e @ (GitError::UnknownRef(_) | GitError::NoHead)) => ApiError::new(
+        BuildError::Source(
+            e @ (GitError::UnknownRef(_) | GitError::UnknownCommit(_) | GitError::NoHead),
+        ) => ApiError::new(
             StatusCode::NOT_FOUND,
             ErrorCode::ManifestUnknown,
             e.to_string(),
@@ -269,10 +279,14 @@ async fn manifest_by_digest(
     digest: Digest,
     head: bool,
 ) -> Result<Response, ApiError> {
-    let known = builder.db().is_manifest(&digest).map_err(|e| {
-        tracing::error!(error = %e, "manifest lookup failed");
-        ApiError::internal("looking up the manifest")
-    })?;
+    let db = builder.db().clone();
+    let known = tokio::task::spawn_blocking(move || db.is_manifest(&digest))
+        .await
+        .map_err(|_| ApiError::internal("looking up the manifest"))?
+        .map_err(|e| {
+            tracing::error!(error = %e, "manifest lookup failed");
+            ApiError::internal("looking up the manifest")
+        })?;
     if !known {
         return Err(manifest_unknown(name));
     }
@@ -378,8 +392,17 @@ struct TagList<'a> {
 }
 
 /// The tags served for a name (`latest` always), paginated by `n`/`last`.
-fn tags(builder: &Arc<Builder>, name: &str, query: TagsQuery) -> Result<Response, ApiError> {
-    let mut all = builder.db().tags(name).map_err(|e| {
+async fn tags(
+    builder: &Arc<Builder>,
+    name: String,
+    query: TagsQuery,
+) -> Result<Response, ApiError> {
+    let db = builder.db().clone();
+    let (all, name) = tokio::task::spawn_blocking(move || (db.tags(&name), name))
+        .await
+        .map_err(|_| ApiError::internal("listing tags"))?;
+    let name = name.as_str();
+    let mut all = all.map_err(|e| {
         tracing::error!(error = %e, "tag lookup failed");
         ApiError::internal("listing tags")
     })?;

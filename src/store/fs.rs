@@ -164,6 +164,13 @@ impl BlobStore {
         fs::metadata(self.path_of(digest)).is_ok_and(|m| m.is_file())
     }
 
+    /// Whether the blob is stored whole: present with the size a manifest or
+    /// layer record gives for it. A shorter file (damage from outside: blobs
+    /// are never written in place) is not.
+    pub fn contains_whole(&self, digest: &Digest, size: u64) -> bool {
+        fs::metadata(self.path_of(digest)).is_ok_and(|m| m.is_file() && m.len() == size)
+    }
+
     /// The blob, memory-mapped, or None if it is not stored.
     pub fn get(&self, digest: &Digest) -> Result<Option<Blob>, BlobError> {
         let path = self.path_of(digest);
@@ -182,6 +189,32 @@ impl BlobStore {
         // once linked, is never replaced.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err("mapping", &path))?;
         Ok(Some(Blob(Inner::Mapped(map))))
+    }
+
+    /// Digests of the stored blobs of at most `max_len` bytes (manifests
+    /// and configs are small). Walks the store: for start-up checks.
+    pub fn small_blobs(&self, max_len: u64) -> Result<Vec<Digest>, BlobError> {
+        let mut found = Vec::new();
+        let root = &self.dirs.blobs;
+        for shard in fs::read_dir(root).map_err(io_err("listing", root))? {
+            let shard = shard.map_err(io_err("listing", root))?.path();
+            let Ok(entries) = fs::read_dir(&shard) else {
+                continue;
+            };
+            for blob in entries.flatten() {
+                let small = blob
+                    .metadata()
+                    .is_ok_and(|m| m.is_file() && m.len() <= max_len);
+                let digest = blob
+                    .file_name()
+                    .to_str()
+                    .and_then(|hex| format!("sha256:{hex}").parse().ok());
+                if let (true, Some(d)) = (small, digest) {
+                    found.push(d);
+                }
+            }
+        }
+        Ok(found)
     }
 
     /// Count and total bytes of stored blobs.
@@ -410,9 +443,24 @@ impl BlobStore {
         len: u64,
     ) -> Result<(), BlobError> {
         let dest = self.path_of(digest);
-        if fs::symlink_metadata(&dest).is_ok() {
+        match fs::symlink_metadata(&dest) {
             // Already stored; the temp file is removed when `tmp` drops.
-            return Ok(());
+            Ok(m) if m.len() == len => return Ok(()),
+            // Same name, other length: the stored file was damaged. Readers
+            // that mapped it keep their mapping; new ones get the whole blob.
+            Ok(m) => {
+                tracing::warn!(blob = %digest, stored = m.len(), expected = len, "replacing a damaged blob");
+                fs::remove_file(&dest).map_err(io_err("removing damaged", &dest))?;
+                let less = |n: u64| move |v: u64| Some(v.saturating_sub(n));
+                let _ =
+                    (self.dirs.count).fetch_update(Ordering::Relaxed, Ordering::Relaxed, less(1));
+                let _ = (self.dirs.bytes).fetch_update(
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                    less(m.len()),
+                );
+            }
+            Err(_) => {}
         }
         file.sync_all().map_err(io_err("syncing", tmp.path()))?;
         drop(file);

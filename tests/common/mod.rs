@@ -2,6 +2,9 @@
 //! temporary STORAGE_PATH and the fixture package set.
 #![allow(dead_code)]
 
+pub mod binary;
+#[allow(unused_imports)] // not every test binary uses each
+pub use binary::{docker, run, Binary};
 pub mod browser;
 
 use clap::Parser;
@@ -9,11 +12,10 @@ use nixery::config::{Config, ServeArgs};
 use nixery::digest::Digest;
 use reqwest::{Client, StatusCode};
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use tokio::sync::oneshot;
 
 /// Where tests leave files for CI to keep (screenshots).
@@ -255,64 +257,6 @@ pub async fn get_blob(client: &Client, s: &TestServer, digest: &str) -> Vec<u8> 
     body
 }
 
-/// Runs a command that must succeed; its stdout.
-pub fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The real binary serving on a free port; killed on drop.
-pub struct Binary {
-    pub child: Child,
-    pub port: u16,
-    pub _storage: Option<tempfile::TempDir>,
-}
-
-impl Binary {
-    /// Starts `nixery serve` (stdout piped) and reads its port from its
-    /// first line of output.
-    pub fn spawn(cmd: &mut Command, storage: Option<tempfile::TempDir>) -> Binary {
-        let mut child = cmd
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("nixery starts");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut reader = BufReader::new(stdout);
-        let mut line = String::new();
-        reader.read_line(&mut line).expect("a line from nixery");
-        // Keep reading so the server never writes into a closed pipe.
-        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-        let port = line
-            .trim()
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {line:?}"));
-        Binary {
-            child,
-            port,
-            _storage: storage,
-        }
-    }
-
-    pub fn image(&self, name: &str) -> String {
-        format!("localhost:{}/{name}", self.port)
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Compares what an unpacked image holds at each store path with the store.
 pub fn assert_same_tree(store: &Path, unpacked: &Path) {
     let meta = std::fs::symlink_metadata(store).unwrap();
@@ -410,10 +354,6 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-pub fn docker(args: &[&str]) -> String {
-    run(Command::new("docker").args(args))
 }
 
 /// Pulls the fixture's `busybox` and `shell/hello` from `host` and runs

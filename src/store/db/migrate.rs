@@ -38,8 +38,8 @@ const LAYOUT_1_TREES: [&str; 9] = [
     "lookups",
 ];
 
-/// Brings the database to [`SCHEMA_VERSION`].
-pub fn run(db: &sled::Db) -> Result<(), DbError> {
+/// Brings the database to [`SCHEMA_VERSION`]; true if it was new (empty).
+pub fn run(db: &sled::Db) -> Result<bool, DbError> {
     let meta = db.open_tree(META)?;
     let found = match meta.get(SCHEMA_KEY)? {
         Some(v) => {
@@ -51,7 +51,7 @@ pub fn run(db: &sled::Db) -> Result<(), DbError> {
         }
         None if is_empty(db)? => {
             meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
-            return Ok(());
+            return Ok(true);
         }
         None => 1,
     };
@@ -75,7 +75,7 @@ pub fn run(db: &sled::Db) -> Result<(), DbError> {
         db.flush()?;
         tracing::info!(from = found, to = SCHEMA_VERSION, "database migrated");
     }
-    Ok(())
+    Ok(false)
 }
 
 /// Whether no tree of any layout holds anything yet (a new database).

@@ -27,6 +27,7 @@
 
 mod migrate;
 pub mod records;
+mod recover;
 
 pub use migrate::SCHEMA_VERSION;
 pub use records::{
@@ -56,6 +57,11 @@ pub enum DbError {
          database away to start afresh"
     )]
     TooNew { found: u32, supported: u32 },
+    #[error("database {path}: {message}")]
+    Recovery {
+        path: std::path::PathBuf,
+        message: String,
+    },
     #[error("database migration from layout version {from}: {message}")]
     Migration { from: u32, message: String },
     #[error(
@@ -115,6 +121,8 @@ pub struct Db {
     built_tags: sled::Tree,
     /// Trees whose undecodable records were already logged.
     logged_undecodable: Arc<Mutex<HashSet<&'static str>>>,
+    /// Whether this open created the database (it held nothing).
+    created: bool,
 }
 
 fn encode<T: Record>(value: &T) -> Result<Vec<u8>, DbError> {
@@ -178,14 +186,8 @@ fn counts_desc(tree: &sled::Tree) -> Result<Vec<(String, u64)>, DbError> {
 
 impl Db {
     pub fn open(path: &Path) -> Result<Self, DbError> {
-        let db = sled::open(path).map_err(|e| match e {
-            // sled holds an exclusive lock on its files while open.
-            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-                DbError::InUse(path.display().to_string())
-            }
-            e => DbError::Sled(e),
-        })?;
-        migrate::run(&db)?;
+        let db = recover::open(path)?;
+        let created = migrate::run(&db)?;
         Ok(Db {
             manifests: db.open_tree("manifests")?,
             manifest_digests: db.open_tree("manifest_digests")?,
@@ -199,8 +201,15 @@ impl Db {
             pinned: db.open_tree("pinned")?,
             built_tags: db.open_tree("built_tags")?,
             logged_undecodable: Arc::default(),
+            created,
             db,
         })
+    }
+
+    /// Whether opening found nothing and started a new database. With
+    /// blobs stored, that means the database was lost or damaged.
+    pub fn was_created(&self) -> bool {
+        self.created
     }
 
     /// Decodes a record read from `tree`; one that cannot be decoded is

@@ -1,0 +1,154 @@
+//! Hides credentials in text that leaves the process: the userinfo of
+//! URLs (`https://user:token@host/` -> `https://***@host/`) and the values
+//! of token-like query parameters (`?access_token=...` -> `?access_token=***`).
+//!
+//! Applied where source descriptions and the output of Nix and git are
+//! made, so the admin page, `/api/status`, metrics, logs, database records,
+//! `check-config` and error messages all get redacted text.
+
+use std::borrow::Cow;
+
+const HIDDEN: &str = "***";
+
+/// Query parameter names (lowercased substrings) whose values are secrets.
+const SECRET_PARAMS: [&str; 9] = [
+    "token",
+    "key",
+    "secret",
+    "pass",
+    "pwd",
+    "auth",
+    "sig",
+    "credential",
+    "session",
+];
+
+/// Where a URL written in free text ends.
+fn ends_url(c: char) -> bool {
+    c.is_whitespace()
+        || matches!(
+            c,
+            '"' | '\'' | '`' | '<' | '>' | '(' | ')' | '[' | ']' | '{' | '}' | '\\' | ',' | ';'
+        )
+}
+
+/// `text` with every URL's credentials hidden; borrowed when there were none.
+pub fn redact(text: &str) -> Cow<'_, str> {
+    if !text.contains("://") {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let after = i + 3;
+        out.push_str(&rest[..after]);
+        let url = &rest[after..];
+        let end = url.find(ends_url).unwrap_or(url.len());
+        redact_after_scheme(&url[..end], &mut out);
+        rest = &url[end..];
+    }
+    out.push_str(rest);
+    if out == text {
+        Cow::Borrowed(text)
+    } else {
+        Cow::Owned(out)
+    }
+}
+
+/// Redacts `authority/path?query#fragment` into `out`.
+fn redact_after_scheme(url: &str, out: &mut String) {
+    let authority_end = url.find(['/', '?', '#']).unwrap_or(url.len());
+    let (authority, rest) = url.split_at(authority_end);
+    match authority.rfind('@') {
+        Some(at) => {
+            out.push_str(HIDDEN);
+            out.push_str(&authority[at..]);
+        }
+        None => out.push_str(authority),
+    }
+    let Some(q) = rest.find('?') else {
+        out.push_str(rest);
+        return;
+    };
+    out.push_str(&rest[..=q]);
+    let query = &rest[q + 1..];
+    let (query, fragment) = match query.find('#') {
+        Some(h) => query.split_at(h),
+        None => (query, ""),
+    };
+    for (n, pair) in query.split('&').enumerate() {
+        if n > 0 {
+            out.push('&');
+        }
+        match pair.split_once('=') {
+            Some((name, value)) if is_secret_param(name) && !value.is_empty() => {
+                out.push_str(name);
+                out.push('=');
+                out.push_str(HIDDEN);
+            }
+            _ => out.push_str(pair),
+        }
+    }
+    out.push_str(fragment);
+}
+
+fn is_secret_param(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    SECRET_PARAMS.iter().any(|s| name.contains(s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+    use proptest::prelude::*;
+
+    #[test]
+    fn hides_userinfo_and_token_parameters() {
+        let cases = [
+            (
+                "https://user:s3cret@git.example/repo.git",
+                "https://***@git.example/repo.git",
+            ),
+            ("https://tok@host", "https://***@host"),
+            (
+                "error: fetching 'git+https://u:p@h/x?ref=main' failed",
+                "error: fetching 'git+https://***@h/x?ref=main' failed",
+            ),
+            (
+                "https://h/x.tar.gz?access_token=abc&ref=1#frag",
+                "https://h/x.tar.gz?access_token=***&ref=1#frag",
+            ),
+            (
+                "a https://a:b@h/ and ssh://c@d:22/e",
+                "a https://***@h/ and ssh://***@d:22/e",
+            ),
+            ("https://h/p@q", "https://h/p@q"),
+            ("no url here", "no url here"),
+            ("path:/srv/pkgs", "path:/srv/pkgs"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(redact(input), want, "{input}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn a_password_never_survives(
+            prefix in "[ -~]{0,20}",
+            user in "[a-z]{1,8}",
+            secret in "[A-Za-z0-9]{12,24}",
+            path in "(/[a-z]{1,6}){0,3}",
+            suffix in "( [ -~]{0,20})?",
+        ) {
+            let text = format!("{prefix} https://{user}:{secret}@host.example{path}?token={secret}{suffix}");
+            let redacted = redact(&text);
+            prop_assert!(!redacted.contains(&secret), "{}", redacted);
+        }
+
+        #[test]
+        fn never_panics_and_is_idempotent(text in "\\PC{0,80}") {
+            let once = redact(&text).into_owned();
+            prop_assert_eq!(redact(&once).into_owned(), once);
+        }
+    }
+}
