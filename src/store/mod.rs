@@ -1,6 +1,9 @@
 //! Where content and records live: the blob store on disk (`fs`), the sled
-//! database (`db`) and the file system's free space (`disk`).
+//! database (`db`), the file system's free space (`disk`), when images were
+//! last pulled (`pulls`) and the garbage collector that uses them (`gc`).
 
 pub mod db;
 pub mod disk;
 pub mod fs;
+pub mod gc;
+pub mod pulls;

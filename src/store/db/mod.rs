@@ -12,6 +12,9 @@
 //! - `lookups`: `hit` / `miss` -> manifest requests by tag answered from
 //!   cache or not (u64, big-endian)
 //!
+//! - `last_pulled`: manifest digest -> [`PullRecord`] (for the garbage
+//!   collector; flushed in batches by [`crate::store::pulls`])
+//!
 //! - `meta`: `schema` -> the layout version (u32, big-endian); see
 //!   [`migrate`]
 //!
@@ -26,10 +29,12 @@ mod migrate;
 pub mod records;
 
 pub use migrate::SCHEMA_VERSION;
-pub use records::{BuildOutcome, BuildRecord, ErrorRecord, LayerRecord, ManifestRecord, Record};
+pub use records::{
+    BuildOutcome, BuildRecord, ErrorRecord, LayerRecord, ManifestRecord, PullRecord, Record,
+};
 
 use crate::digest::Digest;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -83,6 +88,7 @@ pub struct Db {
     errors: sled::Tree,
     pulls: sled::Tree,
     lookups: sled::Tree,
+    last_pulled: sled::Tree,
     /// Trees whose undecodable records were already logged.
     logged_undecodable: Arc<Mutex<HashSet<&'static str>>>,
 }
@@ -160,6 +166,7 @@ impl Db {
             errors: db.open_tree("errors")?,
             pulls: db.open_tree("pulls")?,
             lookups: db.open_tree("lookups")?,
+            last_pulled: db.open_tree("last_pulled")?,
             logged_undecodable: Arc::default(),
             db,
         })
@@ -313,6 +320,77 @@ impl Db {
                 Ok(String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
             })
             .collect()
+    }
+
+    /// Every cached image record, with its cache key.
+    pub fn manifests(&self) -> Result<Vec<(String, ManifestRecord)>, DbError> {
+        let mut out = Vec::new();
+        for kv in self.manifests.iter() {
+            let (k, v) = kv?;
+            if let Some(record) = self.decode("manifests", &v) {
+                out.push((String::from_utf8_lossy(&k).into_owned(), record));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets an image: every cache key that names this manifest, and its
+    /// pull record. Its blobs are the collector's to delete.
+    pub fn remove_image(&self, digest: &Digest) -> Result<(), DbError> {
+        for kv in self.manifests.iter() {
+            let (k, v) = kv?;
+            let names_it = self
+                .decode::<ManifestRecord>("manifests", &v)
+                .is_none_or(|r| r.digest == *digest);
+            if names_it {
+                self.manifests.remove(k)?;
+            }
+        }
+        self.manifest_digests.remove(digest.as_bytes())?;
+        self.last_pulled.remove(digest.as_bytes())?;
+        Ok(())
+    }
+
+    /// Drops layer records whose blob is gone, so the index does not grow
+    /// with layers the collector deleted.
+    pub fn prune_layers(&self, stored: impl Fn(&Digest) -> bool) -> Result<usize, DbError> {
+        let mut pruned = 0;
+        for kv in self.layers.iter() {
+            let (k, v) = kv?;
+            let gone = self
+                .decode::<LayerRecord>("layers", &v)
+                .is_none_or(|r| !stored(&r.digest));
+            if gone {
+                self.layers.remove(k)?;
+                pruned += 1;
+            }
+        }
+        Ok(pruned)
+    }
+
+    /// Records when images were last pulled, in one batch.
+    pub fn put_last_pulled(&self, pulls: &HashMap<Digest, PullRecord>) -> Result<(), DbError> {
+        let mut batch = sled::Batch::default();
+        for (digest, record) in pulls {
+            batch.insert(digest.as_bytes(), encode(record)?);
+        }
+        self.last_pulled.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// When each image was last pulled, as last flushed.
+    pub fn last_pulled(&self) -> Result<HashMap<Digest, PullRecord>, DbError> {
+        let mut out = HashMap::new();
+        for kv in self.last_pulled.iter() {
+            let (k, v) = kv?;
+            let digest = <[u8; 32]>::try_from(k.as_ref())
+                .ok()
+                .map(Digest::from_bytes);
+            if let (Some(d), Some(r)) = (digest, self.decode("last_pulled", &v)) {
+                out.insert(d, r);
+            }
+        }
+        Ok(out)
     }
 
     pub fn counts(&self) -> (usize, usize) {
