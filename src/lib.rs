@@ -115,12 +115,21 @@ impl Server {
         std::fs::create_dir_all(&nix_dir).map_err(storage)?;
         // Roots left by builds that a crash interrupted would keep their
         // store paths from the garbage collector for good.
+        // Emptied, not recreated: a server must start on a full disk.
         let gc_roots = config.storage_path.join("gcroots");
-        match std::fs::remove_dir_all(&gc_roots) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(storage(e)),
-            _ => {}
-        }
         std::fs::create_dir_all(&gc_roots).map_err(storage)?;
+        for entry in std::fs::read_dir(&gc_roots).map_err(storage)? {
+            let path = entry.map_err(storage)?.path();
+            let removed = if path.is_dir() && !path.is_symlink() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            match removed {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(storage(e)),
+                _ => {}
+            }
+        }
         let prepare_image = nix_dir.join("prepare-image.nix");
         // Written only when it changed: a server must start on a full disk.
         if std::fs::read(&prepare_image).ok().as_deref() != Some(PREPARE_IMAGE_NIX.as_bytes()) {
@@ -143,6 +152,8 @@ impl Server {
             layer_budget: config.layer_budget,
             cache_ttl: config.cache_ttl,
             max_concurrent_builds: config.max_concurrent_builds,
+            max_queued_builds: config.max_queued_builds,
+            failed_build_ttl: config.failed_build_ttl,
             gc_roots,
             popularity,
         };
@@ -154,7 +165,13 @@ impl Server {
                 storage_path: config.storage_path.display().to_string(),
             },
         );
-        let builder = Builder::new(settings, db, blobs, status);
+        let collector = store::collector::Collector::new(
+            db.clone(),
+            blobs.clone(),
+            config.storage_path.clone(),
+            config.gc,
+        );
+        let builder = Builder::new(settings, db, blobs, status, collector);
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Listen {
@@ -179,9 +196,13 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let db = self.builder.db().clone();
+        let collector = Arc::clone(self.builder.collector());
+        let background = tokio::spawn(Arc::clone(&collector).run_in_background());
         axum::serve(self.listener, router(self.builder))
             .with_graceful_shutdown(shutdown)
             .await?;
+        background.abort();
+        collector.flush_pulls().await;
         if let Err(e) = db.flush().await {
             tracing::warn!(error = %e, "could not flush the database at shutdown");
         }

@@ -1,16 +1,19 @@
 //! From an image name to a stored manifest: the name (`image`), where
-//! packages come from (`source`, `git`), Nix (`nix`), the closure's layer
-//! plan (`layers`, `popularity`), packing (`archive`), the manifest, and
-//! the orchestration of it all (`builder`, `singleflight`).
+//! packages come from (`source`, `git`), Nix (`nix`) and the processes it
+//! runs (`process`), the closure's layer plan (`layers`, `popularity`),
+//! packing (`archive`), the manifest, and the orchestration of it all
+//! (`builder`, `singleflight`, the bounded `queue`, the failure `cache`).
 
 pub mod archive;
 pub mod builder;
+pub mod cache;
 pub mod git;
 pub mod image;
 pub mod layers;
 pub mod manifest;
 pub mod nix;
 pub mod popularity;
+pub mod queue;
 pub mod singleflight;
 pub mod source;
 pub mod store_path;

@@ -2,5 +2,6 @@
 //! share with systemd (`notify`).
 
 pub mod check_config;
+pub mod gc;
 pub mod notify;
 pub mod serve;

@@ -19,6 +19,9 @@ use std::sync::Arc;
 
 const IMMUTABLE: &str = "max-age=31536000, immutable";
 
+/// What a client that was refused for load is told to wait, in seconds.
+const RETRY_AFTER_SECS: u64 = 10;
+
 /// `GET/HEAD /v2/`: tells clients this is a registry (no auth needed).
 pub async fn base(method: Method) -> Response {
     let body = if method == Method::HEAD { "" } else { "{}" };
@@ -133,6 +136,15 @@ fn digest_error(e: crate::digest::DigestError) -> ApiError {
 /// Maps every build error to what a client sees. Each variant is named so
 /// that a new one forces a decision.
 pub fn build_error(e: &BuildError) -> ApiError {
+    if e.is_storage_full() {
+        return ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Unknown,
+            "the registry's storage is full, so this image cannot be built now; \
+             images already built are still served",
+        )
+        .with_retry_after(RETRY_AFTER_SECS);
+    }
     match e {
         BuildError::NotFound(names) => ApiError::new(
             StatusCode::NOT_FOUND,
@@ -169,6 +181,18 @@ pub fn build_error(e: &BuildError) -> ApiError {
         BuildError::Db(_) => ApiError::internal("using the database"),
         BuildError::GcRoot(_) => ApiError::internal("preparing the build"),
         BuildError::Task(_) => ApiError::internal("building the image"),
+        BuildError::QueueFull(n) => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::TooManyRequests,
+            format!("{n} image builds are waiting already; try again later (images already built are served)"),
+        )
+        .with_retry_after(RETRY_AFTER_SECS),
+        BuildError::Abandoned(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unknown,
+            "the build was dropped while queued; try again",
+        )
+        .with_retry_after(1),
     }
 }
 
@@ -223,11 +247,19 @@ async fn manifest(
     let bytes = read_blob(builder, &digest)
         .await?
         .ok_or_else(|| manifest_unknown(name))?;
+    // In memory only; the collector writes these in batches.
+    builder.collector().pulls().touch(digest, name, unix_now());
     let mut r = content_response(bytes, &digest, MANIFEST_MEDIA_TYPE, head);
     if immutable {
         set(&mut r, header::CACHE_CONTROL, IMMUTABLE);
     }
     Ok(r)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn manifest_unknown(name: &str) -> ApiError {

@@ -26,6 +26,8 @@ pub enum GcError {
     Blob(#[from] BlobError),
     #[error("cannot read the free space of {0}: {1}")]
     FreeSpace(String, std::io::Error),
+    #[error("the collection task failed: {0}")]
+    Task(String),
 }
 
 /// What the collector aims for; `None` limits are not enforced.

@@ -1,7 +1,9 @@
 //! Where content and records live: the blob store on disk (`fs`), the sled
 //! database (`db`), the file system's free space (`disk`), when images were
-//! last pulled (`pulls`) and the garbage collector that uses them (`gc`).
+//! last pulled (`pulls`), the garbage collector that uses them (`gc`) and
+//! its background runs (`collector`).
 
+pub mod collector;
 pub mod db;
 pub mod disk;
 pub mod fs;

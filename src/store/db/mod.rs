@@ -397,6 +397,12 @@ impl Db {
         (self.manifest_digests.len(), self.layers.len())
     }
 
+    /// As [`flush`](Self::flush), blocking: for tools without a runtime.
+    pub fn flush_blocking(&self) -> Result<(), DbError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// Makes everything written so far durable.
     pub async fn flush(&self) -> Result<(), DbError> {
         self.db.flush_async().await?;
