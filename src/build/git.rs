@@ -4,7 +4,7 @@
 //! carry the exact commit, and lets Nix fetch a fully qualified ref (Nix
 //! 2.x reads a bare ref name as a branch, so git tags would not resolve).
 
-use std::process::Stdio;
+use crate::build::process::{self, ProcessError};
 use std::time::Duration;
 use tokio::process::Command;
 
@@ -132,6 +132,7 @@ fn parse_head(out: &str) -> Option<GitTarget> {
 }
 
 /// `git ls-remote`, arguments only; git never prompts, it fails instead.
+/// On timeout its whole process group (helpers included) is stopped.
 async fn ls_remote(
     url: &str,
     flags: &[&str],
@@ -144,18 +145,16 @@ async fn ls_remote(
         .arg("--")
         .arg(url)
         .args(patterns)
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(timeout, cmd.output())
+        .env("GIT_TERMINAL_PROMPT", "0");
+    let out = process::run(cmd, "git", timeout)
         .await
-        .map_err(|_| GitError::Timeout(timeout.as_secs()))?
-        .map_err(|e| GitError::Spawn(e.to_string()))?;
+        .map_err(|e| match e {
+            ProcessError::Timeout { .. } => GitError::Timeout(timeout.as_secs()),
+            ProcessError::Spawn { source, .. } => GitError::Spawn(source.to_string()),
+            other => GitError::Failed(other.to_string()),
+        })?;
     if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        return Err(GitError::Failed(stderr.trim().to_owned()));
+        return Err(GitError::Failed(out.stderr.trim().to_owned()));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

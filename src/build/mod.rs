@@ -13,6 +13,7 @@ pub mod layers;
 pub mod manifest;
 pub mod nix;
 pub mod popularity;
+pub mod process;
 pub mod queue;
 pub mod singleflight;
 pub mod source;
