@@ -138,7 +138,7 @@ fn images(
 }
 
 /// Which images to evict, least recently used first, so that at least
-/// `needed` bytes become unreferenced; none used at or after `protect_from`.
+/// `needed` bytes become unreferenced; none used after `protect_from`.
 fn choose_evictions(
     images: &[Image],
     sizes: &HashMap<Digest, u64>,
@@ -160,7 +160,7 @@ fn choose_evictions(
     order.sort_by_key(|&i| (images[i].last_used, images[i].manifest));
     let mut evict = Vec::new();
     for i in order {
-        if freeable >= needed || images[i].last_used >= protect_from {
+        if freeable >= needed || images[i].last_used > protect_from {
             break;
         }
         for b in &images[i].blobs {
@@ -363,7 +363,7 @@ mod tests {
             vec![1, 2, 0]
         );
         // Recently used images are kept whatever the need.
-        assert_eq!(choose_evictions(&images, &sizes, 1000, 200), vec![1]);
+        assert_eq!(choose_evictions(&images, &sizes, 1000, 199), vec![1]);
     }
 
     #[test]
