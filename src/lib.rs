@@ -136,7 +136,18 @@ impl Server {
             write_atomically(&prepare_image, PREPARE_IMAGE_NIX.as_bytes()).map_err(storage)?;
         }
         let blobs = store::fs::BlobStore::open(&config.storage_path)?;
-        let db = store::db::Db::open(&config.storage_path.join("db"))?;
+        let db_path = config.storage_path.join("db");
+        let db = match store::db::Db::open(&db_path) {
+            Err(e)
+                if e.is_storage_full()
+                    && store::reserve::release(&config.storage_path).map_err(storage)? =>
+            {
+                tracing::warn!("the disk is full: released the start-up reserve to open the database; cached images are served, builds fail until space is freed");
+                store::db::Db::open(&db_path)?
+            }
+            other => other?,
+        };
+        store::reserve::ensure(&config.storage_path);
         let popularity = match &config.popularity_url {
             Some(url) => build::popularity::load(url).await?,
             None => Default::default(),

@@ -60,6 +60,16 @@ pub enum DbError {
     Migration { from: u32, message: String },
 }
 
+impl DbError {
+    /// Whether the disk (or quota) was full.
+    pub fn is_storage_full(&self) -> bool {
+        matches!(self, DbError::Sled(sled::Error::Io(e))
+            if e.kind() == std::io::ErrorKind::StorageFull
+                || e.kind() == std::io::ErrorKind::QuotaExceeded
+                || e.raw_os_error() == Some(libc::ENOSPC))
+    }
+}
+
 /// Whether a manifest request by tag was answered from the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lookup {
