@@ -5,8 +5,7 @@
 
 mod common;
 
-use common::{config, error_code, get_blob, get_manifest, TestServer};
-use nixery::digest::Digest;
+use common::{config, error_code, get_blob, get_manifest, temp_files, TestServer};
 use reqwest::{Client, StatusCode};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -39,29 +38,8 @@ impl Drop for Tmpfs {
     }
 }
 
-/// Every stored blob's content matches its name.
-fn assert_blobs_whole(root: &Path) -> usize {
-    let mut n = 0;
-    for shard in std::fs::read_dir(root.join("blobs/sha256"))
-        .unwrap()
-        .flatten()
-    {
-        for blob in std::fs::read_dir(shard.path()).unwrap().flatten() {
-            let name = blob.file_name().into_string().unwrap();
-            let bytes = std::fs::read(blob.path()).unwrap();
-            assert_eq!(Digest::of(&bytes).hex(), name, "blob {name} is whole");
-            n += 1;
-        }
-    }
-    n
-}
-
-fn temp_files(root: &Path) -> Vec<String> {
-    std::fs::read_dir(root.join("tmp"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect()
+fn assert_blobs_whole(root: &Path) {
+    assert_eq!(common::corrupt_blobs_on_disk(root), Vec::<String>::new());
 }
 
 /// Writes `path` until the file system has not one byte left.

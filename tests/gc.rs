@@ -5,16 +5,11 @@
 
 mod common;
 
-use common::{config, get_blob, get_manifest, TestServer};
+use common::{config, get_blob, get_manifest, status_json, TestServer};
 use nixery::digest::Digest;
 use reqwest::{Client, StatusCode};
 use serde_json::Value;
 use std::time::Duration;
-
-async fn status_json(c: &Client, s: &TestServer) -> Value {
-    let r = c.get(s.url("/api/status")).send().await.unwrap();
-    serde_json::from_slice(&r.bytes().await.unwrap()).unwrap()
-}
 
 /// Waits for a collection newer than `after` (None: any) and returns it.
 async fn next_gc(c: &Client, s: &TestServer, after: &Value) -> Value {

@@ -4,15 +4,9 @@
 
 mod common;
 
-use common::{error_code, fresh_server, get_manifest, header, TestServer};
+use common::{error_code, fresh_server, get_manifest, header, status_json};
 use reqwest::{Client, StatusCode};
-use serde_json::Value;
 use std::time::Duration;
-
-async fn status_json(c: &Client, s: &TestServer) -> Value {
-    let r = c.get(s.url("/api/status")).send().await.unwrap();
-    serde_json::from_slice(&r.bytes().await.unwrap()).unwrap()
-}
 
 async fn wait_until(what: &str, mut done: impl AsyncFnMut() -> bool) {
     for _ in 0..600 {
