@@ -160,6 +160,7 @@ async fn kill_9_at_random_points_never_serves_a_partial_blob() {
     // How long a cold build takes, per image, to spread the kill points.
     let mut build_ms = [4000u64; IMAGES.len()];
     let (mut corrupt_served, mut corrupt_stored, mut blobs_checked) = (0, 0, 0);
+    let mut killed_mid_write = 0;
     for cycle in 0..CYCLES {
         let which = cycle % IMAGES.len();
         let image = IMAGES[which];
@@ -177,6 +178,9 @@ async fn kill_9_at_random_points_never_serves_a_partial_blob() {
         tokio::time::sleep(Duration::from_millis(kill_after)).await;
         s.kill();
         let _ = pending.await;
+        // Half-written blobs left by the kill: it hit a blob being written.
+        let debris = common::temp_files(storage).len();
+        killed_mid_write += usize::from(debris > 0);
 
         let s = Server::start(storage);
         assert_eq!(
@@ -197,7 +201,7 @@ async fn kill_9_at_random_points_never_serves_a_partial_blob() {
         let on_disk = common::corrupt_blobs_on_disk(storage);
         corrupt_stored += on_disk.len();
         println!(
-            "crash: cycle {cycle}: {image}, killed after {kill_after} ms; {n} blobs served, {} corrupt served, {} corrupt on disk",
+            "crash: cycle {cycle}: {image}, killed after {kill_after} ms ({debris} temp files left); {n} blobs served, {} corrupt served, {} corrupt on disk",
             bad.len(),
             on_disk.len()
         );
@@ -205,7 +209,7 @@ async fn kill_9_at_random_points_never_serves_a_partial_blob() {
         empty_the_store(storage);
     }
     println!(
-        "crash: {CYCLES} kill -9 cycles, {blobs_checked} blobs served and checked, {corrupt_served} corrupt blobs served, {corrupt_stored} corrupt on disk"
+        "crash: {CYCLES} kill -9 cycles ({killed_mid_write} killed while writing a blob), {blobs_checked} blobs served and checked, {corrupt_served} corrupt blobs served, {corrupt_stored} corrupt on disk"
     );
     assert_eq!((corrupt_served, corrupt_stored), (0, 0));
 }
