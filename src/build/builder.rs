@@ -335,7 +335,8 @@ impl Builder {
         let result = self
             .builds
             .run(&key, move || async move {
-                // Started between the check and here: take a place now.
+                // The build seen running ended before this one started:
+                // this is a new build, and needs a place of its own.
                 let place = match place.or_else(|| this.queue.try_enter()) {
                     Some(p) => p,
                     None => {
