@@ -167,6 +167,7 @@ impl Server {
             failed_build_ttl: config.failed_build_ttl,
             gc_roots,
             popularity,
+            platforms: config.platforms.clone(),
         };
         let status = observe::status::Status::new(
             db.clone(),

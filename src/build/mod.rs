@@ -1,12 +1,14 @@
 //! From an image name to a stored manifest: the name (`image`), where
 //! packages come from (`source`, `git`), Nix (`nix`) and the processes it
 //! runs (`process`), the closure's layer plan (`layers`, `popularity`),
-//! packing (`archive`), the manifest, and the orchestration of it all
-//! (`builder`, `singleflight`, the bounded `queue`, the failure `cache`).
+//! packing (`archive`), the manifest and the forms it is served in
+//! (`manifest`, `forms`), and the orchestration of it all (`builder`,
+//! `singleflight`, the bounded `queue`, the failure `cache`).
 
 pub mod archive;
 pub mod builder;
 pub mod cache;
+pub mod forms;
 pub mod git;
 pub mod image;
 pub mod layers;
