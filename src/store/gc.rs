@@ -92,24 +92,82 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-/// The config and layer digests a stored manifest names, with the manifest
-/// itself; just the manifest if it cannot be read.
+/// What a stored manifest names (its config and layers) or an index names
+/// (its manifests); None if it cannot be read.
+fn parts_of(blobs: &BlobStore, digest: &Digest) -> Option<Part> {
+    let blob = blobs.get(digest).ok()??;
+    let json = serde_json::from_slice::<serde_json::Value>(blob.as_ref()).ok()?;
+    let digest_of = |v: &serde_json::Value| v.get("digest")?.as_str()?.parse::<Digest>().ok();
+    let list = |key: &str| -> Vec<Digest> {
+        json.get(key)
+            .and_then(|l| l.as_array())
+            .map(|items| items.iter().filter_map(digest_of).collect())
+            .unwrap_or_default()
+    };
+    if json.get("manifests").is_some() {
+        return Some(Part::Index(list("manifests")));
+    }
+    let mut parts: Vec<Digest> = json.get("config").and_then(digest_of).into_iter().collect();
+    parts.extend(list("layers"));
+    Some(Part::Manifest(parts))
+}
+
+enum Part {
+    Manifest(Vec<Digest>),
+    Index(Vec<Digest>),
+}
+
+/// The manifest itself and the blobs it names; just the manifest if it
+/// cannot be read.
 fn blobs_of(blobs: &BlobStore, manifest: &Digest) -> Vec<Digest> {
     let mut out = vec![*manifest];
-    let Ok(Some(blob)) = blobs.get(manifest) else {
-        return out;
-    };
-    let Ok(json) = serde_json::from_slice::<serde_json::Value>(blob.as_ref()) else {
-        return out;
-    };
-    let digest_of = |v: &serde_json::Value| v.get("digest")?.as_str()?.parse::<Digest>().ok();
-    out.extend(json.get("config").and_then(digest_of));
-    if let Some(layers) = json.get("layers").and_then(|l| l.as_array()) {
-        out.extend(layers.iter().filter_map(digest_of));
+    if let Some(Part::Manifest(parts)) = parts_of(blobs, manifest) {
+        out.extend(parts);
     }
     out.sort();
     out.dedup();
     out
+}
+
+/// Every blob to keep: those of the `kept` images, plus the forms served
+/// besides their Docker manifests (an OCI manifest, an index over
+/// platforms) whose every part is kept. The other forms come second: they
+/// are no longer served, and their blobs go.
+fn keep_with_forms<'a>(
+    db: &Db,
+    blobs: &BlobStore,
+    kept: impl Iterator<Item = &'a Image>,
+) -> Result<(BTreeSet<Digest>, Vec<Digest>), DbError> {
+    let mut referenced = BTreeSet::new();
+    let mut manifests = BTreeSet::new();
+    for image in kept {
+        manifests.insert(image.manifest);
+        referenced.extend(image.blobs.iter().copied());
+    }
+    let (mut indexes, mut stale) = (Vec::new(), Vec::new());
+    for digest in db.manifest_digest_list()? {
+        if manifests.contains(&digest) {
+            continue;
+        }
+        match parts_of(blobs, &digest) {
+            Some(Part::Manifest(parts))
+                if !parts.is_empty() && parts.iter().all(|p| referenced.contains(p)) =>
+            {
+                manifests.insert(digest);
+            }
+            Some(Part::Index(children)) => indexes.push((digest, children)),
+            _ => stale.push(digest),
+        }
+    }
+    for (digest, children) in indexes {
+        if !children.is_empty() && children.iter().all(|c| manifests.contains(c)) {
+            referenced.insert(digest);
+        } else {
+            stale.push(digest);
+        }
+    }
+    referenced.extend(manifests);
+    Ok((referenced, stale))
 }
 
 /// The images the database keeps, one per manifest digest.
@@ -225,12 +283,12 @@ pub fn collect(
 
     if dry_run {
         let gone: BTreeSet<usize> = chosen.into_iter().collect();
-        let referenced: BTreeSet<Digest> = kept
+        let staying = kept
             .iter()
             .enumerate()
             .filter(|(i, _)| !gone.contains(i))
-            .flat_map(|(_, img)| img.blobs.iter().copied())
-            .collect();
+            .map(|(_, img)| img);
+        let (referenced, _) = keep_with_forms(db, blobs, staying)?;
         let unreferenced: Vec<(Digest, u64)> = stored
             .into_iter()
             .filter(|(d, _)| !referenced.contains(d))
@@ -258,10 +316,11 @@ pub fn collect(
         // so far: a build that records its manifest after this point
         // changes the count, and the deletion below then refuses.
         let released = blobs.pins_released();
-        let referenced: BTreeSet<Digest> = images(&db.manifests()?, &HashMap::new(), blobs)
-            .into_iter()
-            .flat_map(|img| img.blobs)
-            .collect();
+        let staying = images(&db.manifests()?, &HashMap::new(), blobs);
+        let (referenced, stale) = keep_with_forms(db, blobs, staying.iter())?;
+        for digest in &stale {
+            db.forget_manifest_digest(digest)?;
+        }
         let unreferenced: Vec<Digest> = blobs
             .list_blobs()?
             .into_iter()
@@ -408,6 +467,21 @@ mod tests {
         };
         let (old, old_layer) = put_image("old", &[1u8; 4000], 10);
         let (new, new_layer) = put_image("new", &[2u8; 4000], 20);
+        // Forms served besides the Docker manifests: an OCI manifest of
+        // each image, and an index naming the new one's.
+        let form_of = |m: &Digest| {
+            let docker: serde_json::Value =
+                serde_json::from_slice(blobs.get(m).unwrap().unwrap().as_ref()).unwrap();
+            let mut oci = docker.clone();
+            oci["mediaType"] = "application/vnd.oci.image.manifest.v1+json".into();
+            let d = blobs.put(oci.to_string().as_bytes()).unwrap();
+            db.add_manifest_digest(&d).unwrap();
+            d
+        };
+        let (old_form, new_form) = (form_of(&old), form_of(&new));
+        let index = serde_json::json!({"manifests": [{"digest": new_form.to_string()}]});
+        let index = blobs.put(index.to_string().as_bytes()).unwrap();
+        db.add_manifest_digest(&index).unwrap();
         let orphan = blobs.put(b"orphan").unwrap();
         let pinned_orphan = blobs.put(b"pinned orphan").unwrap();
         let pin = blobs.pin(&pinned_orphan);
@@ -425,12 +499,14 @@ mod tests {
         assert_eq!(report.evicted[0].manifest, old.to_string());
         assert_eq!(report.evicted[0].image.as_deref(), Some("old"));
         assert_eq!(report.blobs_in_use, 1);
-        for gone in [old, old_layer, orphan] {
+        for gone in [old, old_layer, orphan, old_form] {
             assert_eq!(blobs.stat_blob(&gone).unwrap(), None);
         }
-        for kept in [new, new_layer, pinned_orphan] {
+        for kept in [new, new_layer, pinned_orphan, new_form, index] {
             assert!(blobs.stat_blob(&kept).unwrap().is_some());
         }
+        assert!(!db.is_manifest(&old_form).unwrap());
+        assert!(db.is_manifest(&new_form).unwrap());
         assert!(db.manifest("old").unwrap().is_none());
         assert!(!db.is_manifest(&old).unwrap());
         assert!(db.manifest("new").unwrap().is_some());

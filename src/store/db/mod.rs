@@ -224,6 +224,23 @@ impl Db {
         Ok(())
     }
 
+    /// Every digest served as a manifest (Docker, OCI, index).
+    pub fn manifest_digest_list(&self) -> Result<Vec<Digest>, DbError> {
+        let mut out = Vec::new();
+        for k in self.manifest_digests.iter().keys() {
+            if let Ok(raw) = <[u8; 32]>::try_from(k?.as_ref()) {
+                out.push(Digest::from_bytes(raw));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stops serving `digest` as a manifest (the collector deletes it).
+    pub fn forget_manifest_digest(&self, digest: &Digest) -> Result<(), DbError> {
+        self.manifest_digests.remove(digest.as_bytes())?;
+        Ok(())
+    }
+
     pub fn is_manifest(&self, digest: &Digest) -> Result<bool, DbError> {
         Ok(self.manifest_digests.contains_key(digest.as_bytes())?)
     }
