@@ -7,6 +7,8 @@
 mod common;
 
 use common::{config, TestServer};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const FLOOD: usize = 200;
@@ -17,10 +19,10 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1000.0
 }
 
-/// `SAMPLES` sequential GETs of `url`, or fewer if `until` says stop.
-async fn sample(client: &reqwest::Client, url: &str, until: impl Fn() -> bool) -> Vec<Duration> {
+/// Sequential GETs of `url`: at least `SAMPLES`, and on until `done` says so.
+async fn sample(client: &reqwest::Client, url: &str, done: impl Fn() -> bool) -> Vec<Duration> {
     let mut out = Vec::with_capacity(SAMPLES);
-    while out.len() < SAMPLES && !until() {
+    while out.len() < SAMPLES || !done() {
         let start = Instant::now();
         let r = client.get(url).send().await.expect("GET");
         assert!(r.status().is_success(), "cached manifest: {}", r.status());
@@ -50,7 +52,7 @@ fn main() {
         let r = client.get(&warm).send().await.expect("first pull");
         assert!(r.status().is_success());
 
-        report("alone", &sample(&client, &warm, || false).await);
+        report("alone", &sample(&client, &warm, || true).await);
 
         let flood: Vec<_> = (0..FLOOD)
             .map(|i| {
@@ -60,19 +62,30 @@ fn main() {
             })
             .collect();
         let flood_started = Instant::now();
-        let during = sample(&client, &warm, || false).await;
+        // Sampled until every flood request, admitted builds included, is
+        // answered.
+        let answered = Arc::new(AtomicBool::new(false));
+        let outcome = {
+            let answered = Arc::clone(&answered);
+            tokio::spawn(async move {
+                let mut refused = 0;
+                let mut other = 0;
+                for f in flood {
+                    match f.await.expect("task") {
+                        Ok(429) => refused += 1,
+                        _ => other += 1,
+                    }
+                }
+                answered.store(true, Ordering::Release);
+                (refused, other)
+            })
+        };
+        let during = sample(&client, &warm, || answered.load(Ordering::Acquire)).await;
         let sampled_for = flood_started.elapsed();
-        let mut refused = 0;
-        let mut other = 0;
-        for f in flood {
-            match f.await.expect("task") {
-                Ok(429) => refused += 1,
-                _ => other += 1,
-            }
-        }
+        let (refused, other) = outcome.await.expect("flood");
         report("during the flood", &during);
         println!(
-            "flood: {FLOOD} cold names at once: {refused} answered 429, {other} admitted (queue {}), samples taken over {:.1} s",
+            "flood: {FLOOD} cold names at once: {refused} answered 429, {other} admitted (queue {}); samples over {:.1} s, until the last admitted build answered",
             s.builder.queue_depth().1,
             sampled_for.as_secs_f64()
         );
