@@ -176,6 +176,42 @@ mod tests {
         }
     }
 
+    /// A server that accepts and never answers: git's HTTP helper hangs.
+    /// The timeout must take the helper down with git.
+    #[tokio::test]
+    async fn a_timeout_stops_git_and_its_helpers() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                open.push(socket);
+            }
+        });
+        let url = format!("http://127.0.0.1:{port}/never-answers.git");
+        let err = resolve(&url, "latest", Duration::from_millis(1500))
+            .await
+            .unwrap_err();
+        assert_eq!(err, GitError::Timeout(1));
+        let left = || -> Vec<String> {
+            std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .filter(|c| c.contains(&url))
+                .collect()
+        };
+        for _ in 0..30 {
+            if left().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(left(), Vec::<String>::new(), "git or a helper left running");
+        held.abort();
+    }
+
     #[test]
     fn parses_ls_remote_output() {
         let c1 = "1".repeat(40);
