@@ -8,6 +8,7 @@ pub mod config;
 pub mod digest;
 pub mod error;
 pub mod http;
+pub mod mirror;
 pub mod observe;
 pub mod store;
 
@@ -103,87 +104,97 @@ pub struct Server {
     builder: Arc<Builder>,
 }
 
+/// Opens storage (the database first: it refuses a second process) and
+/// loads popularity data: the builder `serve` runs, and `build`, `export`,
+/// `import` and `verify` use without a server.
+pub async fn open_builder(config: &Config) -> Result<Arc<Builder>, StartError> {
+    let storage = |source| StartError::Storage {
+        path: config.storage_path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&config.storage_path).map_err(storage)?;
+    // First: another process on this storage makes this fail before
+    // the clean-ups below touch what that process is using.
+    let db_path = config.storage_path.join("db");
+    let db = match store::db::Db::open(&db_path) {
+        // sled writes when it opens: on a full disk, use the reserve.
+        Err(e)
+            if e.is_storage_full()
+                && store::reserve::release(&config.storage_path).map_err(storage)? =>
+        {
+            tracing::warn!("the disk is full: released the start-up reserve to open the database; cached images are served, builds fail until space is freed");
+            store::db::Db::open(&db_path)?
+        }
+        other => other?,
+    };
+    store::reserve::ensure(&config.storage_path);
+    let nix_dir = config.storage_path.join("nix");
+    std::fs::create_dir_all(&nix_dir).map_err(storage)?;
+    // Roots left by builds that a crash interrupted would keep their
+    // store paths from the garbage collector for good.
+    // Emptied, not recreated: a server must start on a full disk.
+    let gc_roots = config.storage_path.join("gcroots");
+    std::fs::create_dir_all(&gc_roots).map_err(storage)?;
+    for entry in std::fs::read_dir(&gc_roots).map_err(storage)? {
+        let path = entry.map_err(storage)?.path();
+        let removed = if path.is_dir() && !path.is_symlink() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match removed {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(storage(e)),
+            _ => {}
+        }
+    }
+    let prepare_image = nix_dir.join("prepare-image.nix");
+    // Written only when it changed: a server must start on a full disk.
+    if std::fs::read(&prepare_image).ok().as_deref() != Some(PREPARE_IMAGE_NIX.as_bytes()) {
+        write_atomically(&prepare_image, PREPARE_IMAGE_NIX.as_bytes()).map_err(storage)?;
+    }
+    let blobs = store::fs::BlobStore::open(&config.storage_path)?;
+    let popularity = match &config.popularity_url {
+        Some(url) => build::popularity::load(url).await?,
+        None => Default::default(),
+    };
+    let settings = BuilderSettings {
+        source: config.source.clone(),
+        nix: build::nix::Nix::new(
+            prepare_image,
+            config.nix_timeout,
+            config.nix_options.clone(),
+        )
+        .with_fetch_ttl(config.cache_ttl),
+        layer_budget: config.layer_budget,
+        cache_ttl: config.cache_ttl,
+        max_concurrent_builds: config.max_concurrent_builds,
+        max_queued_builds: config.max_queued_builds,
+        failed_build_ttl: config.failed_build_ttl,
+        gc_roots,
+        popularity,
+        platforms: config.platforms.clone(),
+    };
+    let status = observe::status::Status::new(
+        db.clone(),
+        observe::status::Instance {
+            version: env!("CARGO_PKG_VERSION"),
+            source: config.source.describe(),
+            storage_path: config.storage_path.display().to_string(),
+        },
+    );
+    let collector = store::collector::Collector::new(
+        db.clone(),
+        blobs.clone(),
+        config.storage_path.clone(),
+        config.gc,
+    );
+    Ok(Builder::new(settings, db, blobs, status, collector))
+}
+
 impl Server {
     /// Opens storage, loads popularity data and binds the listener.
     pub async fn start(config: &Config) -> Result<Server, StartError> {
-        let storage = |source| StartError::Storage {
-            path: config.storage_path.clone(),
-            source,
-        };
-        std::fs::create_dir_all(&config.storage_path).map_err(storage)?;
-        let nix_dir = config.storage_path.join("nix");
-        std::fs::create_dir_all(&nix_dir).map_err(storage)?;
-        // Roots left by builds that a crash interrupted would keep their
-        // store paths from the garbage collector for good.
-        // Emptied, not recreated: a server must start on a full disk.
-        let gc_roots = config.storage_path.join("gcroots");
-        std::fs::create_dir_all(&gc_roots).map_err(storage)?;
-        for entry in std::fs::read_dir(&gc_roots).map_err(storage)? {
-            let path = entry.map_err(storage)?.path();
-            let removed = if path.is_dir() && !path.is_symlink() {
-                std::fs::remove_dir_all(&path)
-            } else {
-                std::fs::remove_file(&path)
-            };
-            match removed {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(storage(e)),
-                _ => {}
-            }
-        }
-        let prepare_image = nix_dir.join("prepare-image.nix");
-        // Written only when it changed: a server must start on a full disk.
-        if std::fs::read(&prepare_image).ok().as_deref() != Some(PREPARE_IMAGE_NIX.as_bytes()) {
-            write_atomically(&prepare_image, PREPARE_IMAGE_NIX.as_bytes()).map_err(storage)?;
-        }
-        let blobs = store::fs::BlobStore::open(&config.storage_path)?;
-        let db_path = config.storage_path.join("db");
-        let db = match store::db::Db::open(&db_path) {
-            Err(e)
-                if e.is_storage_full()
-                    && store::reserve::release(&config.storage_path).map_err(storage)? =>
-            {
-                tracing::warn!("the disk is full: released the start-up reserve to open the database; cached images are served, builds fail until space is freed");
-                store::db::Db::open(&db_path)?
-            }
-            other => other?,
-        };
-        store::reserve::ensure(&config.storage_path);
-        let popularity = match &config.popularity_url {
-            Some(url) => build::popularity::load(url).await?,
-            None => Default::default(),
-        };
-        let settings = BuilderSettings {
-            source: config.source.clone(),
-            nix: build::nix::Nix::new(
-                prepare_image,
-                config.nix_timeout,
-                config.nix_options.clone(),
-            )
-            .with_fetch_ttl(config.cache_ttl),
-            layer_budget: config.layer_budget,
-            cache_ttl: config.cache_ttl,
-            max_concurrent_builds: config.max_concurrent_builds,
-            max_queued_builds: config.max_queued_builds,
-            failed_build_ttl: config.failed_build_ttl,
-            gc_roots,
-            popularity,
-            platforms: config.platforms.clone(),
-        };
-        let status = observe::status::Status::new(
-            db.clone(),
-            observe::status::Instance {
-                version: env!("CARGO_PKG_VERSION"),
-                source: config.source.describe(),
-                storage_path: config.storage_path.display().to_string(),
-            },
-        );
-        let collector = store::collector::Collector::new(
-            db.clone(),
-            blobs.clone(),
-            config.storage_path.clone(),
-            config.gc,
-        );
-        let builder = Builder::new(settings, db, blobs, status, collector);
+        let builder = open_builder(config).await?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Listen {

@@ -40,10 +40,11 @@ fn collect(args: &GcArgs) -> anyhow::Result<Report> {
     if !root.join("db").is_dir() {
         anyhow::bail!("{} holds no nixery database", root.display());
     }
+    // The database first: it refuses a second process before the blob
+    // store clears temp files that a running server may be writing.
+    let db = crate::store::db::Db::open(&root.join("db"))
+        .map_err(|e| anyhow::anyhow!("{e} (a running server collects by itself)"))?;
     let blobs = crate::store::fs::BlobStore::open(root)?;
-    let db = crate::store::db::Db::open(&root.join("db")).map_err(|e| {
-        anyhow::anyhow!("{e} (is a server running on this storage path? it collects by itself)")
-    })?;
     let pulls = crate::store::pulls::LastPulled::default();
     let report = gc::collect(&db, &blobs, &pulls, root, &policy, args.dry_run)?;
     if !args.dry_run {

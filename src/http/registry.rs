@@ -210,6 +210,11 @@ pub fn build_error(e: &BuildError) -> ApiError {
             "the build was dropped while queued; try again",
         )
         .with_retry_after(1),
+        BuildError::NoSource(_) => ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::ManifestUnknown,
+            e.to_string(),
+        ),
     }
 }
 

@@ -7,7 +7,7 @@
 //! delete unless pinned) so that other backends can provide them.
 
 use crate::digest::Digest;
-use crate::store::db::{Db, DbError, ManifestRecord, PullRecord};
+use crate::store::db::{Db, DbError, ManifestRecord, PullRecord, TagRecord, TagTree};
 use crate::store::fs::{BlobError, BlobStore};
 use crate::store::pulls::LastPulled;
 use serde::Serialize;
@@ -83,6 +83,8 @@ struct Image {
     last_used: u64,
     image: Option<String>,
     blobs: Vec<Digest>,
+    /// Imported: never rebuilt, so never evicted.
+    pinned: bool,
 }
 
 fn now_unix() -> u64 {
@@ -170,26 +172,58 @@ fn keep_with_forms<'a>(
     Ok((referenced, stale))
 }
 
+/// What the database keeps images by: cached builds, last-built tags and
+/// imported (pinned) tags.
+struct Records {
+    manifests: Vec<(String, ManifestRecord)>,
+    built: Vec<TagRecord>,
+    pinned: Vec<TagRecord>,
+}
+
+impl Records {
+    fn read(db: &Db) -> Result<Records, DbError> {
+        let tags = |which| -> Result<Vec<TagRecord>, DbError> {
+            Ok(db
+                .tag_records(which)?
+                .into_iter()
+                .map(|(_, _, r)| r)
+                .collect())
+        };
+        Ok(Records {
+            manifests: db.manifests()?,
+            built: tags(TagTree::Built)?,
+            pinned: tags(TagTree::Pinned)?,
+        })
+    }
+}
+
 /// The images the database keeps, one per manifest digest.
-fn images(
-    records: &[(String, ManifestRecord)],
-    pulls: &HashMap<Digest, PullRecord>,
-    blobs: &BlobStore,
-) -> Vec<Image> {
-    let mut by_digest: HashMap<Digest, u64> = HashMap::new();
-    for (_, r) in records {
-        let t = by_digest.entry(r.digest).or_insert(0);
-        *t = (*t).max(r.checked_at);
+fn images(records: &Records, pulls: &HashMap<Digest, PullRecord>, blobs: &BlobStore) -> Vec<Image> {
+    let mut by_digest: HashMap<Digest, (u64, bool)> = HashMap::new();
+    let built = records
+        .manifests
+        .iter()
+        .map(|(_, r)| (r.digest, r.checked_at));
+    let tagged = records.built.iter().map(|r| (r.digest, r.at));
+    for (digest, at) in built.chain(tagged) {
+        let t = by_digest.entry(digest).or_insert((0, false));
+        t.0 = t.0.max(at);
+    }
+    for r in &records.pinned {
+        let t = by_digest.entry(r.digest).or_insert((0, true));
+        t.0 = t.0.max(r.at);
+        t.1 = true;
     }
     by_digest
         .into_iter()
-        .map(|(manifest, checked_at)| {
+        .map(|(manifest, (checked_at, pinned))| {
             let pull = pulls.get(&manifest);
             Image {
                 manifest,
                 last_used: pull.map_or(checked_at, |p| p.at.max(checked_at)),
                 image: pull.map(|p| p.image.clone()),
                 blobs: blobs_of(blobs, &manifest),
+                pinned,
             }
         })
         .collect()
@@ -220,6 +254,9 @@ fn choose_evictions(
     for i in order {
         if freeable >= needed || images[i].last_used > protect_from {
             break;
+        }
+        if images[i].pinned {
+            continue;
         }
         for b in &images[i].blobs {
             if let Some(n) = refs.get_mut(b) {
@@ -266,7 +303,7 @@ pub fn collect(
 
     let protect_from = at.saturating_sub(policy.keep_pulled_within.as_secs());
     let all_pulls = pulls.all(db)?;
-    let kept = images(&db.manifests()?, &all_pulls, blobs);
+    let kept = images(&Records::read(db)?, &all_pulls, blobs);
     let chosen = if needed > 0 {
         choose_evictions(&kept, &sizes, needed, protect_from)
     } else {
@@ -316,7 +353,7 @@ pub fn collect(
         // so far: a build that records its manifest after this point
         // changes the count, and the deletion below then refuses.
         let released = blobs.pins_released();
-        let staying = images(&db.manifests()?, &HashMap::new(), blobs);
+        let staying = images(&Records::read(db)?, &HashMap::new(), blobs);
         let (referenced, stale) = keep_with_forms(db, blobs, staying.iter())?;
         for digest in &stale {
             db.forget_manifest_digest(digest)?;
@@ -397,6 +434,7 @@ mod tests {
             last_used,
             image: None,
             blobs: blobs.iter().map(|b| Digest::of(&[*b])).collect(),
+            pinned: false,
         }
     }
 
@@ -423,6 +461,17 @@ mod tests {
         );
         // Recently used images are kept whatever the need.
         assert_eq!(choose_evictions(&images, &sizes, 1000, 199), vec![1]);
+        // Imported images are never evicted.
+        let mut with_pinned = images.clone();
+        with_pinned[1].pinned = true;
+        assert_eq!(
+            choose_evictions(&with_pinned, &sizes, 26, u64::MAX),
+            vec![2]
+        );
+        assert_eq!(
+            choose_evictions(&with_pinned, &sizes, 36, u64::MAX),
+            vec![2, 0]
+        );
     }
 
     #[test]

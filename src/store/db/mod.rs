@@ -14,6 +14,8 @@
 //!
 //! - `last_pulled`: manifest digest -> [`PullRecord`] (for the garbage
 //!   collector; flushed in batches by [`crate::store::pulls`])
+//! - `pinned`: `<name>\0<tag>` -> [`TagRecord`] (imported images)
+//! - `built_tags`: `<name>\0<tag>` -> [`TagRecord`] (the last build)
 //!
 //! - `meta`: `schema` -> the layout version (u32, big-endian); see
 //!   [`migrate`]
@@ -31,6 +33,7 @@ pub mod records;
 pub use migrate::SCHEMA_VERSION;
 pub use records::{
     BuildOutcome, BuildRecord, ErrorRecord, LayerRecord, ManifestRecord, PullRecord, Record,
+    TagRecord,
 };
 
 use crate::digest::Digest;
@@ -58,6 +61,11 @@ pub enum DbError {
     TooNew { found: u32, supported: u32 },
     #[error("database migration from layout version {from}: {message}")]
     Migration { from: u32, message: String },
+    #[error(
+        "the database {0} is in use by another nixery process (a running \
+         `serve`?): one process at a time can open it; stop that one first"
+    )]
+    InUse(String),
 }
 
 impl DbError {
@@ -86,6 +94,24 @@ impl Lookup {
     }
 }
 
+/// The two trees that map a name and tag to a manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TagTree {
+    /// Imported: served whatever the source, never rebuilt.
+    Pinned,
+    /// The last build of the name and tag: what a mirror serves.
+    Built,
+}
+
+impl TagTree {
+    fn name(self) -> &'static str {
+        match self {
+            TagTree::Pinned => "pinned",
+            TagTree::Built => "built_tags",
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Db {
     db: sled::Db,
@@ -99,6 +125,8 @@ pub struct Db {
     pulls: sled::Tree,
     lookups: sled::Tree,
     last_pulled: sled::Tree,
+    pinned: sled::Tree,
+    built_tags: sled::Tree,
     /// Trees whose undecodable records were already logged.
     logged_undecodable: Arc<Mutex<HashSet<&'static str>>>,
 }
@@ -164,7 +192,13 @@ fn counts_desc(tree: &sled::Tree) -> Result<Vec<(String, u64)>, DbError> {
 
 impl Db {
     pub fn open(path: &Path) -> Result<Self, DbError> {
-        let db = sled::open(path)?;
+        let db = sled::open(path).map_err(|e| match e {
+            // sled holds an exclusive lock on its files while open.
+            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                DbError::InUse(path.display().to_string())
+            }
+            e => DbError::Sled(e),
+        })?;
         migrate::run(&db)?;
         Ok(Db {
             manifests: db.open_tree("manifests")?,
@@ -177,6 +211,8 @@ impl Db {
             pulls: db.open_tree("pulls")?,
             lookups: db.open_tree("lookups")?,
             last_pulled: db.open_tree("last_pulled")?,
+            pinned: db.open_tree("pinned")?,
+            built_tags: db.open_tree("built_tags")?,
             logged_undecodable: Arc::default(),
             db,
         })
@@ -217,6 +253,102 @@ impl Db {
         Ok(())
     }
 
+    /// Every cached build: cache key and record.
+    pub fn manifests(&self) -> Result<Vec<(String, ManifestRecord)>, DbError> {
+        self.all(&self.manifests, "manifests")
+    }
+
+    /// Every record of a tree with its key; undecodable ones are absent.
+    fn all<T: Record>(
+        &self,
+        tree: &sled::Tree,
+        name: &'static str,
+    ) -> Result<Vec<(String, T)>, DbError> {
+        let mut out = Vec::new();
+        for kv in tree.iter() {
+            let (k, v) = kv?;
+            if let Some(r) = self.decode(name, &v) {
+                out.push((String::from_utf8_lossy(&k).into_owned(), r));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets a cached build, so its image is built again when pulled.
+    pub fn remove_manifest(&self, cache_key: &str) -> Result<(), DbError> {
+        self.manifests.remove(cache_key)?;
+        Ok(())
+    }
+
+    /// Forgets that a digest is a manifest (its blob is gone).
+    pub fn forget_manifest_digest(&self, digest: &Digest) -> Result<(), DbError> {
+        self.manifest_digests.remove(digest.as_bytes())?;
+        Ok(())
+    }
+
+    fn tag_tree(&self, which: TagTree) -> &sled::Tree {
+        match which {
+            TagTree::Pinned => &self.pinned,
+            TagTree::Built => &self.built_tags,
+        }
+    }
+
+    /// The manifest recorded for a name and tag.
+    pub fn tag_record(
+        &self,
+        which: TagTree,
+        name: &str,
+        tag: &str,
+    ) -> Result<Option<TagRecord>, DbError> {
+        Ok(self
+            .tag_tree(which)
+            .get(format!("{name}\0{tag}"))?
+            .and_then(|v| self.decode(which.name(), &v)))
+    }
+
+    /// Records the manifest `name:tag` stands for (and that it is one).
+    pub fn put_tag_record(
+        &self,
+        which: TagTree,
+        name: &str,
+        tag: &str,
+        record: &TagRecord,
+    ) -> Result<(), DbError> {
+        self.manifest_digests
+            .insert(record.digest.as_bytes(), &[])?;
+        self.tag_tree(which)
+            .insert(format!("{name}\0{tag}"), encode(record)?)?;
+        self.add_tag(name, tag)
+    }
+
+    /// Every name and tag recorded in a tree, with its record.
+    pub fn tag_records(&self, which: TagTree) -> Result<Vec<(String, String, TagRecord)>, DbError> {
+        Ok(self
+            .all(self.tag_tree(which), which.name())?
+            .into_iter()
+            .filter_map(|(key, r)| {
+                let (name, tag) = key.split_once('\0')?;
+                Some((name.to_owned(), tag.to_owned(), r))
+            })
+            .collect())
+    }
+
+    pub fn remove_tag_record(&self, which: TagTree, name: &str, tag: &str) -> Result<(), DbError> {
+        self.tag_tree(which).remove(format!("{name}\0{tag}"))?;
+        Ok(())
+    }
+
+    /// Every packed layer: key and record.
+    pub fn layers(&self) -> Result<Vec<(String, LayerRecord)>, DbError> {
+        self.all(&self.layers, "layers")
+    }
+
+    /// Forgets a packed layer, so it is packed again when needed.
+    pub fn remove_layer(&self, key: &str) -> Result<(), DbError> {
+        self.layers.remove(key)?;
+        Ok(())
+    }
+
     /// Marks a stored blob as a manifest (or index) that is served by its
     /// digest, besides those `put_manifest` records.
     pub fn add_manifest_digest(&self, digest: &Digest) -> Result<(), DbError> {
@@ -233,12 +365,6 @@ impl Db {
             }
         }
         Ok(out)
-    }
-
-    /// Stops serving `digest` as a manifest (the collector deletes it).
-    pub fn forget_manifest_digest(&self, digest: &Digest) -> Result<(), DbError> {
-        self.manifest_digests.remove(digest.as_bytes())?;
-        Ok(())
     }
 
     pub fn is_manifest(&self, digest: &Digest) -> Result<bool, DbError> {
@@ -356,20 +482,8 @@ impl Db {
             .collect()
     }
 
-    /// Every cached image record, with its cache key.
-    pub fn manifests(&self) -> Result<Vec<(String, ManifestRecord)>, DbError> {
-        let mut out = Vec::new();
-        for kv in self.manifests.iter() {
-            let (k, v) = kv?;
-            if let Some(record) = self.decode("manifests", &v) {
-                out.push((String::from_utf8_lossy(&k).into_owned(), record));
-            }
-        }
-        Ok(out)
-    }
-
-    /// Forgets an image: every cache key that names this manifest, and its
-    /// pull record. Its blobs are the collector's to delete.
+    /// Forgets an image: every cache key and last-built tag that names this
+    /// manifest, and its pull record. Its blobs are the collector's to delete.
     pub fn remove_image(&self, digest: &Digest) -> Result<(), DbError> {
         for kv in self.manifests.iter() {
             let (k, v) = kv?;
@@ -378,6 +492,11 @@ impl Db {
                 .is_none_or(|r| r.digest == *digest);
             if names_it {
                 self.manifests.remove(k)?;
+            }
+        }
+        for (name, tag, r) in self.tag_records(TagTree::Built)? {
+            if r.digest == *digest {
+                self.remove_tag_record(TagTree::Built, &name, &tag)?;
             }
         }
         self.manifest_digests.remove(digest.as_bytes())?;
@@ -570,6 +689,48 @@ mod tests {
             assert_eq!(schema.as_ref(), SCHEMA_VERSION.to_be_bytes());
             db.db.flush().unwrap();
         }
+    }
+
+    #[test]
+    fn tag_records_and_removals() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        let r = TagRecord {
+            digest: Digest::of(b"m"),
+            at: 3,
+        };
+        db.put_tag_record(TagTree::Pinned, "shell/hello", "v1", &r)
+            .unwrap();
+        assert_eq!(
+            db.tag_record(TagTree::Pinned, "shell/hello", "v1").unwrap(),
+            Some(r.clone())
+        );
+        assert_eq!(
+            db.tag_record(TagTree::Built, "shell/hello", "v1").unwrap(),
+            None
+        );
+        assert!(db.is_manifest(&r.digest).unwrap());
+        assert_eq!(db.tags("shell/hello").unwrap(), vec!["v1"]);
+        assert_eq!(
+            db.tag_records(TagTree::Pinned).unwrap(),
+            vec![("shell/hello".into(), "v1".into(), r)]
+        );
+        db.remove_tag_record(TagTree::Pinned, "shell/hello", "v1")
+            .unwrap();
+        assert!(db.tag_records(TagTree::Pinned).unwrap().is_empty());
+        db.put_manifest("k", &sample_manifest()).unwrap();
+        assert_eq!(db.manifests().unwrap().len(), 1);
+        db.remove_manifest("k").unwrap();
+        assert!(db.manifests().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_second_open_says_the_database_is_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Db::open(dir.path()).unwrap();
+        let err = Db::open(dir.path()).err().unwrap();
+        assert!(matches!(err, DbError::InUse(_)), "{err}");
+        assert!(err.to_string().contains("in use"), "{err}");
     }
 
     #[test]
