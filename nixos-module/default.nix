@@ -59,6 +59,9 @@ let
       NIX_TIMEOUT = toString cfg.nixTimeout;
       NIX_POPULARITY_URL = cfg.popularityUrl;
       NIXERY_MAX_BUILDS = toString cfg.maxConcurrentBuilds;
+      NIXERY_MAX_QUEUED_BUILDS = toString cfg.maxQueuedBuilds;
+      NIXERY_MAX_STORAGE = cfg.maxStorage;
+      NIXERY_MIN_FREE_SPACE = cfg.minFreeSpace;
       NIXERY_NIX_OPTIONS = if cfg.nixOptions == { } then null else nixOptionsValue;
       NIXERY_LAYER_BUDGET = toString cfg.layerBudget;
       NIXERY_CACHE_TTL = toString cfg.cacheTtl;
@@ -185,6 +188,28 @@ in
       default = 2;
       description = "Image builds that may run at once; more wait their turn.";
     };
+
+    maxQueuedBuilds = mkOption {
+      type = types.ints.positive;
+      default = 32;
+      description = ''
+        Image builds that may wait for a build slot; a pull that needs a new
+        build beyond them is answered 429 with Retry-After (images already
+        built are still served).
+      '';
+    };
+
+    maxStorage = nullOrStr ''
+      Most bytes of blobs to keep, e.g. `"50G"` (K, M, G, T are powers of
+      1024). Beyond it the garbage collector evicts the least recently
+      pulled images. `null`: no quota.
+    '' "50G";
+
+    minFreeSpace = nullOrStr ''
+      Least free space to leave on the storage path's file system, e.g.
+      `"5G"`; below it the least recently pulled images are evicted.
+      `null`: no limit.
+    '' "5G";
 
     logFormat = mkOption {
       type = types.enum [

@@ -3,6 +3,7 @@
 
 use crate::build::image::Arch;
 use crate::build::source::Source;
+use crate::store::gc::{parse_size, Policy};
 use clap::Args;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -46,6 +47,15 @@ pub struct ServeArgs {
     /// Image builds that may run at once; more wait their turn.
     #[arg(long, env = "NIXERY_MAX_BUILDS", default_value_t = 2)]
     pub max_concurrent_builds: usize,
+    /// Builds that may wait for a build slot; a pull that needs a new
+    /// build beyond them gets 429 (cached images are still served).
+    #[arg(long, env = "NIXERY_MAX_QUEUED_BUILDS", default_value_t = 32)]
+    pub max_queued_builds: usize,
+    /// Seconds a failed build is answered from memory with the same error.
+    #[arg(long, env = "NIXERY_FAILED_BUILD_TTL", default_value_t = 30)]
+    pub failed_build_ttl: u64,
+    #[command(flatten)]
+    pub gc: GcLimits,
     /// Extra Nix option as NAME=VALUE, passed to every Nix call (repeatable;
     /// the variable takes several separated by `;`).
     #[arg(long = "nix-option", env = "NIXERY_NIX_OPTIONS", value_delimiter = ';')]
@@ -85,6 +95,44 @@ pub struct ServeArgs {
     pub log_format: LogFormat,
 }
 
+/// The garbage collector's limits, shared by `serve` and `gc`.
+#[derive(Debug, Clone, Args)]
+pub struct GcLimits {
+    /// Most bytes of blobs to keep, e.g. `50G` (K, M, G, T are powers of
+    /// 1024); beyond it the least recently pulled images are evicted.
+    #[arg(long, env = "NIXERY_MAX_STORAGE")]
+    pub max_storage: Option<String>,
+    /// Least free space to leave on the storage path's file system, e.g.
+    /// `5G`; below it the least recently pulled images are evicted.
+    #[arg(long, env = "NIXERY_MIN_FREE_SPACE")]
+    pub min_free_space: Option<String>,
+    /// Images pulled within this many seconds are never evicted (their
+    /// clients may still be fetching blobs).
+    #[arg(long, env = "NIXERY_GC_KEEP_RECENT", default_value_t = 600)]
+    pub gc_keep_recent: u64,
+}
+
+impl GcLimits {
+    pub fn policy(&self) -> Result<Policy, ConfigError> {
+        let size = |flag: &'static str, v: &Option<String>| -> Result<Option<u64>, ConfigError> {
+            match v.as_deref().map(str::trim) {
+                None | Some("") => Ok(None),
+                Some(text) => parse_size(text)
+                    .map(Some)
+                    .map_err(|message| ConfigError::Size { flag, message }),
+            }
+        };
+        Ok(Policy {
+            max_storage: size("--max-storage (NIXERY_MAX_STORAGE)", &self.max_storage)?,
+            min_free_space: size(
+                "--min-free-space (NIXERY_MIN_FREE_SPACE)",
+                &self.min_free_space,
+            )?,
+            keep_pulled_within: Duration::from_secs(self.gc_keep_recent),
+        })
+    }
+}
+
 /// How the server writes its log to stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -101,6 +149,9 @@ pub struct Config {
     pub nix_timeout: Duration,
     pub popularity_url: Option<String>,
     pub max_concurrent_builds: usize,
+    pub max_queued_builds: usize,
+    pub failed_build_ttl: Duration,
+    pub gc: Policy,
     pub nix_options: Vec<(String, String)>,
     pub layer_budget: usize,
     pub cache_ttl: Duration,
@@ -130,6 +181,10 @@ pub enum ConfigError {
     Timeout,
     #[error("--max-concurrent-builds (NIXERY_MAX_BUILDS) must be at least 1")]
     MaxBuilds,
+    #[error("--max-queued-builds (NIXERY_MAX_QUEUED_BUILDS) must be at least 1")]
+    MaxQueued,
+    #[error("{flag}: {message}")]
+    Size { flag: &'static str, message: String },
     #[error("--layer-budget (NIXERY_LAYER_BUDGET) must be between 1 and 124, got {0}")]
     LayerBudget(usize),
     #[error("--nix-option (NIXERY_NIX_OPTIONS) {0:?} is not of the form NAME=VALUE")]
@@ -232,6 +287,10 @@ impl ServeArgs {
         if self.max_concurrent_builds == 0 {
             return Err(ConfigError::MaxBuilds);
         }
+        if self.max_queued_builds == 0 {
+            return Err(ConfigError::MaxQueued);
+        }
+        let gc = self.gc.policy()?;
         if !(1..=124).contains(&self.layer_budget) {
             return Err(ConfigError::LayerBudget(self.layer_budget));
         }
@@ -267,6 +326,9 @@ impl ServeArgs {
             nix_timeout: Duration::from_secs(self.nix_timeout),
             popularity_url: self.popularity_url.clone().filter(|u| !u.is_empty()),
             max_concurrent_builds: self.max_concurrent_builds,
+            max_queued_builds: self.max_queued_builds,
+            failed_build_ttl: Duration::from_secs(self.failed_build_ttl),
+            gc,
             nix_options,
             layer_budget: self.layer_budget,
             cache_ttl: Duration::from_secs(self.cache_ttl),
@@ -377,6 +439,43 @@ mod tests {
             parse(&["--storage-path", d, "--flake", "./no/such/dir"]),
             Err(ConfigError::FlakePath(_))
         ));
+        let limits = parse(&[
+            "--storage-path",
+            d,
+            "--channel",
+            "c",
+            "--max-storage",
+            "50G",
+            "--min-free-space",
+            "512M",
+        ])
+        .unwrap();
+        assert_eq!(limits.gc.max_storage, Some(50 << 30));
+        assert_eq!(limits.gc.min_free_space, Some(512 << 20));
+        assert_eq!(limits.max_queued_builds, 32);
+        assert!(matches!(
+            parse(&[
+                "--storage-path",
+                d,
+                "--channel",
+                "c",
+                "--max-storage",
+                "lots"
+            ]),
+            Err(ConfigError::Size { .. })
+        ));
+        assert_eq!(
+            parse(&[
+                "--storage-path",
+                d,
+                "--channel",
+                "c",
+                "--max-queued-builds",
+                "0"
+            ])
+            .unwrap_err(),
+            ConfigError::MaxQueued
+        );
     }
 
     #[test]

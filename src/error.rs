@@ -42,6 +42,8 @@ pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
     pub detail: serde_json::Value,
+    /// Seconds for a `Retry-After` header (429, 503).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -51,7 +53,13 @@ impl ApiError {
             code,
             message: message.into(),
             detail: serde_json::Value::Null,
+            retry_after: None,
         }
+    }
+
+    pub fn with_retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
     }
 
     pub fn with_detail(mut self, detail: serde_json::Value) -> Self {
@@ -105,6 +113,11 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         response
     }
 }

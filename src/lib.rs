@@ -163,17 +163,38 @@ pub async fn open_builder(config: &Config) -> Result<Arc<Builder>, StartError> {
     std::fs::create_dir_all(&config.storage_path).map_err(storage)?;
     // First: another process on this storage makes this fail before
     // the clean-ups below touch what that process is using.
-    let db = store::db::Db::open(&config.storage_path.join("db"))?;
+    let db_path = config.storage_path.join("db");
+    let db = match store::db::Db::open(&db_path) {
+        // sled writes when it opens: on a full disk, use the reserve.
+        Err(e)
+            if e.is_storage_full()
+                && store::reserve::release(&config.storage_path).map_err(storage)? =>
+        {
+            tracing::warn!("the disk is full: released the start-up reserve to open the database; cached images are served, builds fail until space is freed");
+            store::db::Db::open(&db_path)?
+        }
+        other => other?,
+    };
+    store::reserve::ensure(&config.storage_path);
     let nix_dir = config.storage_path.join("nix");
     std::fs::create_dir_all(&nix_dir).map_err(storage)?;
     // Roots left by builds that a crash interrupted would keep their
     // store paths from the garbage collector for good.
+    // Emptied, not recreated: a server must start on a full disk.
     let gc_roots = config.storage_path.join("gcroots");
-    match std::fs::remove_dir_all(&gc_roots) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(storage(e)),
-        _ => {}
-    }
     std::fs::create_dir_all(&gc_roots).map_err(storage)?;
+    for entry in std::fs::read_dir(&gc_roots).map_err(storage)? {
+        let path = entry.map_err(storage)?.path();
+        let removed = if path.is_dir() && !path.is_symlink() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match removed {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(storage(e)),
+            _ => {}
+        }
+    }
     let prepare_image = nix_dir.join("prepare-image.nix");
     // Written only when it changed: a server must start on a full disk.
     if std::fs::read(&prepare_image).ok().as_deref() != Some(PREPARE_IMAGE_NIX.as_bytes()) {
@@ -201,6 +222,8 @@ pub async fn open_builder(config: &Config) -> Result<Arc<Builder>, StartError> {
         layer_budget: config.layer_budget,
         cache_ttl: config.cache_ttl,
         max_concurrent_builds: config.max_concurrent_builds,
+        max_queued_builds: config.max_queued_builds,
+        failed_build_ttl: config.failed_build_ttl,
         gc_roots,
         popularity,
         platforms: config.platforms.clone(),
@@ -213,7 +236,13 @@ pub async fn open_builder(config: &Config) -> Result<Arc<Builder>, StartError> {
             storage_path: config.storage_path.display().to_string(),
         },
     );
-    Ok(Builder::new(settings, db, blobs, status))
+    let collector = store::collector::Collector::new(
+        db.clone(),
+        blobs.clone(),
+        config.storage_path.clone(),
+        config.gc,
+    );
+    Ok(Builder::new(settings, db, blobs, status, collector))
 }
 
 impl Server {
@@ -253,12 +282,16 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let db = self.builder.db().clone();
+        let collector = Arc::clone(self.builder.collector());
+        let background = tokio::spawn(Arc::clone(&collector).run_in_background());
         let watcher = self.auth.as_ref().map(|a| a.watch());
         let app = router(self.builder, self.auth);
         http::conn::serve(self.listener, app, self.limits, shutdown).await?;
         if let Some(w) = watcher {
             w.abort();
         }
+        background.abort();
+        collector.flush_pulls().await;
         if let Err(e) = db.flush().await {
             tracing::warn!(error = %e, "could not flush the database at shutdown");
         }

@@ -29,6 +29,10 @@ enum Command {
     /// Validate the settings `serve` would get, without serving: exit 0 and
     /// a summary, or 2 and what is wrong.
     CheckConfig(cli::check_config::CheckArgs),
+    /// Collect garbage now: evict the least recently pulled images beyond
+    /// the limits and delete unreferenced blobs (the server must be stopped;
+    /// a running server collects by itself).
+    Gc(cli::gc::GcArgs),
     /// Build images into the storage as a pull would, without a server
     /// (refused while `serve` has the storage open).
     Build(cli::build::BuildArgs),
@@ -48,6 +52,10 @@ fn main() -> ExitCode {
         Some(Command::Serve(args)) => serve(args),
         None => serve(cli.serve),
         Some(Command::CheckConfig(args)) => cli::check_config::run(args),
+        Some(Command::Gc(args)) => {
+            init_logging(LogFormat::Text, "info");
+            cli::gc::run(args)
+        }
         Some(Command::Build(args)) => {
             init_logging(args.serve.log_format, "warn");
             cli::build::run(args)

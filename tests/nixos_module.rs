@@ -73,6 +73,9 @@ fn module_yields_a_hardened_notify_unit_through_the_daemon() {
         "nixTimeout",
         "popularityUrl",
         "maxConcurrentBuilds",
+        "maxQueuedBuilds",
+        "maxStorage",
+        "minFreeSpace",
         "logFormat",
         "extraEnvironment",
         "environmentFile",
@@ -114,6 +117,8 @@ fn module_yields_a_hardened_notify_unit_through_the_daemon() {
     assert_eq!(env["STORAGE_PATH"], "/var/lib/nixery");
     assert_eq!(env["PORT"], "8080");
     assert!(env.get("NIXERY_PKGS_PATH").is_none());
+    assert_eq!(env["NIXERY_MAX_QUEUED_BUILDS"], "32");
+    assert!(env.get("NIXERY_MAX_STORAGE").is_none());
     assert_eq!(unit["firewall"], serde_json::json!([]));
 }
 
@@ -123,7 +128,8 @@ fn module_maps_settings_to_the_binarys_variables() {
         r#"{"pkgsPath": "/srv/pkgs", "port": 5000, "openFirewall": true,
             "storagePath": "/srv/nixery", "nixOptions": {"keep-going": "true", "cores": "2"},
             "extraEnvironment": {"RUST_LOG": "debug"}, "environmentFile": "/run/secrets/nixery",
-            "logFormat": "json", "popularityUrl": "https://example.org/p.json"}"#,
+            "logFormat": "json", "popularityUrl": "https://example.org/p.json",
+            "maxQueuedBuilds": 8, "maxStorage": "50G", "minFreeSpace": "5G"}"#,
     );
     assert_eq!(unit["failedAssertions"], serde_json::json!([]));
     let env = &unit["environment"];
@@ -133,6 +139,9 @@ fn module_maps_settings_to_the_binarys_variables() {
     assert_eq!(env["RUST_LOG"], "debug");
     assert_eq!(env["NIXERY_LOG_FORMAT"], "json");
     assert_eq!(env["NIX_POPULARITY_URL"], "https://example.org/p.json");
+    assert_eq!(env["NIXERY_MAX_QUEUED_BUILDS"], "8");
+    assert_eq!(env["NIXERY_MAX_STORAGE"], "50G");
+    assert_eq!(env["NIXERY_MIN_FREE_SPACE"], "5G");
     let sc = &unit["serviceConfig"];
     // Storage outside /var/lib is opened up instead of created.
     assert!(sc.get("StateDirectory").is_none());

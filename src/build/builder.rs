@@ -3,20 +3,23 @@
 //! manifest, recording what each build did.
 
 use crate::build::archive::{self, ArchiveError, PackedLayer};
+use crate::build::cache::FailureCache;
 use crate::build::git::GitError;
 use crate::build::image::{Arch, ImageSpec, SSL_CERT_FILE};
 use crate::build::layers::{self, LayerError};
 use crate::build::manifest::{self, ImageConfig, LayerBlob, ManifestError};
 use crate::build::nix::{Nix, NixError, ResolvedPackage, Stage};
+use crate::build::queue::{Abandoned, BuildQueue};
 use crate::build::singleflight::SingleFlight;
 use crate::build::source::Source;
 use crate::build::store_path::{self, PathInfo};
 use crate::digest::Digest;
 use crate::observe::status::{LiveBuild, Phase, Status};
+use crate::store::collector::Collector;
 use crate::store::db::{
     BuildOutcome, BuildRecord, Db, DbError, LayerRecord, Lookup, ManifestRecord, TagRecord, TagTree,
 };
-use crate::store::fs::{BlobError, BlobStore};
+use crate::store::fs::{BlobError, BlobStore, PinSet};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use sha2::{Digest as _, Sha256};
 use std::collections::{BTreeMap, HashMap};
@@ -74,11 +77,43 @@ pub enum BuildError {
     GcRoot(std::io::Error),
     #[error("a background task failed: {0}")]
     Task(String),
+    /// More builds wait for a slot than `--max-queued-builds` allows.
+    #[error("{0} builds are queued already (--max-queued-builds); try again later")]
+    QueueFull(usize),
+    #[error(transparent)]
+    Abandoned(#[from] Abandoned),
     #[error("this mirror has no package source and {0} was not imported or built here")]
     NoSource(String),
 }
 
 impl BuildError {
+    /// Whether the storage ran out of space (or quota) somewhere below.
+    pub fn is_storage_full(&self) -> bool {
+        if let BuildError::Shared(inner) = self {
+            return inner.is_storage_full();
+        }
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = source {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                if io.kind() == std::io::ErrorKind::StorageFull
+                    || io.kind() == std::io::ErrorKind::QuotaExceeded
+                    || io.raw_os_error() == Some(libc::ENOSPC)
+                {
+                    return true;
+                }
+            }
+            if let Some(sled::Error::Io(io)) = e.downcast_ref::<sled::Error>() {
+                if io.kind() == std::io::ErrorKind::StorageFull
+                    || io.raw_os_error() == Some(libc::ENOSPC)
+                {
+                    return true;
+                }
+            }
+            source = e.source();
+        }
+        false
+    }
+
     /// The end of Nix's output, when Nix is what failed.
     pub fn stderr_tail(&self, lines: usize) -> Option<&str> {
         match self {
@@ -166,6 +201,10 @@ pub struct BuilderSettings {
     pub layer_budget: usize,
     pub cache_ttl: Duration,
     pub max_concurrent_builds: usize,
+    /// Builds that may wait for a slot; a new build beyond them is refused.
+    pub max_queued_builds: usize,
+    /// How long a failed build is answered from memory.
+    pub failed_build_ttl: Duration,
     /// Where each build keeps GC roots for its store paths while it runs.
     pub gc_roots: PathBuf,
     /// Counts from NIX_POPULARITY_URL; this server's own counts are added.
@@ -186,7 +225,10 @@ pub struct Builder {
     builds: SingleFlight<BuildResult>,
     layers: SingleFlight<Result<LayerRecord, Arc<BuildError>>>,
     permits: Semaphore,
+    queue: BuildQueue,
+    failures: FailureCache<BuildError>,
     status: Arc<Status>,
+    collector: Arc<Collector>,
 }
 
 fn now_unix() -> u64 {
@@ -250,8 +292,10 @@ impl Builder {
         db: Db,
         blobs: BlobStore,
         status: Arc<Status>,
+        collector: Arc<Collector>,
     ) -> Arc<Self> {
         let permits = Semaphore::new(settings.max_concurrent_builds);
+        let queue = BuildQueue::new(settings.max_queued_builds);
         Arc::new(Builder {
             settings,
             db,
@@ -259,8 +303,21 @@ impl Builder {
             builds: SingleFlight::default(),
             layers: SingleFlight::default(),
             permits,
+            queue,
+            failures: FailureCache::default(),
             status,
+            collector,
         })
+    }
+
+    /// The garbage collector, and where pulls are noted for it.
+    pub fn collector(&self) -> &Arc<Collector> {
+        &self.collector
+    }
+
+    /// Builds waiting for a slot, and how many may.
+    pub fn queue_depth(&self) -> (usize, usize) {
+        (self.queue.waiting(), self.queue.limit())
     }
 
     pub fn status(&self) -> &Arc<Status> {
@@ -428,15 +485,43 @@ impl Builder {
         let key = self.cache_key(&spec);
         if let Some(digest) = self.fresh_cached_off_thread(&key, tag).await? {
             self.count_request(name, Lookup::Hit, true);
+            self.pulled(name, digest);
             return Ok(digest);
         }
+        if let Some(failure) = self.failures.get(&key) {
+            self.status.manifest_requested(name, Lookup::Hit, false);
+            return Err(failure);
+        }
+        // Counted while this request waits: a queued build that loses all
+        // its requesters is dropped.
+        let _requester = self.queue.request(&key);
+        // A build of this key already in flight is joined, queue full or not.
+        let place = if self.builds.is_running(&key) {
+            None
+        } else {
+            match self.queue.try_enter() {
+                Some(place) => Some(place),
+                None => {
+                    self.status.manifest_requested(name, Lookup::Miss, false);
+                    return Err(Arc::new(BuildError::QueueFull(self.queue.limit())));
+                }
+            }
+        };
         let this = Arc::clone(self);
         let image = name.to_owned();
         let task_key = key.clone();
         let result = self
             .builds
             .run(&key, move || async move {
-                this.build(image, spec, task_key).await
+                // The build seen running ended before this one started:
+                // this is a new build, and needs a place of its own.
+                let place = match place.or_else(|| this.queue.try_enter()) {
+                    Some(p) => p,
+                    None => {
+                        return Err(Arc::new(BuildError::QueueFull(this.queue.limit())));
+                    }
+                };
+                this.build(image, spec, task_key, place).await
             })
             .await
             .unwrap_or_else(|| Err(Arc::new(BuildError::Task("image build panicked".into()))));
@@ -445,7 +530,16 @@ impl Builder {
             other => other,
         };
         self.count_request(name, Lookup::Miss, result.is_ok());
+        if let Ok(digest) = &result {
+            self.pulled(name, *digest);
+        }
         result
+    }
+
+    /// Notes a pull for the garbage collector (in memory; written in
+    /// batches by the collector).
+    fn pulled(&self, name: &str, digest: Digest) {
+        self.collector.pulls().touch(digest, name, now_unix());
     }
 
     /// The source could not be reached to refresh an image past its TTL:
@@ -470,7 +564,13 @@ impl Builder {
     }
 
     /// One build, recorded whatever its outcome.
-    async fn build(self: Arc<Self>, image: String, spec: ImageSpec, key: String) -> BuildResult {
+    async fn build(
+        self: Arc<Self>,
+        image: String,
+        spec: ImageSpec,
+        key: String,
+        place: crate::build::queue::Place,
+    ) -> BuildResult {
         // A build that finished just before this one was started leaves its
         // result in the cache.
         if let Some(digest) = self.fresh_cached_off_thread(&key, &spec.tag).await? {
@@ -478,19 +578,33 @@ impl Builder {
         }
         // Listed in flight (as queued) while it waits for a build slot.
         let counters = Counters::new(self.status.build_started(&image, &spec.tag));
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|e| Arc::new(BuildError::Task(e.to_string())))?;
+        let _permit = match self.queue.wait_for_slot(&key, place, &self.permits).await {
+            Ok(p) => p,
+            Err(abandoned) => {
+                tracing::info!(image = %image, tag = %spec.tag, "queued build dropped: its clients went away");
+                return Err(Arc::new(abandoned.into()));
+            }
+        };
+        // Blobs this build writes or reuses stay out of the collector's
+        // reach until its manifest is recorded (the set drops at the end).
+        let pins = self.blobs.pin_set();
         let started_at = now_unix();
         let mut phases = Phases::new();
         let mut revision = None;
         let span = tracing::info_span!("build", image = %image, tag = %spec.tag);
         let result = self
-            .run_build(&image, &spec, &key, &mut phases, &counters, &mut revision)
+            .run_build(
+                &image,
+                &spec,
+                &key,
+                &mut phases,
+                &counters,
+                &mut revision,
+                &pins,
+            )
             .instrument(span)
             .await;
+        drop(pins);
         // The layers are packed (or the build failed): the store paths may go.
         let gc_root = self.gc_root_dir(&key);
         let removed = blocking(move || match std::fs::remove_dir_all(gc_root) {
@@ -541,9 +655,42 @@ impl Builder {
         if let Err(e) = self.db.flush().await {
             tracing::warn!(error = %e, "could not flush database");
         }
-        result.map_err(Arc::new)
+        let result = result.map_err(Arc::new);
+        self.remember_outcome(&key, &spec.tag, &result);
+        result
     }
 
+    /// Keeps a failure to answer from memory, for as long as it can hold;
+    /// wakes the collector after a build or a full disk.
+    fn remember_outcome(&self, key: &str, tag: &str, result: &BuildResult) {
+        let error = match result {
+            Ok(_) => {
+                self.failures.forget(key);
+                self.collector.wake();
+                return;
+            }
+            Err(e) => e,
+        };
+        if error.is_storage_full() {
+            self.collector.wake();
+            return;
+        }
+        let ttl = match error.as_ref() {
+            // Until the source can have changed: never for a pinned one.
+            BuildError::NotFound(_) if self.settings.source.is_pinned(tag) => None,
+            BuildError::NotFound(_) => Some(self.settings.cache_ttl),
+            BuildError::Nix(_) | BuildError::Source(_) | BuildError::Layers(_) => {
+                Some(self.settings.failed_build_ttl)
+            }
+            _ => return,
+        };
+        if ttl.is_some_and(|t| t.is_zero()) {
+            return;
+        }
+        self.failures.remember(key, Arc::clone(error), ttl);
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn run_build(
         self: &Arc<Self>,
         image: &str,
@@ -552,6 +699,7 @@ impl Builder {
         phases: &mut Phases,
         counters: &Counters,
         revision: &mut Option<String>,
+        pins: &PinSet,
     ) -> Result<Digest, BuildError> {
         let nix = &self.settings.nix;
         counters.live.enter(Phase::Resolving);
@@ -638,7 +786,7 @@ impl Builder {
                 phases.finish("layering");
                 let config = self.image_config(spec, &resolved.found, revision.as_deref());
                 let digest = self
-                    .pack_and_write(config, &closure, &outs, plan, counters)
+                    .pack_and_write(config, &closure, &outs, plan, counters, pins)
                     .await?;
                 phases.finish("packing");
                 ManifestRecord {
@@ -727,6 +875,7 @@ impl Builder {
         outs: &[String],
         plan: Vec<layers::Layer>,
         counters: &Counters,
+        pins: &PinSet,
     ) -> Result<Digest, BuildError> {
         let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
         let mut jobs: Vec<(String, Vec<PathBuf>, bool)> = plan
@@ -738,7 +887,9 @@ impl Builder {
         counters.live.set_layers_total(jobs.len() as u64);
         // `buffered` keeps the plan's order while packing several at once.
         let records: Vec<LayerRecord> = stream::iter(jobs)
-            .map(|(layer_key, paths, symlinks)| self.layer(layer_key, paths, symlinks, counters))
+            .map(|(layer_key, paths, symlinks)| {
+                self.layer(layer_key, paths, symlinks, counters, pins)
+            })
             .buffered(parallel)
             .inspect_ok(|_| counters.live.layer_done())
             .try_collect()
@@ -752,7 +903,8 @@ impl Builder {
             })
             .collect();
         counters.live.enter(Phase::WritingManifest);
-        let (blobs, db) = (self.blobs.clone(), self.db.clone());
+        let blobs = self.blobs.pinning_into(pins);
+        let db = self.db.clone();
         let names: Vec<String> = closure
             .iter()
             .map(|p| store_path::name_of(&p.path).to_owned())
@@ -775,21 +927,21 @@ impl Builder {
         paths: Vec<PathBuf>,
         symlinks: bool,
         counters: &Counters,
+        pins: &PinSet,
     ) -> Result<LayerRecord, BuildError> {
-        let (db, blobs, k) = (self.db.clone(), self.blobs.clone(), key.clone());
-        let stored = blocking(move || {
-            Ok(db
-                .layer(&k)?
-                .filter(|r| blobs.contains_whole(&r.digest, r.size)))
-        })
-        .await?;
-        if let Some(record) = stored {
-            counters.layers_reused.fetch_add(1, Ordering::Relaxed);
-            return Ok(record);
+        let (db, k) = (self.db.clone(), key.clone());
+        if let Some(record) = blocking(move || Ok(db.layer(&k)?)).await? {
+            // Pinned before the check, so it cannot go after it.
+            pins.add(self.blobs.pin(&record.digest));
+            let (blobs, r) = (self.blobs.clone(), record);
+            if blocking(move || Ok(blobs.contains_whole(&r.digest, r.size))).await? {
+                counters.layers_reused.fetch_add(1, Ordering::Relaxed);
+                return Ok(record);
+            }
         }
         let progress = Arc::clone(&counters.bytes_packed);
         let db = self.db.clone();
-        let blobs = self.blobs.clone();
+        let blobs = self.blobs.pinning_into(pins);
         let task_key = key.clone();
         let result = self
             .layers
@@ -813,7 +965,15 @@ impl Builder {
             })
             .await
             .unwrap_or_else(|| Err(Arc::new(BuildError::Task("layer packing panicked".into()))));
-        result.map_err(BuildError::Shared)
+        let record = result.map_err(BuildError::Shared)?;
+        // Another build may have packed it: hold it for this one too.
+        pins.add(self.blobs.pin(&record.digest));
+        if !self.blobs.contains(&record.digest) {
+            return Err(BuildError::Task(
+                "a shared layer was collected before this build used it".into(),
+            ));
+        }
+        Ok(record)
     }
 
     /// The directory whose links keep a build's store paths alive; one build

@@ -20,8 +20,12 @@ pub struct Served {
     pub media_type: &'static str,
 }
 
-/// Writes `doc` (if it is not stored yet) and marks it as a manifest.
+/// Writes `doc` (if it is not stored yet) and marks it as a manifest. The
+/// blob is pinned until it is marked, so the garbage collector either sees
+/// it marked or leaves it.
 fn keep(blobs: &BlobStore, db: &Db, doc: &Document) -> Result<(), BuildError> {
+    let pins = blobs.pin_set();
+    pins.add(blobs.pin(&doc.digest));
     if !blobs.contains(&doc.digest) {
         blobs.put(&doc.json)?;
     }

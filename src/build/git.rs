@@ -4,7 +4,7 @@
 //! carry the exact commit, and lets Nix fetch a fully qualified ref (Nix
 //! 2.x reads a bare ref name as a branch, so git tags would not resolve).
 
-use std::process::Stdio;
+use crate::build::process::{self, ProcessError};
 use std::time::Duration;
 use tokio::process::Command;
 
@@ -134,6 +134,7 @@ fn parse_head(out: &str) -> Option<GitTarget> {
 }
 
 /// `git ls-remote`, arguments only; git never prompts, it fails instead.
+/// On timeout its whole process group (helpers included) is stopped.
 async fn ls_remote(
     url: &str,
     flags: &[&str],
@@ -146,19 +147,17 @@ async fn ls_remote(
         .arg("--")
         .arg(url)
         .args(patterns)
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(timeout, cmd.output())
+        .env("GIT_TERMINAL_PROMPT", "0");
+    let out = process::run(cmd, "git", timeout)
         .await
-        .map_err(|_| GitError::Timeout(timeout.as_secs()))?
-        .map_err(|e| GitError::Spawn(e.to_string()))?;
+        .map_err(|e| match e {
+            ProcessError::Timeout { .. } => GitError::Timeout(timeout.as_secs()),
+            ProcessError::Spawn { source, .. } => GitError::Spawn(source.to_string()),
+            other => GitError::Failed(other.to_string()),
+        })?;
     if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
         return Err(GitError::Failed(
-            crate::redact::redact(stderr.trim()).into_owned(),
+            crate::redact::redact(out.stderr.trim()).into_owned(),
         ));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -179,6 +178,42 @@ mod tests {
         ] {
             assert!(check_ref_name(bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// A server that accepts and never answers: git's HTTP helper hangs.
+    /// The timeout must take the helper down with git.
+    #[tokio::test]
+    async fn a_timeout_stops_git_and_its_helpers() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                open.push(socket);
+            }
+        });
+        let url = format!("http://127.0.0.1:{port}/never-answers.git");
+        let err = resolve(&url, "latest", Duration::from_millis(1500))
+            .await
+            .unwrap_err();
+        assert_eq!(err, GitError::Timeout(1));
+        let left = || -> Vec<String> {
+            std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .filter(|c| c.contains(&url))
+                .collect()
+        };
+        for _ in 0..30 {
+            if left().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(left(), Vec::<String>::new(), "git or a helper left running");
+        held.abort();
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! From an image name to a stored manifest: the name (`image`), where
-//! packages come from (`source`, `git`), Nix (`nix`), the closure's layer
-//! plan (`layers`, `popularity`), packing (`archive`), the manifest and
-//! the forms it is served in (`manifest`, `forms`), and the orchestration
-//! of it all (`builder`, `singleflight`).
+//! packages come from (`source`, `git`), Nix (`nix`) and the processes it
+//! runs (`process`), the closure's layer plan (`layers`, `popularity`),
+//! packing (`archive`), the manifest and the forms it is served in
+//! (`manifest`, `forms`), and the orchestration of it all (`builder`,
+//! `singleflight`, the bounded `queue`, the failure `cache`).
 
 pub mod archive;
 pub mod builder;
+pub mod cache;
 pub mod forms;
 pub mod git;
 pub mod image;
@@ -13,6 +15,8 @@ pub mod layers;
 pub mod manifest;
 pub mod nix;
 pub mod popularity;
+pub mod process;
+pub mod queue;
 pub mod singleflight;
 pub mod source;
 pub mod store_path;

@@ -1,27 +1,18 @@
-//! Async wrappers around the Nix command line tools.
-//!
-//! Every invocation runs in its own process group and is bounded by a
-//! timeout. Nix starts builders in their own sessions, which a signal to
-//! our process group cannot reach, so on timeout (or when the future is
-//! dropped) Nix first gets SIGTERM to stop its builders itself and only
-//! then, after a grace period, SIGKILL.
+//! Async wrappers around the Nix command line tools. Every invocation runs
+//! under [`process::run`]: its own process group, a timeout, bounded output.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
+use crate::build::process::{self, ProcessError};
 use crate::build::store_path::PathInfo;
-
-/// How long Nix gets to clean up after SIGTERM before SIGKILL.
-const TERM_GRACE: Duration = Duration::from_secs(3);
 
 /// `nix-store --realise` exits with this status when a build timed out.
 const NIX_BUILD_TIMED_OUT: i32 = 101;
@@ -65,7 +56,8 @@ pub enum NixError {
         stage: Stage,
         /// Exit status; `None` if Nix was killed by a signal.
         status: Option<i32>,
-        /// Nix's complete stderr (build logs included).
+        /// The end of Nix's stderr (build logs included), at most
+        /// [`process::STDERR_TAIL`] bytes.
         stderr: String,
     },
     #[error("could not parse the output of nix {stage}: {source}")]
@@ -325,51 +317,36 @@ impl Nix {
         }
         tracing::debug!(%stage, program, args = %crate::redact::redact(&format!("{args:?}")), "running nix");
         let started = Instant::now();
-
         let mut cmd = Command::new(program);
-        cmd.args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
-        let child = cmd.spawn().map_err(|source| NixError::Spawn {
-            program: program.to_string(),
-            source,
-        })?;
-        let mut guard = ChildGuard(None);
-        let child = guard.0.insert(child);
-        let stdout = child.stdout.take();
-        let stderr = child.stderr.take();
-
-        let waited = tokio::time::timeout(self.timeout, async {
-            let (out, err, status) = tokio::join!(read_all(stdout), read_all(stderr), child.wait());
-            Ok::<_, io::Error>((out?, err?, status?))
-        })
-        .await;
-
-        let (stdout, stderr, status) = match waited {
-            Err(_elapsed) => {
-                tracing::warn!(%stage, program, timeout = ?self.timeout, "nix timed out, stopping it");
-                if let Some(child) = guard.0.take() {
-                    terminate(child).await;
-                }
+        cmd.args(&args);
+        let done = match process::run(cmd, program, self.timeout).await {
+            Ok(done) => done,
+            Err(ProcessError::Timeout { .. }) => {
+                tracing::warn!(%stage, program, timeout = ?self.timeout, "nix timed out and was stopped");
                 return Err(NixError::Timeout {
                     stage,
                     seconds: self.timeout_secs(),
                 });
             }
-            Ok(Err(source)) => return Err(NixError::Io { stage, source }),
-            Ok(Ok(done)) => done,
+            Err(ProcessError::Spawn { source, .. }) => {
+                return Err(NixError::Spawn {
+                    program: program.to_string(),
+                    source,
+                })
+            }
+            Err(e @ (ProcessError::Io { .. } | ProcessError::TooMuchOutput { .. })) => {
+                return Err(NixError::Io {
+                    stage,
+                    source: io::Error::other(e.to_string()),
+                })
+            }
         };
-        // Reaped: nothing left for the guard to stop.
-        guard.0 = None;
-
+        let status = done.status;
         // Nix echoes the source URL, credentials included.
-        let stderr = crate::redact::redact(&String::from_utf8_lossy(&stderr)).into_owned();
+        let stderr = crate::redact::redact(&done.stderr).into_owned();
         tracing::debug!(%stage, program, elapsed = ?started.elapsed(), ?status, "nix finished");
         if status.success() {
-            return Ok(stdout);
+            return Ok(done.stdout);
         }
         tracing::warn!(%stage, program, ?status, %stderr, "nix failed");
         if stage == Stage::Realise && status.code() == Some(NIX_BUILD_TIMED_OUT) {
@@ -383,68 +360,6 @@ impl Nix {
             status: status.code(),
             stderr,
         })
-    }
-}
-
-async fn read_all(pipe: Option<impl AsyncRead + Unpin>) -> io::Result<Vec<u8>> {
-    let mut buf = Vec::new();
-    if let Some(mut pipe) = pipe {
-        pipe.read_to_end(&mut buf).await?;
-    }
-    Ok(buf)
-}
-
-/// Sends `signal` to the process group led by `pid`. Errors (typically
-/// ESRCH: the group is already gone) are ignored: there is nothing to do.
-fn signal_group(pid: u32, signal: libc::c_int) {
-    if let Ok(pid) = libc::pid_t::try_from(pid) {
-        // SAFETY: kill(2) takes plain integers and touches no memory. The
-        // leader is not reaped yet, so its id still names our group.
-        unsafe {
-            libc::kill(-pid, signal);
-        }
-    }
-}
-
-/// Stops a child started with `process_group(0)`: SIGTERM first so that
-/// Nix kills its builders, then SIGKILL for whatever is left.
-async fn terminate(mut child: Child) {
-    let Some(pid) = child.id() else {
-        return; // already reaped
-    };
-    signal_group(pid, libc::SIGTERM);
-    if tokio::time::timeout(TERM_GRACE, child.wait())
-        .await
-        .is_err()
-    {
-        signal_group(pid, libc::SIGKILL);
-        if let Err(err) = child.wait().await {
-            tracing::warn!(pid, %err, "could not reap nix");
-        }
-    }
-}
-
-/// Owns a running child; stops it if dropped before it was reaped, e.g.
-/// when the caller's future is cancelled.
-struct ChildGuard(Option<Child>);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let Some(child) = self.0.take() else {
-            return;
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                handle.spawn(terminate(child));
-            }
-            Err(_) => {
-                // No runtime to wait in: SIGTERM now, and kill_on_drop
-                // SIGKILLs the direct child.
-                if let Some(pid) = child.id() {
-                    signal_group(pid, libc::SIGTERM);
-                }
-            }
-        }
     }
 }
 

@@ -69,6 +69,12 @@ impl<T: Clone + Send + Sync + 'static> SingleFlight<T> {
         shared.await
     }
 
+    /// Whether a task for `key` runs now.
+    pub fn is_running(&self, key: &str) -> bool {
+        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.contains_key(key)
+    }
+
     /// Keys with a task running now.
     pub fn running(&self) -> Vec<String> {
         let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());

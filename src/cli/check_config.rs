@@ -152,10 +152,14 @@ fn check_popularity(url: &str, offline: bool) -> Result<(), String> {
     }
 }
 
+fn size_or_none(bytes: Option<u64>) -> String {
+    bytes.map_or_else(|| "none".to_owned(), crate::http::format::bytes)
+}
+
 /// A few lines that say what the server would run with.
 pub fn summary(config: &Config, files_checked: bool) -> String {
     format!(
-        "configuration OK{}\n  listen:  {}\n  source:  {}\n  storage: {}\n  builds:  {} at once, Nix timeout {}s, layer budget {}, cache TTL {}s\n  popularity: {}\n",
+        "configuration OK{}\n  listen:  {}\n  source:  {}\n  storage: {}\n  builds:  {} at once, {} queued at most, Nix timeout {}s, layer budget {}, cache TTL {}s\n  gc:      quota {}, free space kept {}\n  popularity: {}\n",
         if files_checked {
             ""
         } else {
@@ -165,9 +169,12 @@ pub fn summary(config: &Config, files_checked: bool) -> String {
         config.source.describe(),
         config.storage_path.display(),
         config.max_concurrent_builds,
+        config.max_queued_builds,
         config.nix_timeout.as_secs(),
         config.layer_budget,
         config.cache_ttl.as_secs(),
+        size_or_none(config.gc.max_storage),
+        size_or_none(config.gc.min_free_space),
         crate::redact::redact(config.popularity_url.as_deref().unwrap_or("none")),
     )
 }

@@ -4,6 +4,7 @@
 pub mod build;
 pub mod check_config;
 pub mod export;
+pub mod gc;
 pub mod import;
 pub mod notify;
 pub mod serve;

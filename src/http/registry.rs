@@ -22,6 +22,9 @@ use std::sync::Arc;
 
 const IMMUTABLE: &str = "max-age=31536000, immutable";
 
+/// What a client that was refused for load is told to wait, in seconds.
+const RETRY_AFTER_SECS: u64 = 10;
+
 /// `GET/HEAD /v2/`: tells clients this is a registry (and, with
 /// `--htpasswd`, whether their credentials are good).
 pub async fn base(method: Method) -> Response {
@@ -158,6 +161,15 @@ fn digest_error(e: crate::digest::DigestError) -> ApiError {
 /// Maps every build error to what a client sees. Each variant is named so
 /// that a new one forces a decision.
 pub fn build_error(e: &BuildError) -> ApiError {
+    if e.is_storage_full() {
+        return ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Unknown,
+            "the registry's storage is full, so this image cannot be built now; \
+             images already built are still served",
+        )
+        .with_retry_after(RETRY_AFTER_SECS);
+    }
     match e {
         BuildError::NotFound(names) => ApiError::new(
             StatusCode::NOT_FOUND,
@@ -196,6 +208,18 @@ pub fn build_error(e: &BuildError) -> ApiError {
         BuildError::Db(_) => ApiError::internal("using the database"),
         BuildError::GcRoot(_) => ApiError::internal("preparing the build"),
         BuildError::Task(_) => ApiError::internal("building the image"),
+        BuildError::QueueFull(n) => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::TooManyRequests,
+            format!("{n} image builds are waiting already; try again later (images already built are served)"),
+        )
+        .with_retry_after(RETRY_AFTER_SECS),
+        BuildError::Abandoned(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unknown,
+            "the build was dropped while queued; try again",
+        )
+        .with_retry_after(1),
         BuildError::NoSource(_) => ApiError::new(
             StatusCode::NOT_FOUND,
             ErrorCode::ManifestUnknown,

@@ -31,6 +31,21 @@ pub struct Report {
     /// reached, newest first.
     pub stale: Vec<StaleServe>,
     pub cache: CacheView,
+    pub limits: LimitsView,
+}
+
+/// The storage quota, the build queue, and what the last garbage
+/// collection did.
+#[derive(Debug, Clone, Serialize)]
+pub struct LimitsView {
+    /// Bytes of blobs stored now.
+    pub storage_used: u64,
+    pub max_storage: Option<u64>,
+    pub min_free_space: Option<u64>,
+    pub queued_builds: usize,
+    pub max_queued_builds: usize,
+    /// `None` until a collection ran since the server started.
+    pub last_gc: Option<crate::store::gc::Report>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -204,6 +219,18 @@ impl Report {
                 hit_rate: (lookups > 0).then(|| hits as f64 / lookups as f64),
                 most_pulled: top(db.pulls()?),
                 popular_packages: top(db.popularity_desc()?),
+            },
+            limits: {
+                let (queued_builds, max_queued_builds) = builder.queue_depth();
+                let policy = builder.collector().policy();
+                LimitsView {
+                    storage_used: blob_bytes,
+                    max_storage: policy.max_storage,
+                    min_free_space: policy.min_free_space,
+                    queued_builds,
+                    max_queued_builds,
+                    last_gc: builder.collector().last_report(),
+                }
             },
             instance,
         })

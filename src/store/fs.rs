@@ -7,12 +7,13 @@
 //! Blob paths are only ever built from a parsed [`Digest`].
 
 use crate::digest::{Digest, HashingWriter};
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
@@ -55,12 +56,83 @@ struct Dirs {
     /// date by commits, so stats never walk the directory.
     count: AtomicU64,
     bytes: AtomicU64,
+    /// Blobs in use by a response or a build in flight: the garbage
+    /// collector deletes none of them (see [`BlobStore::delete_unless_pinned`]).
+    pins: Mutex<PinTable>,
+}
+
+/// How many holders each pinned blob has, and how many builds' pin sets
+/// were released (so a collector can tell whether its view went stale).
+#[derive(Debug, Default)]
+struct PinTable {
+    holders: HashMap<Digest, usize>,
+    released: u64,
 }
 
 /// A content-addressed blob store. Cloning is cheap and shares the store.
 #[derive(Debug, Clone)]
 pub struct BlobStore {
     dirs: Arc<Dirs>,
+    /// When set, every blob this handle commits is pinned into it before it
+    /// becomes visible, so a build's new blobs are safe from the collector
+    /// until the build has recorded the manifest that references them.
+    pin_into: Option<PinSet>,
+}
+
+/// A hold on one blob; the collector skips it until this is dropped.
+#[derive(Debug)]
+pub struct Pin {
+    dirs: Arc<Dirs>,
+    digest: Digest,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let mut table = lock_pins(&self.dirs);
+        if let Some(n) = table.holders.get_mut(&self.digest) {
+            *n -= 1;
+            if *n == 0 {
+                table.holders.remove(&self.digest);
+            }
+        }
+    }
+}
+
+/// Pins collected by one build, all released together when its last
+/// handle is dropped (after the build recorded its manifest).
+#[derive(Debug, Clone)]
+pub struct PinSet(Arc<PinSetInner>);
+
+#[derive(Debug)]
+struct PinSetInner {
+    dirs: Arc<Dirs>,
+    pins: Mutex<Vec<Pin>>,
+}
+
+impl PinSet {
+    pub fn add(&self, pin: Pin) {
+        self.0
+            .pins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(pin);
+    }
+}
+
+impl Drop for PinSetInner {
+    fn drop(&mut self) {
+        // Counted before the pins go: a collector that sees any of them
+        // gone also sees that its view of the records may be stale.
+        lock_pins(&self.dirs).released += 1;
+        self.pins
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+}
+
+fn lock_pins(dirs: &Dirs) -> MutexGuard<'_, PinTable> {
+    dirs.pins.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl BlobStore {
@@ -108,8 +180,94 @@ impl BlobStore {
                 tmp,
                 count: AtomicU64::new(count),
                 bytes: AtomicU64::new(bytes),
+                pins: Mutex::default(),
             }),
+            pin_into: None,
         })
+    }
+
+    /// An empty set of pins for a build.
+    pub fn pin_set(&self) -> PinSet {
+        PinSet(Arc::new(PinSetInner {
+            dirs: Arc::clone(&self.dirs),
+            pins: Mutex::default(),
+        }))
+    }
+
+    /// A handle on the same store whose commits are pinned into `pins`.
+    pub fn pinning_into(&self, pins: &PinSet) -> BlobStore {
+        BlobStore {
+            dirs: Arc::clone(&self.dirs),
+            pin_into: Some(pins.clone()),
+        }
+    }
+
+    /// Keeps `digest` from the collector until the pin is dropped. Pin
+    /// first, then check that the blob exists: that order cannot race with
+    /// a deletion.
+    pub fn pin(&self, digest: &Digest) -> Pin {
+        *lock_pins(&self.dirs).holders.entry(*digest).or_insert(0) += 1;
+        Pin {
+            dirs: Arc::clone(&self.dirs),
+            digest: *digest,
+        }
+    }
+
+    /// How many builds' pin sets were released so far; a collector that
+    /// computed what is referenced before one was released must look again.
+    pub fn pins_released(&self) -> u64 {
+        lock_pins(&self.dirs).released
+    }
+
+    /// Deletes the blobs of `digests` that no one pins, as long as no pin
+    /// set was released since `released_before` (see [`pins_released`](Self::pins_released));
+    /// then it returns None and deletes nothing, because what the caller
+    /// thought unreferenced may have been recorded since. Otherwise the
+    /// deleted blobs and their bytes. Readers that mapped a blob keep
+    /// their bytes: an unlinked file lives until it is unmapped.
+    pub fn delete_unless_pinned(
+        &self,
+        digests: &[Digest],
+        released_before: u64,
+    ) -> Result<Option<Vec<(Digest, u64)>>, BlobError> {
+        // Held throughout: a commit pins before it links, so no blob can
+        // become pinned between the check and the unlink.
+        let table = lock_pins(&self.dirs);
+        if table.released != released_before {
+            return Ok(None);
+        }
+        let mut deleted = Vec::new();
+        for digest in digests {
+            if table.holders.contains_key(digest) {
+                continue;
+            }
+            let path = self.path_of(digest);
+            let len = match fs::metadata(&path) {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err("stat", &path)(e)),
+            };
+            match fs::remove_file(&path) {
+                Ok(()) => {
+                    self.dirs.count.fetch_sub(1, Ordering::Relaxed);
+                    self.dirs.bytes.fetch_sub(len, Ordering::Relaxed);
+                    deleted.push((*digest, len));
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("removing", &path)(e)),
+            }
+        }
+        drop(table);
+        if !deleted.is_empty() {
+            sync_dir_tree(&self.dirs.blobs)?;
+        }
+        Ok(Some(deleted))
+    }
+
+    /// Temp files being written now (or left by a crash of another process).
+    pub fn temp_files(&self) -> Result<usize, BlobError> {
+        let tmp = &self.dirs.tmp;
+        Ok(fs::read_dir(tmp).map_err(io_err("listing", tmp))?.count())
     }
 
     fn shard_dir(&self, digest: &Digest) -> PathBuf {
@@ -171,8 +329,11 @@ impl BlobStore {
         fs::metadata(self.path_of(digest)).is_ok_and(|m| m.is_file() && m.len() == size)
     }
 
-    /// The blob, memory-mapped, or None if it is not stored.
+    /// The blob, memory-mapped, or None if it is not stored. It stays
+    /// pinned (the collector keeps it) until the blob, or the bytes made of
+    /// it, are dropped: a response in flight keeps its blob.
     pub fn get(&self, digest: &Digest) -> Result<Option<Blob>, BlobError> {
+        let pin = self.pin(digest);
         let path = self.path_of(digest);
         let file = match File::open(&path) {
             Ok(f) => f,
@@ -182,13 +343,13 @@ impl BlobStore {
         let len = file.metadata().map_err(io_err("stat", &path))?.len();
         if len == 0 {
             // mmap of length 0 fails with EINVAL.
-            return Ok(Some(Blob(Inner::Empty)));
+            return Ok(Some(Blob(Inner::Empty, pin)));
         }
         // SAFETY: committed blobs are never written in place: they are
         // created read-only in tmp/ and linked into place whole; a name,
         // once linked, is never replaced.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err("mapping", &path))?;
-        Ok(Some(Blob(Inner::Mapped(map))))
+        Ok(Some(Blob(Inner::Mapped(map), pin)))
     }
 
     /// Digests of the stored blobs of at most `max_len` bytes (manifests
@@ -313,6 +474,16 @@ impl BlobStore {
 /// Counts the blobs under `root` and their bytes.
 fn scan(root: &Path) -> Result<(u64, u64), BlobError> {
     let (mut count, mut bytes) = (0u64, 0u64);
+    walk(root, |_, len| {
+        count += 1;
+        bytes += len;
+    })?;
+    Ok((count, bytes))
+}
+
+/// Calls `each` with every blob under `root` (files named by their digest;
+/// anything else is skipped) and its size.
+fn walk(root: &Path, mut each: impl FnMut(Digest, u64)) -> Result<(), BlobError> {
     for shard in fs::read_dir(root).map_err(io_err("listing", root))? {
         let shard = shard.map_err(io_err("listing", root))?;
         if !shard.file_type().is_ok_and(|t| t.is_dir()) {
@@ -321,6 +492,13 @@ fn scan(root: &Path) -> Result<(u64, u64), BlobError> {
         let shard_path = shard.path();
         for blob in fs::read_dir(&shard_path).map_err(io_err("listing", &shard_path))? {
             let blob = blob.map_err(io_err("listing", &shard_path))?;
+            let Some(digest) = blob
+                .file_name()
+                .to_str()
+                .and_then(|hex| format!("sha256:{hex}").parse::<Digest>().ok())
+            else {
+                continue;
+            };
             let meta = match blob.metadata() {
                 Ok(m) => m,
                 // Raced with a removal: not a blob any more.
@@ -328,12 +506,22 @@ fn scan(root: &Path) -> Result<(u64, u64), BlobError> {
                 Err(e) => return Err(io_err("stat", &blob.path())(e)),
             };
             if meta.is_file() {
-                count += 1;
-                bytes += meta.len();
+                each(digest, meta.len());
             }
         }
     }
-    Ok((count, bytes))
+    Ok(())
+}
+
+/// Fsyncs every shard directory, so that deletions are durable.
+fn sync_dir_tree(root: &Path) -> Result<(), BlobError> {
+    for shard in fs::read_dir(root).map_err(io_err("listing", root))? {
+        let shard = shard.map_err(io_err("listing", root))?;
+        if shard.file_type().is_ok_and(|t| t.is_dir()) {
+            sync_dir(&shard.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// Fsyncs a directory so that entries created or renamed in it are durable.
@@ -442,6 +630,11 @@ impl BlobStore {
         tmp: TempPath,
         len: u64,
     ) -> Result<(), BlobError> {
+        // Pinned before it can be seen, so the collector never takes a
+        // blob a build has just written (or found already stored).
+        if let Some(pins) = &self.pin_into {
+            pins.add(self.pin(digest));
+        }
         let dest = self.path_of(digest);
         match fs::symlink_metadata(&dest) {
             // Already stored; the temp file is removed when `tmp` drops.
@@ -492,9 +685,18 @@ enum Inner {
     Empty,
 }
 
-/// A stored blob's bytes, memory-mapped.
+/// A stored blob's bytes, memory-mapped, and its pin.
 #[derive(Debug)]
-pub struct Blob(Inner);
+pub struct Blob(Inner, Pin);
+
+/// The owner of a served blob's bytes: the mapping and the pin go together.
+struct PinnedMap(memmap2::Mmap, #[allow(dead_code)] Pin);
+
+impl AsRef<[u8]> for PinnedMap {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
 
 impl Blob {
     pub fn len(&self) -> u64 {
@@ -508,7 +710,7 @@ impl Blob {
     /// The bytes without copying: the mapping is owned by the `Bytes`.
     pub fn into_bytes(self) -> bytes::Bytes {
         match self.0 {
-            Inner::Mapped(map) => bytes::Bytes::from_owner(map),
+            Inner::Mapped(map) => bytes::Bytes::from_owner(PinnedMap(map, self.1)),
             Inner::Empty => bytes::Bytes::new(),
         }
     }

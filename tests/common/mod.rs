@@ -257,6 +257,41 @@ pub async fn get_blob(client: &Client, s: &TestServer, digest: &str) -> Vec<u8> 
     body
 }
 
+/// `/api/status` as JSON.
+pub async fn status_json(client: &Client, s: &TestServer) -> Value {
+    let r = client.get(s.url("/api/status")).send().await.unwrap();
+    serde_json::from_slice(&r.bytes().await.unwrap()).expect("status is JSON")
+}
+
+/// Names of the files in a storage path's `tmp/`.
+pub fn temp_files(storage: &Path) -> Vec<String> {
+    std::fs::read_dir(storage.join("tmp"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Stored blobs whose content does not match their name (read from disk).
+pub fn corrupt_blobs_on_disk(storage: &Path) -> Vec<String> {
+    let mut bad = Vec::new();
+    let Ok(shards) = std::fs::read_dir(storage.join("blobs/sha256")) else {
+        return bad;
+    };
+    for shard in shards.flatten() {
+        for blob in std::fs::read_dir(shard.path()).unwrap().flatten() {
+            let name = blob.file_name().to_string_lossy().into_owned();
+            let bytes = std::fs::read(blob.path()).unwrap();
+            if Digest::of(&bytes).hex() != name {
+                bad.push(name);
+            }
+        }
+    }
+    bad
+}
+
 /// Compares what an unpacked image holds at each store path with the store.
 pub fn assert_same_tree(store: &Path, unpacked: &Path) {
     let meta = std::fs::symlink_metadata(store).unwrap();

@@ -12,6 +12,8 @@
 //! - `lookups`: `hit` / `miss` -> manifest requests by tag answered from
 //!   cache or not (u64, big-endian)
 //!
+//! - `last_pulled`: manifest digest -> [`PullRecord`] (for the garbage
+//!   collector; flushed in batches by [`crate::store::pulls`])
 //! - `pinned`: `<name>\0<tag>` -> [`TagRecord`] (imported images)
 //! - `built_tags`: `<name>\0<tag>` -> [`TagRecord`] (the last build)
 //!
@@ -31,11 +33,12 @@ mod recover;
 
 pub use migrate::SCHEMA_VERSION;
 pub use records::{
-    BuildOutcome, BuildRecord, ErrorRecord, LayerRecord, ManifestRecord, Record, TagRecord,
+    BuildOutcome, BuildRecord, ErrorRecord, LayerRecord, ManifestRecord, PullRecord, Record,
+    TagRecord,
 };
 
 use crate::digest::Digest;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -69,6 +72,16 @@ pub enum DbError {
          `serve`?): one process at a time can open it; stop that one first"
     )]
     InUse(String),
+}
+
+impl DbError {
+    /// Whether the disk (or quota) was full.
+    pub fn is_storage_full(&self) -> bool {
+        matches!(self, DbError::Sled(sled::Error::Io(e))
+            if e.kind() == std::io::ErrorKind::StorageFull
+                || e.kind() == std::io::ErrorKind::QuotaExceeded
+                || e.raw_os_error() == Some(libc::ENOSPC))
+    }
 }
 
 /// Whether a manifest request by tag was answered from the cache.
@@ -117,6 +130,7 @@ pub struct Db {
     errors: sled::Tree,
     pulls: sled::Tree,
     lookups: sled::Tree,
+    last_pulled: sled::Tree,
     pinned: sled::Tree,
     built_tags: sled::Tree,
     /// Trees whose undecodable records were already logged.
@@ -198,6 +212,7 @@ impl Db {
             errors: db.open_tree("errors")?,
             pulls: db.open_tree("pulls")?,
             lookups: db.open_tree("lookups")?,
+            last_pulled: db.open_tree("last_pulled")?,
             pinned: db.open_tree("pinned")?,
             built_tags: db.open_tree("built_tags")?,
             logged_undecodable: Arc::default(),
@@ -350,6 +365,17 @@ impl Db {
         Ok(())
     }
 
+    /// Every digest served as a manifest (Docker, OCI, index).
+    pub fn manifest_digest_list(&self) -> Result<Vec<Digest>, DbError> {
+        let mut out = Vec::new();
+        for k in self.manifest_digests.iter().keys() {
+            if let Ok(raw) = <[u8; 32]>::try_from(k?.as_ref()) {
+                out.push(Digest::from_bytes(raw));
+            }
+        }
+        Ok(out)
+    }
+
     pub fn is_manifest(&self, digest: &Digest) -> Result<bool, DbError> {
         Ok(self.manifest_digests.contains_key(digest.as_bytes())?)
     }
@@ -465,8 +491,78 @@ impl Db {
             .collect()
     }
 
+    /// Forgets an image: every cache key and last-built tag that names this
+    /// manifest, and its pull record. Its blobs are the collector's to delete.
+    pub fn remove_image(&self, digest: &Digest) -> Result<(), DbError> {
+        for kv in self.manifests.iter() {
+            let (k, v) = kv?;
+            let names_it = self
+                .decode::<ManifestRecord>("manifests", &v)
+                .is_none_or(|r| r.digest == *digest);
+            if names_it {
+                self.manifests.remove(k)?;
+            }
+        }
+        for (name, tag, r) in self.tag_records(TagTree::Built)? {
+            if r.digest == *digest {
+                self.remove_tag_record(TagTree::Built, &name, &tag)?;
+            }
+        }
+        self.manifest_digests.remove(digest.as_bytes())?;
+        self.last_pulled.remove(digest.as_bytes())?;
+        Ok(())
+    }
+
+    /// Drops layer records whose blob is gone, so the index does not grow
+    /// with layers the collector deleted.
+    pub fn prune_layers(&self, stored: impl Fn(&Digest) -> bool) -> Result<usize, DbError> {
+        let mut pruned = 0;
+        for kv in self.layers.iter() {
+            let (k, v) = kv?;
+            let gone = self
+                .decode::<LayerRecord>("layers", &v)
+                .is_none_or(|r| !stored(&r.digest));
+            if gone {
+                self.layers.remove(k)?;
+                pruned += 1;
+            }
+        }
+        Ok(pruned)
+    }
+
+    /// Records when images were last pulled, in one batch.
+    pub fn put_last_pulled(&self, pulls: &HashMap<Digest, PullRecord>) -> Result<(), DbError> {
+        let mut batch = sled::Batch::default();
+        for (digest, record) in pulls {
+            batch.insert(digest.as_bytes(), encode(record)?);
+        }
+        self.last_pulled.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// When each image was last pulled, as last flushed.
+    pub fn last_pulled(&self) -> Result<HashMap<Digest, PullRecord>, DbError> {
+        let mut out = HashMap::new();
+        for kv in self.last_pulled.iter() {
+            let (k, v) = kv?;
+            let digest = <[u8; 32]>::try_from(k.as_ref())
+                .ok()
+                .map(Digest::from_bytes);
+            if let (Some(d), Some(r)) = (digest, self.decode("last_pulled", &v)) {
+                out.insert(d, r);
+            }
+        }
+        Ok(out)
+    }
+
     pub fn counts(&self) -> (usize, usize) {
         (self.manifest_digests.len(), self.layers.len())
+    }
+
+    /// As [`flush`](Self::flush), blocking: for tools without a runtime.
+    pub fn flush_blocking(&self) -> Result<(), DbError> {
+        self.db.flush()?;
+        Ok(())
     }
 
     /// Makes everything written so far durable.

@@ -85,6 +85,19 @@ pub struct ErrorRecord {
     pub stderr_tail: String,
 }
 
+/// When an image was last pulled, by which name: what the garbage
+/// collector evicts by. Written in batches, never per request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullRecord {
+    /// Unix seconds of the last manifest response for the image.
+    pub at: u64,
+    pub image: String,
+}
+
+impl Record for PullRecord {
+    const VERSION: u8 = 1;
+}
+
 /// The manifest a name and tag stands for: imported (`pinned` tree, served
 /// whatever the package source and never rebuilt) or last built
 /// (`built_tags` tree, what a mirror serves).

@@ -1,0 +1,117 @@
+//! Runs the garbage collector in the background: on a timer, and soon after
+//! a build finished or the disk filled up. Also flushes the last-pulled
+//! times, so they reach the disk in batches.
+
+use crate::store::db::Db;
+use crate::store::fs::BlobStore;
+use crate::store::gc::{self, Policy, Report};
+use crate::store::pulls::LastPulled;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// How often last-pulled times are written.
+const FLUSH_EVERY: Duration = Duration::from_secs(30);
+/// How often a collection runs without being asked.
+const COLLECT_EVERY: Duration = Duration::from_secs(300);
+
+pub struct Collector {
+    db: Db,
+    blobs: BlobStore,
+    pulls: Arc<LastPulled>,
+    storage_path: PathBuf,
+    policy: Policy,
+    wake: Notify,
+    last: Mutex<Option<Report>>,
+    /// One collection at a time.
+    running: tokio::sync::Mutex<()>,
+}
+
+impl Collector {
+    pub fn new(db: Db, blobs: BlobStore, storage_path: PathBuf, policy: Policy) -> Arc<Self> {
+        Arc::new(Collector {
+            db,
+            blobs,
+            pulls: Arc::default(),
+            storage_path,
+            policy,
+            wake: Notify::new(),
+            last: Mutex::new(None),
+            running: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Where pulls are noted (in memory).
+    pub fn pulls(&self) -> &LastPulled {
+        &self.pulls
+    }
+
+    /// The last collection's report, if one ran since start.
+    pub fn last_report(&self) -> Option<Report> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Asks for a collection soon (after a build, or when a write found the
+    /// disk full). Cheap; several requests make one run.
+    pub fn wake(&self) {
+        if self.policy.is_active() {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Collects now, off the async workers.
+    pub async fn collect(&self) -> Result<Report, gc::GcError> {
+        let _one = self.running.lock().await;
+        let (db, blobs, pulls) = (self.db.clone(), self.blobs.clone(), Arc::clone(&self.pulls));
+        let (path, policy) = (self.storage_path.clone(), self.policy);
+        let report = tokio::task::spawn_blocking(move || {
+            gc::collect(&db, &blobs, &pulls, &path, &policy, false)
+        })
+        .await
+        .map_err(|e| gc::GcError::Task(e.to_string()))??;
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(report.clone());
+        Ok(report)
+    }
+
+    /// Writes pending last-pulled times, off the async workers.
+    pub async fn flush_pulls(&self) {
+        let (db, pulls) = (self.db.clone(), Arc::clone(&self.pulls));
+        match tokio::task::spawn_blocking(move || pulls.flush(&db)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not record last pulls"),
+            Err(e) => tracing::warn!(error = %e, "recording last pulls failed"),
+        }
+    }
+
+    /// Runs until the task is dropped: flushes pulls, and collects when
+    /// woken or on the timer (only if a limit is set).
+    pub async fn run_in_background(self: Arc<Self>) {
+        let mut since_collect = Duration::ZERO;
+        if self.policy.is_active() {
+            self.run_logged().await;
+        }
+        loop {
+            let woken = tokio::select! {
+                _ = tokio::time::sleep(FLUSH_EVERY) => false,
+                _ = self.wake.notified() => true,
+            };
+            since_collect += FLUSH_EVERY;
+            self.flush_pulls().await;
+            if self.policy.is_active() && (woken || since_collect >= COLLECT_EVERY) {
+                since_collect = Duration::ZERO;
+                self.run_logged().await;
+            }
+        }
+    }
+
+    async fn run_logged(&self) {
+        if let Err(e) = self.collect().await {
+            tracing::warn!(error = %e, "garbage collection failed");
+        }
+    }
+}

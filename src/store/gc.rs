@@ -1,0 +1,586 @@
+//! Garbage collection with a quota: evict the least recently pulled images
+//! until the blobs fit in `max_storage` and the disk has `min_free_space`,
+//! then delete every blob that no kept manifest references. Blobs pinned by
+//! a response or a build in flight are never deleted.
+//!
+//! Written against a few blob-store operations (list with sizes, stat,
+//! delete unless pinned) so that other backends can provide them.
+
+use crate::digest::Digest;
+use crate::store::db::{Db, DbError, ManifestRecord, PullRecord, TagRecord, TagTree};
+use crate::store::fs::{BlobError, BlobStore};
+use crate::store::pulls::LastPulled;
+use serde::Serialize;
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Attempts to delete unreferenced blobs while builds keep finishing.
+const DELETE_ATTEMPTS: usize = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GcError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    #[error("cannot read the free space of {0}: {1}")]
+    FreeSpace(String, std::io::Error),
+    #[error("the collection task failed: {0}")]
+    Task(String),
+}
+
+/// What the collector aims for; `None` limits are not enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Most bytes of blobs kept.
+    pub max_storage: Option<u64>,
+    /// Least free bytes left on the storage path's file system.
+    pub min_free_space: Option<u64>,
+    /// Images pulled more recently than this are never evicted: a client
+    /// that got the manifest is still fetching the blobs.
+    pub keep_pulled_within: Duration,
+}
+
+impl Policy {
+    /// Whether there is any limit to enforce.
+    pub fn is_active(&self) -> bool {
+        self.max_storage.is_some() || self.min_free_space.is_some()
+    }
+}
+
+/// An image the collector evicted (or would have, in a dry run).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Evicted {
+    pub manifest: String,
+    /// The name it was last pulled by; `None` if never pulled.
+    pub image: Option<String>,
+    /// Unix seconds of its last pull (or build).
+    pub last_used: u64,
+}
+
+/// What one collection did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Report {
+    /// Unix seconds when it ran.
+    pub at: u64,
+    pub dry_run: bool,
+    /// Blob bytes stored before and after.
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    pub evicted: Vec<Evicted>,
+    pub blobs_deleted: usize,
+    pub bytes_freed: u64,
+    /// Unreferenced blobs kept because a response or build was using them.
+    pub blobs_in_use: usize,
+}
+
+/// An image as the collector sees it: its manifest, when it was last used
+/// and every blob it needs.
+#[derive(Debug, Clone)]
+struct Image {
+    manifest: Digest,
+    last_used: u64,
+    image: Option<String>,
+    blobs: Vec<Digest>,
+    /// Imported: never rebuilt, so never evicted.
+    pinned: bool,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// What a stored manifest names (its config and layers) or an index names
+/// (its manifests); None if it cannot be read.
+fn parts_of(blobs: &BlobStore, digest: &Digest) -> Option<Part> {
+    let blob = blobs.get(digest).ok()??;
+    let json = serde_json::from_slice::<serde_json::Value>(blob.as_ref()).ok()?;
+    let digest_of = |v: &serde_json::Value| v.get("digest")?.as_str()?.parse::<Digest>().ok();
+    let list = |key: &str| -> Vec<Digest> {
+        json.get(key)
+            .and_then(|l| l.as_array())
+            .map(|items| items.iter().filter_map(digest_of).collect())
+            .unwrap_or_default()
+    };
+    if json.get("manifests").is_some() {
+        return Some(Part::Index(list("manifests")));
+    }
+    let mut parts: Vec<Digest> = json.get("config").and_then(digest_of).into_iter().collect();
+    parts.extend(list("layers"));
+    Some(Part::Manifest(parts))
+}
+
+enum Part {
+    Manifest(Vec<Digest>),
+    Index(Vec<Digest>),
+}
+
+/// The manifest itself and the blobs it names; just the manifest if it
+/// cannot be read.
+fn blobs_of(blobs: &BlobStore, manifest: &Digest) -> Vec<Digest> {
+    let mut out = vec![*manifest];
+    if let Some(Part::Manifest(parts)) = parts_of(blobs, manifest) {
+        out.extend(parts);
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Every blob to keep: those of the `kept` images, plus the forms served
+/// besides their Docker manifests (an OCI manifest, an index over
+/// platforms) whose every part is kept. The other forms come second: they
+/// are no longer served, and their blobs go.
+fn keep_with_forms<'a>(
+    db: &Db,
+    blobs: &BlobStore,
+    kept: impl Iterator<Item = &'a Image>,
+) -> Result<(BTreeSet<Digest>, Vec<Digest>), DbError> {
+    let mut referenced = BTreeSet::new();
+    let mut manifests = BTreeSet::new();
+    for image in kept {
+        manifests.insert(image.manifest);
+        referenced.extend(image.blobs.iter().copied());
+    }
+    let (mut indexes, mut stale) = (Vec::new(), Vec::new());
+    for digest in db.manifest_digest_list()? {
+        if manifests.contains(&digest) {
+            continue;
+        }
+        match parts_of(blobs, &digest) {
+            Some(Part::Manifest(parts))
+                if !parts.is_empty() && parts.iter().all(|p| referenced.contains(p)) =>
+            {
+                manifests.insert(digest);
+            }
+            Some(Part::Index(children)) => indexes.push((digest, children)),
+            _ => stale.push(digest),
+        }
+    }
+    for (digest, children) in indexes {
+        if !children.is_empty() && children.iter().all(|c| manifests.contains(c)) {
+            referenced.insert(digest);
+        } else {
+            stale.push(digest);
+        }
+    }
+    referenced.extend(manifests);
+    Ok((referenced, stale))
+}
+
+/// What the database keeps images by: cached builds, last-built tags and
+/// imported (pinned) tags.
+struct Records {
+    manifests: Vec<(String, ManifestRecord)>,
+    built: Vec<TagRecord>,
+    pinned: Vec<TagRecord>,
+}
+
+impl Records {
+    fn read(db: &Db) -> Result<Records, DbError> {
+        let tags = |which| -> Result<Vec<TagRecord>, DbError> {
+            Ok(db
+                .tag_records(which)?
+                .into_iter()
+                .map(|(_, _, r)| r)
+                .collect())
+        };
+        Ok(Records {
+            manifests: db.manifests()?,
+            built: tags(TagTree::Built)?,
+            pinned: tags(TagTree::Pinned)?,
+        })
+    }
+}
+
+/// The images the database keeps, one per manifest digest.
+fn images(records: &Records, pulls: &HashMap<Digest, PullRecord>, blobs: &BlobStore) -> Vec<Image> {
+    let mut by_digest: HashMap<Digest, (u64, bool)> = HashMap::new();
+    let built = records
+        .manifests
+        .iter()
+        .map(|(_, r)| (r.digest, r.checked_at));
+    let tagged = records.built.iter().map(|r| (r.digest, r.at));
+    for (digest, at) in built.chain(tagged) {
+        let t = by_digest.entry(digest).or_insert((0, false));
+        t.0 = t.0.max(at);
+    }
+    for r in &records.pinned {
+        let t = by_digest.entry(r.digest).or_insert((0, true));
+        t.0 = t.0.max(r.at);
+        t.1 = true;
+    }
+    by_digest
+        .into_iter()
+        .map(|(manifest, (checked_at, pinned))| {
+            let pull = pulls.get(&manifest);
+            Image {
+                manifest,
+                last_used: pull.map_or(checked_at, |p| p.at.max(checked_at)),
+                image: pull.map(|p| p.image.clone()),
+                blobs: blobs_of(blobs, &manifest),
+                pinned,
+            }
+        })
+        .collect()
+}
+
+/// Which images to evict, least recently used first, so that at least
+/// `needed` bytes become unreferenced; none used after `protect_from`.
+fn choose_evictions(
+    images: &[Image],
+    sizes: &HashMap<Digest, u64>,
+    needed: u64,
+    protect_from: u64,
+) -> Vec<usize> {
+    let mut refs: HashMap<Digest, usize> = HashMap::new();
+    for image in images {
+        for b in &image.blobs {
+            *refs.entry(*b).or_insert(0) += 1;
+        }
+    }
+    let mut freeable: u64 = sizes
+        .iter()
+        .filter(|(d, _)| !refs.contains_key(d))
+        .map(|(_, n)| n)
+        .sum();
+    let mut order: Vec<usize> = (0..images.len()).collect();
+    order.sort_by_key(|&i| (images[i].last_used, images[i].manifest));
+    let mut evict = Vec::new();
+    for i in order {
+        if freeable >= needed || images[i].last_used > protect_from {
+            break;
+        }
+        if images[i].pinned {
+            continue;
+        }
+        for b in &images[i].blobs {
+            if let Some(n) = refs.get_mut(b) {
+                *n -= 1;
+                if *n == 0 {
+                    freeable += sizes.get(b).copied().unwrap_or(0);
+                }
+            }
+        }
+        evict.push(i);
+    }
+    evict
+}
+
+/// Runs one collection. Blocking: call it off the async workers. In a dry
+/// run nothing is changed and the report says what would have been.
+pub fn collect(
+    db: &Db,
+    blobs: &BlobStore,
+    pulls: &LastPulled,
+    storage_path: &Path,
+    policy: &Policy,
+    dry_run: bool,
+) -> Result<Report, GcError> {
+    let at = now_unix();
+    if !dry_run {
+        pulls.flush(db)?;
+    }
+    let stored = blobs.list_blobs()?;
+    let sizes: HashMap<Digest, u64> = stored.iter().copied().collect();
+    let bytes_before: u64 = sizes.values().sum();
+    let free = match policy.min_free_space {
+        Some(_) => crate::store::disk::free_bytes(storage_path)
+            .map_err(|e| GcError::FreeSpace(storage_path.display().to_string(), e))?,
+        None => 0,
+    };
+    let over_quota = policy
+        .max_storage
+        .map_or(0, |max| bytes_before.saturating_sub(max));
+    let short_of_free = policy
+        .min_free_space
+        .map_or(0, |min| min.saturating_sub(free));
+    let needed = over_quota.max(short_of_free);
+
+    let protect_from = at.saturating_sub(policy.keep_pulled_within.as_secs());
+    let all_pulls = pulls.all(db)?;
+    let kept = images(&Records::read(db)?, &all_pulls, blobs);
+    let chosen = if needed > 0 {
+        choose_evictions(&kept, &sizes, needed, protect_from)
+    } else {
+        Vec::new()
+    };
+    let evicted: Vec<Evicted> = chosen
+        .iter()
+        .map(|&i| Evicted {
+            manifest: kept[i].manifest.to_string(),
+            image: kept[i].image.clone(),
+            last_used: kept[i].last_used,
+        })
+        .collect();
+
+    if dry_run {
+        let gone: BTreeSet<usize> = chosen.into_iter().collect();
+        let staying = kept
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !gone.contains(i))
+            .map(|(_, img)| img);
+        let (referenced, _) = keep_with_forms(db, blobs, staying)?;
+        let unreferenced: Vec<(Digest, u64)> = stored
+            .into_iter()
+            .filter(|(d, _)| !referenced.contains(d))
+            .collect();
+        let bytes_freed = unreferenced.iter().map(|(_, n)| n).sum();
+        return Ok(Report {
+            at,
+            dry_run,
+            bytes_before,
+            bytes_after: bytes_before - bytes_freed,
+            evicted,
+            blobs_deleted: unreferenced.len(),
+            bytes_freed,
+            blobs_in_use: 0,
+        });
+    }
+
+    for &i in &chosen {
+        db.remove_image(&kept[i].manifest)?;
+    }
+    let mut deleted = Vec::new();
+    let mut candidates = 0;
+    for _ in 0..DELETE_ATTEMPTS {
+        // Read what is referenced only after noting the pin sets released
+        // so far: a build that records its manifest after this point
+        // changes the count, and the deletion below then refuses.
+        let released = blobs.pins_released();
+        let staying = images(&Records::read(db)?, &HashMap::new(), blobs);
+        let (referenced, stale) = keep_with_forms(db, blobs, staying.iter())?;
+        for digest in &stale {
+            db.forget_manifest_digest(digest)?;
+        }
+        let unreferenced: Vec<Digest> = blobs
+            .list_blobs()?
+            .into_iter()
+            .map(|(d, _)| d)
+            .filter(|d| !referenced.contains(d))
+            .collect();
+        candidates = unreferenced.len();
+        if let Some(done) = blobs.delete_unless_pinned(&unreferenced, released)? {
+            deleted = done;
+            break;
+        }
+    }
+    let pruned = db.prune_layers(|d| matches!(blobs.stat_blob(d), Ok(Some(_))))?;
+    let bytes_freed: u64 = deleted.iter().map(|(_, n)| n).sum();
+    let report = Report {
+        at,
+        dry_run,
+        bytes_before,
+        bytes_after: blobs.stats().1,
+        evicted,
+        blobs_deleted: deleted.len(),
+        bytes_freed,
+        blobs_in_use: candidates - deleted.len(),
+    };
+    tracing::info!(
+        evicted = report.evicted.len(),
+        blobs_deleted = report.blobs_deleted,
+        bytes_freed = report.bytes_freed,
+        bytes_after = report.bytes_after,
+        layer_records_pruned = pruned,
+        "garbage collection done"
+    );
+    Ok(report)
+}
+
+/// Parses a size such as `50G`, `512M`, `1.5T` or `1000` (bytes); the
+/// units are binary (K = 1024).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let shift = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("{text:?}: unknown unit (use K, M, G or T)")),
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size such as 50G"))?;
+    let bytes = value * (1u64 << shift) as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes >= u64::MAX as f64 {
+        return Err(format!("{text:?} is out of range"));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(n: u8, last_used: u64, blobs: &[u8]) -> Image {
+        Image {
+            manifest: Digest::of(&[n]),
+            last_used,
+            image: None,
+            blobs: blobs.iter().map(|b| Digest::of(&[*b])).collect(),
+            pinned: false,
+        }
+    }
+
+    #[test]
+    fn evicts_least_recently_used_until_enough_is_unreferenced() {
+        // Blob 9 is shared by every image; 100+ are each image's own.
+        let sizes: HashMap<Digest, u64> = [(9, 1000), (100, 10), (101, 20), (102, 30), (50, 5)]
+            .into_iter()
+            .map(|(b, n)| (Digest::of(&[b]), n))
+            .collect();
+        let images = vec![
+            image(1, 300, &[9, 100]),
+            image(2, 100, &[9, 101]),
+            image(3, 200, &[9, 102]),
+        ];
+        // Blob 50 is an orphan: 5 bytes free already.
+        assert!(choose_evictions(&images, &sizes, 5, u64::MAX).is_empty());
+        assert_eq!(choose_evictions(&images, &sizes, 6, u64::MAX), vec![1]);
+        assert_eq!(choose_evictions(&images, &sizes, 26, u64::MAX), vec![1, 2]);
+        // The shared blob frees only with the last image.
+        assert_eq!(
+            choose_evictions(&images, &sizes, 1000, u64::MAX),
+            vec![1, 2, 0]
+        );
+        // Recently used images are kept whatever the need.
+        assert_eq!(choose_evictions(&images, &sizes, 1000, 199), vec![1]);
+        // Imported images are never evicted.
+        let mut with_pinned = images.clone();
+        with_pinned[1].pinned = true;
+        assert_eq!(
+            choose_evictions(&with_pinned, &sizes, 26, u64::MAX),
+            vec![2]
+        );
+        assert_eq!(
+            choose_evictions(&with_pinned, &sizes, 36, u64::MAX),
+            vec![2, 0]
+        );
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert_eq!(parse_size("50G"), Ok(50 << 30));
+        assert_eq!(parse_size("512m"), Ok(512 << 20));
+        assert_eq!(parse_size("1.5K"), Ok(1536));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("10 MB"), Ok(10 << 20));
+        for bad in ["", "G", "12X", "-1G", "1e400"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn collects_evicted_images_and_orphans_but_not_pinned_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(dir.path()).unwrap();
+        let db = Db::open(&dir.path().join("db")).unwrap();
+        let pulls = LastPulled::default();
+        let put_image = |name: &str, layer: &[u8], at: u64| {
+            let layer = blobs.put(layer).unwrap();
+            let config = blobs.put(name.as_bytes()).unwrap();
+            let manifest = serde_json::json!({
+                "config": {"digest": config.to_string()},
+                "layers": [{"digest": layer.to_string()}],
+            });
+            let m = blobs.put(manifest.to_string().as_bytes()).unwrap();
+            db.put_manifest(
+                name,
+                &ManifestRecord {
+                    digest: m,
+                    checked_at: at,
+                    out_paths: vec![],
+                    revision: None,
+                },
+            )
+            .unwrap();
+            pulls.touch(m, name, at);
+            (m, layer)
+        };
+        let (old, old_layer) = put_image("old", &[1u8; 4000], 10);
+        let (new, new_layer) = put_image("new", &[2u8; 4000], 20);
+        // Forms served besides the Docker manifests: an OCI manifest of
+        // each image, and an index naming the new one's.
+        let form_of = |m: &Digest| {
+            let docker: serde_json::Value =
+                serde_json::from_slice(blobs.get(m).unwrap().unwrap().as_ref()).unwrap();
+            let mut oci = docker.clone();
+            oci["mediaType"] = "application/vnd.oci.image.manifest.v1+json".into();
+            let d = blobs.put(oci.to_string().as_bytes()).unwrap();
+            db.add_manifest_digest(&d).unwrap();
+            d
+        };
+        let (old_form, new_form) = (form_of(&old), form_of(&new));
+        let index = serde_json::json!({"manifests": [{"digest": new_form.to_string()}]});
+        let index = blobs.put(index.to_string().as_bytes()).unwrap();
+        db.add_manifest_digest(&index).unwrap();
+        let orphan = blobs.put(b"orphan").unwrap();
+        let pinned_orphan = blobs.put(b"pinned orphan").unwrap();
+        let pin = blobs.pin(&pinned_orphan);
+        let policy = Policy {
+            max_storage: Some(6000),
+            min_free_space: None,
+            keep_pulled_within: Duration::ZERO,
+        };
+
+        let dry = collect(&db, &blobs, &pulls, dir.path(), &policy, true).unwrap();
+        assert_eq!(dry.evicted.len(), 1);
+        assert!(blobs.stat_blob(&old_layer).unwrap().is_some());
+
+        let report = collect(&db, &blobs, &pulls, dir.path(), &policy, false).unwrap();
+        assert_eq!(report.evicted[0].manifest, old.to_string());
+        assert_eq!(report.evicted[0].image.as_deref(), Some("old"));
+        assert_eq!(report.blobs_in_use, 1);
+        for gone in [old, old_layer, orphan, old_form] {
+            assert_eq!(blobs.stat_blob(&gone).unwrap(), None);
+        }
+        for kept in [new, new_layer, pinned_orphan, new_form, index] {
+            assert!(blobs.stat_blob(&kept).unwrap().is_some());
+        }
+        assert!(!db.is_manifest(&old_form).unwrap());
+        assert!(db.is_manifest(&new_form).unwrap());
+        assert!(db.manifest("old").unwrap().is_none());
+        assert!(!db.is_manifest(&old).unwrap());
+        assert!(db.manifest("new").unwrap().is_some());
+        drop(pin);
+        let again = collect(&db, &blobs, &pulls, dir.path(), &policy, false).unwrap();
+        assert_eq!((again.evicted.len(), again.blobs_deleted), (0, 1));
+        assert_eq!(blobs.stats().1, again.bytes_after);
+    }
+
+    #[test]
+    fn a_build_finishing_during_collection_keeps_its_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(dir.path()).unwrap();
+        let pins = blobs.pin_set();
+        let building = blobs.pinning_into(&pins);
+        let layer = building.put(b"fresh layer").unwrap();
+        let released = blobs.pins_released();
+        // The build records its manifest and lets go of its pins after the
+        // collector looked: the deletion must refuse.
+        drop(building);
+        drop(pins);
+        assert_eq!(
+            blobs.delete_unless_pinned(&[layer], released).unwrap(),
+            None
+        );
+        assert!(blobs.stat_blob(&layer).unwrap().is_some());
+    }
+}

@@ -1,0 +1,114 @@
+//! A full disk: on a small tmpfs STORAGE_PATH (mounted here; the tests run
+//! as root), a build that does not fit fails with a clear 500, leaves no
+//! temp file and no partial blob, and the server keeps serving what it
+//! has; it also starts on a disk that is full to the last byte.
+
+mod common;
+
+use common::{config, error_code, get_blob, get_manifest, temp_files, TestServer};
+use reqwest::{Client, StatusCode};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A tmpfs mounted for the test's lifetime.
+struct Tmpfs(PathBuf, #[allow(dead_code)] tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        common::require_tool("mount");
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs (this test needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(dir.path().to_owned(), dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn assert_blobs_whole(root: &Path) {
+    assert_eq!(common::corrupt_blobs_on_disk(root), Vec::<String>::new());
+}
+
+/// Writes `path` until the file system has not one byte left.
+fn fill(path: &Path) {
+    let mut filler = std::fs::File::create(path).unwrap();
+    let chunk = vec![0u8; 1 << 20];
+    while filler.write_all(&chunk).is_ok() {}
+    while filler.write_all(&[0u8]).is_ok() {}
+}
+
+#[tokio::test]
+async fn a_full_disk_fails_builds_clearly_and_keeps_serving() {
+    let fs = Tmpfs::mount("40m");
+    let root = fs.0.clone();
+    let c = Client::new();
+    let s = TestServer::start(&config(&root, &[])).await;
+    let (hello, hello_json) = get_manifest(&c, &s, "hello", "latest").await;
+
+    // `big` has more than 100 MB of layers: it cannot fit.
+    let r = c
+        .get(s.url("/v2/big/manifests/latest"))
+        .send()
+        .await
+        .unwrap();
+    let (status, err) = error_code(r).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(
+        err["message"].as_str().unwrap().contains("storage is full"),
+        "{err}"
+    );
+    assert_eq!(
+        temp_files(&root),
+        Vec::<String>::new(),
+        "temp files removed"
+    );
+    assert_blobs_whole(&root);
+
+    // Still serving what it has.
+    let r = c.get(s.url("/v2/")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let (again, _) = get_manifest(&c, &s, "hello", "latest").await;
+    assert_eq!(again, hello);
+    for l in hello_json["layers"].as_array().unwrap() {
+        get_blob(&c, &s, l["digest"].as_str().unwrap()).await;
+    }
+    s.stop().await;
+
+    // Fill the disk to the last byte, then start again.
+    fill(&root.join("filler"));
+    let s = TestServer::start(&config(&root, &[])).await;
+    let (again, _) = get_manifest(&c, &s, "hello", "latest").await;
+    assert_eq!(again, hello, "served on a full disk");
+    for l in hello_json["layers"].as_array().unwrap() {
+        get_blob(&c, &s, l["digest"].as_str().unwrap()).await;
+    }
+    // Starting took the reserve: fill what it freed too.
+    fill(&root.join("filler-2"));
+    let r = c
+        .get(s.url("/v2/bash/manifests/latest"))
+        .send()
+        .await
+        .unwrap();
+    let (status, err) = error_code(r).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{err}");
+    assert!(
+        err["message"].as_str().unwrap().contains("storage is full"),
+        "{err}"
+    );
+    assert_eq!(temp_files(&root), Vec::<String>::new());
+    assert_blobs_whole(&root);
+    s.stop().await;
+}

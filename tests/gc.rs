@@ -1,0 +1,191 @@
+//! Garbage collection with a quota, against a real server: the least
+//! recently pulled image goes, the others stay cached, the evicted one is
+//! rebuilt on its next pull, and a blob download in flight during a
+//! collection completes intact.
+
+mod common;
+
+use common::{config, get_blob, get_manifest, status_json, TestServer};
+use nixery::digest::Digest;
+use reqwest::{Client, StatusCode};
+use serde_json::Value;
+use std::time::Duration;
+
+/// Waits for a collection newer than `after` (None: any) and returns it.
+async fn next_gc(c: &Client, s: &TestServer, after: &Value) -> Value {
+    for _ in 0..600 {
+        let gc = status_json(c, s).await["limits"]["last_gc"].clone();
+        if !gc.is_null() && gc != *after {
+            return gc;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no garbage collection ran");
+}
+
+fn evicted_names(gc: &Value) -> Vec<String> {
+    gc["evicted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["image"].as_str().unwrap_or("?").to_owned())
+        .collect()
+}
+
+fn builds_of(s: &TestServer, image: &str) -> usize {
+    let builds = s.builder.db().builds().unwrap();
+    builds.iter().filter(|b| b.image == image).count()
+}
+
+#[tokio::test]
+async fn a_quota_evicts_the_least_recently_pulled_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Client::new();
+    // Three images, pulled a second apart (pull times have 1 s resolution).
+    let s = TestServer::start(&config(dir.path(), &[])).await;
+    let mut manifests = Vec::new();
+    for name in ["hello", "big", "bash"] {
+        manifests.push(get_manifest(&c, &s, name, "latest").await);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    let total = s.builder.blobs().stats().1;
+    s.stop().await;
+
+    // A quota just below the three: evicting the oldest is enough.
+    let quota = (total - 1).to_string();
+    let limits = ["--max-storage", quota.as_str(), "--gc-keep-recent", "0"];
+    let s = TestServer::start(&config(dir.path(), &limits)).await;
+    let gc = next_gc(&c, &s, &Value::Null).await;
+    assert_eq!(evicted_names(&gc), vec!["hello"], "{gc}");
+    assert!(gc["bytes_freed"].as_u64().unwrap() > 0);
+    assert!(s.builder.blobs().stats().1 < total);
+    let page = c
+        .get(s.url("/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("Last garbage collection"),
+        "the page shows it"
+    );
+
+    // The others are served from cache, the evicted one is built again.
+    for (i, name) in ["big", "bash"].into_iter().enumerate() {
+        let (d, _) = get_manifest(&c, &s, name, "latest").await;
+        assert_eq!(d, manifests[i + 1].0, "{name} kept");
+        assert_eq!(builds_of(&s, name), 1, "{name} not rebuilt");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+
+    // Stream big's largest layer slowly while a collection evicts big.
+    let (big_manifest, big_json) = &manifests[1];
+    let layer = big_json["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .max_by_key(|l| l["size"].as_u64().unwrap())
+        .unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut download = c
+        .get(s.url(&format!("/v2/big/blobs/{layer}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(download.status(), StatusCode::OK);
+    let mut body = download.chunk().await.unwrap().unwrap().to_vec();
+
+    // Pulling hello again rebuilds it, which goes over the quota: the least
+    // recently pulled now is big.
+    get_manifest(&c, &s, "hello", "latest").await;
+    assert_eq!(builds_of(&s, "hello"), 2, "hello rebuilt");
+    let gc = next_gc(&c, &s, &gc).await;
+    assert_eq!(evicted_names(&gc), vec!["big"], "{gc}");
+    assert!(gc["blobs_in_use"].as_u64().unwrap() >= 1, "{gc}");
+
+    while let Some(chunk) = download.chunk().await.unwrap() {
+        body.extend_from_slice(&chunk);
+    }
+    assert_eq!(
+        Digest::of(&body).to_string(),
+        layer,
+        "the download is whole"
+    );
+    let r = c
+        .get(s.url(&format!("/v2/big/manifests/{big_manifest}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::NOT_FOUND,
+        "big's manifest was evicted"
+    );
+    // bash is still whole.
+    let (_, bash) = get_manifest(&c, &s, "bash", "latest").await;
+    for l in bash["layers"].as_array().unwrap() {
+        get_blob(&c, &s, l["digest"].as_str().unwrap()).await;
+    }
+    s.stop().await;
+}
+
+#[test]
+fn gc_subcommand_reports_and_collects() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let total = rt.block_on(async {
+        let s = TestServer::start(&config(dir.path(), &[])).await;
+        let c = Client::new();
+        get_manifest(&c, &s, "hello", "latest").await;
+        let total = s.builder.blobs().stats().1;
+        s.stop().await;
+        total
+    });
+    let nixery = env!("CARGO_BIN_EXE_nixery");
+    let storage = dir.path().to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(nixery)
+            .args([
+                "gc",
+                "--storage-path",
+                storage,
+                "--max-storage",
+                "1",
+                "--gc-keep-recent",
+                "0",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let dry = run(&["--dry-run"]);
+    assert!(dry.contains("would evict hello"), "{dry}");
+    assert!(
+        dry.contains(&format!("{total} bytes of blobs before")),
+        "{dry}"
+    );
+    let blobs_dir = dir.path().join("blobs/sha256");
+    let count = || walk_count(&blobs_dir);
+    assert!(count() > 0, "a dry run deletes nothing");
+    let real = run(&[]);
+    assert!(real.contains("evicted hello"), "{real}");
+    assert_eq!(count(), 0, "{real}");
+}
+
+fn walk_count(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|shard| std::fs::read_dir(shard.path()).map_or(0, |e| e.count()))
+        .sum()
+}
