@@ -5,8 +5,7 @@ use crate::build::manifest::{
 };
 use axum::http::{header, HeaderMap};
 
-/// The media types a client accepts, in the order it listed them, with
-/// their quality (`q`).
+/// The media types a client accepts, with their quality (`q`).
 #[derive(Debug, Default)]
 pub struct Accept {
     types: Vec<(String, f32)>,
@@ -34,18 +33,20 @@ impl Accept {
         Accept { types }
     }
 
-    /// How much the client wants `media_type`: higher is better; `None`
-    /// when it does not accept it.
-    fn rank(&self, media_type: &str) -> Option<(f32, isize)> {
+    /// How much the client wants `media_type` (its `q`); `None` when it
+    /// does not accept it.
+    fn rank(&self, media_type: &str) -> Option<f32> {
         self.types
             .iter()
-            .enumerate()
-            .find(|(_, (t, q))| t == media_type && *q > 0.0)
-            .map(|(i, (_, q))| (*q, -(i as isize)))
+            .find(|(t, q)| t == media_type && *q > 0.0)
+            .map(|(_, q)| *q)
     }
 
-    /// OCI when the client ranks the OCI manifest above Docker schema2 (or
-    /// accepts only OCI); Docker schema2 otherwise, also with no `Accept`.
+    /// OCI when the client gives the OCI manifest a higher `q` than Docker
+    /// schema2 (or accepts only OCI); Docker schema2 otherwise, also with no
+    /// `Accept`. The order of equal types does not count: docker lists them
+    /// in a different order from one pull to the next, and the same client
+    /// must always get the same digest.
     pub fn manifest_format(&self) -> Format {
         match (
             self.rank(OCI_MANIFEST_MEDIA_TYPE),
@@ -92,7 +93,9 @@ mod tests {
             Format::Oci
         );
         let both = format!("{OCI_MANIFEST_MEDIA_TYPE}, {MANIFEST_MEDIA_TYPE}");
-        assert_eq!(accept(&[&both]).manifest_format(), Format::Oci);
+        assert_eq!(accept(&[&both]).manifest_format(), Format::Docker);
+        let oci_preferred = format!("{OCI_MANIFEST_MEDIA_TYPE}, {MANIFEST_MEDIA_TYPE};q=0.9");
+        assert_eq!(accept(&[&oci_preferred]).manifest_format(), Format::Oci);
         let docker_first = [MANIFEST_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE];
         assert_eq!(accept(&docker_first).manifest_format(), Format::Docker);
         let weighted = format!("{MANIFEST_MEDIA_TYPE};q=0.5, {OCI_MANIFEST_MEDIA_TYPE}");
