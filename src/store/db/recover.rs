@@ -109,6 +109,21 @@ mod tests {
         db.db.flush().unwrap();
     }
 
+    /// Opens the database again as soon as sled's flusher thread, which
+    /// holds the file lock a moment after the last handle is dropped, lets
+    /// go of it.
+    fn reopen(path: &Path) -> Db {
+        for _ in 0..100 {
+            match Db::open(path) {
+                Err(super::super::DbError::InUse(_)) => {
+                    std::thread::sleep(std::time::Duration::from_millis(50))
+                }
+                other => return other.unwrap(),
+            }
+        }
+        panic!("the database stayed locked")
+    }
+
     #[test]
     fn a_damaged_conf_is_rewritten_and_the_data_kept() {
         let dir = tempfile::tempdir().unwrap();
@@ -121,7 +136,7 @@ mod tests {
         std::fs::write(&conf, bytes).unwrap();
         assert!(sled::open(&path).is_err(), "sled refuses the damaged conf");
 
-        let db = Db::open(&path).unwrap();
+        let db = reopen(&path);
         assert_eq!(db.manifest("k7").unwrap(), Some(record(7)));
         assert!(!db.was_created());
         assert!(path.join("conf.damaged").is_file());
@@ -140,7 +155,7 @@ mod tests {
         bytes[middle] ^= 0x01;
         std::fs::write(&log, bytes).unwrap();
 
-        let db = Db::open(&path).unwrap();
+        let db = reopen(&path);
         let mut kept = 0;
         for i in 0..200 {
             if let Some(r) = db.manifest(&format!("k{i}")).unwrap() {
