@@ -16,6 +16,7 @@ pub enum ErrorCode {
     NameInvalid,
     NameUnknown,
     TagInvalid,
+    Unavailable,
     Unsupported,
     #[serde(rename = "TOOMANYREQUESTS")]
     TooManyRequests,

@@ -41,6 +41,8 @@ pub enum StartError {
     #[error(transparent)]
     Db(#[from] store::db::DbError),
     #[error(transparent)]
+    Remote(#[from] store::StoreError),
+    #[error(transparent)]
     Popularity(#[from] build::popularity::PopularityError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -127,6 +129,11 @@ impl Server {
             write_atomically(&prepare_image, PREPARE_IMAGE_NIX.as_bytes()).map_err(storage)?;
         }
         let blobs = store::fs::BlobStore::open(&config.storage_path)?;
+        let storage: Arc<dyn store::Storage> = match &config.s3 {
+            None => Arc::new(blobs.clone()),
+            Some(s3) => Arc::new(store::s3::S3Store::open(s3.clone(), blobs.clone())?),
+        };
+        let described = storage.describe();
         let db = store::db::Db::open(&config.storage_path.join("db"))?;
         let popularity = match &config.popularity_url {
             Some(url) => build::popularity::load(url).await?,
@@ -145,6 +152,7 @@ impl Server {
             max_concurrent_builds: config.max_concurrent_builds,
             gc_roots,
             popularity,
+            lease_ttl: config.lease_ttl,
         };
         let status = observe::status::Status::new(
             db.clone(),
@@ -152,9 +160,11 @@ impl Server {
                 version: env!("CARGO_PKG_VERSION"),
                 source: config.source.describe(),
                 storage_path: config.storage_path.display().to_string(),
+                storage_backend: described.backend.to_owned(),
+                storage_location: described.location,
             },
         );
-        let builder = Builder::new(settings, db, blobs, status);
+        let builder = Builder::new(settings, db, storage, status);
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Listen {

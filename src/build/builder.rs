@@ -17,6 +17,7 @@ use crate::store::db::{
     BuildOutcome, BuildRecord, Db, DbError, LayerRecord, Lookup, ManifestRecord,
 };
 use crate::store::fs::{BlobError, BlobStore};
+use crate::store::{Storage, StoreError};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use sha2::{Digest as _, Sha256};
 use std::collections::HashMap;
@@ -26,6 +27,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Semaphore;
 use tracing::Instrument;
+
+mod shared;
 
 /// Bytes of Nix's stderr kept in a build record: all of it for any error
 /// message, the end of it for a long build log (the log has everything).
@@ -67,6 +70,8 @@ pub enum BuildError {
     Manifest(#[from] ManifestError),
     #[error(transparent)]
     Db(#[from] DbError),
+    #[error(transparent)]
+    Storage(#[from] StoreError),
     /// An error of a task whose result several builds share.
     #[error(transparent)]
     Shared(Arc<BuildError>),
@@ -100,12 +105,16 @@ pub struct BuilderSettings {
     pub gc_roots: PathBuf,
     /// Counts from NIX_POPULARITY_URL; this server's own counts are added.
     pub popularity: HashMap<String, u64>,
+    /// How long a replica's build lease lasts unless renewed (s3 backend).
+    pub lease_ttl: Duration,
 }
 
 pub struct Builder {
     settings: BuilderSettings,
     db: Db,
+    /// Where builds pack blobs (the backend's staging area).
     blobs: BlobStore,
+    storage: Arc<dyn Storage>,
     builds: SingleFlight<BuildResult>,
     layers: SingleFlight<Result<LayerRecord, Arc<BuildError>>>,
     permits: Semaphore,
@@ -171,14 +180,15 @@ impl Builder {
     pub fn new(
         settings: BuilderSettings,
         db: Db,
-        blobs: BlobStore,
+        storage: Arc<dyn Storage>,
         status: Arc<Status>,
     ) -> Arc<Self> {
         let permits = Semaphore::new(settings.max_concurrent_builds);
         Arc::new(Builder {
             settings,
             db,
-            blobs,
+            blobs: storage.staging().clone(),
+            storage,
             builds: SingleFlight::default(),
             layers: SingleFlight::default(),
             permits,
@@ -194,8 +204,13 @@ impl Builder {
         &self.db
     }
 
+    /// The local blob store (staging, with the s3 backend).
     pub fn blobs(&self) -> &BlobStore {
         &self.blobs
+    }
+
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
     }
 
     /// The cache key of an image as pulled: the source, the tag if the
@@ -224,11 +239,11 @@ impl Builder {
     }
 
     /// A cached manifest that may be served without asking Nix.
-    fn fresh_cached(&self, key: &str, tag: &str) -> Result<Option<Digest>, DbError> {
-        let Some(record) = self.db.manifest(key)? else {
+    async fn fresh_cached(&self, key: &str, tag: &str) -> Result<Option<Digest>, BuildError> {
+        let Some(record) = self.manifest_record(key).await? else {
             return Ok(None);
         };
-        if !self.blobs.contains(&record.digest) {
+        if !self.stored(&record.digest).await? {
             return Ok(None);
         }
         let age = now_unix().saturating_sub(record.checked_at);
@@ -246,10 +261,7 @@ impl Builder {
             .map_err(|e| Arc::new(e.into()))?;
         let spec = ImageSpec::from_name(name, tag);
         let key = self.cache_key(&spec);
-        if let Some(digest) = self
-            .fresh_cached(&key, tag)
-            .map_err(|e| Arc::new(e.into()))?
-        {
+        if let Some(digest) = self.fresh_cached(&key, tag).await.map_err(Arc::new)? {
             self.status.manifest_requested(name, Lookup::Hit, true);
             return Ok(digest);
         }
@@ -272,12 +284,14 @@ impl Builder {
     async fn build(self: Arc<Self>, image: String, spec: ImageSpec, key: String) -> BuildResult {
         // A build that finished just before this one was started leaves its
         // result in the cache.
-        if let Some(digest) = self
-            .fresh_cached(&key, &spec.tag)
-            .map_err(|e| Arc::new(e.into()))?
-        {
+        if let Some(digest) = self.fresh_cached(&key, &spec.tag).await.map_err(Arc::new)? {
             return Ok(digest);
         }
+        // With shared storage, one replica builds while the others wait.
+        let _lease = match self.claim(&key, &spec.tag).await.map_err(Arc::new)? {
+            shared::Claim::Build(lease) => lease,
+            shared::Claim::BuiltElsewhere(digest) => return Ok(digest),
+        };
         // Listed in flight (as queued) while it waits for a build slot.
         let counters = Counters::new(self.status.build_started(&image, &spec.tag));
         let _permit = self
@@ -363,9 +377,9 @@ impl Builder {
         // A moving tag that now names a commit built before: no evaluation.
         if let Some(ck) = &commit_key {
             phases.finish("revision");
-            if let Some(built) = self.db.manifest(ck)? {
-                if self.blobs.contains(&built.digest) {
-                    return self.keep(image, spec, key, built);
+            if let Some(built) = self.manifest_record(ck).await? {
+                if self.stored(&built.digest).await? {
+                    return self.keep(image, spec, key, built).await;
                 }
             }
         }
@@ -415,9 +429,12 @@ impl Builder {
 
         // A moving source that still yields the same store paths keeps its
         // manifest: only the check time and the revision move.
-        let previous = self.db.manifest(key)?;
+        let previous = match self.manifest_record(key).await? {
+            Some(p) if self.stored(&p.digest).await? => Some(p),
+            _ => None,
+        };
         let record = match previous {
-            Some(p) if p.out_paths == outs && self.blobs.contains(&p.digest) => ManifestRecord {
+            Some(p) if p.out_paths == outs => ManifestRecord {
                 revision: revision.clone(),
                 ..p
             },
@@ -439,13 +456,13 @@ impl Builder {
             }
         };
         if let Some(ck) = &commit_key {
-            self.db.put_manifest(ck, &record)?;
+            self.put_manifest_record(ck, &record).await?;
         }
-        self.keep(image, spec, key, record)
+        self.keep(image, spec, key, record).await
     }
 
     /// Records a manifest as current for the pulled name and tag.
-    fn keep(
+    async fn keep(
         &self,
         image: &str,
         spec: &ImageSpec,
@@ -456,7 +473,7 @@ impl Builder {
             checked_at: now_unix(),
             ..record
         };
-        self.db.put_manifest(key, &record)?;
+        self.put_manifest_record(key, &record).await?;
         self.db.add_tag(image, &spec.tag)?;
         Ok(record.digest)
     }
@@ -500,8 +517,11 @@ impl Builder {
         };
         counters.live.enter(Phase::WritingManifest);
         let built = manifest::build(&config, &layer_blobs)?;
-        self.blobs.put(&built.config_json)?;
-        self.blobs.put(&built.manifest_json)?;
+        let config_digest = self.blobs.put(&built.config_json)?;
+        let manifest_digest = self.blobs.put(&built.manifest_json)?;
+        // The manifest last: whoever sees it finds everything it names.
+        self.publish(&config_digest).await?;
+        self.publish(&manifest_digest).await?;
         self.db
             .add_popularity(closure.iter().map(|p| store_path::name_of(&p.path)))?;
         Ok(built.manifest_digest)
@@ -516,8 +536,8 @@ impl Builder {
         symlinks: bool,
         counters: &Counters,
     ) -> Result<LayerRecord, BuildError> {
-        if let Some(record) = self.db.layer(&key)? {
-            if self.blobs.contains(&record.digest) {
+        if let Some(record) = self.layer_record(&key).await? {
+            if self.stored(&record.digest).await? {
                 counters.layers_reused.fetch_add(1, Ordering::Relaxed);
                 return Ok(record);
             }
@@ -525,6 +545,8 @@ impl Builder {
         let progress = Arc::clone(&counters.bytes_packed);
         let db = self.db.clone();
         let blobs = self.blobs.clone();
+        let staging = self.blobs.clone();
+        let storage = Arc::clone(&self.storage);
         let task_key = key.clone();
         let result = self
             .layers
@@ -545,8 +567,23 @@ impl Builder {
                     diff_id: packed.diff_id,
                     size: packed.size,
                 };
+                // Published before it is indexed: a record never names a
+                // blob that is not there.
+                let shared = |e: StoreError| Arc::new(BuildError::Storage(e));
+                storage
+                    .put_file(&staging.path_of(&record.digest), &record.digest)
+                    .await
+                    .map_err(shared)?;
                 db.put_layer(&task_key, &record)
                     .map_err(|e| Arc::new(BuildError::Db(e)))?;
+                if storage.is_shared() {
+                    let bytes = crate::store::db::encode(&record)
+                        .map_err(|e| Arc::new(BuildError::Db(e)))?;
+                    storage
+                        .put_record(crate::store::RecordKind::Layer, &task_key, bytes)
+                        .await
+                        .map_err(shared)?;
+                }
                 Ok(record)
             })
             .await

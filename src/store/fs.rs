@@ -117,7 +117,8 @@ impl BlobStore {
         self.dirs.blobs.join(&hex[..2])
     }
 
-    fn path_of(&self, digest: &Digest) -> PathBuf {
+    /// Where blob `digest` is (or would be) stored.
+    pub fn path_of(&self, digest: &Digest) -> PathBuf {
         let hex = digest.hex();
         self.dirs.blobs.join(&hex[..2]).join(hex)
     }
@@ -205,6 +206,61 @@ impl BlobStore {
         let mut hashed = HashingWriter::new(io::sink());
         io::copy(&mut file, &mut hashed).map_err(io_err("reading", &path))?;
         Ok(hashed.finish().1 == *digest)
+    }
+}
+
+impl BlobStore {
+    /// The directory the store was opened on.
+    pub fn root(&self) -> &Path {
+        self.dirs.tmp.parent().unwrap_or(&self.dirs.tmp)
+    }
+
+    /// Every stored blob and its size.
+    pub fn list_blobs(&self) -> Result<Vec<(Digest, u64)>, BlobError> {
+        let mut found = Vec::new();
+        let root = &self.dirs.blobs;
+        for shard in fs::read_dir(root).map_err(io_err("listing", root))? {
+            let shard = shard.map_err(io_err("listing", root))?.path();
+            if !shard.is_dir() {
+                continue;
+            }
+            for blob in fs::read_dir(&shard).map_err(io_err("listing", &shard))? {
+                let blob = blob.map_err(io_err("listing", &shard))?;
+                let name = blob.file_name();
+                let Some(digest) = name
+                    .to_str()
+                    .and_then(|hex| format!("sha256:{hex}").parse::<Digest>().ok())
+                else {
+                    continue;
+                };
+                match blob.metadata() {
+                    Ok(m) if m.is_file() => found.push((digest, m.len())),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_err("stat", &blob.path())(e)),
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Removes a stored blob; false if it was not there.
+    pub fn remove_blob(&self, digest: &Digest) -> Result<bool, BlobError> {
+        let path = self.path_of(digest);
+        let len = match fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_err("stat", &path)(e)),
+        };
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                self.dirs.count.fetch_sub(1, Ordering::Relaxed);
+                self.dirs.bytes.fetch_sub(len, Ordering::Relaxed);
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err("removing", &path)(e)),
+        }
     }
 }
 
