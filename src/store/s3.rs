@@ -24,6 +24,7 @@ use object_store::{
 use std::io::Read;
 use std::ops::Range;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Blobs up to this size go up in one request; larger ones in parts.
@@ -160,13 +161,16 @@ impl S3Store {
             key: settings.location(),
             source: Box::new(e),
         })?;
+        // Unique per client, so two in one process are two holders too.
+        static CLIENTS: AtomicU64 = AtomicU64::new(0);
         let holder = format!(
-            "{}-{}-{}",
+            "{}-{}-{}-{}",
             std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_owned())
                 .unwrap_or_default(),
             std::process::id(),
-            now_unix()
+            now_unix(),
+            CLIENTS.fetch_add(1, Ordering::Relaxed)
         );
         Ok(S3Store {
             client,
@@ -203,6 +207,7 @@ impl S3Store {
         key: &Key,
         digest: &Digest,
     ) -> Result<(), StoreError> {
+        tracing::info!(%digest, "uploading a blob in parts");
         let upload = self
             .client
             .put_multipart(key)

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod seaweed;
 
 use clap::Parser;
 use nixery::config::{Config, ServeArgs};
