@@ -35,8 +35,13 @@ fn layer_digests(manifest: &Value) -> Vec<String> {
         .collect()
 }
 
-fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker").args(args).output().unwrap();
+/// Runs docker off the runtime's threads: the servers it talks to are on them.
+async fn docker(args: &[&str]) -> String {
+    let owned: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let out = tokio::task::spawn_blocking(move || Command::new("docker").args(owned).output())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(
         out.status.success(),
         "docker {args:?} failed:\n{}\n{}",
@@ -46,7 +51,7 @@ fn docker(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_second_replica_serves_what_the_first_built() {
     require_tool("docker");
     let weed = Seaweed::start().await;
@@ -78,14 +83,14 @@ async fn a_second_replica_serves_what_the_first_built() {
         .any(|_| true));
 
     let image = format!("localhost:{}/shell/hello", b.addr.port());
-    docker(&["pull", &image]);
-    let out = docker(&["run", "--rm", "--network", "none", &image, "hello"]);
+    docker(&["pull", &image]).await;
+    let out = docker(&["run", "--rm", "--network", "none", &image, "hello"]).await;
     assert_eq!(out.trim(), "Hello, world!");
     let _ = Command::new("docker").args(["rmi", "-f", &image]).output();
     assert_eq!(builds(&b), 0);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_fresh_replica_serves_an_existing_image_at_once() {
     let weed = Seaweed::start().await;
     let (_a_dir, a) = replica(&weed, "fresh", &[]).await;
@@ -100,9 +105,25 @@ async fn a_fresh_replica_serves_an_existing_image_at_once() {
     assert_eq!(served, built);
     assert_eq!(builds(&c), 0);
     get_blob(&client, &c, manifest["config"]["digest"].as_str().unwrap()).await;
+
+    // The admin page says where content lives, and nothing secret.
+    let page = client
+        .get(c.url("/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("s3://fresh/nixery at http://127.0.0.1:"),
+        "{page}"
+    );
+    assert!(!page.contains(common::seaweed::SECRET_KEY));
+    assert!(!page.contains(common::seaweed::ACCESS_KEY));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn simultaneous_cold_pulls_build_once() {
     let weed = Seaweed::start().await;
     let (_a_dir, a) = replica(&weed, "race", &[]).await;
@@ -123,7 +144,7 @@ async fn simultaneous_cold_pulls_build_once() {
     assert!(n >= 3, "the bucket holds the image's blobs");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_replica_killed_mid_upload_leaves_no_partial_object() {
     let weed = Seaweed::start().await;
     let a_dir = tempfile::tempdir().unwrap();
@@ -158,7 +179,9 @@ async fn a_replica_killed_mid_upload_leaves_no_partial_object() {
             }
         }
     });
-    rx.recv_timeout(Duration::from_secs(600))
+    tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(1200)))
+        .await
+        .unwrap()
         .expect("A starts a multipart upload");
     a.kill().unwrap();
     a.wait().unwrap();
@@ -179,7 +202,7 @@ async fn a_replica_killed_mid_upload_leaves_no_partial_object() {
     assert_all_blobs_whole(&bucket).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn redirects_to_presigned_urls_that_docker_follows() {
     require_tool("docker");
     let weed = Seaweed::start().await;
@@ -210,13 +233,13 @@ async fn redirects_to_presigned_urls_that_docker_follows() {
     assert_eq!(Digest::of(&body).to_string(), layer);
 
     let image = format!("localhost:{}/shell/hello", b.addr.port());
-    docker(&["pull", &image]);
-    let out = docker(&["run", "--rm", "--network", "none", &image, "hello"]);
+    docker(&["pull", &image]).await;
+    let out = docker(&["run", "--rm", "--network", "none", &image, "hello"]).await;
     assert_eq!(out.trim(), "Hello, world!");
     let _ = Command::new("docker").args(["rmi", "-f", &image]).output();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn an_unreachable_bucket_is_a_clear_503_until_it_returns() {
     let mut weed = Seaweed::start().await;
     let (_a_dir, a) = replica(&weed, "outage", &[]).await;
