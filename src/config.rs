@@ -1,6 +1,7 @@
 //! Settings: flags, then the original Nixery's environment variables, then
 //! defaults; validated into a [`Config`] before anything starts.
 
+use crate::build::image::Arch;
 use crate::build::source::Source;
 use crate::store::s3::S3Settings;
 use clap::Args;
@@ -80,6 +81,11 @@ pub struct ServeArgs {
     /// served from cache before it is evaluated again.
     #[arg(long, env = "NIXERY_CACHE_TTL", default_value_t = 300)]
     pub cache_ttl: u64,
+    /// Platforms a pull by tag is built for, comma-separated
+    /// (`linux/amd64,linux/arm64`); with more than one, clients that accept
+    /// an index get one. Default: the host's platform only.
+    #[arg(long, env = "NIXERY_PLATFORMS", value_delimiter = ',')]
+    pub platforms: Vec<String>,
     /// Log lines as readable text or as one JSON object per line.
     #[arg(long, env = "NIXERY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -108,6 +114,8 @@ pub struct Config {
     pub nix_options: Vec<(String, String)>,
     pub layer_budget: usize,
     pub cache_ttl: Duration,
+    /// At least one, no duplicates, in the order given.
+    pub platforms: Vec<Arch>,
 }
 
 /// A setting that is missing or contradicts another; says which.
@@ -137,6 +145,12 @@ pub enum ConfigError {
     LayerBudget(usize),
     #[error("--nix-option (NIXERY_NIX_OPTIONS) {0:?} is not of the form NAME=VALUE")]
     NixOption(String),
+    #[error("--platforms (NIXERY_PLATFORMS) {0:?} is not one of linux/amd64, linux/arm64")]
+    Platform(String),
+    #[error(
+        "--platforms (NIXERY_PLATFORMS) is empty and this host ({0}) is neither amd64 nor arm64"
+    )]
+    NoHostPlatform(&'static str),
 }
 
 /// `builtins.getFlake` takes no relative paths: make them absolute.
@@ -251,6 +265,17 @@ impl ServeArgs {
                 _ => Err(ConfigError::NixOption(o.clone())),
             })
             .collect::<Result<_, _>>()?;
+        let mut platforms = Vec::new();
+        for p in self.platforms.iter().filter(|p| !p.trim().is_empty()) {
+            let arch = Arch::from_platform(p).ok_or_else(|| ConfigError::Platform(p.clone()))?;
+            if !platforms.contains(&arch) {
+                platforms.push(arch);
+            }
+        }
+        if platforms.is_empty() {
+            platforms
+                .push(Arch::host().ok_or(ConfigError::NoHostPlatform(std::env::consts::ARCH))?);
+        }
         Ok(Config {
             listen: SocketAddr::new(self.listen_address, self.port),
             source,
@@ -263,6 +288,7 @@ impl ServeArgs {
             nix_options,
             layer_budget: self.layer_budget,
             cache_ttl: Duration::from_secs(self.cache_ttl),
+            platforms,
         })
     }
 }
@@ -362,5 +388,25 @@ mod tests {
             parse(&["--storage-path", d, "--flake", "./no/such/dir"]),
             Err(ConfigError::FlakePath(_))
         ));
+    }
+
+    #[test]
+    fn platforms_default_to_the_host_and_parse_in_order() {
+        let dir = std::env::temp_dir();
+        let d = dir.to_str().unwrap();
+        let base = ["--storage-path", d, "--channel", "c"];
+        assert_eq!(parse(&base).unwrap().platforms, vec![Arch::host().unwrap()]);
+        let mut two = base.to_vec();
+        two.extend(["--platforms", "linux/arm64,linux/amd64,linux/arm64"]);
+        assert_eq!(
+            parse(&two).unwrap().platforms,
+            vec![Arch::Arm64, Arch::Amd64]
+        );
+        let mut bad = base.to_vec();
+        bad.extend(["--platforms", "linux/s390x"]);
+        assert_eq!(
+            parse(&bad).unwrap_err(),
+            ConfigError::Platform("linux/s390x".into())
+        );
     }
 }

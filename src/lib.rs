@@ -153,6 +153,7 @@ impl Server {
             gc_roots,
             popularity,
             lease_ttl: config.lease_ttl,
+            platforms: config.platforms.clone(),
         };
         let status = observe::status::Status::new(
             db.clone(),

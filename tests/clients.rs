@@ -24,7 +24,10 @@ fn serve_command(storage: &Path) -> Command {
         .env("NIXERY_LISTEN_ADDRESS", "127.0.0.1")
         .env("NIXERY_PKGS_PATH", fixture_dir())
         .env("STORAGE_PATH", storage)
-        .env("NIXERY_NIX_OPTIONS", "substituters=")
+        .env(
+            "NIXERY_NIX_OPTIONS",
+            format!("substituters=;{}", common::ARM64_NIX_OPTION),
+        )
         .env("NIX_TIMEOUT", "300")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
@@ -34,8 +37,14 @@ fn serve_command(storage: &Path) -> Command {
 impl Binary {
     /// Starts the server and reads its port from its first line of output.
     fn start() -> Binary {
+        Self::start_with(&[])
+    }
+
+    /// As [`start`](Self::start), with more environment variables.
+    fn start_with(env: &[(&str, &str)]) -> Binary {
         let storage = tempfile::tempdir().unwrap();
         let mut child = serve_command(storage.path())
+            .envs(env.iter().copied())
             .spawn()
             .expect("nixery starts");
         let stdout = child.stdout.take().unwrap();
@@ -250,4 +259,128 @@ fn skopeo_copies_images_that_match_the_store() {
     let link = std::fs::read_link(hello.join("bin/hello")).unwrap();
     assert!(link.starts_with("/nix/store/"), "{}", link.display());
     assert!(std::fs::symlink_metadata(hello.join("usr/bin/env")).is_ok());
+}
+
+#[test]
+fn docker_runs_the_main_program_without_a_command() {
+    require_tool("docker");
+    let server = Binary::start();
+    let hello = server.image("hello");
+    docker(&["pull", &hello]);
+    let out = docker(&["run", "--rm", "--network", "none", &hello]);
+    assert_eq!(out.trim(), "Hello, world!");
+    let labels = docker(&["inspect", "--format", "{{json .Config.Labels}}", &hello]);
+    assert!(
+        labels.contains("\"org.opencontainers.image.source\":\"path:"),
+        "{labels}"
+    );
+    let _ = Command::new("docker").args(["rmi", "-f", &hello]).output();
+}
+
+/// A server that builds every pull by tag for amd64 and arm64.
+fn two_platform_server() -> Binary {
+    Binary::start_with(&[("NIXERY_PLATFORMS", "linux/amd64,linux/arm64")])
+}
+
+#[test]
+fn docker_and_skopeo_pick_a_platform_from_the_index() {
+    require_tool("docker");
+    require_tool("skopeo");
+    let server = two_platform_server();
+    let hello = server.image("hello");
+    for arch in ["arm64", "amd64"] {
+        docker(&["pull", "--platform", &format!("linux/{arch}"), &hello]);
+        let got = docker(&["image", "inspect", "--format", "{{.Architecture}}", &hello]);
+        assert_eq!(got.trim(), arch);
+    }
+    // The amd64 image runs here.
+    let out = docker(&["run", "--rm", "--network", "none", &hello]);
+    assert_eq!(out.trim(), "Hello, world!");
+    let _ = Command::new("docker").args(["rmi", "-f", &hello]).output();
+
+    for arch in ["arm64", "amd64"] {
+        let inspect = run(Command::new("skopeo").args([
+            "inspect",
+            "--tls-verify=false",
+            "--override-os",
+            "linux",
+            "--override-arch",
+            arch,
+            &format!("docker://{hello}"),
+        ]));
+        assert!(
+            inspect.contains(&format!("\"Architecture\": \"{arch}\"")),
+            "{inspect}"
+        );
+    }
+    let raw = run(Command::new("skopeo").args([
+        "inspect",
+        "--tls-verify=false",
+        "--raw",
+        &format!("docker://{hello}"),
+    ]));
+    assert!(
+        raw.contains("application/vnd.oci.image.index.v1+json"),
+        "{raw}"
+    );
+}
+
+#[test]
+fn podman_pulls_each_platform() {
+    require_tool("podman");
+    let server = two_platform_server();
+    let hello = server.image("hello");
+    // Its own storage, so the test leaves nothing behind.
+    let root = tempfile::tempdir().unwrap();
+    let podman = |args: &[&str]| {
+        run(Command::new("podman")
+            .arg("--root")
+            .arg(root.path().join("root"))
+            .arg("--runroot")
+            .arg(root.path().join("run"))
+            .args(["--storage-driver", "vfs"])
+            .args(args))
+    };
+    podman(&["pull", "--tls-verify=false", &hello]);
+    let arch = podman(&["image", "inspect", "--format", "{{.Architecture}}", &hello]);
+    assert_eq!(arch.trim(), "amd64");
+    podman(&["pull", "--tls-verify=false", "--arch", "arm64", &hello]);
+    let arch = podman(&["image", "inspect", "--format", "{{.Architecture}}", &hello]);
+    assert_eq!(arch.trim(), "arm64");
+}
+
+/// containerd's socket: its own service's, else the one dockerd runs.
+fn containerd_socket() -> String {
+    [
+        "/run/containerd/containerd.sock",
+        "/var/run/docker/containerd/containerd.sock",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+    .expect("a containerd socket (scripts/start-dockerd starts one)")
+    .to_owned()
+}
+
+#[test]
+fn ctr_pulls_from_containerd() {
+    require_tool("ctr");
+    require_tool("docker");
+    let server = two_platform_server();
+    let hello = format!("{}:latest", server.image("hello"));
+    let socket = containerd_socket();
+    // A namespace of its own, removed with what it pulled.
+    let namespace = format!("nixery-test-{}", std::process::id());
+    let ctr = |args: &[&str]| {
+        run(Command::new("ctr")
+            .args(["--address", &socket, "--namespace", &namespace])
+            .args(args))
+    };
+    ctr(&["images", "pull", "--plain-http", "--all-platforms", &hello]);
+    let listed = ctr(&["images", "list"]);
+    assert!(listed.contains(&hello), "{listed}");
+    assert!(listed.contains("linux/amd64,linux/arm64"), "{listed}");
+    ctr(&["images", "remove", &hello]);
+    let _ = Command::new("ctr")
+        .args(["--address", &socket, "namespaces", "remove", &namespace])
+        .output();
 }

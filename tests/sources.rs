@@ -246,6 +246,17 @@ async fn git_tags_select_branches_tags_and_commits() {
         by_tag("latest").revision,
         Some(git(&repo, &["rev-parse", "main"]))
     );
+    // The image says where it came from and which commit.
+    let (_, m) = get_manifest(&c, &s, "stamp", "v1").await;
+    let config: Value =
+        serde_json::from_slice(&get_blob(&c, &s, m["config"]["digest"].as_str().unwrap()).await)
+            .unwrap();
+    let labels = &config["config"]["Labels"];
+    assert_eq!(labels["org.opencontainers.image.revision"], one.as_str());
+    assert_eq!(
+        labels["org.opencontainers.image.source"],
+        format!("git:{url}")
+    );
 
     assert_eq!(
         error_of(&c, &s, "stamp", "nosuchref").await,

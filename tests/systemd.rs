@@ -11,9 +11,14 @@ use std::time::{Duration, Instant};
 
 fn recv(socket: &UnixDatagram) -> String {
     let mut buf = [0u8; 512];
-    let len = socket
-        .recv(&mut buf)
-        .expect("a notification before the timeout");
+    // A signal to the test process (another test's child exiting) may
+    // interrupt the wait: that is not a timeout.
+    let len = loop {
+        match socket.recv(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => break other.expect("a notification before the timeout"),
+        }
+    };
     String::from_utf8_lossy(&buf[..len]).into_owned()
 }
 

@@ -4,10 +4,10 @@
 
 use crate::build::archive::{self, ArchiveError, PackedLayer};
 use crate::build::git::GitError;
-use crate::build::image::{ImageSpec, SSL_CERT_FILE};
+use crate::build::image::{Arch, ImageSpec, SSL_CERT_FILE};
 use crate::build::layers::{self, LayerError};
 use crate::build::manifest::{self, ImageConfig, LayerBlob, ManifestError};
-use crate::build::nix::{Nix, NixError};
+use crate::build::nix::{Nix, NixError, ResolvedPackage};
 use crate::build::singleflight::SingleFlight;
 use crate::build::source::Source;
 use crate::build::store_path::{self, PathInfo};
@@ -20,7 +20,7 @@ use crate::store::fs::{BlobError, BlobStore};
 use crate::store::{Storage, StoreError};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use sha2::{Digest as _, Sha256};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -107,7 +107,14 @@ pub struct BuilderSettings {
     pub popularity: HashMap<String, u64>,
     /// How long a replica's build lease lasts unless renewed (s3 backend).
     pub lease_ttl: Duration,
+    /// What a pull by tag is built for (the first when only one image is
+    /// wanted); at least one.
+    pub platforms: Vec<Arch>,
 }
+
+/// `PATH` in every image: the usual directories, so `/bin` (where the
+/// symlink layer puts each package's programs) is on it.
+const IMAGE_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 pub struct Builder {
     settings: BuilderSettings,
@@ -218,7 +225,8 @@ impl Builder {
     fn cache_key(&self, spec: &ImageSpec) -> String {
         let source = &self.settings.source;
         hex_sha256(&[
-            "image-v2",
+            // v3: the config has Cmd from mainProgram, PATH, labels, created.
+            "image-v3",
             &source.describe(),
             source.cache_tag(&spec.tag),
             spec.arch.nix_system(),
@@ -230,7 +238,7 @@ impl Builder {
     /// there: its contents can never change, so it is reused for good.
     fn commit_key(&self, spec: &ImageSpec, commit: &str) -> String {
         hex_sha256(&[
-            "image-commit-v1",
+            "image-commit-v2",
             &self.settings.source.describe(),
             commit,
             spec.arch.nix_system(),
@@ -251,15 +259,37 @@ impl Builder {
         Ok(fresh.then_some(record.digest))
     }
 
-    /// The manifest digest for a validated image name and tag, building the
-    /// image if it is not cached.
+    /// The platforms a pull of `name` by tag is built for: the `arm64`
+    /// meta-package fixes one, else the configured ones.
+    pub fn platforms_for(&self, name: &str) -> Vec<Arch> {
+        if ImageSpec::names_arch(name) {
+            vec![Arch::Arm64]
+        } else {
+            self.settings.platforms.clone()
+        }
+    }
+
+    /// The Docker manifest digest for a validated image name and tag, for
+    /// the first of its platforms, building the image if it is not cached.
     pub async fn manifest_for(self: &Arc<Self>, name: &str, tag: &str) -> BuildResult {
+        let arch = self.platforms_for(name)[0];
+        self.manifest_for_arch(name, tag, arch).await
+    }
+
+    /// As [`manifest_for`](Self::manifest_for), for `arch` (which the
+    /// `arm64` meta-package overrides).
+    pub async fn manifest_for_arch(
+        self: &Arc<Self>,
+        name: &str,
+        tag: &str,
+        arch: Arch,
+    ) -> BuildResult {
         // The registry grammar was checked; a git source also needs a ref.
         self.settings
             .source
             .check_tag(tag)
             .map_err(|e| Arc::new(e.into()))?;
-        let spec = ImageSpec::from_name(name, tag);
+        let spec = ImageSpec::for_arch(name, tag, arch);
         let key = self.cache_key(&spec);
         if let Some(digest) = self.fresh_cached(&key, tag).await.map_err(Arc::new)? {
             self.status.manifest_requested(name, Lookup::Hit, true);
@@ -443,8 +473,9 @@ impl Builder {
                 let popularity = self.popularity()?;
                 let plan = layers::plan(&closure, &outs, &popularity, self.settings.layer_budget)?;
                 phases.finish("layering");
+                let config = self.image_config(spec, &resolved.found, revision.as_deref());
                 let digest = self
-                    .pack_and_write(spec, &closure, &outs, plan, counters)
+                    .pack_and_write(config, &closure, &outs, plan, counters)
                     .await?;
                 phases.finish("packing");
                 ManifestRecord {
@@ -478,10 +509,35 @@ impl Builder {
         Ok(record.digest)
     }
 
+    /// The run settings and labels of an image (not its layers).
+    fn image_config(
+        &self,
+        spec: &ImageSpec,
+        found: &BTreeMap<String, ResolvedPackage>,
+        revision: Option<&str>,
+    ) -> ImageConfig {
+        let mut labels = BTreeMap::from([(
+            "org.opencontainers.image.source".to_owned(),
+            self.settings.source.public_description(),
+        )]);
+        if let Some(rev) = revision {
+            labels.insert("org.opencontainers.image.revision".into(), rev.to_owned());
+        }
+        ImageConfig {
+            architecture: spec.arch.docker().to_owned(),
+            env: vec![
+                IMAGE_PATH.to_owned(),
+                format!("SSL_CERT_FILE={SSL_CERT_FILE}"),
+            ],
+            cmd: spec.default_cmd(found),
+            labels,
+        }
+    }
+
     /// Packs the layers and writes the config and manifest blobs.
     async fn pack_and_write(
         &self,
-        spec: &ImageSpec,
+        config: ImageConfig,
         closure: &[PathInfo],
         outs: &[String],
         plan: Vec<layers::Layer>,
@@ -510,21 +566,16 @@ impl Builder {
                 size: r.size,
             })
             .collect();
-        let config = ImageConfig {
-            architecture: spec.arch.docker().to_owned(),
-            env: vec![format!("SSL_CERT_FILE={SSL_CERT_FILE}")],
-            cmd: spec.default_cmd(),
-        };
         counters.live.enter(Phase::WritingManifest);
         let built = manifest::build(&config, &layer_blobs)?;
-        let config_digest = self.blobs.put(&built.config_json)?;
-        let manifest_digest = self.blobs.put(&built.manifest_json)?;
+        let config_digest = self.blobs.put(&built.config.json)?;
+        let manifest_digest = self.blobs.put(&built.manifest.json)?;
         // The manifest last: whoever sees it finds everything it names.
         self.publish(&config_digest).await?;
         self.publish(&manifest_digest).await?;
         self.db
             .add_popularity(closure.iter().map(|p| store_path::name_of(&p.path)))?;
-        Ok(built.manifest_digest)
+        Ok(built.manifest.digest)
     }
 
     /// One layer: from the index if it was packed before, else packed now

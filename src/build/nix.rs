@@ -118,6 +118,9 @@ pub struct ResolvedPackage {
     pub drv_path: String,
     #[serde(rename = "outPath")]
     pub out_path: String,
+    /// The package's `meta.mainProgram`, when it declares one.
+    #[serde(rename = "mainProgram", default)]
+    pub main_program: Option<String>,
 }
 
 /// The outcome of resolving package names.

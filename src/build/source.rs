@@ -114,6 +114,12 @@ impl Source {
         }
     }
 
+    /// What the image label `org.opencontainers.image.source` says: the
+    /// description with any user name or password taken out of a URL.
+    pub fn public_description(&self) -> String {
+        without_credentials(&self.describe())
+    }
+
     /// A stable description for cache keys and the admin page.
     pub fn describe(&self) -> String {
         match self {
@@ -122,6 +128,20 @@ impl Source {
             Source::Git(url) => format!("git:{url}"),
             Source::Flake(f) => format!("flake:{f}"),
         }
+    }
+}
+
+/// `text` with the `user:password@` of any URL in it removed.
+fn without_credentials(text: &str) -> String {
+    let Some(scheme_end) = text.find("://") else {
+        return text.to_owned();
+    };
+    let authority_start = scheme_end + 3;
+    let rest = &text[authority_start..];
+    let authority_len = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_len].rfind('@') {
+        Some(at) => format!("{}{}", &text[..authority_start], &rest[at + 1..]),
+        None => text.to_owned(),
     }
 }
 
@@ -159,6 +179,23 @@ mod tests {
     use super::*;
 
     const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+    #[test]
+    fn public_description_drops_credentials() {
+        let git = Source::Git("https://user:s3cret@example.org/pkgs.git".into());
+        assert_eq!(git.public_description(), "git:https://example.org/pkgs.git");
+        let token = Source::Channel("https://tok@host/a@b.tar.gz".into());
+        assert_eq!(
+            token.public_description(),
+            "channel:https://host/a@b.tar.gz"
+        );
+        let plain = Source::Git("git@example.org:pkgs.git".into());
+        assert_eq!(plain.public_description(), "git:git@example.org:pkgs.git");
+        assert_eq!(
+            Source::Path("/srv/pkgs".into()).public_description(),
+            "path:/srv/pkgs"
+        );
+    }
 
     #[tokio::test]
     async fn commits_need_no_lookup_and_are_pinned() {

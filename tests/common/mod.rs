@@ -43,6 +43,10 @@ struct Cli {
     serve: ServeArgs,
 }
 
+/// Lets Nix build the fixture set's aarch64-linux packages, whose builders
+/// only copy files, on this host.
+pub const ARM64_NIX_OPTION: &str = "extra-platforms=aarch64-linux";
+
 /// A config for the fixture set: Nix never waits on a binary cache.
 pub fn config(storage: &Path, extra: &[&str]) -> Config {
     let fixture = fixture_dir().to_string_lossy().into_owned();
@@ -65,6 +69,8 @@ pub fn config_with_source(storage: &Path, source: &[&str], extra: &[&str]) -> Co
         storage.to_string_lossy().into_owned(),
         "--nix-option".into(),
         "substituters=".into(),
+        "--nix-option".into(),
+        ARM64_NIX_OPTION.into(),
         "--nix-timeout".into(),
         "300".into(),
     ]);
@@ -149,6 +155,44 @@ pub fn nix_closure(attr: &str) -> Vec<String> {
 }
 
 pub const MANIFEST_TYPE: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const OCI_MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX_TYPE: &str = "application/vnd.oci.image.index.v1+json";
+pub const LIST_TYPE: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// Fetches a manifest or index by tag or digest with an `Accept` header,
+/// checking the Content-Type and that the digest header matches the bytes.
+pub async fn get_manifest_as(
+    client: &Client,
+    s: &TestServer,
+    name: &str,
+    reference: &str,
+    accept: &str,
+    expected_type: &str,
+) -> (Digest, Value) {
+    let r = client
+        .get(s.url(&format!("/v2/{name}/manifests/{reference}")))
+        .header("accept", accept)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "{name}:{reference}: {}",
+        r.text().await.unwrap()
+    );
+    assert_eq!(
+        header(&r, "content-type"),
+        expected_type,
+        "{name}:{reference}"
+    );
+    let digest: Digest = header(&r, "docker-content-digest").parse().unwrap();
+    let body = r.bytes().await.unwrap();
+    assert_eq!(Digest::of(&body), digest, "digest header matches the bytes");
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["mediaType"], expected_type, "the body says what it is");
+    (digest, v)
+}
 
 /// A response header that must be there.
 pub fn header<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {

@@ -62,7 +62,7 @@ impl Builder {
     }
 
     /// Makes a blob packed into staging durable in the backend.
-    pub(super) async fn publish(&self, digest: &Digest) -> Result<(), BuildError> {
+    pub(crate) async fn publish(&self, digest: &Digest) -> Result<(), BuildError> {
         let path = self.blobs.path_of(digest);
         self.storage.put_file(&path, digest).await?;
         Ok(())
@@ -106,8 +106,17 @@ impl Builder {
             self.storage
                 .put_record(RecordKind::Manifest, key, bytes)
                 .await?;
+        }
+        self.mark_manifest(&record.digest).await
+    }
+
+    /// Makes a stored manifest (or index) answer by its digest, here and
+    /// at every replica.
+    pub(crate) async fn mark_manifest(&self, digest: &Digest) -> Result<(), BuildError> {
+        self.db.add_manifest_digest(digest)?;
+        if self.storage.is_shared() {
             self.storage
-                .put_record(RecordKind::ManifestDigest, &record.digest.hex(), Vec::new())
+                .put_record(RecordKind::ManifestDigest, &digest.hex(), Vec::new())
                 .await?;
         }
         Ok(())

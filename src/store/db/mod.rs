@@ -200,6 +200,13 @@ impl Db {
         Ok(())
     }
 
+    /// Marks a stored blob as a manifest (or index) that is served by its
+    /// digest, besides those `put_manifest` records.
+    pub fn add_manifest_digest(&self, digest: &Digest) -> Result<(), DbError> {
+        self.manifest_digests.insert(digest.as_bytes(), &[])?;
+        Ok(())
+    }
+
     pub fn is_manifest(&self, digest: &Digest) -> Result<bool, DbError> {
         Ok(self.manifest_digests.contains_key(digest.as_bytes())?)
     }

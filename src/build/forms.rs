@@ -1,0 +1,115 @@
+//! The forms a built image is served in besides its Docker manifest: the
+//! OCI manifest, and the OCI index (or Docker manifest list) naming one
+//! manifest per platform. Each is written as a blob and marked as a
+//! manifest when first asked for, so that it then answers by its digest.
+
+use crate::build::builder::{BuildError, Builder};
+use crate::build::image::Arch;
+use crate::build::manifest::{self, Document, Format, PlatformManifest};
+use crate::digest::Digest;
+use crate::store;
+use bytes::Bytes;
+use std::sync::Arc;
+
+/// A manifest or index as served: its digest, bytes and media type.
+#[derive(Debug, Clone)]
+pub struct Served {
+    pub digest: Digest,
+    pub bytes: Bytes,
+    pub media_type: &'static str,
+}
+
+/// More than any manifest this server writes; a bound on reading one whole.
+pub const MANIFEST_MAX_BYTES: u64 = 4 * 1024 * 1024;
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BuildError> + Send + 'static,
+) -> Result<T, BuildError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BuildError::Task(e.to_string()))?
+}
+
+impl Builder {
+    /// The image whose Docker manifest is `docker`, in `format`; `None`
+    /// when that manifest is not stored.
+    pub async fn manifest_in(
+        &self,
+        docker: Digest,
+        format: Format,
+    ) -> Result<Option<Served>, BuildError> {
+        // Wherever it is stored: a replica may not have built it.
+        let Some(bytes) =
+            store::read_all(self.storage().as_ref(), &docker, MANIFEST_MAX_BYTES).await?
+        else {
+            return Ok(None);
+        };
+        let media_type = format.manifest_type();
+        if format == Format::Docker {
+            return Ok(Some(Served {
+                digest: docker,
+                bytes,
+                media_type,
+            }));
+        }
+        let doc = manifest::convert(&bytes, format)?;
+        self.keep_document(&doc).await?;
+        Ok(Some(Served {
+            digest: doc.digest,
+            bytes: doc.json.into(),
+            media_type,
+        }))
+    }
+
+    /// Writes `doc` (if it is not stored yet), publishes it and marks it
+    /// as a manifest.
+    async fn keep_document(&self, doc: &Document) -> Result<(), BuildError> {
+        let blobs = self.blobs().clone();
+        let (digest, json) = (doc.digest, doc.json.clone());
+        blocking(move || {
+            if !blobs.contains(&digest) {
+                blobs.put(&json)?;
+            }
+            Ok(())
+        })
+        .await?;
+        self.publish(&doc.digest).await?;
+        self.mark_manifest(&doc.digest).await
+    }
+
+    /// The index in `format` of `name:tag` built for each of its
+    /// platforms.
+    pub async fn index_for(
+        self: &Arc<Self>,
+        name: &str,
+        tag: &str,
+        format: Format,
+    ) -> Result<Served, Arc<BuildError>> {
+        let platforms: Vec<Arch> = self.platforms_for(name);
+        let built = futures::future::try_join_all(
+            platforms
+                .iter()
+                .map(|arch| self.manifest_for_arch(name, tag, *arch)),
+        )
+        .await?;
+        let mut entries = Vec::with_capacity(built.len());
+        for (arch, docker) in platforms.iter().zip(built) {
+            let served = self
+                .manifest_in(docker, format)
+                .await?
+                .ok_or_else(|| BuildError::Task(format!("manifest {docker} is not stored")))?;
+            entries.push(PlatformManifest {
+                architecture: arch.docker(),
+                digest: served.digest,
+                size: served.bytes.len() as u64,
+            });
+        }
+        let doc = manifest::index(format, &entries).map_err(BuildError::from)?;
+        self.keep_document(&doc).await?;
+        Ok(Served {
+            digest: doc.digest,
+            bytes: doc.json.into(),
+            media_type: format.index_type(),
+        })
+    }
+}
