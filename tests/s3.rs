@@ -75,6 +75,23 @@ async fn a_second_replica_serves_what_the_first_built() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
+    // An OCI form made at A answers by its digest at B.
+    let r = client
+        .get(a.url("/v2/shell/hello/manifests/latest"))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let oci = common::header(&r, "docker-content-digest").to_owned();
+    assert_ne!(oci, built.to_string());
+    let r = client
+        .get(b.url(&format!("/v2/shell/hello/manifests/{oci}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(Digest::of(&r.bytes().await.unwrap()).to_string(), oci);
     assert!(!b_dir
         .path()
         .join("blobs/sha256")
