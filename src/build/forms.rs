@@ -64,6 +64,8 @@ impl Builder {
     /// Writes `doc` (if it is not stored yet), publishes it and marks it
     /// as a manifest.
     async fn keep_document(&self, doc: &Document) -> Result<(), BuildError> {
+        // Marked here only after it was published: publish and mark once.
+        let published = self.db().is_manifest(&doc.digest)?;
         let blobs = self.blobs().clone();
         let (digest, json) = (doc.digest, doc.json.clone());
         blocking(move || {
@@ -73,6 +75,9 @@ impl Builder {
             Ok(())
         })
         .await?;
+        if published {
+            return Ok(());
+        }
         self.publish(&doc.digest).await?;
         self.mark_manifest(&doc.digest).await
     }
