@@ -311,6 +311,47 @@ mod tests {
     }
 
     #[test]
+    fn s3_backend_needs_a_bucket_and_takes_its_settings() {
+        let dir = std::env::temp_dir();
+        let d = dir.to_str().unwrap();
+        let base = [
+            "--channel",
+            "x",
+            "--storage-path",
+            d,
+            "--storage-backend",
+            "s3",
+        ];
+        assert_eq!(parse(&base).unwrap_err(), ConfigError::NoBucket);
+        let mut args = base.to_vec();
+        args.extend([
+            "--s3-bucket",
+            "b",
+            "--s3-prefix",
+            "/p/",
+            "--s3-force-path-style",
+        ]);
+        let s3 = parse(&args).unwrap().s3.unwrap();
+        assert_eq!((s3.bucket.as_str(), s3.prefix.as_str()), ("b", "p"));
+        assert!(s3.force_path_style && !s3.redirect && s3.endpoint.is_none());
+        assert!(parse(&["--channel", "x", "--storage-path", d])
+            .unwrap()
+            .s3
+            .is_none());
+        assert!(matches!(
+            parse(&[
+                "--channel",
+                "x",
+                "--storage-path",
+                d,
+                "--storage-backend",
+                "gcs"
+            ]),
+            Err(ConfigError::Backend(_))
+        ));
+    }
+
+    #[test]
     fn requires_exactly_one_source_and_storage() {
         let dir = std::env::temp_dir();
         let d = dir.to_str().unwrap();
