@@ -123,7 +123,7 @@ pub struct Config {
 pub enum ConfigError {
     #[error("no package source: set one of --pkgs-path (NIXERY_PKGS_PATH), --channel (NIXERY_CHANNEL), --pkgs-repo (NIXERY_PKGS_REPO) or --flake (NIXERY_FLAKE)")]
     NoSource,
-    #[error("more than one package source ({0}): set exactly one of NIXERY_PKGS_PATH, NIXERY_CHANNEL, NIXERY_PKGS_REPO, NIXERY_FLAKE")]
+    #[error("more than one package source ({0}): set at most one of NIXERY_PKGS_PATH, NIXERY_CHANNEL, NIXERY_PKGS_REPO, NIXERY_FLAKE (none for a mirror)")]
     SeveralSources(String),
     #[error("--pkgs-path (NIXERY_PKGS_PATH) {0:?} is not a readable directory")]
     PkgsPath(PathBuf),
@@ -153,6 +153,16 @@ pub enum ConfigError {
     NoHostPlatform(&'static str),
 }
 
+impl Config {
+    /// For commands that build (`nixery build`): a mirror is an error.
+    pub fn require_source(self) -> Result<Config, ConfigError> {
+        match self.source {
+            Source::Mirror => Err(ConfigError::NoSource),
+            _ => Ok(self),
+        }
+    }
+}
+
 /// `builtins.getFlake` takes no relative paths: make them absolute.
 fn flake_ref(flake: &str) -> Result<String, ConfigError> {
     if !(flake == "." || flake.starts_with("./") || flake.starts_with("../")) {
@@ -169,7 +179,8 @@ fn non_empty<T: AsRef<std::ffi::OsStr>>(v: &Option<T>) -> bool {
 }
 
 impl ServeArgs {
-    /// The one package source that is set. `read_files`: resolve a pkgs
+    /// The package source that is set, or [`Source::Mirror`] when none
+    /// is (only `serve` accepts that; see [`Config::require_source`]). `read_files`: resolve a pkgs
     /// path on disk (not in a build sandbox, where it does not exist).
     fn source(&self, read_files: bool) -> Result<Source, ConfigError> {
         let set: Vec<&str> = [
@@ -183,7 +194,7 @@ impl ServeArgs {
         .collect();
         let value = |v: &Option<String>| v.clone().unwrap_or_default();
         match set.as_slice() {
-            [] => Err(ConfigError::NoSource),
+            [] => Ok(Source::Mirror),
             ["NIXERY_PKGS_PATH"] if !read_files => {
                 Ok(Source::Path(self.pkgs_path.clone().unwrap_or_default()))
             }
@@ -355,10 +366,10 @@ mod tests {
     fn requires_exactly_one_source_and_storage() {
         let dir = std::env::temp_dir();
         let d = dir.to_str().unwrap();
-        assert_eq!(
-            parse(&["--storage-path", d]).unwrap_err(),
-            ConfigError::NoSource
-        );
+        // No source: a mirror, which `build` refuses.
+        let mirror = parse(&["--storage-path", d]).unwrap();
+        assert_eq!(mirror.source, Source::Mirror);
+        assert_eq!(mirror.require_source().unwrap_err(), ConfigError::NoSource);
         assert!(matches!(
             parse(&[
                 "--storage-path",

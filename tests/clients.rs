@@ -2,18 +2,13 @@
 
 mod common;
 
-use common::{fixture_dir, nix_closure, require_tool};
-use std::io::{BufRead, BufReader};
+use common::{
+    assert_same_tree, docker, docker_pull_and_run_fixtures, fixture_dir, nix_closure, require_tool,
+    run, Binary,
+};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-
-/// The real binary on a free port; killed on drop.
-struct Binary {
-    child: Child,
-    port: u16,
-    _storage: tempfile::TempDir,
-}
+use std::process::{Command, Stdio};
 
 /// `nixery serve` on a free port with the fixture set and `storage`.
 fn serve_command(storage: &Path) -> Command {
@@ -34,63 +29,18 @@ fn serve_command(storage: &Path) -> Command {
     cmd
 }
 
-impl Binary {
-    /// Starts the server and reads its port from its first line of output.
-    fn start() -> Binary {
-        Self::start_with(&[])
-    }
-
-    /// As [`start`](Self::start), with more environment variables.
-    fn start_with(env: &[(&str, &str)]) -> Binary {
-        let storage = tempfile::tempdir().unwrap();
-        let mut child = serve_command(storage.path())
-            .envs(env.iter().copied())
-            .spawn()
-            .expect("nixery starts");
-        let stdout = child.stdout.take().unwrap();
-        let mut reader = BufReader::new(stdout);
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        // Keep reading so the server never writes into a closed pipe.
-        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-        let port = line
-            .trim()
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {line:?}"));
-        Binary {
-            child,
-            port,
-            _storage: storage,
-        }
-    }
-
-    fn image(&self, name: &str) -> String {
-        format!("localhost:{}/{name}", self.port)
-    }
+/// The server on a free port with the fixture set and a new storage.
+fn start_binary() -> Binary {
+    start_binary_with(&[])
 }
 
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn docker(args: &[&str]) -> String {
-    run(Command::new("docker").args(args))
+/// As [`start_binary`], with more environment variables.
+fn start_binary_with(env: &[(&str, &str)]) -> Binary {
+    let storage = tempfile::tempdir().unwrap();
+    Binary::spawn(
+        serve_command(storage.path()).envs(env.iter().copied()),
+        Some(storage),
+    )
 }
 
 #[test]
@@ -106,7 +56,7 @@ fn survives_a_closed_stdout() {
     let mut server = Binary {
         child,
         port: 0,
-        _storage: dir,
+        _storage: Some(dir),
     };
     // Closed before the server writes a line, so every write it makes to
     // stdout fails; it must still come up (readiness follows the lines).
@@ -130,25 +80,10 @@ fn survives_a_closed_stdout() {
 #[test]
 fn docker_pulls_and_runs_images() {
     require_tool("docker");
-    let server = Binary::start();
+    let server = start_binary();
+    docker_pull_and_run_fixtures(&format!("localhost:{}", server.port));
     let busybox = server.image("busybox");
     let shell = server.image("shell/hello");
-    docker(&["pull", &busybox]);
-    let out = docker(&[
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        &busybox,
-        "sh",
-        "-c",
-        "echo from busybox",
-    ]);
-    assert_eq!(out.trim(), "from busybox");
-
-    docker(&["pull", &shell]);
-    let out = docker(&["run", "--rm", "--network", "none", &shell, "hello"]);
-    assert_eq!(out.trim(), "Hello, world!");
     // The shell image starts bash, has coreutils' env at /usr/bin/env, a
     // writable /tmp and the CA bundle where SSL_CERT_FILE says.
     let out = docker(&[
@@ -161,49 +96,6 @@ fn docker_pulls_and_runs_images() {
     let _ = Command::new("docker")
         .args(["rmi", "-f", &busybox, &shell])
         .output();
-}
-
-/// Compares what an unpacked image holds at each store path with the store.
-fn assert_same_tree(store: &Path, unpacked: &Path) {
-    let meta = std::fs::symlink_metadata(store).unwrap();
-    let got = std::fs::symlink_metadata(unpacked)
-        .unwrap_or_else(|_| panic!("{} missing from the image", store.display()));
-    if meta.file_type().is_symlink() {
-        assert!(got.file_type().is_symlink(), "{}", store.display());
-        assert_eq!(
-            std::fs::read_link(store).unwrap(),
-            std::fs::read_link(unpacked).unwrap()
-        );
-    } else if meta.is_dir() {
-        assert!(got.is_dir(), "{}", store.display());
-        let mut names: Vec<_> = std::fs::read_dir(store)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        names.sort();
-        let mut got_names: Vec<_> = std::fs::read_dir(unpacked)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        got_names.sort();
-        assert_eq!(names, got_names, "{}", store.display());
-        for n in names {
-            assert_same_tree(&store.join(&n), &unpacked.join(&n));
-        }
-    } else {
-        assert!(got.is_file(), "{}", store.display());
-        assert_eq!(
-            meta.permissions().mode() & 0o111 != 0,
-            got.permissions().mode() & 0o111 != 0,
-            "exec bit of {}",
-            store.display()
-        );
-        assert!(
-            std::fs::read(store).unwrap() == std::fs::read(unpacked).unwrap(),
-            "content of {}",
-            store.display()
-        );
-    }
 }
 
 fn skopeo_unpack(server: &Binary, name: &str, work: &Path) -> std::path::PathBuf {
@@ -229,7 +121,7 @@ fn skopeo_unpack(server: &Binary, name: &str, work: &Path) -> std::path::PathBuf
 fn skopeo_copies_images_that_match_the_store() {
     require_tool("skopeo");
     require_tool("umoci");
-    let server = Binary::start();
+    let server = start_binary();
     let work = tempfile::tempdir().unwrap();
 
     // skopeo inspect lists tags first.
@@ -264,7 +156,7 @@ fn skopeo_copies_images_that_match_the_store() {
 #[test]
 fn docker_runs_the_main_program_without_a_command() {
     require_tool("docker");
-    let server = Binary::start();
+    let server = start_binary();
     let hello = server.image("hello");
     docker(&["pull", &hello]);
     let out = docker(&["run", "--rm", "--network", "none", &hello]);
@@ -279,7 +171,7 @@ fn docker_runs_the_main_program_without_a_command() {
 
 /// A server that builds every pull by tag for amd64 and arm64.
 fn two_platform_server() -> Binary {
-    Binary::start_with(&[("NIXERY_PLATFORMS", "linux/amd64,linux/arm64")])
+    start_binary_with(&[("NIXERY_PLATFORMS", "linux/amd64,linux/arm64")])
 }
 
 #[test]

@@ -135,11 +135,22 @@ fn check_config_accepts_a_good_configuration_from_the_environment() {
 }
 
 #[test]
+fn check_config_accepts_a_mirror_with_no_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = check_config(&["--storage-path", dir.path().to_str().unwrap()], &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        stdout.contains("source:  mirror (no package source)"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn check_config_rejects_a_bad_configuration_with_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();
     let cases: &[(&[&str], &str)] = &[
-        (&["--storage-path", d], "no package source"),
         (
             &["--storage-path", d, "--channel", "a", "--pkgs-repo", "b"],
             "more than one package source",

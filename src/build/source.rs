@@ -26,6 +26,8 @@ pub enum Source {
     /// A flake reference (`NIXERY_FLAKE`): `packages.<system>`, then
     /// `legacyPackages.<system>`.
     Flake(String),
+    /// None: a mirror, which serves only what was imported or built before.
+    Mirror,
 }
 
 /// The `srcType`/`srcArgs` pair that `prepare-image.nix` takes.
@@ -92,14 +94,20 @@ impl Source {
                 },
                 commit: None,
             }),
+            // The builder stops before resolving in a mirror.
+            Source::Mirror => Err(GitError::Failed("this mirror has no package source".into())),
         }
+    }
+
+    pub fn is_mirror(&self) -> bool {
+        matches!(self, Source::Mirror)
     }
 
     /// Whether the tag names content that can never change, so a build of it
     /// can be cached for good.
     pub fn is_pinned(&self, tag: &str) -> bool {
         match self {
-            Source::Path(_) | Source::Flake(_) => false,
+            Source::Path(_) | Source::Flake(_) | Source::Mirror => false,
             Source::Channel(c) => is_commit(c),
             Source::Git(_) => is_commit(tag),
         }
@@ -127,6 +135,7 @@ impl Source {
             Source::Channel(c) => format!("channel:{c}"),
             Source::Git(url) => format!("git:{url}"),
             Source::Flake(f) => format!("flake:{f}"),
+            Source::Mirror => "mirror (no package source)".to_owned(),
         }
     }
 }

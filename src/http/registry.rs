@@ -188,6 +188,11 @@ pub fn build_error(e: &BuildError) -> ApiError {
         BuildError::Storage(e) => storage_error(e),
         BuildError::GcRoot(_) => ApiError::internal("preparing the build"),
         BuildError::Task(_) => ApiError::internal("building the image"),
+        BuildError::NoSource(_) => ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::ManifestUnknown,
+            e.to_string(),
+        ),
     }
 }
 

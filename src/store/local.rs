@@ -8,7 +8,7 @@ use super::{ByteStream, Description, Lease, LeaseState, Opened, RecordKind, Stor
 use crate::digest::Digest;
 use bytes::Bytes;
 use futures::StreamExt;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom};
 use std::ops::Range;
 use std::path::Path;
 use std::time::Duration;
@@ -52,12 +52,7 @@ impl Storage for BlobStore {
                 path: path.display().to_string(),
                 source,
             })?;
-            let mut w = store.writer()?;
-            io::copy(&mut file, &mut w).map_err(|source| StoreError::Read {
-                path: path.display().to_string(),
-                source,
-            })?;
-            match w.commit_expecting(&digest) {
+            match store.put_expecting(&mut file, &digest) {
                 Ok(_) => Ok(()),
                 Err(BlobError::DigestMismatch { expected, actual }) => {
                     Err(StoreError::DigestMismatch { expected, actual })
@@ -69,17 +64,8 @@ impl Storage for BlobStore {
     }
 
     async fn stat(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
-        let path = self.path_of(digest);
-        blocking(move || match std::fs::metadata(&path) {
-            Ok(m) if m.is_file() => Ok(Some(m.len())),
-            Ok(_) => Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(StoreError::Read {
-                path: path.display().to_string(),
-                source,
-            }),
-        })
-        .await
+        let (store, digest) = (self.clone(), *digest);
+        blocking(move || Ok(store.stat_blob(&digest)?)).await
     }
 
     async fn open(&self, digest: &Digest, _redirect: bool) -> Result<Option<Opened>, StoreError> {
@@ -144,7 +130,7 @@ impl Storage for BlobStore {
 
     async fn delete(&self, digest: &Digest) -> Result<bool, StoreError> {
         let (store, digest) = (self.clone(), *digest);
-        blocking(move || Ok(store.remove_blob(&digest)?)).await
+        blocking(move || Ok(BlobStore::delete(&store, &digest)?)).await
     }
 
     async fn get_record(&self, _: RecordKind, _: &str) -> Result<Option<Vec<u8>>, StoreError> {

@@ -12,6 +12,9 @@
 //! - `lookups`: `hit` / `miss` -> manifest requests by tag answered from
 //!   cache or not (u64, big-endian)
 //!
+//! - `pinned`: `<name>\0<tag>` -> [`TagRecord`] (imported images)
+//! - `built_tags`: `<name>\0<tag>` -> [`TagRecord`] (the last build)
+//!
 //! - `meta`: `schema` -> the layout version (u32, big-endian); see
 //!   [`migrate`]
 //!
@@ -26,7 +29,9 @@ mod migrate;
 pub mod records;
 
 pub use migrate::SCHEMA_VERSION;
-pub use records::{BuildOutcome, BuildRecord, ErrorRecord, LayerRecord, ManifestRecord, Record};
+pub use records::{
+    BuildOutcome, BuildRecord, ErrorRecord, LayerRecord, ManifestRecord, Record, TagRecord,
+};
 
 use crate::digest::Digest;
 use std::collections::HashSet;
@@ -53,6 +58,11 @@ pub enum DbError {
     TooNew { found: u32, supported: u32 },
     #[error("database migration from layout version {from}: {message}")]
     Migration { from: u32, message: String },
+    #[error(
+        "the database {0} is in use by another nixery process (a running \
+         `serve`?): one process at a time can open it; stop that one first"
+    )]
+    InUse(String),
 }
 
 /// Whether a manifest request by tag was answered from the cache.
@@ -71,6 +81,24 @@ impl Lookup {
     }
 }
 
+/// The two trees that map a name and tag to a manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TagTree {
+    /// Imported: served whatever the source, never rebuilt.
+    Pinned,
+    /// The last build of the name and tag: what a mirror serves.
+    Built,
+}
+
+impl TagTree {
+    fn name(self) -> &'static str {
+        match self {
+            TagTree::Pinned => "pinned",
+            TagTree::Built => "built_tags",
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Db {
     db: sled::Db,
@@ -83,6 +111,8 @@ pub struct Db {
     errors: sled::Tree,
     pulls: sled::Tree,
     lookups: sled::Tree,
+    pinned: sled::Tree,
+    built_tags: sled::Tree,
     /// Trees whose undecodable records were already logged.
     logged_undecodable: Arc<Mutex<HashSet<&'static str>>>,
 }
@@ -148,7 +178,13 @@ fn counts_desc(tree: &sled::Tree) -> Result<Vec<(String, u64)>, DbError> {
 
 impl Db {
     pub fn open(path: &Path) -> Result<Self, DbError> {
-        let db = sled::open(path)?;
+        let db = sled::open(path).map_err(|e| match e {
+            // sled holds an exclusive lock on its files while open.
+            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                DbError::InUse(path.display().to_string())
+            }
+            e => DbError::Sled(e),
+        })?;
         migrate::run(&db)?;
         Ok(Db {
             manifests: db.open_tree("manifests")?,
@@ -160,6 +196,8 @@ impl Db {
             errors: db.open_tree("errors")?,
             pulls: db.open_tree("pulls")?,
             lookups: db.open_tree("lookups")?,
+            pinned: db.open_tree("pinned")?,
+            built_tags: db.open_tree("built_tags")?,
             logged_undecodable: Arc::default(),
             db,
         })
@@ -197,6 +235,102 @@ impl Db {
         self.manifest_digests
             .insert(record.digest.as_bytes(), &[])?;
         self.manifests.insert(cache_key, encode(record)?)?;
+        Ok(())
+    }
+
+    /// Every cached build: cache key and record.
+    pub fn manifests(&self) -> Result<Vec<(String, ManifestRecord)>, DbError> {
+        self.all(&self.manifests, "manifests")
+    }
+
+    /// Every record of a tree with its key; undecodable ones are absent.
+    fn all<T: Record>(
+        &self,
+        tree: &sled::Tree,
+        name: &'static str,
+    ) -> Result<Vec<(String, T)>, DbError> {
+        let mut out = Vec::new();
+        for kv in tree.iter() {
+            let (k, v) = kv?;
+            if let Some(r) = self.decode(name, &v) {
+                out.push((String::from_utf8_lossy(&k).into_owned(), r));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets a cached build, so its image is built again when pulled.
+    pub fn remove_manifest(&self, cache_key: &str) -> Result<(), DbError> {
+        self.manifests.remove(cache_key)?;
+        Ok(())
+    }
+
+    /// Forgets that a digest is a manifest (its blob is gone).
+    pub fn forget_manifest_digest(&self, digest: &Digest) -> Result<(), DbError> {
+        self.manifest_digests.remove(digest.as_bytes())?;
+        Ok(())
+    }
+
+    fn tag_tree(&self, which: TagTree) -> &sled::Tree {
+        match which {
+            TagTree::Pinned => &self.pinned,
+            TagTree::Built => &self.built_tags,
+        }
+    }
+
+    /// The manifest recorded for a name and tag.
+    pub fn tag_record(
+        &self,
+        which: TagTree,
+        name: &str,
+        tag: &str,
+    ) -> Result<Option<TagRecord>, DbError> {
+        Ok(self
+            .tag_tree(which)
+            .get(format!("{name}\0{tag}"))?
+            .and_then(|v| self.decode(which.name(), &v)))
+    }
+
+    /// Records the manifest `name:tag` stands for (and that it is one).
+    pub fn put_tag_record(
+        &self,
+        which: TagTree,
+        name: &str,
+        tag: &str,
+        record: &TagRecord,
+    ) -> Result<(), DbError> {
+        self.manifest_digests
+            .insert(record.digest.as_bytes(), &[])?;
+        self.tag_tree(which)
+            .insert(format!("{name}\0{tag}"), encode(record)?)?;
+        self.add_tag(name, tag)
+    }
+
+    /// Every name and tag recorded in a tree, with its record.
+    pub fn tag_records(&self, which: TagTree) -> Result<Vec<(String, String, TagRecord)>, DbError> {
+        Ok(self
+            .all(self.tag_tree(which), which.name())?
+            .into_iter()
+            .filter_map(|(key, r)| {
+                let (name, tag) = key.split_once('\0')?;
+                Some((name.to_owned(), tag.to_owned(), r))
+            })
+            .collect())
+    }
+
+    pub fn remove_tag_record(&self, which: TagTree, name: &str, tag: &str) -> Result<(), DbError> {
+        self.tag_tree(which).remove(format!("{name}\0{tag}"))?;
+        Ok(())
+    }
+
+    /// Every packed layer: key and record.
+    pub fn layers(&self) -> Result<Vec<(String, LayerRecord)>, DbError> {
+        self.all(&self.layers, "layers")
+    }
+
+    /// Forgets a packed layer, so it is packed again when needed.
+    pub fn remove_layer(&self, key: &str) -> Result<(), DbError> {
+        self.layers.remove(key)?;
         Ok(())
     }
 
@@ -459,6 +593,48 @@ mod tests {
             assert_eq!(schema.as_ref(), SCHEMA_VERSION.to_be_bytes());
             db.db.flush().unwrap();
         }
+    }
+
+    #[test]
+    fn tag_records_and_removals() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        let r = TagRecord {
+            digest: Digest::of(b"m"),
+            at: 3,
+        };
+        db.put_tag_record(TagTree::Pinned, "shell/hello", "v1", &r)
+            .unwrap();
+        assert_eq!(
+            db.tag_record(TagTree::Pinned, "shell/hello", "v1").unwrap(),
+            Some(r.clone())
+        );
+        assert_eq!(
+            db.tag_record(TagTree::Built, "shell/hello", "v1").unwrap(),
+            None
+        );
+        assert!(db.is_manifest(&r.digest).unwrap());
+        assert_eq!(db.tags("shell/hello").unwrap(), vec!["v1"]);
+        assert_eq!(
+            db.tag_records(TagTree::Pinned).unwrap(),
+            vec![("shell/hello".into(), "v1".into(), r)]
+        );
+        db.remove_tag_record(TagTree::Pinned, "shell/hello", "v1")
+            .unwrap();
+        assert!(db.tag_records(TagTree::Pinned).unwrap().is_empty());
+        db.put_manifest("k", &sample_manifest()).unwrap();
+        assert_eq!(db.manifests().unwrap().len(), 1);
+        db.remove_manifest("k").unwrap();
+        assert!(db.manifests().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_second_open_says_the_database_is_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Db::open(dir.path()).unwrap();
+        let err = Db::open(dir.path()).err().unwrap();
+        assert!(matches!(err, DbError::InUse(_)), "{err}");
+        assert!(err.to_string().contains("in use"), "{err}");
     }
 
     #[test]

@@ -85,6 +85,20 @@ pub struct ErrorRecord {
     pub stderr_tail: String,
 }
 
+/// The manifest a name and tag stands for: imported (`pinned` tree, served
+/// whatever the package source and never rebuilt) or last built
+/// (`built_tags` tree, what a mirror serves).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagRecord {
+    pub digest: Digest,
+    /// Unix seconds of the import or build.
+    pub at: u64,
+}
+
+impl Record for TagRecord {
+    const VERSION: u8 = 1;
+}
+
 impl Record for ManifestRecord {
     const VERSION: u8 = 1;
 }
