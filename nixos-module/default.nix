@@ -54,8 +54,14 @@ let
       NIXERY_PKGS_REPO = cfg.pkgsRepo;
       NIXERY_PKGS_PATH = cfg.pkgsPath;
       NIXERY_FLAKE = cfg.flake;
-      NIXERY_STORAGE_BACKEND = "filesystem";
+      NIXERY_STORAGE_BACKEND = cfg.storageBackend;
       STORAGE_PATH = cfg.storagePath;
+      NIXERY_S3_BUCKET = cfg.s3Bucket;
+      NIXERY_S3_PREFIX = cfg.s3Prefix;
+      NIXERY_S3_ENDPOINT = cfg.s3Endpoint;
+      NIXERY_S3_REGION = cfg.s3Region;
+      NIXERY_S3_FORCE_PATH_STYLE = if cfg.s3ForcePathStyle then "true" else null;
+      NIXERY_S3_REDIRECT = if cfg.s3Redirect then "true" else null;
       NIX_TIMEOUT = toString cfg.nixTimeout;
       NIX_POPULARITY_URL = cfg.popularityUrl;
       NIXERY_MAX_BUILDS = toString cfg.maxConcurrentBuilds;
@@ -148,6 +154,47 @@ in
         Directory for blobs and the database. Under {file}`/var/lib` it is
         created by systemd (`StateDirectory=`); elsewhere it must exist and
         be writable by the service, which runs as a dynamic user.
+      '';
+    };
+
+    storageBackend = mkOption {
+      type = types.enum [
+        "filesystem"
+        "s3"
+      ];
+      default = "filesystem";
+      description = ''
+        Where images are kept: `filesystem` ({option}`storagePath`), or
+        `s3`, a bucket that several replicas share ({option}`storagePath`
+        then holds this replica's database and staging area). S3
+        credentials (`AWS_ACCESS_KEY_ID=...`, `AWS_SECRET_ACCESS_KEY=...`)
+        belong in {option}`services.nixery.environmentFile`.
+      '';
+    };
+
+    s3Bucket = nullOrStr "S3 bucket (required with the `s3` backend)." "nixery-images";
+
+    s3Prefix = nullOrStr "Key prefix inside the bucket." "registry";
+
+    s3Endpoint = nullOrStr ''
+      Endpoint URL of an S3 store other than AWS (SeaweedFS, MinIO, Ceph
+      RGW, Garage).
+    '' "http://seaweedfs.internal:8333";
+
+    s3Region = nullOrStr "S3 region (default us-east-1)." "eu-west-1";
+
+    s3ForcePathStyle = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Address the bucket as `endpoint/bucket/key` rather than `bucket.endpoint/key`.";
+    };
+
+    s3Redirect = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Answer blob pulls with a redirect to a presigned URL of the bucket,
+        so clients download from the object storage directly.
       '';
     };
 
@@ -334,6 +381,10 @@ in
       {
         assertion = config.nix.enable;
         message = "services.nixery builds through the nix-daemon and needs nix.enable.";
+      }
+      {
+        assertion = cfg.storageBackend != "s3" || cfg.s3Bucket != null;
+        message = "services.nixery: storageBackend = \"s3\" needs s3Bucket.";
       }
     ];
 

@@ -4,6 +4,7 @@
 use crate::build::image::Arch;
 use crate::build::source::Source;
 use crate::store::gc::{parse_size, Policy};
+use crate::store::s3::S3Settings;
 use clap::Args;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -32,12 +33,34 @@ pub struct ServeArgs {
     /// legacyPackages.<system>.
     #[arg(long, env = "NIXERY_FLAKE")]
     pub flake: Option<String>,
-    /// Storage backend: only `filesystem`.
+    /// Storage backend: `filesystem`, or `s3` (a bucket shared by replicas).
     #[arg(long, env = "NIXERY_STORAGE_BACKEND", default_value = "filesystem")]
     pub storage_backend: String,
-    /// Directory for blobs and the database.
+    /// Directory for blobs and the database (with `s3`: the staging area,
+    /// cache and this replica's own database).
     #[arg(long, env = "STORAGE_PATH")]
     pub storage_path: Option<PathBuf>,
+    /// S3 bucket (with --storage-backend s3).
+    #[arg(long, env = "NIXERY_S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+    /// Key prefix inside the bucket.
+    #[arg(long, env = "NIXERY_S3_PREFIX", default_value = "")]
+    pub s3_prefix: String,
+    /// S3 endpoint URL for stores other than AWS (SeaweedFS, MinIO, ...).
+    #[arg(long, env = "NIXERY_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region.
+    #[arg(long, env = "NIXERY_S3_REGION", default_value = "us-east-1")]
+    pub s3_region: String,
+    /// Path-style addressing (`endpoint/bucket/key`).
+    #[arg(long, env = "NIXERY_S3_FORCE_PATH_STYLE")]
+    pub s3_force_path_style: bool,
+    /// Answer blob pulls with a 307 to a presigned URL of the bucket.
+    #[arg(long, env = "NIXERY_S3_REDIRECT")]
+    pub s3_redirect: bool,
+    /// Seconds a replica's claim on building an image lasts unless renewed.
+    #[arg(long, env = "NIXERY_S3_LEASE_TTL", default_value_t = 60)]
+    pub s3_lease_ttl: u64,
     /// Seconds each Nix invocation may run.
     #[arg(long, env = "NIX_TIMEOUT", default_value_t = 60)]
     pub nix_timeout: u64,
@@ -146,6 +169,10 @@ pub struct Config {
     pub listen: SocketAddr,
     pub source: Source,
     pub storage_path: PathBuf,
+    /// Where content is shared: None for the filesystem backend.
+    pub s3: Option<S3Settings>,
+    /// How long a build lease lasts unless renewed.
+    pub lease_ttl: Duration,
     pub nix_timeout: Duration,
     pub popularity_url: Option<String>,
     pub max_concurrent_builds: usize,
@@ -173,8 +200,12 @@ pub enum ConfigError {
     PkgsPath(PathBuf),
     #[error("--flake (NIXERY_FLAKE) {0:?}: a relative path must name an existing directory")]
     FlakePath(String),
-    #[error("--storage-backend (NIXERY_STORAGE_BACKEND) {0:?} is not supported; use `filesystem`")]
+    #[error("--storage-backend (NIXERY_STORAGE_BACKEND) {0:?} is not supported; use `filesystem` or `s3`")]
     Backend(String),
+    #[error("--s3-bucket (NIXERY_S3_BUCKET) is required for the s3 backend")]
+    NoBucket,
+    #[error("--s3-lease-ttl (NIXERY_S3_LEASE_TTL) must be at least 3 seconds")]
+    LeaseTtl,
     #[error("--storage-path (STORAGE_PATH) is required for the filesystem backend")]
     NoStoragePath,
     #[error("--nix-timeout (NIX_TIMEOUT) must be at least 1 second")]
@@ -261,6 +292,22 @@ impl ServeArgs {
         }
     }
 
+    fn s3_settings(&self) -> Result<S3Settings, ConfigError> {
+        let bucket = self
+            .s3_bucket
+            .clone()
+            .filter(|b| !b.is_empty())
+            .ok_or(ConfigError::NoBucket)?;
+        Ok(S3Settings {
+            bucket,
+            prefix: self.s3_prefix.trim_matches('/').to_owned(),
+            endpoint: self.s3_endpoint.clone().filter(|e| !e.is_empty()),
+            region: self.s3_region.clone(),
+            force_path_style: self.s3_force_path_style,
+            redirect: self.s3_redirect,
+        })
+    }
+
     pub fn validate(&self) -> Result<Config, ConfigError> {
         self.validate_reading(true)
     }
@@ -274,8 +321,13 @@ impl ServeArgs {
 
     fn validate_reading(&self, read_files: bool) -> Result<Config, ConfigError> {
         let source = self.source(read_files)?;
-        if self.storage_backend != "filesystem" {
-            return Err(ConfigError::Backend(self.storage_backend.clone()));
+        let s3 = match self.storage_backend.as_str() {
+            "filesystem" => None,
+            "s3" => Some(self.s3_settings()?),
+            other => return Err(ConfigError::Backend(other.to_owned())),
+        };
+        if self.s3_lease_ttl < 3 {
+            return Err(ConfigError::LeaseTtl);
         }
         let storage_path = match &self.storage_path {
             Some(p) if !p.as_os_str().is_empty() => p.clone(),
@@ -323,6 +375,8 @@ impl ServeArgs {
             listen: SocketAddr::new(self.listen_address, self.port),
             source,
             storage_path,
+            s3,
+            lease_ttl: Duration::from_secs(self.s3_lease_ttl),
             nix_timeout: Duration::from_secs(self.nix_timeout),
             popularity_url: self.popularity_url.clone().filter(|u| !u.is_empty()),
             max_concurrent_builds: self.max_concurrent_builds,
@@ -359,6 +413,47 @@ mod tests {
         let mut full = vec!["nixery"];
         full.extend_from_slice(args);
         Cli::parse_from(full).serve.validate()
+    }
+
+    #[test]
+    fn s3_backend_needs_a_bucket_and_takes_its_settings() {
+        let dir = std::env::temp_dir();
+        let d = dir.to_str().unwrap();
+        let base = [
+            "--channel",
+            "x",
+            "--storage-path",
+            d,
+            "--storage-backend",
+            "s3",
+        ];
+        assert_eq!(parse(&base).unwrap_err(), ConfigError::NoBucket);
+        let mut args = base.to_vec();
+        args.extend([
+            "--s3-bucket",
+            "b",
+            "--s3-prefix",
+            "/p/",
+            "--s3-force-path-style",
+        ]);
+        let s3 = parse(&args).unwrap().s3.unwrap();
+        assert_eq!((s3.bucket.as_str(), s3.prefix.as_str()), ("b", "p"));
+        assert!(s3.force_path_style && !s3.redirect && s3.endpoint.is_none());
+        assert!(parse(&["--channel", "x", "--storage-path", d])
+            .unwrap()
+            .s3
+            .is_none());
+        assert!(matches!(
+            parse(&[
+                "--channel",
+                "x",
+                "--storage-path",
+                d,
+                "--storage-backend",
+                "gcs"
+            ]),
+            Err(ConfigError::Backend(_))
+        ));
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub enum ErrorCode {
     NameUnknown,
     TagInvalid,
     Unauthorized,
+    Unavailable,
     Unsupported,
     #[serde(rename = "TOOMANYREQUESTS")]
     TooManyRequests,

@@ -43,6 +43,8 @@ pub enum StartError {
     #[error(transparent)]
     Db(#[from] store::db::DbError),
     #[error(transparent)]
+    Remote(#[from] store::StoreError),
+    #[error(transparent)]
     Popularity(#[from] build::popularity::PopularityError),
     #[error(transparent)]
     Htpasswd(#[from] http::auth::HtpasswdError),
@@ -207,6 +209,11 @@ pub async fn open_builder(config: &Config) -> Result<Arc<Builder>, StartError> {
     );
     let blobs = store::fs::BlobStore::open(&config.storage_path)?;
     report_lost_records(&blobs, &db)?;
+    let storage: Arc<dyn store::Storage> = match &config.s3 {
+        None => Arc::new(blobs.clone()),
+        Some(s3) => Arc::new(store::s3::S3Store::open(s3.clone(), blobs.clone())?),
+    };
+    let described = storage.describe();
     let popularity = match &config.popularity_url {
         Some(url) => build::popularity::load(url).await?,
         None => Default::default(),
@@ -226,6 +233,7 @@ pub async fn open_builder(config: &Config) -> Result<Arc<Builder>, StartError> {
         failed_build_ttl: config.failed_build_ttl,
         gc_roots,
         popularity,
+        lease_ttl: config.lease_ttl,
         platforms: config.platforms.clone(),
     };
     let status = observe::status::Status::new(
@@ -234,6 +242,8 @@ pub async fn open_builder(config: &Config) -> Result<Arc<Builder>, StartError> {
             version: env!("CARGO_PKG_VERSION"),
             source: config.source.describe(),
             storage_path: config.storage_path.display().to_string(),
+            storage_backend: described.backend.to_owned(),
+            storage_location: described.location,
         },
     );
     let collector = store::collector::Collector::new(
@@ -242,7 +252,7 @@ pub async fn open_builder(config: &Config) -> Result<Arc<Builder>, StartError> {
         config.storage_path.clone(),
         config.gc,
     );
-    Ok(Builder::new(settings, db, blobs, status, collector))
+    Ok(Builder::new(settings, db, storage, status, collector))
 }
 
 impl Server {

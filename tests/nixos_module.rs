@@ -81,6 +81,10 @@ fn module_yields_a_hardened_notify_unit_through_the_daemon() {
         "environmentFile",
         "htpasswdFile",
         "metricsPublic",
+        "storageBackend",
+        "s3Bucket",
+        "s3Endpoint",
+        "s3Redirect",
     ] {
         assert!(
             unit["options"].as_array().unwrap().contains(&name.into()),
@@ -170,6 +174,39 @@ fn module_passes_the_htpasswd_file_as_a_credential() {
     assert_eq!(msgs.len(), 1, "{msgs:?}");
     assert!(
         msgs[0].as_str().unwrap().contains("htpasswdFile"),
+        "{msgs:?}"
+    );
+}
+
+#[test]
+fn module_configures_an_s3_replica_with_credentials_from_a_file() {
+    let unit = eval(
+        r#"{"channel": "nixos-unstable", "storageBackend": "s3", "s3Bucket": "images",
+            "s3Prefix": "reg", "s3Endpoint": "http://127.0.0.1:8333", "s3ForcePathStyle": true,
+            "s3Redirect": true, "environmentFile": "/run/secrets/nixery-s3"}"#,
+    );
+    assert_eq!(unit["failedAssertions"], serde_json::json!([]));
+    let env = &unit["environment"];
+    assert_eq!(env["NIXERY_STORAGE_BACKEND"], "s3");
+    assert_eq!(env["NIXERY_S3_BUCKET"], "images");
+    assert_eq!(env["NIXERY_S3_PREFIX"], "reg");
+    assert_eq!(env["NIXERY_S3_ENDPOINT"], "http://127.0.0.1:8333");
+    assert_eq!(env["NIXERY_S3_FORCE_PATH_STYLE"], "true");
+    assert_eq!(env["NIXERY_S3_REDIRECT"], "true");
+    assert!(env.get("NIXERY_S3_REGION").is_none());
+    assert!(env.get("AWS_SECRET_ACCESS_KEY").is_none());
+    assert_eq!(
+        unit["serviceConfig"]["EnvironmentFile"],
+        "/run/secrets/nixery-s3"
+    );
+    let (ok, stderr) = run_build_check(&unit);
+    assert!(ok, "{stderr}");
+
+    let missing = eval(r#"{"channel": "nixos-unstable", "storageBackend": "s3"}"#);
+    let msgs = missing["failedAssertions"].as_array().unwrap();
+    assert!(
+        msgs.iter()
+            .any(|m| m.as_str().unwrap().contains("needs s3Bucket")),
         "{msgs:?}"
     );
 }

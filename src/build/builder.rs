@@ -20,6 +20,7 @@ use crate::store::db::{
     BuildOutcome, BuildRecord, Db, DbError, LayerRecord, Lookup, ManifestRecord, TagRecord, TagTree,
 };
 use crate::store::fs::{BlobError, BlobStore, PinSet};
+use crate::store::{Storage, StoreError};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use sha2::{Digest as _, Sha256};
 use std::collections::{BTreeMap, HashMap};
@@ -29,6 +30,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Semaphore;
 use tracing::Instrument;
+
+mod shared;
 
 /// Bytes of Nix's stderr kept in a build record: all of it for any error
 /// message, the end of it for a long build log (the log has everything).
@@ -70,6 +73,8 @@ pub enum BuildError {
     Manifest(#[from] ManifestError),
     #[error(transparent)]
     Db(#[from] DbError),
+    #[error(transparent)]
+    Storage(#[from] StoreError),
     /// An error of a task whose result several builds share.
     #[error(transparent)]
     Shared(Arc<BuildError>),
@@ -209,6 +214,8 @@ pub struct BuilderSettings {
     pub gc_roots: PathBuf,
     /// Counts from NIX_POPULARITY_URL; this server's own counts are added.
     pub popularity: HashMap<String, u64>,
+    /// How long a replica's build lease lasts unless renewed (s3 backend).
+    pub lease_ttl: Duration,
     /// What a pull by tag is built for (the first when only one image is
     /// wanted); at least one.
     pub platforms: Vec<Arch>,
@@ -221,7 +228,9 @@ const IMAGE_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin
 pub struct Builder {
     settings: BuilderSettings,
     db: Db,
+    /// Where builds pack blobs (the backend's staging area).
     blobs: BlobStore,
+    storage: Arc<dyn Storage>,
     builds: SingleFlight<BuildResult>,
     layers: SingleFlight<Result<LayerRecord, Arc<BuildError>>>,
     permits: Semaphore,
@@ -290,7 +299,7 @@ impl Builder {
     pub fn new(
         settings: BuilderSettings,
         db: Db,
-        blobs: BlobStore,
+        storage: Arc<dyn Storage>,
         status: Arc<Status>,
         collector: Arc<Collector>,
     ) -> Arc<Self> {
@@ -299,7 +308,8 @@ impl Builder {
         Arc::new(Builder {
             settings,
             db,
-            blobs,
+            blobs: storage.staging().clone(),
+            storage,
             builds: SingleFlight::default(),
             layers: SingleFlight::default(),
             permits,
@@ -328,8 +338,13 @@ impl Builder {
         &self.db
     }
 
+    /// The local blob store (staging, with the s3 backend).
     pub fn blobs(&self) -> &BlobStore {
         &self.blobs
+    }
+
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
     }
 
     pub fn nix(&self) -> &Nix {
@@ -385,13 +400,13 @@ impl Builder {
 
     /// Whether a stored manifest and every blob it names are whole, so a
     /// client can complete a pull of it. Blocking (it reads and stats).
-    fn complete(&self, manifest: &Digest) -> bool {
-        let whole = self.blobs.get(manifest).ok().flatten().is_some_and(|m| {
+    fn complete(blobs: &BlobStore, manifest: &Digest) -> bool {
+        let whole = blobs.get(manifest).ok().flatten().is_some_and(|m| {
             let referenced = manifest::referenced_blobs(m.as_ref());
-            referenced.is_some_and(|blobs| {
-                blobs
+            referenced.is_some_and(|named| {
+                named
                     .iter()
-                    .all(|(digest, size)| self.blobs.contains_whole(digest, *size))
+                    .all(|(digest, size)| blobs.contains_whole(digest, *size))
             })
         });
         if !whole {
@@ -400,31 +415,29 @@ impl Builder {
         whole
     }
 
-    /// A cached manifest that may be served without asking Nix. Blocking.
-    fn fresh_cached(&self, key: &str, tag: &str) -> Result<Option<Digest>, DbError> {
-        let Some(record) = self.db.manifest(key)? else {
+    /// Whether the image behind a stored manifest can be pulled whole. On
+    /// local storage the manifest and every blob it names are there with
+    /// their sizes (read and checked off the async threads); in a shared
+    /// bucket the manifest is stored (its blobs are published before it).
+    async fn servable(&self, manifest: &Digest) -> Result<bool, BuildError> {
+        if self.storage.is_shared() {
+            return self.stored(manifest).await;
+        }
+        let (blobs, digest) = (self.blobs.clone(), *manifest);
+        blocking(move || Ok(Self::complete(&blobs, &digest))).await
+    }
+
+    /// A cached manifest that may be served without asking Nix.
+    async fn fresh_cached(&self, key: &str, tag: &str) -> Result<Option<Digest>, BuildError> {
+        let Some(record) = self.manifest_record(key).await? else {
             return Ok(None);
         };
-        if !self.complete(&record.digest) {
+        if !self.servable(&record.digest).await? {
             return Ok(None);
         }
         let age = now_unix().saturating_sub(record.checked_at);
         let fresh = self.settings.source.is_pinned(tag) || age < self.settings.cache_ttl.as_secs();
         Ok(fresh.then_some(record.digest))
-    }
-
-    /// [`fresh_cached`](Self::fresh_cached) on a blocking thread.
-    async fn fresh_cached_off_thread(
-        self: &Arc<Self>,
-        key: &str,
-        tag: &str,
-    ) -> Result<Option<Digest>, Arc<BuildError>> {
-        let this = Arc::clone(self);
-        let (key, tag) = (key.to_owned(), tag.to_owned());
-        tokio::task::spawn_blocking(move || this.fresh_cached(&key, &tag))
-            .await
-            .map_err(|e| Arc::new(BuildError::Task(e.to_string())))?
-            .map_err(|e| Arc::new(e.into()))
     }
 
     /// The platforms a pull of `name` by tag is built for: the `arm64`
@@ -483,7 +496,7 @@ impl Builder {
             .map_err(|e| Arc::new(e.into()))?;
         let spec = ImageSpec::for_arch(name, tag, arch);
         let key = self.cache_key(&spec);
-        if let Some(digest) = self.fresh_cached_off_thread(&key, tag).await? {
+        if let Some(digest) = self.fresh_cached(&key, tag).await.map_err(Arc::new)? {
             self.count_request(name, Lookup::Hit, true);
             self.pulled(name, digest);
             return Ok(digest);
@@ -573,9 +586,14 @@ impl Builder {
     ) -> BuildResult {
         // A build that finished just before this one was started leaves its
         // result in the cache.
-        if let Some(digest) = self.fresh_cached_off_thread(&key, &spec.tag).await? {
+        if let Some(digest) = self.fresh_cached(&key, &spec.tag).await.map_err(Arc::new)? {
             return Ok(digest);
         }
+        // With shared storage, one replica builds while the others wait.
+        let _lease = match self.claim(&key, &spec.tag).await.map_err(Arc::new)? {
+            shared::Claim::Build(lease) => lease,
+            shared::Claim::BuiltElsewhere(digest) => return Ok(digest),
+        };
         // Listed in flight (as queued) while it waits for a build slot.
         let counters = Counters::new(self.status.build_started(&image, &spec.tag));
         let _permit = match self.queue.wait_for_slot(&key, place, &self.permits).await {
@@ -714,8 +732,10 @@ impl Builder {
         // A moving tag that now names a commit built before: no evaluation.
         if let Some(ck) = &commit_key {
             phases.finish("revision");
-            if let Some(built) = self.whole_manifest(ck).await? {
-                return self.keep(image, spec, key, built).await;
+            if let Some(built) = self.manifest_record(ck).await? {
+                if self.servable(&built.digest).await? {
+                    return self.keep(image, spec, key, built).await;
+                }
             }
         }
         let resolved = nix
@@ -766,7 +786,10 @@ impl Builder {
 
         // A moving source that still yields the same store paths keeps its
         // manifest: only the check time and the revision move.
-        let previous = self.whole_manifest(key).await?;
+        let previous = match self.manifest_record(key).await? {
+            Some(p) if self.servable(&p.digest).await? => Some(p),
+            _ => None,
+        };
         let record = match previous {
             Some(p) if p.out_paths == outs => ManifestRecord {
                 revision: revision.clone(),
@@ -797,20 +820,10 @@ impl Builder {
                 }
             }
         };
-        if let Some(ck) = commit_key {
-            let (db, record) = (self.db.clone(), record.clone());
-            blocking(move || Ok(db.put_manifest(&ck, &record)?)).await?;
+        if let Some(ck) = &commit_key {
+            self.put_manifest_record(ck, &record).await?;
         }
         self.keep(image, spec, key, record).await
-    }
-
-    /// The manifest stored under `key` if it and all its blobs are whole.
-    async fn whole_manifest(
-        self: &Arc<Self>,
-        key: &str,
-    ) -> Result<Option<ManifestRecord>, BuildError> {
-        let (this, key) = (Arc::clone(self), key.to_owned());
-        blocking(move || Ok(this.db.manifest(&key)?.filter(|m| this.complete(&m.digest)))).await
     }
 
     /// Records a manifest as current for the pulled name and tag.
@@ -825,15 +838,15 @@ impl Builder {
             checked_at: now_unix(),
             ..record
         };
+        self.put_manifest_record(key, &record).await?;
         // What a mirror serves for the name: the platform a pull gets.
         let named = (self.platforms_for(image).first() == Some(&spec.arch)).then_some(TagRecord {
             digest: record.digest,
             at: record.checked_at,
         });
         let db = self.db.clone();
-        let (image, tag, key) = (image.to_owned(), spec.tag.clone(), key.to_owned());
+        let (image, tag) = (image.to_owned(), spec.tag.clone());
         blocking(move || {
-            db.put_manifest(&key, &record)?;
             if let Some(named) = named {
                 db.put_tag_record(TagTree::Built, &image, &tag, &named)?;
             }
@@ -909,14 +922,18 @@ impl Builder {
             .iter()
             .map(|p| store_path::name_of(&p.path).to_owned())
             .collect();
-        blocking(move || {
+        let (config_digest, manifest_digest) = blocking(move || {
             let built = manifest::build(&config, &layer_blobs)?;
-            blobs.put(&built.config.json)?;
-            blobs.put(&built.manifest.json)?;
+            let config_digest = blobs.put(&built.config.json)?;
+            let manifest_digest = blobs.put(&built.manifest.json)?;
             db.add_popularity(names.iter().map(String::as_str))?;
-            Ok(built.manifest.digest)
+            Ok((config_digest, manifest_digest))
         })
-        .await
+        .await?;
+        // The manifest last: whoever sees it finds everything it names.
+        self.publish(&config_digest).await?;
+        self.publish(&manifest_digest).await?;
+        Ok(manifest_digest)
     }
 
     /// One layer: from the index if it was packed before, else packed now
@@ -929,12 +946,16 @@ impl Builder {
         counters: &Counters,
         pins: &PinSet,
     ) -> Result<LayerRecord, BuildError> {
-        let (db, k) = (self.db.clone(), key.clone());
-        if let Some(record) = blocking(move || Ok(db.layer(&k)?)).await? {
+        if let Some(record) = self.layer_record(&key).await? {
             // Pinned before the check, so it cannot go after it.
             pins.add(self.blobs.pin(&record.digest));
-            let (blobs, r) = (self.blobs.clone(), record);
-            if blocking(move || Ok(blobs.contains_whole(&r.digest, r.size))).await? {
+            let whole = if self.storage.is_shared() {
+                self.stored(&record.digest).await?
+            } else {
+                let (blobs, r) = (self.blobs.clone(), record);
+                blocking(move || Ok(blobs.contains_whole(&r.digest, r.size))).await?
+            };
+            if whole {
                 counters.layers_reused.fetch_add(1, Ordering::Relaxed);
                 return Ok(record);
             }
@@ -942,26 +963,46 @@ impl Builder {
         let progress = Arc::clone(&counters.bytes_packed);
         let db = self.db.clone();
         let blobs = self.blobs.pinning_into(pins);
+        let staging = self.blobs.clone();
+        let storage = Arc::clone(&self.storage);
         let task_key = key.clone();
         let result = self
             .layers
             .run(&key, move || async move {
-                blocking(move || {
-                    let packed: PackedLayer = if symlinks {
-                        archive::pack_symlink_layer(&blobs, &paths, &progress)
-                    } else {
-                        archive::pack_paths(&blobs, &paths, &progress)
-                    }?;
-                    let record = LayerRecord {
-                        digest: packed.digest,
-                        diff_id: packed.diff_id,
-                        size: packed.size,
-                    };
-                    db.put_layer(&task_key, &record)?;
-                    Ok(record)
-                })
-                .await
-                .map_err(Arc::new)
+                let packed =
+                    tokio::task::spawn_blocking(move || -> Result<PackedLayer, ArchiveError> {
+                        if symlinks {
+                            archive::pack_symlink_layer(&blobs, &paths, &progress)
+                        } else {
+                            archive::pack_paths(&blobs, &paths, &progress)
+                        }
+                    })
+                    .await
+                    .map_err(|e| Arc::new(BuildError::Task(e.to_string())))?
+                    .map_err(|e| Arc::new(BuildError::Archive(e)))?;
+                let record = LayerRecord {
+                    digest: packed.digest,
+                    diff_id: packed.diff_id,
+                    size: packed.size,
+                };
+                // Published before it is indexed: a record never names a
+                // blob that is not there.
+                let shared = |e: StoreError| Arc::new(BuildError::Storage(e));
+                storage
+                    .put_file(&staging.path_of(&record.digest), &record.digest)
+                    .await
+                    .map_err(shared)?;
+                db.put_layer(&task_key, &record)
+                    .map_err(|e| Arc::new(BuildError::Db(e)))?;
+                if storage.is_shared() {
+                    let bytes = crate::store::db::encode(&record)
+                        .map_err(|e| Arc::new(BuildError::Db(e)))?;
+                    storage
+                        .put_record(crate::store::RecordKind::Layer, &task_key, bytes)
+                        .await
+                        .map_err(shared)?;
+                }
+                Ok(record)
             })
             .await
             .unwrap_or_else(|| Err(Arc::new(BuildError::Task("layer packing panicked".into()))));

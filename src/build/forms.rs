@@ -7,8 +7,7 @@ use crate::build::builder::{blocking, BuildError, Builder};
 use crate::build::image::Arch;
 use crate::build::manifest::{self, Document, Format, PlatformManifest};
 use crate::digest::Digest;
-use crate::store::db::Db;
-use crate::store::fs::BlobStore;
+use crate::store;
 use bytes::Bytes;
 use std::sync::Arc;
 
@@ -20,18 +19,8 @@ pub struct Served {
     pub media_type: &'static str,
 }
 
-/// Writes `doc` (if it is not stored yet) and marks it as a manifest. The
-/// blob is pinned until it is marked, so the garbage collector either sees
-/// it marked or leaves it.
-fn keep(blobs: &BlobStore, db: &Db, doc: &Document) -> Result<(), BuildError> {
-    let pins = blobs.pin_set();
-    pins.add(blobs.pin(&doc.digest));
-    if !blobs.contains(&doc.digest) {
-        blobs.put(&doc.json)?;
-    }
-    db.add_manifest_digest(&doc.digest)?;
-    Ok(())
-}
+/// More than any manifest this server writes; a bound on reading one whole.
+pub const MANIFEST_MAX_BYTES: u64 = 4 * 1024 * 1024;
 
 impl Builder {
     /// The image whose Docker manifest is `docker`, in `format`; `None`
@@ -41,30 +30,51 @@ impl Builder {
         docker: Digest,
         format: Format,
     ) -> Result<Option<Served>, BuildError> {
-        let blobs = self.blobs().clone();
-        let db = self.db().clone();
-        blocking(move || {
-            let Some(blob) = blobs.get(&docker)? else {
-                return Ok(None);
-            };
-            let bytes = blob.into_bytes();
-            let media_type = format.manifest_type();
-            if format == Format::Docker {
-                return Ok(Some(Served {
-                    digest: docker,
-                    bytes,
-                    media_type,
-                }));
-            }
-            let doc = manifest::convert(&bytes, format)?;
-            keep(&blobs, &db, &doc)?;
-            Ok(Some(Served {
-                digest: doc.digest,
-                bytes: doc.json.into(),
+        // Wherever it is stored: a replica may not have built it.
+        let Some(bytes) =
+            store::read_all(self.storage().as_ref(), &docker, MANIFEST_MAX_BYTES).await?
+        else {
+            return Ok(None);
+        };
+        let media_type = format.manifest_type();
+        if format == Format::Docker {
+            return Ok(Some(Served {
+                digest: docker,
+                bytes,
                 media_type,
-            }))
+            }));
+        }
+        let doc = manifest::convert(&bytes, format)?;
+        self.keep_document(&doc).await?;
+        Ok(Some(Served {
+            digest: doc.digest,
+            bytes: doc.json.into(),
+            media_type,
+        }))
+    }
+
+    /// Writes `doc` (if it is not stored yet), publishes it and marks it
+    /// as a manifest.
+    async fn keep_document(&self, doc: &Document) -> Result<(), BuildError> {
+        // Pinned until it is marked: the garbage collector either sees it
+        // marked or leaves it.
+        let _pin = self.blobs().pin(&doc.digest);
+        // Marked here only after it was published: publish and mark once.
+        let published = self.db().is_manifest(&doc.digest)?;
+        let blobs = self.blobs().clone();
+        let (digest, json) = (doc.digest, doc.json.clone());
+        blocking(move || {
+            if !blobs.contains(&digest) {
+                blobs.put(&json)?;
+            }
+            Ok(())
         })
-        .await
+        .await?;
+        if published {
+            return Ok(());
+        }
+        self.publish(&doc.digest).await?;
+        self.mark_manifest(&doc.digest).await
     }
 
     /// The index in `format` of `name:tag` built for each of its
@@ -95,10 +105,7 @@ impl Builder {
             });
         }
         let doc = manifest::index(format, &entries).map_err(BuildError::from)?;
-        let blobs = self.blobs().clone();
-        let db = self.db().clone();
-        let stored = doc.clone();
-        blocking(move || keep(&blobs, &db, &stored)).await?;
+        self.keep_document(&doc).await?;
         Ok(Served {
             digest: doc.digest,
             bytes: doc.json.into(),

@@ -167,7 +167,14 @@ pub fn summary(config: &Config, files_checked: bool) -> String {
         },
         config.listen,
         config.source.describe(),
-        config.storage_path.display(),
+        match &config.s3 {
+            None => config.storage_path.display().to_string(),
+            Some(s3) => format!(
+                "{} (staging), {}",
+                config.storage_path.display(),
+                s3.location()
+            ),
+        },
         config.max_concurrent_builds,
         config.max_queued_builds,
         config.nix_timeout.as_secs(),

@@ -34,6 +34,7 @@ pub struct ExportArgs {
 
 pub fn run(args: ExportArgs) -> ExitCode {
     super::offline(&args.serve, false, |_, builder| async move {
+        super::local_storage_only(&builder, "export")?;
         let images = image_list(&args.images, args.from_file.as_deref())?;
         let mut found = Vec::new();
         let mut failed = Vec::new();

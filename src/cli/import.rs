@@ -23,6 +23,7 @@ pub struct ImportArgs {
 
 pub fn run(args: ImportArgs) -> ExitCode {
     super::offline(&args.serve, false, |config, builder| async move {
+        super::local_storage_only(&builder, "import")?;
         let input = args.input.clone();
         let staging = config.storage_path.join("tmp");
         let checked = tokio::task::spawn_blocking(move || import::check(&input, &staging))

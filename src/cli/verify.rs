@@ -19,6 +19,7 @@ pub struct VerifyArgs {
 
 pub fn run(args: VerifyArgs) -> ExitCode {
     super::offline(&args.serve, false, |_, builder| async move {
+        super::local_storage_only(&builder, "verify")?;
         let blobs = builder.blobs().clone();
         let db = builder.db().clone();
         let terminal = super::on_terminal();

@@ -10,6 +10,7 @@ use crate::build::manifest::{self, MANIFEST_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE};
 use crate::build::nix::NixError;
 use crate::digest::Digest;
 use crate::error::{ApiError, ErrorCode};
+use crate::store::{self, Opened, StoreError};
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
@@ -206,6 +207,7 @@ pub fn build_error(e: &BuildError) -> ApiError {
         BuildError::Blob(_) => ApiError::internal("writing to the blob store"),
         BuildError::Manifest(_) => ApiError::internal("writing the manifest"),
         BuildError::Db(_) => ApiError::internal("using the database"),
+        BuildError::Storage(e) => storage_error(e),
         BuildError::GcRoot(_) => ApiError::internal("preparing the build"),
         BuildError::Task(_) => ApiError::internal("building the image"),
         BuildError::QueueFull(n) => ApiError::new(
@@ -228,14 +230,35 @@ pub fn build_error(e: &BuildError) -> ApiError {
     }
 }
 
+/// What a client sees when the storage backend fails: a 503 that says the
+/// object storage is unreachable, or a 500.
+fn storage_error(e: &StoreError) -> ApiError {
+    tracing::error!(error = %e, "storage failed");
+    if e.is_unavailable() {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            "the object storage is unavailable; try again later",
+        )
+    } else {
+        ApiError::internal("reading the blob store")
+    }
+}
+
 /// Headers for anything addressed by its digest.
 fn content_response(bytes: Bytes, digest: &Digest, content_type: &str, head: bool) -> Response {
-    let len = bytes.len();
-    let mut r = if head {
-        Response::new(Body::empty())
+    let len = bytes.len() as u64;
+    let body = if head {
+        Body::empty()
     } else {
-        Response::new(Body::from(bytes))
+        Body::from(bytes)
     };
+    digest_response(body, len, digest, content_type)
+}
+
+/// A response of `len` bytes of `body`, content addressed by `digest`.
+fn digest_response(body: Body, len: u64, digest: &Digest, content_type: &str) -> Response {
+    let mut r = Response::new(body);
     set(&mut r, header::CONTENT_TYPE, content_type);
     set(&mut r, header::CONTENT_LENGTH, &len.to_string());
     set(&mut r, header::ACCEPT_RANGES, "bytes");
@@ -303,18 +326,14 @@ async fn manifest_by_digest(
     digest: Digest,
     head: bool,
 ) -> Result<Response, ApiError> {
-    let db = builder.db().clone();
-    let known = tokio::task::spawn_blocking(move || db.is_manifest(&digest))
+    let known = builder
+        .is_manifest(&digest)
         .await
-        .map_err(|_| ApiError::internal("looking up the manifest"))?
-        .map_err(|e| {
-            tracing::error!(error = %e, "manifest lookup failed");
-            ApiError::internal("looking up the manifest")
-        })?;
+        .map_err(|e| build_error(&e))?;
     if !known {
         return Err(manifest_unknown(name));
     }
-    let bytes = read_blob(builder, &digest)
+    let bytes = read_manifest(builder, &digest)
         .await?
         .ok_or_else(|| manifest_unknown(name))?;
     let media_type = manifest::media_type_of(&bytes);
@@ -352,18 +371,23 @@ fn manifest_unknown(name: &str) -> ApiError {
     )
 }
 
-/// Maps a blob without blocking the runtime on disk I/O.
-async fn read_blob(builder: &Arc<Builder>, digest: &Digest) -> Result<Option<Bytes>, ApiError> {
-    let blobs = builder.blobs().clone();
-    let digest = *digest;
-    tokio::task::spawn_blocking(move || blobs.get(&digest))
-        .await
-        .map_err(|_| ApiError::internal("reading a blob"))?
-        .map(|b| b.map(|b| b.into_bytes()))
-        .map_err(|e| {
-            tracing::error!(error = %e, "blob read failed");
-            ApiError::internal("reading a blob")
-        })
+/// A manifest's bytes: small, so read whole wherever they are stored.
+async fn read_manifest(builder: &Arc<Builder>, digest: &Digest) -> Result<Option<Bytes>, ApiError> {
+    store::read_all(
+        builder.storage().as_ref(),
+        digest,
+        crate::build::forms::MANIFEST_MAX_BYTES,
+    )
+    .await
+    .map_err(|e| storage_error(&e))
+}
+
+fn blob_unknown(digest: &Digest) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        ErrorCode::BlobUnknown,
+        format!("no blob {digest}"),
+    )
 }
 
 async fn blob(
@@ -372,28 +396,33 @@ async fn blob(
     headers: &HeaderMap,
     head: bool,
 ) -> Result<Response, ApiError> {
-    let bytes = read_blob(builder, &digest).await?.ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            ErrorCode::BlobUnknown,
-            format!("no blob {digest}"),
-        )
-    })?;
-    let total = bytes.len() as u64;
-    let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
-    let mut r = match range::parse(range_header, total) {
-        RangeRequest::Full => content_response(bytes, &digest, "application/octet-stream", head),
-        RangeRequest::Partial(span) => {
-            let part = bytes.slice(span.start as usize..span.end as usize);
-            let mut r = content_response(part, &digest, "application/octet-stream", head);
-            *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+    let storage = builder.storage();
+    let opened = storage
+        .open(&digest, !head)
+        .await
+        .map_err(|e| storage_error(&e))?
+        .ok_or_else(|| blob_unknown(&digest))?;
+    let (total, bytes) = match opened {
+        Opened::Local(blob) => {
+            let bytes = blob.into_bytes();
+            (bytes.len() as u64, Some(bytes))
+        }
+        Opened::Remote { size } => (size, None),
+        Opened::Redirect(url) => {
+            let mut r = StatusCode::TEMPORARY_REDIRECT.into_response();
+            set(&mut r, header::LOCATION, &url);
             set(
                 &mut r,
-                header::CONTENT_RANGE,
-                &format!("bytes {}-{}/{total}", span.start, span.end - 1),
+                header::HeaderName::from_static("docker-content-digest"),
+                &digest.to_string(),
             );
-            r
+            return Ok(r);
         }
+    };
+    let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let span = match range::parse(range_header, total) {
+        RangeRequest::Full => None,
+        RangeRequest::Partial(span) => Some(span.start..span.end),
         RangeRequest::Unsatisfiable => {
             let mut r = ApiError::new(
                 StatusCode::RANGE_NOT_SATISFIABLE,
@@ -405,6 +434,36 @@ async fn blob(
             return Ok(with_head(r, head));
         }
     };
+    let mut r = match (bytes, &span) {
+        (Some(bytes), None) => content_response(bytes, &digest, "application/octet-stream", head),
+        (Some(bytes), Some(span)) => content_response(
+            bytes.slice(span.start as usize..span.end as usize),
+            &digest,
+            "application/octet-stream",
+            head,
+        ),
+        (None, _) => {
+            let len = span.as_ref().map_or(total, |s| s.end - s.start);
+            let body = if head || len == 0 {
+                Body::empty()
+            } else {
+                let stream = storage
+                    .read(&digest, span.clone())
+                    .await
+                    .map_err(|e| storage_error(&e))?;
+                Body::from_stream(stream)
+            };
+            digest_response(body, len, &digest, "application/octet-stream")
+        }
+    };
+    if let Some(span) = span {
+        *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+        set(
+            &mut r,
+            header::CONTENT_RANGE,
+            &format!("bytes {}-{}/{total}", span.start, span.end - 1),
+        );
+    }
     set(&mut r, header::CACHE_CONTROL, IMMUTABLE);
     Ok(r)
 }

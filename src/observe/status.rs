@@ -144,6 +144,10 @@ pub struct Instance {
     pub version: &'static str,
     pub source: String,
     pub storage_path: String,
+    /// `filesystem` or `s3`.
+    pub storage_backend: String,
+    /// The directory, or the bucket, prefix and endpoint (no credentials).
+    pub storage_location: String,
 }
 
 /// An image served from cache because its source could not be reached.
@@ -317,6 +321,8 @@ mod tests {
                 version: "0",
                 source: "path:/p".into(),
                 storage_path: "/s".into(),
+                storage_backend: "filesystem".into(),
+                storage_location: "/s".into(),
             },
         )
     }

@@ -275,7 +275,8 @@ impl BlobStore {
         self.dirs.blobs.join(&hex[..2])
     }
 
-    fn path_of(&self, digest: &Digest) -> PathBuf {
+    /// Where blob `digest` is (or would be) stored.
+    pub fn path_of(&self, digest: &Digest) -> PathBuf {
         let hex = digest.hex();
         self.dirs.blobs.join(&hex[..2]).join(hex)
     }
@@ -468,6 +469,11 @@ impl BlobStore {
         let mut hashed = HashingWriter::new(io::sink());
         io::copy(&mut file, &mut hashed).map_err(io_err("reading", &path))?;
         Ok(hashed.finish().1 == *digest)
+    }
+
+    /// The directory the store was opened on.
+    pub fn root(&self) -> &Path {
+        self.dirs.tmp.parent().unwrap_or(&self.dirs.tmp)
     }
 }
 

@@ -6,6 +6,7 @@ pub mod binary;
 #[allow(unused_imports)] // not every test binary uses each
 pub use binary::{docker, run, Binary};
 pub mod browser;
+pub mod seaweed;
 
 use clap::Parser;
 use nixery::config::{Config, ServeArgs};

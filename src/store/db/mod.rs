@@ -139,14 +139,14 @@ pub struct Db {
     created: bool,
 }
 
-fn encode<T: Record>(value: &T) -> Result<Vec<u8>, DbError> {
+pub(crate) fn encode<T: Record>(value: &T) -> Result<Vec<u8>, DbError> {
     let mut out = vec![T::VERSION];
     bincode::serde::encode_into_std_write(value, &mut out, bincode::config::standard())?;
     Ok(out)
 }
 
 /// Decodes a record of its current version, or upgrades an older one.
-fn decode<T: Record>(bytes: &[u8]) -> Option<T> {
+pub(crate) fn decode<T: Record>(bytes: &[u8]) -> Option<T> {
     let (&version, body) = bytes.split_first()?;
     if version == T::VERSION {
         bincode::serde::decode_from_slice(body, bincode::config::standard())

@@ -1,0 +1,201 @@
+//! The builder's side of shared storage: records read through the local
+//! database to the bucket's index, blobs published from staging, and the
+//! lease that makes one replica build an image while the others wait.
+
+use super::{now_unix, BuildError, Builder};
+use crate::digest::Digest;
+use crate::store::db::{self, LayerRecord, ManifestRecord, Record};
+use crate::store::{Lease, LeaseState, RecordKind, Storage};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often a waiting replica looks for the holder's result.
+const LEASE_POLL: Duration = Duration::from_millis(500);
+
+/// Whether to build, or what another replica built meanwhile.
+pub(super) enum Claim {
+    Build(Option<LeaseGuard>),
+    BuiltElsewhere(Digest),
+}
+
+/// Renews a lease in the background until dropped, then releases it.
+pub(super) struct LeaseGuard {
+    renewing: tokio::task::JoinHandle<()>,
+    storage: Arc<dyn Storage>,
+    lease: Lease,
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        self.renewing.abort();
+        let (storage, lease) = (Arc::clone(&self.storage), self.lease.clone());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = storage.release(&lease).await {
+                    tracing::warn!(error = %e, lease = lease.name, "could not release a build lease");
+                }
+            });
+        }
+    }
+}
+
+async fn shared_record<T: Record>(
+    storage: &dyn Storage,
+    kind: RecordKind,
+    key: &str,
+) -> Result<Option<T>, BuildError> {
+    if !storage.is_shared() {
+        return Ok(None);
+    }
+    let bytes = storage.get_record(kind, key).await?;
+    Ok(bytes.and_then(|b| db::decode(&b)))
+}
+
+impl Builder {
+    /// The blob is where the backend keeps content (or still on this
+    /// replica's disk, from which it was published before its record).
+    pub(super) async fn stored(&self, digest: &Digest) -> Result<bool, BuildError> {
+        if self.blobs.contains(digest) {
+            return Ok(true);
+        }
+        Ok(self.storage.stat(digest).await?.is_some())
+    }
+
+    /// Makes a blob packed into staging durable in the backend.
+    pub(crate) async fn publish(&self, digest: &Digest) -> Result<(), BuildError> {
+        let path = self.blobs.path_of(digest);
+        self.storage.put_file(&path, digest).await?;
+        Ok(())
+    }
+
+    /// The newer of this replica's record and the bucket's.
+    pub(super) async fn manifest_record(
+        &self,
+        key: &str,
+    ) -> Result<Option<ManifestRecord>, BuildError> {
+        let local = self.db.manifest(key)?;
+        let fresh_enough = local.as_ref().is_some_and(|r| {
+            now_unix().saturating_sub(r.checked_at) < self.settings.cache_ttl.as_secs()
+        });
+        if fresh_enough {
+            return Ok(local);
+        }
+        let shared: Option<ManifestRecord> =
+            shared_record(self.storage.as_ref(), RecordKind::Manifest, key).await?;
+        match (local, shared) {
+            (Some(l), Some(s)) if s.checked_at > l.checked_at => {
+                self.db.put_manifest(key, &s)?;
+                Ok(Some(s))
+            }
+            (None, Some(s)) => {
+                self.db.put_manifest(key, &s)?;
+                Ok(Some(s))
+            }
+            (local, _) => Ok(local),
+        }
+    }
+
+    pub(super) async fn put_manifest_record(
+        &self,
+        key: &str,
+        record: &ManifestRecord,
+    ) -> Result<(), BuildError> {
+        self.db.put_manifest(key, record)?;
+        if self.storage.is_shared() {
+            let bytes = db::encode(record)?;
+            self.storage
+                .put_record(RecordKind::Manifest, key, bytes)
+                .await?;
+        }
+        self.mark_manifest(&record.digest).await
+    }
+
+    /// Makes a stored manifest (or index) answer by its digest, here and
+    /// at every replica.
+    pub(crate) async fn mark_manifest(&self, digest: &Digest) -> Result<(), BuildError> {
+        self.db.add_manifest_digest(digest)?;
+        if self.storage.is_shared() {
+            self.storage
+                .put_record(RecordKind::ManifestDigest, &digest.hex(), Vec::new())
+                .await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn layer_record(&self, key: &str) -> Result<Option<LayerRecord>, BuildError> {
+        if let Some(r) = self.db.layer(key)? {
+            return Ok(Some(r));
+        }
+        let shared: Option<LayerRecord> =
+            shared_record(self.storage.as_ref(), RecordKind::Layer, key).await?;
+        if let Some(r) = &shared {
+            self.db.put_layer(key, r)?;
+        }
+        Ok(shared)
+    }
+
+    /// Takes the build lease for an image key, or waits while another
+    /// replica holds it and returns what that replica built.
+    pub(super) async fn claim(&self, key: &str, tag: &str) -> Result<Claim, BuildError> {
+        if !self.storage.is_shared() {
+            return Ok(Claim::Build(None));
+        }
+        let name = format!("build-{key}");
+        let ttl = self.settings.lease_ttl;
+        let mut waited = false;
+        loop {
+            match self.storage.try_lease(&name, ttl).await? {
+                LeaseState::Acquired(lease) => {
+                    if waited {
+                        // The holder may have finished just before we got it.
+                        if let Some(d) = self.fresh_cached(key, tag).await? {
+                            let _ = self.storage.release(&lease).await;
+                            return Ok(Claim::BuiltElsewhere(d));
+                        }
+                    }
+                    let storage = Arc::clone(&self.storage);
+                    let renewed = lease.clone();
+                    let renewing = tokio::spawn(async move {
+                        loop {
+                            tokio::time::sleep(ttl / 3).await;
+                            if let Err(e) = storage.renew(&renewed, ttl).await {
+                                tracing::warn!(error = %e, "could not renew a build lease");
+                            }
+                        }
+                    });
+                    return Ok(Claim::Build(Some(LeaseGuard {
+                        renewing,
+                        storage: Arc::clone(&self.storage),
+                        lease,
+                    })));
+                }
+                LeaseState::Held(left) => {
+                    if !waited {
+                        tracing::info!(key, "another replica is building this image; waiting");
+                    }
+                    waited = true;
+                    tokio::time::sleep(left.min(LEASE_POLL)).await;
+                    if let Some(d) = self.fresh_cached(key, tag).await? {
+                        return Ok(Claim::BuiltElsewhere(d));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether a manifest digest belongs to an image built here or by
+    /// another replica.
+    pub async fn is_manifest(&self, digest: &Digest) -> Result<bool, BuildError> {
+        if self.db.is_manifest(digest)? {
+            return Ok(true);
+        }
+        if !self.storage.is_shared() {
+            return Ok(false);
+        }
+        Ok(self
+            .storage
+            .get_record(RecordKind::ManifestDigest, &digest.hex())
+            .await?
+            .is_some())
+    }
+}

@@ -1,0 +1,290 @@
+//! Several replicas on one S3 bucket (a real SeaweedFS): shared images,
+//! one build per image, no partial objects, redirects and outages.
+
+mod common;
+
+use common::seaweed::{assert_all_blobs_whole, Seaweed};
+use common::{config, error_code, get_blob, get_manifest, require_tool, TestServer};
+use nixery::digest::Digest;
+use reqwest::{Client, StatusCode};
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A replica (in this process) on `bucket`, with its own empty disk.
+async fn replica(weed: &Seaweed, bucket: &str, extra: &[&str]) -> (tempfile::TempDir, TestServer) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut flags = weed.flags(bucket);
+    flags.extend(extra.iter().map(|s| s.to_string()));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = TestServer::start(&config(dir.path(), &flags)).await;
+    (dir, server)
+}
+
+fn builds(s: &TestServer) -> usize {
+    s.builder.db().builds().unwrap().len()
+}
+
+fn layer_digests(manifest: &Value) -> Vec<String> {
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Runs docker off the runtime's threads: the servers it talks to are on them.
+async fn docker(args: &[&str]) -> String {
+    let owned: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let out = tokio::task::spawn_blocking(move || Command::new("docker").args(owned).output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "docker {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_replica_serves_what_the_first_built() {
+    require_tool("docker");
+    let weed = Seaweed::start().await;
+    let (_a_dir, a) = replica(&weed, "shared", &[]).await;
+    let (b_dir, b) = replica(&weed, "shared", &[]).await;
+    let client = Client::new();
+
+    let (built, manifest) = get_manifest(&client, &a, "shell/hello", "latest").await;
+    assert_eq!(builds(&a), 1);
+    // B has an empty disk and builds nothing: the bucket has it all.
+    let (served, _) = get_manifest(&client, &b, "shell/hello", "latest").await;
+    assert_eq!(served, built);
+    assert_eq!(builds(&b), 0, "replica B built the image again");
+    for layer in layer_digests(&manifest) {
+        get_blob(&client, &b, &layer).await;
+    }
+    // Pulls by digest work at B too.
+    let r = client
+        .get(b.url(&format!("/v2/shell/hello/manifests/{built}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // An OCI form made at A answers by its digest at B.
+    let r = client
+        .get(a.url("/v2/shell/hello/manifests/latest"))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let oci = common::header(&r, "docker-content-digest").to_owned();
+    assert_ne!(oci, built.to_string());
+    let r = client
+        .get(b.url(&format!("/v2/shell/hello/manifests/{oci}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(Digest::of(&r.bytes().await.unwrap()).to_string(), oci);
+    assert!(!b_dir
+        .path()
+        .join("blobs/sha256")
+        .read_dir()
+        .unwrap()
+        .any(|_| true));
+
+    let image = format!("localhost:{}/shell/hello", b.addr.port());
+    docker(&["pull", &image]).await;
+    let out = docker(&["run", "--rm", "--network", "none", &image, "hello"]).await;
+    assert_eq!(out.trim(), "Hello, world!");
+    let _ = Command::new("docker").args(["rmi", "-f", &image]).output();
+    assert_eq!(builds(&b), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fresh_replica_serves_an_existing_image_at_once() {
+    let weed = Seaweed::start().await;
+    let (_a_dir, a) = replica(&weed, "fresh", &[]).await;
+    let client = Client::new();
+    let (built, manifest) = get_manifest(&client, &a, "hello", "latest").await;
+    a.stop().await;
+
+    let (_c_dir, c) = replica(&weed, "fresh", &[]).await;
+    let started = Instant::now();
+    let (served, _) = get_manifest(&client, &c, "hello", "latest").await;
+    println!("fresh replica answered in {:?}", started.elapsed());
+    assert_eq!(served, built);
+    assert_eq!(builds(&c), 0);
+    get_blob(&client, &c, manifest["config"]["digest"].as_str().unwrap()).await;
+
+    // The admin page says where content lives, and nothing secret.
+    let page = client
+        .get(c.url("/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("s3://fresh/nixery at http://127.0.0.1:"),
+        "{page}"
+    );
+    assert!(!page.contains(common::seaweed::SECRET_KEY));
+    assert!(!page.contains(common::seaweed::ACCESS_KEY));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn simultaneous_cold_pulls_build_once() {
+    let weed = Seaweed::start().await;
+    let (_a_dir, a) = replica(&weed, "race", &[]).await;
+    let (_b_dir, b) = replica(&weed, "race", &[]).await;
+    let client = Client::new();
+    let ((da, ma), (db, _)) = tokio::join!(
+        get_manifest(&client, &a, "shell/hello", "latest"),
+        get_manifest(&client, &b, "shell/hello", "latest"),
+    );
+    assert_eq!(da, db, "both replicas serve one digest");
+    assert_eq!(builds(&a) + builds(&b), 1, "built once between the two");
+    for layer in layer_digests(&ma) {
+        get_blob(&client, &a, &layer).await;
+        get_blob(&client, &b, &layer).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let n = assert_all_blobs_whole(&weed.client("race", dir.path())).await;
+    assert!(n >= 3, "the bucket holds the image's blobs");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_killed_mid_upload_leaves_no_partial_object() {
+    let weed = Seaweed::start().await;
+    let a_dir = tempfile::tempdir().unwrap();
+    let mut a = Command::new(env!("CARGO_BIN_EXE_nixery"))
+        .arg("serve")
+        .args(weed.flags("killed"))
+        .env("PORT", "0")
+        .env("NIXERY_LISTEN_ADDRESS", "127.0.0.1")
+        .env("NIXERY_PKGS_PATH", common::fixture_dir())
+        .env("STORAGE_PATH", a_dir.path())
+        .env("NIXERY_NIX_OPTIONS", "substituters=")
+        .env("NIX_TIMEOUT", "300")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nixery starts");
+    let mut out = BufReader::new(a.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    let port: u16 = line.trim().rsplit(':').next().unwrap().parse().unwrap();
+    // Ask for the image with a >100 MB layer, and kill A once it uploads.
+    let url = format!("http://127.0.0.1:{port}/v2/big/manifests/latest");
+    let pull = tokio::spawn(async move { reqwest::get(url).await });
+    let stderr = a.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("uploading a blob in parts") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(1200)))
+        .await
+        .unwrap()
+        .expect("A starts a multipart upload");
+    a.kill().unwrap();
+    a.wait().unwrap();
+    assert!(pull.await.unwrap().is_err(), "A's answer was cut off");
+
+    let dir = tempfile::tempdir().unwrap();
+    let bucket = weed.client("killed", dir.path());
+    assert_all_blobs_whole(&bucket).await;
+
+    // B builds once A's lease expired, and serves the whole image.
+    let (_b_dir, b) = replica(&weed, "killed", &[]).await;
+    let client = Client::new();
+    let (_, manifest) = get_manifest(&client, &b, "big", "latest").await;
+    assert_eq!(builds(&b), 1);
+    for layer in layer_digests(&manifest) {
+        get_blob(&client, &b, &layer).await;
+    }
+    assert_all_blobs_whole(&bucket).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redirects_to_presigned_urls_that_docker_follows() {
+    require_tool("docker");
+    let weed = Seaweed::start().await;
+    let (_dir, s) = replica(&weed, "redirect", &["--s3-redirect"]).await;
+    let (_b_dir, b) = replica(&weed, "redirect", &["--s3-redirect"]).await;
+    let client = Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let (_, manifest) = get_manifest(&client, &s, "shell/hello", "latest").await;
+    // B has none of the blobs on disk: it redirects to the bucket.
+    let layer = layer_digests(&manifest)[0].clone();
+    let r = client
+        .get(b.url(&format!("/v2/shell/hello/blobs/{layer}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::TEMPORARY_REDIRECT);
+    let location = common::header(&r, "location").to_owned();
+    assert!(location.starts_with(&weed.endpoint()), "{location}");
+    assert!(location.contains("X-Amz-Signature="), "{location}");
+    let body = reqwest::get(&location)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(Digest::of(&body).to_string(), layer);
+
+    let image = format!("localhost:{}/shell/hello", b.addr.port());
+    docker(&["pull", &image]).await;
+    let out = docker(&["run", "--rm", "--network", "none", &image, "hello"]).await;
+    assert_eq!(out.trim(), "Hello, world!");
+    let _ = Command::new("docker").args(["rmi", "-f", &image]).output();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_bucket_is_a_clear_503_until_it_returns() {
+    let mut weed = Seaweed::start().await;
+    let (_a_dir, a) = replica(&weed, "outage", &[]).await;
+    let (_b_dir, b) = replica(&weed, "outage", &[]).await;
+    let client = Client::new();
+    let (_, manifest) = get_manifest(&client, &a, "hello", "latest").await;
+    get_manifest(&client, &b, "hello", "latest").await;
+    let layer = layer_digests(&manifest)[0].clone();
+
+    weed.stop();
+    let started = Instant::now();
+    let r = client
+        .get(b.url(&format!("/v2/hello/blobs/{layer}")))
+        .send()
+        .await
+        .unwrap();
+    let (status, error) = error_code(r).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(error["code"], "UNAVAILABLE");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("object storage"),
+        "{error}"
+    );
+    println!("503 after {:?}", started.elapsed());
+
+    weed.restart().await;
+    get_blob(&client, &b, &layer).await;
+}
