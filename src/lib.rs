@@ -97,6 +97,22 @@ pub fn router(builder: Arc<Builder>) -> Router {
         .with_state(builder)
 }
 
+/// How often request counts kept in memory are written to the database.
+const COUNT_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Writes the request counts kept in memory to the database, forever.
+async fn flush_counts_every(status: Arc<observe::status::Status>, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let status = Arc::clone(&status);
+        if let Err(e) = tokio::task::spawn_blocking(move || status.flush_counts()).await {
+            tracing::warn!(error = %e, "could not record request counts");
+        }
+    }
+}
+
 /// A server bound to its address, ready to run.
 pub struct Server {
     listener: tokio::net::TcpListener,
@@ -176,9 +192,15 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let db = self.builder.db().clone();
+        let status = Arc::clone(self.builder.status());
+        let flusher = tokio::spawn(flush_counts_every(Arc::clone(&status), COUNT_FLUSH));
         axum::serve(self.listener, router(self.builder))
             .with_graceful_shutdown(shutdown)
             .await?;
+        flusher.abort();
+        if let Err(e) = tokio::task::spawn_blocking(move || status.flush_counts()).await {
+            tracing::warn!(error = %e, "could not record request counts at shutdown");
+        }
         if let Err(e) = db.flush().await {
             tracing::warn!(error = %e, "could not flush the database at shutdown");
         }

@@ -4,6 +4,7 @@
 
 use crate::build::archive::{self, ArchiveError, PackedLayer};
 use crate::build::git::GitError;
+use crate::build::hot::{HotManifests, Named};
 use crate::build::image::{ImageSpec, SSL_CERT_FILE};
 use crate::build::layers::{self, LayerError};
 use crate::build::manifest::{self, ImageConfig, LayerBlob, ManifestError};
@@ -17,6 +18,7 @@ use crate::store::db::{
     BuildOutcome, BuildRecord, Db, DbError, LayerRecord, Lookup, ManifestRecord,
 };
 use crate::store::fs::{BlobError, BlobStore};
+use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use sha2::{Digest as _, Sha256};
 use std::collections::HashMap;
@@ -110,6 +112,7 @@ pub struct Builder {
     layers: SingleFlight<Result<LayerRecord, Arc<BuildError>>>,
     permits: Semaphore,
     status: Arc<Status>,
+    hot: HotManifests,
 }
 
 fn now_unix() -> u64 {
@@ -183,6 +186,7 @@ impl Builder {
             layers: SingleFlight::default(),
             permits,
             status,
+            hot: HotManifests::default(),
         })
     }
 
@@ -223,17 +227,77 @@ impl Builder {
         ])
     }
 
-    /// A cached manifest that may be served without asking Nix.
-    fn fresh_cached(&self, key: &str, tag: &str) -> Result<Option<Digest>, DbError> {
-        let Some(record) = self.db.manifest(key)? else {
+    /// A cached manifest that may be served without asking Nix: from
+    /// memory when it is hot, else from the database and the disk (which
+    /// makes it hot).
+    async fn fresh_cached(&self, key: &str, tag: &str) -> Result<Option<Digest>, BuildError> {
+        let named = match self.hot.named(key) {
+            Some(named) if self.hot.bytes(&named.digest).is_some() => named,
+            _ => {
+                let Some(named) = self.cached_on_disk(key).await? else {
+                    return Ok(None);
+                };
+                self.hot.remember(key, named);
+                named
+            }
+        };
+        let age = now_unix().saturating_sub(named.checked_at);
+        let fresh = self.settings.source.is_pinned(tag) || age < self.settings.cache_ttl.as_secs();
+        Ok(fresh.then_some(named.digest))
+    }
+
+    /// The manifest the database names for `key`, if its blob is stored;
+    /// its bytes are kept in memory on the way.
+    async fn cached_on_disk(&self, key: &str) -> Result<Option<Named>, BuildError> {
+        let db = self.db.clone();
+        let key = key.to_owned();
+        let record = tokio::task::spawn_blocking(move || db.manifest(&key))
+            .await
+            .map_err(|e| BuildError::Task(e.to_string()))??;
+        let Some(record) = record else {
             return Ok(None);
         };
-        if !self.blobs.contains(&record.digest) {
+        if self.manifest_bytes(&record.digest).await?.is_none() {
             return Ok(None);
         }
-        let age = now_unix().saturating_sub(record.checked_at);
-        let fresh = self.settings.source.is_pinned(tag) || age < self.settings.cache_ttl.as_secs();
-        Ok(fresh.then_some(record.digest))
+        Ok(Some(Named {
+            digest: record.digest,
+            checked_at: record.checked_at,
+        }))
+    }
+
+    /// A stored manifest's bytes: from memory, or read from the blob store
+    /// (off the async runtime) and kept in memory.
+    pub async fn manifest_bytes(&self, digest: &Digest) -> Result<Option<Bytes>, BuildError> {
+        if let Some(bytes) = self.hot.bytes(digest) {
+            return Ok(Some(bytes));
+        }
+        let blobs = self.blobs.clone();
+        let d = *digest;
+        let blob = tokio::task::spawn_blocking(move || blobs.get(&d))
+            .await
+            .map_err(|e| BuildError::Task(e.to_string()))??;
+        Ok(blob.map(|b| {
+            // A copy, not the mapping: manifests are small, and a mapping
+            // kept per manifest would cost a file descriptor's worth each.
+            let bytes = Bytes::copy_from_slice(b.as_ref());
+            self.hot.remember_bytes(*digest, bytes.clone());
+            bytes
+        }))
+    }
+
+    /// Whether `digest` is a manifest this registry built; from memory
+    /// when it is hot.
+    pub fn is_manifest(&self, digest: &Digest) -> Result<bool, DbError> {
+        if self.hot.bytes(digest).is_some() {
+            return Ok(true);
+        }
+        self.db.is_manifest(digest)
+    }
+
+    /// Forgets a manifest held in memory, for whoever deletes its blob.
+    pub fn forget_manifest(&self, digest: &Digest) {
+        self.hot.forget(digest);
     }
 
     /// The manifest digest for a validated image name and tag, building the
@@ -246,10 +310,7 @@ impl Builder {
             .map_err(|e| Arc::new(e.into()))?;
         let spec = ImageSpec::from_name(name, tag);
         let key = self.cache_key(&spec);
-        if let Some(digest) = self
-            .fresh_cached(&key, tag)
-            .map_err(|e| Arc::new(e.into()))?
-        {
+        if let Some(digest) = self.fresh_cached(&key, tag).await.map_err(Arc::new)? {
             self.status.manifest_requested(name, Lookup::Hit, true);
             return Ok(digest);
         }
@@ -272,10 +333,7 @@ impl Builder {
     async fn build(self: Arc<Self>, image: String, spec: ImageSpec, key: String) -> BuildResult {
         // A build that finished just before this one was started leaves its
         // result in the cache.
-        if let Some(digest) = self
-            .fresh_cached(&key, &spec.tag)
-            .map_err(|e| Arc::new(e.into()))?
-        {
+        if let Some(digest) = self.fresh_cached(&key, &spec.tag).await.map_err(Arc::new)? {
             return Ok(digest);
         }
         // Listed in flight (as queued) while it waits for a build slot.
@@ -458,6 +516,13 @@ impl Builder {
         };
         self.db.put_manifest(key, &record)?;
         self.db.add_tag(image, &spec.tag)?;
+        self.hot.remember(
+            key,
+            Named {
+                digest: record.digest,
+                checked_at: record.checked_at,
+            },
+        );
         Ok(record.digest)
     }
 
@@ -473,9 +538,15 @@ impl Builder {
         let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
         let mut jobs: Vec<(String, Vec<PathBuf>, bool)> = plan
             .iter()
-            .map(|l| (l.key(), l.paths.iter().map(PathBuf::from).collect(), false))
+            .map(|l| {
+                // The format in the key: layers packed another way are
+                // never mixed with these.
+                let key = format!("{}:{}", archive::LAYER_FORMAT, l.key());
+                (key, l.paths.iter().map(PathBuf::from).collect(), false)
+            })
             .collect();
-        let symlink_key = hex_sha256(&["symlink-layer-v1", &outs.join("\n")]);
+        let symlink_key =
+            hex_sha256(&["symlink-layer-v1", archive::LAYER_FORMAT, &outs.join("\n")]);
         jobs.push((symlink_key, outs.iter().map(PathBuf::from).collect(), true));
         counters.live.set_layers_total(jobs.len() as u64);
         // `buffered` keeps the plan's order while packing several at once.

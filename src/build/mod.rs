@@ -6,10 +6,12 @@
 pub mod archive;
 pub mod builder;
 pub mod git;
+pub mod hot;
 pub mod image;
 pub mod layers;
 pub mod manifest;
 pub mod nix;
+pub mod pgzip;
 pub mod popularity;
 pub mod singleflight;
 pub mod source;

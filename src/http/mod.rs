@@ -2,6 +2,7 @@
 //! metrics, and the middleware that measures every request.
 
 pub mod admin;
+pub mod file_body;
 pub mod format;
 pub mod observe;
 pub mod range;

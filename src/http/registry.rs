@@ -1,5 +1,6 @@
 //! The pull side of the distribution API: `/v2/`, manifests, blobs, tags.
 
+use super::file_body;
 use super::range::{self, RangeRequest};
 use crate::build::builder::{BuildError, Builder};
 use crate::build::git::GitError;
@@ -8,11 +9,11 @@ use crate::build::manifest::MANIFEST_MEDIA_TYPE;
 use crate::build::nix::NixError;
 use crate::digest::Digest;
 use crate::error::{ApiError, ErrorCode};
+use crate::store::fs::BlobFile;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -172,13 +173,18 @@ pub fn build_error(e: &BuildError) -> ApiError {
     }
 }
 
-/// Headers for anything addressed by its digest.
-fn content_response(bytes: Bytes, digest: &Digest, content_type: &str, head: bool) -> Response {
-    let len = bytes.len();
+/// Headers for anything addressed by its digest; `body` has `len` bytes.
+fn content_response(
+    body: Body,
+    len: u64,
+    digest: &Digest,
+    content_type: &str,
+    head: bool,
+) -> Response {
     let mut r = if head {
         Response::new(Body::empty())
     } else {
-        Response::new(Body::from(bytes))
+        Response::new(body)
     };
     set(&mut r, header::CONTENT_TYPE, content_type);
     set(&mut r, header::CONTENT_LENGTH, &len.to_string());
@@ -200,7 +206,7 @@ async fn manifest(
 ) -> Result<Response, ApiError> {
     let (digest, immutable) = match reference {
         Reference::Digest(d) => {
-            let known = builder.db().is_manifest(&d).map_err(|e| {
+            let known = builder.is_manifest(&d).map_err(|e| {
                 tracing::error!(error = %e, "manifest lookup failed");
                 ApiError::internal("looking up the manifest")
             })?;
@@ -220,10 +226,16 @@ async fn manifest(
             (d, false)
         }
     };
-    let bytes = read_blob(builder, &digest)
-        .await?
+    let bytes = builder
+        .manifest_bytes(&digest)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "manifest read failed");
+            ApiError::internal("reading a manifest")
+        })?
         .ok_or_else(|| manifest_unknown(name))?;
-    let mut r = content_response(bytes, &digest, MANIFEST_MEDIA_TYPE, head);
+    let len = bytes.len() as u64;
+    let mut r = content_response(Body::from(bytes), len, &digest, MANIFEST_MEDIA_TYPE, head);
     if immutable {
         set(&mut r, header::CACHE_CONTROL, IMMUTABLE);
     }
@@ -238,16 +250,15 @@ fn manifest_unknown(name: &str) -> ApiError {
     )
 }
 
-/// Maps a blob without blocking the runtime on disk I/O.
-async fn read_blob(builder: &Arc<Builder>, digest: &Digest) -> Result<Option<Bytes>, ApiError> {
+/// Opens a blob without blocking the runtime on disk I/O.
+async fn open_blob(builder: &Arc<Builder>, digest: &Digest) -> Result<Option<BlobFile>, ApiError> {
     let blobs = builder.blobs().clone();
     let digest = *digest;
-    tokio::task::spawn_blocking(move || blobs.get(&digest))
+    tokio::task::spawn_blocking(move || blobs.open_blob(&digest))
         .await
         .map_err(|_| ApiError::internal("reading a blob"))?
-        .map(|b| b.map(|b| b.into_bytes()))
         .map_err(|e| {
-            tracing::error!(error = %e, "blob read failed");
+            tracing::error!(error = %e, "blob open failed");
             ApiError::internal("reading a blob")
         })
 }
@@ -258,20 +269,28 @@ async fn blob(
     headers: &HeaderMap,
     head: bool,
 ) -> Result<Response, ApiError> {
-    let bytes = read_blob(builder, &digest).await?.ok_or_else(|| {
+    let file = open_blob(builder, &digest).await?.ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             ErrorCode::BlobUnknown,
             format!("no blob {digest}"),
         )
     })?;
-    let total = bytes.len() as u64;
+    let total = file.len();
     let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let octets = "application/octet-stream";
     let mut r = match range::parse(range_header, total) {
-        RangeRequest::Full => content_response(bytes, &digest, "application/octet-stream", head),
+        RangeRequest::Full => content_response(
+            file_body::body(file, 0..total),
+            total,
+            &digest,
+            octets,
+            head,
+        ),
         RangeRequest::Partial(span) => {
-            let part = bytes.slice(span.start as usize..span.end as usize);
-            let mut r = content_response(part, &digest, "application/octet-stream", head);
+            let len = span.end - span.start;
+            let body = file_body::body(file, span.clone());
+            let mut r = content_response(body, len, &digest, octets, head);
             *r.status_mut() = StatusCode::PARTIAL_CONTENT;
             set(
                 &mut r,

@@ -184,6 +184,19 @@ impl BlobStore {
         Ok(Some(Blob(Inner::Mapped(map))))
     }
 
+    /// The blob opened for reading in pieces (for serving large blobs
+    /// without mapping or holding them whole), or None if it is not stored.
+    pub fn open_blob(&self, digest: &Digest) -> Result<Option<BlobFile>, BlobError> {
+        let path = self.path_of(digest);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("opening", &path)(e)),
+        };
+        let len = file.metadata().map_err(io_err("stat", &path))?.len();
+        Ok(Some(BlobFile { file, len }))
+    }
+
     /// Count and total bytes of stored blobs.
     pub fn stats(&self) -> (u64, u64) {
         (
@@ -369,6 +382,29 @@ impl BlobStore {
     }
 }
 
+/// A stored blob opened for positioned reads. Committed blobs never change,
+/// so its length holds for as long as it is open, even if it is removed.
+#[derive(Debug)]
+pub struct BlobFile {
+    file: File,
+    len: u64,
+}
+
+impl BlobFile {
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`; blocking.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset)
+    }
+}
+
 #[derive(Debug)]
 enum Inner {
     Mapped(memmap2::Mmap),
@@ -440,6 +476,21 @@ mod tests {
         let absent = Digest::of(b"absent");
         assert!(!store.contains(&absent));
         assert!(store.get(&absent).unwrap().is_none());
+    }
+
+    #[test]
+    fn open_blob_reads_at_offsets() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let d = store.put(b"0123456789").unwrap();
+        let f = store.open_blob(&d).unwrap().unwrap();
+        assert_eq!(f.len(), 10);
+        let mut buf = [0u8; 4];
+        f.read_exact_at(&mut buf, 3).unwrap();
+        assert_eq!(&buf, b"3456");
+        let err = f.read_exact_at(&mut buf, 8).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(store.open_blob(&Digest::of(b"absent")).unwrap().is_none());
     }
 
     #[test]
