@@ -21,7 +21,7 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release", "nixery")
+BIN = os.environ.get("BENCH_BIN") or os.path.join(ROOT, "target", "release", "nixery")
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "pkgs")
 OHA_SECONDS = int(os.environ.get("BENCH_OHA_SECONDS", "10"))
 CONNECTIONS = 64
