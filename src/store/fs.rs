@@ -7,12 +7,13 @@
 //! Blob paths are only ever built from a parsed [`Digest`].
 
 use crate::digest::{Digest, HashingWriter};
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
@@ -51,10 +52,22 @@ struct Dirs {
     blobs: PathBuf,
     /// `<root>/tmp`
     tmp: PathBuf,
-    /// Stored blobs and their bytes: counted once at open, then kept up to
-    /// date by commits, so stats never walk the directory.
+    /// Stored blobs and their bytes: counted once after open, then kept up
+    /// to date by commits, so stats never walk the directory.
     count: AtomicU64,
     bytes: AtomicU64,
+    /// While the count after open runs (in the background, so that a large
+    /// store does not slow start-up): the blobs committed since it began,
+    /// which it must not count again. None once it is done.
+    counting: Mutex<Option<HashSet<String>>>,
+    counted: Condvar,
+}
+
+impl Dirs {
+    /// The set is plain data: usable after a panic elsewhere.
+    fn counting(&self) -> MutexGuard<'_, Option<HashSet<String>>> {
+        self.counting.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// A content-addressed blob store. Cloning is cheap and shares the store.
@@ -101,15 +114,20 @@ impl BlobStore {
             tracing::info!(removed, dir = %tmp.display(), "removed leftover temp blobs");
         }
 
-        let (count, bytes) = scan(&blobs)?;
-        Ok(BlobStore {
-            dirs: Arc::new(Dirs {
-                blobs,
-                tmp,
-                count: AtomicU64::new(count),
-                bytes: AtomicU64::new(bytes),
-            }),
-        })
+        let dirs = Arc::new(Dirs {
+            blobs,
+            tmp,
+            count: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            counting: Mutex::new(Some(HashSet::new())),
+            counted: Condvar::new(),
+        });
+        let counter = Arc::clone(&dirs);
+        std::thread::Builder::new()
+            .name("blob-count".into())
+            .spawn(move || count_stored(&counter))
+            .map_err(io_err("starting the blob count for", root))?;
+        Ok(BlobStore { dirs })
     }
 
     fn shard_dir(&self, digest: &Digest) -> PathBuf {
@@ -197,8 +215,18 @@ impl BlobStore {
         Ok(Some(BlobFile { file, len }))
     }
 
-    /// Count and total bytes of stored blobs.
+    /// Count and total bytes of stored blobs. Right after open it waits
+    /// for the count of what was stored before: blocking.
     pub fn stats(&self) -> (u64, u64) {
+        let mut counting = self.dirs.counting();
+        while counting.is_some() {
+            counting = self
+                .dirs
+                .counted
+                .wait(counting)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        drop(counting);
         (
             self.dirs.count.load(Ordering::Relaxed),
             self.dirs.bytes.load(Ordering::Relaxed),
@@ -221,8 +249,26 @@ impl BlobStore {
     }
 }
 
-/// Counts the blobs under `root` and their bytes.
-fn scan(root: &Path) -> Result<(u64, u64), BlobError> {
+/// Counts the blobs stored at open, leaving out those committed since
+/// (commits count themselves), then ends the counting phase.
+fn count_stored(dirs: &Dirs) {
+    let committed_since = |name: &str| dirs.counting().as_ref().is_some_and(|s| s.contains(name));
+    let (count, bytes) = match scan(&dirs.blobs, committed_since) {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not count stored blobs; stats will be low");
+            (0, 0)
+        }
+    };
+    let mut counting = dirs.counting();
+    dirs.count.fetch_add(count, Ordering::Relaxed);
+    dirs.bytes.fetch_add(bytes, Ordering::Relaxed);
+    *counting = None;
+    dirs.counted.notify_all();
+}
+
+/// Counts the blobs under `root` and their bytes, except those `skip` names.
+fn scan(root: &Path, skip: impl Fn(&str) -> bool) -> Result<(u64, u64), BlobError> {
     let (mut count, mut bytes) = (0u64, 0u64);
     for shard in fs::read_dir(root).map_err(io_err("listing", root))? {
         let shard = shard.map_err(io_err("listing", root))?;
@@ -238,7 +284,7 @@ fn scan(root: &Path) -> Result<(u64, u64), BlobError> {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(io_err("stat", &blob.path())(e)),
             };
-            if meta.is_file() {
+            if meta.is_file() && !blob.file_name().to_str().is_some_and(&skip) {
                 count += 1;
                 bytes += meta.len();
             }
@@ -367,6 +413,15 @@ impl BlobStore {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(io_err("creating", &shard)(e)),
         }
+        // While the blobs stored before open are being counted, the count
+        // must skip this one: it counts itself. Marked before the link, so
+        // that the count cannot see it unmarked.
+        let hex = digest.hex();
+        let marked = self
+            .dirs
+            .counting()
+            .as_mut()
+            .is_some_and(|s| s.insert(hex.clone()));
         // A link, not a rename: it fails if a concurrent writer of the same
         // content got there first, so each blob is counted once. The temp
         // name goes when `tmp` drops; a crash leaves it for `open` to clear.
@@ -375,8 +430,18 @@ impl BlobStore {
                 self.dirs.count.fetch_add(1, Ordering::Relaxed);
                 self.dirs.bytes.fetch_add(len, Ordering::Relaxed);
             }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
-            Err(e) => return Err(io_err("linking into place", tmp.path())(e)),
+            Err(e) => {
+                // Not ours after all: whatever is there is counted by the scan.
+                if marked {
+                    if let Some(s) = self.dirs.counting().as_mut() {
+                        s.remove(&hex);
+                    }
+                }
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    return Ok(());
+                }
+                return Err(io_err("linking into place", tmp.path())(e));
+            }
         }
         sync_dir(&shard)
     }
@@ -616,6 +681,23 @@ mod tests {
         // A reopened store counts what is on disk.
         drop(store);
         assert_eq!(BlobStore::open(dir.path()).unwrap().stats(), (3, 8));
+    }
+
+    #[test]
+    fn commits_while_counting_after_open_are_counted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let before: Vec<Vec<u8>> = (0..300u32).map(|i| i.to_le_bytes().to_vec()).collect();
+        for b in &before {
+            store.put(b).unwrap();
+        }
+        drop(store);
+        // Reopen and commit new and already stored blobs while it counts.
+        let store = BlobStore::open(dir.path()).unwrap();
+        for i in 0..300u32 {
+            store.put(&(i + 150).to_le_bytes()).unwrap();
+        }
+        assert_eq!(store.stats(), (450, 450 * 4));
     }
 
     #[test]
