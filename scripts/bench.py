@@ -22,6 +22,10 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("BENCH_BIN") or os.path.join(ROOT, "target", "release", "nixery")
+SEED = os.path.join(ROOT, "target", "release", "examples", "seed_cache")
+SEEDED_IMAGES = 10_000
+PULL_LAYERS = 30
+PULLS = 3
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "pkgs")
 OHA_SECONDS = int(os.environ.get("BENCH_OHA_SECONDS", "10"))
 CONNECTIONS = 64
@@ -82,7 +86,7 @@ class Server:
     """The release binary on a storage path; start-up timed to the first
     `/v2/` 200."""
 
-    def __init__(self, storage):
+    def __init__(self, storage, extra=()):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         args = [
@@ -93,6 +97,7 @@ class Server:
             "--storage-path", storage,
             "--nix-option", "substituters=",
             "--nix-timeout", "600",
+            *extra,
         ]
         self.command = " ".join(args)
         self.log = open(os.path.join(storage + ".log"), "ab")
@@ -154,6 +159,62 @@ def oha(url):
     return f"{rps:,.0f} req/s, p99 {p99:.1f} ms, status codes {codes}"
 
 
+def docker_pull_figure(work):
+    """`docker pull` of a cached image of PULL_LAYERS layers into a private
+    dockerd (its own data root, so nothing is cached on the client side)."""
+    storage = os.path.join(work, "pull")
+    # manydeps has 121 store paths. Every one popular gives each a layer of
+    # its own, up to the budget: PULL_LAYERS - 1 layers, plus the symlink layer.
+    out = subprocess.run(
+        ["nix-store", "-qR", nix_build("manydeps")], check=True, capture_output=True, text=True
+    )
+    popularity = os.path.join(work, "popularity.json")
+    with open(popularity, "w") as f:
+        json.dump({os.path.basename(p).split("-", 1)[1]: 1000 for p in out.stdout.split()}, f)
+    server = Server(
+        storage, ["--layer-budget", str(PULL_LAYERS - 1), "--popularity-url", popularity]
+    )
+    manifest = json.loads(server.get("/v2/manydeps/manifests/latest"))
+    layers = len(manifest["layers"])
+    d = os.path.join(work, "d")
+    os.makedirs(d)
+    sock = f"unix://{d}/docker.sock"
+    dockerd = subprocess.Popen(
+        [
+            "dockerd", "--data-root", f"{d}/data", "--exec-root", f"{d}/exec",
+            "--pidfile", f"{d}/pid", "--host", sock, "--bridge", "none",
+            "--iptables=false", "--ip-masq=false",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(f"{d}.log", "wb"),
+    )
+    try:
+        for _ in range(600):
+            if subprocess.run(["docker", "-H", sock, "info"], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+        image = f"127.0.0.1:{server.port}/manydeps"
+        times = []
+        for _ in range(PULLS):
+            start = time.monotonic()
+            subprocess.run(["docker", "-H", sock, "pull", "-q", image], check=True, capture_output=True)
+            times.append(time.monotonic() - start)
+            subprocess.run(["docker", "-H", sock, "rmi", image], check=True, capture_output=True)
+        times.sort()
+        say(
+            f"docker pull of a cached {layers}-layer image (private dockerd)",
+            f"{times[len(times) // 2]:.2f} s median of {PULLS} ({', '.join(f'{t:.2f}' for t in times)})",
+            f"dockerd --data-root {d}/data --host {sock} ...; docker -H {sock} pull {image}; docker rmi",
+        )
+    finally:
+        dockerd.terminate()
+        try:
+            dockerd.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            dockerd.kill()
+        server.stop()
+
+
 def download(url, results):
     got = 0
     with urllib.request.urlopen(url, timeout=900) as r:
@@ -174,12 +235,22 @@ def main():
         storage = pack_figure("incompressible closure (hello + 110 MB random)", "hello/big", ["hello", "big"], work)
         pack_figure("text closure (hello + 154 MB text)", "hello/text", ["hello", "text"], work)
 
-        # A fresh process on the warm storage: start-up, idle RSS, downloads.
+        # A fresh process on the warm storage, with many more images cached:
+        # start-up, idle RSS, downloads, then request rates.
+        subprocess.run([SEED, storage, str(SEEDED_IMAGES)], check=True, capture_output=True)
         server = Server(storage)
-        say("start-up to first /v2/ 200", f"{server.startup * 1000:.0f} ms", server.command)
+        say(
+            f"start-up to first /v2/ 200, {SEEDED_IMAGES:,} images cached",
+            f"{server.startup * 1000:.0f} ms",
+            f"{SEED} {storage} {SEEDED_IMAGES}; time from exec of {server.command} to a 200 from /v2/",
+        )
         time.sleep(1)
         rss = status_kb(server.proc.pid, "VmRSS") / 1024
-        say("RSS idle", f"{rss:.1f} MB", f"grep VmRSS /proc/<pid>/status, 1 s after start-up")
+        say(
+            f"RSS idle, {SEEDED_IMAGES:,} images cached",
+            f"{rss:.1f} MB",
+            "grep VmRSS /proc/<pid>/status, 1 s after start-up",
+        )
 
         manifest = json.loads(server.get("/v2/hello/big/manifests/latest"))
         largest = max(manifest["layers"], key=lambda l: l["size"])
@@ -213,6 +284,7 @@ def main():
             f"oha -z {OHA_SECONDS}s -c {CONNECTIONS} {url}",
         )
         server.stop()
+        docker_pull_figure(work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
