@@ -55,19 +55,21 @@ struct Pool {
 }
 
 impl Pool {
-    fn start(threads: usize, level: u32) -> Pool {
+    fn start(threads: usize, level: u32) -> io::Result<Pool> {
         let (tx, rx) = mpsc::sync_channel::<Job>(threads);
         let rx = Arc::new(Mutex::new(rx));
-        let threads = (0..threads)
-            .map(|_| {
-                let rx = Arc::clone(&rx);
-                std::thread::spawn(move || worker(&rx, level))
-            })
-            .collect();
-        Pool {
+        let mut pool = Pool {
             jobs: Some(tx),
-            threads,
+            threads: Vec::with_capacity(threads),
+        };
+        for _ in 0..threads {
+            let rx = Arc::clone(&rx);
+            let thread = std::thread::Builder::new()
+                .name("pgzip".into())
+                .spawn(move || worker(&rx, level))?;
+            pool.threads.push(thread);
         }
+        Ok(pool)
     }
 }
 
@@ -269,8 +271,13 @@ impl<W: Write> ParallelGzip<W> {
         let next = self.spare.pop().unwrap_or_default();
         let input = std::mem::replace(&mut self.chunk, next);
         let (reply, rx) = mpsc::sync_channel(1);
-        let (threads, level) = (self.threads, self.level);
-        let pool = self.pool.get_or_insert_with(|| Pool::start(threads, level));
+        if self.pool.is_none() {
+            self.pool = Some(Pool::start(self.threads, self.level)?);
+        }
+        let pool = self
+            .pool
+            .as_ref()
+            .ok_or_else(|| io::Error::other("compressor pool missing"))?;
         pool.jobs
             .as_ref()
             .ok_or_else(|| io::Error::other("compressor pool closed"))?
