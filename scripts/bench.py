@@ -57,8 +57,8 @@ def closure_bytes(attrs):
         paths.update(out.stdout.split())
     total = 0
     for p in paths:
-        if os.path.islink(p) or os.path.isfile(p):
-            total += os.lstat(p).st_size if os.path.isfile(p) else 0
+        if not os.path.isdir(p) or os.path.islink(p):
+            total += os.lstat(p).st_size if os.path.isfile(p) and not os.path.islink(p) else 0
             continue
         for d, _, files in os.walk(p):
             for f in files:

@@ -31,7 +31,9 @@ use tar::{EntryType, Header};
 /// /usr/share/perl at 87-98 MB/s against miniz_oxide's 36-70 MB/s (2% larger
 /// output), and the incompressible fixture `big` at 24 against 13-20 MB/s,
 /// interleaved runs on a loaded 2-core machine. Changing the level or the
-/// backend changes every layer digest.
+/// backend changes every layer digest: change [`LAYER_FORMAT`] with it.
+/// With [`crate::build::pgzip`], level 1 packed the fixture `text` in 25%
+/// less CPU time than level 2 but 43% larger (54% of the tar against 38%).
 pub const GZIP_LEVEL: u32 = 2;
 
 /// Names how layers are packed (tar normalisation, compressor, chunking,
