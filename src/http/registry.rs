@@ -1,6 +1,6 @@
 //! The pull side of the distribution API: `/v2/`, manifests, blobs, tags.
 
-use super::file_body;
+use super::file_body::Opened;
 use super::range::{self, RangeRequest};
 use crate::build::builder::{BuildError, Builder};
 use crate::build::git::GitError;
@@ -9,7 +9,6 @@ use crate::build::manifest::MANIFEST_MEDIA_TYPE;
 use crate::build::nix::NixError;
 use crate::digest::Digest;
 use crate::error::{ApiError, ErrorCode};
-use crate::store::fs::BlobFile;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
@@ -251,16 +250,23 @@ fn manifest_unknown(name: &str) -> ApiError {
 }
 
 /// Opens a blob without blocking the runtime on disk I/O.
-async fn open_blob(builder: &Arc<Builder>, digest: &Digest) -> Result<Option<BlobFile>, ApiError> {
+async fn open_blob(builder: &Arc<Builder>, digest: &Digest) -> Result<Option<Opened>, ApiError> {
     let blobs = builder.blobs().clone();
     let digest = *digest;
-    tokio::task::spawn_blocking(move || blobs.open_blob(&digest))
-        .await
-        .map_err(|_| ApiError::internal("reading a blob"))?
-        .map_err(|e| {
-            tracing::error!(error = %e, "blob open failed");
-            ApiError::internal("reading a blob")
-        })
+    tokio::task::spawn_blocking(
+        move || -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+            match blobs.open_blob(&digest)? {
+                Some(file) => Ok(Some(Opened::new(file)?)),
+                None => Ok(None),
+            }
+        },
+    )
+    .await
+    .map_err(|_| ApiError::internal("reading a blob"))?
+    .map_err(|e| {
+        tracing::error!(error = %e, "blob open failed");
+        ApiError::internal("reading a blob")
+    })
 }
 
 async fn blob(
@@ -280,16 +286,10 @@ async fn blob(
     let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let octets = "application/octet-stream";
     let mut r = match range::parse(range_header, total) {
-        RangeRequest::Full => content_response(
-            file_body::body(file, 0..total),
-            total,
-            &digest,
-            octets,
-            head,
-        ),
+        RangeRequest::Full => content_response(file.body(0..total), total, &digest, octets, head),
         RangeRequest::Partial(span) => {
             let len = span.end - span.start;
-            let body = file_body::body(file, span.clone());
+            let body = file.body(span.clone());
             let mut r = content_response(body, len, &digest, octets, head);
             *r.status_mut() = StatusCode::PARTIAL_CONTENT;
             set(
