@@ -254,10 +254,9 @@ in
   config = mkIf cfg.enable {
     assertions = [
       {
-        assertion = builtins.length sourcesSet == 1;
-        message = "services.nixery: set exactly one package source of channel, pkgsRepo, pkgsPath and flake; set: ${
-          if sourcesSet == [ ] then "none" else concatStringsSep ", " sourcesSet
-        }.";
+        # None set runs a mirror: it serves only what was imported.
+        assertion = builtins.length sourcesSet <= 1;
+        message = "services.nixery: set at most one package source of channel, pkgsRepo, pkgsPath and flake (none for a mirror); set: ${concatStringsSep ", " sourcesSet}.";
       }
       {
         assertion = hasPrefix "/" cfg.storagePath;

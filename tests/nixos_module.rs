@@ -139,23 +139,32 @@ fn module_maps_settings_to_the_binarys_variables() {
 }
 
 #[test]
-fn module_asserts_exactly_one_package_source() {
+fn module_asserts_at_most_one_package_source() {
+    // None is a mirror, which serves what was imported.
     let none = eval("{}");
     let msgs = none["failedAssertions"].as_array().unwrap();
+    assert!(msgs.is_empty(), "{msgs:?}");
+    let env = &none["environment"];
+    for var in [
+        "NIXERY_CHANNEL",
+        "NIXERY_PKGS_REPO",
+        "NIXERY_PKGS_PATH",
+        "NIXERY_FLAKE",
+    ] {
+        assert!(env.get(var).is_none(), "{var} in {env}");
+    }
+    // The build-time check accepts a mirror too.
+    let (ok, stderr) = run_build_check(&none);
+    assert!(ok, "{stderr}");
+    let two = eval(r#"{"channel": "a", "pkgsRepo": "b"}"#);
+    let msgs = two["failedAssertions"].as_array().unwrap();
     assert_eq!(msgs.len(), 1, "{msgs:?}");
     assert!(
         msgs[0]
             .as_str()
             .unwrap()
-            .contains("exactly one package source")
-            && msgs[0].as_str().unwrap().contains("set: none"),
-        "{msgs:?}"
-    );
-    let two = eval(r#"{"channel": "a", "pkgsRepo": "b"}"#);
-    let msgs = two["failedAssertions"].as_array().unwrap();
-    assert_eq!(msgs.len(), 1, "{msgs:?}");
-    assert!(
-        msgs[0].as_str().unwrap().contains("set: channel, pkgsRepo"),
+            .contains("at most one package source")
+            && msgs[0].as_str().unwrap().contains("set: channel, pkgsRepo"),
         "{msgs:?}"
     );
     let secret_in_store = eval(r#"{"channel": "a", "environmentFile": "/nix/store/x-env"}"#);
