@@ -365,6 +365,11 @@ impl Builder {
         self.db.is_manifest(digest)
     }
 
+    /// Manifests held in memory.
+    pub(crate) fn hot(&self) -> &HotManifests {
+        &self.hot
+    }
+
     /// Forgets a manifest held in memory, for whoever deletes its blob.
     pub fn forget_manifest(&self, digest: &Digest) {
         self.hot.forget(digest);

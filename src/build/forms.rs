@@ -53,9 +53,19 @@ impl Builder {
                 media_type: format.manifest_type(),
             }));
         }
+        let media_type = format.manifest_type();
+        if let Some(form) = self.hot().form(&docker, media_type) {
+            if let Some(bytes) = self.hot().bytes(&form) {
+                return Ok(Some(Served {
+                    digest: form,
+                    bytes,
+                    media_type,
+                }));
+            }
+        }
         let blobs = self.blobs().clone();
         let db = self.db().clone();
-        blocking(move || {
+        let served = blocking(move || {
             let Some(blob) = blobs.get(&docker)? else {
                 return Ok(None);
             };
@@ -76,7 +86,14 @@ impl Builder {
                 media_type,
             }))
         })
-        .await
+        .await?;
+        // Converted and stored once; from memory after that.
+        if let Some(served) = &served {
+            self.hot().remember_form(docker, media_type, served.digest);
+            self.hot()
+                .remember_bytes(served.digest, served.bytes.clone());
+        }
+        Ok(served)
     }
 
     /// The index in `format` of `name:tag` built for each of its

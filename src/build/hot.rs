@@ -1,6 +1,7 @@
 //! Hot manifests in memory: which manifest an image's cache key names and
-//! when that was checked, and manifest bytes by digest. A warm pull is
-//! answered from here without touching the database or the disk.
+//! when that was checked, manifest bytes by digest, and which digest a
+//! Docker manifest has in another form (OCI). A warm pull is answered from
+//! here without touching the database or the disk.
 //!
 //! Both maps are bounded; past the bound an arbitrary entry makes room,
 //! and the next request for it reads the database again.
@@ -28,6 +29,8 @@ pub struct Named {
 pub struct HotManifests {
     keys: RwLock<HashMap<String, Named>>,
     bytes: RwLock<HashMap<Digest, Bytes>>,
+    /// (Docker manifest, media type of the other form) -> that form's digest.
+    forms: RwLock<HashMap<(Digest, &'static str), Digest>>,
 }
 
 /// The maps hold plain data: usable after a panic elsewhere.
@@ -68,11 +71,21 @@ impl HotManifests {
         }
     }
 
-    /// Drops a manifest and every key naming it, e.g. when its blob is
-    /// deleted: the next request reads the database and the disk again.
+    /// The digest of `docker` in the form of `media_type`, if known.
+    pub fn form(&self, docker: &Digest, media_type: &'static str) -> Option<Digest> {
+        read(&self.forms).get(&(*docker, media_type)).copied()
+    }
+
+    pub fn remember_form(&self, docker: Digest, media_type: &'static str, form: Digest) {
+        insert_bounded(&mut write(&self.forms), (docker, media_type), form);
+    }
+
+    /// Drops a manifest and every key or form naming it, e.g. when its blob
+    /// is deleted: the next request reads the database and the disk again.
     pub fn forget(&self, digest: &Digest) {
         write(&self.bytes).remove(digest);
         write(&self.keys).retain(|_, n| n.digest != *digest);
+        write(&self.forms).retain(|(from, _), to| from != digest && to != digest);
     }
 }
 
@@ -90,12 +103,17 @@ mod tests {
         };
         hot.remember("k", named);
         hot.remember_bytes(d, Bytes::from_static(b"{}"));
+        let oci = Digest::of(b"oci form");
+        hot.remember_form(d, "oci", oci);
         assert_eq!(hot.named("k"), Some(named));
         assert_eq!(hot.bytes(&d).as_deref(), Some(&b"{}"[..]));
+        assert_eq!(hot.form(&d, "oci"), Some(oci));
+        assert_eq!(hot.form(&d, "other"), None);
 
         hot.forget(&d);
         assert_eq!(hot.named("k"), None);
         assert_eq!(hot.bytes(&d), None);
+        assert_eq!(hot.form(&d, "oci"), None);
 
         hot.remember_bytes(d, Bytes::from(vec![0u8; MAX_MANIFEST_BYTES + 1]));
         assert_eq!(hot.bytes(&d), None);
