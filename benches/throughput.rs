@@ -1,5 +1,6 @@
-//! Throughput figures (not a test): `cargo bench --bench throughput`, or
-//! `scripts/bench`. Prints
+//! Throughput figures (not a test): `cargo bench --bench throughput`, an
+//! in-process complement to `scripts/bench` (which measures the release
+//! binary as a user runs it). Prints
 //! - layer packing throughput, MB/s of store bytes, for the fixture's
 //!   > 100 MB closure (`big`);
 //! - warm manifest GETs per second against a running server;

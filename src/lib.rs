@@ -146,6 +146,22 @@ pub fn router(builder: Arc<Builder>, auth: Option<Arc<http::auth::Auth>>) -> Rou
         .with_state(builder)
 }
 
+/// How often request counts kept in memory are written to the database.
+const COUNT_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Writes the request counts kept in memory to the database, forever.
+async fn flush_counts_every(status: Arc<observe::status::Status>, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let status = Arc::clone(&status);
+        if let Err(e) = tokio::task::spawn_blocking(move || status.flush_counts()).await {
+            tracing::warn!(error = %e, "could not record request counts");
+        }
+    }
+}
+
 /// A server bound to its address, ready to run.
 pub struct Server {
     listener: tokio::net::TcpListener,
@@ -294,6 +310,8 @@ impl Server {
         let db = self.builder.db().clone();
         let collector = Arc::clone(self.builder.collector());
         let background = tokio::spawn(Arc::clone(&collector).run_in_background());
+        let status = Arc::clone(self.builder.status());
+        let flusher = tokio::spawn(flush_counts_every(Arc::clone(&status), COUNT_FLUSH));
         let watcher = self.auth.as_ref().map(|a| a.watch());
         let app = router(self.builder, self.auth);
         http::conn::serve(self.listener, app, self.limits, shutdown).await?;
@@ -301,7 +319,11 @@ impl Server {
             w.abort();
         }
         background.abort();
+        flusher.abort();
         collector.flush_pulls().await;
+        if let Err(e) = tokio::task::spawn_blocking(move || status.flush_counts()).await {
+            tracing::warn!(error = %e, "could not record request counts at shutdown");
+        }
         if let Err(e) = db.flush().await {
             tracing::warn!(error = %e, "could not flush the database at shutdown");
         }

@@ -5,6 +5,7 @@
 use crate::build::archive::{self, ArchiveError, PackedLayer};
 use crate::build::cache::FailureCache;
 use crate::build::git::GitError;
+use crate::build::hot::{HotManifests, Named};
 use crate::build::image::{Arch, ImageSpec, SSL_CERT_FILE};
 use crate::build::layers::{self, LayerError};
 use crate::build::manifest::{self, ImageConfig, LayerBlob, ManifestError};
@@ -21,6 +22,7 @@ use crate::store::db::{
 };
 use crate::store::fs::{BlobError, BlobStore, PinSet};
 use crate::store::{Storage, StoreError};
+use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use sha2::{Digest as _, Sha256};
 use std::collections::{BTreeMap, HashMap};
@@ -238,6 +240,10 @@ pub struct Builder {
     failures: FailureCache<BuildError>,
     status: Arc<Status>,
     collector: Arc<Collector>,
+    hot: HotManifests,
+    /// The collector's generation the hot manifests were checked against:
+    /// a collection that deleted blobs makes them all suspect.
+    hot_generation: AtomicU64,
 }
 
 fn now_unix() -> u64 {
@@ -317,6 +323,8 @@ impl Builder {
             failures: FailureCache::default(),
             status,
             collector,
+            hot: HotManifests::default(),
+            hot_generation: AtomicU64::new(0),
         })
     }
 
@@ -427,17 +435,87 @@ impl Builder {
         blocking(move || Ok(Self::complete(&blobs, &digest))).await
     }
 
-    /// A cached manifest that may be served without asking Nix.
+    /// A cached manifest that may be served without asking Nix: from
+    /// memory when it is hot, else from the database and the disk (which
+    /// makes it hot).
     async fn fresh_cached(&self, key: &str, tag: &str) -> Result<Option<Digest>, BuildError> {
+        let generation = self.collector.generation();
+        if self.hot_generation.swap(generation, Ordering::Relaxed) != generation {
+            self.hot.clear();
+        }
+        let named = match self.hot.named(key) {
+            Some(named) if self.hot.bytes(&named.digest).is_some() => named,
+            _ => {
+                let Some(named) = self.cached_on_disk(key).await? else {
+                    return Ok(None);
+                };
+                self.hot.remember(key, named);
+                named
+            }
+        };
+        let age = now_unix().saturating_sub(named.checked_at);
+        let fresh = self.settings.source.is_pinned(tag) || age < self.settings.cache_ttl.as_secs();
+        Ok(fresh.then_some(named.digest))
+    }
+
+    /// The manifest the database names for `key`, if its blob is stored;
+    /// its bytes are kept in memory on the way.
+    async fn cached_on_disk(&self, key: &str) -> Result<Option<Named>, BuildError> {
         let Some(record) = self.manifest_record(key).await? else {
             return Ok(None);
         };
         if !self.servable(&record.digest).await? {
             return Ok(None);
         }
-        let age = now_unix().saturating_sub(record.checked_at);
-        let fresh = self.settings.source.is_pinned(tag) || age < self.settings.cache_ttl.as_secs();
-        Ok(fresh.then_some(record.digest))
+        if self.manifest_bytes(&record.digest).await?.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Named {
+            digest: record.digest,
+            checked_at: record.checked_at,
+        }))
+    }
+
+    /// A stored manifest's bytes: from memory, or read from the blob store
+    /// (off the async runtime) and kept in memory.
+    pub async fn manifest_bytes(&self, digest: &Digest) -> Result<Option<Bytes>, BuildError> {
+        if let Some(bytes) = self.hot.bytes(digest) {
+            return Ok(Some(bytes));
+        }
+        let blobs = self.blobs.clone();
+        let d = *digest;
+        let blob = tokio::task::spawn_blocking(move || blobs.get(&d))
+            .await
+            .map_err(|e| BuildError::Task(e.to_string()))??;
+        // A copy, not the mapping: manifests are small, and a mapping kept
+        // per manifest would cost a file descriptor's worth each.
+        let bytes = match blob {
+            Some(b) => Some(Bytes::copy_from_slice(b.as_ref())),
+            // Another replica's, in the bucket.
+            None if self.storage.is_shared() => {
+                crate::store::read_all(
+                    self.storage.as_ref(),
+                    digest,
+                    crate::build::forms::MANIFEST_MAX_BYTES,
+                )
+                .await?
+            }
+            None => None,
+        };
+        if let Some(bytes) = &bytes {
+            self.hot.remember_bytes(*digest, bytes.clone());
+        }
+        Ok(bytes)
+    }
+
+    /// Manifests held in memory.
+    pub(crate) fn hot(&self) -> &HotManifests {
+        &self.hot
+    }
+
+    /// Forgets a manifest held in memory, for whoever deletes its blob.
+    pub fn forget_manifest(&self, digest: &Digest) {
+        self.hot.forget(digest);
     }
 
     /// The platforms a pull of `name` by tag is built for: the `arm64`
@@ -844,15 +922,21 @@ impl Builder {
             digest: record.digest,
             at: record.checked_at,
         });
+        let hot = Named {
+            digest: record.digest,
+            checked_at: record.checked_at,
+        };
         let db = self.db.clone();
         let (image, tag) = (image.to_owned(), spec.tag.clone());
         blocking(move || {
             if let Some(named) = named {
                 db.put_tag_record(TagTree::Built, &image, &tag, &named)?;
             }
-            Ok(record.digest)
+            Ok(())
         })
-        .await
+        .await?;
+        self.hot.remember(key, hot);
+        Ok(hot.digest)
     }
 
     /// The run settings and labels of an image (not its layers).
@@ -893,9 +977,15 @@ impl Builder {
         let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
         let mut jobs: Vec<(String, Vec<PathBuf>, bool)> = plan
             .iter()
-            .map(|l| (l.key(), l.paths.iter().map(PathBuf::from).collect(), false))
+            .map(|l| {
+                // The format in the key: layers packed another way are
+                // never mixed with these.
+                let key = format!("{}:{}", archive::LAYER_FORMAT, l.key());
+                (key, l.paths.iter().map(PathBuf::from).collect(), false)
+            })
             .collect();
-        let symlink_key = hex_sha256(&["symlink-layer-v1", &outs.join("\n")]);
+        let symlink_key =
+            hex_sha256(&["symlink-layer-v1", archive::LAYER_FORMAT, &outs.join("\n")]);
         jobs.push((symlink_key, outs.iter().map(PathBuf::from).collect(), true));
         counters.live.set_layers_total(jobs.len() as u64);
         // `buffered` keeps the plan's order while packing several at once.

@@ -7,7 +7,6 @@ use crate::build::builder::{blocking, BuildError, Builder};
 use crate::build::image::Arch;
 use crate::build::manifest::{self, Document, Format, PlatformManifest};
 use crate::digest::Digest;
-use crate::store;
 use bytes::Bytes;
 use std::sync::Arc;
 
@@ -30,13 +29,12 @@ impl Builder {
         docker: Digest,
         format: Format,
     ) -> Result<Option<Served>, BuildError> {
-        // Wherever it is stored: a replica may not have built it.
-        let Some(bytes) =
-            store::read_all(self.storage().as_ref(), &docker, MANIFEST_MAX_BYTES).await?
-        else {
+        let media_type = format.manifest_type();
+        // The form every build stores: hot in memory after one read, from
+        // wherever it is stored (a replica may not have built it).
+        let Some(bytes) = self.manifest_bytes(&docker).await? else {
             return Ok(None);
         };
-        let media_type = format.manifest_type();
         if format == Format::Docker {
             return Ok(Some(Served {
                 digest: docker,
@@ -44,11 +42,24 @@ impl Builder {
                 media_type,
             }));
         }
+        if let Some(form) = self.hot().form(&docker, media_type) {
+            if let Some(bytes) = self.hot().bytes(&form) {
+                return Ok(Some(Served {
+                    digest: form,
+                    bytes,
+                    media_type,
+                }));
+            }
+        }
         let doc = manifest::convert(&bytes, format)?;
         self.keep_document(&doc).await?;
+        // Converted and stored once; from memory after that.
+        let bytes = Bytes::from(doc.json);
+        self.hot().remember_form(docker, media_type, doc.digest);
+        self.hot().remember_bytes(doc.digest, bytes.clone());
         Ok(Some(Served {
             digest: doc.digest,
-            bytes: doc.json.into(),
+            bytes,
             media_type,
         }))
     }

@@ -5,6 +5,7 @@ pub mod accept;
 pub mod admin;
 pub mod auth;
 pub mod conn;
+pub mod file_body;
 pub mod format;
 pub mod observe;
 pub mod range;

@@ -1,6 +1,7 @@
 //! The pull side of the distribution API: `/v2/`, manifests, blobs, tags.
 
 use super::accept::Accept;
+use super::file_body::Opened as OpenFile;
 use super::range::{self, RangeRequest};
 use crate::build::builder::{BuildError, Builder};
 use crate::build::forms::Served;
@@ -10,13 +11,12 @@ use crate::build::manifest::{self, MANIFEST_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE};
 use crate::build::nix::NixError;
 use crate::digest::Digest;
 use crate::error::{ApiError, ErrorCode};
-use crate::store::{self, Opened, StoreError};
+use crate::store::{Opened, StoreError};
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -245,14 +245,15 @@ fn storage_error(e: &StoreError) -> ApiError {
     }
 }
 
-/// Headers for anything addressed by its digest.
-fn content_response(bytes: Bytes, digest: &Digest, content_type: &str, head: bool) -> Response {
-    let len = bytes.len() as u64;
-    let body = if head {
-        Body::empty()
-    } else {
-        Body::from(bytes)
-    };
+/// Headers for anything addressed by its digest; `body` has `len` bytes.
+fn content_response(
+    body: Body,
+    len: u64,
+    digest: &Digest,
+    content_type: &str,
+    head: bool,
+) -> Response {
+    let body = if head { Body::empty() } else { body };
     digest_response(body, len, digest, content_type)
 }
 
@@ -310,8 +311,10 @@ async fn manifest(
                 .ok_or_else(|| manifest_unknown(name))?
         }
     };
+    let len = served.bytes.len() as u64;
     Ok(content_response(
-        served.bytes,
+        Body::from(served.bytes),
+        len,
         &served.digest,
         served.media_type,
         head,
@@ -333,12 +336,16 @@ async fn manifest_by_digest(
     if !known {
         return Err(manifest_unknown(name));
     }
-    let bytes = read_manifest(builder, &digest)
-        .await?
+    let bytes = builder
+        .manifest_bytes(&digest)
+        .await
+        .map_err(|e| build_error(&e))?
         .ok_or_else(|| manifest_unknown(name))?;
     let media_type = manifest::media_type_of(&bytes);
+    let len = bytes.len() as u64;
     let mut r = content_response(
-        bytes,
+        Body::from(bytes),
+        len,
         &digest,
         media_type.as_deref().unwrap_or(MANIFEST_MEDIA_TYPE),
         head,
@@ -371,17 +378,6 @@ fn manifest_unknown(name: &str) -> ApiError {
     )
 }
 
-/// A manifest's bytes: small, so read whole wherever they are stored.
-async fn read_manifest(builder: &Arc<Builder>, digest: &Digest) -> Result<Option<Bytes>, ApiError> {
-    store::read_all(
-        builder.storage().as_ref(),
-        digest,
-        crate::build::forms::MANIFEST_MAX_BYTES,
-    )
-    .await
-    .map_err(|e| storage_error(&e))
-}
-
 fn blob_unknown(digest: &Digest) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
@@ -390,19 +386,99 @@ fn blob_unknown(digest: &Digest) -> ApiError {
     )
 }
 
+/// Opens a blob without blocking the runtime on disk I/O.
+async fn open_blob(builder: &Arc<Builder>, digest: &Digest) -> Result<Option<OpenFile>, ApiError> {
+    let blobs = builder.blobs().clone();
+    let digest = *digest;
+    tokio::task::spawn_blocking(
+        move || -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+            match blobs.open_blob(&digest)? {
+                Some(file) => Ok(Some(OpenFile::new(file)?)),
+                None => Ok(None),
+            }
+        },
+    )
+    .await
+    .map_err(|_| ApiError::internal("reading a blob"))?
+    .map_err(|e| {
+        tracing::error!(error = %e, "blob open failed");
+        ApiError::internal("reading a blob")
+    })
+}
+
+/// The part of a blob of `total` bytes that a request asks for (None: all
+/// of it), or the `416` to answer.
+fn requested_span(
+    headers: &HeaderMap,
+    total: u64,
+    head: bool,
+) -> Result<Option<std::ops::Range<u64>>, Box<Response>> {
+    let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    match range::parse(range_header, total) {
+        RangeRequest::Full => Ok(None),
+        RangeRequest::Partial(span) => Ok(Some(span)),
+        RangeRequest::Unsatisfiable => {
+            let mut r = ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                ErrorCode::Unsupported,
+                format!("range not satisfiable for a blob of {total} bytes"),
+            )
+            .into_response();
+            set(&mut r, header::CONTENT_RANGE, &format!("bytes */{total}"));
+            Err(Box::new(with_head(r, head)))
+        }
+    }
+}
+
+/// A blob (or the `span` of it) of `total` bytes.
+fn blob_response(
+    body: Body,
+    span: Option<std::ops::Range<u64>>,
+    total: u64,
+    digest: &Digest,
+    head: bool,
+) -> Response {
+    let len = span.as_ref().map_or(total, |s| s.end - s.start);
+    let mut r = content_response(body, len, digest, "application/octet-stream", head);
+    if let Some(span) = span {
+        *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+        set(
+            &mut r,
+            header::CONTENT_RANGE,
+            &format!("bytes {}-{}/{total}", span.start, span.end - 1),
+        );
+    }
+    set(&mut r, header::CACHE_CONTROL, IMMUTABLE);
+    r
+}
+
 async fn blob(
     builder: &Arc<Builder>,
     digest: Digest,
     headers: &HeaderMap,
     head: bool,
 ) -> Result<Response, ApiError> {
+    // On this replica's disk: sent from the file, a slice at a time.
+    if let Some(file) = open_blob(builder, &digest).await? {
+        let total = file.len();
+        let span = match requested_span(headers, total, head) {
+            Ok(span) => span,
+            Err(refused) => return Ok(*refused),
+        };
+        let body = file.body(span.clone().unwrap_or(0..total));
+        return Ok(blob_response(body, span, total, &digest, head));
+    }
     let storage = builder.storage();
+    if !storage.is_shared() {
+        return Err(blob_unknown(&digest));
+    }
+    // In the bucket: proxied, or a redirect to a presigned URL.
     let opened = storage
         .open(&digest, !head)
         .await
         .map_err(|e| storage_error(&e))?
         .ok_or_else(|| blob_unknown(&digest))?;
-    let (total, bytes) = match opened {
+    let (total, local) = match opened {
         Opened::Local(blob) => {
             let bytes = blob.into_bytes();
             (bytes.len() as u64, Some(bytes))
@@ -419,53 +495,24 @@ async fn blob(
             return Ok(r);
         }
     };
-    let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
-    let span = match range::parse(range_header, total) {
-        RangeRequest::Full => None,
-        RangeRequest::Partial(span) => Some(span.start..span.end),
-        RangeRequest::Unsatisfiable => {
-            let mut r = ApiError::new(
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                ErrorCode::Unsupported,
-                format!("range not satisfiable for a blob of {total} bytes"),
-            )
-            .into_response();
-            set(&mut r, header::CONTENT_RANGE, &format!("bytes */{total}"));
-            return Ok(with_head(r, head));
-        }
+    let span = match requested_span(headers, total, head) {
+        Ok(span) => span,
+        Err(refused) => return Ok(*refused),
     };
-    let mut r = match (bytes, &span) {
-        (Some(bytes), None) => content_response(bytes, &digest, "application/octet-stream", head),
-        (Some(bytes), Some(span)) => content_response(
-            bytes.slice(span.start as usize..span.end as usize),
-            &digest,
-            "application/octet-stream",
-            head,
+    let body = match local {
+        Some(bytes) => {
+            let s = span.clone().unwrap_or(0..total);
+            Body::from(bytes.slice(s.start as usize..s.end as usize))
+        }
+        None if head || span.as_ref().is_some_and(|s| s.is_empty()) => Body::empty(),
+        None => Body::from_stream(
+            storage
+                .read(&digest, span.clone())
+                .await
+                .map_err(|e| storage_error(&e))?,
         ),
-        (None, _) => {
-            let len = span.as_ref().map_or(total, |s| s.end - s.start);
-            let body = if head || len == 0 {
-                Body::empty()
-            } else {
-                let stream = storage
-                    .read(&digest, span.clone())
-                    .await
-                    .map_err(|e| storage_error(&e))?;
-                Body::from_stream(stream)
-            };
-            digest_response(body, len, &digest, "application/octet-stream")
-        }
     };
-    if let Some(span) = span {
-        *r.status_mut() = StatusCode::PARTIAL_CONTENT;
-        set(
-            &mut r,
-            header::CONTENT_RANGE,
-            &format!("bytes {}-{}/{total}", span.start, span.end - 1),
-        );
-    }
-    set(&mut r, header::CACHE_CONTROL, IMMUTABLE);
-    Ok(r)
+    Ok(blob_response(body, span, total, &digest, head))
 }
 
 #[derive(serde::Serialize)]

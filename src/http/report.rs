@@ -165,6 +165,8 @@ impl Report {
     /// runtime.
     pub fn collect(builder: &Builder) -> Result<Report, ReportError> {
         let status = builder.status();
+        // Counts still in memory first, so the page is up to date.
+        status.flush_counts();
         let db = builder.db();
         let (manifests, layers) = db.counts();
         let (blobs, blob_bytes) = builder.blobs().stats();

@@ -5,7 +5,7 @@
 use crate::observe::metrics::{BuildResult, CacheResult, Metrics};
 use crate::store::db::{BuildOutcome, BuildRecord, Db, ErrorRecord, Lookup};
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -150,6 +150,15 @@ pub struct Instance {
     pub storage_location: String,
 }
 
+/// Manifest requests counted in memory since the last write to the
+/// database, so that a warm pull writes nothing.
+#[derive(Debug, Default)]
+struct PendingCounts {
+    hits: u64,
+    misses: u64,
+    pulls: HashMap<String, u64>,
+}
+
 /// An image served from cache because its source could not be reached.
 #[derive(Debug, Clone, Serialize)]
 pub struct StaleServe {
@@ -172,6 +181,7 @@ pub struct Status {
     instance: Instance,
     next_id: AtomicU64,
     live: LiveMap,
+    pending: Mutex<PendingCounts>,
 }
 
 impl Status {
@@ -182,6 +192,7 @@ impl Status {
             instance,
             next_id: AtomicU64::new(0),
             live: LiveMap::default(),
+            pending: Mutex::default(),
             stale: Mutex::default(),
         })
     }
@@ -302,8 +313,31 @@ impl Status {
             Lookup::Hit => CacheResult::hit,
             Lookup::Miss => CacheResult::miss,
         });
-        if let Err(e) = self.db.count_manifest_request(image, lookup, served) {
-            tracing::warn!(error = %e, "could not count a manifest request");
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        match lookup {
+            Lookup::Hit => pending.hits += 1,
+            Lookup::Miss => pending.misses += 1,
+        }
+        if served {
+            match pending.pulls.get_mut(image) {
+                Some(n) => *n += 1,
+                None => {
+                    pending.pulls.insert(image.to_owned(), 1);
+                }
+            }
+        }
+    }
+
+    /// Writes the manifest requests counted in memory to the database; the
+    /// server calls it every few seconds, at shutdown and before reading
+    /// the counts. Blocking.
+    pub fn flush_counts(&self) {
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        if let Err(e) = self
+            .db
+            .add_manifest_requests(pending.hits, pending.misses, &pending.pulls)
+        {
+            tracing::warn!(error = %e, "could not record manifest request counts");
         }
     }
 }
@@ -384,9 +418,18 @@ mod tests {
         assert_eq!(errors[0].stderr_tail, "boom");
         assert_eq!(errors[1].message, "packages not found: x");
         s.manifest_requested("hello", Lookup::Hit, true);
-        assert_eq!(s.db.lookups().unwrap(), (1, 0));
+        s.manifest_requested("hello", Lookup::Miss, true);
+        s.manifest_requested("hello", Lookup::Hit, true);
+        s.manifest_requested("gone", Lookup::Miss, false);
+        // Counted in memory: nothing written until the flush.
+        assert_eq!(s.db.lookups().unwrap(), (0, 0));
+        s.flush_counts();
+        assert_eq!(s.db.lookups().unwrap(), (2, 2));
+        assert_eq!(s.db.pulls().unwrap(), vec![("hello".into(), 3)]);
+        s.flush_counts();
+        assert_eq!(s.db.lookups().unwrap(), (2, 2));
         let text = s.metrics().encode().unwrap();
         assert!(text.contains("nixery_builds_total{result=\"failed\"} 1"));
-        assert!(text.contains("nixery_manifest_cache_lookups_total{result=\"hit\"} 1"));
+        assert!(text.contains("nixery_manifest_cache_lookups_total{result=\"hit\"} 2"));
     }
 }

@@ -26,6 +26,8 @@ pub struct Collector {
     last: Mutex<Option<Report>>,
     /// One collection at a time.
     running: tokio::sync::Mutex<()>,
+    /// See [`Collector::generation`].
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl Collector {
@@ -39,7 +41,14 @@ impl Collector {
             wake: Notify::new(),
             last: Mutex::new(None),
             running: tokio::sync::Mutex::new(()),
+            generation: Default::default(),
         })
+    }
+
+    /// Grows with every collection that deleted blobs: what was known to
+    /// be stored before may be gone.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn policy(&self) -> &Policy {
@@ -74,6 +83,10 @@ impl Collector {
         })
         .await
         .map_err(|e| gc::GcError::Task(e.to_string()))??;
+        if report.blobs_deleted > 0 && !report.dry_run {
+            self.generation
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(report.clone());
         Ok(report)
     }

@@ -7,13 +7,13 @@
 //! Blob paths are only ever built from a parsed [`Digest`].
 
 use crate::digest::{Digest, HashingWriter};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
@@ -52,13 +52,25 @@ struct Dirs {
     blobs: PathBuf,
     /// `<root>/tmp`
     tmp: PathBuf,
-    /// Stored blobs and their bytes: counted once at open, then kept up to
-    /// date by commits, so stats never walk the directory.
+    /// Stored blobs and their bytes: counted once after open, then kept up
+    /// to date by commits, so stats never walk the directory.
     count: AtomicU64,
     bytes: AtomicU64,
     /// Blobs in use by a response or a build in flight: the garbage
     /// collector deletes none of them (see [`BlobStore::delete_unless_pinned`]).
     pins: Mutex<PinTable>,
+    /// While the count after open runs (in the background, so that a large
+    /// store does not slow start-up): the blobs committed since it began,
+    /// which it must not count again. None once it is done.
+    counting: Mutex<Option<HashSet<String>>>,
+    counted: Condvar,
+}
+
+impl Dirs {
+    /// The set is plain data: usable after a panic elsewhere.
+    fn counting(&self) -> MutexGuard<'_, Option<HashSet<String>>> {
+        self.counting.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// How many holders each pinned blob has, and how many builds' pin sets
@@ -173,15 +185,22 @@ impl BlobStore {
             tracing::info!(removed, dir = %tmp.display(), "removed leftover temp blobs");
         }
 
-        let (count, bytes) = scan(&blobs)?;
+        let dirs = Arc::new(Dirs {
+            blobs,
+            tmp,
+            count: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            counting: Mutex::new(Some(HashSet::new())),
+            counted: Condvar::new(),
+            pins: Mutex::default(),
+        });
+        let counter = Arc::clone(&dirs);
+        std::thread::Builder::new()
+            .name("blob-count".into())
+            .spawn(move || count_stored(&counter))
+            .map_err(io_err("starting the blob count for", root))?;
         Ok(BlobStore {
-            dirs: Arc::new(Dirs {
-                blobs,
-                tmp,
-                count: AtomicU64::new(count),
-                bytes: AtomicU64::new(bytes),
-                pins: Mutex::default(),
-            }),
+            dirs,
             pin_into: None,
         })
     }
@@ -379,8 +398,31 @@ impl BlobStore {
         Ok(found)
     }
 
-    /// Count and total bytes of stored blobs.
+    /// The blob opened for reading in pieces (for serving large blobs
+    /// without mapping or holding them whole), or None if it is not stored.
+    pub fn open_blob(&self, digest: &Digest) -> Result<Option<BlobFile>, BlobError> {
+        let path = self.path_of(digest);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("opening", &path)(e)),
+        };
+        let len = file.metadata().map_err(io_err("stat", &path))?.len();
+        Ok(Some(BlobFile { file, len }))
+    }
+
+    /// Count and total bytes of stored blobs. Right after open it waits
+    /// for the count of what was stored before: blocking.
     pub fn stats(&self) -> (u64, u64) {
+        let mut counting = self.dirs.counting();
+        while counting.is_some() {
+            counting = self
+                .dirs
+                .counted
+                .wait(counting)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        drop(counting);
         (
             self.dirs.count.load(Ordering::Relaxed),
             self.dirs.bytes.load(Ordering::Relaxed),
@@ -477,12 +519,32 @@ impl BlobStore {
     }
 }
 
-/// Counts the blobs under `root` and their bytes.
-fn scan(root: &Path) -> Result<(u64, u64), BlobError> {
+/// Counts the blobs stored at open, leaving out those committed since
+/// (commits count themselves), then ends the counting phase.
+fn count_stored(dirs: &Dirs) {
+    let committed_since = |name: &str| dirs.counting().as_ref().is_some_and(|s| s.contains(name));
+    let (count, bytes) = match scan(&dirs.blobs, committed_since) {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not count stored blobs; stats will be low");
+            (0, 0)
+        }
+    };
+    let mut counting = dirs.counting();
+    dirs.count.fetch_add(count, Ordering::Relaxed);
+    dirs.bytes.fetch_add(bytes, Ordering::Relaxed);
+    *counting = None;
+    dirs.counted.notify_all();
+}
+
+/// Counts the blobs under `root` and their bytes, except those `skip` names.
+fn scan(root: &Path, skip: impl Fn(&str) -> bool) -> Result<(u64, u64), BlobError> {
     let (mut count, mut bytes) = (0u64, 0u64);
-    walk(root, |_, len| {
-        count += 1;
-        bytes += len;
+    walk(root, |digest, len| {
+        if !skip(&digest.hex()) {
+            count += 1;
+            bytes += len;
+        }
     })?;
     Ok((count, bytes))
 }
@@ -670,6 +732,15 @@ impl BlobStore {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(io_err("creating", &shard)(e)),
         }
+        // While the blobs stored before open are being counted, the count
+        // must skip this one: it counts itself. Marked before the link, so
+        // that the count cannot see it unmarked.
+        let hex = digest.hex();
+        let marked = self
+            .dirs
+            .counting()
+            .as_mut()
+            .is_some_and(|s| s.insert(hex.clone()));
         // A link, not a rename: it fails if a concurrent writer of the same
         // content got there first, so each blob is counted once. The temp
         // name goes when `tmp` drops; a crash leaves it for `open` to clear.
@@ -678,10 +749,43 @@ impl BlobStore {
                 self.dirs.count.fetch_add(1, Ordering::Relaxed);
                 self.dirs.bytes.fetch_add(len, Ordering::Relaxed);
             }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
-            Err(e) => return Err(io_err("linking into place", tmp.path())(e)),
+            Err(e) => {
+                // Not ours after all: whatever is there is counted by the scan.
+                if marked {
+                    if let Some(s) = self.dirs.counting().as_mut() {
+                        s.remove(&hex);
+                    }
+                }
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    return Ok(());
+                }
+                return Err(io_err("linking into place", tmp.path())(e));
+            }
         }
         sync_dir(&shard)
+    }
+}
+
+/// A stored blob opened for positioned reads. Committed blobs never change,
+/// so its length holds for as long as it is open, even if it is removed.
+#[derive(Debug)]
+pub struct BlobFile {
+    file: File,
+    len: u64,
+}
+
+impl BlobFile {
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`; blocking.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset)
     }
 }
 
@@ -765,6 +869,21 @@ mod tests {
         let absent = Digest::of(b"absent");
         assert!(!store.contains(&absent));
         assert!(store.get(&absent).unwrap().is_none());
+    }
+
+    #[test]
+    fn open_blob_reads_at_offsets() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let d = store.put(b"0123456789").unwrap();
+        let f = store.open_blob(&d).unwrap().unwrap();
+        assert_eq!(f.len(), 10);
+        let mut buf = [0u8; 4];
+        f.read_exact_at(&mut buf, 3).unwrap();
+        assert_eq!(&buf, b"3456");
+        let err = f.read_exact_at(&mut buf, 8).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(store.open_blob(&Digest::of(b"absent")).unwrap().is_none());
     }
 
     #[test]
@@ -890,6 +1009,23 @@ mod tests {
         // A reopened store counts what is on disk.
         drop(store);
         assert_eq!(BlobStore::open(dir.path()).unwrap().stats(), (3, 8));
+    }
+
+    #[test]
+    fn commits_while_counting_after_open_are_counted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let before: Vec<Vec<u8>> = (0..300u32).map(|i| i.to_le_bytes().to_vec()).collect();
+        for b in &before {
+            store.put(b).unwrap();
+        }
+        drop(store);
+        // Reopen and commit new and already stored blobs while it counts.
+        let store = BlobStore::open(dir.path()).unwrap();
+        for i in 0..300u32 {
+            store.put(&(i + 150).to_le_bytes()).unwrap();
+        }
+        assert_eq!(store.stats(), (450, 450 * 4));
     }
 
     #[test]

@@ -162,8 +162,19 @@ fn be_u64(bytes: &[u8]) -> u64 {
 }
 
 fn increment(tree: &sled::Tree, key: &[u8]) -> Result<(), DbError> {
+    add(tree, key, 1)
+}
+
+fn add(tree: &sled::Tree, key: &[u8], n: u64) -> Result<(), DbError> {
+    if n == 0 {
+        return Ok(());
+    }
     tree.update_and_fetch(key, |old| {
-        Some((old.map(be_u64).unwrap_or(0) + 1).to_be_bytes().to_vec())
+        Some(
+            (old.map(be_u64).unwrap_or(0).saturating_add(n))
+                .to_be_bytes()
+                .to_vec(),
+        )
     })?;
     Ok(())
 }
@@ -452,6 +463,22 @@ impl Db {
         increment(&self.lookups, lookup.key().as_bytes())?;
         if served {
             increment(&self.pulls, image.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Adds manifest requests counted in memory: answered from the cache
+    /// (`hits`) and not, and pulls per image.
+    pub fn add_manifest_requests(
+        &self,
+        hits: u64,
+        misses: u64,
+        pulls: &std::collections::HashMap<String, u64>,
+    ) -> Result<(), DbError> {
+        add(&self.lookups, Lookup::Hit.key().as_bytes(), hits)?;
+        add(&self.lookups, Lookup::Miss.key().as_bytes(), misses)?;
+        for (image, n) in pulls {
+            add(&self.pulls, image.as_bytes(), *n)?;
         }
         Ok(())
     }
