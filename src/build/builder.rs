@@ -439,17 +439,13 @@ impl Builder {
     /// memory when it is hot, else from the database and the disk (which
     /// makes it hot).
     async fn fresh_cached(&self, key: &str, tag: &str) -> Result<Option<Digest>, BuildError> {
-        let generation = self.collector.generation();
-        if self.hot_generation.swap(generation, Ordering::Relaxed) != generation {
-            self.hot.clear();
-        }
-        let named = match self.hot.named(key) {
-            Some(named) if self.hot.bytes(&named.digest).is_some() => named,
+        let named = match self.hot().named(key) {
+            Some(named) if self.hot().bytes(&named.digest).is_some() => named,
             _ => {
                 let Some(named) = self.cached_on_disk(key).await? else {
                     return Ok(None);
                 };
-                self.hot.remember(key, named);
+                self.hot().remember(key, named);
                 named
             }
         };
@@ -479,7 +475,7 @@ impl Builder {
     /// A stored manifest's bytes: from memory, or read from the blob store
     /// (off the async runtime) and kept in memory.
     pub async fn manifest_bytes(&self, digest: &Digest) -> Result<Option<Bytes>, BuildError> {
-        if let Some(bytes) = self.hot.bytes(digest) {
+        if let Some(bytes) = self.hot().bytes(digest) {
             return Ok(Some(bytes));
         }
         let blobs = self.blobs.clone();
@@ -503,19 +499,24 @@ impl Builder {
             None => None,
         };
         if let Some(bytes) = &bytes {
-            self.hot.remember_bytes(*digest, bytes.clone());
+            self.hot().remember_bytes(*digest, bytes.clone());
         }
         Ok(bytes)
     }
 
-    /// Manifests held in memory.
+    /// Manifests held in memory; all dropped once a collection deleted
+    /// blobs, since any of them may have gone.
     pub(crate) fn hot(&self) -> &HotManifests {
+        let generation = self.collector.generation();
+        if self.hot_generation.swap(generation, Ordering::Relaxed) != generation {
+            self.hot.clear();
+        }
         &self.hot
     }
 
     /// Forgets a manifest held in memory, for whoever deletes its blob.
     pub fn forget_manifest(&self, digest: &Digest) {
-        self.hot.forget(digest);
+        self.hot().forget(digest);
     }
 
     /// The platforms a pull of `name` by tag is built for: the `arm64`
@@ -935,7 +936,7 @@ impl Builder {
             Ok(())
         })
         .await?;
-        self.hot.remember(key, hot);
+        self.hot().remember(key, hot);
         Ok(hot.digest)
     }
 

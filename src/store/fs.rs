@@ -401,6 +401,9 @@ impl BlobStore {
     /// The blob opened for reading in pieces (for serving large blobs
     /// without mapping or holding them whole), or None if it is not stored.
     pub fn open_blob(&self, digest: &Digest) -> Result<Option<BlobFile>, BlobError> {
+        // Pinned first: the collector cannot delete it between the open
+        // and the end of the response that holds the file.
+        let pin = self.pin(digest);
         let path = self.path_of(digest);
         let file = match File::open(&path) {
             Ok(f) => f,
@@ -408,7 +411,11 @@ impl BlobStore {
             Err(e) => return Err(io_err("opening", &path)(e)),
         };
         let len = file.metadata().map_err(io_err("stat", &path))?.len();
-        Ok(Some(BlobFile { file, len }))
+        Ok(Some(BlobFile {
+            file,
+            len,
+            _pin: pin,
+        }))
     }
 
     /// Count and total bytes of stored blobs. Right after open it waits
@@ -772,6 +779,8 @@ impl BlobStore {
 pub struct BlobFile {
     file: File,
     len: u64,
+    /// Keeps the collector away while a response reads the file.
+    _pin: Pin,
 }
 
 impl BlobFile {

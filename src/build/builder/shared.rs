@@ -186,7 +186,7 @@ impl Builder {
     /// Whether a manifest digest belongs to an image built here or by
     /// another replica.
     pub async fn is_manifest(&self, digest: &Digest) -> Result<bool, BuildError> {
-        if self.hot.bytes(digest).is_some() || self.db.is_manifest(digest)? {
+        if self.hot().bytes(digest).is_some() || self.db.is_manifest(digest)? {
             return Ok(true);
         }
         if !self.storage.is_shared() {
