@@ -1,6 +1,7 @@
 //! Settings: flags, then the original Nixery's environment variables, then
 //! defaults; validated into a [`Config`] before anything starts.
 
+use crate::build::layering::Strategy;
 use crate::build::source::Source;
 use clap::Args;
 use std::net::{IpAddr, SocketAddr};
@@ -53,6 +54,11 @@ pub struct ServeArgs {
     /// (Docker allows 125 in all).
     #[arg(long, env = "NIXERY_LAYER_BUDGET", default_value_t = 94)]
     pub layer_budget: usize,
+    /// How store paths are grouped into layers: `exclusive` (the default,
+    /// shares best), `largest`, `popularity-contest` or `nixery` (the
+    /// original's).
+    #[arg(long, env = "NIXERY_LAYERING", value_enum, default_value_t = Strategy::default())]
+    pub layering: Strategy,
     /// Seconds a build from a moving source (path, channel name, branch) is
     /// served from cache before it is evaluated again.
     #[arg(long, env = "NIXERY_CACHE_TTL", default_value_t = 300)]
@@ -80,6 +86,7 @@ pub struct Config {
     pub max_concurrent_builds: usize,
     pub nix_options: Vec<(String, String)>,
     pub layer_budget: usize,
+    pub layering: Strategy,
     pub cache_ttl: Duration,
 }
 
@@ -208,6 +215,7 @@ impl ServeArgs {
             max_concurrent_builds: self.max_concurrent_builds,
             nix_options,
             layer_budget: self.layer_budget,
+            layering: self.layering,
             cache_ttl: Duration::from_secs(self.cache_ttl),
         })
     }

@@ -138,10 +138,11 @@ impl Server {
             )
             .with_fetch_ttl(config.cache_ttl),
             layer_budget: config.layer_budget,
+            layering: config.layering,
             cache_ttl: config.cache_ttl,
             max_concurrent_builds: config.max_concurrent_builds,
             gc_roots,
-            popularity,
+            popularity: Arc::new(popularity),
         };
         let status = observe::status::Status::new(
             db.clone(),

@@ -5,7 +5,7 @@
 use crate::build::archive::{self, ArchiveError, PackedLayer};
 use crate::build::git::GitError;
 use crate::build::image::{ImageSpec, SSL_CERT_FILE};
-use crate::build::layers::{self, LayerError};
+use crate::build::layering::{self, LayerError, Strategy};
 use crate::build::manifest::{self, ImageConfig, LayerBlob, ManifestError};
 use crate::build::nix::{Nix, NixError};
 use crate::build::singleflight::SingleFlight;
@@ -94,12 +94,15 @@ pub struct BuilderSettings {
     pub source: Source,
     pub nix: Nix,
     pub layer_budget: usize,
+    pub layering: Strategy,
     pub cache_ttl: Duration,
     pub max_concurrent_builds: usize,
     /// Where each build keeps GC roots for its store paths while it runs.
     pub gc_roots: PathBuf,
-    /// Counts from NIX_POPULARITY_URL; this server's own counts are added.
-    pub popularity: HashMap<String, u64>,
+    /// Counts from NIX_POPULARITY_URL, loaded once at start. Plans use
+    /// these alone (not this server's own build counts), so the same
+    /// closure is layered the same way however old the server is.
+    pub popularity: Arc<HashMap<String, u64>>,
 }
 
 pub struct Builder {
@@ -423,8 +426,7 @@ impl Builder {
             },
             _ => {
                 counters.live.enter(Phase::Packing);
-                let popularity = self.popularity()?;
-                let plan = layers::plan(&closure, &outs, &popularity, self.settings.layer_budget)?;
+                let (closure, outs, plan) = self.plan_layers(closure, outs).await?;
                 phases.finish("layering");
                 let digest = self
                     .pack_and_write(spec, &closure, &outs, plan, counters)
@@ -467,7 +469,7 @@ impl Builder {
         spec: &ImageSpec,
         closure: &[PathInfo],
         outs: &[String],
-        plan: Vec<layers::Layer>,
+        plan: Vec<layering::Layer>,
         counters: &Counters,
     ) -> Result<Digest, BuildError> {
         let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -560,13 +562,22 @@ impl Builder {
         self.settings.gc_roots.join(key)
     }
 
-    /// Popularity from NIX_POPULARITY_URL plus what this server has built.
-    fn popularity(&self) -> Result<HashMap<String, u64>, DbError> {
-        let mut counts = self.settings.popularity.clone();
-        for (name, n) in self.db.popularity()? {
-            *counts.entry(name).or_insert(0) += n;
-        }
-        Ok(counts)
+    /// The layer plan, off the async workers (a large closure takes a
+    /// noticeable fraction of a second); hands the inputs back.
+    async fn plan_layers(
+        &self,
+        closure: Vec<PathInfo>,
+        outs: Vec<String>,
+    ) -> Result<(Vec<PathInfo>, Vec<String>, Vec<layering::Layer>), BuildError> {
+        let popularity = Arc::clone(&self.settings.popularity);
+        let (strategy, budget) = (self.settings.layering, self.settings.layer_budget);
+        tokio::task::spawn_blocking(move || {
+            let plan = layering::plan(strategy, &closure, &outs, &popularity, budget);
+            plan.map(|plan| (closure, outs, plan))
+        })
+        .await
+        .map_err(|e| BuildError::Task(e.to_string()))?
+        .map_err(BuildError::from)
     }
 }
 

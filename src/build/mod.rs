@@ -1,13 +1,13 @@
 //! From an image name to a stored manifest: the name (`image`), where
 //! packages come from (`source`, `git`), Nix (`nix`), the closure's layer
-//! plan (`layers`, `popularity`), packing (`archive`), the manifest, and
+//! plan (`layering`, `popularity`), packing (`archive`), the manifest, and
 //! the orchestration of it all (`builder`, `singleflight`).
 
 pub mod archive;
 pub mod builder;
 pub mod git;
 pub mod image;
-pub mod layers;
+pub mod layering;
 pub mod manifest;
 pub mod nix;
 pub mod popularity;

@@ -150,7 +150,7 @@ fn check_popularity(url: &str, offline: bool) -> Result<(), String> {
 /// A few lines that say what the server would run with.
 pub fn summary(config: &Config, files_checked: bool) -> String {
     format!(
-        "configuration OK{}\n  listen:  {}\n  source:  {}\n  storage: {}\n  builds:  {} at once, Nix timeout {}s, layer budget {}, cache TTL {}s\n  popularity: {}\n",
+        "configuration OK{}\n  listen:  {}\n  source:  {}\n  storage: {}\n  builds:  {} at once, Nix timeout {}s, layer budget {} ({} layering), cache TTL {}s\n  popularity: {}\n",
         if files_checked {
             ""
         } else {
@@ -162,6 +162,7 @@ pub fn summary(config: &Config, files_checked: bool) -> String {
         config.max_concurrent_builds,
         config.nix_timeout.as_secs(),
         config.layer_budget,
+        config.layering,
         config.cache_ttl.as_secs(),
         config.popularity_url.as_deref().unwrap_or("none"),
     )
