@@ -48,7 +48,22 @@ pub fn plan(graph: &ClosureGraph, budget: usize) -> Vec<Layer> {
     }
     // Tops are distinct, and node order is path order: a total order.
     rated.sort_unstable_by_key(|&(r, top, _)| (Reverse(r), top));
-    let merged_layers = (budget / 16).clamp(1, MAX_MERGED_LAYERS);
+    let band = |top: usize| Reverse(graph.pops[top].max(1).ilog2());
+    // Fewer bands than merged layers would leave budget unused: give it to
+    // groups of their own (which can only lower the count of bands left).
+    let mut merged_layers = (budget / 16).clamp(1, MAX_MERGED_LAYERS);
+    loop {
+        let mut bands: Vec<_> = rated[budget - merged_layers..]
+            .iter()
+            .map(|&(_, top, _)| band(top))
+            .collect();
+        bands.sort_unstable();
+        bands.dedup();
+        if bands.len() >= merged_layers {
+            break;
+        }
+        merged_layers = bands.len();
+    }
     let rest = rated.split_off(budget - merged_layers);
     let mut layers: Vec<Layer> = rated
         .iter()
@@ -58,11 +73,9 @@ pub fn plan(graph: &ClosureGraph, budget: usize) -> Vec<Layer> {
     // Most popular band first.
     let mut bands: BTreeMap<Reverse<u32>, (u64, Vec<usize>)> = BTreeMap::new();
     for (r, top, members) in rest {
-        let band = bands
-            .entry(Reverse(graph.pops[top].max(1).ilog2()))
-            .or_default();
-        band.0 = band.0.saturating_add(r);
-        band.1.extend(members);
+        let slot = bands.entry(band(top)).or_default();
+        slot.0 = slot.0.saturating_add(r);
+        slot.1.extend(members);
     }
     let mut bands: Vec<(u64, Vec<usize>)> = bands.into_values().collect();
     while bands.len() > merged_layers {
@@ -183,6 +196,20 @@ mod tests {
             groups,
             vec![vec!["app", "libfoo"], vec!["libc"], vec!["libfoo-data"]]
         );
+    }
+
+    #[test]
+    fn the_whole_budget_is_used_with_a_single_band() {
+        // No popularity data: one band, so one merged layer, not four.
+        let mut closure = vec![info("base", MB, &[])];
+        let mut roots = Vec::new();
+        for i in 0..120u64 {
+            let name = format!("tool{i:03}");
+            closure.push(info(&name, (i + 1) * MB, &["base"]));
+            roots.push(sp(&name));
+        }
+        let layers = plan(Strategy::Exclusive, &closure, &roots, &HashMap::new(), 94).unwrap();
+        assert_eq!(layers.len(), 94);
     }
 
     #[test]
