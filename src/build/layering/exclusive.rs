@@ -1,15 +1,16 @@
 //! The default strategy: groups that do not depend on the image.
 //!
 //! A merged layer is shared only if its exact set of paths recurs in another
-//! image. A path `d` that the popularity data shows is used by nothing but
-//! the path `p` above it (and what lies between them) appears in an image
-//! exactly when `p` does, so `d` joins `p`'s group and the group is the same
-//! in every image. The test, for `p` the immediate dominator of `d` in this
-//! image: popularity counts referrers (as popcount does), so `pop(d) -
-//! pop(p)` referrers of `d` are not referrers of `p`; if the paths between
-//! `p` and `d` in this image account for all of them, `d` has no referrer
-//! elsewhere. A path missing from the popularity data stays on its own, so
-//! without data every path is a group of its own.
+//! image. A path `d` whose users all use its most popular referrer `p` too,
+//! or are themselves used by `p`, appears in an image only where `p` does
+//! (unless requested without it), so `d` joins `p`'s group and the group is
+//! the same in every image. The test: popularity counts a path and
+//! everything that refers to it, directly or not (as popcount does);
+//! everything that uses `p` uses `d`, so `pop(d) - pop(p)` paths use `d`
+//! but not `p`. If this image holds that many (counting `d`), all of them
+//! in `p`'s closure, they are all of them: nothing outside `p` brings `d`
+//! into an image. A path missing from the popularity data stays on its
+//! own, so without data every path is a group of its own.
 //!
 //! If the groups fit the budget, each is a layer. Otherwise the groups with
 //! the highest rating (their size times one plus log2 of their top path's
@@ -27,6 +28,12 @@ use std::collections::BTreeMap;
 /// At most this many merged layers, fewer for small budgets (one per 16
 /// layers of budget, at least one).
 const MAX_MERGED_LAYERS: usize = 4;
+
+/// The walks that test for joins may visit this many nodes and edges per
+/// node and edge of the closure; past that, no further path joins a group.
+/// Image closures need at most about 13 (Debian workload), a long chain of
+/// paths would need its length: this keeps planning linear.
+const WALK_BUDGET_PER_ELEMENT: u64 = 64;
 
 /// Plans a checked closure; `budget` is at least 1.
 pub fn plan(graph: &ClosureGraph, budget: usize) -> Vec<Layer> {
@@ -90,26 +97,52 @@ pub fn plan(graph: &ClosureGraph, budget: usize) -> Vec<Layer> {
     layers
 }
 
-/// Groups of nodes keyed by their top node: each node joins its immediate
-/// dominator's group when the popularity data shows nothing else uses it.
+/// Groups of nodes keyed by their top node: each node joins the group of
+/// its most popular referrer when the popularity data shows that all its
+/// users use that referrer or are in its closure.
 fn exclusive_groups(graph: &ClosureGraph) -> BTreeMap<usize, Vec<usize>> {
     let n = graph.len();
-    let idom = graph.dominators(&[]);
+    let pops = &graph.pops;
     let referrers = graph.referrers();
+    // (referrer, node), grouped by referrer so each referrer's users are
+    // marked once. A referrer more popular than the node contradicts the
+    // data's meaning; it is no candidate.
+    let mut candidates: Vec<(usize, usize)> = (0..n)
+        .filter(|&d| graph.pop_known[d])
+        .filter_map(|d| {
+            referrers[d]
+                .iter()
+                .copied()
+                .filter(|&p| pops[p] <= pops[d])
+                .max_by_key(|&p| (pops[p], Reverse(p)))
+                .map(|p| (p, d))
+        })
+        .collect();
+    candidates.sort_unstable();
+
+    let elements = n + graph.edges.iter().map(Vec::len).sum::<usize>();
+    let mut walk = Walk {
+        budget: WALK_BUDGET_PER_ELEMENT.saturating_mul(elements as u64),
+        referrers: &referrers,
+        uses_p: vec![IMAGE_ROOT; n],
+        below_p: vec![IMAGE_ROOT; n],
+        seen: vec![IMAGE_ROOT; n],
+        stack: Vec::new(),
+    };
     let mut joins = vec![IMAGE_ROOT; n];
-    let mut stamp = vec![0u32; n];
-    let mut stack = Vec::new();
-    for d in 0..n {
-        let p = idom[d];
-        if p == IMAGE_ROOT || !graph.pop_known[d] {
-            continue;
+    let mut marked = IMAGE_ROOT;
+    for (p, d) in candidates {
+        if marked != p {
+            walk.mark_users(p);
+            walk.mark_closure(p, &graph.edges);
+            marked = p;
         }
-        // Generation `d + 1` marks this search's visits.
-        let generation = d as u32 + 1;
-        let outside = graph.pops[d].saturating_sub(graph.pops[p]);
-        if used_only_below(
-            d, p, outside, &referrers, &mut stamp, generation, &mut stack,
-        ) {
+        let joined = walk.only_below(d, p, pops[d] - pops[p]);
+        // Out of budget, the marks or the walk may be incomplete.
+        if walk.budget == 0 {
+            break;
+        }
+        if joined {
             joins[d] = p;
         }
     }
@@ -121,41 +154,100 @@ fn exclusive_groups(graph: &ClosureGraph) -> BTreeMap<usize, Vec<usize>> {
     groups
 }
 
-/// Whether `d` and the paths between its dominator `p` and it number at
-/// least `needed`: then they account for all of `d`'s referrers that are
-/// not `p`'s. Walks up from `d` without passing `p` (every upward path from
-/// `d` meets `p`, which dominates it) and stops as soon as it has counted
-/// enough, so the cost is at most `needed` nodes.
-fn used_only_below(
-    d: usize,
-    p: usize,
-    needed: u64,
-    referrers: &[Vec<usize>],
-    stamp: &mut [u32],
-    generation: u32,
-    stack: &mut Vec<usize>,
-) -> bool {
-    let mut counted = 1u64;
-    if counted >= needed {
-        return true;
-    }
-    stack.clear();
-    stamp[d] = generation;
-    stack.push(d);
-    while let Some(v) = stack.pop() {
-        for &u in &referrers[v] {
-            if u == p || stamp[u] == generation {
-                continue;
+/// Upward walks over the closure, with stamps instead of cleared sets.
+struct Walk<'a> {
+    /// Nodes and edges the walks may still visit.
+    budget: u64,
+    referrers: &'a [Vec<usize>],
+    /// `uses_p[x] == p`: `x` is `p` or refers to it, directly or not.
+    uses_p: Vec<usize>,
+    /// `below_p[x] == p`: `x` is in `p`'s closure.
+    below_p: Vec<usize>,
+    /// `seen[x] == d`: the walk from `d` has counted `x`.
+    seen: Vec<usize>,
+    stack: Vec<usize>,
+}
+
+impl Walk<'_> {
+    /// Takes `work` from the budget; false (and the budget empty) if it
+    /// does not cover it.
+    fn spend(&mut self, work: usize) -> bool {
+        match self.budget.checked_sub(work as u64) {
+            Some(left) => {
+                self.budget = left;
+                true
             }
-            stamp[u] = generation;
-            counted += 1;
-            if counted >= needed {
-                return true;
+            None => {
+                self.budget = 0;
+                false
             }
-            stack.push(u);
         }
     }
-    false
+
+    /// Stamps `p` and every path that uses it.
+    fn mark_users(&mut self, p: usize) {
+        self.stack.clear();
+        self.uses_p[p] = p;
+        self.stack.push(p);
+        while let Some(v) = self.stack.pop() {
+            if !self.spend(1 + self.referrers[v].len()) {
+                return;
+            }
+            for &u in &self.referrers[v] {
+                if self.uses_p[u] != p {
+                    self.uses_p[u] = p;
+                    self.stack.push(u);
+                }
+            }
+        }
+    }
+
+    /// Stamps `p`'s closure.
+    fn mark_closure(&mut self, p: usize, edges: &[Vec<usize>]) {
+        self.stack.clear();
+        self.below_p[p] = p;
+        self.stack.push(p);
+        while let Some(v) = self.stack.pop() {
+            if !self.spend(1 + edges[v].len()) {
+                return;
+            }
+            for &w in &edges[v] {
+                if self.below_p[w] != p {
+                    self.below_p[w] = p;
+                    self.stack.push(w);
+                }
+            }
+        }
+    }
+
+    /// Whether `d` and the paths that use it but not `p` (stamped by
+    /// [`Self::mark_users`]) are all in `p`'s closure and number at least
+    /// `needed`. A user of `p` ends the walk, as all of its users use `p`
+    /// too; a path outside `p`'s closure ends the search, so the walk
+    /// visits at most `p`'s closure.
+    fn only_below(&mut self, d: usize, p: usize, needed: u64) -> bool {
+        let mut counted = 1u64;
+        self.stack.clear();
+        self.seen[d] = d;
+        self.stack.push(d);
+        while let Some(v) = self.stack.pop() {
+            if !self.spend(1 + self.referrers[v].len()) {
+                return false;
+            }
+            for &u in &self.referrers[v] {
+                if self.uses_p[u] == p || self.seen[u] == d {
+                    continue;
+                }
+                if self.below_p[u] != p {
+                    return false;
+                }
+                self.seen[u] = d;
+                counted += 1;
+                self.stack.push(u);
+            }
+        }
+        counted >= needed
+    }
 }
 
 #[cfg(test)]
@@ -196,6 +288,36 @@ mod tests {
             groups,
             vec![vec!["app", "libfoo"], vec!["libc"], vec!["libfoo-data"]]
         );
+    }
+
+    #[test]
+    fn a_dependency_whose_users_all_use_another_joins_it() {
+        // libc -> libgcc; app uses both. Package set: app and other use
+        // libc, and whatever uses libgcc uses libc: libgcc joins libc,
+        // though libc does not dominate it here.
+        let closure = vec![
+            info("app", MB, &["libc", "libgcc"]),
+            info("libc", 10 * MB, &["libgcc"]),
+            info("libgcc", MB, &[]),
+        ];
+        let counts = pops(&[("app", 1), ("libc", 3), ("libgcc", 4)]);
+        let layers = plan(Strategy::Exclusive, &closure, &[sp("app")], &counts, 10).unwrap();
+        assert_eq!(grouping(&layers), vec![vec!["libc", "libgcc"], vec!["app"]]);
+    }
+
+    #[test]
+    fn a_shared_base_stays_apart_from_any_one_user() {
+        // Both tools use base and the image holds all of its users, but
+        // either tool can come without the other: base joins neither.
+        let closure = vec![
+            info("tool1", MB, &["base"]),
+            info("tool2", MB, &["base"]),
+            info("base", 10 * MB, &[]),
+        ];
+        let counts = pops(&[("tool1", 1), ("tool2", 1), ("base", 3)]);
+        let roots = [sp("tool1"), sp("tool2")];
+        let layers = plan(Strategy::Exclusive, &closure, &roots, &counts, 10).unwrap();
+        assert_eq!(layers.len(), 3);
     }
 
     #[test]
