@@ -5,7 +5,7 @@
 # never become Nix code.
 #
 # Output (with --eval --strict --json): a JSON string whose content is
-#   { "found": { "<name>": { "drvPath": ..., "outPath": ... } },
+#   { "found": { "<name>": { "drvPath": ..., "outPath": ..., "mainProgram": ... } },
 #     "notFound": [ "<name>" ],
 #     "source": { "path": ..., "rev": ..., "narHash": ... } }
 # where `source` says what was evaluated (null where unknown).
@@ -117,6 +117,11 @@ let
   parts = partition (r: r.drv != null) results;
   # toJSON prints any attrset with an `outPath` as that string, so the
   # objects are assembled by hand; toJSON still escapes every string.
-  entry = r: "${toJSON r.name}:{\"drvPath\":${toJSON (unsafeDiscardStringContext r.drv.drvPath)},\"outPath\":${toJSON (unsafeDiscardStringContext r.drv.outPath)}}";
+  # meta.mainProgram, when declared as a plain name, is the image's
+  # default command (see the README's "Default command").
+  mainProgram = drv:
+    let m = (drv.meta or { }).mainProgram or null;
+    in if isString m && match "[^/]+" m != null then m else null;
+  entry = r: "${toJSON r.name}:{\"drvPath\":${toJSON (unsafeDiscardStringContext r.drv.drvPath)},\"outPath\":${toJSON (unsafeDiscardStringContext r.drv.outPath)},\"mainProgram\":${toJSON (mainProgram r.drv)}}";
 in
 "{\"found\":{${concatStringsSep "," (map entry parts.right)}},\"notFound\":${toJSON (map (r: r.name) parts.wrong)},\"source\":${toJSON sourceInfo}}"

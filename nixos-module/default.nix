@@ -61,6 +61,7 @@ let
       NIXERY_MAX_BUILDS = toString cfg.maxConcurrentBuilds;
       NIXERY_NIX_OPTIONS = if cfg.nixOptions == { } then null else nixOptionsValue;
       NIXERY_LAYER_BUDGET = toString cfg.layerBudget;
+      NIXERY_LAYERING = cfg.layering;
       NIXERY_CACHE_TTL = toString cfg.cacheTtl;
       NIXERY_LOG_FORMAT = cfg.logFormat;
       # The store belongs to the nix-daemon; the dynamic user only talks
@@ -197,6 +198,17 @@ in
       description = "Most layers of store paths per image; the symlink layer comes on top.";
     };
 
+    layering = mkOption {
+      type = types.enum [
+        "exclusive"
+        "largest"
+        "popularity-contest"
+        "nixery"
+      ];
+      default = "exclusive";
+      description = "How store paths are grouped into layers; `nixery` is the original's.";
+    };
+
     cacheTtl = mkOption {
       type = types.ints.unsigned;
       default = 300;
@@ -254,10 +266,9 @@ in
   config = mkIf cfg.enable {
     assertions = [
       {
-        assertion = builtins.length sourcesSet == 1;
-        message = "services.nixery: set exactly one package source of channel, pkgsRepo, pkgsPath and flake; set: ${
-          if sourcesSet == [ ] then "none" else concatStringsSep ", " sourcesSet
-        }.";
+        # None set runs a mirror: it serves only what was imported.
+        assertion = builtins.length sourcesSet <= 1;
+        message = "services.nixery: set at most one package source of channel, pkgsRepo, pkgsPath and flake (none for a mirror); set: ${concatStringsSep ", " sourcesSet}.";
       }
       {
         assertion = hasPrefix "/" cfg.storagePath;

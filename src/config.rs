@@ -1,6 +1,7 @@
 //! Settings: flags, then the original Nixery's environment variables, then
 //! defaults; validated into a [`Config`] before anything starts.
 
+use crate::build::image::Arch;
 use crate::build::layering::Strategy;
 use crate::build::source::Source;
 use clap::Args;
@@ -63,6 +64,11 @@ pub struct ServeArgs {
     /// served from cache before it is evaluated again.
     #[arg(long, env = "NIXERY_CACHE_TTL", default_value_t = 300)]
     pub cache_ttl: u64,
+    /// Platforms a pull by tag is built for, comma-separated
+    /// (`linux/amd64,linux/arm64`); with more than one, clients that accept
+    /// an index get one. Default: the host's platform only.
+    #[arg(long, env = "NIXERY_PLATFORMS", value_delimiter = ',')]
+    pub platforms: Vec<String>,
     /// Log lines as readable text or as one JSON object per line.
     #[arg(long, env = "NIXERY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -88,6 +94,8 @@ pub struct Config {
     pub layer_budget: usize,
     pub layering: Strategy,
     pub cache_ttl: Duration,
+    /// At least one, no duplicates, in the order given.
+    pub platforms: Vec<Arch>,
 }
 
 /// A setting that is missing or contradicts another; says which.
@@ -95,7 +103,7 @@ pub struct Config {
 pub enum ConfigError {
     #[error("no package source: set one of --pkgs-path (NIXERY_PKGS_PATH), --channel (NIXERY_CHANNEL), --pkgs-repo (NIXERY_PKGS_REPO) or --flake (NIXERY_FLAKE)")]
     NoSource,
-    #[error("more than one package source ({0}): set exactly one of NIXERY_PKGS_PATH, NIXERY_CHANNEL, NIXERY_PKGS_REPO, NIXERY_FLAKE")]
+    #[error("more than one package source ({0}): set at most one of NIXERY_PKGS_PATH, NIXERY_CHANNEL, NIXERY_PKGS_REPO, NIXERY_FLAKE (none for a mirror)")]
     SeveralSources(String),
     #[error("--pkgs-path (NIXERY_PKGS_PATH) {0:?} is not a readable directory")]
     PkgsPath(PathBuf),
@@ -113,6 +121,22 @@ pub enum ConfigError {
     LayerBudget(usize),
     #[error("--nix-option (NIXERY_NIX_OPTIONS) {0:?} is not of the form NAME=VALUE")]
     NixOption(String),
+    #[error("--platforms (NIXERY_PLATFORMS) {0:?} is not one of linux/amd64, linux/arm64")]
+    Platform(String),
+    #[error(
+        "--platforms (NIXERY_PLATFORMS) is empty and this host ({0}) is neither amd64 nor arm64"
+    )]
+    NoHostPlatform(&'static str),
+}
+
+impl Config {
+    /// For commands that build (`nixery build`): a mirror is an error.
+    pub fn require_source(self) -> Result<Config, ConfigError> {
+        match self.source {
+            Source::Mirror => Err(ConfigError::NoSource),
+            _ => Ok(self),
+        }
+    }
 }
 
 /// `builtins.getFlake` takes no relative paths: make them absolute.
@@ -131,7 +155,8 @@ fn non_empty<T: AsRef<std::ffi::OsStr>>(v: &Option<T>) -> bool {
 }
 
 impl ServeArgs {
-    /// The one package source that is set. `read_files`: resolve a pkgs
+    /// The package source that is set, or [`Source::Mirror`] when none
+    /// is (only `serve` accepts that; see [`Config::require_source`]). `read_files`: resolve a pkgs
     /// path on disk (not in a build sandbox, where it does not exist).
     fn source(&self, read_files: bool) -> Result<Source, ConfigError> {
         let set: Vec<&str> = [
@@ -145,7 +170,7 @@ impl ServeArgs {
         .collect();
         let value = |v: &Option<String>| v.clone().unwrap_or_default();
         match set.as_slice() {
-            [] => Err(ConfigError::NoSource),
+            [] => Ok(Source::Mirror),
             ["NIXERY_PKGS_PATH"] if !read_files => {
                 Ok(Source::Path(self.pkgs_path.clone().unwrap_or_default()))
             }
@@ -206,6 +231,17 @@ impl ServeArgs {
                 _ => Err(ConfigError::NixOption(o.clone())),
             })
             .collect::<Result<_, _>>()?;
+        let mut platforms = Vec::new();
+        for p in self.platforms.iter().filter(|p| !p.trim().is_empty()) {
+            let arch = Arch::from_platform(p).ok_or_else(|| ConfigError::Platform(p.clone()))?;
+            if !platforms.contains(&arch) {
+                platforms.push(arch);
+            }
+        }
+        if platforms.is_empty() {
+            platforms
+                .push(Arch::host().ok_or(ConfigError::NoHostPlatform(std::env::consts::ARCH))?);
+        }
         Ok(Config {
             listen: SocketAddr::new(self.listen_address, self.port),
             source,
@@ -217,6 +253,7 @@ impl ServeArgs {
             layer_budget: self.layer_budget,
             layering: self.layering,
             cache_ttl: Duration::from_secs(self.cache_ttl),
+            platforms,
         })
     }
 }
@@ -242,10 +279,10 @@ mod tests {
     fn requires_exactly_one_source_and_storage() {
         let dir = std::env::temp_dir();
         let d = dir.to_str().unwrap();
-        assert_eq!(
-            parse(&["--storage-path", d]).unwrap_err(),
-            ConfigError::NoSource
-        );
+        // No source: a mirror, which `build` refuses.
+        let mirror = parse(&["--storage-path", d]).unwrap();
+        assert_eq!(mirror.source, Source::Mirror);
+        assert_eq!(mirror.require_source().unwrap_err(), ConfigError::NoSource);
         assert!(matches!(
             parse(&[
                 "--storage-path",
@@ -316,5 +353,25 @@ mod tests {
             parse(&["--storage-path", d, "--flake", "./no/such/dir"]),
             Err(ConfigError::FlakePath(_))
         ));
+    }
+
+    #[test]
+    fn platforms_default_to_the_host_and_parse_in_order() {
+        let dir = std::env::temp_dir();
+        let d = dir.to_str().unwrap();
+        let base = ["--storage-path", d, "--channel", "c"];
+        assert_eq!(parse(&base).unwrap().platforms, vec![Arch::host().unwrap()]);
+        let mut two = base.to_vec();
+        two.extend(["--platforms", "linux/arm64,linux/amd64,linux/arm64"]);
+        assert_eq!(
+            parse(&two).unwrap().platforms,
+            vec![Arch::Arm64, Arch::Amd64]
+        );
+        let mut bad = base.to_vec();
+        bad.extend(["--platforms", "linux/s390x"]);
+        assert_eq!(
+            parse(&bad).unwrap_err(),
+            ConfigError::Platform("linux/s390x".into())
+        );
     }
 }

@@ -44,10 +44,16 @@ impl FromStr for Digest {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (algorithm, encoded) = s.split_once(':').ok_or(DigestError::Invalid)?;
         if algorithm != "sha256" {
+            // The distribution grammar: algorithm [a-z0-9+._-]+, encoded
+            // [a-zA-Z0-9=_-]+.
             let well_formed = !algorithm.is_empty()
                 && algorithm
                     .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+._-".contains(&b));
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+._-".contains(&b))
+                && !encoded.is_empty()
+                && encoded
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"=_-".contains(&b));
             return Err(if well_formed {
                 DigestError::Unsupported(algorithm.to_owned())
             } else {
@@ -192,5 +198,7 @@ mod tests {
             Err(DigestError::Unsupported("sha512".into()))
         );
         assert_eq!("../x:y".parse::<Digest>(), Err(DigestError::Invalid));
+        assert_eq!("sha512:a/b".parse::<Digest>(), Err(DigestError::Invalid));
+        assert_eq!("sha512:".parse::<Digest>(), Err(DigestError::Invalid));
     }
 }

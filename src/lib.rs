@@ -8,6 +8,7 @@ pub mod config;
 pub mod digest;
 pub mod error;
 pub mod http;
+pub mod mirror;
 pub mod observe;
 pub mod store;
 
@@ -103,56 +104,69 @@ pub struct Server {
     builder: Arc<Builder>,
 }
 
+/// Opens storage (the database first: it refuses a second process) and
+/// loads popularity data: the builder `serve` runs, and `build`, `export`,
+/// `import` and `verify` use without a server.
+pub async fn open_builder(config: &Config) -> Result<Arc<Builder>, StartError> {
+    let storage = |source| StartError::Storage {
+        path: config.storage_path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&config.storage_path).map_err(storage)?;
+    // First: another process on this storage makes this fail before
+    // the clean-ups below touch what that process is using.
+    let db = store::db::Db::open(&config.storage_path.join("db"))?;
+    let nix_dir = config.storage_path.join("nix");
+    std::fs::create_dir_all(&nix_dir).map_err(storage)?;
+    // Roots left by builds that a crash interrupted would keep their
+    // store paths from the garbage collector for good.
+    let gc_roots = config.storage_path.join("gcroots");
+    match std::fs::remove_dir_all(&gc_roots) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(storage(e)),
+        _ => {}
+    }
+    std::fs::create_dir_all(&gc_roots).map_err(storage)?;
+    let prepare_image = nix_dir.join("prepare-image.nix");
+    // Written only when it changed: a server must start on a full disk.
+    if std::fs::read(&prepare_image).ok().as_deref() != Some(PREPARE_IMAGE_NIX.as_bytes()) {
+        write_atomically(&prepare_image, PREPARE_IMAGE_NIX.as_bytes()).map_err(storage)?;
+    }
+    let blobs = store::fs::BlobStore::open(&config.storage_path)?;
+    let popularity = match &config.popularity_url {
+        Some(url) => build::popularity::load(url).await?,
+        None => Default::default(),
+    };
+    let settings = BuilderSettings {
+        source: config.source.clone(),
+        nix: build::nix::Nix::new(
+            prepare_image,
+            config.nix_timeout,
+            config.nix_options.clone(),
+        )
+        .with_fetch_ttl(config.cache_ttl),
+        layer_budget: config.layer_budget,
+        layering: config.layering,
+        cache_ttl: config.cache_ttl,
+        max_concurrent_builds: config.max_concurrent_builds,
+        gc_roots,
+        popularity: Arc::new(popularity),
+        platforms: config.platforms.clone(),
+    };
+    let status = observe::status::Status::new(
+        db.clone(),
+        observe::status::Instance {
+            version: env!("CARGO_PKG_VERSION"),
+            source: config.source.describe(),
+            storage_path: config.storage_path.display().to_string(),
+        },
+    );
+    Ok(Builder::new(settings, db, blobs, status))
+}
+
 impl Server {
     /// Opens storage, loads popularity data and binds the listener.
     pub async fn start(config: &Config) -> Result<Server, StartError> {
-        let storage = |source| StartError::Storage {
-            path: config.storage_path.clone(),
-            source,
-        };
-        std::fs::create_dir_all(&config.storage_path).map_err(storage)?;
-        let nix_dir = config.storage_path.join("nix");
-        std::fs::create_dir_all(&nix_dir).map_err(storage)?;
-        // Roots left by builds that a crash interrupted would keep their
-        // store paths from the garbage collector for good.
-        let gc_roots = config.storage_path.join("gcroots");
-        match std::fs::remove_dir_all(&gc_roots) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(storage(e)),
-            _ => {}
-        }
-        std::fs::create_dir_all(&gc_roots).map_err(storage)?;
-        let prepare_image = nix_dir.join("prepare-image.nix");
-        write_atomically(&prepare_image, PREPARE_IMAGE_NIX.as_bytes()).map_err(storage)?;
-        let blobs = store::fs::BlobStore::open(&config.storage_path)?;
-        let db = store::db::Db::open(&config.storage_path.join("db"))?;
-        let popularity = match &config.popularity_url {
-            Some(url) => build::popularity::load(url).await?,
-            None => Default::default(),
-        };
-        let settings = BuilderSettings {
-            source: config.source.clone(),
-            nix: build::nix::Nix::new(
-                prepare_image,
-                config.nix_timeout,
-                config.nix_options.clone(),
-            )
-            .with_fetch_ttl(config.cache_ttl),
-            layer_budget: config.layer_budget,
-            layering: config.layering,
-            cache_ttl: config.cache_ttl,
-            max_concurrent_builds: config.max_concurrent_builds,
-            gc_roots,
-            popularity: Arc::new(popularity),
-        };
-        let status = observe::status::Status::new(
-            db.clone(),
-            observe::status::Instance {
-                version: env!("CARGO_PKG_VERSION"),
-                source: config.source.describe(),
-                storage_path: config.storage_path.display().to_string(),
-            },
-        );
-        let builder = Builder::new(settings, db, blobs, status);
+        let builder = open_builder(config).await?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Listen {

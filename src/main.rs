@@ -29,6 +29,17 @@ enum Command {
     /// Validate the settings `serve` would get, without serving: exit 0 and
     /// a summary, or 2 and what is wrong.
     CheckConfig(cli::check_config::CheckArgs),
+    /// Build images into the storage as a pull would, without a server
+    /// (refused while `serve` has the storage open).
+    Build(cli::build::BuildArgs),
+    /// Write images as an OCI image layout (a directory, or a .tar file),
+    /// optionally with a Nix binary cache of their closures.
+    Export(cli::export::ExportArgs),
+    /// Check an OCI image layout whole, then store its images as pinned.
+    Import(cli::import::ImportArgs),
+    /// Re-hash every blob and check every cached manifest; exit 1 on any
+    /// problem.
+    Verify(cli::verify::VerifyArgs),
 }
 
 fn main() -> ExitCode {
@@ -37,19 +48,37 @@ fn main() -> ExitCode {
         Some(Command::Serve(args)) => serve(args),
         None => serve(cli.serve),
         Some(Command::CheckConfig(args)) => cli::check_config::run(args),
+        Some(Command::Build(args)) => {
+            init_logging(args.serve.log_format, "warn");
+            cli::build::run(args)
+        }
+        Some(Command::Export(args)) => {
+            init_logging(args.serve.log_format, "warn");
+            cli::export::run(args)
+        }
+        Some(Command::Import(args)) => {
+            init_logging(args.serve.log_format, "warn");
+            cli::import::run(args)
+        }
+        Some(Command::Verify(args)) => {
+            init_logging(args.serve.log_format, "warn");
+            cli::verify::run(args)
+        }
     }
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
-    init_logging(args.log_format);
+    init_logging(args.log_format, "info");
     cli::serve::run(args)
 }
 
-/// Logs to stderr, filtered by RUST_LOG (default `info`). Requests and
-/// builds each run in a span, so their fields are on every line they log.
-fn init_logging(format: LogFormat) {
+/// Logs to stderr, filtered by RUST_LOG (default `level`: `info` for the
+/// server, `warn` for the commands that print their own progress).
+/// Requests and builds each run in a span, so their fields are on every
+/// line they log.
+fn init_logging(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -2,18 +2,13 @@
 
 mod common;
 
-use common::{fixture_dir, nix_closure, require_tool};
-use std::io::{BufRead, BufReader};
+use common::{
+    assert_same_tree, docker, docker_pull_and_run_fixtures, fixture_dir, nix_closure, require_tool,
+    run, Binary,
+};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-
-/// The real binary on a free port; killed on drop.
-struct Binary {
-    child: Child,
-    port: u16,
-    _storage: tempfile::TempDir,
-}
+use std::process::{Command, Stdio};
 
 /// `nixery serve` on a free port with the fixture set and `storage`.
 fn serve_command(storage: &Path) -> Command {
@@ -24,64 +19,28 @@ fn serve_command(storage: &Path) -> Command {
         .env("NIXERY_LISTEN_ADDRESS", "127.0.0.1")
         .env("NIXERY_PKGS_PATH", fixture_dir())
         .env("STORAGE_PATH", storage)
-        .env("NIXERY_NIX_OPTIONS", "substituters=")
+        .env(
+            "NIXERY_NIX_OPTIONS",
+            format!("substituters=;{}", common::ARM64_NIX_OPTION),
+        )
         .env("NIX_TIMEOUT", "300")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     cmd
 }
 
-impl Binary {
-    /// Starts the server and reads its port from its first line of output.
-    fn start() -> Binary {
-        let storage = tempfile::tempdir().unwrap();
-        let mut child = serve_command(storage.path())
-            .spawn()
-            .expect("nixery starts");
-        let stdout = child.stdout.take().unwrap();
-        let mut reader = BufReader::new(stdout);
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        // Keep reading so the server never writes into a closed pipe.
-        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-        let port = line
-            .trim()
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {line:?}"));
-        Binary {
-            child,
-            port,
-            _storage: storage,
-        }
-    }
-
-    fn image(&self, name: &str) -> String {
-        format!("localhost:{}/{name}", self.port)
-    }
+/// The server on a free port with the fixture set and a new storage.
+fn start_binary() -> Binary {
+    start_binary_with(&[])
 }
 
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn docker(args: &[&str]) -> String {
-    run(Command::new("docker").args(args))
+/// As [`start_binary`], with more environment variables.
+fn start_binary_with(env: &[(&str, &str)]) -> Binary {
+    let storage = tempfile::tempdir().unwrap();
+    Binary::spawn(
+        serve_command(storage.path()).envs(env.iter().copied()),
+        Some(storage),
+    )
 }
 
 #[test]
@@ -97,7 +56,7 @@ fn survives_a_closed_stdout() {
     let mut server = Binary {
         child,
         port: 0,
-        _storage: dir,
+        _storage: Some(dir),
     };
     // Closed before the server writes a line, so every write it makes to
     // stdout fails; it must still come up (readiness follows the lines).
@@ -121,25 +80,10 @@ fn survives_a_closed_stdout() {
 #[test]
 fn docker_pulls_and_runs_images() {
     require_tool("docker");
-    let server = Binary::start();
+    let server = start_binary();
+    docker_pull_and_run_fixtures(&format!("localhost:{}", server.port));
     let busybox = server.image("busybox");
     let shell = server.image("shell/hello");
-    docker(&["pull", &busybox]);
-    let out = docker(&[
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        &busybox,
-        "sh",
-        "-c",
-        "echo from busybox",
-    ]);
-    assert_eq!(out.trim(), "from busybox");
-
-    docker(&["pull", &shell]);
-    let out = docker(&["run", "--rm", "--network", "none", &shell, "hello"]);
-    assert_eq!(out.trim(), "Hello, world!");
     // The shell image starts bash, has coreutils' env at /usr/bin/env, a
     // writable /tmp and the CA bundle where SSL_CERT_FILE says.
     let out = docker(&[
@@ -152,49 +96,6 @@ fn docker_pulls_and_runs_images() {
     let _ = Command::new("docker")
         .args(["rmi", "-f", &busybox, &shell])
         .output();
-}
-
-/// Compares what an unpacked image holds at each store path with the store.
-fn assert_same_tree(store: &Path, unpacked: &Path) {
-    let meta = std::fs::symlink_metadata(store).unwrap();
-    let got = std::fs::symlink_metadata(unpacked)
-        .unwrap_or_else(|_| panic!("{} missing from the image", store.display()));
-    if meta.file_type().is_symlink() {
-        assert!(got.file_type().is_symlink(), "{}", store.display());
-        assert_eq!(
-            std::fs::read_link(store).unwrap(),
-            std::fs::read_link(unpacked).unwrap()
-        );
-    } else if meta.is_dir() {
-        assert!(got.is_dir(), "{}", store.display());
-        let mut names: Vec<_> = std::fs::read_dir(store)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        names.sort();
-        let mut got_names: Vec<_> = std::fs::read_dir(unpacked)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        got_names.sort();
-        assert_eq!(names, got_names, "{}", store.display());
-        for n in names {
-            assert_same_tree(&store.join(&n), &unpacked.join(&n));
-        }
-    } else {
-        assert!(got.is_file(), "{}", store.display());
-        assert_eq!(
-            meta.permissions().mode() & 0o111 != 0,
-            got.permissions().mode() & 0o111 != 0,
-            "exec bit of {}",
-            store.display()
-        );
-        assert!(
-            std::fs::read(store).unwrap() == std::fs::read(unpacked).unwrap(),
-            "content of {}",
-            store.display()
-        );
-    }
 }
 
 fn skopeo_unpack(server: &Binary, name: &str, work: &Path) -> std::path::PathBuf {
@@ -220,7 +121,7 @@ fn skopeo_unpack(server: &Binary, name: &str, work: &Path) -> std::path::PathBuf
 fn skopeo_copies_images_that_match_the_store() {
     require_tool("skopeo");
     require_tool("umoci");
-    let server = Binary::start();
+    let server = start_binary();
     let work = tempfile::tempdir().unwrap();
 
     // skopeo inspect lists tags first.
@@ -250,4 +151,128 @@ fn skopeo_copies_images_that_match_the_store() {
     let link = std::fs::read_link(hello.join("bin/hello")).unwrap();
     assert!(link.starts_with("/nix/store/"), "{}", link.display());
     assert!(std::fs::symlink_metadata(hello.join("usr/bin/env")).is_ok());
+}
+
+#[test]
+fn docker_runs_the_main_program_without_a_command() {
+    require_tool("docker");
+    let server = start_binary();
+    let hello = server.image("hello");
+    docker(&["pull", &hello]);
+    let out = docker(&["run", "--rm", "--network", "none", &hello]);
+    assert_eq!(out.trim(), "Hello, world!");
+    let labels = docker(&["inspect", "--format", "{{json .Config.Labels}}", &hello]);
+    assert!(
+        labels.contains("\"org.opencontainers.image.source\":\"path:"),
+        "{labels}"
+    );
+    let _ = Command::new("docker").args(["rmi", "-f", &hello]).output();
+}
+
+/// A server that builds every pull by tag for amd64 and arm64.
+fn two_platform_server() -> Binary {
+    start_binary_with(&[("NIXERY_PLATFORMS", "linux/amd64,linux/arm64")])
+}
+
+#[test]
+fn docker_and_skopeo_pick_a_platform_from_the_index() {
+    require_tool("docker");
+    require_tool("skopeo");
+    let server = two_platform_server();
+    let hello = server.image("hello");
+    for arch in ["arm64", "amd64"] {
+        docker(&["pull", "--platform", &format!("linux/{arch}"), &hello]);
+        let got = docker(&["image", "inspect", "--format", "{{.Architecture}}", &hello]);
+        assert_eq!(got.trim(), arch);
+    }
+    // The amd64 image runs here.
+    let out = docker(&["run", "--rm", "--network", "none", &hello]);
+    assert_eq!(out.trim(), "Hello, world!");
+    let _ = Command::new("docker").args(["rmi", "-f", &hello]).output();
+
+    for arch in ["arm64", "amd64"] {
+        let inspect = run(Command::new("skopeo").args([
+            "inspect",
+            "--tls-verify=false",
+            "--override-os",
+            "linux",
+            "--override-arch",
+            arch,
+            &format!("docker://{hello}"),
+        ]));
+        assert!(
+            inspect.contains(&format!("\"Architecture\": \"{arch}\"")),
+            "{inspect}"
+        );
+    }
+    let raw = run(Command::new("skopeo").args([
+        "inspect",
+        "--tls-verify=false",
+        "--raw",
+        &format!("docker://{hello}"),
+    ]));
+    assert!(
+        raw.contains("application/vnd.oci.image.index.v1+json"),
+        "{raw}"
+    );
+}
+
+#[test]
+fn podman_pulls_each_platform() {
+    require_tool("podman");
+    let server = two_platform_server();
+    let hello = server.image("hello");
+    // Its own storage, so the test leaves nothing behind.
+    let root = tempfile::tempdir().unwrap();
+    let podman = |args: &[&str]| {
+        run(Command::new("podman")
+            .arg("--root")
+            .arg(root.path().join("root"))
+            .arg("--runroot")
+            .arg(root.path().join("run"))
+            .args(["--storage-driver", "vfs"])
+            .args(args))
+    };
+    podman(&["pull", "--tls-verify=false", &hello]);
+    let arch = podman(&["image", "inspect", "--format", "{{.Architecture}}", &hello]);
+    assert_eq!(arch.trim(), "amd64");
+    podman(&["pull", "--tls-verify=false", "--arch", "arm64", &hello]);
+    let arch = podman(&["image", "inspect", "--format", "{{.Architecture}}", &hello]);
+    assert_eq!(arch.trim(), "arm64");
+}
+
+/// containerd's socket: its own service's, else the one dockerd runs.
+fn containerd_socket() -> String {
+    [
+        "/run/containerd/containerd.sock",
+        "/var/run/docker/containerd/containerd.sock",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+    .expect("a containerd socket (scripts/start-dockerd starts one)")
+    .to_owned()
+}
+
+#[test]
+fn ctr_pulls_from_containerd() {
+    require_tool("ctr");
+    require_tool("docker");
+    let server = two_platform_server();
+    let hello = format!("{}:latest", server.image("hello"));
+    let socket = containerd_socket();
+    // A namespace of its own, removed with what it pulled.
+    let namespace = format!("nixery-test-{}", std::process::id());
+    let ctr = |args: &[&str]| {
+        run(Command::new("ctr")
+            .args(["--address", &socket, "--namespace", &namespace])
+            .args(args))
+    };
+    ctr(&["images", "pull", "--plain-http", "--all-platforms", &hello]);
+    let listed = ctr(&["images", "list"]);
+    assert!(listed.contains(&hello), "{listed}");
+    assert!(listed.contains("linux/amd64,linux/arm64"), "{listed}");
+    ctr(&["images", "remove", &hello]);
+    let _ = Command::new("ctr")
+        .args(["--address", &socket, "namespaces", "remove", &namespace])
+        .output();
 }

@@ -74,6 +74,7 @@ fn module_yields_a_hardened_notify_unit_through_the_daemon() {
         "popularityUrl",
         "maxConcurrentBuilds",
         "logFormat",
+        "layering",
         "extraEnvironment",
         "environmentFile",
     ] {
@@ -120,7 +121,8 @@ fn module_maps_settings_to_the_binarys_variables() {
         r#"{"pkgsPath": "/srv/pkgs", "port": 5000, "openFirewall": true,
             "storagePath": "/srv/nixery", "nixOptions": {"keep-going": "true", "cores": "2"},
             "extraEnvironment": {"RUST_LOG": "debug"}, "environmentFile": "/run/secrets/nixery",
-            "logFormat": "json", "popularityUrl": "https://example.org/p.json"}"#,
+            "logFormat": "json", "popularityUrl": "https://example.org/p.json",
+            "layering": "nixery"}"#,
     );
     assert_eq!(unit["failedAssertions"], serde_json::json!([]));
     let env = &unit["environment"];
@@ -129,6 +131,7 @@ fn module_maps_settings_to_the_binarys_variables() {
     assert_eq!(env["NIXERY_NIX_OPTIONS"], "cores=2;keep-going=true");
     assert_eq!(env["RUST_LOG"], "debug");
     assert_eq!(env["NIXERY_LOG_FORMAT"], "json");
+    assert_eq!(env["NIXERY_LAYERING"], "nixery");
     assert_eq!(env["NIX_POPULARITY_URL"], "https://example.org/p.json");
     let sc = &unit["serviceConfig"];
     // Storage outside /var/lib is opened up instead of created.
@@ -139,23 +142,32 @@ fn module_maps_settings_to_the_binarys_variables() {
 }
 
 #[test]
-fn module_asserts_exactly_one_package_source() {
+fn module_asserts_at_most_one_package_source() {
+    // None is a mirror, which serves what was imported.
     let none = eval("{}");
     let msgs = none["failedAssertions"].as_array().unwrap();
+    assert!(msgs.is_empty(), "{msgs:?}");
+    let env = &none["environment"];
+    for var in [
+        "NIXERY_CHANNEL",
+        "NIXERY_PKGS_REPO",
+        "NIXERY_PKGS_PATH",
+        "NIXERY_FLAKE",
+    ] {
+        assert!(env.get(var).is_none(), "{var} in {env}");
+    }
+    // The build-time check accepts a mirror too.
+    let (ok, stderr) = run_build_check(&none);
+    assert!(ok, "{stderr}");
+    let two = eval(r#"{"channel": "a", "pkgsRepo": "b"}"#);
+    let msgs = two["failedAssertions"].as_array().unwrap();
     assert_eq!(msgs.len(), 1, "{msgs:?}");
     assert!(
         msgs[0]
             .as_str()
             .unwrap()
-            .contains("exactly one package source")
-            && msgs[0].as_str().unwrap().contains("set: none"),
-        "{msgs:?}"
-    );
-    let two = eval(r#"{"channel": "a", "pkgsRepo": "b"}"#);
-    let msgs = two["failedAssertions"].as_array().unwrap();
-    assert_eq!(msgs.len(), 1, "{msgs:?}");
-    assert!(
-        msgs[0].as_str().unwrap().contains("set: channel, pkgsRepo"),
+            .contains("at most one package source")
+            && msgs[0].as_str().unwrap().contains("set: channel, pkgsRepo"),
         "{msgs:?}"
     );
     let secret_in_store = eval(r#"{"channel": "a", "environmentFile": "/nix/store/x-env"}"#);

@@ -31,9 +31,18 @@ async fn base_errors_and_grammar() {
         ("/v2/hello/other/thing", StatusCode::NOT_FOUND, "UNSUPPORTED"),
         ("/v2/Hello/manifests/latest", StatusCode::BAD_REQUEST, "NAME_INVALID"),
         ("/v2/a..b/manifests/latest", StatusCode::BAD_REQUEST, "NAME_INVALID"),
-        ("/v2/hello/manifests/-bad", StatusCode::BAD_REQUEST, "TAG_INVALID"),
+        // Not a tag, so no manifest has it (the conformance suite wants 404).
+        ("/v2/hello/manifests/-bad", StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
+        ("/v2/hello/manifests/.INVALID_MANIFEST_NAME", StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
         ("/v2/hello/blobs/sha256:1234", StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
-        ("/v2/hello/blobs/md5:d41d8cd98f00b204e9800998ecf8427e", StatusCode::BAD_REQUEST, "UNSUPPORTED"),
+        ("/v2/hello/referrers/sha256:1234", StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
+        // Well-formed digests of other algorithms are unknown, not invalid.
+        ("/v2/hello/blobs/md5:d41d8cd98f00b204e9800998ecf8427e", StatusCode::NOT_FOUND, "BLOB_UNKNOWN"),
+        (
+            "/v2/hello/manifests/sha512:cf83e1357eefb8bdf1542850d66d8007d620e4050b5715dc83f4a921d36ce9ce47d0d13c5d85f2b0ff8318d2877eec2f63b931bd47417a81a538327af927da3e",
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+        ),
         (
             "/v2/hello/blobs/sha256:0000000000000000000000000000000000000000000000000000000000000000",
             StatusCode::NOT_FOUND,

@@ -6,40 +6,16 @@
 mod common;
 
 use common::{
-    config_with_source, error_code, fixture_dir, get_blob, get_manifest, require_tool, TestServer,
+    config_with_source, error_code, get_blob, get_manifest, git, package_set, require_tool,
+    serve_bytes, tarball, TestServer,
 };
 use flate2::read::GzDecoder;
 use nixery::digest::Digest;
 use reqwest::{Client, StatusCode};
 use serde_json::Value;
-use std::io::{Read, Write};
-use std::net::TcpListener;
+use std::io::Read;
 use std::path::Path;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
-
-/// Writes the fixture set to `dir` plus a `stamp` package whose
-/// `share/version` holds `version`.
-fn package_set(dir: &Path, version: &str) {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::copy(fixture_dir().join("default.nix"), dir.join("base.nix")).unwrap();
-    std::fs::write(dir.join("version"), version).unwrap();
-    std::fs::write(
-        dir.join("default.nix"),
-        r#"args: (import ./base.nix args) // {
-  stamp = derivation {
-    name = "stamp";
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    args = [ "-e" "-c" "mkdir -p $out/share && printf %s \"$text\" > $out/share/version" ];
-    text = builtins.readFile ./version;
-    PATH = "/usr/bin:/bin";
-  };
-}
-"#,
-    )
-    .unwrap();
-}
 
 async fn error_of(c: &Client, s: &TestServer, name: &str, tag: &str) -> (StatusCode, String) {
     let r = c
@@ -80,50 +56,6 @@ fn builds(s: &TestServer) -> Vec<nixery::store::db::BuildRecord> {
     s.builder.db().builds().unwrap()
 }
 
-/// Serves whatever `body` holds at any path, on 127.0.0.1.
-fn serve_bytes(body: Arc<Mutex<Vec<u8>>>) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let mut req = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                match stream.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => req.extend_from_slice(&buf[..n]),
-                }
-            }
-            let body = body.lock().unwrap().clone();
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/gzip\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream.write_all(head.as_bytes());
-            let _ = stream.write_all(&body);
-        }
-    });
-    port
-}
-
-/// A nixpkgs-style tarball (one top-level directory) of a package set.
-fn tarball(work: &Path, version: &str) -> Vec<u8> {
-    let root = work.join(format!("src-{version}"));
-    package_set(&root.join("nixpkgs"), version);
-    let file = work.join(format!("{version}.tar.gz"));
-    let ok = Command::new("tar")
-        .arg("-czf")
-        .arg(&file)
-        .arg("-C")
-        .arg(&root)
-        .arg("nixpkgs")
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    std::fs::read(file).unwrap()
-}
-
 #[tokio::test]
 async fn channel_tarball_over_http_is_cached_by_ttl() {
     let work = tempfile::tempdir().unwrap();
@@ -131,7 +63,7 @@ async fn channel_tarball_over_http_is_cached_by_ttl() {
     let body = Arc::new(Mutex::new(tarball(work.path(), "channel-one")));
     let url = format!(
         "http://127.0.0.1:{}/nixpkgs.tar.gz",
-        serve_bytes(Arc::clone(&body))
+        serve_bytes(Arc::clone(&body), Arc::default())
     );
     let c = Client::new();
     let cfg = |ttl: &str| config_with_source(&storage, &["--channel", &url], &["--cache-ttl", ttl]);
@@ -175,21 +107,6 @@ async fn channel_tarball_over_http_is_cached_by_ttl() {
         "nothing packed for an unchanged check"
     );
     s.stop().await;
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args(["-c", "user.name=t", "-c", "user.email=t@t", "-C"])
-        .arg(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// Commits `version` of the package set on the current branch.
@@ -245,6 +162,17 @@ async fn git_tags_select_branches_tags_and_commits() {
     assert_eq!(
         by_tag("latest").revision,
         Some(git(&repo, &["rev-parse", "main"]))
+    );
+    // The image says where it came from and which commit.
+    let (_, m) = get_manifest(&c, &s, "stamp", "v1").await;
+    let config: Value =
+        serde_json::from_slice(&get_blob(&c, &s, m["config"]["digest"].as_str().unwrap()).await)
+            .unwrap();
+    let labels = &config["config"]["Labels"];
+    assert_eq!(labels["org.opencontainers.image.revision"], one.as_str());
+    assert_eq!(
+        labels["org.opencontainers.image.source"],
+        format!("git:{url}")
     );
 
     assert_eq!(

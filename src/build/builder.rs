@@ -4,22 +4,22 @@
 
 use crate::build::archive::{self, ArchiveError, PackedLayer};
 use crate::build::git::GitError;
-use crate::build::image::{ImageSpec, SSL_CERT_FILE};
+use crate::build::image::{Arch, ImageSpec, SSL_CERT_FILE};
 use crate::build::layering::{self, LayerError, Strategy};
 use crate::build::manifest::{self, ImageConfig, LayerBlob, ManifestError};
-use crate::build::nix::{Nix, NixError};
+use crate::build::nix::{Nix, NixError, ResolvedPackage, Stage};
 use crate::build::singleflight::SingleFlight;
 use crate::build::source::Source;
 use crate::build::store_path::{self, PathInfo};
 use crate::digest::Digest;
 use crate::observe::status::{LiveBuild, Phase, Status};
 use crate::store::db::{
-    BuildOutcome, BuildRecord, Db, DbError, LayerRecord, Lookup, ManifestRecord,
+    BuildOutcome, BuildRecord, Db, DbError, LayerRecord, Lookup, ManifestRecord, TagRecord, TagTree,
 };
 use crate::store::fs::{BlobError, BlobStore};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use sha2::{Digest as _, Sha256};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -74,6 +74,8 @@ pub enum BuildError {
     GcRoot(std::io::Error),
     #[error("a background task failed: {0}")]
     Task(String),
+    #[error("this mirror has no package source and {0} was not imported or built here")]
+    NoSource(String),
 }
 
 impl BuildError {
@@ -85,6 +87,41 @@ impl BuildError {
             _ => None,
         }
     }
+
+    /// Whether the package source could not be reached (a tarball or git
+    /// fetch failed to connect, or its lookup or evaluation timed out), as
+    /// opposed to a build that ran and failed: only then is a stale image
+    /// better than none.
+    pub fn is_source_unreachable(&self) -> bool {
+        match self {
+            BuildError::Shared(inner) => inner.is_source_unreachable(),
+            BuildError::Source(GitError::Timeout(_) | GitError::Failed(_)) => true,
+            // Evaluation is where Nix fetches the source.
+            BuildError::Nix(NixError::Timeout {
+                stage: Stage::Resolve,
+                ..
+            }) => true,
+            BuildError::Nix(NixError::Failed {
+                stage: Stage::Resolve,
+                stderr,
+                ..
+            }) => is_fetch_failure(stderr),
+            _ => false,
+        }
+    }
+}
+
+/// Nix's words for a download or git fetch that could not connect.
+fn is_fetch_failure(stderr: &str) -> bool {
+    const SIGNS: [&str; 6] = [
+        "unable to download",
+        "Couldn't connect",
+        "Could not resolve host",
+        "Connection refused",
+        "unable to access",
+        "Failed to connect",
+    ];
+    SIGNS.iter().any(|s| stderr.contains(s))
 }
 
 pub type BuildResult = Result<Digest, Arc<BuildError>>;
@@ -103,7 +140,14 @@ pub struct BuilderSettings {
     /// these alone (not this server's own build counts), so the same
     /// closure is layered the same way however old the server is.
     pub popularity: Arc<HashMap<String, u64>>,
+    /// What a pull by tag is built for (the first when only one image is
+    /// wanted); at least one.
+    pub platforms: Vec<Arch>,
 }
+
+/// `PATH` in every image: the usual directories, so `/bin` (where the
+/// symlink layer puts each package's programs) is on it.
+const IMAGE_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 pub struct Builder {
     settings: BuilderSettings,
@@ -201,12 +245,21 @@ impl Builder {
         &self.blobs
     }
 
+    pub fn nix(&self) -> &Nix {
+        &self.settings.nix
+    }
+
+    pub fn source(&self) -> &Source {
+        &self.settings.source
+    }
+
     /// The cache key of an image as pulled: the source, the tag if the
     /// source reads it, the system and the packages.
     fn cache_key(&self, spec: &ImageSpec) -> String {
         let source = &self.settings.source;
         hex_sha256(&[
-            "image-v2",
+            // v3: the config has Cmd from mainProgram, PATH, labels, created.
+            "image-v3",
             &source.describe(),
             source.cache_tag(&spec.tag),
             spec.arch.nix_system(),
@@ -218,12 +271,29 @@ impl Builder {
     /// there: its contents can never change, so it is reused for good.
     fn commit_key(&self, spec: &ImageSpec, commit: &str) -> String {
         hex_sha256(&[
-            "image-commit-v1",
+            "image-commit-v2",
             &self.settings.source.describe(),
             commit,
             spec.arch.nix_system(),
             &spec.packages.join("\n"),
         ])
+    }
+
+    /// The manifest recorded for a name and tag in `which`, if its blob is
+    /// stored.
+    fn tagged(&self, which: TagTree, name: &str, tag: &str) -> Result<Option<Digest>, DbError> {
+        Ok(self
+            .db
+            .tag_record(which, name, tag)?
+            .map(|r| r.digest)
+            .filter(|d| self.blobs.contains(d)))
+    }
+
+    /// The cached build record for an image as [`manifest_for`](Self::manifest_for)
+    /// builds it (for its store paths), if there is one.
+    pub fn cached_record(&self, name: &str, tag: &str) -> Result<Option<ManifestRecord>, DbError> {
+        let spec = ImageSpec::for_arch(name, tag, self.platforms_for(name)[0]);
+        self.db.manifest(&self.cache_key(&spec))
     }
 
     /// A cached manifest that may be served without asking Nix.
@@ -239,15 +309,61 @@ impl Builder {
         Ok(fresh.then_some(record.digest))
     }
 
-    /// The manifest digest for a validated image name and tag, building the
-    /// image if it is not cached.
+    /// The platforms a pull of `name` by tag is built for: the `arm64`
+    /// meta-package fixes one, else the configured ones.
+    pub fn platforms_for(&self, name: &str) -> Vec<Arch> {
+        if ImageSpec::names_arch(name) {
+            vec![Arch::Arm64]
+        } else {
+            self.settings.platforms.clone()
+        }
+    }
+
+    /// The Docker manifest digest for a validated image name and tag, for
+    /// the first of its platforms, building the image if it is not cached.
     pub async fn manifest_for(self: &Arc<Self>, name: &str, tag: &str) -> BuildResult {
+        let db_error = |e: DbError| Arc::new(BuildError::from(e));
+        // Imported images answer whatever the source.
+        if let Some(digest) = self.tagged(TagTree::Pinned, name, tag).map_err(db_error)? {
+            self.status.manifest_requested(name, Lookup::Hit, true);
+            return Ok(digest);
+        }
+        if self.settings.source.is_mirror() {
+            let built = self.tagged(TagTree::Built, name, tag).map_err(db_error)?;
+            let lookup = if built.is_some() {
+                Lookup::Hit
+            } else {
+                Lookup::Miss
+            };
+            self.status
+                .manifest_requested(name, lookup, built.is_some());
+            return built.ok_or_else(|| Arc::new(BuildError::NoSource(format!("{name}:{tag}"))));
+        }
+        let arch = self.platforms_for(name)[0];
+        self.manifest_for_arch(name, tag, arch).await
+    }
+
+    /// As [`manifest_for`](Self::manifest_for), for `arch` (which the
+    /// `arm64` meta-package overrides).
+    pub async fn manifest_for_arch(
+        self: &Arc<Self>,
+        name: &str,
+        tag: &str,
+        arch: Arch,
+    ) -> BuildResult {
+        // A mirror serves one platform per name, through `manifest_for`.
+        if self.settings.source.is_mirror() {
+            return Err(Arc::new(BuildError::NoSource(format!(
+                "{name}:{tag} for {}",
+                arch.docker()
+            ))));
+        }
         // The registry grammar was checked; a git source also needs a ref.
         self.settings
             .source
             .check_tag(tag)
             .map_err(|e| Arc::new(e.into()))?;
-        let spec = ImageSpec::from_name(name, tag);
+        let spec = ImageSpec::for_arch(name, tag, arch);
         let key = self.cache_key(&spec);
         if let Some(digest) = self
             .fresh_cached(&key, tag)
@@ -266,9 +382,27 @@ impl Builder {
             })
             .await
             .unwrap_or_else(|| Err(Arc::new(BuildError::Task("image build panicked".into()))));
+        let result = match result {
+            Err(e) if e.is_source_unreachable() => self.stale(name, tag, &key, e),
+            other => other,
+        };
         self.status
             .manifest_requested(name, Lookup::Miss, result.is_ok());
         result
+    }
+
+    /// The source could not be reached to refresh an image past its TTL:
+    /// the cached manifest, if there is one, is better than an error.
+    fn stale(&self, name: &str, tag: &str, key: &str, error: Arc<BuildError>) -> BuildResult {
+        let cached = match self.db.manifest(key) {
+            Ok(Some(r)) if self.blobs.contains(&r.digest) => r,
+            _ => return Err(error),
+        };
+        tracing::warn!(image = name, tag, error = %error, manifest = %cached.digest,
+            "the package source cannot be reached: serving the cached image");
+        self.status
+            .served_stale(name, tag, &error.to_string(), cached.checked_at);
+        Ok(cached.digest)
     }
 
     /// One build, recorded whatever its outcome.
@@ -428,8 +562,9 @@ impl Builder {
                 counters.live.enter(Phase::Packing);
                 let (closure, outs, plan) = self.plan_layers(closure, outs).await?;
                 phases.finish("layering");
+                let config = self.image_config(spec, &resolved.found, revision.as_deref());
                 let digest = self
-                    .pack_and_write(spec, &closure, &outs, plan, counters)
+                    .pack_and_write(config, &closure, &outs, plan, counters)
                     .await?;
                 phases.finish("packing");
                 ManifestRecord {
@@ -459,14 +594,47 @@ impl Builder {
             ..record
         };
         self.db.put_manifest(key, &record)?;
-        self.db.add_tag(image, &spec.tag)?;
+        // What a mirror serves for the name: the platform a pull gets.
+        if self.platforms_for(image).first() == Some(&spec.arch) {
+            let named = TagRecord {
+                digest: record.digest,
+                at: record.checked_at,
+            };
+            self.db
+                .put_tag_record(TagTree::Built, image, &spec.tag, &named)?;
+        }
         Ok(record.digest)
+    }
+
+    /// The run settings and labels of an image (not its layers).
+    fn image_config(
+        &self,
+        spec: &ImageSpec,
+        found: &BTreeMap<String, ResolvedPackage>,
+        revision: Option<&str>,
+    ) -> ImageConfig {
+        let mut labels = BTreeMap::from([(
+            "org.opencontainers.image.source".to_owned(),
+            self.settings.source.public_description(),
+        )]);
+        if let Some(rev) = revision {
+            labels.insert("org.opencontainers.image.revision".into(), rev.to_owned());
+        }
+        ImageConfig {
+            architecture: spec.arch.docker().to_owned(),
+            env: vec![
+                IMAGE_PATH.to_owned(),
+                format!("SSL_CERT_FILE={SSL_CERT_FILE}"),
+            ],
+            cmd: spec.default_cmd(found),
+            labels,
+        }
     }
 
     /// Packs the layers and writes the config and manifest blobs.
     async fn pack_and_write(
         &self,
-        spec: &ImageSpec,
+        config: ImageConfig,
         closure: &[PathInfo],
         outs: &[String],
         plan: Vec<layering::Layer>,
@@ -495,18 +663,13 @@ impl Builder {
                 size: r.size,
             })
             .collect();
-        let config = ImageConfig {
-            architecture: spec.arch.docker().to_owned(),
-            env: vec![format!("SSL_CERT_FILE={SSL_CERT_FILE}")],
-            cmd: spec.default_cmd(),
-        };
         counters.live.enter(Phase::WritingManifest);
         let built = manifest::build(&config, &layer_blobs)?;
-        self.blobs.put(&built.config_json)?;
-        self.blobs.put(&built.manifest_json)?;
+        self.blobs.put(&built.config.json)?;
+        self.blobs.put(&built.manifest.json)?;
         self.db
             .add_popularity(closure.iter().map(|p| store_path::name_of(&p.path)))?;
-        Ok(built.manifest_digest)
+        Ok(built.manifest.digest)
     }
 
     /// One layer: from the index if it was packed before, else packed now
@@ -583,7 +746,40 @@ impl Builder {
 
 #[cfg(test)]
 mod tests {
-    use super::tail;
+    use super::{is_fetch_failure, tail, BuildError, GitError, NixError, Stage};
+
+    #[test]
+    fn only_an_unreachable_source_is_worth_serving_stale() {
+        let timeout = |stage| BuildError::Nix(NixError::Timeout { stage, seconds: 1 });
+        assert!(timeout(Stage::Resolve).is_source_unreachable());
+        assert!(!timeout(Stage::Realise).is_source_unreachable());
+        assert!(BuildError::Source(GitError::Failed("x".into())).is_source_unreachable());
+        assert!(!BuildError::Source(GitError::UnknownRef("v".into())).is_source_unreachable());
+        assert!(!BuildError::NotFound(vec!["x".into()]).is_source_unreachable());
+        let failed = |stage, stderr: &str| {
+            BuildError::Nix(NixError::Failed {
+                stage,
+                status: Some(1),
+                stderr: stderr.into(),
+            })
+        };
+        let download = "error: unable to download 'http://x/n.tgz': Couldn't connect to server (7)";
+        assert!(failed(Stage::Resolve, download).is_source_unreachable());
+        assert!(!failed(Stage::Realise, download).is_source_unreachable());
+    }
+
+    #[test]
+    fn fetch_failures_are_told_from_build_failures() {
+        assert!(is_fetch_failure(
+            "error: unable to download 'http://127.0.0.1:1/n.tgz': Couldn't connect to server (7)"
+        ));
+        assert!(is_fetch_failure(
+            "fatal: unable to access 'https://x/': Could not resolve host: x"
+        ));
+        assert!(!is_fetch_failure(
+            "error: builder for '/nix/store/x.drv' failed with exit code 1"
+        ));
+    }
 
     #[test]
     fn tail_cuts_at_a_line_within_the_limit() {

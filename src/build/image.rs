@@ -2,7 +2,9 @@
 //! of the original Nixery (path components are packages, meta-packages,
 //! always-added packages).
 
+use crate::build::nix::ResolvedPackage;
 use crate::digest::{Digest, DigestError};
+use std::collections::BTreeMap;
 use std::fmt;
 
 /// Packages that every image gets, as in the original.
@@ -106,15 +108,35 @@ impl Reference {
 /// What a `/v2/...` path asks for; the name is already validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RegistryPath {
-    Manifest { name: String, reference: Reference },
-    Blob { name: String, digest: Digest },
-    TagsList { name: String },
+    Manifest {
+        name: String,
+        reference: Reference,
+    },
+    Blob {
+        name: String,
+        digest: Digest,
+    },
+    TagsList {
+        name: String,
+    },
+    /// `/v2/<name>/referrers/<digest>`; `None` for a digest of another
+    /// algorithm, which nothing here can refer to.
+    Referrers {
+        name: String,
+        digest: Option<Digest>,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PathError {
     #[error("no such endpoint")]
     NotFound,
+    /// A well-formed digest of an algorithm this registry never uses: it
+    /// names nothing stored here.
+    #[error("no manifest with digest algorithm {0:?}; this registry uses sha256")]
+    UnknownManifest(String),
+    #[error("no blob with digest algorithm {0:?}; this registry uses sha256")]
+    UnknownBlob(String),
     #[error(transparent)]
     Reference(#[from] ReferenceError),
 }
@@ -132,15 +154,29 @@ impl RegistryPath {
         match (tail[0], tail[1]) {
             ("manifests", reference) => {
                 validate_name(&name)?;
-                let reference = Reference::parse(reference)?;
+                let reference = match Reference::parse(reference) {
+                    Err(ReferenceError::Digest(DigestError::Unsupported(a))) => {
+                        return Err(PathError::UnknownManifest(a))
+                    }
+                    other => other?,
+                };
                 Ok(RegistryPath::Manifest { name, reference })
             }
             ("blobs", digest) => {
                 validate_name(&name)?;
-                Ok(RegistryPath::Blob {
-                    name,
-                    digest: digest.parse().map_err(ReferenceError::Digest)?,
-                })
+                let digest = match digest.parse() {
+                    Err(DigestError::Unsupported(a)) => return Err(PathError::UnknownBlob(a)),
+                    other => other.map_err(ReferenceError::Digest)?,
+                };
+                Ok(RegistryPath::Blob { name, digest })
+            }
+            ("referrers", digest) => {
+                validate_name(&name)?;
+                let digest = match digest.parse() {
+                    Err(DigestError::Unsupported(_)) => None,
+                    other => Some(other.map_err(ReferenceError::Digest)?),
+                };
+                Ok(RegistryPath::Referrers { name, digest })
             }
             ("tags", "list") => {
                 validate_name(&name)?;
@@ -174,6 +210,25 @@ impl Arch {
             Arch::Arm64 => "arm64",
         }
     }
+
+    /// The machine this server runs on, when images can be built for it.
+    pub fn host() -> Option<Arch> {
+        match std::env::consts::ARCH {
+            "x86_64" => Some(Arch::Amd64),
+            "aarch64" => Some(Arch::Arm64),
+            _ => None,
+        }
+    }
+
+    /// A platform as clients spell it: `linux/amd64`, `linux/arm64`
+    /// (`linux/arm64/v8` too).
+    pub fn from_platform(platform: &str) -> Option<Arch> {
+        match platform.trim() {
+            "linux/amd64" => Some(Arch::Amd64),
+            "linux/arm64" | "linux/arm64/v8" => Some(Arch::Arm64),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for Arch {
@@ -192,10 +247,16 @@ pub struct ImageSpec {
 }
 
 impl ImageSpec {
-    /// Turns a validated image name and tag into a spec. Component order does
-    /// not matter: `a/b` and `b/a` are the same image.
+    /// Turns a validated image name and tag into a spec for amd64 (unless
+    /// the name says `arm64`). Component order does not matter: `a/b` and
+    /// `b/a` are the same image.
     pub fn from_name(name: &str, tag: &str) -> Self {
-        let mut arch = Arch::Amd64;
+        Self::for_arch(name, tag, Arch::Amd64)
+    }
+
+    /// As [`from_name`](Self::from_name), for `arch` unless the name says
+    /// `arm64`.
+    pub fn for_arch(name: &str, tag: &str, mut arch: Arch) -> Self {
         let mut packages: Vec<String> = Vec::new();
         for component in name.split('/') {
             match component {
@@ -214,12 +275,36 @@ impl ImageSpec {
         }
     }
 
-    /// The image starts `bash` by default when it has an interactive shell.
-    pub fn default_cmd(&self) -> Option<Vec<String>> {
-        self.packages
+    /// Whether the name fixes the architecture (the `arm64` meta-package),
+    /// so that it names one image, never an index.
+    pub fn names_arch(name: &str) -> bool {
+        name.split('/').any(|c| c == "arm64")
+    }
+
+    /// The command an image runs when none is given: `bash` when it has an
+    /// interactive shell; else the `meta.mainProgram` of the one requested
+    /// package that declares one (none when several do).
+    pub fn default_cmd(&self, found: &BTreeMap<String, ResolvedPackage>) -> Option<Vec<String>> {
+        if self
+            .packages
             .iter()
             .any(|p| p.eq_ignore_ascii_case("bashInteractive"))
-            .then(|| vec!["bash".to_owned()])
+        {
+            return Some(vec!["bash".to_owned()]);
+        }
+        let mut declared = self
+            .packages
+            .iter()
+            .filter(|p| !ALWAYS_ADDED.contains(&p.as_str()))
+            .filter_map(|p| found.get(p))
+            .filter_map(|r| {
+                let program = r.main_program.as_ref()?;
+                Some(format!("{}/bin/{program}", r.out_path))
+            });
+        match (declared.next(), declared.next()) {
+            (Some(only), None) => Some(vec![only]),
+            _ => None,
+        }
     }
 }
 
@@ -312,8 +397,36 @@ mod tests {
             RegistryPath::parse("a/blobs/sha256:zz"),
             Err(PathError::Reference(ReferenceError::Digest(_)))
         ));
-        assert!(matches!(
+        // Well-formed digests of other algorithms name nothing here.
+        assert_eq!(
             RegistryPath::parse("a/manifests/bad:tag"),
+            Err(PathError::UnknownManifest("bad".into()))
+        );
+        let sha512 = format!("sha512:{}", "a".repeat(128));
+        assert_eq!(
+            RegistryPath::parse(&format!("a/blobs/{sha512}")),
+            Err(PathError::UnknownBlob("sha512".into()))
+        );
+        assert!(matches!(
+            RegistryPath::parse("a/manifests/bad:t/ag"),
+            Err(PathError::NotFound)
+        ));
+        assert_eq!(
+            RegistryPath::parse(&format!("a/b/referrers/{d}")),
+            Ok(RegistryPath::Referrers {
+                name: "a/b".into(),
+                digest: Some(d)
+            })
+        );
+        assert_eq!(
+            RegistryPath::parse(&format!("a/referrers/{sha512}")),
+            Ok(RegistryPath::Referrers {
+                name: "a".into(),
+                digest: None
+            })
+        );
+        assert!(matches!(
+            RegistryPath::parse("a/referrers/sha256:zz"),
             Err(PathError::Reference(ReferenceError::Digest(_)))
         ));
     }
@@ -336,12 +449,72 @@ mod tests {
             ]
         );
         assert_eq!(a.arch, Arch::Amd64);
-        assert_eq!(a.default_cmd(), Some(vec!["bash".to_owned()]));
+        assert_eq!(
+            a.default_cmd(&BTreeMap::new()),
+            Some(vec!["bash".to_owned()])
+        );
 
         let arm = ImageSpec::from_name("arm64/hello/hello", "v2");
         assert_eq!(arm.packages, ["cacert", "hello", "iana-etc"]);
         assert_eq!(arm.arch, Arch::Arm64);
         assert_eq!(arm.arch.nix_system(), "aarch64-linux");
-        assert_eq!(arm.default_cmd(), None);
+        assert_eq!(arm.default_cmd(&BTreeMap::new()), None);
+        assert!(ImageSpec::names_arch("arm64/hello"));
+        assert!(!ImageSpec::names_arch("hello/arm64x"));
+        let forced = ImageSpec::for_arch("hello", "latest", Arch::Arm64);
+        assert_eq!(forced.arch, Arch::Arm64);
+        assert_eq!(
+            forced.packages,
+            ImageSpec::from_name("hello", "latest").packages
+        );
+    }
+
+    fn resolved(out: &str, main: Option<&str>) -> ResolvedPackage {
+        ResolvedPackage {
+            drv_path: format!("{out}.drv"),
+            out_path: out.to_owned(),
+            main_program: main.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn default_cmd_is_the_one_declared_main_program() {
+        let found = BTreeMap::from([
+            (
+                "hello".to_owned(),
+                resolved("/nix/store/h-hello", Some("hello")),
+            ),
+            ("jq".to_owned(), resolved("/nix/store/j-jq", Some("jq"))),
+            (
+                "coreutils".to_owned(),
+                resolved("/nix/store/c-coreutils", None),
+            ),
+            (
+                "cacert".to_owned(),
+                resolved("/nix/store/x-cacert", Some("x")),
+            ),
+        ]);
+        let cmd = |name: &str| ImageSpec::from_name(name, "latest").default_cmd(&found);
+        assert_eq!(
+            cmd("hello"),
+            Some(vec!["/nix/store/h-hello/bin/hello".to_owned()])
+        );
+        // Packages that declare none do not count; always-added ones neither.
+        assert_eq!(
+            cmd("coreutils/hello"),
+            Some(vec!["/nix/store/h-hello/bin/hello".to_owned()])
+        );
+        assert_eq!(cmd("hello/jq"), None);
+        assert_eq!(cmd("coreutils"), None);
+        assert_eq!(cmd("shell/hello"), Some(vec!["bash".to_owned()]));
+    }
+
+    #[test]
+    fn platforms_parse() {
+        assert_eq!(Arch::from_platform("linux/amd64"), Some(Arch::Amd64));
+        assert_eq!(Arch::from_platform(" linux/arm64 "), Some(Arch::Arm64));
+        assert_eq!(Arch::from_platform("linux/arm64/v8"), Some(Arch::Arm64));
+        assert_eq!(Arch::from_platform("windows/amd64"), None);
+        assert_eq!(Arch::from_platform("amd64"), None);
     }
 }

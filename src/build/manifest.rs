@@ -1,18 +1,67 @@
-//! The image config and Docker schema2 manifest for a built image.
+//! The image config, its manifest in Docker schema2 and OCI form, and the
+//! index (or Docker manifest list) naming one manifest per platform.
 //!
-//! Both are serialised from structs with a fixed field order and no
-//! timestamps, so the same layers and config always give the same bytes and
-//! therefore the same digests.
+//! All are serialised from structs with a fixed field order and a fixed
+//! `created` time, so the same layers and config always give the same bytes
+//! and therefore the same digests. The OCI manifest is a pure function of
+//! the Docker one (same config and layer blobs, OCI media types), so either
+//! can be made from the other's record.
 
 use crate::digest::Digest;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.docker.distribution.manifest.v2+json";
 pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.docker.container.image.v1+json";
 pub const LAYER_MEDIA_TYPE: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+pub const LIST_MEDIA_TYPE: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const OCI_MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
+pub const OCI_LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const OCI_INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
+
+/// The image config's `created`: fixed, so rebuilding gives the same digest.
+pub const CREATED: &str = "1970-01-01T00:00:01Z";
 
 /// Architectures images are built for, in Docker's (GOARCH) spelling.
 pub const ARCHITECTURES: [&str; 2] = ["amd64", "arm64"];
+
+/// The two manifest vocabularies a client may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Docker,
+    Oci,
+}
+
+impl Format {
+    pub fn manifest_type(self) -> &'static str {
+        match self {
+            Format::Docker => MANIFEST_MEDIA_TYPE,
+            Format::Oci => OCI_MANIFEST_MEDIA_TYPE,
+        }
+    }
+
+    pub fn index_type(self) -> &'static str {
+        match self {
+            Format::Docker => LIST_MEDIA_TYPE,
+            Format::Oci => OCI_INDEX_MEDIA_TYPE,
+        }
+    }
+
+    fn config_type(self) -> &'static str {
+        match self {
+            Format::Docker => CONFIG_MEDIA_TYPE,
+            Format::Oci => OCI_CONFIG_MEDIA_TYPE,
+        }
+    }
+
+    fn layer_type(self) -> &'static str {
+        match self {
+            Format::Docker => LAYER_MEDIA_TYPE,
+            Format::Oci => OCI_LAYER_MEDIA_TYPE,
+        }
+    }
+}
 
 /// A layer as stored in the registry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,15 +80,29 @@ pub struct ImageConfig {
     pub architecture: String,
     pub env: Vec<String>,
     pub cmd: Option<Vec<String>>,
+    /// Sorted by key, so the bytes do not depend on insertion order.
+    pub labels: BTreeMap<String, String>,
 }
 
-/// The serialised config and manifest, with their digests.
+/// Serialised JSON and its digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Document {
+    pub json: Vec<u8>,
+    pub digest: Digest,
+}
+
+impl Document {
+    fn of(json: Vec<u8>) -> Self {
+        let digest = Digest::of(&json);
+        Document { json, digest }
+    }
+}
+
+/// The serialised config and the Docker schema2 manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuiltImage {
-    pub config_json: Vec<u8>,
-    pub config_digest: Digest,
-    pub manifest_json: Vec<u8>,
-    pub manifest_digest: Digest,
+    pub config: Document,
+    pub manifest: Document,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +117,7 @@ pub enum ManifestError {
 // depend on it.
 #[derive(Serialize)]
 struct ConfigDoc<'a> {
+    created: &'static str,
     architecture: &'a str,
     os: &'static str,
     config: RunConfig<'a>,
@@ -66,6 +130,8 @@ struct RunConfig<'a> {
     env: &'a [String],
     #[serde(rename = "Cmd", skip_serializing_if = "Option::is_none")]
     cmd: Option<&'a [String]>,
+    #[serde(rename = "Labels", skip_serializing_if = "BTreeMap::is_empty")]
+    labels: &'a BTreeMap<String, String>,
 }
 
 #[derive(Serialize)]
@@ -75,69 +141,165 @@ struct RootFs {
     diff_ids: Vec<Digest>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct ManifestDoc {
     schema_version: u32,
-    media_type: &'static str,
+    media_type: String,
     config: Descriptor,
     layers: Vec<Descriptor>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Descriptor {
-    media_type: &'static str,
+    media_type: String,
     size: u64,
     digest: Digest,
 }
 
-/// Serialises the config and the manifest for `layers`, base-most first.
+/// Serialises the config and the Docker manifest for `layers`, base-most
+/// first.
 pub fn build(config: &ImageConfig, layers: &[LayerBlob]) -> Result<BuiltImage, ManifestError> {
     if !ARCHITECTURES.contains(&config.architecture.as_str()) {
         return Err(ManifestError::UnsupportedArchitecture(
             config.architecture.clone(),
         ));
     }
-    let config_json = serde_json::to_vec(&ConfigDoc {
+    let config_doc = Document::of(serde_json::to_vec(&ConfigDoc {
+        created: CREATED,
         architecture: &config.architecture,
         os: "linux",
         config: RunConfig {
             env: &config.env,
             cmd: config.cmd.as_deref(),
+            labels: &config.labels,
         },
         rootfs: RootFs {
             kind: "layers",
             diff_ids: layers.iter().map(|l| l.diff_id).collect(),
         },
-    })?;
-    let config_digest = Digest::of(&config_json);
+    })?);
+    let manifest = manifest_doc(
+        Format::Docker,
+        config_doc.json.len() as u64,
+        config_doc.digest,
+        layers.iter().map(|l| (l.size, l.digest)),
+    );
+    Ok(BuiltImage {
+        manifest: Document::of(serde_json::to_vec(&manifest)?),
+        config: config_doc,
+    })
+}
 
-    let manifest_json = serde_json::to_vec(&ManifestDoc {
+fn manifest_doc(
+    format: Format,
+    config_size: u64,
+    config_digest: Digest,
+    layers: impl Iterator<Item = (u64, Digest)>,
+) -> ManifestDoc {
+    ManifestDoc {
         schema_version: 2,
-        media_type: MANIFEST_MEDIA_TYPE,
+        media_type: format.manifest_type().to_owned(),
         config: Descriptor {
-            media_type: CONFIG_MEDIA_TYPE,
-            size: config_json.len() as u64,
+            media_type: format.config_type().to_owned(),
+            size: config_size,
             digest: config_digest,
         },
         layers: layers
-            .iter()
-            .map(|l| Descriptor {
-                media_type: LAYER_MEDIA_TYPE,
-                size: l.size,
-                digest: l.digest,
+            .map(|(size, digest)| Descriptor {
+                media_type: format.layer_type().to_owned(),
+                size,
+                digest,
             })
             .collect(),
-    })?;
-    let manifest_digest = Digest::of(&manifest_json);
+    }
+}
 
-    Ok(BuiltImage {
-        config_json,
-        config_digest,
-        manifest_json,
-        manifest_digest,
-    })
+/// The same image as `docker_json` (a manifest this module wrote) in
+/// `format`: the same config and layer blobs under that format's media
+/// types.
+pub fn convert(docker_json: &[u8], format: Format) -> Result<Document, ManifestError> {
+    let doc: ManifestDoc = serde_json::from_slice(docker_json)?;
+    let converted = manifest_doc(
+        format,
+        doc.config.size,
+        doc.config.digest,
+        doc.layers.iter().map(|l| (l.size, l.digest)),
+    );
+    Ok(Document::of(serde_json::to_vec(&converted)?))
+}
+
+/// One platform's manifest, as an index lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlatformManifest<'a> {
+    pub architecture: &'a str,
+    pub digest: Digest,
+    pub size: u64,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct IndexDoc<'a> {
+    schema_version: u32,
+    media_type: &'static str,
+    manifests: Vec<IndexEntry<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct IndexEntry<'a> {
+    media_type: &'static str,
+    size: u64,
+    digest: Digest,
+    platform: Platform<'a>,
+}
+
+#[derive(Serialize)]
+struct Platform<'a> {
+    architecture: &'a str,
+    os: &'static str,
+}
+
+/// An OCI image index or Docker manifest list of `manifests`, each of
+/// which must be in `format`.
+pub fn index(format: Format, manifests: &[PlatformManifest]) -> Result<Document, ManifestError> {
+    let doc = IndexDoc {
+        schema_version: 2,
+        media_type: format.index_type(),
+        manifests: manifests
+            .iter()
+            .map(|m| IndexEntry {
+                media_type: format.manifest_type(),
+                size: m.size,
+                digest: m.digest,
+                platform: Platform {
+                    architecture: m.architecture,
+                    os: "linux",
+                },
+            })
+            .collect(),
+    };
+    Ok(Document::of(serde_json::to_vec(&doc)?))
+}
+
+/// An empty OCI image index: the referrers of anything in this registry,
+/// which takes no pushes.
+pub fn empty_index() -> &'static [u8] {
+    br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#
+}
+
+/// The `mediaType` a stored manifest or index declares (every one this
+/// module writes has one), for the Content-Type it is served with.
+pub fn media_type_of(json: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Typed {
+        media_type: String,
+    }
+    serde_json::from_slice::<Typed>(json)
+        .ok()
+        .map(|t| t.media_type)
 }
 
 #[cfg(test)]
@@ -158,6 +320,7 @@ mod tests {
             architecture: "amd64".into(),
             env: vec!["SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt".into()],
             cmd: Some(vec!["/bin/sh".into(), "-c".into()]),
+            labels: BTreeMap::from([("b".into(), "2".into()), ("a".into(), "1".into())]),
         }
     }
 
@@ -165,15 +328,17 @@ mod tests {
     fn config_has_the_image_spec_shape() {
         let layers = [blob(1), blob(2)];
         let image = build(&config(), &layers).unwrap();
-        let v: Value = serde_json::from_slice(&image.config_json).unwrap();
+        let v: Value = serde_json::from_slice(&image.config.json).unwrap();
         assert_eq!(
             v,
             json!({
+                "created": CREATED,
                 "architecture": "amd64",
                 "os": "linux",
                 "config": {
                     "Env": ["SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt"],
                     "Cmd": ["/bin/sh", "-c"],
+                    "Labels": {"a": "1", "b": "2"},
                 },
                 "rootfs": {
                     "type": "layers",
@@ -185,8 +350,11 @@ mod tests {
             })
         );
         // Fixed field order, not just the same fields.
-        let text = String::from_utf8(image.config_json).unwrap();
-        assert!(text.starts_with(r#"{"architecture":"amd64","os":"linux","config":{"Env":"#));
+        let text = String::from_utf8(image.config.json).unwrap();
+        assert!(text.starts_with(
+            r#"{"created":"1970-01-01T00:00:01Z","architecture":"amd64","os":"linux","config":{"Env":"#
+        ));
+        assert!(text.contains(r#""Labels":{"a":"1","b":"2"}"#), "{text}");
     }
 
     #[test]
@@ -194,7 +362,7 @@ mod tests {
         let mut c = config();
         c.cmd = None;
         let image = build(&c, &[blob(1)]).unwrap();
-        let v: Value = serde_json::from_slice(&image.config_json).unwrap();
+        let v: Value = serde_json::from_slice(&image.config.json).unwrap();
         assert!(v["config"].get("Cmd").is_none());
         assert_eq!(v["config"]["Env"].as_array().map(Vec::len), Some(1));
     }
@@ -203,14 +371,14 @@ mod tests {
     fn manifest_has_the_schema2_shape() {
         let layers = [blob(3), blob(1), blob(2)];
         let image = build(&config(), &layers).unwrap();
-        let v: Value = serde_json::from_slice(&image.manifest_json).unwrap();
+        let v: Value = serde_json::from_slice(&image.manifest.json).unwrap();
         assert_eq!(v["schemaVersion"], 2);
         assert_eq!(v["mediaType"], MANIFEST_MEDIA_TYPE);
         assert_eq!(v["config"]["mediaType"], CONFIG_MEDIA_TYPE);
-        assert_eq!(v["config"]["digest"], image.config_digest.to_string());
+        assert_eq!(v["config"]["digest"], image.config.digest.to_string());
         assert_eq!(
             v["config"]["size"].as_u64(),
-            Some(image.config_json.len() as u64)
+            Some(image.config.json.len() as u64)
         );
         let listed = v["layers"].as_array().unwrap();
         assert_eq!(listed.len(), 3);
@@ -225,8 +393,8 @@ mod tests {
     #[test]
     fn digests_are_sha256_of_the_bytes() {
         let image = build(&config(), &[blob(1)]).unwrap();
-        assert_eq!(image.config_digest, Digest::of(&image.config_json));
-        assert_eq!(image.manifest_digest, Digest::of(&image.manifest_json));
+        assert_eq!(image.config.digest, Digest::of(&image.config.json));
+        assert_eq!(image.manifest.digest, Digest::of(&image.manifest.json));
     }
 
     #[test]
@@ -236,7 +404,70 @@ mod tests {
         let b = build(&config(), &layers).unwrap();
         assert_eq!(a, b);
         let reordered = build(&config(), &[blob(2), blob(1)]).unwrap();
-        assert_ne!(a.manifest_digest, reordered.manifest_digest);
+        assert_ne!(a.manifest.digest, reordered.manifest.digest);
+    }
+
+    #[test]
+    fn oci_form_shares_the_blobs_under_oci_types() {
+        let layers = [blob(1), blob(2)];
+        let image = build(&config(), &layers).unwrap();
+        let oci = convert(&image.manifest.json, Format::Oci).unwrap();
+        assert_eq!(oci.digest, Digest::of(&oci.json));
+        assert_ne!(oci.digest, image.manifest.digest);
+        let v: Value = serde_json::from_slice(&oci.json).unwrap();
+        assert_eq!(v["mediaType"], OCI_MANIFEST_MEDIA_TYPE);
+        assert_eq!(v["config"]["mediaType"], OCI_CONFIG_MEDIA_TYPE);
+        assert_eq!(v["config"]["digest"], image.config.digest.to_string());
+        for (entry, layer) in v["layers"].as_array().unwrap().iter().zip(&layers) {
+            assert_eq!(entry["mediaType"], OCI_LAYER_MEDIA_TYPE);
+            assert_eq!(entry["digest"], layer.digest.to_string());
+        }
+        // Converting back gives the Docker bytes exactly.
+        let back = convert(&oci.json, Format::Docker).unwrap();
+        assert_eq!(back.json, image.manifest.json);
+        assert_eq!(
+            media_type_of(&oci.json).as_deref(),
+            Some(OCI_MANIFEST_MEDIA_TYPE)
+        );
+        assert_eq!(
+            media_type_of(&image.manifest.json).as_deref(),
+            Some(MANIFEST_MEDIA_TYPE)
+        );
+    }
+
+    #[test]
+    fn index_names_one_manifest_per_platform() {
+        let a = Digest::of(b"a");
+        let b = Digest::of(b"b");
+        let entries = [
+            PlatformManifest {
+                architecture: "amd64",
+                digest: a,
+                size: 10,
+            },
+            PlatformManifest {
+                architecture: "arm64",
+                digest: b,
+                size: 20,
+            },
+        ];
+        for format in [Format::Oci, Format::Docker] {
+            let doc = index(format, &entries).unwrap();
+            let v: Value = serde_json::from_slice(&doc.json).unwrap();
+            assert_eq!(v["mediaType"], format.index_type());
+            let listed = v["manifests"].as_array().unwrap();
+            assert_eq!(listed.len(), 2);
+            assert_eq!(listed[1]["mediaType"], format.manifest_type());
+            assert_eq!(listed[1]["digest"], b.to_string());
+            assert_eq!(listed[1]["size"], 20);
+            assert_eq!(
+                listed[1]["platform"],
+                json!({"architecture": "arm64", "os": "linux"})
+            );
+        }
+        let empty: Value = serde_json::from_slice(empty_index()).unwrap();
+        assert_eq!(empty["mediaType"], OCI_INDEX_MEDIA_TYPE);
+        assert_eq!(empty["manifests"], json!([]));
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! From an image name to a stored manifest: the name (`image`), where
 //! packages come from (`source`, `git`), Nix (`nix`), the closure's layer
-//! plan (`layering`, `popularity`), packing (`archive`), the manifest, and
-//! the orchestration of it all (`builder`, `singleflight`).
+//! plan (`layering`, `popularity`), packing (`archive`), the manifest and
+//! the forms it is served in (`manifest`, `forms`), and the orchestration
+//! of it all (`builder`, `singleflight`).
 
 pub mod archive;
 pub mod builder;
+pub mod forms;
 pub mod git;
 pub mod image;
 pub mod layering;

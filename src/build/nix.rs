@@ -35,6 +35,8 @@ pub enum Stage {
     Realise,
     /// Querying the runtime closure (`nix path-info`).
     Closure,
+    /// Copying closures to or from a binary cache (`nix copy`).
+    Copy,
 }
 
 impl fmt::Display for Stage {
@@ -43,6 +45,7 @@ impl fmt::Display for Stage {
             Stage::Resolve => "resolve",
             Stage::Realise => "realise",
             Stage::Closure => "closure",
+            Stage::Copy => "copy",
         })
     }
 }
@@ -118,6 +121,9 @@ pub struct ResolvedPackage {
     pub drv_path: String,
     #[serde(rename = "outPath")]
     pub out_path: String,
+    /// The package's `meta.mainProgram`, when it declares one.
+    #[serde(rename = "mainProgram", default)]
+    pub main_program: Option<String>,
 }
 
 /// The outcome of resolving package names.
@@ -268,6 +274,32 @@ impl Nix {
         ];
         let stdout = self.run(Stage::Closure, "nix", args).await?;
         parse_nar_hash(&stdout, path)
+    }
+
+    /// Copies the closures of `paths` between stores (`nix copy`): to a
+    /// binary cache such as `file:///dir`, or from one into the local store.
+    /// A file cache is unsigned, so signatures are not required.
+    pub async fn copy(
+        &self,
+        from: Option<&str>,
+        to: Option<&str>,
+        paths: &[String],
+    ) -> Result<(), NixError> {
+        let mut args: Vec<OsString> = vec![
+            "--extra-experimental-features".into(),
+            "nix-command".into(),
+            "copy".into(),
+            "--no-check-sigs".into(),
+        ];
+        if let Some(from) = from {
+            args.extend(["--from".into(), from.into()]);
+        }
+        if let Some(to) = to {
+            args.extend(["--to".into(), to.into()]);
+        }
+        args.extend(paths.iter().map(OsString::from));
+        self.run(Stage::Copy, "nix", args).await?;
+        Ok(())
     }
 
     /// How long each call may run; other tools a build runs get as long.

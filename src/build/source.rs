@@ -26,6 +26,8 @@ pub enum Source {
     /// A flake reference (`NIXERY_FLAKE`): `packages.<system>`, then
     /// `legacyPackages.<system>`.
     Flake(String),
+    /// None: a mirror, which serves only what was imported or built before.
+    Mirror,
 }
 
 /// The `srcType`/`srcArgs` pair that `prepare-image.nix` takes.
@@ -92,14 +94,20 @@ impl Source {
                 },
                 commit: None,
             }),
+            // The builder stops before resolving in a mirror.
+            Source::Mirror => Err(GitError::Failed("this mirror has no package source".into())),
         }
+    }
+
+    pub fn is_mirror(&self) -> bool {
+        matches!(self, Source::Mirror)
     }
 
     /// Whether the tag names content that can never change, so a build of it
     /// can be cached for good.
     pub fn is_pinned(&self, tag: &str) -> bool {
         match self {
-            Source::Path(_) | Source::Flake(_) => false,
+            Source::Path(_) | Source::Flake(_) | Source::Mirror => false,
             Source::Channel(c) => is_commit(c),
             Source::Git(_) => is_commit(tag),
         }
@@ -114,6 +122,12 @@ impl Source {
         }
     }
 
+    /// What the image label `org.opencontainers.image.source` says: the
+    /// description with any user name or password taken out of a URL.
+    pub fn public_description(&self) -> String {
+        without_credentials(&self.describe())
+    }
+
     /// A stable description for cache keys and the admin page.
     pub fn describe(&self) -> String {
         match self {
@@ -121,7 +135,22 @@ impl Source {
             Source::Channel(c) => format!("channel:{c}"),
             Source::Git(url) => format!("git:{url}"),
             Source::Flake(f) => format!("flake:{f}"),
+            Source::Mirror => "mirror (no package source)".to_owned(),
         }
+    }
+}
+
+/// `text` with the `user:password@` of any URL in it removed.
+fn without_credentials(text: &str) -> String {
+    let Some(scheme_end) = text.find("://") else {
+        return text.to_owned();
+    };
+    let authority_start = scheme_end + 3;
+    let rest = &text[authority_start..];
+    let authority_len = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_len].rfind('@') {
+        Some(at) => format!("{}{}", &text[..authority_start], &rest[at + 1..]),
+        None => text.to_owned(),
     }
 }
 
@@ -159,6 +188,23 @@ mod tests {
     use super::*;
 
     const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+    #[test]
+    fn public_description_drops_credentials() {
+        let git = Source::Git("https://user:s3cret@example.org/pkgs.git".into());
+        assert_eq!(git.public_description(), "git:https://example.org/pkgs.git");
+        let token = Source::Channel("https://tok@host/a@b.tar.gz".into());
+        assert_eq!(
+            token.public_description(),
+            "channel:https://host/a@b.tar.gz"
+        );
+        let plain = Source::Git("git@example.org:pkgs.git".into());
+        assert_eq!(plain.public_description(), "git:git@example.org:pkgs.git");
+        assert_eq!(
+            Source::Path("/srv/pkgs".into()).public_description(),
+            "path:/srv/pkgs"
+        );
+    }
 
     #[tokio::test]
     async fn commits_need_no_lookup_and_are_pinned() {

@@ -237,11 +237,22 @@ mod tests {
                 ..
             })
         ));
-        // Settings themselves are still checked.
+        // Settings themselves are still checked: several sources contradict,
+        // none is a mirror.
         assert!(matches!(
-            check_args(&["--no-filesystem-checks", "--storage-path", "/s"]),
-            Err(CheckError::Config(ConfigError::NoSource))
+            check_args(&[
+                "--no-filesystem-checks",
+                "--storage-path",
+                "/s",
+                "--channel",
+                "c",
+                "--flake",
+                "path:/f"
+            ]),
+            Err(CheckError::Config(ConfigError::SeveralSources(_)))
         ));
+        let mirror = check_args(&["--no-filesystem-checks", "--storage-path", "/s"]).unwrap();
+        assert!(summary(&mirror, false).contains("source:  mirror"));
     }
 
     #[test]

@@ -1,6 +1,67 @@
 //! The subcommands of the `nixery` binary, one file each, plus what they
-//! share with systemd (`notify`).
+//! share with systemd (`notify`) and with each other (below).
 
+pub mod build;
 pub mod check_config;
+pub mod export;
+pub mod import;
 pub mod notify;
 pub mod serve;
+pub mod verify;
+
+use crate::build::builder::Builder;
+use crate::config::{Config, ServeArgs};
+use std::future::Future;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// Runs a command that works on the storage without a server: validates
+/// the settings (exit 2 if wrong; `need_source` refuses a mirror), opens the
+/// storage (refused while `serve` or another command has it open), and
+/// runs `work`, whose error is printed (exit 1).
+pub(crate) fn offline<F, Fut>(args: &ServeArgs, need_source: bool, work: F) -> ExitCode
+where
+    F: FnOnce(Config, Arc<Builder>) -> Fut,
+    Fut: Future<Output = anyhow::Result<ExitCode>>,
+{
+    let config = match args.validate().and_then(|c| {
+        if need_source {
+            c.require_source()
+        } else {
+            Ok(c)
+        }
+    }) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("nixery: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("nixery: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let builder = crate::open_builder(&config).await?;
+        let db = builder.db().clone();
+        let result = work(config, builder).await;
+        db.flush().await?;
+        result
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("nixery: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Whether stderr is a terminal, for progress bars instead of lines.
+pub(crate) fn on_terminal() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
+}

@@ -1,6 +1,7 @@
 //! HTTP: the registry API under `/v2/`, the admin page, status JSON and
 //! metrics, and the middleware that measures every request.
 
+pub mod accept;
 pub mod admin;
 pub mod format;
 pub mod observe;

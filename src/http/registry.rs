@@ -1,10 +1,12 @@
 //! The pull side of the distribution API: `/v2/`, manifests, blobs, tags.
 
+use super::accept::Accept;
 use super::range::{self, RangeRequest};
 use crate::build::builder::{BuildError, Builder};
+use crate::build::forms::Served;
 use crate::build::git::GitError;
 use crate::build::image::{PathError, Reference, ReferenceError, RegistryPath};
-use crate::build::manifest::MANIFEST_MEDIA_TYPE;
+use crate::build::manifest::{self, MANIFEST_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE};
 use crate::build::nix::NixError;
 use crate::digest::Digest;
 use crate::error::{ApiError, ErrorCode};
@@ -64,8 +66,16 @@ pub async fn dispatch(
     let result = match RegistryPath::parse(&rest) {
         Err(e) => Err(path_error(e)),
         Ok(RegistryPath::Manifest { name, reference }) => {
-            manifest(&builder, &name, reference, head).await
+            manifest(
+                &builder,
+                &name,
+                reference,
+                &Accept::from_headers(&headers),
+                head,
+            )
+            .await
         }
+        Ok(RegistryPath::Referrers { .. }) => Ok(referrers(&query)),
         Ok(RegistryPath::Blob { digest, .. }) => blob(&builder, digest, &headers, head).await,
         Ok(RegistryPath::TagsList { name }) => {
             let q = TagsQuery {
@@ -105,11 +115,18 @@ fn path_error(e: PathError) -> ApiError {
             ErrorCode::NameInvalid,
             e.to_string(),
         ),
-        PathError::Reference(ReferenceError::Tag(_)) => ApiError::new(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::TagInvalid,
-            e.to_string(),
-        ),
+        // Nothing is stored under a reference that is not a tag: unknown,
+        // as the distribution spec's conformance suite expects.
+        PathError::Reference(ReferenceError::Tag(_)) | PathError::UnknownManifest(_) => {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                ErrorCode::ManifestUnknown,
+                e.to_string(),
+            )
+        }
+        PathError::UnknownBlob(_) => {
+            ApiError::new(StatusCode::NOT_FOUND, ErrorCode::BlobUnknown, e.to_string())
+        }
         PathError::Reference(ReferenceError::Digest(d)) => digest_error(d),
     }
 }
@@ -169,6 +186,11 @@ pub fn build_error(e: &BuildError) -> ApiError {
         BuildError::Db(_) => ApiError::internal("using the database"),
         BuildError::GcRoot(_) => ApiError::internal("preparing the build"),
         BuildError::Task(_) => ApiError::internal("building the image"),
+        BuildError::NoSource(_) => ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::ManifestUnknown,
+            e.to_string(),
+        ),
     }
 }
 
@@ -196,38 +218,92 @@ async fn manifest(
     builder: &Arc<Builder>,
     name: &str,
     reference: Reference,
+    accept: &Accept,
     head: bool,
 ) -> Result<Response, ApiError> {
-    let (digest, immutable) = match reference {
-        Reference::Digest(d) => {
-            let known = builder.db().is_manifest(&d).map_err(|e| {
-                tracing::error!(error = %e, "manifest lookup failed");
-                ApiError::internal("looking up the manifest")
-            })?;
-            if !known {
-                return Err(manifest_unknown(name));
-            }
-            (d, true)
+    let tag = match reference {
+        Reference::Digest(d) => return manifest_by_digest(builder, name, d, head).await,
+        Reference::Tag(tag) => tag,
+    };
+    let logged = |e: &BuildError| {
+        let api = build_error(e);
+        if api.status.is_server_error() {
+            tracing::error!(image = name, tag = %tag, error = %e, "build failed");
         }
-        Reference::Tag(tag) => {
-            let d = builder.manifest_for(name, &tag).await.map_err(|e| {
-                let api = build_error(&e);
-                if api.status.is_server_error() {
-                    tracing::error!(image = name, tag = %tag, error = %e, "build failed");
-                }
-                api
-            })?;
-            (d, false)
+        api
+    };
+    // Several platforms make an index, for a client that takes one.
+    let index = accept
+        .index_format()
+        .filter(|_| builder.platforms_for(name).len() > 1);
+    let served: Served = match index {
+        Some(format) => builder
+            .index_for(name, &tag, format)
+            .await
+            .map_err(|e| logged(&e))?,
+        None => {
+            let docker = builder
+                .manifest_for(name, &tag)
+                .await
+                .map_err(|e| logged(&e))?;
+            builder
+                .manifest_in(docker, accept.manifest_format())
+                .await
+                .map_err(|e| logged(&e))?
+                .ok_or_else(|| manifest_unknown(name))?
         }
     };
+    Ok(content_response(
+        served.bytes,
+        &served.digest,
+        served.media_type,
+        head,
+    ))
+}
+
+/// A manifest or index by digest, as stored, with the media type it
+/// declares whatever the client accepts: a digest names exact bytes.
+async fn manifest_by_digest(
+    builder: &Arc<Builder>,
+    name: &str,
+    digest: Digest,
+    head: bool,
+) -> Result<Response, ApiError> {
+    let known = builder.db().is_manifest(&digest).map_err(|e| {
+        tracing::error!(error = %e, "manifest lookup failed");
+        ApiError::internal("looking up the manifest")
+    })?;
+    if !known {
+        return Err(manifest_unknown(name));
+    }
     let bytes = read_blob(builder, &digest)
         .await?
         .ok_or_else(|| manifest_unknown(name))?;
-    let mut r = content_response(bytes, &digest, MANIFEST_MEDIA_TYPE, head);
-    if immutable {
-        set(&mut r, header::CACHE_CONTROL, IMMUTABLE);
-    }
+    let media_type = manifest::media_type_of(&bytes);
+    let mut r = content_response(
+        bytes,
+        &digest,
+        media_type.as_deref().unwrap_or(MANIFEST_MEDIA_TYPE),
+        head,
+    );
+    set(&mut r, header::CACHE_CONTROL, IMMUTABLE);
     Ok(r)
+}
+
+/// `GET /v2/<name>/referrers/<digest>`: this registry takes no pushes, so
+/// nothing refers to anything: an empty index (OCI distribution 1.1). A
+/// filter by `artifactType` is reported as applied; it has nothing to drop.
+fn referrers(query: &HashMap<String, String>) -> Response {
+    let mut r = (StatusCode::OK, manifest::empty_index()).into_response();
+    set(&mut r, header::CONTENT_TYPE, OCI_INDEX_MEDIA_TYPE);
+    if query.contains_key("artifactType") {
+        set(
+            &mut r,
+            header::HeaderName::from_static("oci-filters-applied"),
+            "artifactType",
+        );
+    }
+    r
 }
 
 fn manifest_unknown(name: &str) -> ApiError {

@@ -3,7 +3,7 @@
 //! renders it, so scripts and people see the same figures.
 
 use crate::build::builder::Builder;
-use crate::observe::status::{InFlight, Instance};
+use crate::observe::status::{InFlight, Instance, StaleServe};
 use crate::store::db::{BuildOutcome, BuildRecord, DbError, ErrorRecord};
 use crate::store::fs::BlobError;
 use serde::Serialize;
@@ -27,6 +27,9 @@ pub struct Report {
     pub builds: Vec<BuildView>,
     /// Newest first.
     pub errors: Vec<ErrorRecord>,
+    /// Images served from cache because their source could not be
+    /// reached, newest first.
+    pub stale: Vec<StaleServe>,
     pub cache: CacheView,
 }
 
@@ -180,6 +183,14 @@ impl Report {
                     message: redact.apply(&e.message),
                     stderr_tail: redact.apply(&e.stderr_tail),
                     ..e
+                })
+                .collect(),
+            stale: status
+                .stale()
+                .into_iter()
+                .map(|s| StaleServe {
+                    error: redact.apply(&s.error),
+                    ..s
                 })
                 .collect(),
             cache: CacheView {

@@ -146,8 +146,24 @@ pub struct Instance {
     pub storage_path: String,
 }
 
+/// An image served from cache because its source could not be reached.
+#[derive(Debug, Clone, Serialize)]
+pub struct StaleServe {
+    pub image: String,
+    pub tag: String,
+    /// Unix seconds when it was served so.
+    pub at: u64,
+    /// Unix seconds of the build (or last check) that was served.
+    pub built_at: u64,
+    pub error: String,
+}
+
+/// Stale serves kept for the page: the newest per image and tag.
+const STALE_KEPT: usize = 20;
+
 pub struct Status {
     db: Db,
+    stale: Mutex<Vec<StaleServe>>,
     metrics: Arc<Metrics>,
     instance: Instance,
     next_id: AtomicU64,
@@ -162,7 +178,31 @@ impl Status {
             instance,
             next_id: AtomicU64::new(0),
             live: LiveMap::default(),
+            stale: Mutex::default(),
         })
+    }
+
+    /// Notes that a cached image was served because its source could not
+    /// be reached; the page shows the newest few.
+    pub fn served_stale(&self, image: &str, tag: &str, error: &str, built_at: u64) {
+        let mut stale = self.stale.lock().unwrap_or_else(|p| p.into_inner());
+        stale.retain(|s| !(s.image == image && s.tag == tag));
+        stale.insert(
+            0,
+            StaleServe {
+                image: image.to_owned(),
+                tag: tag.to_owned(),
+                at: now_unix(),
+                built_at,
+                error: error.to_owned(),
+            },
+        );
+        stale.truncate(STALE_KEPT);
+    }
+
+    /// Images served stale, newest first.
+    pub fn stale(&self) -> Vec<StaleServe> {
+        self.stale.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn metrics(&self) -> &Metrics {

@@ -192,6 +192,75 @@ impl BlobStore {
         )
     }
 
+    /// Copies `reader` in as a blob, refusing (and keeping nothing) unless
+    /// its content has the digest `expected`. Returns its size.
+    pub fn put_expecting(
+        &self,
+        reader: &mut impl io::Read,
+        expected: &Digest,
+    ) -> Result<u64, BlobError> {
+        let mut w = self.writer()?;
+        io::copy(reader, &mut w).map_err(io_err("writing", w.tmp.path()))?;
+        w.commit_expecting(expected)
+    }
+
+    /// Every stored blob with its size in bytes, sorted by digest; files
+    /// not named as a digest are skipped.
+    pub fn list_blobs(&self) -> Result<Vec<(Digest, u64)>, BlobError> {
+        let root = &self.dirs.blobs;
+        let mut out = Vec::new();
+        for shard in fs::read_dir(root).map_err(io_err("listing", root))? {
+            let shard = shard.map_err(io_err("listing", root))?.path();
+            if !shard.is_dir() {
+                continue;
+            }
+            for blob in fs::read_dir(&shard).map_err(io_err("listing", &shard))? {
+                let name = blob.map_err(io_err("listing", &shard))?.file_name();
+                let parsed = name
+                    .to_str()
+                    .and_then(|hex| format!("sha256:{hex}").parse::<Digest>().ok());
+                if let Some(d) = parsed {
+                    if let Some(len) = self.stat_blob(&d)? {
+                        out.push((d, len));
+                    }
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The size of a stored blob, or None if it is not stored.
+    pub fn stat_blob(&self, digest: &Digest) -> Result<Option<u64>, BlobError> {
+        let path = self.path_of(digest);
+        match fs::metadata(&path) {
+            Ok(m) if m.is_file() => Ok(Some(m.len())),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("stat", &path)(e)),
+        }
+    }
+
+    /// Removes a stored blob (a corrupt one, or one nothing references).
+    /// Returns whether it was there.
+    pub fn delete(&self, digest: &Digest) -> Result<bool, BlobError> {
+        let path = self.path_of(digest);
+        let len = match fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_err("stat", &path)(e)),
+        };
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_err("removing", &path)(e)),
+        }
+        self.dirs.count.fetch_sub(1, Ordering::Relaxed);
+        self.dirs.bytes.fetch_sub(len, Ordering::Relaxed);
+        sync_dir(&self.shard_dir(digest))?;
+        Ok(true)
+    }
+
     /// Re-hashes a stored blob; false if its content no longer matches its name.
     pub fn verify(&self, digest: &Digest) -> Result<bool, BlobError> {
         let path = self.path_of(digest);
@@ -581,6 +650,30 @@ mod tests {
 
         let absent = Digest::of(b"absent");
         assert!(matches!(store.verify(&absent), Err(BlobError::NotFound(x)) if x == absent));
+    }
+
+    #[test]
+    fn list_stat_delete_and_put_expecting() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let a = store.put(b"a").unwrap();
+        let b = store
+            .put_expecting(&mut &b"bb"[..], &Digest::of(b"bb"))
+            .map(|n| (n, Digest::of(b"bb")))
+            .unwrap();
+        assert_eq!(b.0, 2);
+        assert!(matches!(
+            store.put_expecting(&mut &b"cc"[..], &Digest::of(b"not cc")),
+            Err(BlobError::DigestMismatch { .. })
+        ));
+        let mut want = vec![(a, 1), (b.1, 2)];
+        want.sort();
+        assert_eq!(store.list_blobs().unwrap(), want);
+        assert_eq!(store.stat_blob(&b.1).unwrap(), Some(2));
+        assert!(store.delete(&a).unwrap());
+        assert!(!store.delete(&a).unwrap());
+        assert_eq!(store.list_blobs().unwrap(), vec![(b.1, 2)]);
+        assert_eq!(store.stats(), (1, 2));
     }
 
     #[test]

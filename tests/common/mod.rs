@@ -9,9 +9,11 @@ use nixery::config::{Config, ServeArgs};
 use nixery::digest::Digest;
 use reqwest::{Client, StatusCode};
 use serde_json::Value;
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command};
 use tokio::sync::oneshot;
 
 /// Where tests leave files for CI to keep (screenshots).
@@ -42,6 +44,10 @@ struct Cli {
     serve: ServeArgs,
 }
 
+/// Lets Nix build the fixture set's aarch64-linux packages, whose builders
+/// only copy files, on this host.
+pub const ARM64_NIX_OPTION: &str = "extra-platforms=aarch64-linux";
+
 /// A config for the fixture set: Nix never waits on a binary cache.
 pub fn config(storage: &Path, extra: &[&str]) -> Config {
     let fixture = fixture_dir().to_string_lossy().into_owned();
@@ -64,6 +70,8 @@ pub fn config_with_source(storage: &Path, source: &[&str], extra: &[&str]) -> Co
         storage.to_string_lossy().into_owned(),
         "--nix-option".into(),
         "substituters=".into(),
+        "--nix-option".into(),
+        ARM64_NIX_OPTION.into(),
         "--nix-timeout".into(),
         "300".into(),
     ]);
@@ -148,6 +156,44 @@ pub fn nix_closure(attr: &str) -> Vec<String> {
 }
 
 pub const MANIFEST_TYPE: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const OCI_MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX_TYPE: &str = "application/vnd.oci.image.index.v1+json";
+pub const LIST_TYPE: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// Fetches a manifest or index by tag or digest with an `Accept` header,
+/// checking the Content-Type and that the digest header matches the bytes.
+pub async fn get_manifest_as(
+    client: &Client,
+    s: &TestServer,
+    name: &str,
+    reference: &str,
+    accept: &str,
+    expected_type: &str,
+) -> (Digest, Value) {
+    let r = client
+        .get(s.url(&format!("/v2/{name}/manifests/{reference}")))
+        .header("accept", accept)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "{name}:{reference}: {}",
+        r.text().await.unwrap()
+    );
+    assert_eq!(
+        header(&r, "content-type"),
+        expected_type,
+        "{name}:{reference}"
+    );
+    let digest: Digest = header(&r, "docker-content-digest").parse().unwrap();
+    let body = r.bytes().await.unwrap();
+    assert_eq!(Digest::of(&body), digest, "digest header matches the bytes");
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["mediaType"], expected_type, "the body says what it is");
+    (digest, v)
+}
 
 /// A response header that must be there.
 pub fn header<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {
@@ -207,4 +253,224 @@ pub async fn get_blob(client: &Client, s: &TestServer, digest: &str) -> Vec<u8> 
     let body = r.bytes().await.unwrap().to_vec();
     assert_eq!(Digest::of(&body).to_string(), digest);
     body
+}
+
+/// Runs a command that must succeed; its stdout.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The real binary serving on a free port; killed on drop.
+pub struct Binary {
+    pub child: Child,
+    pub port: u16,
+    pub _storage: Option<tempfile::TempDir>,
+}
+
+impl Binary {
+    /// Starts `nixery serve` (stdout piped) and reads its port from its
+    /// first line of output.
+    pub fn spawn(cmd: &mut Command, storage: Option<tempfile::TempDir>) -> Binary {
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("nixery starts");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("a line from nixery");
+        // Keep reading so the server never writes into a closed pipe.
+        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+        let port = line
+            .trim()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        Binary {
+            child,
+            port,
+            _storage: storage,
+        }
+    }
+
+    pub fn image(&self, name: &str) -> String {
+        format!("localhost:{}/{name}", self.port)
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Compares what an unpacked image holds at each store path with the store.
+pub fn assert_same_tree(store: &Path, unpacked: &Path) {
+    let meta = std::fs::symlink_metadata(store).unwrap();
+    let got = std::fs::symlink_metadata(unpacked)
+        .unwrap_or_else(|_| panic!("{} missing from the image", store.display()));
+    if meta.file_type().is_symlink() {
+        assert!(got.file_type().is_symlink(), "{}", store.display());
+        assert_eq!(
+            std::fs::read_link(store).unwrap(),
+            std::fs::read_link(unpacked).unwrap()
+        );
+    } else if meta.is_dir() {
+        assert!(got.is_dir(), "{}", store.display());
+        let mut names: Vec<_> = std::fs::read_dir(store)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        let mut got_names: Vec<_> = std::fs::read_dir(unpacked)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        got_names.sort();
+        assert_eq!(names, got_names, "{}", store.display());
+        for n in names {
+            assert_same_tree(&store.join(&n), &unpacked.join(&n));
+        }
+    } else {
+        assert!(got.is_file(), "{}", store.display());
+        assert_eq!(
+            meta.permissions().mode() & 0o111 != 0,
+            got.permissions().mode() & 0o111 != 0,
+            "exec bit of {}",
+            store.display()
+        );
+        assert!(
+            std::fs::read(store).unwrap() == std::fs::read(unpacked).unwrap(),
+            "content of {}",
+            store.display()
+        );
+    }
+}
+
+/// Writes the fixture set to `dir` plus a `stamp` package whose
+/// `share/version` holds `version`.
+pub fn package_set(dir: &Path, version: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(fixture_dir().join("default.nix"), dir.join("base.nix")).unwrap();
+    std::fs::write(dir.join("version"), version).unwrap();
+    std::fs::write(
+        dir.join("default.nix"),
+        r#"args: (import ./base.nix args) // {
+  stamp = derivation {
+    name = "stamp";
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-e" "-c" "mkdir -p $out/share && printf %s \"$text\" > $out/share/version" ];
+    text = builtins.readFile ./version;
+    PATH = "/usr/bin:/bin";
+  };
+}
+"#,
+    )
+    .unwrap();
+}
+
+/// A nixpkgs-style tarball (one top-level directory) of a package set.
+pub fn tarball(work: &Path, version: &str) -> Vec<u8> {
+    let root = work.join(format!("src-{version}"));
+    package_set(&root.join("nixpkgs"), version);
+    let file = work.join(format!("{version}.tar.gz"));
+    let ok = Command::new("tar")
+        .arg("-czf")
+        .arg(&file)
+        .arg("-C")
+        .arg(&root)
+        .arg("nixpkgs")
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    std::fs::read(file).unwrap()
+}
+
+/// Runs git in `dir` (which must succeed); its trimmed stdout.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(["-c", "user.name=t", "-c", "user.email=t@t", "-C"])
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+pub fn docker(args: &[&str]) -> String {
+    run(Command::new("docker").args(args))
+}
+
+/// Pulls the fixture's `busybox` and `shell/hello` from `host` and runs
+/// each with no network.
+pub fn docker_pull_and_run_fixtures(host: &str) {
+    let busybox = format!("{host}/busybox");
+    let shell = format!("{host}/shell/hello");
+    docker(&["pull", &busybox]);
+    let out = docker(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        &busybox,
+        "sh",
+        "-c",
+        "echo from busybox",
+    ]);
+    assert_eq!(out.trim(), "from busybox");
+    docker(&["pull", &shell]);
+    let out = docker(&["run", "--rm", "--network", "none", &shell, "hello"]);
+    assert_eq!(out.trim(), "Hello, world!");
+}
+
+/// Serves whatever `body` holds at any path on 127.0.0.1, until `stop` is
+/// set: then the listener closes and connections are refused.
+pub fn serve_bytes(
+    body: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let Ok((mut stream, _)) = listener.accept() else {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                continue;
+            };
+            let _ = stream.set_nonblocking(false);
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let body = body.lock().unwrap().clone();
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/gzip\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body);
+        }
+    });
+    port
 }

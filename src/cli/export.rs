@@ -1,0 +1,134 @@
+//! `nixery export --output DIR|FILE.tar IMAGE[:TAG]... [--with-closures]`:
+//! writes the images as an OCI image layout, building those not cached
+//! yet when a package source is configured.
+
+use super::build::{build_all, image_list};
+use crate::build::builder::Builder;
+use crate::config::ServeArgs;
+use crate::mirror::import::{NIX_CACHE_DIR, STORE_PATHS_FILE};
+use crate::mirror::{layout, ImageRef};
+use anyhow::Context;
+use clap::Args;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// The layout directory to write, or a file ending in `.tar` to write
+    /// the same layout as one tar file.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// Also write `nix-cache/`, a Nix binary cache of every store path in
+    /// the images, for building new images inside.
+    #[arg(long)]
+    pub with_closures: bool,
+    /// Images: `NAME[:TAG]` (tag `latest` if absent).
+    pub images: Vec<String>,
+    /// A file with more images, one per line (`#` starts a comment).
+    #[arg(long)]
+    pub from_file: Option<PathBuf>,
+}
+
+pub fn run(args: ExportArgs) -> ExitCode {
+    super::offline(&args.serve, false, |_, builder| async move {
+        let images = image_list(&args.images, args.from_file.as_deref())?;
+        let mut found = Vec::new();
+        let mut failed = Vec::new();
+        for (image, result) in images.iter().zip(build_all(&builder, &images).await) {
+            match result {
+                Ok(digest) => found.push((image.clone(), digest)),
+                Err(e) => failed.push(format!("{image}: {e}")),
+            }
+        }
+        if !failed.is_empty() {
+            anyhow::bail!("cannot export:\n  {}", failed.join("\n  "));
+        }
+        let as_tar = args.output.extension().is_some_and(|e| e == "tar");
+        let dir = if as_tar {
+            let name = args
+                .output
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy();
+            args.output.with_file_name(format!(".{name}.layout"))
+        } else {
+            args.output.clone()
+        };
+        let written = write_layout(&builder, &found, &dir, args.with_closures).await;
+        if as_tar {
+            let packed = written.and_then(|w| {
+                layout::pack_tar(&dir, &args.output)?;
+                Ok(w)
+            });
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "could not remove the staging layout");
+            }
+            report(&args.output, packed?, found.len());
+        } else {
+            report(&args.output, written?, found.len());
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn report(output: &Path, written: layout::Written, images: usize) {
+    println!(
+        "exported {images} images to {}: {} blobs, {}",
+        output.display(),
+        written.blobs,
+        crate::http::format::bytes(written.bytes)
+    );
+}
+
+async fn write_layout(
+    builder: &Arc<Builder>,
+    images: &[(ImageRef, crate::digest::Digest)],
+    dir: &Path,
+    with_closures: bool,
+) -> anyhow::Result<layout::Written> {
+    let blobs = builder.blobs().clone();
+    let list = images.to_vec();
+    let out = dir.to_owned();
+    let written = tokio::task::spawn_blocking(move || layout::write(&blobs, &list, &out))
+        .await
+        .context("writing the layout")??;
+    if with_closures {
+        write_closures(builder, images, dir).await?;
+    }
+    Ok(written)
+}
+
+/// `nix copy` of every image's store paths into `DIR/nix-cache`, with the
+/// list of those paths beside it for `import --with-closures`.
+async fn write_closures(
+    builder: &Arc<Builder>,
+    images: &[(ImageRef, crate::digest::Digest)],
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let mut paths = Vec::new();
+    for (image, _) in images {
+        let record = builder
+            .cached_record(&image.name, &image.tag)?
+            .filter(|r| !r.out_paths.is_empty())
+            .with_context(|| {
+                format!("{image}: its store paths are not known here (an imported image has none)")
+            })?;
+        paths.extend(record.out_paths);
+    }
+    paths.sort();
+    paths.dedup();
+    let cache = dir.join(NIX_CACHE_DIR);
+    std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
+    let url = format!("file://{}", std::path::absolute(&cache)?.display());
+    builder
+        .nix()
+        .copy(None, Some(&url), &paths)
+        .await
+        .context("copying the closures")?;
+    crate::write_atomically(&cache.join(STORE_PATHS_FILE), paths.join("\n").as_bytes())
+        .context("writing the list of store paths")?;
+    Ok(())
+}

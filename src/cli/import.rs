@@ -1,0 +1,69 @@
+//! `nixery import DIR|FILE.tar [--with-closures]`: checks a layout whole,
+//! then stores its blobs and records its images as pinned, so `serve`
+//! answers their names with the same digests, without Nix.
+
+use crate::config::ServeArgs;
+use crate::mirror::import;
+use anyhow::Context;
+use clap::Args;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Clone, Args)]
+pub struct ImportArgs {
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// An OCI image layout directory or tar file, as `nixery export` writes.
+    pub input: PathBuf,
+    /// Also copy the layout's `nix-cache/` closures into the local Nix
+    /// store, for building new images here.
+    #[arg(long)]
+    pub with_closures: bool,
+}
+
+pub fn run(args: ImportArgs) -> ExitCode {
+    super::offline(&args.serve, false, |config, builder| async move {
+        let input = args.input.clone();
+        let staging = config.storage_path.join("tmp");
+        let checked = tokio::task::spawn_blocking(move || import::check(&input, &staging))
+            .await
+            .context("checking the layout")?
+            .with_context(|| format!("{} refused, nothing was imported", args.input.display()))?;
+        println!(
+            "checked {} images, {} blobs ({})",
+            checked.images.len(),
+            checked.blobs.len(),
+            crate::http::format::bytes(checked.bytes)
+        );
+        match (checked.nix_cache(), args.with_closures) {
+            (Some(cache), true) => {
+                let paths = checked.store_paths()?;
+                let url = format!("file://{}", std::path::absolute(&cache)?.display());
+                builder
+                    .nix()
+                    .copy(Some(&url), None, &paths)
+                    .await
+                    .context("copying the closures into the Nix store")?;
+                println!("copied the closures of {} store paths", paths.len());
+            }
+            (None, true) => anyhow::bail!(
+                "{} has no nix-cache: export it with --with-closures",
+                args.input.display()
+            ),
+            (Some(_), false) => {
+                println!("the layout has a nix-cache; --with-closures copies it into the Nix store")
+            }
+            (None, false) => {}
+        }
+        let blobs = builder.blobs().clone();
+        let db = builder.db().clone();
+        let checked =
+            tokio::task::spawn_blocking(move || checked.store(&blobs, &db).map(|()| checked))
+                .await
+                .context("storing the layout")??;
+        for (image, digest) in &checked.images {
+            println!("{image} {digest}");
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}

@@ -1,0 +1,212 @@
+//! OCI image layouts (image-spec `image-layout.md`): `oci-layout`,
+//! `index.json` and `blobs/sha256/<hex>`, as `nixery export` writes them.
+//!
+//! The builder stores Docker schema2 manifests; OCI tools (umoci) want OCI
+//! media types. The layout's manifests are each image's OCI form, the bytes
+//! the registry serves to a client that asks for OCI (same config and layer
+//! blobs). Each index entry also names the Docker manifest (a blob of the
+//! layout too) in an annotation, so that an import serves exactly the
+//! bytes, and so the digests, that the outside served.
+
+use super::ImageRef;
+use crate::build::manifest::{self, Format};
+use crate::digest::Digest;
+use crate::store::fs::{BlobError, BlobStore};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::Path;
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+/// The image-spec annotation that names an index entry (`NAME:TAG`).
+pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
+/// On an index entry: the digest of the Docker manifest its OCI manifest
+/// was made from.
+pub const DOCKER_MANIFEST: &str = "org.nixery.docker-manifest";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error(transparent)]
+    Io(#[from] super::FileError),
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    #[error("blob {0} is not in the store (run `nixery verify`)")]
+    MissingBlob(Digest),
+    #[error("manifest {digest} cannot be converted to OCI: {message}")]
+    Convert { digest: Digest, message: String },
+    #[error("manifest {digest} cannot be read: {source}")]
+    Manifest {
+        digest: Digest,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+use super::file_err as io_err;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Descriptor {
+    pub media_type: String,
+    pub digest: Digest,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// A Docker schema2 or OCI image manifest: what import and verify read.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Manifest {
+    pub schema_version: u32,
+    #[serde(default)]
+    pub media_type: String,
+    pub config: Descriptor,
+    pub layers: Vec<Descriptor>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl Manifest {
+    pub fn parse(digest: &Digest, bytes: &[u8]) -> Result<Manifest, LayoutError> {
+        serde_json::from_slice(bytes).map_err(|source| LayoutError::Manifest {
+            digest: *digest,
+            source,
+        })
+    }
+
+    /// The config and the layers.
+    pub fn references(&self) -> impl Iterator<Item = &Descriptor> {
+        std::iter::once(&self.config).chain(&self.layers)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Index {
+    pub schema_version: u32,
+    #[serde(default)]
+    pub media_type: String,
+    pub manifests: Vec<Descriptor>,
+}
+
+fn descriptor(media_type: &str, digest: Digest, size: u64) -> Descriptor {
+    Descriptor {
+        media_type: media_type.to_owned(),
+        digest,
+        size,
+        annotations: BTreeMap::new(),
+    }
+}
+
+/// What an export wrote.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Written {
+    pub blobs: usize,
+    pub bytes: u64,
+}
+
+/// Writes `images` (each with the Docker manifest it is served as) into
+/// the layout directory `dir`; blobs already there are kept, so a blob
+/// shared by several images is written once.
+pub fn write(
+    blobs: &BlobStore,
+    images: &[(ImageRef, Digest)],
+    dir: &Path,
+) -> Result<Written, LayoutError> {
+    let blob_dir = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blob_dir).map_err(io_err("creating", &blob_dir))?;
+    let mut written = Written::default();
+    let mut seen = BTreeSet::new();
+    let mut entries = Vec::new();
+    for (image, digest) in images {
+        let docker_bytes = read(blobs, digest)?;
+        let docker = Manifest::parse(digest, &docker_bytes)?;
+        for d in std::iter::once(*digest).chain(docker.references().map(|r| r.digest)) {
+            if seen.insert(d) {
+                written.bytes += write_blob(blobs, &blob_dir, &d)?;
+                written.blobs += 1;
+            }
+        }
+        let oci =
+            manifest::convert(&docker_bytes, Format::Oci).map_err(|e| LayoutError::Convert {
+                digest: *digest,
+                message: e.to_string(),
+            })?;
+        if seen.insert(oci.digest) {
+            write_file(&blob_dir.join(oci.digest.hex()), &oci.json)?;
+            written.blobs += 1;
+            written.bytes += oci.json.len() as u64;
+        }
+        let mut entry = descriptor(OCI_MANIFEST, oci.digest, oci.json.len() as u64);
+        entry.annotations = BTreeMap::from([
+            (REF_NAME.to_owned(), image.to_string()),
+            (DOCKER_MANIFEST.to_owned(), digest.to_string()),
+        ]);
+        entries.push(entry);
+    }
+    let index = Index {
+        schema_version: 2,
+        media_type: OCI_INDEX.to_owned(),
+        manifests: entries,
+    };
+    let index_json = serde_json::to_vec_pretty(&index).map_err(|source| LayoutError::Manifest {
+        digest: Digest::of(b""),
+        source,
+    })?;
+    write_file(
+        &dir.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )?;
+    // Last: a layout with an index is complete.
+    write_file(&dir.join("index.json"), &index_json)?;
+    Ok(written)
+}
+
+fn read(blobs: &BlobStore, digest: &Digest) -> Result<Vec<u8>, LayoutError> {
+    Ok(blobs
+        .get(digest)?
+        .ok_or(LayoutError::MissingBlob(*digest))?
+        .as_ref()
+        .to_vec())
+}
+
+/// Copies a stored blob into the layout unless a file of its size is
+/// there; returns the bytes written.
+fn write_blob(blobs: &BlobStore, blob_dir: &Path, digest: &Digest) -> Result<u64, LayoutError> {
+    let blob = blobs
+        .get(digest)?
+        .ok_or(LayoutError::MissingBlob(*digest))?;
+    let path = blob_dir.join(digest.hex());
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() == blob.len()) {
+        return Ok(0);
+    }
+    write_file(&path, blob.as_ref())?;
+    Ok(blob.len())
+}
+
+/// Temp file, fsync, rename: a crash never leaves half a file under the
+/// final name.
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), LayoutError> {
+    Ok(crate::write_atomically(path, bytes).map_err(io_err("writing", path))?)
+}
+
+/// Packs the layout directory `dir` into the tar file `out` (written to a
+/// temp name, then renamed).
+pub fn pack_tar(dir: &Path, out: &Path) -> Result<(), LayoutError> {
+    let tmp = out.with_extension("tar.partial");
+    let file = std::fs::File::create(&tmp).map_err(io_err("creating", &tmp))?;
+    let mut tar = tar::Builder::new(std::io::BufWriter::new(file));
+    tar.follow_symlinks(false);
+    tar.append_dir_all(".", dir)
+        .map_err(io_err("packing", dir))?;
+    let mut file = tar
+        .into_inner()
+        .map_err(io_err("writing", &tmp))?
+        .into_inner()
+        .map_err(|e| io_err("writing", &tmp)(e.into_error()))?;
+    file.flush().map_err(io_err("writing", &tmp))?;
+    file.sync_all().map_err(io_err("syncing", &tmp))?;
+    Ok(std::fs::rename(&tmp, out).map_err(io_err("renaming", &tmp))?)
+}

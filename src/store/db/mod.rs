@@ -1,0 +1,676 @@
+//! The sled database: its trees and their bincode-encoded values, all here.
+//!
+//! Trees:
+//! - `manifests`: image cache key -> [`ManifestRecord`]
+//! - `manifest_digests`: manifest digest -> () (which blobs are manifests)
+//! - `layers`: layer key -> [`LayerRecord`]
+//! - `popularity`: store path name -> count (u64, big-endian)
+//! - `builds`: build id (u64, big-endian) -> [`BuildRecord`]
+//! - `tags`: `<name>\0<tag>` -> ()
+//! - `errors`: error id (u64, big-endian) -> [`ErrorRecord`]
+//! - `pulls`: image name -> manifest pulls by tag (u64, big-endian)
+//! - `lookups`: `hit` / `miss` -> manifest requests by tag answered from
+//!   cache or not (u64, big-endian)
+//!
+//! - `pinned`: `<name>\0<tag>` -> [`TagRecord`] (imported images)
+//! - `built_tags`: `<name>\0<tag>` -> [`TagRecord`] (the last build)
+//!
+//! - `meta`: `schema` -> the layout version (u32, big-endian); see
+//!   [`migrate`]
+//!
+//! Record values are a version byte and bincode (see [`records`]). A record
+//! that cannot be decoded is logged once per tree and treated as absent:
+//! an image whose record is damaged is rebuilt, never a 500.
+//!
+//! Blobs are written before the records that point at them, so a crash can
+//! leave an unreferenced blob but never a record without its blob.
+
+mod migrate;
+pub mod records;
+
+pub use migrate::SCHEMA_VERSION;
+pub use records::{
+    BuildOutcome, BuildRecord, ErrorRecord, LayerRecord, ManifestRecord, Record, TagRecord,
+};
+
+use crate::digest::Digest;
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// Build records kept for the admin page.
+const BUILDS_KEPT: usize = 100;
+
+/// Error records kept for the admin page (the original shows 15).
+pub const ERRORS_KEPT: usize = 50;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("database record could not be encoded: {0}")]
+    Encode(#[from] bincode::error::EncodeError),
+    #[error(
+        "the database was written by a newer nixery (layout version {found}; \
+         this one reads up to {supported}): start that version, or move the \
+         database away to start afresh"
+    )]
+    TooNew { found: u32, supported: u32 },
+    #[error("database migration from layout version {from}: {message}")]
+    Migration { from: u32, message: String },
+    #[error(
+        "the database {0} is in use by another nixery process (a running \
+         `serve`?): one process at a time can open it; stop that one first"
+    )]
+    InUse(String),
+}
+
+/// Whether a manifest request by tag was answered from the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    Hit,
+    Miss,
+}
+
+impl Lookup {
+    fn key(self) -> &'static str {
+        match self {
+            Lookup::Hit => "hit",
+            Lookup::Miss => "miss",
+        }
+    }
+}
+
+/// The two trees that map a name and tag to a manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TagTree {
+    /// Imported: served whatever the source, never rebuilt.
+    Pinned,
+    /// The last build of the name and tag: what a mirror serves.
+    Built,
+}
+
+impl TagTree {
+    fn name(self) -> &'static str {
+        match self {
+            TagTree::Pinned => "pinned",
+            TagTree::Built => "built_tags",
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Db {
+    db: sled::Db,
+    manifests: sled::Tree,
+    manifest_digests: sled::Tree,
+    layers: sled::Tree,
+    popularity: sled::Tree,
+    builds: sled::Tree,
+    tags: sled::Tree,
+    errors: sled::Tree,
+    pulls: sled::Tree,
+    lookups: sled::Tree,
+    pinned: sled::Tree,
+    built_tags: sled::Tree,
+    /// Trees whose undecodable records were already logged.
+    logged_undecodable: Arc<Mutex<HashSet<&'static str>>>,
+}
+
+fn encode<T: Record>(value: &T) -> Result<Vec<u8>, DbError> {
+    let mut out = vec![T::VERSION];
+    bincode::serde::encode_into_std_write(value, &mut out, bincode::config::standard())?;
+    Ok(out)
+}
+
+/// Decodes a record of its current version, or upgrades an older one.
+fn decode<T: Record>(bytes: &[u8]) -> Option<T> {
+    let (&version, body) = bytes.split_first()?;
+    if version == T::VERSION {
+        bincode::serde::decode_from_slice(body, bincode::config::standard())
+            .ok()
+            .map(|(v, _)| v)
+    } else {
+        T::upgrade(version, body)
+    }
+}
+
+fn be_u64(bytes: &[u8]) -> u64 {
+    bytes.try_into().map(u64::from_be_bytes).unwrap_or(0)
+}
+
+fn increment(tree: &sled::Tree, key: &[u8]) -> Result<(), DbError> {
+    tree.update_and_fetch(key, |old| {
+        Some((old.map(be_u64).unwrap_or(0) + 1).to_be_bytes().to_vec())
+    })?;
+    Ok(())
+}
+
+/// Appends to a tree keyed by id, dropping the oldest beyond `keep`.
+fn push_bounded(
+    db: &sled::Db,
+    tree: &sled::Tree,
+    value: Vec<u8>,
+    keep: usize,
+) -> Result<(), DbError> {
+    let id = db.generate_id()?;
+    tree.insert(id.to_be_bytes(), value)?;
+    while tree.len() > keep {
+        if tree.pop_min()?.is_none() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Every key with its count, largest first.
+fn counts_desc(tree: &sled::Tree) -> Result<Vec<(String, u64)>, DbError> {
+    let mut all = tree
+        .iter()
+        .map(|kv| {
+            let (k, v) = kv?;
+            Ok((String::from_utf8_lossy(&k).into_owned(), be_u64(&v)))
+        })
+        .collect::<Result<Vec<_>, DbError>>()?;
+    all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    Ok(all)
+}
+
+impl Db {
+    pub fn open(path: &Path) -> Result<Self, DbError> {
+        let db = sled::open(path).map_err(|e| match e {
+            // sled holds an exclusive lock on its files while open.
+            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                DbError::InUse(path.display().to_string())
+            }
+            e => DbError::Sled(e),
+        })?;
+        migrate::run(&db)?;
+        Ok(Db {
+            manifests: db.open_tree("manifests")?,
+            manifest_digests: db.open_tree("manifest_digests")?,
+            layers: db.open_tree("layers")?,
+            popularity: db.open_tree("popularity")?,
+            builds: db.open_tree("builds")?,
+            tags: db.open_tree("tags")?,
+            errors: db.open_tree("errors")?,
+            pulls: db.open_tree("pulls")?,
+            lookups: db.open_tree("lookups")?,
+            pinned: db.open_tree("pinned")?,
+            built_tags: db.open_tree("built_tags")?,
+            logged_undecodable: Arc::default(),
+            db,
+        })
+    }
+
+    /// Decodes a record read from `tree`; one that cannot be decoded is
+    /// absent, and logged the first time per tree.
+    fn decode<T: Record>(&self, tree: &'static str, bytes: &[u8]) -> Option<T> {
+        let record = decode(bytes);
+        if record.is_none() {
+            let first = self
+                .logged_undecodable
+                .lock()
+                .map(|mut seen| seen.insert(tree))
+                .unwrap_or(false);
+            if first {
+                tracing::warn!(
+                    tree,
+                    "a database record could not be decoded; it is treated as \
+                     absent (an image is rebuilt, a build record not shown)"
+                );
+            }
+        }
+        record
+    }
+
+    pub fn manifest(&self, cache_key: &str) -> Result<Option<ManifestRecord>, DbError> {
+        Ok(self
+            .manifests
+            .get(cache_key)?
+            .and_then(|v| self.decode("manifests", &v)))
+    }
+
+    pub fn put_manifest(&self, cache_key: &str, record: &ManifestRecord) -> Result<(), DbError> {
+        self.manifest_digests
+            .insert(record.digest.as_bytes(), &[])?;
+        self.manifests.insert(cache_key, encode(record)?)?;
+        Ok(())
+    }
+
+    /// Every cached build: cache key and record.
+    pub fn manifests(&self) -> Result<Vec<(String, ManifestRecord)>, DbError> {
+        self.all(&self.manifests, "manifests")
+    }
+
+    /// Every record of a tree with its key; undecodable ones are absent.
+    fn all<T: Record>(
+        &self,
+        tree: &sled::Tree,
+        name: &'static str,
+    ) -> Result<Vec<(String, T)>, DbError> {
+        let mut out = Vec::new();
+        for kv in tree.iter() {
+            let (k, v) = kv?;
+            if let Some(r) = self.decode(name, &v) {
+                out.push((String::from_utf8_lossy(&k).into_owned(), r));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets a cached build, so its image is built again when pulled.
+    pub fn remove_manifest(&self, cache_key: &str) -> Result<(), DbError> {
+        self.manifests.remove(cache_key)?;
+        Ok(())
+    }
+
+    /// Forgets that a digest is a manifest (its blob is gone).
+    pub fn forget_manifest_digest(&self, digest: &Digest) -> Result<(), DbError> {
+        self.manifest_digests.remove(digest.as_bytes())?;
+        Ok(())
+    }
+
+    fn tag_tree(&self, which: TagTree) -> &sled::Tree {
+        match which {
+            TagTree::Pinned => &self.pinned,
+            TagTree::Built => &self.built_tags,
+        }
+    }
+
+    /// The manifest recorded for a name and tag.
+    pub fn tag_record(
+        &self,
+        which: TagTree,
+        name: &str,
+        tag: &str,
+    ) -> Result<Option<TagRecord>, DbError> {
+        Ok(self
+            .tag_tree(which)
+            .get(format!("{name}\0{tag}"))?
+            .and_then(|v| self.decode(which.name(), &v)))
+    }
+
+    /// Records the manifest `name:tag` stands for (and that it is one).
+    pub fn put_tag_record(
+        &self,
+        which: TagTree,
+        name: &str,
+        tag: &str,
+        record: &TagRecord,
+    ) -> Result<(), DbError> {
+        self.manifest_digests
+            .insert(record.digest.as_bytes(), &[])?;
+        self.tag_tree(which)
+            .insert(format!("{name}\0{tag}"), encode(record)?)?;
+        self.add_tag(name, tag)
+    }
+
+    /// Every name and tag recorded in a tree, with its record.
+    pub fn tag_records(&self, which: TagTree) -> Result<Vec<(String, String, TagRecord)>, DbError> {
+        Ok(self
+            .all(self.tag_tree(which), which.name())?
+            .into_iter()
+            .filter_map(|(key, r)| {
+                let (name, tag) = key.split_once('\0')?;
+                Some((name.to_owned(), tag.to_owned(), r))
+            })
+            .collect())
+    }
+
+    pub fn remove_tag_record(&self, which: TagTree, name: &str, tag: &str) -> Result<(), DbError> {
+        self.tag_tree(which).remove(format!("{name}\0{tag}"))?;
+        Ok(())
+    }
+
+    /// Every packed layer: key and record.
+    pub fn layers(&self) -> Result<Vec<(String, LayerRecord)>, DbError> {
+        self.all(&self.layers, "layers")
+    }
+
+    /// Forgets a packed layer, so it is packed again when needed.
+    pub fn remove_layer(&self, key: &str) -> Result<(), DbError> {
+        self.layers.remove(key)?;
+        Ok(())
+    }
+
+    /// Marks a stored blob as a manifest (or index) that is served by its
+    /// digest, besides those `put_manifest` records.
+    pub fn add_manifest_digest(&self, digest: &Digest) -> Result<(), DbError> {
+        self.manifest_digests.insert(digest.as_bytes(), &[])?;
+        Ok(())
+    }
+
+    pub fn is_manifest(&self, digest: &Digest) -> Result<bool, DbError> {
+        Ok(self.manifest_digests.contains_key(digest.as_bytes())?)
+    }
+
+    pub fn layer(&self, key: &str) -> Result<Option<LayerRecord>, DbError> {
+        Ok(self
+            .layers
+            .get(key)?
+            .and_then(|v| self.decode("layers", &v)))
+    }
+
+    pub fn put_layer(&self, key: &str, record: &LayerRecord) -> Result<(), DbError> {
+        self.layers.insert(key, encode(record)?)?;
+        Ok(())
+    }
+
+    /// Counts one more image that contains each of these store path names.
+    pub fn add_popularity<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), DbError> {
+        for name in names {
+            increment(&self.popularity, name.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    pub fn popularity(&self) -> Result<Vec<(String, u64)>, DbError> {
+        self.popularity
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((String::from_utf8_lossy(&k).into_owned(), be_u64(&v)))
+            })
+            .collect()
+    }
+
+    /// Records a build, keeping the newest [`BUILDS_KEPT`].
+    pub fn add_build(&self, record: &BuildRecord) -> Result<(), DbError> {
+        push_bounded(&self.db, &self.builds, encode(record)?, BUILDS_KEPT)
+    }
+
+    /// Build records, newest first.
+    pub fn builds(&self) -> Result<Vec<BuildRecord>, DbError> {
+        let mut out = Vec::new();
+        for kv in self.builds.iter().rev() {
+            out.extend(self.decode("builds", &kv?.1));
+        }
+        Ok(out)
+    }
+
+    /// Records a failed build, keeping the newest [`ERRORS_KEPT`].
+    pub fn add_error(&self, record: &ErrorRecord) -> Result<(), DbError> {
+        push_bounded(&self.db, &self.errors, encode(record)?, ERRORS_KEPT)
+    }
+
+    /// Error records, newest first.
+    pub fn errors(&self) -> Result<Vec<ErrorRecord>, DbError> {
+        let mut out = Vec::new();
+        for kv in self.errors.iter().rev() {
+            out.extend(self.decode("errors", &kv?.1));
+        }
+        Ok(out)
+    }
+
+    /// Counts a manifest request by tag: how it was answered, and, when it
+    /// was answered with a manifest, one more pull of the image.
+    pub fn count_manifest_request(
+        &self,
+        image: &str,
+        lookup: Lookup,
+        served: bool,
+    ) -> Result<(), DbError> {
+        increment(&self.lookups, lookup.key().as_bytes())?;
+        if served {
+            increment(&self.pulls, image.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Manifest requests by tag answered from the cache, and not.
+    pub fn lookups(&self) -> Result<(u64, u64), DbError> {
+        let get = |l: Lookup| -> Result<u64, DbError> {
+            Ok(self.lookups.get(l.key())?.map_or(0, |v| be_u64(&v)))
+        };
+        Ok((get(Lookup::Hit)?, get(Lookup::Miss)?))
+    }
+
+    /// Pulls per image, most pulled first.
+    pub fn pulls(&self) -> Result<Vec<(String, u64)>, DbError> {
+        counts_desc(&self.pulls)
+    }
+
+    /// Popularity counts, most popular first.
+    pub fn popularity_desc(&self) -> Result<Vec<(String, u64)>, DbError> {
+        counts_desc(&self.popularity)
+    }
+
+    pub fn add_tag(&self, name: &str, tag: &str) -> Result<(), DbError> {
+        self.tags.insert(format!("{name}\0{tag}"), &[])?;
+        Ok(())
+    }
+
+    /// Tags served for a name, sorted.
+    pub fn tags(&self, name: &str) -> Result<Vec<String>, DbError> {
+        let prefix = format!("{name}\0");
+        self.tags
+            .scan_prefix(prefix.as_bytes())
+            .map(|kv| {
+                let (k, _) = kv?;
+                Ok(String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
+            })
+            .collect()
+    }
+
+    pub fn counts(&self) -> (usize, usize) {
+        (self.manifest_digests.len(), self.layers.len())
+    }
+
+    /// Makes everything written so far durable.
+    pub async fn flush(&self) -> Result<(), DbError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Digest::of(b"m");
+        {
+            let db = Db::open(dir.path()).unwrap();
+            let rec = ManifestRecord {
+                digest: d,
+                checked_at: 5,
+                out_paths: vec!["/nix/store/x".into()],
+                revision: Some("sha256-x".into()),
+            };
+            db.put_manifest("k", &rec).unwrap();
+            db.put_layer(
+                "l",
+                &LayerRecord {
+                    digest: d,
+                    diff_id: d,
+                    size: 3,
+                },
+            )
+            .unwrap();
+            db.add_popularity(["a", "b", "a"]).unwrap();
+            db.add_tag("shell/hello", "latest").unwrap();
+            db.add_tag("shell/hello", "v1").unwrap();
+            db.add_tag("shell/hello/x", "other").unwrap();
+            for i in 0..(BUILDS_KEPT + 5) {
+                db.add_build(&BuildRecord {
+                    image: format!("img{i}"),
+                    tag: "latest".into(),
+                    started_at: i as u64,
+                    phases: vec![("nix".into(), 1)],
+                    layers_total: 1,
+                    layers_reused: 0,
+                    bytes_packed: 1,
+                    outcome: BuildOutcome::Success { manifest: d },
+                    revision: None,
+                })
+                .unwrap();
+            }
+            for i in 0..(ERRORS_KEPT + 2) {
+                db.add_error(&ErrorRecord {
+                    image: format!("err{i}"),
+                    tag: "latest".into(),
+                    at: i as u64,
+                    message: "m".into(),
+                    stderr_tail: "s".into(),
+                })
+                .unwrap();
+            }
+            db.count_manifest_request("a", Lookup::Miss, true).unwrap();
+            db.count_manifest_request("a", Lookup::Hit, true).unwrap();
+            db.count_manifest_request("b", Lookup::Hit, true).unwrap();
+            db.count_manifest_request("c", Lookup::Miss, false).unwrap();
+            db.db.flush().unwrap();
+        }
+        let db = Db::open(dir.path()).unwrap();
+        let errors = db.errors().unwrap();
+        assert_eq!(errors.len(), ERRORS_KEPT);
+        assert_eq!(errors[0].image, format!("err{}", ERRORS_KEPT + 1));
+        assert_eq!(db.lookups().unwrap(), (2, 2));
+        assert_eq!(db.pulls().unwrap(), vec![("a".into(), 2), ("b".into(), 1)]);
+        assert_eq!(db.popularity_desc().unwrap()[0], ("a".into(), 2));
+        let m = db.manifest("k").unwrap().unwrap();
+        assert_eq!((m.digest, m.revision.as_deref()), (d, Some("sha256-x")));
+        assert!(db.manifest("other").unwrap().is_none());
+        assert!(db.is_manifest(&d).unwrap());
+        assert_eq!(db.layer("l").unwrap().unwrap().size, 3);
+        assert_eq!(
+            db.popularity().unwrap(),
+            vec![("a".into(), 2), ("b".into(), 1)]
+        );
+        assert_eq!(db.tags("shell/hello").unwrap(), vec!["latest", "v1"]);
+        let builds = db.builds().unwrap();
+        assert_eq!(builds.len(), BUILDS_KEPT);
+        assert_eq!(builds[0].image, format!("img{}", BUILDS_KEPT + 4));
+    }
+
+    fn sample_manifest() -> ManifestRecord {
+        ManifestRecord {
+            digest: Digest::of(b"m"),
+            checked_at: 7,
+            out_paths: vec!["/nix/store/x-hello".into()],
+            revision: None,
+        }
+    }
+
+    /// Layout 1 as the previous release wrote it: bare bincode values and
+    /// no `meta` tree.
+    #[test]
+    fn opens_a_layout_1_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let bare = |v: &ManifestRecord| {
+            bincode::serde::encode_to_vec(v, bincode::config::standard()).unwrap()
+        };
+        {
+            let raw = sled::open(dir.path()).unwrap();
+            let manifests = raw.open_tree("manifests").unwrap();
+            manifests.insert("k", bare(&sample_manifest())).unwrap();
+            let layer = LayerRecord {
+                digest: Digest::of(b"l"),
+                diff_id: Digest::of(b"d"),
+                size: 9,
+            };
+            let layer = bincode::serde::encode_to_vec(layer, bincode::config::standard()).unwrap();
+            raw.open_tree("layers").unwrap().insert("l", layer).unwrap();
+            raw.open_tree("pulls")
+                .unwrap()
+                .insert("a", &5u64.to_be_bytes())
+                .unwrap();
+            raw.flush().unwrap();
+        }
+        for _ in 0..2 {
+            let db = Db::open(dir.path()).unwrap();
+            assert_eq!(db.manifest("k").unwrap(), Some(sample_manifest()));
+            assert_eq!(db.layer("l").unwrap().unwrap().size, 9);
+            assert_eq!(db.pulls().unwrap(), vec![("a".into(), 5)]);
+            let meta = db.db.open_tree("meta").unwrap();
+            let schema = meta.get("schema").unwrap().unwrap();
+            assert_eq!(schema.as_ref(), SCHEMA_VERSION.to_be_bytes());
+            db.db.flush().unwrap();
+        }
+    }
+
+    #[test]
+    fn tag_records_and_removals() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        let r = TagRecord {
+            digest: Digest::of(b"m"),
+            at: 3,
+        };
+        db.put_tag_record(TagTree::Pinned, "shell/hello", "v1", &r)
+            .unwrap();
+        assert_eq!(
+            db.tag_record(TagTree::Pinned, "shell/hello", "v1").unwrap(),
+            Some(r.clone())
+        );
+        assert_eq!(
+            db.tag_record(TagTree::Built, "shell/hello", "v1").unwrap(),
+            None
+        );
+        assert!(db.is_manifest(&r.digest).unwrap());
+        assert_eq!(db.tags("shell/hello").unwrap(), vec!["v1"]);
+        assert_eq!(
+            db.tag_records(TagTree::Pinned).unwrap(),
+            vec![("shell/hello".into(), "v1".into(), r)]
+        );
+        db.remove_tag_record(TagTree::Pinned, "shell/hello", "v1")
+            .unwrap();
+        assert!(db.tag_records(TagTree::Pinned).unwrap().is_empty());
+        db.put_manifest("k", &sample_manifest()).unwrap();
+        assert_eq!(db.manifests().unwrap().len(), 1);
+        db.remove_manifest("k").unwrap();
+        assert!(db.manifests().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_second_open_says_the_database_is_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Db::open(dir.path()).unwrap();
+        let err = Db::open(dir.path()).err().unwrap();
+        assert!(matches!(err, DbError::InUse(_)), "{err}");
+        assert!(err.to_string().contains("in use"), "{err}");
+    }
+
+    #[test]
+    fn undecodable_records_are_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        db.put_manifest("good", &sample_manifest()).unwrap();
+        db.manifests
+            .insert("garbage", &[1u8, 0xff, 0xff][..])
+            .unwrap();
+        db.manifests.insert("future", &[200u8, 0][..]).unwrap();
+        db.manifests.insert("empty", &[][..]).unwrap();
+        db.builds
+            .insert(0u64.to_be_bytes(), &[1u8, 0xff][..])
+            .unwrap();
+        assert_eq!(db.manifest("good").unwrap(), Some(sample_manifest()));
+        for key in ["garbage", "future", "empty"] {
+            assert_eq!(db.manifest(key).unwrap(), None, "{key}");
+        }
+        assert!(db.builds().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_newer_layout_is_refused_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let raw = sled::open(dir.path()).unwrap();
+            let newer = (SCHEMA_VERSION + 1).to_be_bytes();
+            raw.open_tree("meta")
+                .unwrap()
+                .insert("schema", &newer)
+                .unwrap();
+            raw.flush().unwrap();
+        }
+        let err = Db::open(dir.path()).err().unwrap();
+        assert!(matches!(err, DbError::TooNew { .. }), "{err}");
+        assert!(err.to_string().contains("newer nixery"), "{err}");
+    }
+}

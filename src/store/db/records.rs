@@ -1,0 +1,116 @@
+//! The records the database stores, each with its own version.
+//!
+//! A record is stored as one version byte followed by its bincode (serde)
+//! encoding. bincode has no field names, so a record whose fields change
+//! gets a new [`Record::VERSION`], keeps its previous shape as a frozen
+//! struct in `legacy`, and converts it in [`Record::upgrade`]. A record
+//! that still cannot be decoded is treated as absent (see `Db::decode`).
+
+use crate::digest::Digest;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// A value kept in a sled tree.
+pub trait Record: Serialize + DeserializeOwned {
+    /// The version byte written in front of this record's encoding.
+    const VERSION: u8;
+
+    /// A record written with an older `version` (its bincode `bytes`
+    /// after the version byte), converted; `None` if it cannot be.
+    fn upgrade(version: u8, bytes: &[u8]) -> Option<Self> {
+        let _ = (version, bytes);
+        None
+    }
+}
+
+/// A built image: its manifest and what it was built from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestRecord {
+    pub digest: Digest,
+    /// Unix seconds of the build (or of the last check that it is current).
+    pub checked_at: u64,
+    /// The top-level store paths the image was built from.
+    pub out_paths: Vec<String>,
+    /// What the package source resolved to: a git commit, or a NAR hash
+    /// (`sha256-...`) of a tarball or flake; `None` for a local path.
+    pub revision: Option<String>,
+}
+
+/// A packed layer, shared by every image with the same store paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerRecord {
+    pub digest: Digest,
+    pub diff_id: Digest,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BuildOutcome {
+    Success {
+        manifest: Digest,
+    },
+    PackagesNotFound(Vec<String>),
+    Failed {
+        message: String,
+        stderr_tail: String,
+    },
+}
+
+/// What one build did, for the admin page and the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildRecord {
+    pub image: String,
+    pub tag: String,
+    pub started_at: u64,
+    /// Milliseconds per phase, in the order they ran.
+    pub phases: Vec<(String, u64)>,
+    pub layers_total: usize,
+    pub layers_reused: usize,
+    pub bytes_packed: u64,
+    pub outcome: BuildOutcome,
+    /// The package source's revision this build used, once known (see
+    /// [`ManifestRecord::revision`]).
+    pub revision: Option<String>,
+}
+
+/// A failed build, kept apart from the build records so that a run of
+/// successful builds does not push errors off the admin page.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorRecord {
+    pub image: String,
+    pub tag: String,
+    /// Unix seconds when the build failed.
+    pub at: u64,
+    pub message: String,
+    /// The end of Nix's stderr; empty when Nix was not what failed.
+    pub stderr_tail: String,
+}
+
+/// The manifest a name and tag stands for: imported (`pinned` tree, served
+/// whatever the package source and never rebuilt) or last built
+/// (`built_tags` tree, what a mirror serves).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagRecord {
+    pub digest: Digest,
+    /// Unix seconds of the import or build.
+    pub at: u64,
+}
+
+impl Record for TagRecord {
+    const VERSION: u8 = 1;
+}
+
+impl Record for ManifestRecord {
+    const VERSION: u8 = 1;
+}
+
+impl Record for LayerRecord {
+    const VERSION: u8 = 1;
+}
+
+impl Record for BuildRecord {
+    const VERSION: u8 = 1;
+}
+
+impl Record for ErrorRecord {
+    const VERSION: u8 = 1;
+}
