@@ -7,10 +7,10 @@
 //! the popularity data and the budget: the same inputs give the same layers
 //! (and so the same digests), whatever the order of the inputs.
 //!
-//! - [`exclusive`] (the default): a path joins the layer of the path above
-//!   it when the popularity data shows nothing else uses it, so groups do
-//!   not depend on the image; the largest groups, weighted by popularity,
-//!   get layers of their own.
+//! - [`exclusive`] (the default): a path joins the group of its most
+//!   popular referrer when the popularity data shows that nothing outside
+//!   that referrer uses it, so groups do not depend on the image; the
+//!   largest groups, weighted by popularity, get layers of their own.
 //! - [`largest`]: the largest paths get layers of their own.
 //! - [`popularity_contest`]: as nixpkgs' `streamLayeredImage` and
 //!   nix2container: the most referenced paths get layers of their own.
