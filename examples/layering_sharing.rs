@@ -1,15 +1,22 @@
-//! Measures how well layer planning shares layers across a pull sequence.
+//! Layering simulator: how many bytes a client downloads over a sequence
+//! of image pulls, for every layering strategy.
 //!
-//! Loads the Debian-derived graph in `/work/shared/data` (see its README),
-//! plans every image of pull sequence 1 with the default budget, and prints
-//! how many layers are built vs. reused, the bytes a client pulling every
-//! image in order downloads vs. the summed image sizes, and planning times.
+//! Reads a closure workload laid out as `../shared/data` (see its README):
+//! `debian-graph.json.gz`, `debian-popularity.json` and
+//! `debian-names.json.gz` in DATA_DIR, and a sequence file holding either
+//! a list of sequences or one sequence (each image a list of package
+//! names). Every image of a sequence is planned with the default budget; a
+//! client that keeps every layer it pulled downloads each distinct layer
+//! once. The minimum is the bytes of the distinct store paths pulled.
 //!
-//! Usage: `cargo run --example layering_sharing [DATA_DIR] [SEQUENCE]`
+//! Usage: `cargo run --release --example layering_sharing -- DATA_DIR SEQUENCES`
+//!
+//! The last line is `default ratio: X.XX`, the default strategy's worst
+//! ratio over the sequences, for scripts.
 
 use anyhow::{bail, Context, Result};
 use flate2::read::GzDecoder;
-use nixery::build::layers::{plan, DEFAULT_LAYER_BUDGET, PINNED_POPULARITY};
+use nixery::build::layering::{plan, Strategy, DEFAULT_LAYER_BUDGET, PINNED_POPULARITY};
 use nixery::build::store_path::{name_of, PathInfo};
 use serde::Deserialize;
 use std::collections::{HashMap, HashSet};
@@ -31,6 +38,14 @@ struct RawPath {
     references: Vec<String>,
 }
 
+/// A sequence file holds several sequences or just one.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Sequences {
+    Many(Vec<Vec<Vec<String>>>),
+    One(Vec<Vec<String>>),
+}
+
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let reader = BufReader::new(file);
@@ -42,19 +57,36 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     parsed.with_context(|| format!("parsing {}", path.display()))
 }
 
+/// One image: its requested paths and its closure.
+struct Image {
+    roots: Vec<String>,
+    closure: Vec<PathInfo>,
+}
+
+/// What one strategy did over one sequence.
+struct Outcome {
+    downloaded: u64,
+    minimum: u64,
+    layers: Vec<usize>,
+    times: Vec<Duration>,
+}
+
 fn main() -> Result<()> {
-    let mut args = std::env::args().skip(1);
-    let dir = args
-        .next()
-        .unwrap_or_else(|| "/work/shared/data".to_string());
-    let dir = Path::new(&dir);
-    let sequence: usize = args.next().map_or(Ok(1), |s| s.parse())?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [dir, sequences] = args.as_slice() else {
+        bail!("usage: layering_sharing DATA_DIR SEQUENCES_FILE (e.g. ../shared/data ../shared/data/pull-sequences.json)");
+    };
+    let dir = Path::new(dir);
+    let budget = DEFAULT_LAYER_BUDGET;
 
     let t = Instant::now();
     let graph: RawGraph = read_json(&dir.join("debian-graph.json.gz"))?;
     let mut popularity: HashMap<String, u64> = read_json(&dir.join("debian-popularity.json"))?;
     let names: HashMap<String, String> = read_json(&dir.join("debian-names.json.gz"))?;
-    let sequences: Vec<Vec<Vec<String>>> = read_json(&dir.join("pull-sequences.json"))?;
+    let sequences = match read_json(Path::new(sequences))? {
+        Sequences::Many(many) => many,
+        Sequences::One(one) => vec![one],
+    };
     let paths: Vec<PathInfo> = graph
         .paths
         .into_iter()
@@ -66,121 +98,148 @@ fn main() -> Result<()> {
         .collect();
     println!("loaded {} paths in {:.2?}", paths.len(), t.elapsed());
 
-    // The data's stand-ins for nss-cacert and iana-etc get the same pinned
-    // popularity the planner gives those (see the data README).
+    // The data's stand-ins for nss-cacert and iana-etc get the popularity
+    // the planner pins those to (see the data README).
     for p in &paths {
         let name = name_of(&p.path);
         if name.starts_with("ca-certificates-") || name.starts_with("netbase-") {
             popularity.insert(name.to_string(), PINNED_POPULARITY);
         }
     }
-
     let index: HashMap<&str, usize> = paths
         .iter()
         .enumerate()
         .map(|(i, p)| (p.path.as_str(), i))
         .collect();
 
-    let Some(images) = sequence.checked_sub(1).and_then(|i| sequences.get(i)) else {
-        bail!("no pull sequence {sequence}");
-    };
+    let mut images: Vec<Vec<Image>> = Vec::new();
+    for sequence in &sequences {
+        let mut planned = Vec::with_capacity(sequence.len());
+        for image in sequence {
+            let roots: Vec<String> = image
+                .iter()
+                .map(|n| {
+                    names
+                        .get(n)
+                        .cloned()
+                        .with_context(|| format!("unknown package {n}"))
+                })
+                .collect::<Result<_>>()?;
+            let closure = closure_of(&roots, &paths, &index)?
+                .into_iter()
+                .map(|i| paths[i].clone())
+                .collect();
+            planned.push(Image { roots, closure });
+        }
+        images.push(planned);
+    }
 
-    let mut seen_layers: HashSet<String> = HashSet::new();
-    let (mut built, mut reused) = (0usize, 0usize);
-    let (mut downloaded, mut image_bytes) = (0u64, 0u64);
-    let mut all_paths: HashSet<usize> = HashSet::new();
-    let mut times: Vec<Duration> = Vec::with_capacity(images.len());
-    let mut layer_counts: Vec<usize> = Vec::with_capacity(images.len());
-
-    for image in images {
-        let roots: Vec<String> = image
-            .iter()
-            .map(|n| {
-                names
-                    .get(n)
-                    .cloned()
-                    .with_context(|| format!("unknown package {n}"))
-            })
-            .collect::<Result<_>>()?;
-        let members = closure_of(&roots, &paths, &index)?;
-        all_paths.extend(&members);
-        let closure: Vec<PathInfo> = members.iter().map(|&i| paths[i].clone()).collect();
-        image_bytes += closure.iter().map(|p| p.nar_size).sum::<u64>();
-
-        let t = Instant::now();
-        let layers = plan(&closure, &roots, &popularity, DEFAULT_LAYER_BUDGET)?;
-        times.push(t.elapsed());
-        layer_counts.push(layers.len());
-
-        for layer in &layers {
-            if seen_layers.insert(layer.key()) {
-                built += 1;
-                downloaded += layer.nar_size;
-            } else {
-                reused += 1;
+    println!("budget {budget} layers per image (+ the symlink layer)\n");
+    println!("| strategy | sequence | downloaded | minimum | ratio | layers/image (median, max) | plan time/image (median, max) |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut default_ratio: f64 = 0.0;
+    for strategy in Strategy::ALL {
+        for (s, sequence) in images.iter().enumerate() {
+            let o = simulate(strategy, sequence, &popularity, budget)?;
+            let ratio = o.downloaded as f64 / o.minimum as f64;
+            if strategy == Strategy::default() {
+                default_ratio = default_ratio.max(ratio);
             }
+            println!(
+                "| {strategy} | {} | {:.2} GB | {:.2} GB | {ratio:.2} | {}, {} | {:.2?}, {:.2?} |",
+                s + 1,
+                gb(o.downloaded),
+                gb(o.minimum),
+                o.layers[o.layers.len() / 2],
+                o.layers[o.layers.len() - 1],
+                o.times[o.times.len() / 2],
+                o.times[o.times.len() - 1],
+            );
         }
     }
 
-    let union_bytes: u64 = all_paths.iter().map(|&i| paths[i].nar_size).sum();
-    times.sort();
-    layer_counts.sort();
-    let total: Duration = times.iter().sum();
-    let gb = |b: u64| b as f64 / 1e9;
-
-    println!(
-        "sequence {sequence}: {} images, budget {DEFAULT_LAYER_BUDGET}",
-        images.len()
-    );
-    println!(
-        "layers: {} built, {} reused ({} layer references; per image median {}, max {})",
-        built,
-        reused,
-        built + reused,
-        layer_counts[layer_counts.len() / 2],
-        layer_counts[layer_counts.len() - 1],
-    );
-    println!(
-        "bytes (NAR sizes): client downloads {:.2} GB vs. {:.2} GB summed image sizes ({:.1}%); distinct paths pulled {:.2} GB",
-        gb(downloaded),
-        gb(image_bytes),
-        100.0 * downloaded as f64 / image_bytes as f64,
-        gb(union_bytes),
-    );
-    println!(
-        "plan time per image: median {:.2?}, mean {:.2?}, max {:.2?}",
-        times[times.len() / 2],
-        total / times.len() as u32,
-        times[times.len() - 1],
-    );
-
-    // The whole graph as one "image", every path nothing depends on as a root.
-    let mut referenced = vec![false; paths.len()];
-    for p in &paths {
-        for r in &p.references {
-            if let Some(&j) = index.get(r.as_str()) {
-                if r != &p.path {
-                    referenced[j] = true;
-                }
-            }
-        }
-    }
+    // The whole graph as one "image", every path nothing refers to as a root.
+    let referenced: HashSet<&str> = paths
+        .iter()
+        .flat_map(|p| p.references.iter().filter(move |r| **r != p.path))
+        .map(String::as_str)
+        .collect();
     let roots: Vec<String> = paths
         .iter()
-        .zip(&referenced)
-        .filter(|(_, &r)| !r)
-        .map(|(p, _)| p.path.clone())
+        .filter(|p| !referenced.contains(p.path.as_str()))
+        .map(|p| p.path.clone())
         .collect();
-    let t = Instant::now();
-    let layers = plan(&paths, &roots, &popularity, DEFAULT_LAYER_BUDGET)?;
     println!(
-        "whole graph: {} paths, {} roots -> {} layers in {:.2?}",
+        "\nwhole graph ({} paths, {} roots):",
         paths.len(),
-        roots.len(),
-        layers.len(),
-        t.elapsed()
+        roots.len()
     );
+    for strategy in Strategy::ALL {
+        let t = Instant::now();
+        let layers = plan(strategy, &paths, &roots, &popularity, budget)?;
+        println!(
+            "  {strategy}: {} layers in {:.2?}",
+            layers.len(),
+            t.elapsed()
+        );
+    }
+    println!(
+        "\ndefault strategy: {}; worst ratio over {} sequence(s)",
+        Strategy::default(),
+        images.len()
+    );
+    println!("default ratio: {default_ratio:.2}");
     Ok(())
+}
+
+fn gb(bytes: u64) -> f64 {
+    bytes as f64 / 1e9
+}
+
+/// Plans every image of a sequence in order for a client that keeps every
+/// layer it pulled.
+fn simulate(
+    strategy: Strategy,
+    images: &[Image],
+    popularity: &HashMap<String, u64>,
+    budget: usize,
+) -> Result<Outcome> {
+    let mut pulled: HashSet<String> = HashSet::new();
+    let mut distinct: HashMap<&str, u64> = HashMap::new();
+    let mut o = Outcome {
+        downloaded: 0,
+        minimum: 0,
+        layers: Vec::with_capacity(images.len()),
+        times: Vec::with_capacity(images.len()),
+    };
+    for image in images {
+        let t = Instant::now();
+        let layers = plan(strategy, &image.closure, &image.roots, popularity, budget)?;
+        o.times.push(t.elapsed());
+        if layers.len() > budget {
+            bail!("{strategy} planned {} layers over the budget", layers.len());
+        }
+        let placed: usize = layers.iter().map(|l| l.paths.len()).sum();
+        if placed != image.closure.len() {
+            bail!(
+                "{strategy} placed {placed} of {} paths",
+                image.closure.len()
+            );
+        }
+        o.layers.push(layers.len());
+        for layer in &layers {
+            if pulled.insert(layer.key()) {
+                o.downloaded += layer.nar_size;
+            }
+        }
+        for p in &image.closure {
+            distinct.insert(&p.path, p.nar_size);
+        }
+    }
+    o.minimum = distinct.values().sum();
+    o.layers.sort_unstable();
+    o.times.sort_unstable();
+    Ok(o)
 }
 
 /// Indices of every path reachable from `roots`, including the roots.

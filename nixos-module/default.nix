@@ -70,6 +70,7 @@ let
       NIXERY_MIN_FREE_SPACE = cfg.minFreeSpace;
       NIXERY_NIX_OPTIONS = if cfg.nixOptions == { } then null else nixOptionsValue;
       NIXERY_LAYER_BUDGET = toString cfg.layerBudget;
+      NIXERY_LAYERING = cfg.layering;
       NIXERY_CACHE_TTL = toString cfg.cacheTtl;
       NIXERY_LOG_FORMAT = cfg.logFormat;
       # systemd copies the file into the unit's credentials directory (%d),
@@ -271,6 +272,17 @@ in
       type = types.ints.between 1 124;
       default = 94;
       description = "Most layers of store paths per image; the symlink layer comes on top.";
+    };
+
+    layering = mkOption {
+      type = types.enum [
+        "exclusive"
+        "largest"
+        "popularity-contest"
+        "nixery"
+      ];
+      default = "exclusive";
+      description = "How store paths are grouped into layers; `nixery` is the original's.";
     };
 
     cacheTtl = mkOption {

@@ -2,6 +2,7 @@
 //! defaults; validated into a [`Config`] before anything starts.
 
 use crate::build::image::Arch;
+use crate::build::layering::Strategy;
 use crate::build::source::Source;
 use crate::store::gc::{parse_size, Policy};
 use crate::store::s3::S3Settings;
@@ -87,6 +88,11 @@ pub struct ServeArgs {
     /// (Docker allows 125 in all).
     #[arg(long, env = "NIXERY_LAYER_BUDGET", default_value_t = 94)]
     pub layer_budget: usize,
+    /// How store paths are grouped into layers: `exclusive` (the default,
+    /// shares best), `largest`, `popularity-contest` or `nixery` (the
+    /// original's).
+    #[arg(long, env = "NIXERY_LAYERING", value_enum, default_value_t = Strategy::default())]
+    pub layering: Strategy,
     /// Seconds a build from a moving source (path, channel name, branch) is
     /// served from cache before it is evaluated again.
     #[arg(long, env = "NIXERY_CACHE_TTL", default_value_t = 300)]
@@ -181,6 +187,7 @@ pub struct Config {
     pub gc: Policy,
     pub nix_options: Vec<(String, String)>,
     pub layer_budget: usize,
+    pub layering: Strategy,
     pub cache_ttl: Duration,
     pub htpasswd: Option<PathBuf>,
     pub metrics_public: bool,
@@ -385,6 +392,7 @@ impl ServeArgs {
             gc,
             nix_options,
             layer_budget: self.layer_budget,
+            layering: self.layering,
             cache_ttl: Duration::from_secs(self.cache_ttl),
             htpasswd: self.htpasswd.clone().filter(|p| !p.as_os_str().is_empty()),
             metrics_public: self.metrics_public,

@@ -243,12 +243,13 @@ pub async fn open_builder(config: &Config) -> Result<Arc<Builder>, StartError> {
         )
         .with_fetch_ttl(config.cache_ttl),
         layer_budget: config.layer_budget,
+        layering: config.layering,
         cache_ttl: config.cache_ttl,
         max_concurrent_builds: config.max_concurrent_builds,
         max_queued_builds: config.max_queued_builds,
         failed_build_ttl: config.failed_build_ttl,
         gc_roots,
-        popularity,
+        popularity: Arc::new(popularity),
         lease_ttl: config.lease_ttl,
         platforms: config.platforms.clone(),
     };

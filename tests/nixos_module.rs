@@ -77,6 +77,7 @@ fn module_yields_a_hardened_notify_unit_through_the_daemon() {
         "maxStorage",
         "minFreeSpace",
         "logFormat",
+        "layering",
         "extraEnvironment",
         "environmentFile",
         "htpasswdFile",
@@ -133,7 +134,8 @@ fn module_maps_settings_to_the_binarys_variables() {
             "storagePath": "/srv/nixery", "nixOptions": {"keep-going": "true", "cores": "2"},
             "extraEnvironment": {"RUST_LOG": "debug"}, "environmentFile": "/run/secrets/nixery",
             "logFormat": "json", "popularityUrl": "https://example.org/p.json",
-            "maxQueuedBuilds": 8, "maxStorage": "50G", "minFreeSpace": "5G"}"#,
+            "maxQueuedBuilds": 8, "maxStorage": "50G", "minFreeSpace": "5G",
+            "layering": "nixery"}"#,
     );
     assert_eq!(unit["failedAssertions"], serde_json::json!([]));
     let env = &unit["environment"];
@@ -142,6 +144,7 @@ fn module_maps_settings_to_the_binarys_variables() {
     assert_eq!(env["NIXERY_NIX_OPTIONS"], "cores=2;keep-going=true");
     assert_eq!(env["RUST_LOG"], "debug");
     assert_eq!(env["NIXERY_LOG_FORMAT"], "json");
+    assert_eq!(env["NIXERY_LAYERING"], "nixery");
     assert_eq!(env["NIX_POPULARITY_URL"], "https://example.org/p.json");
     assert_eq!(env["NIXERY_MAX_QUEUED_BUILDS"], "8");
     assert_eq!(env["NIXERY_MAX_STORAGE"], "50G");

@@ -329,8 +329,6 @@ async fn large_closures_stay_within_the_layer_budget() {
     let dir = tempfile::tempdir().unwrap();
     let closure = nix_closure("manydeps");
     assert!(closure.len() > 100);
-    // Popular paths get layers of their own, so with every dependency
-    // popular the image needs more layers than the budget allows.
     let popularity: serde_json::Map<String, Value> = closure
         .iter()
         .map(|p| {
@@ -342,13 +340,29 @@ async fn large_closures_stay_within_the_layer_budget() {
         .collect();
     let pop_file = dir.path().join("popularity.json");
     std::fs::write(&pop_file, serde_json::to_vec(&popularity).unwrap()).unwrap();
+    let c = Client::new();
+    // The default strategy: without popularity data every path would be a
+    // layer of its own, more than the budget allows.
+    let storage = dir.path().join("default");
+    let s = TestServer::start(&config(&storage, &[])).await;
+    let (_, m) = get_manifest(&c, &s, "manydeps", "latest").await;
+    let layers = m["layers"].as_array().unwrap().len();
+    assert_eq!(layers, 95, "94 store-path layers and the symlink layer");
+    s.stop().await;
+
+    // The original's: popular paths get layers of their own, so with every
+    // dependency popular the image needs more layers than the budget allows.
     let storage = dir.path().join("storage");
     let s = TestServer::start(&config(
         &storage,
-        &["--popularity-url", pop_file.to_str().unwrap()],
+        &[
+            "--popularity-url",
+            pop_file.to_str().unwrap(),
+            "--layering",
+            "nixery",
+        ],
     ))
     .await;
-    let c = Client::new();
     let (_, m) = get_manifest(&c, &s, "manydeps", "latest").await;
     let layers = m["layers"].as_array().unwrap().len();
     assert_eq!(layers, 95, "94 store-path layers and the symlink layer");
@@ -356,7 +370,7 @@ async fn large_closures_stay_within_the_layer_budget() {
 
     // Without popularity data the dependencies share their dominator's layer.
     let plain = dir.path().join("plain");
-    let s = TestServer::start(&config(&plain, &[])).await;
+    let s = TestServer::start(&config(&plain, &["--layering", "nixery"])).await;
     let (_, m) = get_manifest(&c, &s, "manydeps", "latest").await;
     assert!(m["layers"].as_array().unwrap().len() < 10);
     s.stop().await;

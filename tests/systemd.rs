@@ -103,6 +103,7 @@ fn check_config(args: &[&str], env: &[(&str, &str)]) -> Output {
         "NIXERY_MAX_BUILDS",
         "NIXERY_NIX_OPTIONS",
         "NIXERY_LAYER_BUDGET",
+        "NIXERY_LAYERING",
         "NIXERY_CACHE_TTL",
     ] {
         cmd.env_remove(var);

@@ -79,6 +79,10 @@ let
     })
     (rejected {
       channel = "a";
+      layering = "best";
+    })
+    (rejected {
+      channel = "a";
       port = 70000;
     })
   ];

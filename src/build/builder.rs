@@ -7,7 +7,7 @@ use crate::build::cache::FailureCache;
 use crate::build::git::GitError;
 use crate::build::hot::{HotManifests, Named};
 use crate::build::image::{Arch, ImageSpec, SSL_CERT_FILE};
-use crate::build::layers::{self, LayerError};
+use crate::build::layering::{self, LayerError, Strategy};
 use crate::build::manifest::{self, ImageConfig, LayerBlob, ManifestError};
 use crate::build::nix::{Nix, NixError, ResolvedPackage, Stage};
 use crate::build::queue::{Abandoned, BuildQueue};
@@ -206,6 +206,7 @@ pub struct BuilderSettings {
     pub source: Source,
     pub nix: Nix,
     pub layer_budget: usize,
+    pub layering: Strategy,
     pub cache_ttl: Duration,
     pub max_concurrent_builds: usize,
     /// Builds that may wait for a slot; a new build beyond them is refused.
@@ -214,8 +215,10 @@ pub struct BuilderSettings {
     pub failed_build_ttl: Duration,
     /// Where each build keeps GC roots for its store paths while it runs.
     pub gc_roots: PathBuf,
-    /// Counts from NIX_POPULARITY_URL; this server's own counts are added.
-    pub popularity: HashMap<String, u64>,
+    /// Counts from NIX_POPULARITY_URL, loaded once at start. Plans use
+    /// these alone (not this server's own build counts), so the same
+    /// closure is layered the same way however old the server is.
+    pub popularity: Arc<HashMap<String, u64>>,
     /// How long a replica's build lease lasts unless renewed (s3 backend).
     pub lease_ttl: Duration,
     /// What a pull by tag is built for (the first when only one image is
@@ -876,15 +879,7 @@ impl Builder {
             },
             _ => {
                 counters.live.enter(Phase::Packing);
-                let this = Arc::clone(self);
-                let (closure, outs) = (closure.clone(), outs.clone());
-                let (plan, closure, outs) = blocking(move || {
-                    let popularity = this.popularity()?;
-                    let budget = this.settings.layer_budget;
-                    let plan = layers::plan(&closure, &outs, &popularity, budget)?;
-                    Ok((plan, closure, outs))
-                })
-                .await?;
+                let (closure, outs, plan) = self.plan_layers(closure, outs).await?;
                 phases.finish("layering");
                 let config = self.image_config(spec, &resolved.found, revision.as_deref());
                 let digest = self
@@ -971,7 +966,7 @@ impl Builder {
         config: ImageConfig,
         closure: &[PathInfo],
         outs: &[String],
-        plan: Vec<layers::Layer>,
+        plan: Vec<layering::Layer>,
         counters: &Counters,
         pins: &PinSet,
     ) -> Result<Digest, BuildError> {
@@ -1114,13 +1109,22 @@ impl Builder {
         self.settings.gc_roots.join(key)
     }
 
-    /// Popularity from NIX_POPULARITY_URL plus what this server has built.
-    fn popularity(&self) -> Result<HashMap<String, u64>, DbError> {
-        let mut counts = self.settings.popularity.clone();
-        for (name, n) in self.db.popularity()? {
-            *counts.entry(name).or_insert(0) += n;
-        }
-        Ok(counts)
+    /// The layer plan, off the async workers (a large closure takes a
+    /// noticeable fraction of a second); hands the inputs back.
+    async fn plan_layers(
+        &self,
+        closure: Vec<PathInfo>,
+        outs: Vec<String>,
+    ) -> Result<(Vec<PathInfo>, Vec<String>, Vec<layering::Layer>), BuildError> {
+        let popularity = Arc::clone(&self.settings.popularity);
+        let (strategy, budget) = (self.settings.layering, self.settings.layer_budget);
+        tokio::task::spawn_blocking(move || {
+            let plan = layering::plan(strategy, &closure, &outs, &popularity, budget);
+            plan.map(|plan| (closure, outs, plan))
+        })
+        .await
+        .map_err(|e| BuildError::Task(e.to_string()))?
+        .map_err(BuildError::from)
     }
 }
 

@@ -1,6 +1,6 @@
 //! From an image name to a stored manifest: the name (`image`), where
 //! packages come from (`source`, `git`), Nix (`nix`) and the processes it
-//! runs (`process`), the closure's layer plan (`layers`, `popularity`),
+//! runs (`process`), the closure's layer plan (`layering`, `popularity`),
 //! packing (`archive`), the manifest and the forms it is served in
 //! (`manifest`, `forms`), and the orchestration of it all (`builder`,
 //! `singleflight`, the bounded `queue`, the failure `cache`).
@@ -12,7 +12,7 @@ pub mod forms;
 pub mod git;
 pub mod hot;
 pub mod image;
-pub mod layers;
+pub mod layering;
 pub mod manifest;
 pub mod nix;
 pub mod pgzip;

@@ -159,7 +159,7 @@ fn size_or_none(bytes: Option<u64>) -> String {
 /// A few lines that say what the server would run with.
 pub fn summary(config: &Config, files_checked: bool) -> String {
     format!(
-        "configuration OK{}\n  listen:  {}\n  source:  {}\n  storage: {}\n  builds:  {} at once, {} queued at most, Nix timeout {}s, layer budget {}, cache TTL {}s\n  gc:      quota {}, free space kept {}\n  popularity: {}\n",
+        "configuration OK{}\n  listen:  {}\n  source:  {}\n  storage: {}\n  builds:  {} at once, {} queued at most, Nix timeout {}s, layer budget {} ({} layering), cache TTL {}s\n  gc:      quota {}, free space kept {}\n  popularity: {}\n",
         if files_checked {
             ""
         } else {
@@ -179,6 +179,7 @@ pub fn summary(config: &Config, files_checked: bool) -> String {
         config.max_queued_builds,
         config.nix_timeout.as_secs(),
         config.layer_budget,
+        config.layering,
         config.cache_ttl.as_secs(),
         size_or_none(config.gc.max_storage),
         size_or_none(config.gc.min_free_space),
