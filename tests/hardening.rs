@@ -107,6 +107,12 @@ async fn an_image_whose_blobs_are_missing_or_short_is_rebuilt() {
         .unwrap()
         .set_len(len / 2)
         .unwrap();
+    // A warm manifest is served from memory and its blobs checked on disk
+    // again after this long.
+    tokio::time::sleep(
+        nixery::build::hot::REVALIDATE_AFTER + std::time::Duration::from_millis(100),
+    )
+    .await;
 
     let (again, manifest) = get_manifest(&c, &s, "bash", "latest").await;
     assert_eq!(again, first, "the same content gives the same manifest");

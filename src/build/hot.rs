@@ -11,9 +11,15 @@ use bytes::Bytes;
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
 
 /// Entries per map: at a few KB per manifest, a few MB in all.
 const MAX_ENTRIES: usize = 2048;
+
+/// How long a key's manifest is served from memory before its blobs are
+/// checked on disk again: damage from outside (a blob deleted or cut short)
+/// is noticed within this, at one check per image per period.
+pub const REVALIDATE_AFTER: Duration = Duration::from_secs(1);
 /// Manifests larger than this are read from disk each time.
 pub const MAX_MANIFEST_BYTES: usize = 64 * 1024;
 
@@ -27,7 +33,8 @@ pub struct Named {
 
 #[derive(Default)]
 pub struct HotManifests {
-    keys: RwLock<HashMap<String, Named>>,
+    /// With when its blobs were last found whole on disk.
+    keys: RwLock<HashMap<String, (Named, Instant)>>,
     bytes: RwLock<HashMap<Digest, Bytes>>,
     /// (Docker manifest, media type of the other form) -> that form's digest.
     forms: RwLock<HashMap<(Digest, &'static str), Digest>>,
@@ -52,12 +59,22 @@ fn insert_bounded<K: Hash + Eq + Clone, V>(map: &mut HashMap<K, V>, key: K, valu
 }
 
 impl HotManifests {
+    /// The manifest `key` names, if its blobs were found whole within
+    /// [`REVALIDATE_AFTER`].
     pub fn named(&self, key: &str) -> Option<Named> {
-        read(&self.keys).get(key).copied()
+        read(&self.keys)
+            .get(key)
+            .filter(|(_, checked)| checked.elapsed() < REVALIDATE_AFTER)
+            .map(|(named, _)| *named)
     }
 
+    /// Remembers what `key` names, its blobs just found whole.
     pub fn remember(&self, key: &str, named: Named) {
-        insert_bounded(&mut write(&self.keys), key.to_owned(), named);
+        insert_bounded(
+            &mut write(&self.keys),
+            key.to_owned(),
+            (named, Instant::now()),
+        );
     }
 
     pub fn bytes(&self, digest: &Digest) -> Option<Bytes> {
@@ -91,7 +108,7 @@ impl HotManifests {
     /// is deleted: the next request reads the database and the disk again.
     pub fn forget(&self, digest: &Digest) {
         write(&self.bytes).remove(digest);
-        write(&self.keys).retain(|_, n| n.digest != *digest);
+        write(&self.keys).retain(|_, (n, _)| n.digest != *digest);
         write(&self.forms).retain(|(from, _), to| from != digest && to != digest);
     }
 }
