@@ -280,6 +280,9 @@ impl S3Store {
     }
 }
 
+/// How long a new lease is left before it is read back (see `try_lease`).
+const LEASE_SETTLE: Duration = Duration::from_millis(300);
+
 #[async_trait::async_trait]
 impl Storage for S3Store {
     fn describe(&self) -> Description {
@@ -462,10 +465,21 @@ impl Storage for S3Store {
             };
             match self.client.put_opts(&key, self.lease_body(ttl), opts).await {
                 Ok(_) => {
-                    return Ok(LeaseState::Acquired(Lease {
-                        name: name.to_owned(),
-                        holder: self.holder.clone(),
-                    }))
+                    // Not every store makes create-if-absent atomic when two
+                    // replicas race (SeaweedFS can accept both): the lease is
+                    // ours only if it reads back as ours once a racing
+                    // write has had time to land (the last writer wins).
+                    tokio::time::sleep(LEASE_SETTLE).await;
+                    let now = now_unix();
+                    return Ok(match self.read_lease(&key).await? {
+                        Some(body) if body.holder != self.holder => LeaseState::Held(
+                            Duration::from_secs(body.expires_at.saturating_sub(now).max(1)),
+                        ),
+                        _ => LeaseState::Acquired(Lease {
+                            name: name.to_owned(),
+                            holder: self.holder.clone(),
+                        }),
+                    });
                 }
                 Err(object_store::Error::AlreadyExists { .. })
                 | Err(object_store::Error::Precondition { .. }) => {}
@@ -476,8 +490,11 @@ impl Storage for S3Store {
                 Some(body) if body.expires_at > now => {
                     return Ok(LeaseState::Held(Duration::from_secs(body.expires_at - now)))
                 }
-                // Expired (its holder died) or unreadable: clear it, try again.
-                _ => match self.client.delete(&key).await {
+                // Not visible yet (its creator's write is still landing):
+                // never cleared, only waited for.
+                None => return Ok(LeaseState::Held(Duration::from_secs(1))),
+                // Expired (its holder died): clear it, try again.
+                Some(_) => match self.client.delete(&key).await {
                     Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                     Err(e) => return Err(remote("clearing lease", &key)(e)),
                 },

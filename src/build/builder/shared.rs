@@ -146,12 +146,11 @@ impl Builder {
         loop {
             match self.storage.try_lease(&name, ttl).await? {
                 LeaseState::Acquired(lease) => {
-                    if waited {
-                        // The holder may have finished just before we got it.
-                        if let Some(d) = self.fresh_cached(key, tag).await? {
-                            let _ = self.storage.release(&lease).await;
-                            return Ok(Claim::BuiltElsewhere(d));
-                        }
+                    // A holder may have finished (and let go) just before
+                    // we got it, whether or not we saw it building.
+                    if let Some(d) = self.fresh_cached(key, tag).await? {
+                        let _ = self.storage.release(&lease).await;
+                        return Ok(Claim::BuiltElsewhere(d));
                     }
                     let storage = Arc::clone(&self.storage);
                     let renewed = lease.clone();
