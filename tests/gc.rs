@@ -59,14 +59,7 @@ async fn a_quota_evicts_the_least_recently_pulled_image() {
     assert_eq!(evicted_names(&gc), vec!["hello"], "{gc}");
     assert!(gc["bytes_freed"].as_u64().unwrap() > 0);
     assert!(s.builder.blobs().stats().1 < total);
-    let page = c
-        .get(s.url("/"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = common::admin_page(&c, &s).await;
     assert!(
         page.contains("Last garbage collection"),
         "the page shows it"

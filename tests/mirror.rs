@@ -496,14 +496,7 @@ async fn an_unreachable_git_repository_serves_the_cached_image() {
         "{status}"
     );
     assert!(stale["error"].as_str().unwrap().contains("git"), "{stale}");
-    let page = c
-        .get(s.url("/"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = common::admin_page(&c, &s).await;
     assert!(page.contains("Served stale"), "the admin page shows it");
     s.stop().await;
 }

@@ -124,14 +124,7 @@ async fn a_fresh_replica_serves_an_existing_image_at_once() {
     get_blob(&client, &c, manifest["config"]["digest"].as_str().unwrap()).await;
 
     // The admin page says where content lives, and nothing secret.
-    let page = client
-        .get(c.url("/"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = common::admin_page(&client, &c).await;
     assert!(
         page.contains("s3://fresh/nixery at http://127.0.0.1:"),
         "{page}"

@@ -349,10 +349,10 @@ impl BlobStore {
         fs::metadata(self.path_of(digest)).is_ok_and(|m| m.is_file() && m.len() == size)
     }
 
-    /// The blob, memory-mapped, or None if it is not stored. It stays
-    /// pinned (the collector keeps it) until the blob, or the bytes made of
-    /// it, are dropped: a response in flight keeps its blob.
-    pub fn get(&self, digest: &Digest) -> Result<Option<Blob>, BlobError> {
+    /// A stored blob's file and length, pinned first so that the collector
+    /// cannot delete it between the open and the end of whatever holds the
+    /// pin (a response, a build); None if it is not stored.
+    fn open_pinned(&self, digest: &Digest) -> Result<Option<(File, u64, Pin)>, BlobError> {
         let pin = self.pin(digest);
         let path = self.path_of(digest);
         let file = match File::open(&path) {
@@ -361,6 +361,16 @@ impl BlobStore {
             Err(e) => return Err(io_err("opening", &path)(e)),
         };
         let len = file.metadata().map_err(io_err("stat", &path))?.len();
+        Ok(Some((file, len, pin)))
+    }
+
+    /// The blob, memory-mapped, or None if it is not stored. It stays
+    /// pinned (the collector keeps it) until the blob, or the bytes made of
+    /// it, are dropped: a response in flight keeps its blob.
+    pub fn get(&self, digest: &Digest) -> Result<Option<Blob>, BlobError> {
+        let Some((file, len, pin)) = self.open_pinned(digest)? else {
+            return Ok(None);
+        };
         if len == 0 {
             // mmap of length 0 fails with EINVAL.
             return Ok(Some(Blob(Inner::Empty, pin)));
@@ -368,7 +378,8 @@ impl BlobStore {
         // SAFETY: committed blobs are never written in place: they are
         // created read-only in tmp/ and linked into place whole; a name,
         // once linked, is never replaced.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err("mapping", &path))?;
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .map_err(io_err("mapping", &self.path_of(digest)))?;
         Ok(Some(Blob(Inner::Mapped(map), pin)))
     }
 
@@ -401,16 +412,9 @@ impl BlobStore {
     /// The blob opened for reading in pieces (for serving large blobs
     /// without mapping or holding them whole), or None if it is not stored.
     pub fn open_blob(&self, digest: &Digest) -> Result<Option<BlobFile>, BlobError> {
-        // Pinned first: the collector cannot delete it between the open
-        // and the end of the response that holds the file.
-        let pin = self.pin(digest);
-        let path = self.path_of(digest);
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err("opening", &path)(e)),
+        let Some((file, len, pin)) = self.open_pinned(digest)? else {
+            return Ok(None);
         };
-        let len = file.metadata().map_err(io_err("stat", &path))?.len();
         Ok(Some(BlobFile {
             file,
             len,

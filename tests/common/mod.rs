@@ -258,6 +258,13 @@ pub async fn get_blob(client: &Client, s: &TestServer, digest: &str) -> Vec<u8> 
     body
 }
 
+/// The admin page's HTML.
+pub async fn admin_page(client: &Client, s: &TestServer) -> String {
+    let r = client.get(s.url("/")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    r.text().await.unwrap()
+}
+
 /// `/api/status` as JSON.
 pub async fn status_json(client: &Client, s: &TestServer) -> Value {
     let r = client.get(s.url("/api/status")).send().await.unwrap();
