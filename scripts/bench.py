@@ -174,6 +174,53 @@ def oha(url):
     return f"{rps:,.0f} req/s, p99 {p99 * 1000:.1f} ms, status codes {codes}, errors {errors}"
 
 
+def pull_times(sock, image):
+    """Seconds per `docker pull` of `image`, each into an empty image store."""
+    times = []
+    for _ in range(PULLS):
+        start = time.monotonic()
+        subprocess.run(["docker", "-H", sock, "pull", "-q", image], check=True, capture_output=True)
+        times.append(time.monotonic() - start)
+        subprocess.run(["docker", "-H", sock, "rmi", image], check=True, capture_output=True)
+    times.sort()
+    return times
+
+
+def distribution_copy(work, image):
+    """Starts docker-registry (distribution 2.8) on a free port and copies
+    `image` into it with skopeo; the process and the copy's name."""
+    root = os.path.join(work, "distribution")
+    os.makedirs(root)
+    port = free_port()
+    config = os.path.join(work, "distribution.yml")
+    with open(config, "w") as f:
+        f.write(
+            f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {root}\n"
+            f"http:\n  addr: 127.0.0.1:{port}\n"
+        )
+    registry = subprocess.Popen(
+        ["docker-registry", "serve", config],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    mirrored = f"127.0.0.1:{port}/manydeps"
+    subprocess.run(
+        [
+            "skopeo", "copy", "--src-tls-verify=false", "--dest-tls-verify=false",
+            f"docker://{image}", f"docker://{mirrored}",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return registry, mirrored
+
+
 def docker_pull_figure(work):
     """`docker pull` of a cached image of PULL_LAYERS layers into a private
     dockerd (its own data root, so nothing is cached on the client side)."""
@@ -187,7 +234,9 @@ def docker_pull_figure(work):
     with open(popularity, "w") as f:
         json.dump({os.path.basename(p).split("-", 1)[1]: 1000 for p in out.stdout.split()}, f)
     server = Server(
-        storage, ["--layer-budget", str(PULL_LAYERS - 1), "--popularity-url", popularity]
+        storage,
+        # The original's strategy gives every popular path a layer of its own.
+        ["--layer-budget", str(PULL_LAYERS - 1), "--popularity-url", popularity, "--layering", "nixery"],
     )
     manifest = json.loads(server.get("/v2/manydeps/manifests/latest"))
     layers = len(manifest["layers"])
@@ -209,18 +258,19 @@ def docker_pull_figure(work):
                 break
             time.sleep(0.1)
         image = f"127.0.0.1:{server.port}/manydeps"
-        times = []
-        for _ in range(PULLS):
-            start = time.monotonic()
-            subprocess.run(["docker", "-H", sock, "pull", "-q", image], check=True, capture_output=True)
-            times.append(time.monotonic() - start)
-            subprocess.run(["docker", "-H", sock, "rmi", image], check=True, capture_output=True)
-        times.sort()
-        say(
-            f"docker pull of a cached {layers}-layer image (private dockerd)",
-            f"{times[len(times) // 2]:.2f} s median of {PULLS} ({', '.join(f'{t:.2f}' for t in times)})",
-            f"dockerd --data-root {d}/data --host {sock} ...; docker -H {sock} pull {image}; docker rmi",
-        )
+        # The same image in distribution (docker-registry), for comparison.
+        registry, mirrored = distribution_copy(work, image)
+        try:
+            for label, pulled in [("nixery", image), ("distribution 2.8", mirrored)]:
+                times = pull_times(sock, pulled)
+                say(
+                    f"docker pull of a cached {layers}-layer image from {label} (private dockerd)",
+                    f"{times[len(times) // 2]:.2f} s median of {PULLS} ({', '.join(f'{t:.2f}' for t in times)})",
+                    f"dockerd --data-root {d}/data --host {sock} ...; docker -H {sock} pull {pulled}; docker rmi",
+                )
+        finally:
+            registry.terminate()
+            registry.wait(timeout=30)
     finally:
         dockerd.terminate()
         try:

@@ -224,7 +224,17 @@ pub async fn open_builder(config: &Config) -> Result<Arc<Builder>, StartError> {
         "starting"
     );
     let blobs = store::fs::BlobStore::open(&config.storage_path)?;
-    report_lost_records(&blobs, &db)?;
+    // For the log only, so off the start-up path: it reads every small
+    // blob, which takes a while with thousands of images.
+    let (lost_blobs, lost_db) = (blobs.clone(), db.clone());
+    std::thread::Builder::new()
+        .name("lost-records".into())
+        .spawn(move || {
+            if let Err(e) = report_lost_records(&lost_blobs, &lost_db) {
+                tracing::warn!(error = %e, "could not compare stored manifests with the database");
+            }
+        })
+        .map_err(storage)?;
     let storage: Arc<dyn store::Storage> = match &config.s3 {
         None => Arc::new(blobs.clone()),
         Some(s3) => Arc::new(store::s3::S3Store::open(s3.clone(), blobs.clone())?),
