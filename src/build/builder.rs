@@ -27,7 +27,7 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 use sha2::{Digest as _, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Semaphore;
@@ -985,14 +985,30 @@ impl Builder {
         jobs.push((symlink_key, outs.iter().map(PathBuf::from).collect(), true));
         counters.live.set_layers_total(jobs.len() as u64);
         // `buffered` keeps the plan's order while packing several at once.
-        let records: Vec<LayerRecord> = stream::iter(jobs)
+        // After a failure no new layer starts, but those under way finish
+        // (and remove their temp files) before the build reports it.
+        let failed = AtomicBool::new(false);
+        let results: Vec<Result<LayerRecord, BuildError>> = stream::iter(jobs)
             .map(|(layer_key, paths, symlinks)| {
-                self.layer(layer_key, paths, symlinks, counters, pins)
+                let failed = &failed;
+                async move {
+                    if failed.load(Ordering::Relaxed) {
+                        return Err(BuildError::Task("not started: a layer failed".into()));
+                    }
+                    let result = self.layer(layer_key, paths, symlinks, counters, pins).await;
+                    if result.is_err() {
+                        failed.store(true, Ordering::Relaxed);
+                    }
+                    result
+                }
             })
             .buffered(parallel)
             .inspect_ok(|_| counters.live.layer_done())
-            .try_collect()
-            .await?;
+            .collect()
+            .await;
+        // Layers start in plan order, so the first error in it is a real
+        // failure, never a layer that was not started.
+        let records = results.into_iter().collect::<Result<Vec<_>, _>>()?;
         let layer_blobs: Vec<LayerBlob> = records
             .iter()
             .map(|r| LayerBlob {
