@@ -465,10 +465,10 @@ impl Storage for S3Store {
             };
             match self.client.put_opts(&key, self.lease_body(ttl), opts).await {
                 Ok(_) => {
-                    // Not every store makes create-if-absent atomic when two
-                    // replicas race (SeaweedFS can accept both): the lease is
-                    // ours only if it reads back as ours once a racing
-                    // write has had time to land (the last writer wins).
+                    // Defensive: S3-compatible stores differ in how strictly
+                    // they make create-if-absent atomic under a race, so the
+                    // lease is ours only if it reads back as ours once a
+                    // racing write has had time to land (the last one wins).
                     tokio::time::sleep(LEASE_SETTLE).await;
                     let now = now_unix();
                     return Ok(match self.read_lease(&key).await? {
