@@ -34,6 +34,22 @@ fn ends_url(c: char) -> bool {
 
 /// `text` with every URL's credentials hidden; borrowed when there were none.
 pub fn redact(text: &str) -> Cow<'_, str> {
+    rewrite_urls(text, Userinfo::Hide)
+}
+
+/// As [`redact`], but a URL's `user:password@` is removed rather than
+/// hidden: for text that names a URL to the public (an image label).
+pub fn without_userinfo(text: &str) -> Cow<'_, str> {
+    rewrite_urls(text, Userinfo::Drop)
+}
+
+#[derive(Clone, Copy)]
+enum Userinfo {
+    Hide,
+    Drop,
+}
+
+fn rewrite_urls(text: &str, userinfo: Userinfo) -> Cow<'_, str> {
     if !text.contains("://") {
         return Cow::Borrowed(text);
     }
@@ -44,7 +60,7 @@ pub fn redact(text: &str) -> Cow<'_, str> {
         out.push_str(&rest[..after]);
         let url = &rest[after..];
         let end = url.find(ends_url).unwrap_or(url.len());
-        redact_after_scheme(&url[..end], &mut out);
+        redact_after_scheme(&url[..end], userinfo, &mut out);
         rest = &url[end..];
     }
     out.push_str(rest);
@@ -56,15 +72,16 @@ pub fn redact(text: &str) -> Cow<'_, str> {
 }
 
 /// Redacts `authority/path?query#fragment` into `out`.
-fn redact_after_scheme(url: &str, out: &mut String) {
+fn redact_after_scheme(url: &str, userinfo: Userinfo, out: &mut String) {
     let authority_end = url.find(['/', '?', '#']).unwrap_or(url.len());
     let (authority, rest) = url.split_at(authority_end);
-    match authority.rfind('@') {
-        Some(at) => {
+    match (authority.rfind('@'), userinfo) {
+        (Some(at), Userinfo::Hide) => {
             out.push_str(HIDDEN);
             out.push_str(&authority[at..]);
         }
-        None => out.push_str(authority),
+        (Some(at), Userinfo::Drop) => out.push_str(&authority[at + 1..]),
+        (None, _) => out.push_str(authority),
     }
     let Some(q) = rest.find('?') else {
         out.push_str(rest);

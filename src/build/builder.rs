@@ -621,7 +621,7 @@ impl Builder {
             .await
             .unwrap_or_else(|| Err(Arc::new(BuildError::Task("image build panicked".into()))));
         let result = match result {
-            Err(e) if e.is_source_unreachable() => self.stale(name, tag, &key, e),
+            Err(e) if e.is_source_unreachable() => self.stale(name, tag, &key, e).await,
             other => other,
         };
         self.count_request(name, Lookup::Miss, result.is_ok());
@@ -639,9 +639,9 @@ impl Builder {
 
     /// The source could not be reached to refresh an image past its TTL:
     /// the cached manifest, if there is one, is better than an error.
-    fn stale(&self, name: &str, tag: &str, key: &str, error: Arc<BuildError>) -> BuildResult {
-        let cached = match self.db.manifest(key) {
-            Ok(Some(r)) if self.blobs.contains(&r.digest) => r,
+    async fn stale(&self, name: &str, tag: &str, key: &str, error: Arc<BuildError>) -> BuildResult {
+        let cached = match self.manifest_record(key).await {
+            Ok(Some(r)) if matches!(self.servable(&r.digest).await, Ok(true)) => r,
             _ => return Err(error),
         };
         tracing::warn!(image = name, tag, error = %error, manifest = %cached.digest,

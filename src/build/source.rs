@@ -125,7 +125,7 @@ impl Source {
     /// What the image label `org.opencontainers.image.source` says: the
     /// description with any user name or password taken out of a URL.
     pub fn public_description(&self) -> String {
-        without_credentials(&self.describe())
+        crate::redact::without_userinfo(&self.describe()).into_owned()
     }
 
     /// A stable description for cache keys and the admin page, with any
@@ -139,20 +139,6 @@ impl Source {
             Source::Mirror => "mirror (no package source)".to_owned(),
         };
         crate::redact::redact(&described).into_owned()
-    }
-}
-
-/// `text` with the `user:password@` of any URL in it removed.
-fn without_credentials(text: &str) -> String {
-    let Some(scheme_end) = text.find("://") else {
-        return text.to_owned();
-    };
-    let authority_start = scheme_end + 3;
-    let rest = &text[authority_start..];
-    let authority_len = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_len].rfind('@') {
-        Some(at) => format!("{}{}", &text[..authority_start], &rest[at + 1..]),
-        None => text.to_owned(),
     }
 }
 

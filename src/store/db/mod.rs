@@ -452,21 +452,6 @@ impl Db {
         Ok(out)
     }
 
-    /// Counts a manifest request by tag: how it was answered, and, when it
-    /// was answered with a manifest, one more pull of the image.
-    pub fn count_manifest_request(
-        &self,
-        image: &str,
-        lookup: Lookup,
-        served: bool,
-    ) -> Result<(), DbError> {
-        increment(&self.lookups, lookup.key().as_bytes())?;
-        if served {
-            increment(&self.pulls, image.as_bytes())?;
-        }
-        Ok(())
-    }
-
     /// Adds manifest requests counted in memory: answered from the cache
     /// (`hits`) and not, and pulls per image.
     pub fn add_manifest_requests(
@@ -653,10 +638,9 @@ mod tests {
                 })
                 .unwrap();
             }
-            db.count_manifest_request("a", Lookup::Miss, true).unwrap();
-            db.count_manifest_request("a", Lookup::Hit, true).unwrap();
-            db.count_manifest_request("b", Lookup::Hit, true).unwrap();
-            db.count_manifest_request("c", Lookup::Miss, false).unwrap();
+            // a: a miss and a hit, both served; b: a hit; c: a miss not served.
+            let pulls = std::collections::HashMap::from([("a".to_owned(), 2), ("b".to_owned(), 1)]);
+            db.add_manifest_requests(2, 2, &pulls).unwrap();
             db.db.flush().unwrap();
         }
         let db = Db::open(dir.path()).unwrap();
