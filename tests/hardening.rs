@@ -5,7 +5,7 @@
 mod common;
 
 use common::binary::Binary;
-use common::{error_code, fresh_server, get_blob, get_manifest, header};
+use common::{error_code, fresh_server, get_blob, get_manifest, header, layer_digests};
 use nixery::digest::Digest;
 use reqwest::{Client, Method, StatusCode};
 use std::os::unix::fs::PermissionsExt;
@@ -47,15 +47,6 @@ fn blob_path(storage: &Path, digest: &str) -> PathBuf {
     let d: Digest = digest.parse().unwrap();
     let hex = d.hex();
     storage.join("blobs/sha256").join(&hex[..2]).join(hex)
-}
-
-fn layer_digests(manifest: &serde_json::Value) -> Vec<String> {
-    manifest["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["digest"].as_str().unwrap().to_owned())
-        .collect()
 }
 
 #[tokio::test]

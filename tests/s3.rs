@@ -4,10 +4,9 @@
 mod common;
 
 use common::seaweed::{assert_all_blobs_whole, Seaweed};
-use common::{config, error_code, get_blob, get_manifest, require_tool, TestServer};
+use common::{config, error_code, get_blob, get_manifest, layer_digests, require_tool, TestServer};
 use nixery::digest::Digest;
 use reqwest::{Client, StatusCode};
-use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,15 +23,6 @@ async fn replica(weed: &Seaweed, bucket: &str, extra: &[&str]) -> (tempfile::Tem
 
 fn builds(s: &TestServer) -> usize {
     s.builder.db().builds().unwrap().len()
-}
-
-fn layer_digests(manifest: &Value) -> Vec<String> {
-    manifest["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["digest"].as_str().unwrap().to_owned())
-        .collect()
 }
 
 /// Runs docker off the runtime's threads: the servers it talks to are on them.

@@ -258,6 +258,16 @@ pub async fn get_blob(client: &Client, s: &TestServer, digest: &str) -> Vec<u8> 
     body
 }
 
+/// The digests of a manifest's layers, in order.
+pub fn layer_digests(manifest: &Value) -> Vec<String> {
+    manifest["layers"]
+        .as_array()
+        .expect("a manifest has layers")
+        .iter()
+        .map(|l| l["digest"].as_str().expect("a layer digest").to_owned())
+        .collect()
+}
+
 /// The admin page's HTML.
 pub async fn admin_page(client: &Client, s: &TestServer) -> String {
     let r = client.get(s.url("/")).send().await.unwrap();
