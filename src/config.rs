@@ -34,34 +34,12 @@ pub struct ServeArgs {
     /// legacyPackages.<system>.
     #[arg(long, env = "NIXERY_FLAKE")]
     pub flake: Option<String>,
-    /// Storage backend: `filesystem`, or `s3` (a bucket shared by replicas).
-    #[arg(long, env = "NIXERY_STORAGE_BACKEND", default_value = "filesystem")]
-    pub storage_backend: String,
+    #[command(flatten)]
+    pub backend: BackendArgs,
     /// Directory for blobs and the database (with `s3`: the staging area,
     /// cache and this replica's own database).
     #[arg(long, env = "STORAGE_PATH")]
     pub storage_path: Option<PathBuf>,
-    /// S3 bucket (with --storage-backend s3).
-    #[arg(long, env = "NIXERY_S3_BUCKET")]
-    pub s3_bucket: Option<String>,
-    /// Key prefix inside the bucket.
-    #[arg(long, env = "NIXERY_S3_PREFIX", default_value = "")]
-    pub s3_prefix: String,
-    /// S3 endpoint URL for stores other than AWS (SeaweedFS, MinIO, ...).
-    #[arg(long, env = "NIXERY_S3_ENDPOINT")]
-    pub s3_endpoint: Option<String>,
-    /// S3 region.
-    #[arg(long, env = "NIXERY_S3_REGION", default_value = "us-east-1")]
-    pub s3_region: String,
-    /// Path-style addressing (`endpoint/bucket/key`).
-    #[arg(long, env = "NIXERY_S3_FORCE_PATH_STYLE")]
-    pub s3_force_path_style: bool,
-    /// Answer blob pulls with a 307 to a presigned URL of the bucket.
-    #[arg(long, env = "NIXERY_S3_REDIRECT")]
-    pub s3_redirect: bool,
-    /// Seconds a replica's claim on building an image lasts unless renewed.
-    #[arg(long, env = "NIXERY_S3_LEASE_TTL", default_value_t = 60)]
-    pub s3_lease_ttl: u64,
     /// Seconds each Nix invocation may run.
     #[arg(long, env = "NIX_TIMEOUT", default_value_t = 60)]
     pub nix_timeout: u64,
@@ -167,6 +145,62 @@ impl GcLimits {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// Where content lives: the flags `serve`, `verify` and `gc` share.
+#[derive(Debug, Clone, Args)]
+pub struct BackendArgs {
+    /// Storage backend: `filesystem`, or `s3` (a bucket shared by replicas).
+    #[arg(long, env = "NIXERY_STORAGE_BACKEND", default_value = "filesystem")]
+    pub storage_backend: String,
+    /// S3 bucket (with --storage-backend s3).
+    #[arg(long, env = "NIXERY_S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+    /// Key prefix inside the bucket.
+    #[arg(long, env = "NIXERY_S3_PREFIX", default_value = "")]
+    pub s3_prefix: String,
+    /// S3 endpoint URL for stores other than AWS (SeaweedFS, MinIO, ...).
+    #[arg(long, env = "NIXERY_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region.
+    #[arg(long, env = "NIXERY_S3_REGION", default_value = "us-east-1")]
+    pub s3_region: String,
+    /// Path-style addressing (`endpoint/bucket/key`).
+    #[arg(long, env = "NIXERY_S3_FORCE_PATH_STYLE")]
+    pub s3_force_path_style: bool,
+    /// Answer blob pulls with a 307 to a presigned URL of the bucket.
+    #[arg(long, env = "NIXERY_S3_REDIRECT")]
+    pub s3_redirect: bool,
+    /// Seconds a replica's claim on building an image lasts unless renewed.
+    #[arg(long, env = "NIXERY_S3_LEASE_TTL", default_value_t = 60)]
+    pub s3_lease_ttl: u64,
+}
+
+impl BackendArgs {
+    /// The bucket, or None for the filesystem backend.
+    pub fn s3(&self) -> Result<Option<S3Settings>, ConfigError> {
+        match self.storage_backend.as_str() {
+            "filesystem" => Ok(None),
+            "s3" => self.s3_settings().map(Some),
+            other => Err(ConfigError::Backend(other.to_owned())),
+        }
+    }
+
+    fn s3_settings(&self) -> Result<S3Settings, ConfigError> {
+        let bucket = self
+            .s3_bucket
+            .clone()
+            .filter(|b| !b.is_empty())
+            .ok_or(ConfigError::NoBucket)?;
+        Ok(S3Settings {
+            bucket,
+            prefix: self.s3_prefix.trim_matches('/').to_owned(),
+            endpoint: self.s3_endpoint.clone().filter(|e| !e.is_empty()),
+            region: self.s3_region.clone(),
+            force_path_style: self.s3_force_path_style,
+            redirect: self.s3_redirect,
+        })
+    }
 }
 
 /// A validated configuration.
@@ -299,22 +333,6 @@ impl ServeArgs {
         }
     }
 
-    fn s3_settings(&self) -> Result<S3Settings, ConfigError> {
-        let bucket = self
-            .s3_bucket
-            .clone()
-            .filter(|b| !b.is_empty())
-            .ok_or(ConfigError::NoBucket)?;
-        Ok(S3Settings {
-            bucket,
-            prefix: self.s3_prefix.trim_matches('/').to_owned(),
-            endpoint: self.s3_endpoint.clone().filter(|e| !e.is_empty()),
-            region: self.s3_region.clone(),
-            force_path_style: self.s3_force_path_style,
-            redirect: self.s3_redirect,
-        })
-    }
-
     pub fn validate(&self) -> Result<Config, ConfigError> {
         self.validate_reading(true)
     }
@@ -328,12 +346,8 @@ impl ServeArgs {
 
     fn validate_reading(&self, read_files: bool) -> Result<Config, ConfigError> {
         let source = self.source(read_files)?;
-        let s3 = match self.storage_backend.as_str() {
-            "filesystem" => None,
-            "s3" => Some(self.s3_settings()?),
-            other => return Err(ConfigError::Backend(other.to_owned())),
-        };
-        if self.s3_lease_ttl < 3 {
+        let s3 = self.backend.s3()?;
+        if self.backend.s3_lease_ttl < 3 {
             return Err(ConfigError::LeaseTtl);
         }
         let storage_path = match &self.storage_path {
@@ -383,7 +397,7 @@ impl ServeArgs {
             source,
             storage_path,
             s3,
-            lease_ttl: Duration::from_secs(self.s3_lease_ttl),
+            lease_ttl: Duration::from_secs(self.backend.s3_lease_ttl),
             nix_timeout: Duration::from_secs(self.nix_timeout),
             popularity_url: self.popularity_url.clone().filter(|u| !u.is_empty()),
             max_concurrent_builds: self.max_concurrent_builds,

@@ -271,3 +271,113 @@ async fn an_unreachable_bucket_is_a_clear_503_until_it_returns() {
     weed.restart().await;
     get_blob(&client, &b, &layer).await;
 }
+
+/// `nixery verify` or `nixery gc` on the bucket, as an operator runs it
+/// next to the replicas: the exit status and what it printed.
+fn upkeep(weed: &Seaweed, bucket: &str, args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_nixery"))
+        .args(args)
+        .args(weed.flags(bucket))
+        .env_remove("STORAGE_PATH")
+        .output()
+        .expect("nixery runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_and_gc_work_on_the_bucket_while_replicas_serve() {
+    use nixery::store::Storage;
+    use object_store::ObjectStore;
+    let weed = Seaweed::start().await;
+    let (_a_dir, a) = replica(&weed, "upkeep", &[]).await;
+    let client = Client::new();
+    let (hello, hello_manifest) = get_manifest(&client, &a, "hello", "latest").await;
+    let (shell, _) = get_manifest(&client, &a, "shell/hello", "latest").await;
+
+    let (code, out) = upkeep(&weed, "upkeep", &["verify"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("0 corrupt blobs, 0 broken manifests, 0 stale records"),
+        "{out}"
+    );
+
+    // An unreferenced blob is kept while young, and while a build runs.
+    let dir = tempfile::tempdir().unwrap();
+    let bucket = weed.client("upkeep", dir.path());
+    let orphan_file = dir.path().join("orphan");
+    std::fs::write(&orphan_file, b"left by a build that died").unwrap();
+    let orphan = Digest::of(b"left by a build that died");
+    bucket.put_file(&orphan_file, &orphan).await.unwrap();
+    let (code, out) = upkeep(&weed, "upkeep", &["gc"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("deleted 0 blobs"), "{out}");
+    let lease = match bucket
+        .try_lease("build-someone", Duration::from_secs(60))
+        .await
+        .unwrap()
+    {
+        nixery::store::LeaseState::Acquired(l) => l,
+        held => panic!("{held:?}"),
+    };
+    let (code, out) = upkeep(&weed, "upkeep", &["gc", "--gc-keep-recent", "0"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("deleted 0 blobs"), "{out}");
+    assert!(bucket.stat(&orphan).await.unwrap().is_some());
+    bucket.release(&lease).await.unwrap();
+    let (code, out) = upkeep(&weed, "upkeep", &["gc", "--gc-keep-recent", "0"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("deleted 1 blobs"), "{out}");
+    assert!(bucket.stat(&orphan).await.unwrap().is_none());
+
+    // A damaged layer is found, and the repair makes replicas rebuild.
+    // The top layer (the image's own symlinks) is in no other image.
+    let layer: Digest = layer_digests(&hello_manifest)
+        .last()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let raw = weed.raw("upkeep");
+    let key = object_store::path::Path::from(format!("nixery/blobs/sha256/{}", layer.hex()));
+    let mut bytes = raw.get(&key).await.unwrap().bytes().await.unwrap().to_vec();
+    bytes[100] ^= 1;
+    raw.put(&key, bytes.into()).await.unwrap();
+    let (code, out) = upkeep(&weed, "upkeep", &["verify"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("corrupt blob {layer}")), "{out}");
+    assert!(out.contains(&format!("broken manifest {hello}")), "{out}");
+    assert_eq!(out.matches("broken manifest sha256:").count(), 1, "{out}");
+    assert!(out.contains("stale record layers/"), "{out}");
+    let (code, out) = upkeep(&weed, "upkeep", &["verify", "--repair"]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = upkeep(&weed, "upkeep", &["verify"]);
+    assert_eq!(code, 0, "{out}");
+    let (_b_dir, b) = replica(&weed, "upkeep", &[]).await;
+    let (rebuilt, manifest) = get_manifest(&client, &b, "hello", "latest").await;
+    assert_eq!(rebuilt, hello, "the rebuild has the same digest");
+    assert_eq!(builds(&b), 1, "B rebuilt the repaired image");
+    for layer in layer_digests(&manifest) {
+        get_blob(&client, &b, &layer).await;
+    }
+
+    // Over quota, the oldest builds are evicted; a replica builds them again.
+    let (code, out) = upkeep(
+        &weed,
+        "upkeep",
+        &["gc", "--max-storage", "1", "--gc-keep-recent", "0"],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out.matches("evicted cached build").count(), 2, "{out}");
+    assert_eq!(bucket.list().await.unwrap(), vec![], "{out}");
+    let (_c_dir, c) = replica(&weed, "upkeep", &[]).await;
+    let (again, _) = get_manifest(&client, &c, "shell/hello", "latest").await;
+    assert_eq!(again, shell);
+    assert_eq!(builds(&c), 1);
+    assert_all_blobs_whole(&bucket).await;
+    let (code, out) = upkeep(&weed, "upkeep", &["verify"]);
+    assert_eq!(code, 0, "{out}");
+}

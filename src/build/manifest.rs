@@ -167,18 +167,48 @@ pub fn is_manifest(blob: &[u8]) -> bool {
 /// Manifests are far smaller: a few hundred bytes a layer.
 pub const MANIFEST_MAX_BYTES: u64 = 64 * 1024;
 
-/// The config and layer blobs a stored manifest names, with their sizes;
-/// `None` if the bytes are not such a manifest (damaged).
-pub fn referenced_blobs(manifest_json: &[u8]) -> Option<Vec<(Digest, u64)>> {
-    let doc: serde_json::Value = serde_json::from_slice(manifest_json).ok()?;
+/// What a stored manifest or index names, each with its size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Named {
+    /// An image manifest: its config, then its layers.
+    Image(Vec<(Digest, u64)>),
+    /// An index or manifest list: its manifests.
+    Index(Vec<(Digest, u64)>),
+}
+
+impl Named {
+    pub fn blobs(&self) -> &[(Digest, u64)] {
+        match self {
+            Named::Image(b) | Named::Index(b) => b,
+        }
+    }
+}
+
+/// What a stored manifest or index names; `None` if the bytes are neither
+/// (damaged).
+pub fn named_by(json: &[u8]) -> Option<Named> {
+    let doc: serde_json::Value = serde_json::from_slice(json).ok()?;
     let descriptor = |d: &serde_json::Value| -> Option<(Digest, u64)> {
         Some((d["digest"].as_str()?.parse().ok()?, d["size"].as_u64()?))
     };
-    let mut blobs = vec![descriptor(&doc["config"])?];
-    for layer in doc["layers"].as_array()? {
-        blobs.push(descriptor(layer)?);
+    let list = |items: &serde_json::Value| -> Option<Vec<(Digest, u64)>> {
+        items.as_array()?.iter().map(descriptor).collect()
+    };
+    if doc.get("manifests").is_some() {
+        return list(&doc["manifests"]).map(Named::Index);
     }
-    Some(blobs)
+    let mut blobs = vec![descriptor(&doc["config"])?];
+    blobs.extend(list(&doc["layers"])?);
+    Some(Named::Image(blobs))
+}
+
+/// The config and layer blobs a stored manifest names, with their sizes;
+/// `None` if the bytes are not such a manifest (damaged).
+pub fn referenced_blobs(manifest_json: &[u8]) -> Option<Vec<(Digest, u64)>> {
+    match named_by(manifest_json)? {
+        Named::Image(blobs) => Some(blobs),
+        Named::Index(_) => None,
+    }
 }
 
 /// Serialises the config and the Docker manifest for `layers`, base-most

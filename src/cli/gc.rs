@@ -1,9 +1,10 @@
 //! `nixery gc`: one garbage collection now, with the limits `serve` takes,
-//! or with `--dry-run` a report of what it would delete. The database
-//! allows one process at a time: run it while the server is stopped (a
-//! running server collects in the background by itself).
+//! or with `--dry-run` a report of what it would delete. On the filesystem
+//! backend the database allows one process at a time: run it while the
+//! server is stopped (a running server collects in the background by
+//! itself). On s3 it collects the bucket, while the replicas serve.
 
-use crate::config::GcLimits;
+use crate::config::{BackendArgs, GcLimits};
 use crate::store::gc::{self, Report};
 use clap::Args;
 use std::path::PathBuf;
@@ -11,9 +12,11 @@ use std::process::ExitCode;
 
 #[derive(Debug, Clone, Args)]
 pub struct GcArgs {
-    /// Directory for blobs and the database.
+    /// Directory for blobs and the database (filesystem backend).
     #[arg(long, env = "STORAGE_PATH")]
-    pub storage_path: PathBuf,
+    pub storage_path: Option<PathBuf>,
+    #[command(flatten)]
+    pub backend: BackendArgs,
     #[command(flatten)]
     pub limits: GcLimits,
     /// Report what would be evicted and deleted, changing nothing.
@@ -22,6 +25,22 @@ pub struct GcArgs {
 }
 
 pub fn run(args: GcArgs) -> ExitCode {
+    let settings = match args.backend.s3() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("nixery gc: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(settings) = settings {
+        return super::with_runtime(async move {
+            let policy = args.limits.policy()?;
+            let bucket = crate::store::s3::Bucket::open(settings)?;
+            let report = crate::store::s3::gc::collect(&bucket, &policy, args.dry_run).await?;
+            print(&report);
+            Ok(ExitCode::SUCCESS)
+        });
+    }
     match collect(&args) {
         Ok(report) => {
             print(&report);
@@ -36,7 +55,9 @@ pub fn run(args: GcArgs) -> ExitCode {
 
 fn collect(args: &GcArgs) -> anyhow::Result<Report> {
     let policy = args.limits.policy()?;
-    let root = &args.storage_path;
+    let Some(root) = &args.storage_path else {
+        anyhow::bail!("--storage-path (STORAGE_PATH) is required");
+    };
     if !root.join("db").is_dir() {
         anyhow::bail!("{} holds no nixery database", root.display());
     }

@@ -38,20 +38,25 @@ where
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("nixery: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async {
+    with_runtime(async {
         let builder = crate::open_builder(&config).await?;
         let db = builder.db().clone();
         let result = work(config, builder).await;
         db.flush().await?;
         result
-    });
+    })
+}
+
+/// Runs a command's async work on a runtime of its own; its error is
+/// printed (exit 1).
+pub(crate) fn with_runtime<Fut>(work: Fut) -> ExitCode
+where
+    Fut: Future<Output = anyhow::Result<ExitCode>>,
+{
+    let result = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(work),
+        Err(e) => Err(anyhow::anyhow!("cannot start the async runtime: {e}")),
+    };
     match result {
         Ok(code) => code,
         Err(e) => {

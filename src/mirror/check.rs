@@ -7,6 +7,7 @@ use super::layout::{LayoutError, Manifest};
 use crate::digest::Digest;
 use crate::store::db::{Db, DbError, TagTree};
 use crate::store::fs::{BlobError, BlobStore};
+use crate::store::RecordKind;
 use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +27,8 @@ pub enum Holder {
     Pinned(String, String),
     /// `name:tag`, as last built.
     Built(String, String),
+    /// The bucket's record that the digest is a manifest (pulls by digest).
+    Listed,
 }
 
 impl std::fmt::Display for Holder {
@@ -34,6 +37,7 @@ impl std::fmt::Display for Holder {
             Holder::Build(key) => write!(f, "cached build {}", &key[..key.len().min(12)]),
             Holder::Pinned(n, t) => write!(f, "imported image {n}:{t}"),
             Holder::Built(n, t) => write!(f, "image {n}:{t}"),
+            Holder::Listed => write!(f, "pulls by digest"),
         }
     }
 }
@@ -47,11 +51,21 @@ pub struct Findings {
     pub corrupt: Vec<Digest>,
     /// Manifests that cannot be served whole, why, and who records them.
     pub broken: Vec<(Digest, String, Vec<Holder>)>,
+    /// Index records that cannot be read or name a missing or corrupt blob
+    /// (a bucket's; the local database's are repaired with their blobs).
+    pub stale_records: Vec<StaleRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaleRecord {
+    pub kind: RecordKind,
+    pub key: String,
+    pub why: String,
 }
 
 impl Findings {
     pub fn is_clean(&self) -> bool {
-        self.corrupt.is_empty() && self.broken.is_empty()
+        self.corrupt.is_empty() && self.broken.is_empty() && self.stale_records.is_empty()
     }
 }
 
@@ -180,6 +194,7 @@ pub fn repair(blobs: &BlobStore, db: &Db, f: &Findings) -> Result<Repaired, Chec
                     done.lost.push(format!("{n}:{t}"));
                 }
                 Holder::Built(n, t) => db.remove_tag_record(TagTree::Built, n, t)?,
+                Holder::Listed => {}
             }
         }
         db.forget_manifest_digest(digest)?;

@@ -6,6 +6,7 @@
 //! Written against a few blob-store operations (list with sizes, stat,
 //! delete unless pinned) so that other backends can provide them.
 
+use crate::build::manifest::{named_by, Named};
 use crate::digest::Digest;
 use crate::store::db::{Db, DbError, ManifestRecord, PullRecord, TagRecord, TagTree};
 use crate::store::fs::{BlobError, BlobStore};
@@ -78,53 +79,35 @@ pub struct Report {
 /// An image as the collector sees it: its manifest, when it was last used
 /// and every blob it needs.
 #[derive(Debug, Clone)]
-struct Image {
-    manifest: Digest,
-    last_used: u64,
-    image: Option<String>,
-    blobs: Vec<Digest>,
+pub(crate) struct Image {
+    pub manifest: Digest,
+    pub last_used: u64,
+    pub image: Option<String>,
+    pub blobs: Vec<Digest>,
     /// Imported: never rebuilt, so never evicted.
-    pinned: bool,
+    pub pinned: bool,
 }
 
-fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
 
-/// What a stored manifest names (its config and layers) or an index names
-/// (its manifests); None if it cannot be read.
-fn parts_of(blobs: &BlobStore, digest: &Digest) -> Option<Part> {
+/// What a stored manifest (its config and layers) or index (its
+/// manifests) names; None if it cannot be read.
+fn parts_of(blobs: &BlobStore, digest: &Digest) -> Option<Named> {
     let blob = blobs.get(digest).ok()??;
-    let json = serde_json::from_slice::<serde_json::Value>(blob.as_ref()).ok()?;
-    let digest_of = |v: &serde_json::Value| v.get("digest")?.as_str()?.parse::<Digest>().ok();
-    let list = |key: &str| -> Vec<Digest> {
-        json.get(key)
-            .and_then(|l| l.as_array())
-            .map(|items| items.iter().filter_map(digest_of).collect())
-            .unwrap_or_default()
-    };
-    if json.get("manifests").is_some() {
-        return Some(Part::Index(list("manifests")));
-    }
-    let mut parts: Vec<Digest> = json.get("config").and_then(digest_of).into_iter().collect();
-    parts.extend(list("layers"));
-    Some(Part::Manifest(parts))
-}
-
-enum Part {
-    Manifest(Vec<Digest>),
-    Index(Vec<Digest>),
+    named_by(blob.as_ref())
 }
 
 /// The manifest itself and the blobs it names; just the manifest if it
 /// cannot be read.
 fn blobs_of(blobs: &BlobStore, manifest: &Digest) -> Vec<Digest> {
     let mut out = vec![*manifest];
-    if let Some(Part::Manifest(parts)) = parts_of(blobs, manifest) {
-        out.extend(parts);
+    if let Some(Named::Image(parts)) = parts_of(blobs, manifest) {
+        out.extend(parts.into_iter().map(|(d, _)| d));
     }
     out.sort();
     out.dedup();
@@ -135,11 +118,13 @@ fn blobs_of(blobs: &BlobStore, manifest: &Digest) -> Vec<Digest> {
 /// besides their Docker manifests (an OCI manifest, an index over
 /// platforms) whose every part is kept. The other forms come second: they
 /// are no longer served, and their blobs go.
-fn keep_with_forms<'a>(
-    db: &Db,
-    blobs: &BlobStore,
+/// `listed`: every digest recorded as a manifest; `parts_of`: what one
+/// names.
+pub(crate) fn keep_with_forms<'a>(
+    listed: Vec<Digest>,
+    parts_of: impl Fn(&Digest) -> Option<Named>,
     kept: impl Iterator<Item = &'a Image>,
-) -> Result<(BTreeSet<Digest>, Vec<Digest>), DbError> {
+) -> (BTreeSet<Digest>, Vec<Digest>) {
     let mut referenced = BTreeSet::new();
     let mut manifests = BTreeSet::new();
     for image in kept {
@@ -147,17 +132,20 @@ fn keep_with_forms<'a>(
         referenced.extend(image.blobs.iter().copied());
     }
     let (mut indexes, mut stale) = (Vec::new(), Vec::new());
-    for digest in db.manifest_digest_list()? {
+    for digest in listed {
         if manifests.contains(&digest) {
             continue;
         }
-        match parts_of(blobs, &digest) {
-            Some(Part::Manifest(parts))
-                if !parts.is_empty() && parts.iter().all(|p| referenced.contains(p)) =>
+        match parts_of(&digest) {
+            Some(Named::Image(parts))
+                if !parts.is_empty() && parts.iter().all(|(p, _)| referenced.contains(p)) =>
             {
                 manifests.insert(digest);
             }
-            Some(Part::Index(children)) => indexes.push((digest, children)),
+            Some(Named::Index(children)) => indexes.push((
+                digest,
+                children.into_iter().map(|(d, _)| d).collect::<Vec<_>>(),
+            )),
             _ => stale.push(digest),
         }
     }
@@ -169,7 +157,7 @@ fn keep_with_forms<'a>(
         }
     }
     referenced.extend(manifests);
-    Ok((referenced, stale))
+    (referenced, stale)
 }
 
 /// What the database keeps images by: cached builds, last-built tags and
@@ -227,6 +215,31 @@ fn images(records: &Records, pulls: &HashMap<Digest, PullRecord>, blobs: &BlobSt
             }
         })
         .collect()
+}
+
+/// Which images to evict (indexes into `images`) and how to report them;
+/// none when nothing is `needed`.
+pub(crate) fn evictions(
+    images: &[Image],
+    sizes: &HashMap<Digest, u64>,
+    needed: u64,
+    protect_from: u64,
+) -> (BTreeSet<usize>, Vec<Evicted>) {
+    if needed == 0 {
+        return (BTreeSet::new(), Vec::new());
+    }
+    let chosen: BTreeSet<usize> = choose_evictions(images, sizes, needed, protect_from)
+        .into_iter()
+        .collect();
+    let evicted = chosen
+        .iter()
+        .map(|&i| Evicted {
+            manifest: images[i].manifest.to_string(),
+            image: images[i].image.clone(),
+            last_used: images[i].last_used,
+        })
+        .collect();
+    (chosen, evicted)
 }
 
 /// Which images to evict, least recently used first, so that at least
@@ -304,28 +317,16 @@ pub fn collect(
     let protect_from = at.saturating_sub(policy.keep_pulled_within.as_secs());
     let all_pulls = pulls.all(db)?;
     let kept = images(&Records::read(db)?, &all_pulls, blobs);
-    let chosen = if needed > 0 {
-        choose_evictions(&kept, &sizes, needed, protect_from)
-    } else {
-        Vec::new()
-    };
-    let evicted: Vec<Evicted> = chosen
-        .iter()
-        .map(|&i| Evicted {
-            manifest: kept[i].manifest.to_string(),
-            image: kept[i].image.clone(),
-            last_used: kept[i].last_used,
-        })
-        .collect();
+    let (chosen, evicted) = evictions(&kept, &sizes, needed, protect_from);
 
     if dry_run {
-        let gone: BTreeSet<usize> = chosen.into_iter().collect();
         let staying = kept
             .iter()
             .enumerate()
-            .filter(|(i, _)| !gone.contains(i))
+            .filter(|(i, _)| !chosen.contains(i))
             .map(|(_, img)| img);
-        let (referenced, _) = keep_with_forms(db, blobs, staying)?;
+        let (referenced, _) =
+            keep_with_forms(db.manifest_digest_list()?, |d| parts_of(blobs, d), staying);
         let unreferenced: Vec<(Digest, u64)> = stored
             .into_iter()
             .filter(|(d, _)| !referenced.contains(d))
@@ -354,7 +355,11 @@ pub fn collect(
         // changes the count, and the deletion below then refuses.
         let released = blobs.pins_released();
         let staying = images(&Records::read(db)?, &HashMap::new(), blobs);
-        let (referenced, stale) = keep_with_forms(db, blobs, staying.iter())?;
+        let (referenced, stale) = keep_with_forms(
+            db.manifest_digest_list()?,
+            |d| parts_of(blobs, d),
+            staying.iter(),
+        );
         for digest in &stale {
             db.forget_manifest_digest(digest)?;
         }
@@ -497,8 +502,8 @@ mod tests {
             let layer = blobs.put(layer).unwrap();
             let config = blobs.put(name.as_bytes()).unwrap();
             let manifest = serde_json::json!({
-                "config": {"digest": config.to_string()},
-                "layers": [{"digest": layer.to_string()}],
+                "config": {"digest": config.to_string(), "size": name.len()},
+                "layers": [{"digest": layer.to_string(), "size": 4000}],
             });
             let m = blobs.put(manifest.to_string().as_bytes()).unwrap();
             db.put_manifest(
@@ -528,7 +533,7 @@ mod tests {
             d
         };
         let (old_form, new_form) = (form_of(&old), form_of(&new));
-        let index = serde_json::json!({"manifests": [{"digest": new_form.to_string()}]});
+        let index = serde_json::json!({"manifests": [{"digest": new_form.to_string(), "size": 1}]});
         let index = blobs.put(index.to_string().as_bytes()).unwrap();
         db.add_manifest_digest(&index).unwrap();
         let orphan = blobs.put(b"orphan").unwrap();

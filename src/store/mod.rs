@@ -46,6 +46,12 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("blob {digest} has {size} bytes, more than the {limit} expected")]
+    TooLarge {
+        digest: Digest,
+        size: u64,
+        limit: u64,
+    },
     #[error("a storage task failed: {0}")]
     Task(String),
 }
@@ -89,7 +95,7 @@ pub enum RecordKind {
 }
 
 impl RecordKind {
-    fn dir(self) -> &'static str {
+    pub fn dir(self) -> &'static str {
         match self {
             RecordKind::Layer => "layers",
             RecordKind::Manifest => "manifests",
@@ -188,9 +194,11 @@ pub async fn read_all(
                 return Ok(None);
             };
             if size > limit {
-                return Err(StoreError::Task(format!(
-                    "blob {digest} has {size} bytes, more than the {limit} expected"
-                )));
+                return Err(StoreError::TooLarge {
+                    digest: *digest,
+                    size,
+                    limit,
+                });
             }
             let mut out = Vec::with_capacity(size as usize);
             let mut stream = storage.read(digest, None).await?;

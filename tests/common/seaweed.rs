@@ -179,6 +179,19 @@ impl Seaweed {
         S3Store::open(self.settings(bucket), staging).expect("s3 client")
     }
 
+    /// A plain S3 client of `bucket`, to damage what nixery wrote.
+    pub fn raw(&self, bucket: &str) -> object_store::aws::AmazonS3 {
+        object_store::aws::AmazonS3Builder::new()
+            .with_bucket_name(bucket)
+            .with_region("us-east-1")
+            .with_endpoint(self.endpoint())
+            .with_allow_http(true)
+            .with_access_key_id(ACCESS_KEY)
+            .with_secret_access_key(SECRET_KEY)
+            .build()
+            .expect("s3 client")
+    }
+
     /// Kills the server (the data stays).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

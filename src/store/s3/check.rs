@@ -1,0 +1,202 @@
+//! `nixery verify` on a bucket: every blob re-hashed as it downloads, every
+//! manifest the index names checked for its blobs and their sizes, every
+//! layer record checked for its blob. `repair` deletes corrupt blobs, the
+//! manifests that cannot be served whole and the records that lead to
+//! them, so the replicas build those images again.
+//!
+//! It reads (and repairs) only the bucket, never a replica's database, so
+//! it runs while the replicas serve.
+
+use super::Bucket;
+use crate::build::manifest::{named_by, MANIFEST_MAX_BYTES};
+use crate::digest::Digest;
+use crate::mirror::check::{Findings, Holder, Repaired, StaleRecord};
+use crate::store::db::{self, LayerRecord, ManifestRecord, Record};
+use crate::store::{RecordKind, StoreError};
+use futures::{StreamExt, TryStreamExt};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// Blobs downloaded and hashed at once.
+const HASHING_AT_ONCE: usize = 4;
+/// Small objects (records, manifests) read at once.
+const READS_AT_ONCE: usize = 16;
+
+/// Checks the whole bucket; `progress(done, total)` is called per blob.
+pub async fn check(
+    bucket: &Bucket,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Findings, StoreError> {
+    let mut f = Findings::default();
+    let listed = bucket.blobs().await?;
+    let sizes: HashMap<Digest, u64> = listed.iter().map(|b| (b.digest, b.size)).collect();
+    let total = listed.len();
+    let mut hashed = futures::stream::iter(listed.iter().map(|b| async move {
+        let got = bucket.hash_blob(&b.digest).await?;
+        Ok::<_, StoreError>((b.digest, got))
+    }))
+    .buffer_unordered(HASHING_AT_ONCE);
+    let mut corrupt = BTreeSet::new();
+    let mut done = 0;
+    while let Some((digest, got)) = hashed.try_next().await? {
+        // A blob deleted meanwhile (by a collection) is no damage.
+        if let Some((actual, len)) = got {
+            if actual != digest {
+                corrupt.insert(digest);
+            }
+            f.bytes += len;
+        }
+        done += 1;
+        progress(done, total);
+    }
+    drop(hashed);
+    f.blobs = total;
+
+    let mut holders: BTreeMap<Digest, Vec<Holder>> = BTreeMap::new();
+    for (key, record) in records::<ManifestRecord>(bucket, RecordKind::Manifest).await? {
+        match record {
+            Some(r) => holders
+                .entry(r.digest)
+                .or_default()
+                .push(Holder::Build(key)),
+            None => f.stale_records.push(unreadable(RecordKind::Manifest, key)),
+        }
+    }
+    for key in bucket.record_keys(RecordKind::ManifestDigest).await? {
+        match format!("sha256:{key}").parse::<Digest>() {
+            Ok(d) => holders.entry(d).or_default().push(Holder::Listed),
+            Err(_) => f
+                .stale_records
+                .push(unreadable(RecordKind::ManifestDigest, key)),
+        }
+    }
+    f.manifests = holders.len();
+    let problems: Vec<_> = futures::stream::iter(holders.into_iter().map(|(digest, held)| {
+        let (sizes, corrupt) = (&sizes, &corrupt);
+        async move {
+            let problem = manifest_problem(bucket, sizes, corrupt, &digest).await?;
+            Ok::<_, StoreError>(problem.map(|p| (digest, p, held)))
+        }
+    }))
+    .buffered(READS_AT_ONCE)
+    .try_collect()
+    .await?;
+    f.broken = problems.into_iter().flatten().collect();
+
+    for (key, record) in records::<LayerRecord>(bucket, RecordKind::Layer).await? {
+        let why = match record {
+            None => "the record cannot be read".to_owned(),
+            Some(r) if corrupt.contains(&r.digest) => format!("blob {} is corrupt", r.digest),
+            Some(r) if !sizes.contains_key(&r.digest) => format!("blob {} is missing", r.digest),
+            Some(_) => continue,
+        };
+        f.stale_records.push(StaleRecord {
+            kind: RecordKind::Layer,
+            key,
+            why,
+        });
+    }
+    f.corrupt = corrupt.into_iter().collect();
+    Ok(f)
+}
+
+fn unreadable(kind: RecordKind, key: String) -> StaleRecord {
+    StaleRecord {
+        kind,
+        key,
+        why: "the record cannot be read".into(),
+    }
+}
+
+/// Every record of a kind, decoded (None where it cannot be).
+pub(super) async fn records<T: Record>(
+    bucket: &Bucket,
+    kind: RecordKind,
+) -> Result<Vec<(String, Option<T>)>, StoreError> {
+    let keys = bucket.record_keys(kind).await?;
+    futures::stream::iter(keys.into_iter().map(|key| async move {
+        let bytes = bucket.get_record(kind, &key).await?;
+        // Gone meanwhile: overwritten or deleted by another process.
+        Ok::<_, StoreError>(bytes.map(|b| (key, db::decode::<T>(&b))))
+    }))
+    .buffered(READS_AT_ONCE)
+    .try_filter_map(|r| async move { Ok(r) })
+    .try_collect()
+    .await
+}
+
+/// Why a manifest (or index) cannot be served whole, if it cannot.
+async fn manifest_problem(
+    bucket: &Bucket,
+    sizes: &HashMap<Digest, u64>,
+    corrupt: &BTreeSet<Digest>,
+    digest: &Digest,
+) -> Result<Option<String>, StoreError> {
+    if corrupt.contains(digest) {
+        return Ok(Some("the manifest blob is corrupt".into()));
+    }
+    match sizes.get(digest) {
+        None => return Ok(Some("the manifest blob is missing".into())),
+        Some(&n) if n > MANIFEST_MAX_BYTES => {
+            return Ok(Some(format!(
+                "the manifest blob has {n} bytes: not a manifest"
+            )))
+        }
+        Some(_) => {}
+    }
+    let Some(bytes) = bucket.small_blob(digest, MANIFEST_MAX_BYTES).await? else {
+        return Ok(Some("the manifest blob is missing".into()));
+    };
+    let Some(named) = named_by(&bytes) else {
+        return Ok(Some("the manifest cannot be read".into()));
+    };
+    for (d, size) in named.blobs() {
+        if corrupt.contains(d) {
+            return Ok(Some(format!("blob {d} is corrupt")));
+        }
+        match sizes.get(d) {
+            None => return Ok(Some(format!("blob {d} is missing"))),
+            Some(n) if n != size => {
+                return Ok(Some(format!(
+                    "blob {d} has {n} bytes, the manifest says {size}"
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(None)
+}
+
+/// Deletes corrupt blobs, every manifest that cannot be served whole (so
+/// that replicas build it again rather than serve it) and the records that
+/// lead to them.
+pub async fn repair(bucket: &Bucket, f: &Findings) -> Result<Repaired, StoreError> {
+    let mut done = Repaired::default();
+    // Records first: no replica follows one to a blob about to go.
+    for stale in &f.stale_records {
+        bucket.delete_record(stale.kind, &stale.key).await?;
+    }
+    for (digest, _, held_by) in &f.broken {
+        for holder in held_by {
+            match holder {
+                Holder::Build(key) => {
+                    bucket.delete_record(RecordKind::Manifest, key).await?;
+                    done.rebuild += 1;
+                }
+                Holder::Listed => {
+                    bucket
+                        .delete_record(RecordKind::ManifestDigest, &digest.hex())
+                        .await?;
+                }
+                // Only a local database has these.
+                Holder::Pinned(..) | Holder::Built(..) => {}
+            }
+        }
+    }
+    let broken = f.broken.iter().map(|(d, _, _)| d);
+    let doomed: BTreeSet<&Digest> = f.corrupt.iter().chain(broken).collect();
+    for digest in doomed {
+        bucket.delete_blob(digest).await?;
+        done.blobs_removed += 1;
+    }
+    Ok(done)
+}

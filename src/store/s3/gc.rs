@@ -1,0 +1,279 @@
+//! `nixery gc` on a bucket: with `--max-storage`, evict the images whose
+//! build was least recently made or confirmed current (replicas' pulls are
+//! their own, not the bucket's); then delete every blob no kept manifest
+//! names, and the records that lead to those blobs.
+//!
+//! It runs while replicas serve and build. What keeps it from deleting a
+//! blob a build is about to use:
+//! - blobs written within `--gc-keep-recent` are kept (a build uploads its
+//!   blobs before the records that name them);
+//! - layer records go before their blobs, and blobs are deleted only when
+//!   no build lease is live after that, so a build either started before
+//!   (and is seen: nothing is deleted this time) or finds no record to
+//!   reuse;
+//! - one collection at a time, by a lease of its own.
+//!
+//! A replica that still has an evicted image in its database finds its
+//! manifest gone and builds it again.
+
+use super::check::records;
+use super::lease::new_holder;
+use super::{Bucket, Listed};
+use crate::build::manifest::{named_by, Named, MANIFEST_MAX_BYTES};
+use crate::digest::Digest;
+use crate::store::db::{LayerRecord, ManifestRecord};
+use crate::store::gc::{evictions, keep_with_forms, now_unix, Image, Policy, Report};
+use crate::store::{LeaseState, RecordKind, StoreError};
+use futures::{StreamExt, TryStreamExt};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+/// The collection's own lease.
+const LEASE: &str = "gc";
+const LEASE_TTL: Duration = Duration::from_secs(15 * 60);
+/// Small objects read, or objects deleted, at once.
+const AT_ONCE: usize = 16;
+/// Lease objects expired this long ago are removed (their holders died).
+const DEAD_LEASE_AGE: u64 = 3600;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BucketGcError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("another collection is running on this bucket (its lease ends in {0} s)")]
+    Running(u64),
+    #[error("--min-free-space has no meaning for a bucket; use --max-storage")]
+    FreeSpace,
+}
+
+/// Runs one collection on the bucket; in a dry run nothing is changed and
+/// the report says what would have been.
+pub async fn collect(
+    bucket: &Bucket,
+    policy: &Policy,
+    dry_run: bool,
+) -> Result<Report, BucketGcError> {
+    if policy.min_free_space.is_some() {
+        return Err(BucketGcError::FreeSpace);
+    }
+    let lease = match bucket.try_lease(LEASE, &new_holder(), LEASE_TTL).await? {
+        LeaseState::Acquired(l) => l,
+        LeaseState::Held(left) => return Err(BucketGcError::Running(left.as_secs())),
+    };
+    let result = collect_holding_lease(bucket, policy, dry_run).await;
+    if let Err(e) = bucket.release(&lease).await {
+        tracing::warn!(error = %e, "could not release the collection's lease");
+    }
+    result
+}
+
+/// What the bucket holds, as read at the start of a collection.
+struct Contents {
+    blobs: Vec<Listed>,
+    /// Cache key -> record.
+    builds: Vec<(String, ManifestRecord)>,
+    /// Every digest recorded as a manifest.
+    listed: Vec<Digest>,
+    /// What each stored manifest names.
+    parts: HashMap<Digest, Named>,
+}
+
+async fn read_contents(bucket: &Bucket) -> Result<Contents, StoreError> {
+    let blobs = bucket.blobs().await?;
+    let builds: Vec<(String, ManifestRecord)> = records(bucket, RecordKind::Manifest)
+        .await?
+        .into_iter()
+        .filter_map(|(key, r)| Some((key, r?)))
+        .collect();
+    let listed: Vec<Digest> = bucket
+        .record_keys(RecordKind::ManifestDigest)
+        .await?
+        .into_iter()
+        .filter_map(|hex| format!("sha256:{hex}").parse().ok())
+        .collect();
+    let sizes: HashMap<Digest, u64> = blobs.iter().map(|b| (b.digest, b.size)).collect();
+    let manifests: BTreeSet<Digest> = builds
+        .iter()
+        .map(|(_, r)| r.digest)
+        .chain(listed.iter().copied())
+        .filter(|d| sizes.get(d).is_some_and(|&n| n <= MANIFEST_MAX_BYTES))
+        .collect();
+    let parts = futures::stream::iter(manifests.into_iter().map(|digest| async move {
+        let bytes = bucket.small_blob(&digest, MANIFEST_MAX_BYTES).await?;
+        Ok::<_, StoreError>(bytes.and_then(|b| Some((digest, named_by(&b)?))))
+    }))
+    .buffer_unordered(AT_ONCE)
+    .try_filter_map(|p| async move { Ok(p) })
+    .try_collect()
+    .await?;
+    Ok(Contents {
+        blobs,
+        builds,
+        listed,
+        parts,
+    })
+}
+
+/// The images the bucket's build records keep, one per manifest digest.
+fn images(c: &Contents) -> Vec<Image> {
+    let mut by_digest: BTreeMap<Digest, (u64, &str)> = BTreeMap::new();
+    for (key, r) in &c.builds {
+        let entry = by_digest.entry(r.digest).or_insert((0, key));
+        if r.checked_at >= entry.0 {
+            *entry = (r.checked_at, key);
+        }
+    }
+    by_digest
+        .into_iter()
+        .map(|(manifest, (checked_at, key))| {
+            let mut blobs = vec![manifest];
+            if let Some(Named::Image(parts)) = c.parts.get(&manifest) {
+                blobs.extend(parts.iter().map(|(d, _)| *d));
+            }
+            blobs.sort();
+            blobs.dedup();
+            Image {
+                manifest,
+                last_used: checked_at,
+                image: Some(format!("cached build {}", &key[..key.len().min(12)])),
+                blobs,
+                pinned: false,
+            }
+        })
+        .collect()
+}
+
+async fn collect_holding_lease(
+    bucket: &Bucket,
+    policy: &Policy,
+    dry_run: bool,
+) -> Result<Report, BucketGcError> {
+    let at = now_unix();
+    let c = read_contents(bucket).await?;
+    let sizes: HashMap<Digest, u64> = c.blobs.iter().map(|b| (b.digest, b.size)).collect();
+    let bytes_before: u64 = sizes.values().sum();
+    let recent = at.saturating_sub(policy.keep_pulled_within.as_secs());
+
+    let kept = images(&c);
+    let needed = policy
+        .max_storage
+        .map_or(0, |max| bytes_before.saturating_sub(max));
+    let (chosen, evicted) = evictions(&kept, &sizes, needed, recent);
+    let evicted_digests: BTreeSet<Digest> = chosen.iter().map(|&i| kept[i].manifest).collect();
+    let staying = kept
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !chosen.contains(i))
+        .map(|(_, img)| img);
+    let (referenced, stale) =
+        keep_with_forms(c.listed.clone(), |d| c.parts.get(d).cloned(), staying);
+
+    // Young blobs stay: a build may be about to record them.
+    let (unreferenced, young): (Vec<&Listed>, Vec<&Listed>) = c
+        .blobs
+        .iter()
+        .filter(|b| !referenced.contains(&b.digest))
+        .partition(|b| b.modified <= recent);
+    let doomed: BTreeSet<Digest> = unreferenced.iter().map(|b| b.digest).collect();
+    let mut report = Report {
+        at,
+        dry_run,
+        bytes_before,
+        bytes_after: bytes_before,
+        evicted,
+        blobs_deleted: 0,
+        bytes_freed: 0,
+        blobs_in_use: young.len(),
+    };
+    if dry_run {
+        report.blobs_deleted = unreferenced.len();
+        report.bytes_freed = unreferenced.iter().map(|b| b.size).sum();
+        report.bytes_after = bytes_before - report.bytes_freed;
+        return Ok(report);
+    }
+
+    // Records first, so that no replica follows one to a blob about to go.
+    let mut records_gone: Vec<(RecordKind, String)> = c
+        .builds
+        .iter()
+        .filter(|(_, r)| evicted_digests.contains(&r.digest))
+        .map(|(key, _)| (RecordKind::Manifest, key.clone()))
+        .collect();
+    let young_blobs: BTreeSet<Digest> = young.iter().map(|b| b.digest).collect();
+    // A young form may be one a replica is still recording.
+    let stale_forms = stale.iter().filter(|d| !young_blobs.contains(d));
+    let forms_gone = stale_forms.chain(&evicted_digests);
+    records_gone.extend(forms_gone.map(|d| (RecordKind::ManifestDigest, d.hex())));
+    for (key, r) in records::<LayerRecord>(bucket, RecordKind::Layer).await? {
+        match r {
+            Some(r) if !doomed.contains(&r.digest) => {}
+            // Names a blob about to go, or cannot be read.
+            _ => records_gone.push((RecordKind::Layer, key)),
+        }
+    }
+    delete_all(records_gone.iter(), |(kind, key)| {
+        bucket.delete_record(*kind, key)
+    })
+    .await?;
+
+    if builds_running(bucket, at).await? {
+        tracing::info!("builds are running: unreferenced blobs are left for the next collection");
+        report.blobs_in_use += unreferenced.len();
+    } else {
+        // Manifests first: a replica that checks one finds it gone and
+        // builds again, rather than serve one whose layers are going.
+        let mut order: Vec<&&Listed> = unreferenced.iter().collect();
+        order.sort_by_key(|b| !c.parts.contains_key(&b.digest));
+        delete_all(order.into_iter(), |b| bucket.delete_blob(&b.digest)).await?;
+        report.blobs_deleted = unreferenced.len();
+        report.bytes_freed = unreferenced.iter().map(|b| b.size).sum();
+        report.bytes_after = bytes_before - report.bytes_freed;
+    }
+    remove_dead_leases(bucket, at).await?;
+    Ok(report)
+}
+
+async fn delete_all<T, F, Fut>(items: impl Iterator<Item = T>, delete: F) -> Result<(), StoreError>
+where
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future<Output = Result<(), StoreError>>,
+{
+    futures::stream::iter(items.map(delete))
+        .buffer_unordered(AT_ONCE)
+        .try_collect()
+        .await
+}
+
+/// Whether a replica holds a live build lease.
+async fn builds_running(bucket: &Bucket, now: u64) -> Result<bool, StoreError> {
+    for name in bucket.lease_names().await? {
+        if !name.starts_with("build-") {
+            continue;
+        }
+        if bucket
+            .lease(&name)
+            .await?
+            .is_some_and(|l| l.expires_at > now)
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Removes lease objects whose holders died long ago.
+async fn remove_dead_leases(bucket: &Bucket, now: u64) -> Result<(), StoreError> {
+    for name in bucket.lease_names().await? {
+        if name == LEASE {
+            continue;
+        }
+        let dead = match bucket.lease(&name).await? {
+            Some(l) => l.expires_at + DEAD_LEASE_AGE < now,
+            None => false,
+        };
+        if dead {
+            bucket.delete_lease(&name).await?;
+        }
+    }
+    Ok(())
+}
