@@ -621,7 +621,7 @@ impl Builder {
         let spec = ImageSpec::for_arch(name, tag, arch);
         let key = self.cache_key(&spec);
         if let Some(digest) = self.fresh_cached(&key, tag).await.map_err(Arc::new)? {
-            self.count_request(name, Lookup::Hit, true);
+            self.status.manifest_requested(name, Lookup::Hit, true);
             self.pulled(name, digest);
             return Ok(digest);
         }
@@ -666,7 +666,9 @@ impl Builder {
             Err(e) if e.is_source_unreachable() => self.stale(name, tag, &key, e).await,
             other => other,
         };
-        self.count_request(name, Lookup::Miss, result.is_ok());
+        // In memory: the counts reach the database in batches.
+        self.status
+            .manifest_requested(name, Lookup::Miss, result.is_ok());
         if let Ok(digest) = &result {
             self.pulled(name, *digest);
         }
@@ -691,13 +693,6 @@ impl Builder {
         self.status
             .served_stale(name, tag, &error.to_string(), cached.checked_at);
         Ok(cached.digest)
-    }
-
-    /// Counts a manifest request in the database, in the background.
-    fn count_request(&self, name: &str, lookup: Lookup, served: bool) {
-        let status = Arc::clone(&self.status);
-        let name = name.to_owned();
-        tokio::task::spawn_blocking(move || status.manifest_requested(&name, lookup, served));
     }
 
     /// One build, recorded whatever its outcome.
