@@ -2,6 +2,7 @@
 //!
 //! [`Server::start`] is what both the binary and the tests run.
 
+mod blocking;
 pub mod build;
 pub mod cli;
 pub mod config;

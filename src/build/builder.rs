@@ -2,6 +2,7 @@
 //! image at a time, and at most N at once) Nix, layering, packing and the
 //! manifest, recording what each build did.
 
+use crate::blocking::blocking;
 use crate::build::archive::{self, ArchiveError, PackedLayer};
 use crate::build::cache::FailureCache;
 use crate::build::git::GitError;
@@ -18,7 +19,8 @@ use crate::digest::Digest;
 use crate::observe::status::{LiveBuild, Phase, Status};
 use crate::store::collector::Collector;
 use crate::store::db::{
-    BuildOutcome, BuildRecord, Db, DbError, LayerRecord, Lookup, ManifestRecord, TagRecord, TagTree,
+    AsyncDb, BuildOutcome, BuildRecord, Db, DbError, LayerRecord, Lookup, ManifestRecord,
+    TagRecord, TagTree,
 };
 use crate::store::fs::{BlobError, BlobStore, PinSet};
 use crate::store::{Storage, StoreError};
@@ -188,15 +190,11 @@ fn missing_commit(source: &Source, tag: &str, e: NixError) -> BuildError {
     }
 }
 
-/// Runs blocking work (sled, the file system, fsyncs, layer planning) on
-/// tokio's blocking threads, so one slow disk cannot stall every
-/// connection.
-pub(crate) async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, BuildError> + Send + 'static,
-) -> Result<T, BuildError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| BuildError::Task(e.to_string()))?
+/// A blocking task that panicked (or was cancelled at shutdown).
+impl From<tokio::task::JoinError> for BuildError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        BuildError::Task(e.to_string())
+    }
 }
 
 pub type BuildResult = Result<Digest, Arc<BuildError>>;
@@ -232,7 +230,8 @@ const IMAGE_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin
 
 pub struct Builder {
     settings: BuilderSettings,
-    db: Db,
+    /// Awaited from request paths: sled calls never run on async workers.
+    db: AsyncDb,
     /// Where builds pack blobs (the backend's staging area).
     blobs: BlobStore,
     storage: Arc<dyn Storage>,
@@ -316,7 +315,7 @@ impl Builder {
         let queue = BuildQueue::new(settings.max_queued_builds);
         Arc::new(Builder {
             settings,
-            db,
+            db: AsyncDb::new(db),
             blobs: storage.staging().clone(),
             storage,
             builds: SingleFlight::default(),
@@ -345,8 +344,9 @@ impl Builder {
         &self.status
     }
 
+    /// The database's blocking calls: for blocking threads and tools.
     pub fn db(&self) -> &Db {
-        &self.db
+        self.db.blocking()
     }
 
     /// The local blob store (staging, with the s3 backend).
@@ -394,32 +394,67 @@ impl Builder {
 
     /// The manifest recorded for a name and tag in `which`, if its blob is
     /// stored.
-    fn tagged(&self, which: TagTree, name: &str, tag: &str) -> Result<Option<Digest>, DbError> {
-        Ok(self
-            .db
-            .tag_record(which, name, tag)?
-            .map(|r| r.digest)
-            .filter(|d| self.blobs.contains(d)))
+    async fn tagged(
+        &self,
+        which: TagTree,
+        name: &str,
+        tag: &str,
+    ) -> Result<Option<Digest>, DbError> {
+        let (blobs, name, tag) = (self.blobs.clone(), name.to_owned(), tag.to_owned());
+        self.db
+            .run(move |db| {
+                Ok(db
+                    .tag_record(which, &name, &tag)?
+                    .map(|r| r.digest)
+                    .filter(|d| blobs.contains(d)))
+            })
+            .await
     }
 
     /// The cached build record for an image as [`manifest_for`](Self::manifest_for)
     /// builds it (for its store paths), if there is one.
-    pub fn cached_record(&self, name: &str, tag: &str) -> Result<Option<ManifestRecord>, DbError> {
+    pub async fn cached_record(
+        &self,
+        name: &str,
+        tag: &str,
+    ) -> Result<Option<ManifestRecord>, DbError> {
         let spec = ImageSpec::for_arch(name, tag, self.platforms_for(name)[0]);
-        self.db.manifest(&self.cache_key(&spec))
+        self.db.manifest(&self.cache_key(&spec)).await
+    }
+
+    /// Whether a blob is in the local blob store (with `size`, if given),
+    /// looked at off the async threads.
+    async fn on_disk(&self, digest: &Digest, size: Option<u64>) -> Result<bool, BuildError> {
+        let (blobs, digest) = (self.blobs.clone(), *digest);
+        blocking(move || {
+            Ok(match size {
+                Some(size) => blobs.contains_whole(&digest, size),
+                None => blobs.contains(&digest),
+            })
+        })
+        .await
     }
 
     /// Whether a stored manifest and every blob it names are whole, so a
-    /// client can complete a pull of it. Blocking (it reads and stats).
-    fn complete(blobs: &BlobStore, manifest: &Digest) -> bool {
-        let whole = blobs.get(manifest).ok().flatten().is_some_and(|m| {
-            let referenced = manifest::referenced_blobs(m.as_ref());
-            referenced.is_some_and(|named| {
+    /// client can complete a pull of it. `known`: the manifest's bytes when
+    /// they are in memory, so its file is only checked for its size, not
+    /// read. Blocking (it reads and stats).
+    fn complete(blobs: &BlobStore, manifest: &Digest, known: Option<&[u8]>) -> bool {
+        let names_whole = |bytes: &[u8]| {
+            manifest::referenced_blobs(bytes).is_some_and(|named| {
                 named
                     .iter()
                     .all(|(digest, size)| blobs.contains_whole(digest, *size))
             })
-        });
+        };
+        let whole = match known {
+            Some(bytes) => blobs.contains_whole(manifest, bytes.len() as u64) && names_whole(bytes),
+            None => blobs
+                .get(manifest)
+                .ok()
+                .flatten()
+                .is_some_and(|m| names_whole(m.as_ref())),
+        };
         if !whole {
             tracing::warn!(%manifest, "a cached manifest names a missing or damaged blob; the image is rebuilt");
         }
@@ -428,14 +463,16 @@ impl Builder {
 
     /// Whether the image behind a stored manifest can be pulled whole. On
     /// local storage the manifest and every blob it names are there with
-    /// their sizes (read and checked off the async threads); in a shared
-    /// bucket the manifest is stored (its blobs are published before it).
+    /// their sizes (checked off the async threads, from the bytes in memory
+    /// when the manifest is warm); in a shared bucket the manifest is
+    /// stored (its blobs are published before it).
     async fn servable(&self, manifest: &Digest) -> Result<bool, BuildError> {
         if self.storage.is_shared() {
             return self.stored(manifest).await;
         }
+        let known = self.hot().bytes(manifest);
         let (blobs, digest) = (self.blobs.clone(), *manifest);
-        blocking(move || Ok(Self::complete(&blobs, &digest))).await
+        blocking(move || Ok(Self::complete(&blobs, &digest, known.as_deref()))).await
     }
 
     /// A cached manifest that may be served without asking Nix: from
@@ -483,9 +520,7 @@ impl Builder {
         }
         let blobs = self.blobs.clone();
         let d = *digest;
-        let blob = tokio::task::spawn_blocking(move || blobs.get(&d))
-            .await
-            .map_err(|e| BuildError::Task(e.to_string()))??;
+        let blob = tokio::task::spawn_blocking(move || blobs.get(&d)).await??;
         // A copy, not the mapping: manifests are small, and a mapping kept
         // per manifest would cost a file descriptor's worth each.
         let bytes = match blob {
@@ -537,12 +572,19 @@ impl Builder {
     pub async fn manifest_for(self: &Arc<Self>, name: &str, tag: &str) -> BuildResult {
         let db_error = |e: DbError| Arc::new(BuildError::from(e));
         // Imported images answer whatever the source.
-        if let Some(digest) = self.tagged(TagTree::Pinned, name, tag).map_err(db_error)? {
+        if let Some(digest) = self
+            .tagged(TagTree::Pinned, name, tag)
+            .await
+            .map_err(db_error)?
+        {
             self.status.manifest_requested(name, Lookup::Hit, true);
             return Ok(digest);
         }
         if self.settings.source.is_mirror() {
-            let built = self.tagged(TagTree::Built, name, tag).map_err(db_error)?;
+            let built = self
+                .tagged(TagTree::Built, name, tag)
+                .await
+                .map_err(db_error)?;
             let lookup = if built.is_some() {
                 Lookup::Hit
             } else {
@@ -579,7 +621,7 @@ impl Builder {
         let spec = ImageSpec::for_arch(name, tag, arch);
         let key = self.cache_key(&spec);
         if let Some(digest) = self.fresh_cached(&key, tag).await.map_err(Arc::new)? {
-            self.count_request(name, Lookup::Hit, true);
+            self.status.manifest_requested(name, Lookup::Hit, true);
             self.pulled(name, digest);
             return Ok(digest);
         }
@@ -624,7 +666,9 @@ impl Builder {
             Err(e) if e.is_source_unreachable() => self.stale(name, tag, &key, e).await,
             other => other,
         };
-        self.count_request(name, Lookup::Miss, result.is_ok());
+        // In memory: the counts reach the database in batches.
+        self.status
+            .manifest_requested(name, Lookup::Miss, result.is_ok());
         if let Ok(digest) = &result {
             self.pulled(name, *digest);
         }
@@ -649,13 +693,6 @@ impl Builder {
         self.status
             .served_stale(name, tag, &error.to_string(), cached.checked_at);
         Ok(cached.digest)
-    }
-
-    /// Counts a manifest request in the database, in the background.
-    fn count_request(&self, name: &str, lookup: Lookup, served: bool) {
-        let status = Arc::clone(&self.status);
-        let name = name.to_owned();
-        tokio::task::spawn_blocking(move || status.manifest_requested(&name, lookup, served));
     }
 
     /// One build, recorded whatever its outcome.
@@ -746,12 +783,16 @@ impl Builder {
             outcome,
             revision,
         };
-        let db = self.db.clone();
-        let recorded = record.clone();
-        if let Err(e) = blocking(move || Ok(db.add_build(&recorded)?)).await {
+        let status = Arc::clone(&self.status);
+        let recorded = self.db.run(move |db| {
+            let added = db.add_build(&record);
+            // Writes an error record too, when the build failed.
+            status.build_finished(&record);
+            added
+        });
+        if let Err(e) = recorded.await {
             tracing::warn!(error = %e, "could not record build");
         }
-        self.status.build_finished(&record);
         if let Err(e) = self.db.flush().await {
             tracing::warn!(error = %e, "could not flush database");
         }
@@ -922,15 +963,11 @@ impl Builder {
             digest: record.digest,
             checked_at: record.checked_at,
         };
-        let db = self.db.clone();
-        let (image, tag) = (image.to_owned(), spec.tag.clone());
-        blocking(move || {
-            if let Some(named) = named {
-                db.put_tag_record(TagTree::Built, &image, &tag, &named)?;
-            }
-            Ok(())
-        })
-        .await?;
+        if let Some(named) = named {
+            self.db
+                .put_tag_record(TagTree::Built, image, &spec.tag, &named)
+                .await?;
+        }
         self.hot().remember(key, hot);
         Ok(hot.digest)
     }
@@ -1024,11 +1061,12 @@ impl Builder {
             .iter()
             .map(|p| store_path::name_of(&p.path).to_owned())
             .collect();
-        let (config_digest, manifest_digest) = blocking(move || {
+        let (config_digest, manifest_digest) = blocking(move || -> Result<_, BuildError> {
             let built = manifest::build(&config, &layer_blobs)?;
             let config_digest = blobs.put(&built.config.json)?;
             let manifest_digest = blobs.put(&built.manifest.json)?;
-            db.add_popularity(names.iter().map(String::as_str))?;
+            db.blocking()
+                .add_popularity(names.iter().map(String::as_str))?;
             Ok((config_digest, manifest_digest))
         })
         .await?;
@@ -1054,8 +1092,7 @@ impl Builder {
             let whole = if self.storage.is_shared() {
                 self.stored(&record.digest).await?
             } else {
-                let (blobs, r) = (self.blobs.clone(), record);
-                blocking(move || Ok(blobs.contains_whole(&r.digest, r.size))).await?
+                self.on_disk(&record.digest, Some(record.size)).await?
             };
             if whole {
                 counters.layers_reused.fetch_add(1, Ordering::Relaxed);
@@ -1080,7 +1117,7 @@ impl Builder {
                         }
                     })
                     .await
-                    .map_err(|e| Arc::new(BuildError::Task(e.to_string())))?
+                    .map_err(|e| Arc::new(e.into()))?
                     .map_err(|e| Arc::new(BuildError::Archive(e)))?;
                 let record = LayerRecord {
                     digest: packed.digest,
@@ -1095,6 +1132,7 @@ impl Builder {
                     .await
                     .map_err(shared)?;
                 db.put_layer(&task_key, &record)
+                    .await
                     .map_err(|e| Arc::new(BuildError::Db(e)))?;
                 if storage.is_shared() {
                     let bytes = crate::store::db::encode(&record)
@@ -1111,7 +1149,7 @@ impl Builder {
         let record = result.map_err(BuildError::Shared)?;
         // Another build may have packed it: hold it for this one too.
         pins.add(self.blobs.pin(&record.digest));
-        if !self.blobs.contains(&record.digest) {
+        if !self.on_disk(&record.digest, None).await? {
             return Err(BuildError::Task(
                 "a shared layer was collected before this build used it".into(),
             ));
@@ -1134,19 +1172,70 @@ impl Builder {
     ) -> Result<(Vec<PathInfo>, Vec<String>, Vec<layering::Layer>), BuildError> {
         let popularity = Arc::clone(&self.settings.popularity);
         let (strategy, budget) = (self.settings.layering, self.settings.layer_budget);
-        tokio::task::spawn_blocking(move || {
-            let plan = layering::plan(strategy, &closure, &outs, &popularity, budget);
-            plan.map(|plan| (closure, outs, plan))
+        blocking(move || {
+            let plan = layering::plan(strategy, &closure, &outs, &popularity, budget)?;
+            Ok((closure, outs, plan))
         })
         .await
-        .map_err(|e| BuildError::Task(e.to_string()))?
-        .map_err(BuildError::from)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{is_fetch_failure, tail, BuildError, GitError, NixError, Stage};
+    use super::{is_fetch_failure, tail, BuildError, Builder, GitError, NixError, Stage};
+    use crate::build::manifest::{self, ImageConfig, LayerBlob};
+    use crate::digest::Digest;
+    use crate::store::fs::BlobStore;
+
+    /// A stored image of two layers: the store, its manifest's digest and
+    /// bytes, and its layers' digests.
+    fn stored_image(dir: &std::path::Path) -> (BlobStore, Digest, Vec<u8>, Vec<Digest>) {
+        let blobs = BlobStore::open(dir).unwrap();
+        let layers: Vec<LayerBlob> = [&b"layer one"[..], b"layer two"]
+            .iter()
+            .map(|bytes| LayerBlob {
+                digest: blobs.put(bytes).unwrap(),
+                diff_id: Digest::of(bytes),
+                size: bytes.len() as u64,
+            })
+            .collect();
+        let config = ImageConfig {
+            architecture: "amd64".into(),
+            env: Vec::new(),
+            cmd: None,
+            labels: Default::default(),
+        };
+        let built = manifest::build(&config, &layers).unwrap();
+        blobs.put(&built.config.json).unwrap();
+        let digest = blobs.put(&built.manifest.json).unwrap();
+        let layers = layers.iter().map(|l| l.digest).collect();
+        (blobs, digest, built.manifest.json, layers)
+    }
+
+    #[test]
+    fn a_warm_recheck_uses_the_bytes_in_memory_and_finds_a_deleted_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (blobs, digest, bytes, layers) = stored_image(dir.path());
+        assert!(Builder::complete(&blobs, &digest, None));
+        assert!(Builder::complete(&blobs, &digest, Some(&bytes)));
+
+        blobs.delete(&layers[1]).unwrap();
+        assert!(!Builder::complete(&blobs, &digest, None));
+        assert!(!Builder::complete(&blobs, &digest, Some(&bytes)));
+    }
+
+    #[test]
+    fn a_warm_recheck_still_wants_the_manifest_blob_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (blobs, digest, bytes, _) = stored_image(dir.path());
+        // Bytes of another length than the file: the file is damaged.
+        let mut longer = bytes.clone();
+        longer.push(b' ');
+        assert!(!Builder::complete(&blobs, &digest, Some(&longer)));
+
+        blobs.delete(&digest).unwrap();
+        assert!(!Builder::complete(&blobs, &digest, Some(&bytes)));
+    }
 
     #[test]
     fn only_an_unreachable_source_is_worth_serving_stale() {

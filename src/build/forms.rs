@@ -3,7 +3,8 @@
 //! manifest per platform. Each is written as a blob and marked as a
 //! manifest when first asked for, so that it then answers by its digest.
 
-use crate::build::builder::{blocking, BuildError, Builder};
+use crate::blocking::blocking;
+use crate::build::builder::{BuildError, Builder};
 use crate::build::image::Arch;
 use crate::build::manifest::{self, Document, Format, PlatformManifest};
 use crate::digest::Digest;
@@ -70,15 +71,14 @@ impl Builder {
         // Pinned until it is marked: the garbage collector either sees it
         // marked or leaves it.
         let _pin = self.blobs().pin(&doc.digest);
-        // Marked here only after it was published: publish and mark once.
-        let published = self.db().is_manifest(&doc.digest)?;
-        let blobs = self.blobs().clone();
+        let (blobs, db) = (self.blobs().clone(), self.db().clone());
         let (digest, json) = (doc.digest, doc.json.clone());
-        blocking(move || {
+        // Marked here only after it was published: publish and mark once.
+        let published = blocking(move || -> Result<_, BuildError> {
             if !blobs.contains(&digest) {
                 blobs.put(&json)?;
             }
-            Ok(())
+            Ok(db.is_manifest(&digest)?)
         })
         .await?;
         if published {

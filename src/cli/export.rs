@@ -112,7 +112,8 @@ async fn write_closures(
     let mut paths = Vec::new();
     for (image, _) in images {
         let record = builder
-            .cached_record(&image.name, &image.tag)?
+            .cached_record(&image.name, &image.tag)
+            .await?
             .filter(|r| !r.out_paths.is_empty())
             .with_context(|| {
                 format!("{image}: its store paths are not known here (an imported image has none)")

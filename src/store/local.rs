@@ -5,6 +5,7 @@
 
 use super::fs::{BlobError, BlobStore};
 use super::{ByteStream, Description, Lease, LeaseState, Opened, RecordKind, Storage, StoreError};
+use crate::blocking::blocking;
 use crate::digest::Digest;
 use bytes::Bytes;
 use futures::StreamExt;
@@ -15,14 +16,6 @@ use std::time::Duration;
 
 /// Bytes per chunk when a blob is streamed rather than mapped.
 const STREAM_CHUNK: usize = 256 * 1024;
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?
-}
 
 #[async_trait::async_trait]
 impl Storage for BlobStore {
@@ -88,7 +81,7 @@ impl Storage for BlobStore {
         };
         let (file, range) = {
             let err = read_err.clone();
-            blocking(move || {
+            blocking(move || -> Result<_, StoreError> {
                 let mut file = std::fs::File::open(&path).map_err(&err)?;
                 let len = file.metadata().map_err(&err)?.len();
                 let range = range.unwrap_or(0..len);
@@ -115,7 +108,7 @@ impl Storage for BlobStore {
                             (Ok(Bytes::from(buf)), (Some(file), remaining - want as u64))
                         }
                         Ok(Err(e)) => (Err(err(e)), (None, 0)),
-                        Err(e) => (Err(StoreError::Task(e.to_string())), (None, 0)),
+                        Err(e) => (Err(e.into()), (None, 0)),
                     })
                 }
             },

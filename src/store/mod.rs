@@ -56,6 +56,13 @@ pub enum StoreError {
     Task(String),
 }
 
+/// A blocking task that panicked (or was cancelled at shutdown).
+impl From<tokio::task::JoinError> for StoreError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        StoreError::Task(e.to_string())
+    }
+}
+
 impl StoreError {
     /// True when the backend could not be reached or answered with an
     /// error: worth a 503 rather than a 500.

@@ -55,7 +55,7 @@ impl Builder {
     /// The blob is where the backend keeps content (or still on this
     /// replica's disk, from which it was published before its record).
     pub(super) async fn stored(&self, digest: &Digest) -> Result<bool, BuildError> {
-        if self.blobs.contains(digest) {
+        if self.on_disk(digest, None).await? {
             return Ok(true);
         }
         Ok(self.storage.stat(digest).await?.is_some())
@@ -73,7 +73,7 @@ impl Builder {
         &self,
         key: &str,
     ) -> Result<Option<ManifestRecord>, BuildError> {
-        let local = self.db.manifest(key)?;
+        let local = self.db.manifest(key).await?;
         let fresh_enough = local.as_ref().is_some_and(|r| {
             now_unix().saturating_sub(r.checked_at) < self.settings.cache_ttl.as_secs()
         });
@@ -84,11 +84,11 @@ impl Builder {
             shared_record(self.storage.as_ref(), RecordKind::Manifest, key).await?;
         match (local, shared) {
             (Some(l), Some(s)) if s.checked_at > l.checked_at => {
-                self.db.put_manifest(key, &s)?;
+                self.db.put_manifest(key, &s).await?;
                 Ok(Some(s))
             }
             (None, Some(s)) => {
-                self.db.put_manifest(key, &s)?;
+                self.db.put_manifest(key, &s).await?;
                 Ok(Some(s))
             }
             (local, _) => Ok(local),
@@ -100,7 +100,7 @@ impl Builder {
         key: &str,
         record: &ManifestRecord,
     ) -> Result<(), BuildError> {
-        self.db.put_manifest(key, record)?;
+        self.db.put_manifest(key, record).await?;
         if self.storage.is_shared() {
             let bytes = db::encode(record)?;
             self.storage
@@ -113,7 +113,7 @@ impl Builder {
     /// Makes a stored manifest (or index) answer by its digest, here and
     /// at every replica.
     pub(crate) async fn mark_manifest(&self, digest: &Digest) -> Result<(), BuildError> {
-        self.db.add_manifest_digest(digest)?;
+        self.db.add_manifest_digest(digest).await?;
         if self.storage.is_shared() {
             self.storage
                 .put_record(RecordKind::ManifestDigest, &digest.hex(), Vec::new())
@@ -123,13 +123,13 @@ impl Builder {
     }
 
     pub(super) async fn layer_record(&self, key: &str) -> Result<Option<LayerRecord>, BuildError> {
-        if let Some(r) = self.db.layer(key)? {
+        if let Some(r) = self.db.layer(key).await? {
             return Ok(Some(r));
         }
         let shared: Option<LayerRecord> =
             shared_record(self.storage.as_ref(), RecordKind::Layer, key).await?;
         if let Some(r) = &shared {
-            self.db.put_layer(key, r)?;
+            self.db.put_layer(key, r).await?;
         }
         Ok(shared)
     }
@@ -185,7 +185,7 @@ impl Builder {
     /// Whether a manifest digest belongs to an image built here or by
     /// another replica.
     pub async fn is_manifest(&self, digest: &Digest) -> Result<bool, BuildError> {
-        if self.hot().bytes(digest).is_some() || self.db.is_manifest(digest)? {
+        if self.hot().bytes(digest).is_some() || self.db.is_manifest(digest).await? {
             return Ok(true);
         }
         if !self.storage.is_shared() {

@@ -27,10 +27,12 @@
 //! Blobs are written before the records that point at them, so a crash can
 //! leave an unreferenced blob but never a record without its blob.
 
+mod async_db;
 mod migrate;
 pub mod records;
 mod recover;
 
+pub use async_db::AsyncDb;
 pub use migrate::SCHEMA_VERSION;
 pub use records::{
     BuildOutcome, BuildRecord, ErrorRecord, LayerRecord, ManifestRecord, PullRecord, Record,
@@ -72,6 +74,9 @@ pub enum DbError {
          `serve`?): one process at a time can open it; stop that one first"
     )]
     InUse(String),
+    /// A call run on a blocking thread panicked (or was cancelled).
+    #[error("a database task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 impl DbError {

@@ -278,8 +278,7 @@ impl Bucket {
             }
         }
         drop(tx);
-        let hashed = hasher.await.map_err(|e| StoreError::Task(e.to_string()))?;
-        Ok(Some(hashed))
+        Ok(Some(hasher.await?))
     }
 }
 

@@ -88,8 +88,7 @@ impl S3Store {
                     .await
                     .map_err(remote("uploading", key))?;
                 let (next, chunk) = tokio::task::spawn_blocking(move || read_part(state))
-                    .await
-                    .map_err(|e| StoreError::Task(e.to_string()))?
+                    .await?
                     .map_err(file_err)?;
                 state = next;
                 if chunk.is_empty() {
@@ -191,9 +190,7 @@ impl Storage for S3Store {
     async fn open(&self, digest: &Digest, redirect: bool) -> Result<Option<Opened>, StoreError> {
         // Blobs this replica built are still on its disk: no round trip.
         let (staging, d) = (self.staging.clone(), *digest);
-        let local = tokio::task::spawn_blocking(move || staging.get(&d))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))??;
+        let local = tokio::task::spawn_blocking(move || staging.get(&d)).await??;
         if let Some(blob) = local {
             return Ok(Some(Opened::Local(blob)));
         }
