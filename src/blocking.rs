@@ -15,3 +15,34 @@ where
 {
     tokio::task::spawn_blocking(work).await?
 }
+
+/// Hands a stream's chunks to `consume` on a blocking thread through a
+/// short queue (so a slow disk or a hash never holds an async worker, and
+/// at most a few chunks wait in memory), and returns what it made of them.
+/// `consume` calls `next` until it gives None: the end of the stream, or
+/// an error, which is then returned instead of `consume`'s result.
+pub(crate) async fn feed_blocking<T, E, S>(
+    mut stream: S,
+    consume: impl FnOnce(&mut dyn FnMut() -> Option<bytes::Bytes>) -> T + Send + 'static,
+) -> Result<T, E>
+where
+    T: Send + 'static,
+    E: From<JoinError>,
+    S: futures::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+{
+    use futures::TryStreamExt;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+    let consumer = tokio::task::spawn_blocking(move || consume(&mut || rx.blocking_recv()));
+    let fed = async {
+        while let Some(chunk) = stream.try_next().await? {
+            if tx.send(chunk).await.is_err() {
+                break;
+            }
+        }
+        Ok::<(), E>(())
+    }
+    .await;
+    drop(tx);
+    let made = consumer.await?;
+    fed.map(|()| made)
+}

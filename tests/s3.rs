@@ -381,3 +381,67 @@ async fn verify_and_gc_work_on_the_bucket_while_replicas_serve() {
     let (code, out) = upkeep(&weed, "upkeep", &["verify"]);
     assert_eq!(code, 0, "{out}");
 }
+
+/// Waits (up to 60 s) until `done` holds.
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(Instant::now() < deadline, "gave up waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_with_a_limit_caches_proxied_blobs_within_it() {
+    let mut weed = Seaweed::start().await;
+    let (_a_dir, a) = replica(&weed, "cache", &[]).await;
+    let (_b_dir, b) = replica(&weed, "cache", &["--max-storage", "1G"]).await;
+    let (_c_dir, c) = replica(
+        &weed,
+        "cache",
+        &["--max-storage", "1", "--gc-keep-recent", "0"],
+    )
+    .await;
+    let client = Client::new();
+    let (_, manifest) = get_manifest(&client, &a, "shell/hello", "latest").await;
+    let layers = layer_digests(&manifest);
+    assert!(layers.len() > 1);
+
+    // Proxied from the bucket the first time, copied to B's disk after.
+    get_manifest(&client, &b, "shell/hello", "latest").await;
+    for layer in &layers {
+        get_blob(&client, &b, layer).await;
+    }
+    let digests: Vec<Digest> = layers.iter().map(|l| l.parse().unwrap()).collect();
+    eventually("B has every layer on disk", || {
+        digests.iter().all(|d| b.builder.blobs().contains(d))
+    })
+    .await;
+
+    // C's limit is one byte: what it copies is collected again.
+    get_manifest(&client, &c, "shell/hello", "latest").await;
+    for layer in &layers {
+        get_blob(&client, &c, layer).await;
+    }
+    eventually("C collects what it copied", || {
+        let report = c.builder.collector().last_report();
+        report.is_some_and(|r| r.blobs_deleted > 0)
+    })
+    .await;
+    eventually("C's disk is back within its limit", || {
+        c.builder.blobs().stats().1 <= 1
+    })
+    .await;
+
+    // B serves the layers from its disk with the bucket gone.
+    weed.stop();
+    for layer in &layers {
+        get_blob(&client, &b, layer).await;
+    }
+    let r = client
+        .get(c.url(&format!("/v2/x/blobs/{}", layers[0])))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+}

@@ -22,6 +22,7 @@ use crate::store::db::{
     AsyncDb, BuildOutcome, BuildRecord, Db, DbError, LayerRecord, Lookup, ManifestRecord,
     TagRecord, TagTree,
 };
+use crate::store::fill::Filler;
 use crate::store::fs::{BlobError, BlobStore, PinSet};
 use crate::store::{Storage, StoreError};
 use bytes::Bytes;
@@ -242,6 +243,8 @@ pub struct Builder {
     failures: FailureCache<BuildError>,
     status: Arc<Status>,
     collector: Arc<Collector>,
+    /// Copies proxied blobs to disk (a replica with storage limits).
+    filler: Option<Arc<Filler>>,
     hot: HotManifests,
     /// The collector's generation the hot manifests were checked against:
     /// a collection that deleted blobs makes them all suspect.
@@ -313,7 +316,11 @@ impl Builder {
     ) -> Arc<Self> {
         let permits = Semaphore::new(settings.max_concurrent_builds);
         let queue = BuildQueue::new(settings.max_queued_builds);
+        // A replica's disk caches the bucket only when a limit bounds it.
+        let filler = (storage.is_shared() && collector.policy().is_active())
+            .then(|| Filler::new(storage.staging().clone(), Arc::clone(&storage)));
         Arc::new(Builder {
+            filler,
             settings,
             db: AsyncDb::new(db),
             blobs: storage.staging().clone(),
@@ -328,6 +335,16 @@ impl Builder {
             hot: HotManifests::default(),
             hot_generation: AtomicU64::new(0),
         })
+    }
+
+    /// Copies a blob being proxied from the bucket onto this replica's
+    /// disk in the background, if it caches; the collector is woken after,
+    /// to keep the disk within its limits.
+    pub fn cache_blob(&self, digest: Digest) {
+        if let Some(filler) = &self.filler {
+            let collector = Arc::clone(&self.collector);
+            filler.start(digest, move || collector.wake());
+        }
     }
 
     /// The garbage collector, and where pulls are noted for it.
@@ -523,6 +540,7 @@ impl Builder {
         let blob = tokio::task::spawn_blocking(move || blobs.get(&d)).await??;
         // A copy, not the mapping: manifests are small, and a mapping kept
         // per manifest would cost a file descriptor's worth each.
+        let blob_was_remote = blob.is_none();
         let bytes = match blob {
             Some(b) => Some(Bytes::copy_from_slice(b.as_ref())),
             // Another replica's, in the bucket.
@@ -538,6 +556,15 @@ impl Builder {
         };
         if let Some(bytes) = &bytes {
             self.hot().remember_bytes(*digest, bytes.clone());
+            if blob_was_remote && self.filler.is_some() {
+                // Cached with the layers it names, so that the collector
+                // sees which of them the image keeps.
+                let (blobs, d, copy) = (self.blobs.clone(), *digest, bytes.clone());
+                blocking(move || -> Result<u64, BuildError> {
+                    Ok(blobs.put_expecting(&mut copy.as_ref(), &d)?)
+                })
+                .await?;
+            }
         }
         Ok(bytes)
     }

@@ -483,7 +483,12 @@ async fn blob(
             let bytes = blob.into_bytes();
             (bytes.len() as u64, Some(bytes))
         }
-        Opened::Remote { size } => (size, None),
+        Opened::Remote { size } => {
+            if !head {
+                builder.cache_blob(digest);
+            }
+            (size, None)
+        }
         Opened::Redirect(url) => {
             let mut r = StatusCode::TEMPORARY_REDIRECT.into_response();
             set(&mut r, header::LOCATION, &url);

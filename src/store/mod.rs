@@ -2,7 +2,8 @@
 //! database (`db`), the file system's free space (`disk`), when images were
 //! last pulled (`pulls`), the garbage collector that uses them (`gc`) and
 //! its background runs (`collector`), the space set aside to start on a
-//! full disk (`reserve`), and the [`Storage`] seam that the builder and the
+//! full disk (`reserve`), the copying of proxied blobs to a replica's disk
+//! (`fill`), and the [`Storage`] seam that the builder and the
 //! registry use, which either backend implements: the local blob store
 //! itself (`local`), or an S3 bucket shared by several replicas (`s3`).
 //!
@@ -13,6 +14,7 @@
 pub mod collector;
 pub mod db;
 pub mod disk;
+pub mod fill;
 pub mod fs;
 pub mod gc;
 pub mod local;

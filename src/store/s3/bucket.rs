@@ -2,13 +2,15 @@
 //! credentials), where each kind of object is kept under the prefix, and
 //! the listings and reads that the backend, `verify` and `gc` share.
 
-use super::super::{RecordKind, StoreError};
+use super::super::{ByteStream, RecordKind, StoreError};
+use crate::blocking::feed_blocking;
 use crate::digest::{Digest, HashingWriter};
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder, S3ConditionalPut};
 use object_store::path::Path as Key;
-use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
+use object_store::{BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore, RetryConfig};
+use std::ops::Range;
 use std::time::Duration;
 
 /// The bucket and how to reach it. Credentials are not here: they come
@@ -252,33 +254,54 @@ impl Bucket {
         }
     }
 
+    /// The bytes of a stored blob in `range` (all of it when None), or
+    /// None if it is not stored.
+    pub async fn blob_stream(
+        &self,
+        digest: &Digest,
+        range: Option<Range<u64>>,
+    ) -> Result<Option<ByteStream>, StoreError> {
+        let key = self.blob_key(digest);
+        let opts = GetOptions {
+            range: range.map(GetRange::Bounded),
+            ..Default::default()
+        };
+        let result = match self.client.get_opts(&key, opts).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(remote("reading", &key)(e)),
+        };
+        let key_name = key.to_string();
+        Ok(Some(
+            result
+                .into_stream()
+                .map_err(move |e| StoreError::Remote {
+                    op: "reading",
+                    key: key_name.clone(),
+                    source: Box::new(e),
+                })
+                .boxed(),
+        ))
+    }
+
     /// What a stored blob's bytes hash to, and how many there are; None if
     /// it is gone. The hashing runs off the async workers, fed by the
     /// download through a short queue.
     pub async fn hash_blob(&self, digest: &Digest) -> Result<Option<(Digest, u64)>, StoreError> {
-        let key = self.blob_key(digest);
-        let mut stream = match self.client.get(&key).await {
-            Ok(r) => r.into_stream(),
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(remote("reading", &key)(e)),
+        let Some(stream) = self.blob_stream(digest, None).await? else {
+            return Ok(None);
         };
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
-        let hasher = tokio::task::spawn_blocking(move || {
+        let hashed = feed_blocking(stream, |next| {
             let mut hashing = HashingWriter::new(std::io::sink());
-            while let Some(chunk) = rx.blocking_recv() {
+            while let Some(chunk) = next() {
                 // Writing to a sink cannot fail.
                 let _ = std::io::Write::write_all(&mut hashing, &chunk);
             }
             let (_, digest, len) = hashing.finish();
             (digest, len)
-        });
-        while let Some(chunk) = stream.try_next().await.map_err(remote("reading", &key))? {
-            if tx.send(chunk).await.is_err() {
-                break;
-            }
-        }
-        drop(tx);
-        Ok(Some(hasher.await?))
+        })
+        .await?;
+        Ok(Some(hashed))
     }
 }
 

@@ -21,10 +21,9 @@ use super::fs::BlobStore;
 use super::{ByteStream, Description, Lease, LeaseState, Opened, RecordKind, Storage, StoreError};
 use crate::digest::{Digest, HashingWriter};
 use bucket::remote;
-use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as Key;
 use object_store::signer::Signer;
-use object_store::{GetOptions, GetRange, ObjectStore, PutMode, PutOptions, WriteMultipart};
+use object_store::{ObjectStore, PutMode, PutOptions, WriteMultipart};
 use std::io::Read;
 use std::ops::Range;
 use std::path::Path;
@@ -215,26 +214,15 @@ impl Storage for S3Store {
         digest: &Digest,
         range: Option<Range<u64>>,
     ) -> Result<ByteStream, StoreError> {
-        let key = self.bucket.blob_key(digest);
-        let opts = GetOptions {
-            range: range.map(GetRange::Bounded),
-            ..Default::default()
-        };
-        let result = self
-            .bucket
-            .client
-            .get_opts(&key, opts)
-            .await
-            .map_err(remote("reading", &key))?;
-        let key_name = key.to_string();
-        Ok(result
-            .into_stream()
-            .map_err(move |e| StoreError::Remote {
+        match self.bucket.blob_stream(digest, range).await {
+            Ok(Some(stream)) => Ok(stream),
+            Ok(None) => Err(StoreError::Remote {
                 op: "reading",
-                key: key_name.clone(),
-                source: Box::new(e),
-            })
-            .boxed())
+                key: self.bucket.blob_key(digest).to_string(),
+                source: "no such object".into(),
+            }),
+            Err(e) => Err(e),
+        }
     }
 
     async fn list(&self) -> Result<Vec<(Digest, u64)>, StoreError> {
