@@ -589,6 +589,19 @@ impl Db {
     }
 }
 
+/// Opens the database as soon as sled's flusher thread, which holds the
+/// file lock a moment after the last handle is dropped, lets go of it.
+#[cfg(test)]
+pub(crate) fn open_when_free(path: &std::path::Path) -> Result<Db, DbError> {
+    for _ in 0..100 {
+        match Db::open(path) {
+            Err(DbError::InUse(_)) => std::thread::sleep(std::time::Duration::from_millis(50)),
+            other => return other,
+        }
+    }
+    Db::open(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -648,7 +661,7 @@ mod tests {
             db.add_manifest_requests(2, 2, &pulls).unwrap();
             db.db.flush().unwrap();
         }
-        let db = Db::open(dir.path()).unwrap();
+        let db = open_when_free(dir.path()).unwrap();
         let errors = db.errors().unwrap();
         assert_eq!(errors.len(), ERRORS_KEPT);
         assert_eq!(errors[0].image, format!("err{}", ERRORS_KEPT + 1));
@@ -705,7 +718,7 @@ mod tests {
             raw.flush().unwrap();
         }
         for _ in 0..2 {
-            let db = Db::open(dir.path()).unwrap();
+            let db = open_when_free(dir.path()).unwrap();
             assert_eq!(db.manifest("k").unwrap(), Some(sample_manifest()));
             assert_eq!(db.layer("l").unwrap().unwrap().size, 9);
             assert_eq!(db.pulls().unwrap(), vec![("a".into(), 5)]);
@@ -790,7 +803,7 @@ mod tests {
                 .unwrap();
             raw.flush().unwrap();
         }
-        let err = Db::open(dir.path()).err().unwrap();
+        let err = open_when_free(dir.path()).err().unwrap();
         assert!(matches!(err, DbError::TooNew { .. }), "{err}");
         assert!(err.to_string().contains("newer nixery"), "{err}");
     }

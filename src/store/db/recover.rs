@@ -109,19 +109,8 @@ mod tests {
         db.db.flush().unwrap();
     }
 
-    /// Opens the database again as soon as sled's flusher thread, which
-    /// holds the file lock a moment after the last handle is dropped, lets
-    /// go of it.
     fn reopen(path: &Path) -> Db {
-        for _ in 0..100 {
-            match Db::open(path) {
-                Err(super::super::DbError::InUse(_)) => {
-                    std::thread::sleep(std::time::Duration::from_millis(50))
-                }
-                other => return other.unwrap(),
-            }
-        }
-        panic!("the database stayed locked")
+        super::super::open_when_free(path).unwrap()
     }
 
     #[test]
