@@ -272,21 +272,36 @@ async fn an_unreachable_bucket_is_a_clear_503_until_it_returns() {
     get_blob(&client, &b, &layer).await;
 }
 
-/// `nixery verify` or `nixery gc` on the bucket, as an operator runs it
-/// next to the replicas: the exit status and what it printed.
-fn upkeep(weed: &Seaweed, bucket: &str, args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_nixery"))
-        .args(args)
-        .args(weed.flags(bucket))
-        .env_remove("STORAGE_PATH")
-        .output()
-        .expect("nixery runs");
+/// `nixery ARGS...` with the s3 flags for `bucket`, as an operator runs
+/// it next to the replicas: with no disk of its own (`verify`, `gc`), or
+/// with `storage` and the fixture set (`export`, `import`). The exit
+/// status and what it printed.
+fn nixery_on(
+    weed: &Seaweed,
+    bucket: &str,
+    storage: Option<&std::path::Path>,
+    args: &[&str],
+) -> (i32, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixery"));
+    cmd.args(args).args(weed.flags(bucket));
+    match storage {
+        Some(dir) => cmd
+            .env("STORAGE_PATH", dir)
+            .env("NIXERY_PKGS_PATH", common::fixture_dir())
+            .env("NIXERY_NIX_OPTIONS", "substituters="),
+        None => cmd.env_remove("STORAGE_PATH"),
+    };
+    let out = cmd.output().expect("nixery runs");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.code().unwrap_or(-1), text)
+}
+
+fn upkeep(weed: &Seaweed, bucket: &str, args: &[&str]) -> (i32, String) {
+    nixery_on(weed, bucket, None, args)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -444,4 +459,76 @@ async fn a_replica_with_a_limit_caches_proxied_blobs_within_it() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+}
+
+/// As [`nixery_on`] with a disk, which must succeed.
+fn offline(weed: &Seaweed, bucket: &str, storage: &std::path::Path, args: &[&str]) -> String {
+    let (code, out) = nixery_on(weed, bucket, Some(storage), args);
+    assert_eq!(code, 0, "nixery {args:?}: {out}");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn images_export_from_one_bucket_and_import_into_another_that_keeps_them() {
+    let weed = Seaweed::start().await;
+    let (_a_dir, a) = replica(&weed, "outside", &[]).await;
+    let client = Client::new();
+    let (built, _) = get_manifest(&client, &a, "hello", "latest").await;
+
+    // Exported by a tool with an empty disk: the blobs come from the bucket.
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("layout");
+    let layout_arg = layout.to_str().unwrap();
+    let out = offline(
+        &weed,
+        "outside",
+        &work.path().join("exporter"),
+        &["export", "--output", layout_arg, "hello"],
+    );
+    assert!(out.contains("exported 1 images"), "{out}");
+
+    let out = offline(
+        &weed,
+        "inside",
+        &work.path().join("importer"),
+        &["import", layout_arg],
+    );
+    assert!(out.contains("published"), "{out}");
+    assert!(out.contains(&format!("hello:latest {built}")), "{out}");
+    // Another replica of the inside bucket serves it by digest at once.
+    let (_b_dir, b) = replica(&weed, "inside", &[]).await;
+    let r = client
+        .get(b.url(&format!("/v2/hello/manifests/{built}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(builds(&b), 0);
+
+    // The bucket's collector keeps an imported image whatever the quota.
+    let (code, out) = upkeep(
+        &weed,
+        "inside",
+        &["gc", "--max-storage", "1", "--gc-keep-recent", "0"],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("evicted"), "{out}");
+    let (code, out) = upkeep(&weed, "inside", &["verify"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("and 1 manifests"), "{out}");
+    let (_c_dir, c) = replica(&weed, "inside", &[]).await;
+    let r = client
+        .get(c.url(&format!("/v2/hello/manifests/{built}")))
+        .header(
+            "accept",
+            "application/vnd.docker.distribution.manifest.v2+json",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let manifest: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    for layer in layer_digests(&manifest) {
+        get_blob(&client, &c, &layer).await;
+    }
 }

@@ -34,7 +34,6 @@ pub struct ExportArgs {
 
 pub fn run(args: ExportArgs) -> ExitCode {
     super::offline(&args.serve, false, |_, builder| async move {
-        super::local_storage_only(&builder, "export")?;
         let images = image_list(&args.images, args.from_file.as_deref())?;
         let mut found = Vec::new();
         let mut failed = Vec::new();
@@ -46,6 +45,13 @@ pub fn run(args: ExportArgs) -> ExitCode {
         }
         if !failed.is_empty() {
             anyhow::bail!("cannot export:\n  {}", failed.join("\n  "));
+        }
+        // From the bucket, what this replica's disk does not hold.
+        for (image, digest) in &found {
+            builder
+                .bring_local(digest)
+                .await
+                .with_context(|| format!("{image}: copying its blobs from the bucket"))?;
         }
         let as_tar = args.output.extension().is_some_and(|e| e == "tar");
         let dir = if as_tar {

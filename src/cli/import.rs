@@ -1,6 +1,8 @@
 //! `nixery import DIR|FILE.tar [--with-closures]`: checks a layout whole,
 //! then stores its blobs and records its images as pinned, so `serve`
-//! answers their names with the same digests, without Nix.
+//! answers their names with the same digests, without Nix. On s3 the
+//! blobs are also published to the bucket; the names are recorded in this
+//! replica's database.
 
 use crate::config::ServeArgs;
 use crate::mirror::import;
@@ -23,7 +25,6 @@ pub struct ImportArgs {
 
 pub fn run(args: ImportArgs) -> ExitCode {
     super::offline(&args.serve, false, |config, builder| async move {
-        super::local_storage_only(&builder, "import")?;
         let input = args.input.clone();
         let staging = config.storage_path.join("tmp");
         let checked = tokio::task::spawn_blocking(move || import::check(&input, &staging))
@@ -62,6 +63,22 @@ pub fn run(args: ImportArgs) -> ExitCode {
             tokio::task::spawn_blocking(move || checked.store(&blobs, &db).map(|()| checked))
                 .await
                 .context("storing the layout")??;
+        if builder.storage().is_shared() {
+            // Other replicas then serve these blobs and manifests by digest
+            // (the names are this replica's: import on each).
+            for digest in &checked.blobs {
+                builder.publish(digest).await?;
+            }
+            for (image, digest) in &checked.images {
+                builder.mark_manifest(digest).await?;
+                builder.record_import(image.to_string(), digest).await?;
+            }
+            println!(
+                "published {} blobs to {}",
+                checked.blobs.len(),
+                builder.storage().describe().location
+            );
+        }
         for (image, digest) in &checked.images {
             println!("{image} {digest}");
         }

@@ -66,22 +66,6 @@ where
     }
 }
 
-/// Refuses a command that works on the local blob store only when content
-/// lives in a shared bucket: it would see this replica's staging, not the
-/// images.
-pub(crate) fn local_storage_only(
-    builder: &crate::build::builder::Builder,
-    command: &str,
-) -> anyhow::Result<()> {
-    if builder.storage().is_shared() {
-        anyhow::bail!(
-            "`nixery {command}` works on the filesystem backend only, not on {} yet",
-            builder.storage().describe().location
-        );
-    }
-    Ok(())
-}
-
 /// Whether stderr is a terminal, for progress bars instead of lines.
 pub(crate) fn on_terminal() -> bool {
     use std::io::IsTerminal;

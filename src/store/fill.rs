@@ -64,21 +64,30 @@ impl Filler {
     }
 
     async fn copy(&self, digest: &Digest) -> Result<(), StoreError> {
-        let stream = self.storage.read(digest, None).await?;
-        let (staging, expected) = (self.staging.clone(), *digest);
-        let stored = feed_blocking(stream, move |next| {
-            let mut writer = staging.writer()?;
-            while let Some(chunk) = next() {
-                writer
-                    .write_all(&chunk)
-                    .map_err(|e| StoreError::Task(format!("writing a cached blob: {e}")))?;
-            }
-            // A cut-off download does not match the digest, and its temp
-            // file goes.
-            writer.commit_expecting(&expected)?;
-            Ok::<(), StoreError>(())
-        })
-        .await?;
-        stored
+        copy_to_disk(self.storage.as_ref(), &self.staging, digest).await
     }
+}
+
+/// Copies a blob from `storage` into the local blob store, checked against
+/// its digest; a cut-off copy leaves nothing.
+pub async fn copy_to_disk(
+    storage: &dyn Storage,
+    staging: &BlobStore,
+    digest: &Digest,
+) -> Result<(), StoreError> {
+    let stream = storage.read(digest, None).await?;
+    let (staging, expected) = (staging.clone(), *digest);
+    feed_blocking(stream, move |next| {
+        let mut writer = staging.writer()?;
+        while let Some(chunk) = next() {
+            writer
+                .write_all(&chunk)
+                .map_err(|e| StoreError::Task(format!("writing a copied blob: {e}")))?;
+        }
+        // A cut-off download does not match the digest, and its temp file
+        // goes.
+        writer.commit_expecting(&expected)?;
+        Ok::<(), StoreError>(())
+    })
+    .await?
 }

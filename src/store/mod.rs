@@ -101,6 +101,9 @@ pub enum RecordKind {
     Manifest,
     /// Manifest digest -> the image it belongs to (pulls by digest).
     ManifestDigest,
+    /// Manifest digest -> the `name:tag`s it was imported as: kept by the
+    /// bucket's collector like the build records.
+    Imported,
 }
 
 impl RecordKind {
@@ -109,6 +112,7 @@ impl RecordKind {
             RecordKind::Layer => "layers",
             RecordKind::Manifest => "manifests",
             RecordKind::ManifestDigest => "manifest-digests",
+            RecordKind::Imported => "imported",
         }
     }
 }

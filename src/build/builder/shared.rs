@@ -3,8 +3,10 @@
 //! lease that makes one replica build an image while the others wait.
 
 use super::{now_unix, BuildError, Builder};
+use crate::build::manifest::{named_by, Named};
 use crate::digest::Digest;
-use crate::store::db::{self, LayerRecord, ManifestRecord, Record};
+use crate::store::db::{self, ImportedRecord, LayerRecord, ManifestRecord, Record};
+use crate::store::fill::copy_to_disk;
 use crate::store::{Lease, LeaseState, RecordKind, Storage};
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,6 +61,39 @@ impl Builder {
             return Ok(true);
         }
         Ok(self.storage.stat(digest).await?.is_some())
+    }
+
+    /// Copies an image's manifest (or index) and every blob it names from
+    /// the bucket to this replica's disk, where tools that write files
+    /// (export) read them. Nothing to do on the filesystem backend.
+    pub async fn bring_local(&self, manifest: &Digest) -> Result<(), BuildError> {
+        if !self.storage.is_shared() {
+            return Ok(());
+        }
+        let mut manifests = vec![*manifest];
+        while let Some(digest) = manifests.pop() {
+            self.copy_if_missing(&digest).await?;
+            let Some(bytes) = self.manifest_bytes(&digest).await? else {
+                continue;
+            };
+            match named_by(&bytes) {
+                Some(Named::Image(parts)) => {
+                    for (part, _) in parts {
+                        self.copy_if_missing(&part).await?;
+                    }
+                }
+                Some(Named::Index(children)) => manifests.extend(children.iter().map(|(d, _)| *d)),
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    async fn copy_if_missing(&self, digest: &Digest) -> Result<(), BuildError> {
+        if !self.on_disk(digest, None).await? {
+            copy_to_disk(self.storage.as_ref(), &self.blobs, digest).await?;
+        }
+        Ok(())
     }
 
     /// Makes a blob packed into staging durable in the backend.
@@ -117,6 +152,27 @@ impl Builder {
         if self.storage.is_shared() {
             self.storage
                 .put_record(RecordKind::ManifestDigest, &digest.hex(), Vec::new())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Notes in the bucket that an imported manifest is kept under
+    /// `name:tag`, so that its collector keeps it.
+    pub async fn record_import(&self, name_tag: String, digest: &Digest) -> Result<(), BuildError> {
+        if !self.storage.is_shared() {
+            return Ok(());
+        }
+        let key = digest.hex();
+        let mut record: ImportedRecord =
+            shared_record(self.storage.as_ref(), RecordKind::Imported, &key)
+                .await?
+                .unwrap_or_default();
+        if !record.names.contains(&name_tag) {
+            record.names.push(name_tag);
+            let bytes = db::encode(&record)?;
+            self.storage
+                .put_record(RecordKind::Imported, &key, bytes)
                 .await?;
         }
         Ok(())

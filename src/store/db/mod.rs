@@ -35,8 +35,8 @@ mod recover;
 pub use async_db::AsyncDb;
 pub use migrate::SCHEMA_VERSION;
 pub use records::{
-    BuildOutcome, BuildRecord, ErrorRecord, LayerRecord, ManifestRecord, PullRecord, Record,
-    TagRecord,
+    BuildOutcome, BuildRecord, ErrorRecord, ImportedRecord, LayerRecord, ManifestRecord,
+    PullRecord, Record, TagRecord,
 };
 
 use crate::digest::Digest;

@@ -120,6 +120,17 @@ impl Record for LayerRecord {
     const VERSION: u8 = 1;
 }
 
+/// The names an imported manifest was given (`name:tag`), in a shared
+/// bucket's index, where the collector keeps it like a build.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportedRecord {
+    pub names: Vec<String>,
+}
+
+impl Record for ImportedRecord {
+    const VERSION: u8 = 1;
+}
+
 impl Record for BuildRecord {
     const VERSION: u8 = 1;
 }

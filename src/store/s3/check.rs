@@ -11,7 +11,7 @@ use super::Bucket;
 use crate::build::manifest::{named_by, MANIFEST_MAX_BYTES};
 use crate::digest::Digest;
 use crate::mirror::check::{Findings, Holder, Repaired, StaleRecord};
-use crate::store::db::{self, LayerRecord, ManifestRecord, Record};
+use crate::store::db::{self, ImportedRecord, LayerRecord, ManifestRecord, Record};
 use crate::store::{RecordKind, StoreError};
 use futures::{StreamExt, TryStreamExt};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -59,6 +59,18 @@ pub async fn check(
                 .or_default()
                 .push(Holder::Build(key)),
             None => f.stale_records.push(unreadable(RecordKind::Manifest, key)),
+        }
+    }
+    for (key, record) in records::<ImportedRecord>(bucket, RecordKind::Imported).await? {
+        match (format!("sha256:{key}").parse::<Digest>(), record) {
+            (Ok(d), Some(r)) => holders
+                .entry(d)
+                .or_default()
+                .extend(r.names.iter().map(|n| {
+                    let (name, tag) = n.rsplit_once(':').unwrap_or((n, "latest"));
+                    Holder::Pinned(name.to_owned(), tag.to_owned())
+                })),
+            _ => f.stale_records.push(unreadable(RecordKind::Imported, key)),
         }
     }
     for key in bucket.record_keys(RecordKind::ManifestDigest).await? {
@@ -187,8 +199,14 @@ pub async fn repair(bucket: &Bucket, f: &Findings) -> Result<Repaired, StoreErro
                         .delete_record(RecordKind::ManifestDigest, &digest.hex())
                         .await?;
                 }
+                Holder::Pinned(name, tag) => {
+                    bucket
+                        .delete_record(RecordKind::Imported, &digest.hex())
+                        .await?;
+                    done.lost.push(format!("{name}:{tag}"));
+                }
                 // Only a local database has these.
-                Holder::Pinned(..) | Holder::Built(..) => {}
+                Holder::Built(..) => {}
             }
         }
     }

@@ -21,7 +21,7 @@ use super::lease::new_holder;
 use super::{Bucket, Listed};
 use crate::build::manifest::{named_by, Named, MANIFEST_MAX_BYTES};
 use crate::digest::Digest;
-use crate::store::db::{LayerRecord, ManifestRecord};
+use crate::store::db::{ImportedRecord, LayerRecord, ManifestRecord};
 use crate::store::gc::{evictions, keep_with_forms, now_unix, Image, Policy, Report};
 use crate::store::{LeaseState, RecordKind, StoreError};
 use futures::{StreamExt, TryStreamExt};
@@ -74,6 +74,8 @@ struct Contents {
     builds: Vec<(String, ManifestRecord)>,
     /// Every digest recorded as a manifest.
     listed: Vec<Digest>,
+    /// Imported manifests and their names: never evicted.
+    imported: Vec<(Digest, Vec<String>)>,
     /// What each stored manifest names.
     parts: HashMap<Digest, Named>,
 }
@@ -91,11 +93,19 @@ async fn read_contents(bucket: &Bucket) -> Result<Contents, StoreError> {
         .into_iter()
         .filter_map(|hex| format!("sha256:{hex}").parse().ok())
         .collect();
+    let imported: Vec<(Digest, Vec<String>)> = records(bucket, RecordKind::Imported)
+        .await?
+        .into_iter()
+        .filter_map(|(hex, r): (String, Option<ImportedRecord>)| {
+            Some((format!("sha256:{hex}").parse().ok()?, r?.names))
+        })
+        .collect();
     let sizes: HashMap<Digest, u64> = blobs.iter().map(|b| (b.digest, b.size)).collect();
     let manifests: BTreeSet<Digest> = builds
         .iter()
         .map(|(_, r)| r.digest)
         .chain(listed.iter().copied())
+        .chain(imported.iter().map(|(d, _)| *d))
         .filter(|d| sizes.get(d).is_some_and(|&n| n <= MANIFEST_MAX_BYTES))
         .collect();
     let parts = futures::stream::iter(manifests.into_iter().map(|digest| async move {
@@ -110,22 +120,32 @@ async fn read_contents(bucket: &Bucket) -> Result<Contents, StoreError> {
         blobs,
         builds,
         listed,
+        imported,
         parts,
     })
 }
 
-/// The images the bucket's build records keep, one per manifest digest.
+/// The images the bucket's build and import records keep, one per
+/// manifest digest.
 fn images(c: &Contents) -> Vec<Image> {
-    let mut by_digest: BTreeMap<Digest, (u64, &str)> = BTreeMap::new();
+    // Last made or confirmed current, what it is called, imported.
+    let mut by_digest: BTreeMap<Digest, (u64, String, bool)> = BTreeMap::new();
     for (key, r) in &c.builds {
-        let entry = by_digest.entry(r.digest).or_insert((0, key));
+        let name = format!("cached build {}", &key[..key.len().min(12)]);
+        let entry = by_digest
+            .entry(r.digest)
+            .or_insert((0, name.clone(), false));
         if r.checked_at >= entry.0 {
-            *entry = (r.checked_at, key);
+            (entry.0, entry.1) = (r.checked_at, name);
         }
+    }
+    for (digest, names) in &c.imported {
+        let name = format!("imported {}", names.join(", "));
+        by_digest.insert(*digest, (0, name, true));
     }
     by_digest
         .into_iter()
-        .map(|(manifest, (checked_at, key))| {
+        .map(|(manifest, (last_used, name, pinned))| {
             let mut blobs = vec![manifest];
             if let Some(Named::Image(parts)) = c.parts.get(&manifest) {
                 blobs.extend(parts.iter().map(|(d, _)| *d));
@@ -134,10 +154,10 @@ fn images(c: &Contents) -> Vec<Image> {
             blobs.dedup();
             Image {
                 manifest,
-                last_used: checked_at,
-                image: Some(format!("cached build {}", &key[..key.len().min(12)])),
+                last_used,
+                image: Some(name),
                 blobs,
-                pinned: false,
+                pinned,
             }
         })
         .collect()
