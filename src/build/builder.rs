@@ -245,6 +245,8 @@ pub struct Builder {
     collector: Arc<Collector>,
     /// Copies proxied blobs to disk (a replica with storage limits).
     filler: Option<Arc<Filler>>,
+    /// Whether the database had imported names when it was opened.
+    has_pinned: bool,
     hot: HotManifests,
     /// The collector's generation the hot manifests were checked against:
     /// a collection that deleted blobs makes them all suspect.
@@ -316,11 +318,16 @@ impl Builder {
     ) -> Arc<Self> {
         let permits = Semaphore::new(settings.max_concurrent_builds);
         let queue = BuildQueue::new(settings.max_queued_builds);
+        // Only `import` records pinned names, and it cannot run while this
+        // process holds the database: with none now, pulls by tag need
+        // not look.
+        let has_pinned = db.has_tag_records(TagTree::Pinned);
         // A replica's disk caches the bucket only when a limit bounds it.
         let filler = (storage.is_shared() && collector.policy().is_active())
             .then(|| Filler::new(storage.staging().clone(), Arc::clone(&storage)));
         Arc::new(Builder {
             filler,
+            has_pinned,
             settings,
             db: AsyncDb::new(db),
             blobs: storage.staging().clone(),
@@ -599,11 +606,14 @@ impl Builder {
     pub async fn manifest_for(self: &Arc<Self>, name: &str, tag: &str) -> BuildResult {
         let db_error = |e: DbError| Arc::new(BuildError::from(e));
         // Imported images answer whatever the source.
-        if let Some(digest) = self
-            .tagged(TagTree::Pinned, name, tag)
-            .await
-            .map_err(db_error)?
-        {
+        let pinned = match self.has_pinned {
+            true => self
+                .tagged(TagTree::Pinned, name, tag)
+                .await
+                .map_err(db_error)?,
+            false => None,
+        };
+        if let Some(digest) = pinned {
             self.status.manifest_requested(name, Lookup::Hit, true);
             return Ok(digest);
         }

@@ -358,6 +358,11 @@ impl Db {
             .collect())
     }
 
+    /// Whether any name and tag is recorded in `which`.
+    pub fn has_tag_records(&self, which: TagTree) -> bool {
+        !self.tag_tree(which).is_empty()
+    }
+
     pub fn remove_tag_record(&self, which: TagTree, name: &str, tag: &str) -> Result<(), DbError> {
         self.tag_tree(which).remove(format!("{name}\0{tag}"))?;
         Ok(())
