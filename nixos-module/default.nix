@@ -89,6 +89,57 @@ let
 
   nixery = "${cfg.package}/bin/nixery";
 
+  s3Environment = filterAttrs (n: _: hasPrefix "NIXERY_S3_" n) environment // {
+    NIXERY_STORAGE_BACKEND = "s3";
+  };
+  collectsBucket = cfg.storageBackend == "s3" && cfg.s3CollectSchedule != null;
+
+  # What every unit of the module shares: no privileges, no view of the
+  # rest of the system.
+  hardening = {
+    DynamicUser = true;
+    UMask = "0077";
+    # Talking to the daemon needs only connect(2) on its socket, which a
+    # read-only /nix does not prevent.
+    ProtectSystem = "strict";
+    ProtectHome = true;
+    PrivateTmp = true;
+    PrivateDevices = true;
+    PrivateUsers = true;
+    NoNewPrivileges = true;
+    CapabilityBoundingSet = [ "" ];
+    AmbientCapabilities = [ "" ];
+    DeviceAllow = [ "" ];
+    DevicePolicy = "closed";
+    LockPersonality = true;
+    MemoryDenyWriteExecute = true;
+    ProtectClock = true;
+    ProtectControlGroups = true;
+    ProtectHostname = true;
+    ProtectKernelLogs = true;
+    ProtectKernelModules = true;
+    ProtectKernelTunables = true;
+    ProtectProc = "invisible";
+    RemoveIPC = true;
+    RestrictAddressFamilies = [
+      "AF_UNIX"
+      "AF_INET"
+      "AF_INET6"
+    ];
+    RestrictNamespaces = true;
+    RestrictRealtime = true;
+    RestrictSUIDSGID = true;
+    SystemCallArchitectures = "native";
+    # Not ~@resources: the Nix client raises its stack limit with
+    # setrlimit(2).
+    SystemCallFilter = [
+      "@system-service"
+      "~@privileged"
+    ];
+    # A filtered call fails instead of killing a build mid-way.
+    SystemCallErrorNumber = "EPERM";
+  };
+
   # Runs check-config on the unit's environment (the environment file,
   # holding secrets, is not available to a build), so a bad setting fails
   # the system build. Paths of the running system do not exist in the
@@ -196,6 +247,29 @@ in
       description = ''
         Answer blob pulls with a redirect to a presigned URL of the bucket,
         so clients download from the object storage directly.
+      '';
+    };
+
+    s3CollectSchedule = nullOrStr ''
+      When to collect garbage in the bucket (`nixery gc` on it, run by the
+      timer `nixery-bucket-gc`), as a systemd calendar event; `null`:
+      never. Without it the bucket only grows: old builds and
+      blobs of interrupted builds stay.
+    '' "daily";
+
+    s3MaxStorage = nullOrStr ''
+      With {option}`s3CollectSchedule`: most bytes of blobs to keep in the
+      bucket, e.g. `"500G"`; beyond it the images least recently built or
+      confirmed current are evicted. `null`: only unreferenced blobs go.
+    '' "500G";
+
+    s3CollectKeepRecent = mkOption {
+      type = types.ints.unsigned;
+      default = 3600;
+      description = ''
+        With {option}`s3CollectSchedule`: seconds during which a new blob,
+        or an image built or confirmed current, is kept whatever the quota
+        (a build uploads its blobs before the records that name them).
       '';
     };
 
@@ -412,7 +486,7 @@ in
       requires = [ "nix-daemon.socket" ];
       inherit environment;
 
-      serviceConfig = {
+      serviceConfig = hardening // {
         # nixery sends READY=1 once it listens, STOPPING=1 on SIGTERM.
         Type = "notify";
         ExecStart = "${executable} serve";
@@ -420,54 +494,41 @@ in
         LoadCredential = mkIf (cfg.htpasswdFile != null) [ "htpasswd:${cfg.htpasswdFile}" ];
         Restart = "on-failure";
         RestartSec = 5;
-
-        DynamicUser = true;
         StateDirectory = mkIf storageInStateDir (lib.removePrefix stateDir cfg.storagePath);
         ReadWritePaths = mkIf (!storageInStateDir) [ cfg.storagePath ];
         CacheDirectory = "nixery";
         WorkingDirectory = cacheDir;
-        UMask = "0077";
-
-        # Talking to the daemon needs only connect(2) on its socket, which
-        # a read-only /nix does not prevent.
-        ProtectSystem = "strict";
-        ProtectHome = true;
-        PrivateTmp = true;
-        PrivateDevices = true;
-        PrivateUsers = true;
-        NoNewPrivileges = true;
-        CapabilityBoundingSet = [ "" ];
-        AmbientCapabilities = [ "" ];
-        DeviceAllow = [ "" ];
-        DevicePolicy = "closed";
-        LockPersonality = true;
-        MemoryDenyWriteExecute = true;
-        ProtectClock = true;
-        ProtectControlGroups = true;
-        ProtectHostname = true;
-        ProtectKernelLogs = true;
-        ProtectKernelModules = true;
-        ProtectKernelTunables = true;
-        ProtectProc = "invisible";
-        RemoveIPC = true;
-        RestrictAddressFamilies = [
-          "AF_UNIX"
-          "AF_INET"
-          "AF_INET6"
-        ];
-        RestrictNamespaces = true;
-        RestrictRealtime = true;
-        RestrictSUIDSGID = true;
-        SystemCallArchitectures = "native";
-        # Not ~@resources: the Nix client raises its stack limit with
-        # setrlimit(2).
-        SystemCallFilter = [
-          "@system-service"
-          "~@privileged"
-        ];
-        # A filtered call fails instead of killing a build mid-way.
-        SystemCallErrorNumber = "EPERM";
         LimitNOFILE = 65536;
+      };
+    };
+
+    # The bucket is shared: any replica may collect it. Several timers
+    # are harmless, as one collection runs at a time (the others exit 75).
+    systemd.services.nixery-bucket-gc = mkIf collectsBucket {
+      description = "Garbage collection of nixery's S3 bucket";
+      after = [ "network-online.target" ];
+      wants = [ "network-online.target" ];
+      environment = filterAttrs (_: v: v != null) (
+        s3Environment
+        // {
+          NIXERY_MAX_STORAGE = cfg.s3MaxStorage;
+          NIXERY_GC_KEEP_RECENT = toString cfg.s3CollectKeepRecent;
+        }
+      );
+      serviceConfig = hardening // {
+        Type = "oneshot";
+        ExecStart = "${nixery} gc";
+        EnvironmentFile = mkIf (cfg.environmentFile != null) cfg.environmentFile;
+        SuccessExitStatus = [ 75 ];
+      };
+    };
+
+    systemd.timers.nixery-bucket-gc = mkIf collectsBucket {
+      wantedBy = [ "timers.target" ];
+      timerConfig = {
+        OnCalendar = cfg.s3CollectSchedule;
+        RandomizedDelaySec = "30m";
+        Persistent = true;
       };
     };
   };

@@ -277,3 +277,66 @@ fn module_build_time_check_accepts_good_and_rejects_bad_settings() {
         "{stderr}"
     );
 }
+
+/// Runs a unit's `ExecStart` with the binary under test and only the
+/// unit's environment (plus `extra`, standing for its environment file).
+fn run_unit(unit: &Value, extra: &[(&str, &str)]) -> std::process::Output {
+    let exec = unit["serviceConfig"]["ExecStart"].as_str().unwrap();
+    let command = exec.replace("@NIXERY@/bin/nixery", env!("CARGO_BIN_EXE_nixery"));
+    let mut words = command.split_whitespace();
+    let mut cmd = Command::new(words.next().unwrap());
+    cmd.args(words).env_clear();
+    for (k, v) in unit["environment"].as_object().unwrap() {
+        cmd.env(k, v.as_str().unwrap());
+    }
+    cmd.envs(extra.iter().copied());
+    cmd.output().expect("the unit's command runs")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn module_collects_the_bucket_on_a_timer() {
+    let none = eval(r#"{"channel": "a", "storageBackend": "s3", "s3Bucket": "b"}"#);
+    assert_eq!(none["bucketGc"], Value::Null);
+    assert_eq!(none["bucketGcTimer"], Value::Null);
+
+    let weed = common::seaweed::Seaweed::start().await;
+    let settings = serde_json::json!({
+        "channel": "a", "storageBackend": "s3", "s3Bucket": "timer", "s3Prefix": "nixery",
+        "s3Endpoint": weed.endpoint(), "s3ForcePathStyle": true,
+        "s3CollectSchedule": "daily", "s3MaxStorage": "10G",
+        "environmentFile": "/run/secrets/nixery-s3",
+    });
+    let evaluated = eval(&settings.to_string());
+    assert_eq!(evaluated["failedAssertions"], serde_json::json!([]));
+    let timer = &evaluated["bucketGcTimer"];
+    assert_eq!(timer["timerConfig"]["OnCalendar"], "daily");
+    assert_eq!(timer["wantedBy"], serde_json::json!(["timers.target"]));
+    let unit = &evaluated["bucketGc"];
+    assert_eq!(unit["serviceConfig"]["Type"], "oneshot");
+    assert_eq!(unit["serviceConfig"]["DynamicUser"], true);
+    assert_eq!(
+        unit["serviceConfig"]["EnvironmentFile"],
+        "/run/secrets/nixery-s3"
+    );
+    assert_eq!(unit["environment"]["NIXERY_MAX_STORAGE"], "10G");
+    assert!(unit["environment"].get("STORAGE_PATH").is_none());
+
+    // What the unit runs collects the bucket with what the unit sets.
+    let credentials = [
+        ("AWS_ACCESS_KEY_ID", common::seaweed::ACCESS_KEY),
+        ("AWS_SECRET_ACCESS_KEY", common::seaweed::SECRET_KEY),
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        let unit = eval(&settings.to_string())["bucketGc"].clone();
+        run_unit(&unit, &credentials)
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("deleted 0 blobs"), "{stdout}");
+}

@@ -272,6 +272,18 @@ async fn an_unreachable_bucket_is_a_clear_503_until_it_returns() {
     get_blob(&client, &b, &layer).await;
 }
 
+/// Takes the lease `name` in the bucket for a minute, as a replica would.
+async fn take_lease(bucket: &dyn nixery::store::Storage, name: &str) -> nixery::store::Lease {
+    match bucket
+        .try_lease(name, Duration::from_secs(60))
+        .await
+        .unwrap()
+    {
+        nixery::store::LeaseState::Acquired(l) => l,
+        held => panic!("{held:?}"),
+    }
+}
+
 /// `nixery ARGS...` with the s3 flags for `bucket`, as an operator runs
 /// it next to the replicas: with no disk of its own (`verify`, `gc`), or
 /// with `storage` and the fixture set (`export`, `import`). The exit
@@ -331,19 +343,18 @@ async fn verify_and_gc_work_on_the_bucket_while_replicas_serve() {
     let (code, out) = upkeep(&weed, "upkeep", &["gc"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("deleted 0 blobs"), "{out}");
-    let lease = match bucket
-        .try_lease("build-someone", Duration::from_secs(60))
-        .await
-        .unwrap()
-    {
-        nixery::store::LeaseState::Acquired(l) => l,
-        held => panic!("{held:?}"),
-    };
+    let lease = take_lease(&bucket, "build-someone").await;
     let (code, out) = upkeep(&weed, "upkeep", &["gc", "--gc-keep-recent", "0"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("deleted 0 blobs"), "{out}");
     assert!(bucket.stat(&orphan).await.unwrap().is_some());
     bucket.release(&lease).await.unwrap();
+    // One collection at a time; the second says so and exits 75.
+    let gc_lease = take_lease(&bucket, "gc").await;
+    let (code, out) = upkeep(&weed, "upkeep", &["gc", "--gc-keep-recent", "0"]);
+    assert_eq!(code, 75, "{out}");
+    assert!(out.contains("another collection is running"), "{out}");
+    bucket.release(&gc_lease).await.unwrap();
     let (code, out) = upkeep(&weed, "upkeep", &["gc", "--gc-keep-recent", "0"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("deleted 1 blobs"), "{out}");

@@ -51,4 +51,6 @@ in
     wantedBy
     ;
   firewall = resolved.networking.firewall.allowedTCPPorts or [ ];
+  bucketGc = resolved.systemd.services.nixery-bucket-gc or null;
+  bucketGcTimer = resolved.systemd.timers.nixery-bucket-gc or null;
 }

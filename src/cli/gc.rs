@@ -6,9 +6,14 @@
 
 use crate::config::{BackendArgs, GcLimits};
 use crate::store::gc::{self, Report};
+use crate::store::s3::gc::BucketGcError;
 use clap::Args;
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+/// The exit status when another collection holds the bucket (EX_TEMPFAIL):
+/// not a failure for a timer that runs on every replica.
+pub const ANOTHER_COLLECTION: u8 = 75;
 
 #[derive(Debug, Clone, Args)]
 pub struct GcArgs {
@@ -36,9 +41,17 @@ pub fn run(args: GcArgs) -> ExitCode {
         return super::with_runtime(async move {
             let policy = args.limits.policy()?;
             let bucket = crate::store::s3::Bucket::open(settings)?;
-            let report = crate::store::s3::gc::collect(&bucket, &policy, args.dry_run).await?;
-            print(&report);
-            Ok(ExitCode::SUCCESS)
+            match crate::store::s3::gc::collect(&bucket, &policy, args.dry_run).await {
+                Ok(report) => {
+                    print(&report);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e @ BucketGcError::Running(_)) => {
+                    eprintln!("nixery gc: {e}; nothing done");
+                    Ok(ExitCode::from(ANOTHER_COLLECTION))
+                }
+                Err(e) => Err(e.into()),
+            }
         });
     }
     match collect(&args) {
