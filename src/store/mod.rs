@@ -33,12 +33,14 @@ use std::time::Duration;
 pub enum StoreError {
     #[error(transparent)]
     Blob(#[from] fs::BlobError),
-    #[error("object storage: {op} {key}: {source}")]
+    /// `cause` is text, not a `#[source]`: object_store's errors print
+    /// part of their causes, which a chain would print again (see
+    /// [`StoreError::remote`]).
+    #[error("object storage: {op} {key}: {cause}")]
     Remote {
         op: &'static str,
         key: String,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        cause: String,
     },
     #[error("blob digest mismatch: expected {expected}, got {actual}")]
     DigestMismatch { expected: Digest, actual: Digest },
@@ -66,6 +68,22 @@ impl From<tokio::task::JoinError> for StoreError {
 }
 
 impl StoreError {
+    /// A failed call to the object storage: the error as it prints
+    /// itself, and its root cause (a refused connection, a DNS failure)
+    /// when that is not already in the text.
+    pub fn remote(op: &'static str, key: String, error: &dyn std::error::Error) -> StoreError {
+        let mut cause = error.to_string();
+        let mut root = error;
+        while let Some(next) = root.source() {
+            root = next;
+        }
+        let root = root.to_string();
+        if !cause.contains(&root) {
+            cause = format!("{cause}: {root}");
+        }
+        StoreError::Remote { op, key, cause }
+    }
+
     /// True when the backend could not be reached or answered with an
     /// error: worth a 503 rather than a 500.
     pub fn is_unavailable(&self) -> bool {

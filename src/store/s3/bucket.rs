@@ -47,11 +47,7 @@ pub(super) fn remote<'a>(
     op: &'static str,
     key: &'a Key,
 ) -> impl FnOnce(object_store::Error) -> StoreError + 'a {
-    move |e| StoreError::Remote {
-        op,
-        key: key.to_string(),
-        source: Box::new(e),
-    }
+    move |e| StoreError::remote(op, key.to_string(), &e)
 }
 
 /// A client for one bucket and prefix.
@@ -126,11 +122,9 @@ impl Bucket {
                 builder = builder.with_virtual_hosted_style_request(!settings.force_path_style);
             }
         }
-        let client = builder.build().map_err(|e| StoreError::Remote {
-            op: "configuring",
-            key: settings.location(),
-            source: Box::new(e),
-        })?;
+        let client = builder
+            .build()
+            .map_err(|e| StoreError::remote("configuring", settings.location(), &e))?;
         Ok(Bucket { client, settings })
     }
 
@@ -275,11 +269,7 @@ impl Bucket {
         Ok(Some(
             result
                 .into_stream()
-                .map_err(move |e| StoreError::Remote {
-                    op: "reading",
-                    key: key_name.clone(),
-                    source: Box::new(e),
-                })
+                .map_err(move |e| StoreError::remote("reading", key_name.clone(), &e))
                 .boxed(),
         ))
     }

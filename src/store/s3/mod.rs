@@ -219,7 +219,7 @@ impl Storage for S3Store {
             Ok(None) => Err(StoreError::Remote {
                 op: "reading",
                 key: self.bucket.blob_key(digest).to_string(),
-                source: "no such object".into(),
+                cause: "no such object".into(),
             }),
             Err(e) => Err(e),
         }
