@@ -78,10 +78,10 @@ pub fn write_atomically(path: &Path, content: &[u8]) -> std::io::Result<()> {
 /// removed or restored from an old copy. The images are rebuilt on their
 /// next pull, reusing stored layers.
 fn report_lost_records(blobs: &store::fs::BlobStore, db: &store::db::Db) -> Result<(), StartError> {
-    use build::manifest::{is_manifest, MANIFEST_MAX_BYTES};
+    use build::manifest::{is_manifest, MANIFEST_SCAN_BYTES};
     let mut stored = 0usize;
     let mut unknown = 0usize;
-    for digest in blobs.small_blobs(MANIFEST_MAX_BYTES)? {
+    for digest in blobs.small_blobs(MANIFEST_SCAN_BYTES)? {
         let Ok(Some(blob)) = blobs.get(&digest) else {
             continue;
         };

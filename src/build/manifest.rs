@@ -164,8 +164,9 @@ pub fn is_manifest(blob: &[u8]) -> bool {
     blob.starts_with(prefix) && blob[prefix.len()..].starts_with(MANIFEST_MEDIA_TYPE.as_bytes())
 }
 
-/// Manifests are far smaller: a few hundred bytes a layer.
-pub const MANIFEST_MAX_BYTES: u64 = 64 * 1024;
+/// Blobs at most this large are looked at when searching the blob store
+/// for manifests: a few hundred bytes a layer, within the layer budget.
+pub const MANIFEST_SCAN_BYTES: u64 = 64 * 1024;
 
 /// What a stored manifest or index names, each with its size.
 #[derive(Debug, Clone, PartialEq, Eq)]

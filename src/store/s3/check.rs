@@ -8,7 +8,8 @@
 //! it runs while the replicas serve.
 
 use super::Bucket;
-use crate::build::manifest::{named_by, MANIFEST_MAX_BYTES};
+use crate::build::forms::MANIFEST_MAX_BYTES;
+use crate::build::manifest::named_by;
 use crate::digest::Digest;
 use crate::mirror::check::{Findings, Holder, Repaired, StaleRecord};
 use crate::store::db::{self, ImportedRecord, LayerRecord, ManifestRecord, Record};

@@ -19,7 +19,8 @@
 use super::check::records;
 use super::lease::new_holder;
 use super::{Bucket, Listed};
-use crate::build::manifest::{named_by, Named, MANIFEST_MAX_BYTES};
+use crate::build::forms::MANIFEST_MAX_BYTES;
+use crate::build::manifest::{named_by, Named};
 use crate::digest::Digest;
 use crate::store::db::{ImportedRecord, LayerRecord, ManifestRecord};
 use crate::store::gc::{evictions, keep_with_forms, now_unix, Image, Policy, Report};
