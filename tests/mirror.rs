@@ -567,3 +567,64 @@ async fn verify_finds_a_changed_byte_and_repair_lets_the_pull_rebuild() {
         "{clean}"
     );
 }
+
+#[tokio::test]
+async fn an_imported_name_is_its_manifest_whatever_the_platforms() {
+    let storage = tempfile::tempdir().unwrap();
+    let built = tokio::task::spawn_blocking({
+        let path = storage.path().to_owned();
+        move || build_outside(&path)
+    })
+    .await
+    .unwrap();
+    let imported = built["shell/hello:latest"];
+    // As `import` records a name: pinned, whatever the source builds.
+    {
+        let db = Db::open(&storage.path().join("db")).unwrap();
+        let record = nixery::store::db::TagRecord {
+            digest: imported,
+            at: 1,
+        };
+        db.put_tag_record(TagTree::Pinned, "busybox", "imported", &record)
+            .unwrap();
+        db.flush_blocking().unwrap();
+    }
+    let server = tokio::task::spawn_blocking(move || {
+        Binary::start_on(storage, |cmd| {
+            cmd.env("NIXERY_PLATFORMS", "linux/amd64,linux/arm64");
+        })
+    })
+    .await
+    .unwrap();
+    let client = Client::new();
+    let get = |tag: &str| {
+        client
+            .get(format!(
+                "http://127.0.0.1:{}/v2/busybox/manifests/{tag}",
+                server.port
+            ))
+            .header(
+                "accept",
+                "application/vnd.oci.image.index.v1+json, \
+                 application/vnd.docker.distribution.manifest.list.v2+json, \
+                 application/vnd.docker.distribution.manifest.v2+json",
+            )
+            .send()
+    };
+    // A built name is an index over both platforms...
+    let r = get("latest").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let media = common::header(&r, "content-type").to_owned();
+    assert!(media.contains("list") || media.contains("index"), "{media}");
+    // ...an imported one the manifest imported, not a build of both.
+    let r = get("imported").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        common::header(&r, "content-type"),
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
+    assert_eq!(
+        common::header(&r, "docker-content-digest"),
+        imported.to_string()
+    );
+}

@@ -601,6 +601,19 @@ impl Builder {
         }
     }
 
+    /// Whether a client that takes an index gets one for `name:tag`: with
+    /// several platforms, for an image built here. An imported name stands
+    /// for the one manifest imported, and a mirror builds no platform.
+    pub async fn serves_index(&self, name: &str, tag: &str) -> Result<bool, DbError> {
+        if self.platforms_for(name).len() < 2 || self.settings.source.is_mirror() {
+            return Ok(false);
+        }
+        if !self.has_pinned {
+            return Ok(true);
+        }
+        Ok(self.tagged(TagTree::Pinned, name, tag).await?.is_none())
+    }
+
     /// The Docker manifest digest for a validated image name and tag, for
     /// the first of its platforms, building the image if it is not cached.
     pub async fn manifest_for(self: &Arc<Self>, name: &str, tag: &str) -> BuildResult {

@@ -291,9 +291,14 @@ async fn manifest(
         api
     };
     // Several platforms make an index, for a client that takes one.
-    let index = accept
-        .index_format()
-        .filter(|_| builder.platforms_for(name).len() > 1);
+    let index = match accept.index_format() {
+        Some(format) => builder
+            .serves_index(name, &tag)
+            .await
+            .map_err(|e| logged(&e.into()))?
+            .then_some(format),
+        None => None,
+    };
     let served: Served = match index {
         Some(format) => builder
             .index_for(name, &tag, format)
