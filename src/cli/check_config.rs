@@ -170,8 +170,13 @@ pub fn summary(config: &Config, files_checked: bool) -> String {
         match &config.s3 {
             None => config.storage_path.display().to_string(),
             Some(s3) => format!(
-                "{} (staging), {}",
+                "{} ({}), {}",
                 config.storage_path.display(),
+                if config.gc.is_active() {
+                    "staging and a cache of the bucket, within the gc limits"
+                } else {
+                    "staging; no cache of the bucket without gc limits"
+                },
                 s3.location()
             ),
         },
