@@ -66,9 +66,24 @@ impl Seaweed {
             dir,
             ports: free_ports(),
         };
-        weed.spawn();
-        weed.wait_ready().await;
-        weed
+        // A port picked free may be taken (by a parallel test) before weed
+        // binds it; weed then exits, and another set is tried.
+        for _ in 0..3 {
+            weed.spawn();
+            if weed.wait_ready().await {
+                return weed;
+            }
+            weed.stop();
+            weed.ports = free_ports();
+            // Nothing is stored yet; the master's state names old ports.
+            let data = weed.dir.path().join("data");
+            let _ = std::fs::remove_dir_all(&data);
+            std::fs::create_dir_all(&data).expect("data dir");
+        }
+        panic!(
+            "SeaweedFS exited at start three times:\n{}",
+            weed.log_tail()
+        )
     }
 
     fn spawn(&mut self) {
@@ -113,8 +128,9 @@ impl Seaweed {
         self.child = Some(child);
     }
 
-    /// Until a write through the S3 API succeeds (about 10 s).
-    async fn wait_ready(&self) {
+    /// Until a write through the S3 API succeeds (about 10 s); false if
+    /// weed exited first.
+    async fn wait_ready(&mut self) -> bool {
         let staging = BlobStore::open(&self.dir.path().join("probe")).expect("probe store");
         let store = S3Store::open(self.settings("probe"), staging).expect("s3 client");
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -122,8 +138,13 @@ impl Seaweed {
             let probe = store
                 .put_record(RecordKind::Layer, "ready", b"ok".to_vec())
                 .await;
+            let exited = self
+                .child
+                .as_mut()
+                .is_none_or(|c| c.try_wait().ok().flatten().is_some());
             match probe {
-                Ok(()) => return,
+                Ok(()) => return true,
+                Err(_) if exited => return false,
                 Err(e) if Instant::now() > deadline => {
                     panic!("SeaweedFS did not become ready: {e}\n{}", self.log_tail())
                 }
@@ -203,7 +224,11 @@ impl Seaweed {
     /// Starts it again on the same ports and data.
     pub async fn restart(&mut self) {
         self.spawn();
-        self.wait_ready().await;
+        assert!(
+            self.wait_ready().await,
+            "SeaweedFS exited:\n{}",
+            self.log_tail()
+        );
     }
 }
 

@@ -13,6 +13,11 @@
 //!   reuse;
 //! - one collection at a time, by a lease of its own.
 //!
+//! Not covered: a build that starts after that last check and reuses an
+//! orphan (a blob a crashed build uploaded but never recorded) while it is
+//! being deleted. The image then misses that blob; `verify --repair` finds
+//! it and the image is built again.
+//!
 //! A replica that still has an evicted image in its database finds its
 //! manifest gone and builds it again.
 
