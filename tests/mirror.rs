@@ -642,10 +642,20 @@ fn an_image_exported_for_two_platforms_is_imported_and_served_with_both() {
             "NIXERY_NIX_OPTIONS",
             format!("substituters=;{}", common::ARM64_NIX_OPTION),
         )
-        .args(["export", "--output"])
+        .args(["export", "--with-closures", "--output"])
         .arg(&layout)
         .arg("busybox"));
     assert!(out.contains("exported 1 images"), "{out}");
+    // The closures of both platforms: iana-etc is built for each system.
+    let store_paths = std::fs::read_to_string(layout.join("nix-cache/store-paths")).unwrap();
+    assert_eq!(
+        store_paths
+            .lines()
+            .filter(|l| l.contains("-iana-etc-"))
+            .count(),
+        2,
+        "{store_paths}"
+    );
     let read_json = |hex: &str| -> serde_json::Value {
         let hex = hex.trim_start_matches("sha256:");
         serde_json::from_slice(&std::fs::read(layout.join("blobs/sha256").join(hex)).unwrap())

@@ -435,14 +435,16 @@ impl Builder {
             .await
     }
 
-    /// The cached build record for an image as [`manifest_for`](Self::manifest_for)
-    /// builds it (for its store paths), if there is one.
+    /// The cached build record for an image as
+    /// [`manifest_for_arch`](Self::manifest_for_arch) builds it (for its
+    /// store paths), if there is one.
     pub async fn cached_record(
         &self,
         name: &str,
         tag: &str,
+        arch: Arch,
     ) -> Result<Option<ManifestRecord>, DbError> {
-        let spec = ImageSpec::for_arch(name, tag, self.platforms_for(name)[0]);
+        let spec = ImageSpec::for_arch(name, tag, arch);
         self.db.manifest(&self.cache_key(&spec)).await
     }
 

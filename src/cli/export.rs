@@ -123,23 +123,35 @@ async fn write_layout(
     Ok(written)
 }
 
-/// `nix copy` of every image's store paths into `DIR/nix-cache`, with the
-/// list of those paths beside it for `import --with-closures`.
+/// `nix copy` of every image's store paths (of each platform exported)
+/// into `DIR/nix-cache`, with the list of those paths beside it for
+/// `import --with-closures`.
 async fn write_closures(
     builder: &Arc<Builder>,
     images: &[Image],
     dir: &Path,
 ) -> anyhow::Result<()> {
     let mut paths = Vec::new();
-    for Image { image, .. } in images {
-        let record = builder
-            .cached_record(&image.name, &image.tag)
-            .await?
-            .filter(|r| !r.out_paths.is_empty())
-            .with_context(|| {
-                format!("{image}: its store paths are not known here (an imported image has none)")
-            })?;
-        paths.extend(record.out_paths);
+    for Image {
+        image, platforms, ..
+    } in images
+    {
+        let archs = match platforms.is_empty() {
+            true => vec![builder.platforms_for(&image.name)[0]],
+            false => platforms.iter().map(|(arch, _)| *arch).collect(),
+        };
+        for arch in archs {
+            let record = builder
+                .cached_record(&image.name, &image.tag, arch)
+                .await?
+                .filter(|r| !r.out_paths.is_empty())
+                .with_context(|| {
+                    format!(
+                        "{image}: its store paths are not known here (an imported image has none)"
+                    )
+                })?;
+            paths.extend(record.out_paths);
+        }
     }
     paths.sort();
     paths.dedup();
