@@ -628,3 +628,224 @@ async fn an_imported_name_is_its_manifest_whatever_the_platforms() {
         imported.to_string()
     );
 }
+
+#[test]
+fn an_image_exported_for_two_platforms_is_imported_and_served_with_both() {
+    require_tool("docker");
+    require_tool("skopeo");
+    let work = tempfile::tempdir().unwrap();
+    let outside = work.path().join("outside");
+    let layout = work.path().join("layout");
+    let out = run(nixery(&outside, true)
+        .env("NIXERY_PLATFORMS", "linux/amd64,linux/arm64")
+        .env(
+            "NIXERY_NIX_OPTIONS",
+            format!("substituters=;{}", common::ARM64_NIX_OPTION),
+        )
+        .args(["export", "--with-closures", "--output"])
+        .arg(&layout)
+        .arg("busybox"));
+    assert!(out.contains("exported 1 images"), "{out}");
+    // The closures of both platforms: iana-etc is built for each system.
+    let store_paths = std::fs::read_to_string(layout.join("nix-cache/store-paths")).unwrap();
+    assert_eq!(
+        store_paths
+            .lines()
+            .filter(|l| l.contains("-iana-etc-"))
+            .count(),
+        2,
+        "{store_paths}"
+    );
+    let read_json = |hex: &str| -> serde_json::Value {
+        let hex = hex.trim_start_matches("sha256:");
+        serde_json::from_slice(&std::fs::read(layout.join("blobs/sha256").join(hex)).unwrap())
+            .unwrap()
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let entry = &index["manifests"][0];
+    assert_eq!(
+        entry["mediaType"],
+        "application/vnd.oci.image.index.v1+json"
+    );
+    assert_eq!(
+        entry["annotations"]["org.opencontainers.image.ref.name"],
+        "busybox:latest"
+    );
+    // Per platform: the OCI manifest and the Docker manifest it was made
+    // from, as the outside serves them.
+    let nested = read_json(entry["digest"].as_str().unwrap());
+    let mut oci = Vec::new();
+    let mut docker_digests = Vec::new();
+    for (child, arch) in nested["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(["amd64", "arm64"])
+    {
+        assert_eq!(child["platform"]["architecture"], arch, "{nested}");
+        assert_eq!(child["platform"]["os"], "linux");
+        let config = read_json(
+            read_json(child["digest"].as_str().unwrap())["config"]["digest"]
+                .as_str()
+                .unwrap(),
+        );
+        assert_eq!(config["architecture"], arch);
+        oci.push(child["digest"].as_str().unwrap().to_owned());
+        docker_digests.push(
+            child["annotations"]["org.nixery.docker-manifest"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_eq!(oci.len(), 2, "{nested}");
+    // A nested index whose platforms cannot be told apart is refused.
+    for (name, arch, says) in [
+        ("no-platform", None, "is not for linux/amd64 or linux/arm64"),
+        ("twice", Some("amd64"), "two manifests for amd64"),
+    ] {
+        let bad = work.path().join(name);
+        run(Command::new("cp").arg("-a").arg(&layout).arg(&bad));
+        let mut changed = nested.clone();
+        match arch {
+            Some(a) => changed["manifests"][1]["platform"]["architecture"] = a.into(),
+            None => {
+                changed["manifests"][1]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("platform");
+            }
+        }
+        let bytes = serde_json::to_vec(&changed).unwrap();
+        let digest = Digest::of(&bytes);
+        std::fs::write(bad.join("blobs/sha256").join(digest.hex()), &bytes).unwrap();
+        let mut top = index.clone();
+        top["manifests"][0]["digest"] = digest.to_string().into();
+        top["manifests"][0]["size"] = bytes.len().into();
+        std::fs::write(bad.join("index.json"), top.to_string()).unwrap();
+        let out = output(
+            nixery(&work.path().join("refusing"), false)
+                .arg("import")
+                .arg(&bad),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(says), "{stderr}");
+    }
+    // OCI tools read it: skopeo picks a platform from the nested index.
+    let inspect = run(Command::new("skopeo").args([
+        "inspect",
+        "--override-arch",
+        "arm64",
+        &format!("oci:{}:busybox:latest", layout.display()),
+    ]));
+    assert!(inspect.contains("\"Architecture\": \"arm64\""), "{inspect}");
+
+    // Inside: a mirror with the default platforms.
+    let inside = work.path().join("inside");
+    let out = run(nixery(&inside, false).arg("import").arg(&layout));
+    assert!(
+        out.contains(&format!("busybox:latest {}", docker_digests[0]))
+            && out.contains(&format!("linux/arm64 {}", docker_digests[1])),
+        "{out}"
+    );
+    let verified = run(nixery(&inside, false).arg("verify"));
+    assert!(
+        verified.contains("and 2 manifests: 0 corrupt blobs, 0 broken manifests"),
+        "{verified}"
+    );
+
+    let server = Binary::spawn(nixery(&inside, false).arg("serve"), None);
+    let get = |accept: &str| -> (String, serde_json::Value) {
+        let out = run(Command::new("curl").args([
+            "-sf",
+            "-D",
+            "/dev/stderr",
+            "-H",
+            &format!("Accept: {accept}"),
+            &format!(
+                "http://127.0.0.1:{}/v2/busybox/manifests/latest",
+                server.port
+            ),
+        ]));
+        let body: serde_json::Value = serde_json::from_str(&out).unwrap();
+        (body["mediaType"].as_str().unwrap().to_owned(), body)
+    };
+    let children = |body: &serde_json::Value| -> Vec<String> {
+        body["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["digest"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (media, body) = get("application/vnd.oci.image.index.v1+json");
+    assert_eq!(media, "application/vnd.oci.image.index.v1+json", "{body}");
+    assert_eq!(children(&body), oci);
+    let (media, body) = get("application/vnd.docker.distribution.manifest.list.v2+json");
+    assert_eq!(
+        media, "application/vnd.docker.distribution.manifest.list.v2+json",
+        "{body}"
+    );
+    assert_eq!(children(&body), docker_digests);
+    // A client that takes one manifest gets the first platform's.
+    let head = run(Command::new("curl").args([
+        "-sfI",
+        &format!(
+            "http://127.0.0.1:{}/v2/busybox/manifests/latest",
+            server.port
+        ),
+    ]));
+    assert!(
+        head.to_lowercase()
+            .contains(&format!("docker-content-digest: {}", docker_digests[0])),
+        "{head}"
+    );
+
+    let image = server.image("busybox");
+    let _ = Command::new("docker").args(["rmi", "-f", &image]).output();
+    docker(&["pull", "--platform", "linux/arm64", &image]);
+    let arch = docker(&["image", "inspect", "--format", "{{.Architecture}}", &image]);
+    let _ = Command::new("docker").args(["rmi", "-f", &image]).output();
+    assert_eq!(arch.trim(), "arm64");
+    drop(server);
+
+    // A platform that cannot be served whole loses the image as imported.
+    let amd64_layers = read_json(&oci[0]).to_string();
+    let arm64_only = read_json(&oci[1])["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            l["digest"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("sha256:")
+                .to_owned()
+        })
+        .find(|hex| !amd64_layers.contains(hex.as_str()))
+        .expect("a layer only arm64 has");
+    std::fs::remove_file(
+        inside
+            .join("blobs/sha256")
+            .join(&arm64_only[..2])
+            .join(&arm64_only),
+    )
+    .unwrap();
+    let found = output(nixery(&inside, false).arg("verify"));
+    let stdout = String::from_utf8_lossy(&found.stdout);
+    assert_eq!(found.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("imported image busybox:latest for arm64"),
+        "{stdout}"
+    );
+    let repaired = output(nixery(&inside, false).args(["verify", "--repair"]));
+    let stdout = String::from_utf8_lossy(&repaired.stdout);
+    assert_eq!(repaired.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("lost (import them again): busybox:latest"),
+        "{stdout}"
+    );
+    let clean = run(nixery(&inside, false).arg("verify"));
+    assert!(clean.contains("0 broken manifests"), "{clean}");
+}

@@ -435,14 +435,16 @@ impl Builder {
             .await
     }
 
-    /// The cached build record for an image as [`manifest_for`](Self::manifest_for)
-    /// builds it (for its store paths), if there is one.
+    /// The cached build record for an image as
+    /// [`manifest_for_arch`](Self::manifest_for_arch) builds it (for its
+    /// store paths), if there is one.
     pub async fn cached_record(
         &self,
         name: &str,
         tag: &str,
+        arch: Arch,
     ) -> Result<Option<ManifestRecord>, DbError> {
-        let spec = ImageSpec::for_arch(name, tag, self.platforms_for(name)[0]);
+        let spec = ImageSpec::for_arch(name, tag, arch);
         self.db.manifest(&self.cache_key(&spec)).await
     }
 
@@ -601,17 +603,68 @@ impl Builder {
         }
     }
 
-    /// Whether a client that takes an index gets one for `name:tag`: with
-    /// several platforms, for an image built here. An imported name stands
-    /// for the one manifest imported, and a mirror builds no platform.
-    pub async fn serves_index(&self, name: &str, tag: &str) -> Result<bool, DbError> {
-        if self.platforms_for(name).len() < 2 || self.settings.source.is_mirror() {
-            return Ok(false);
+    /// What a client that takes an index gets for `name:tag`: each
+    /// platform's Docker manifest, or `None` for one manifest. An imported
+    /// name is an index over the platforms it was imported with (on a
+    /// mirror too), never built; a name built here (not on a mirror) is
+    /// built for each of several platforms.
+    pub async fn index_platforms(
+        self: &Arc<Self>,
+        name: &str,
+        tag: &str,
+    ) -> Result<Option<Vec<(Arch, Digest)>>, Arc<BuildError>> {
+        let db_error = |e: DbError| Arc::new(BuildError::from(e));
+        if self.has_pinned {
+            if let Some(first) = self
+                .tagged(TagTree::Pinned, name, tag)
+                .await
+                .map_err(db_error)?
+            {
+                let platforms = self
+                    .imported_platforms(name, tag, first)
+                    .await
+                    .map_err(db_error)?;
+                if platforms.len() < 2 {
+                    return Ok(None);
+                }
+                self.status.manifest_requested(name, Lookup::Hit, true);
+                return Ok(Some(platforms));
+            }
         }
-        if !self.has_pinned {
-            return Ok(true);
+        let platforms = self.platforms_for(name);
+        if platforms.len() < 2 || self.settings.source.is_mirror() {
+            return Ok(None);
         }
-        Ok(self.tagged(TagTree::Pinned, name, tag).await?.is_none())
+        let built = futures::future::try_join_all(
+            platforms
+                .iter()
+                .map(|arch| self.manifest_for_arch(name, tag, *arch)),
+        )
+        .await?;
+        Ok(Some(platforms.into_iter().zip(built).collect()))
+    }
+
+    /// The platforms recorded for the imported `name:tag` whose manifest
+    /// is stored, the one the name stands for (`first`) first, as exported.
+    async fn imported_platforms(
+        &self,
+        name: &str,
+        tag: &str,
+        first: Digest,
+    ) -> Result<Vec<(Arch, Digest)>, DbError> {
+        let (blobs, name, tag) = (self.blobs.clone(), name.to_owned(), tag.to_owned());
+        self.db
+            .run(move |db| {
+                let mut platforms: Vec<(Arch, Digest)> = db
+                    .pinned_platforms(&name, &tag)?
+                    .into_iter()
+                    .filter_map(|(arch, r)| Some((Arch::from_docker(&arch)?, r.digest)))
+                    .filter(|(_, d)| blobs.contains(d))
+                    .collect();
+                platforms.sort_by_key(|(_, d)| *d != first);
+                Ok(platforms)
+            })
+            .await
     }
 
     /// The Docker manifest digest for a validated image name and tag, for

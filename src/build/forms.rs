@@ -9,7 +9,6 @@ use crate::build::image::Arch;
 use crate::build::manifest::{self, Document, Format, PlatformManifest};
 use crate::digest::Digest;
 use bytes::Bytes;
-use std::sync::Arc;
 
 /// A manifest or index as served: its digest, bytes and media type.
 #[derive(Debug, Clone)]
@@ -88,25 +87,18 @@ impl Builder {
         self.mark_manifest(&doc.digest).await
     }
 
-    /// The index in `format` of `name:tag` built for each of its
-    /// platforms.
-    pub async fn index_for(
-        self: &Arc<Self>,
-        name: &str,
-        tag: &str,
+    /// The index in `format` over each platform's Docker manifest (see
+    /// [`index_platforms`](Self::index_platforms)), naming each in that
+    /// format.
+    pub async fn index_of(
+        &self,
+        platforms: &[(Arch, Digest)],
         format: Format,
-    ) -> Result<Served, Arc<BuildError>> {
-        let platforms: Vec<Arch> = self.platforms_for(name);
-        let built = futures::future::try_join_all(
-            platforms
-                .iter()
-                .map(|arch| self.manifest_for_arch(name, tag, *arch)),
-        )
-        .await?;
-        let mut entries = Vec::with_capacity(built.len());
-        for (arch, docker) in platforms.iter().zip(built) {
+    ) -> Result<Served, BuildError> {
+        let mut entries = Vec::with_capacity(platforms.len());
+        for (arch, docker) in platforms {
             let served = self
-                .manifest_in(docker, format)
+                .manifest_in(*docker, format)
                 .await?
                 .ok_or_else(|| BuildError::Task(format!("manifest {docker} is not stored")))?;
             entries.push(PlatformManifest {
@@ -115,7 +107,7 @@ impl Builder {
                 size: served.bytes.len() as u64,
             });
         }
-        let doc = manifest::index(format, &entries).map_err(BuildError::from)?;
+        let doc = manifest::index(format, &entries)?;
         self.keep_document(&doc).await?;
         Ok(Served {
             digest: doc.digest,

@@ -211,6 +211,13 @@ impl Arch {
         }
     }
 
+    /// An architecture by its name in an image config or platform.
+    pub fn from_docker(name: &str) -> Option<Arch> {
+        [Arch::Amd64, Arch::Arm64]
+            .into_iter()
+            .find(|a| a.docker() == name)
+    }
+
     /// The machine this server runs on, when images can be built for it.
     pub fn host() -> Option<Arch> {
         match std::env::consts::ARCH {

@@ -1,12 +1,13 @@
 //! `nixery export --output DIR|FILE.tar IMAGE[:TAG]... [--with-closures]`:
 //! writes the images as an OCI image layout, building those not cached
-//! yet when a package source is configured.
+//! yet when a package source is configured; with several `--platforms`,
+//! each image for every one of them.
 
 use super::build::{build_all, image_list};
 use crate::build::builder::Builder;
 use crate::config::ServeArgs;
 use crate::mirror::import::{NIX_CACHE_DIR, STORE_PATHS_FILE};
-use crate::mirror::{layout, ImageRef};
+use crate::mirror::{layout, Image};
 use anyhow::Context;
 use clap::Args;
 use std::path::{Path, PathBuf};
@@ -46,12 +47,26 @@ pub fn run(args: ExportArgs) -> ExitCode {
         if !failed.is_empty() {
             anyhow::bail!("cannot export:\n  {}", failed.join("\n  "));
         }
-        // From the bucket, what this replica's disk does not hold.
-        for (image, digest) in &found {
-            builder
-                .bring_local(digest)
+        let mut exported = Vec::with_capacity(found.len());
+        for (image, digest) in found {
+            // With several platforms: each one's manifest (built if needed).
+            let platforms = builder
+                .index_platforms(&image.name, &image.tag)
                 .await
-                .with_context(|| format!("{image}: copying its blobs from the bucket"))?;
+                .with_context(|| format!("{image}: its platforms"))?
+                .unwrap_or_default();
+            let image = Image {
+                digest: platforms.first().map_or(digest, |(_, d)| *d),
+                image,
+                platforms,
+            };
+            // From the bucket, what this replica's disk does not hold.
+            for digest in image.manifests() {
+                builder.bring_local(&digest).await.with_context(|| {
+                    format!("{}: copying its blobs from the bucket", image.image)
+                })?;
+            }
+            exported.push(image);
         }
         let as_tar = args.output.extension().is_some_and(|e| e == "tar");
         let dir = if as_tar {
@@ -64,7 +79,7 @@ pub fn run(args: ExportArgs) -> ExitCode {
         } else {
             args.output.clone()
         };
-        let written = write_layout(&builder, &found, &dir, args.with_closures).await;
+        let written = write_layout(&builder, &exported, &dir, args.with_closures).await;
         if as_tar {
             let packed = written.and_then(|w| {
                 layout::pack_tar(&dir, &args.output)?;
@@ -73,9 +88,9 @@ pub fn run(args: ExportArgs) -> ExitCode {
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 tracing::warn!(dir = %dir.display(), error = %e, "could not remove the staging layout");
             }
-            report(&args.output, packed?, found.len());
+            report(&args.output, packed?, exported.len());
         } else {
-            report(&args.output, written?, found.len());
+            report(&args.output, written?, exported.len());
         }
         Ok(ExitCode::SUCCESS)
     })
@@ -92,7 +107,7 @@ fn report(output: &Path, written: layout::Written, images: usize) {
 
 async fn write_layout(
     builder: &Arc<Builder>,
-    images: &[(ImageRef, crate::digest::Digest)],
+    images: &[Image],
     dir: &Path,
     with_closures: bool,
 ) -> anyhow::Result<layout::Written> {
@@ -108,23 +123,35 @@ async fn write_layout(
     Ok(written)
 }
 
-/// `nix copy` of every image's store paths into `DIR/nix-cache`, with the
-/// list of those paths beside it for `import --with-closures`.
+/// `nix copy` of every image's store paths (of each platform exported)
+/// into `DIR/nix-cache`, with the list of those paths beside it for
+/// `import --with-closures`.
 async fn write_closures(
     builder: &Arc<Builder>,
-    images: &[(ImageRef, crate::digest::Digest)],
+    images: &[Image],
     dir: &Path,
 ) -> anyhow::Result<()> {
     let mut paths = Vec::new();
-    for (image, _) in images {
-        let record = builder
-            .cached_record(&image.name, &image.tag)
-            .await?
-            .filter(|r| !r.out_paths.is_empty())
-            .with_context(|| {
-                format!("{image}: its store paths are not known here (an imported image has none)")
-            })?;
-        paths.extend(record.out_paths);
+    for Image {
+        image, platforms, ..
+    } in images
+    {
+        let archs = match platforms.is_empty() {
+            true => vec![builder.platforms_for(&image.name)[0]],
+            false => platforms.iter().map(|(arch, _)| *arch).collect(),
+        };
+        for arch in archs {
+            let record = builder
+                .cached_record(&image.name, &image.tag, arch)
+                .await?
+                .filter(|r| !r.out_paths.is_empty())
+                .with_context(|| {
+                    format!(
+                        "{image}: its store paths are not known here (an imported image has none)"
+                    )
+                })?;
+            paths.extend(record.out_paths);
+        }
     }
     paths.sort();
     paths.dedup();

@@ -1,6 +1,7 @@
 //! `nixery import DIR|FILE.tar [--with-closures]`: checks a layout whole,
-//! then stores its blobs and records its images as pinned, so `serve`
-//! answers their names with the same digests, without Nix. On s3 the
+//! then stores its blobs and records its images as pinned (with each
+//! platform of an image exported with several), so `serve` answers their
+//! names with the same digests, without Nix. On s3 the
 //! blobs are also published to the bucket; the names are recorded in this
 //! replica's database.
 
@@ -69,9 +70,13 @@ pub fn run(args: ImportArgs) -> ExitCode {
             for digest in &checked.blobs {
                 builder.publish(digest).await?;
             }
-            for (image, digest) in &checked.images {
-                builder.mark_manifest(digest).await?;
-                builder.record_import(image.to_string(), digest).await?;
+            for image in &checked.images {
+                for digest in image.manifests() {
+                    builder.mark_manifest(&digest).await?;
+                    builder
+                        .record_import(image.image.to_string(), &digest)
+                        .await?;
+                }
             }
             println!(
                 "published {} blobs to {}",
@@ -79,8 +84,11 @@ pub fn run(args: ImportArgs) -> ExitCode {
                 builder.storage().describe().location
             );
         }
-        for (image, digest) in &checked.images {
-            println!("{image} {digest}");
+        for image in &checked.images {
+            println!("{} {}", image.image, image.digest);
+            for (arch, digest) in &image.platforms {
+                println!("  linux/{} {digest}", arch.docker());
+            }
         }
         Ok(ExitCode::SUCCESS)
     })

@@ -293,15 +293,15 @@ async fn manifest(
     // Several platforms make an index, for a client that takes one.
     let index = match accept.index_format() {
         Some(format) => builder
-            .serves_index(name, &tag)
+            .index_platforms(name, &tag)
             .await
-            .map_err(|e| logged(&e.into()))?
-            .then_some(format),
+            .map_err(|e| logged(&e))?
+            .map(|platforms| (format, platforms)),
         None => None,
     };
     let served: Served = match index {
-        Some(format) => builder
-            .index_for(name, &tag, format)
+        Some((format, platforms)) => builder
+            .index_of(&platforms, format)
             .await
             .map_err(|e| logged(&e))?,
         None => {

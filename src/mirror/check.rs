@@ -25,6 +25,8 @@ pub enum Holder {
     Build(String),
     /// `name:tag`, imported.
     Pinned(String, String),
+    /// One platform (its architecture) of `name:tag`, imported with several.
+    PinnedPlatform(String, String, String),
     /// `name:tag`, as last built.
     Built(String, String),
     /// The bucket's record that the digest is a manifest (pulls by digest).
@@ -36,6 +38,7 @@ impl std::fmt::Display for Holder {
         match self {
             Holder::Build(key) => write!(f, "cached build {}", &key[..key.len().min(12)]),
             Holder::Pinned(n, t) => write!(f, "imported image {n}:{t}"),
+            Holder::PinnedPlatform(n, t, a) => write!(f, "imported image {n}:{t} for {a}"),
             Holder::Built(n, t) => write!(f, "image {n}:{t}"),
             Holder::Listed => write!(f, "pulls by digest"),
         }
@@ -109,6 +112,12 @@ pub fn check(
         for (name, tag, r) in db.tag_records(which)? {
             holders.entry(r.digest).or_default().push(make(name, tag));
         }
+    }
+    for (name, tag, arch, r) in db.all_pinned_platforms()? {
+        holders
+            .entry(r.digest)
+            .or_default()
+            .push(Holder::PinnedPlatform(name, tag, arch));
     }
     f.manifests = holders.len();
     for (digest, held_by) in holders {
@@ -189,9 +198,13 @@ pub fn repair(blobs: &BlobStore, db: &Db, f: &Findings) -> Result<Repaired, Chec
                     db.remove_manifest(key)?;
                     done.rebuild += 1;
                 }
-                Holder::Pinned(n, t) => {
-                    db.remove_tag_record(TagTree::Pinned, n, t)?;
-                    done.lost.push(format!("{n}:{t}"));
+                // One broken platform loses the image as imported.
+                Holder::Pinned(n, t) | Holder::PinnedPlatform(n, t, _) => {
+                    db.remove_pinned(n, t)?;
+                    let name = format!("{n}:{t}");
+                    if !done.lost.contains(&name) {
+                        done.lost.push(name);
+                    }
                 }
                 Holder::Built(n, t) => db.remove_tag_record(TagTree::Built, n, t)?,
                 Holder::Listed => {}
@@ -251,6 +264,56 @@ mod tests {
         assert_eq!((done.blobs_removed, done.rebuild), (1, 1));
         assert_eq!(done.lost, vec!["a:v1"]);
         assert!(db.manifest("key").unwrap().is_none());
+        let f = check(&blobs, &db, |_, _| {}).unwrap();
+        assert!(f.is_clean(), "{f:?}");
+    }
+
+    #[test]
+    fn a_broken_platform_of_an_import_loses_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(&dir.path().join("s")).unwrap();
+        let db = Db::open(&dir.path().join("db")).unwrap();
+        let config = blobs.put(b"{}").unwrap();
+        let manifest = |layer: &Digest| {
+            let json = format!(
+                r#"{{"schemaVersion":2,"mediaType":"m","config":{{"mediaType":"c","digest":"{config}","size":2}},"layers":[{{"mediaType":"l","digest":"{layer}","size":1}}]}}"#
+            );
+            TagRecord {
+                digest: blobs.put(json.as_bytes()).unwrap(),
+                at: 1,
+            }
+        };
+        let amd64 = manifest(&blobs.put(b"x").unwrap());
+        let arm64_layer = blobs.put(b"a").unwrap();
+        let arm64 = manifest(&arm64_layer);
+        db.put_tag_record(TagTree::Pinned, "a", "v1", &amd64)
+            .unwrap();
+        db.put_pinned_platforms(
+            "a",
+            "v1",
+            &[
+                ("amd64".into(), amd64.clone()),
+                ("arm64".into(), arm64.clone()),
+            ],
+        )
+        .unwrap();
+        let f = check(&blobs, &db, |_, _| {}).unwrap();
+        assert!(f.is_clean(), "{f:?}");
+        assert_eq!(f.manifests, 2, "each platform's manifest is checked");
+
+        assert!(blobs.delete(&arm64_layer).unwrap());
+        let f = check(&blobs, &db, |_, _| {}).unwrap();
+        let holders = vec![Holder::PinnedPlatform(
+            "a".into(),
+            "v1".into(),
+            "arm64".into(),
+        )];
+        assert_eq!(f.broken.len(), 1, "{f:?}");
+        assert_eq!((f.broken[0].0, &f.broken[0].2), (arm64.digest, &holders));
+        let done = repair(&blobs, &db, &f).unwrap();
+        assert_eq!(done.lost, vec!["a:v1"]);
+        assert_eq!(db.tag_record(TagTree::Pinned, "a", "v1").unwrap(), None);
+        assert!(db.all_pinned_platforms().unwrap().is_empty());
         let f = check(&blobs, &db, |_, _| {}).unwrap();
         assert!(f.is_clean(), "{f:?}");
     }

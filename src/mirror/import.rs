@@ -2,11 +2,15 @@
 //! (every blob hashed against its digest and size, every manifest's
 //! references present), in a staging directory when the layout is a tar
 //! file; only then are blobs stored and names recorded, so a broken layout
-//! leaves the storage as it was.
+//! leaves the storage as it was. An image exported with several
+//! platforms is an index: each of its manifests is checked the same way.
 
-use super::layout::{Descriptor, Index, Manifest, DOCKER_MANIFEST, OCI_MANIFEST, REF_NAME};
-use super::ImageRef;
-use crate::build::manifest::MANIFEST_MEDIA_TYPE;
+use super::layout::{
+    Descriptor, Index, Manifest, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, REF_NAME,
+};
+use super::{Image, ImageRef};
+use crate::build::image::Arch;
+use crate::build::manifest::{media_type_of, MANIFEST_MEDIA_TYPE};
 use crate::digest::{Digest, HashingWriter};
 use crate::store::db::{Db, DbError, TagRecord, TagTree};
 use crate::store::fs::{BlobError, BlobStore};
@@ -49,7 +53,7 @@ pub struct Checked {
     dir: PathBuf,
     /// Removed on drop when the layout was unpacked from a tar file.
     _staging: Option<Staging>,
-    pub images: Vec<(ImageRef, Digest)>,
+    pub images: Vec<Image>,
     /// Every blob the images need, each once.
     pub blobs: BTreeSet<Digest>,
     pub bytes: u64,
@@ -89,7 +93,7 @@ impl Checked {
     }
 
     /// Stores the blobs (each hashed again as it is copied), then records
-    /// each image under its name and tag as pinned.
+    /// each image under its name and tag as pinned, with its platforms.
     pub fn store(&self, blobs: &BlobStore, db: &Db) -> Result<(), ImportError> {
         for digest in &self.blobs {
             if blobs.contains(digest) {
@@ -102,12 +106,20 @@ impl Checked {
         let at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        for (image, digest) in &self.images {
-            let record = TagRecord {
-                digest: *digest,
-                at,
-            };
-            db.put_tag_record(TagTree::Pinned, &image.name, &image.tag, &record)?;
+        let record = |digest: &Digest| TagRecord {
+            digest: *digest,
+            at,
+        };
+        for image in &self.images {
+            let (name, tag) = (&image.image.name, &image.image.tag);
+            let platforms: Vec<_> = image
+                .platforms
+                .iter()
+                .map(|(arch, digest)| (arch.docker().to_owned(), record(digest)))
+                .collect();
+            // Also replaces the platforms of an earlier import of the name.
+            db.put_pinned_platforms(name, tag, &platforms)?;
+            db.put_tag_record(TagTree::Pinned, name, tag, &record(&image.digest))?;
         }
         Ok(())
     }
@@ -199,26 +211,87 @@ fn check_layout(c: &mut Checked) -> Result<(), ImportError> {
             message: format!("{REF_NAME} {name:?}: {e}"),
         })?;
         let bytes = c.read_verified(&entry.digest, Some(entry.size))?;
-        let manifest = parse(&entry.digest, &bytes)?;
-        let (docker_digest, docker) = match manifest.media_type.as_str() {
-            MANIFEST_MEDIA_TYPE => (entry.digest, manifest),
-            OCI_MANIFEST => docker_of(c, entry, &manifest)?,
-            other => {
-                return Err(ImportError::BadManifest {
-                    digest: entry.digest,
-                    message: format!("media type {other:?} is not an image manifest"),
-                })
+        let imported = if media_type_of(&bytes).as_deref() == Some(OCI_INDEX) {
+            let platforms = check_platforms(c, entry, &bytes)?;
+            Image {
+                image,
+                digest: platforms[0].1,
+                platforms,
+            }
+        } else {
+            Image {
+                image,
+                digest: check_manifest(c, entry, &bytes)?,
+                platforms: Vec::new(),
             }
         };
-        for r in docker.references() {
-            c.verify(&r.digest, Some(r.size))?;
-        }
-        c.images.push((image, docker_digest));
+        c.images.push(imported);
     }
     if c.images.is_empty() {
         return Err(ImportError::NotALayout("index.json lists no images".into()));
     }
     Ok(())
+}
+
+/// Checks an image manifest of the layout (`bytes`, verified) and every
+/// blob it names; the Docker manifest it is served as.
+fn check_manifest(
+    c: &mut Checked,
+    entry: &Descriptor,
+    bytes: &[u8],
+) -> Result<Digest, ImportError> {
+    let manifest = parse(&entry.digest, bytes)?;
+    let (docker_digest, docker) = match manifest.media_type.as_str() {
+        MANIFEST_MEDIA_TYPE => (entry.digest, manifest),
+        OCI_MANIFEST => docker_of(c, entry, &manifest)?,
+        other => {
+            return Err(ImportError::BadManifest {
+                digest: entry.digest,
+                message: format!("media type {other:?} is not an image manifest"),
+            })
+        }
+    };
+    for r in docker.references() {
+        c.verify(&r.digest, Some(r.size))?;
+    }
+    Ok(docker_digest)
+}
+
+/// Checks an image's index over platforms (`bytes`, verified) and each
+/// manifest it names; each platform's Docker manifest, in its order.
+fn check_platforms(
+    c: &mut Checked,
+    entry: &Descriptor,
+    bytes: &[u8],
+) -> Result<Vec<(Arch, Digest)>, ImportError> {
+    let bad = |message: String| ImportError::BadManifest {
+        digest: entry.digest,
+        message,
+    };
+    let index: Index = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+    let mut platforms: Vec<(Arch, Digest)> = Vec::new();
+    for child in &index.manifests {
+        let arch = child
+            .platform
+            .as_ref()
+            .filter(|p| p.os == "linux")
+            .and_then(|p| Arch::from_docker(&p.architecture))
+            .ok_or_else(|| {
+                bad(format!(
+                    "manifest {} is not for linux/amd64 or linux/arm64",
+                    child.digest
+                ))
+            })?;
+        if platforms.iter().any(|(a, _)| *a == arch) {
+            return Err(bad(format!("two manifests for {}", arch.docker())));
+        }
+        let child_bytes = c.read_verified(&child.digest, Some(child.size))?;
+        platforms.push((arch, check_manifest(c, child, &child_bytes)?));
+    }
+    if platforms.is_empty() {
+        return Err(bad("an index of no manifests".into()));
+    }
+    Ok(platforms)
 }
 
 fn parse(digest: &Digest, bytes: &[u8]) -> Result<Manifest, ImportError> {

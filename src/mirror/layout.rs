@@ -6,23 +6,25 @@
 //! the registry serves to a client that asks for OCI (same config and layer
 //! blobs). Each index entry also names the Docker manifest (a blob of the
 //! layout too) in an annotation, so that an import serves exactly the
-//! bytes, and so the digests, that the outside served.
+//! bytes, and so the digests, that the outside served. An image exported
+//! for several platforms is an index entry naming a nested OCI index (a
+//! blob), whose entries are those manifests, each with its `platform`.
 
-use super::ImageRef;
+use super::Image;
 use crate::build::manifest::{self, Format};
 use crate::digest::Digest;
 use crate::store::fs::{BlobError, BlobStore};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 /// The image-spec annotation that names an index entry (`NAME:TAG`).
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
-/// On an index entry: the digest of the Docker manifest its OCI manifest
-/// was made from.
+/// On an index entry (or a nested index's): the digest of the Docker
+/// manifest its OCI manifest was made from.
 pub const DOCKER_MANIFEST: &str = "org.nixery.docker-manifest";
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +55,15 @@ pub struct Descriptor {
     pub size: u64,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// In an image's index: the platform of the manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<Platform>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Platform {
+    pub architecture: String,
+    pub os: String,
 }
 
 /// A Docker schema2 or OCI image manifest: what import and verify read.
@@ -91,12 +102,23 @@ pub struct Index {
     pub manifests: Vec<Descriptor>,
 }
 
+impl Index {
+    fn of(manifests: Vec<Descriptor>) -> Index {
+        Index {
+            schema_version: 2,
+            media_type: OCI_INDEX.to_owned(),
+            manifests,
+        }
+    }
+}
+
 fn descriptor(media_type: &str, digest: Digest, size: u64) -> Descriptor {
     Descriptor {
         media_type: media_type.to_owned(),
         digest,
         size,
         annotations: BTreeMap::new(),
+        platform: None,
     }
 }
 
@@ -107,26 +129,78 @@ pub struct Written {
     pub bytes: u64,
 }
 
-/// Writes `images` (each with the Docker manifest it is served as) into
-/// the layout directory `dir`; blobs already there are kept, so a blob
-/// shared by several images is written once.
-pub fn write(
-    blobs: &BlobStore,
-    images: &[(ImageRef, Digest)],
-    dir: &Path,
-) -> Result<Written, LayoutError> {
+/// Writes `images` into the layout directory `dir`; blobs already there
+/// are kept, so a blob shared by several images is written once. An image
+/// with several platforms is an OCI index (a blob) over each platform's
+/// OCI manifest.
+pub fn write(blobs: &BlobStore, images: &[Image], dir: &Path) -> Result<Written, LayoutError> {
     let blob_dir = dir.join("blobs/sha256");
     std::fs::create_dir_all(&blob_dir).map_err(io_err("creating", &blob_dir))?;
-    let mut written = Written::default();
-    let mut seen = BTreeSet::new();
+    let mut w = Writer {
+        blobs,
+        blob_dir,
+        written: Written::default(),
+        seen: BTreeSet::new(),
+    };
     let mut entries = Vec::new();
-    for (image, digest) in images {
-        let docker_bytes = read(blobs, digest)?;
+    for image in images {
+        let mut entry = if image.platforms.is_empty() {
+            w.manifest(&image.digest)?
+        } else {
+            let mut children = Vec::new();
+            for (arch, digest) in &image.platforms {
+                let mut child = w.manifest(digest)?;
+                child.platform = Some(Platform {
+                    architecture: arch.docker().to_owned(),
+                    os: "linux".to_owned(),
+                });
+                children.push(child);
+            }
+            let json = to_json(serde_json::to_vec(&Index::of(children)))?;
+            let digest = Digest::of(&json);
+            w.new_file(&digest, &json)?;
+            descriptor(OCI_INDEX, digest, json.len() as u64)
+        };
+        entry
+            .annotations
+            .insert(REF_NAME.to_owned(), image.image.to_string());
+        entries.push(entry);
+    }
+    let index_json = to_json(serde_json::to_vec_pretty(&Index::of(entries)))?;
+    write_file(
+        &dir.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )?;
+    // Last: a layout with an index is complete.
+    write_file(&dir.join("index.json"), &index_json)?;
+    Ok(w.written)
+}
+
+fn to_json(encoded: serde_json::Result<Vec<u8>>) -> Result<Vec<u8>, LayoutError> {
+    encoded.map_err(|source| LayoutError::Manifest {
+        digest: Digest::of(b""),
+        source,
+    })
+}
+
+/// The blobs of a layout being written, and what was written.
+struct Writer<'a> {
+    blobs: &'a BlobStore,
+    blob_dir: PathBuf,
+    written: Written,
+    seen: BTreeSet<Digest>,
+}
+
+impl Writer<'_> {
+    /// Writes the Docker manifest `digest`, its blobs and its OCI form;
+    /// the OCI manifest's descriptor, naming the Docker manifest.
+    fn manifest(&mut self, digest: &Digest) -> Result<Descriptor, LayoutError> {
+        let docker_bytes = read(self.blobs, digest)?;
         let docker = Manifest::parse(digest, &docker_bytes)?;
         for d in std::iter::once(*digest).chain(docker.references().map(|r| r.digest)) {
-            if seen.insert(d) {
-                written.bytes += write_blob(blobs, &blob_dir, &d)?;
-                written.blobs += 1;
+            if self.seen.insert(d) {
+                self.written.bytes += write_blob(self.blobs, &self.blob_dir, &d)?;
+                self.written.blobs += 1;
             }
         }
         let oci =
@@ -134,34 +208,23 @@ pub fn write(
                 digest: *digest,
                 message: e.to_string(),
             })?;
-        if seen.insert(oci.digest) {
-            write_file(&blob_dir.join(oci.digest.hex()), &oci.json)?;
-            written.blobs += 1;
-            written.bytes += oci.json.len() as u64;
-        }
+        self.new_file(&oci.digest, &oci.json)?;
         let mut entry = descriptor(OCI_MANIFEST, oci.digest, oci.json.len() as u64);
-        entry.annotations = BTreeMap::from([
-            (REF_NAME.to_owned(), image.to_string()),
-            (DOCKER_MANIFEST.to_owned(), digest.to_string()),
-        ]);
-        entries.push(entry);
+        entry
+            .annotations
+            .insert(DOCKER_MANIFEST.to_owned(), digest.to_string());
+        Ok(entry)
     }
-    let index = Index {
-        schema_version: 2,
-        media_type: OCI_INDEX.to_owned(),
-        manifests: entries,
-    };
-    let index_json = serde_json::to_vec_pretty(&index).map_err(|source| LayoutError::Manifest {
-        digest: Digest::of(b""),
-        source,
-    })?;
-    write_file(
-        &dir.join("oci-layout"),
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
-    )?;
-    // Last: a layout with an index is complete.
-    write_file(&dir.join("index.json"), &index_json)?;
-    Ok(written)
+
+    /// Writes a blob made here (not from the store), once.
+    fn new_file(&mut self, digest: &Digest, bytes: &[u8]) -> Result<(), LayoutError> {
+        if self.seen.insert(*digest) {
+            write_file(&self.blob_dir.join(digest.hex()), bytes)?;
+            self.written.blobs += 1;
+            self.written.bytes += bytes.len() as u64;
+        }
+        Ok(())
+    }
 }
 
 fn read(blobs: &BlobStore, digest: &Digest) -> Result<Vec<u8>, LayoutError> {

@@ -1,12 +1,14 @@
 //! The air-gapped mirror: images moved between storages as OCI image
-//! layouts (`layout`: write, `import`: read, verify, store), and the check
+//! layouts (`layout`: write, `import`: read, verify, store), one manifest
+//! or an index over platforms per image, and the check
 //! of a storage's blobs against its records (`check`).
 
 pub mod check;
 pub mod import;
 pub mod layout;
 
-use crate::build::image::{validate_name, validate_tag, ReferenceError};
+use crate::build::image::{validate_name, validate_tag, Arch, ReferenceError};
+use crate::digest::Digest;
 use std::path::{Path, PathBuf};
 
 /// A file operation that failed, with the file.
@@ -28,6 +30,26 @@ pub(crate) fn file_err<'a>(
         op,
         path: path.to_owned(),
         source,
+    }
+}
+
+/// An image moved through a layout: its name, the Docker manifest served
+/// to a client that takes one manifest, and, when it has several
+/// platforms, each platform's Docker manifest (the first is `digest`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Image {
+    pub image: ImageRef,
+    pub digest: Digest,
+    pub platforms: Vec<(Arch, Digest)>,
+}
+
+impl Image {
+    /// Every Docker manifest of the image, each once.
+    pub fn manifests(&self) -> impl Iterator<Item = Digest> + '_ {
+        let first = self.platforms.is_empty().then_some(self.digest);
+        first
+            .into_iter()
+            .chain(self.platforms.iter().map(|(_, d)| *d))
     }
 }
 

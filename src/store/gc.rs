@@ -161,7 +161,7 @@ pub(crate) fn keep_with_forms<'a>(
 }
 
 /// What the database keeps images by: cached builds, last-built tags and
-/// imported (pinned) tags.
+/// imported (pinned) tags with their platforms.
 struct Records {
     manifests: Vec<(String, ManifestRecord)>,
     built: Vec<TagRecord>,
@@ -180,7 +180,11 @@ impl Records {
         Ok(Records {
             manifests: db.manifests()?,
             built: tags(TagTree::Built)?,
-            pinned: tags(TagTree::Pinned)?,
+            // Every platform of an image imported with several.
+            pinned: tags(TagTree::Pinned)?
+                .into_iter()
+                .chain(db.all_pinned_platforms()?.into_iter().map(|(_, _, _, r)| r))
+                .collect(),
         })
     }
 }
@@ -568,6 +572,47 @@ mod tests {
         let again = collect(&db, &blobs, &pulls, dir.path(), &policy, false).unwrap();
         assert_eq!((again.evicted.len(), again.blobs_deleted), (0, 1));
         assert_eq!(blobs.stats().1, again.bytes_after);
+    }
+
+    #[test]
+    fn every_platform_of_an_import_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(dir.path()).unwrap();
+        let db = Db::open(&dir.path().join("db")).unwrap();
+        let image = |arch: &str| {
+            let layer = blobs.put(arch.repeat(1000).as_bytes()).unwrap();
+            let config = blobs.put(arch.as_bytes()).unwrap();
+            let manifest = serde_json::json!({
+                "config": {"digest": config.to_string(), "size": arch.len()},
+                "layers": [{"digest": layer.to_string(), "size": 5000}],
+            });
+            let digest = blobs.put(manifest.to_string().as_bytes()).unwrap();
+            (arch.to_owned(), TagRecord { digest, at: 1 }, layer)
+        };
+        let (amd64, arm64) = (image("amd64"), image("arm64"));
+        db.put_tag_record(TagTree::Pinned, "a", "v1", &amd64.1)
+            .unwrap();
+        db.put_pinned_platforms(
+            "a",
+            "v1",
+            &[
+                (amd64.0.clone(), amd64.1.clone()),
+                (arm64.0.clone(), arm64.1.clone()),
+            ],
+        )
+        .unwrap();
+        let policy = Policy {
+            max_storage: Some(1),
+            min_free_space: None,
+            keep_pulled_within: Duration::ZERO,
+        };
+        let pulls = LastPulled::default();
+        let report = collect(&db, &blobs, &pulls, dir.path(), &policy, false).unwrap();
+        assert!(report.evicted.is_empty());
+        for kept in [amd64.1.digest, amd64.2, arm64.1.digest, arm64.2] {
+            assert!(blobs.stat_blob(&kept).unwrap().is_some());
+        }
+        assert!(db.is_manifest(&arm64.1.digest).unwrap());
     }
 
     #[test]

@@ -16,6 +16,9 @@
 //!   collector; flushed in batches by [`crate::store::pulls`])
 //! - `pinned`: `<name>\0<tag>` -> [`TagRecord`] (imported images)
 //! - `built_tags`: `<name>\0<tag>` -> [`TagRecord`] (the last build)
+//! - `pinned_platforms`: `<name>\0<tag>\0<arch>` -> [`TagRecord`] (each
+//!   platform's manifest of an image imported with several; `pinned`
+//!   names the first)
 //!
 //! - `meta`: `schema` -> the layout version (u32, big-endian); see
 //!   [`migrate`]
@@ -138,6 +141,7 @@ pub struct Db {
     last_pulled: sled::Tree,
     pinned: sled::Tree,
     built_tags: sled::Tree,
+    pinned_platforms: sled::Tree,
     /// Trees whose undecodable records were already logged.
     logged_undecodable: Arc<Mutex<HashSet<&'static str>>>,
     /// Whether this open created the database (it held nothing).
@@ -231,6 +235,7 @@ impl Db {
             last_pulled: db.open_tree("last_pulled")?,
             pinned: db.open_tree("pinned")?,
             built_tags: db.open_tree("built_tags")?,
+            pinned_platforms: db.open_tree("pinned_platforms")?,
             logged_undecodable: Arc::default(),
             created,
             db,
@@ -366,6 +371,77 @@ impl Db {
     pub fn remove_tag_record(&self, which: TagTree, name: &str, tag: &str) -> Result<(), DbError> {
         self.tag_tree(which).remove(format!("{name}\0{tag}"))?;
         Ok(())
+    }
+
+    /// Records each platform's manifest (by architecture) of the imported
+    /// `name:tag`, and that each is a manifest, replacing any recorded
+    /// before; none for an image imported with one platform.
+    pub fn put_pinned_platforms(
+        &self,
+        name: &str,
+        tag: &str,
+        platforms: &[(String, TagRecord)],
+    ) -> Result<(), DbError> {
+        self.remove_pinned_platforms(name, tag)?;
+        for (arch, record) in platforms {
+            self.manifest_digests
+                .insert(record.digest.as_bytes(), &[])?;
+            self.pinned_platforms
+                .insert(format!("{name}\0{tag}\0{arch}"), encode(record)?)?;
+        }
+        Ok(())
+    }
+
+    /// The platforms recorded for the imported `name:tag`, by architecture
+    /// (in key order).
+    pub fn pinned_platforms(
+        &self,
+        name: &str,
+        tag: &str,
+    ) -> Result<Vec<(String, TagRecord)>, DbError> {
+        let prefix = format!("{name}\0{tag}\0");
+        let mut out = Vec::new();
+        for kv in self.pinned_platforms.scan_prefix(&prefix) {
+            let (k, v) = kv?;
+            if let Some(r) = self.decode("pinned_platforms", &v) {
+                let arch = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                out.push((arch, r));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every platform of every imported name: name, tag, architecture and
+    /// record.
+    pub fn all_pinned_platforms(
+        &self,
+    ) -> Result<Vec<(String, String, String, TagRecord)>, DbError> {
+        Ok(self
+            .all(&self.pinned_platforms, "pinned_platforms")?
+            .into_iter()
+            .filter_map(|(key, r)| {
+                let mut parts = key.splitn(3, '\0');
+                let (name, tag, arch) = (parts.next()?, parts.next()?, parts.next()?);
+                Some((name.to_owned(), tag.to_owned(), arch.to_owned(), r))
+            })
+            .collect())
+    }
+
+    fn remove_pinned_platforms(&self, name: &str, tag: &str) -> Result<(), DbError> {
+        for k in self
+            .pinned_platforms
+            .scan_prefix(format!("{name}\0{tag}\0"))
+            .keys()
+        {
+            self.pinned_platforms.remove(k?)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets an imported `name:tag`, with every platform recorded for it.
+    pub fn remove_pinned(&self, name: &str, tag: &str) -> Result<(), DbError> {
+        self.remove_tag_record(TagTree::Pinned, name, tag)?;
+        self.remove_pinned_platforms(name, tag)
     }
 
     /// Every packed layer: key and record.
@@ -765,6 +841,37 @@ mod tests {
         assert_eq!(db.manifests().unwrap().len(), 1);
         db.remove_manifest("k").unwrap();
         assert!(db.manifests().unwrap().is_empty());
+    }
+
+    #[test]
+    fn pinned_platforms_replace_and_go_with_their_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        let record = |s: &[u8]| TagRecord {
+            digest: Digest::of(s),
+            at: 1,
+        };
+        let both = [
+            ("amd64".to_owned(), record(b"x")),
+            ("arm64".to_owned(), record(b"a")),
+        ];
+        db.put_tag_record(TagTree::Pinned, "a", "v1", &both[0].1)
+            .unwrap();
+        db.put_pinned_platforms("a", "v1", &both).unwrap();
+        // Another tag that starts alike is another image.
+        db.put_pinned_platforms("a", "v10", &both[..1]).unwrap();
+        assert_eq!(db.pinned_platforms("a", "v1").unwrap(), both.to_vec());
+        assert!(db.is_manifest(&both[1].1.digest).unwrap());
+        assert_eq!(db.all_pinned_platforms().unwrap().len(), 3);
+        db.put_pinned_platforms("a", "v1", &both[1..]).unwrap();
+        assert_eq!(db.pinned_platforms("a", "v1").unwrap(), both[1..].to_vec());
+        db.remove_pinned("a", "v1").unwrap();
+        assert!(db.pinned_platforms("a", "v1").unwrap().is_empty());
+        assert_eq!(db.tag_record(TagTree::Pinned, "a", "v1").unwrap(), None);
+        assert_eq!(
+            db.all_pinned_platforms().unwrap(),
+            vec![("a".into(), "v10".into(), "amd64".into(), both[0].1.clone())]
+        );
     }
 
     #[test]

@@ -206,8 +206,9 @@ pub async fn repair(bucket: &Bucket, f: &Findings) -> Result<Repaired, StoreErro
                         .await?;
                     done.lost.push(format!("{name}:{tag}"));
                 }
-                // Only a local database has these.
-                Holder::Built(..) => {}
+                // Only a local database has these (a bucket records each
+                // platform's manifest of an import as `Pinned`).
+                Holder::Built(..) | Holder::PinnedPlatform(..) => {}
             }
         }
     }
