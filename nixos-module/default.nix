@@ -259,8 +259,8 @@ in
 
     s3MaxStorage = nullOrStr ''
       With {option}`s3CollectSchedule`: most bytes of blobs to keep in the
-      bucket, e.g. `"500G"`; beyond it the images least recently built or
-      confirmed current are evicted. `null`: only unreferenced blobs go.
+      bucket, e.g. `"500G"`; beyond it the images least recently pulled at
+      any replica (or built) are evicted. `null`: only unreferenced blobs go.
     '' "500G";
 
     s3CollectKeepRecent = mkOption {

@@ -553,3 +553,43 @@ async fn images_export_from_one_bucket_and_import_into_another_that_keeps_them()
         get_blob(&client, &c, &layer).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_bucket_evicts_the_image_least_recently_pulled_anywhere() {
+    use nixery::store::{RecordKind, Storage};
+    let weed = Seaweed::start().await;
+    let (_a_dir, a) = replica(&weed, "pulls", &[]).await;
+    let client = Client::new();
+    let (hello, _) = get_manifest(&client, &a, "hello", "latest").await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (shell, _) = get_manifest(&client, &a, "shell/hello", "latest").await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    // Built first, but pulled last (at another replica): kept.
+    let dir = tempfile::tempdir().unwrap();
+    let bucket = weed.client("pulls", dir.path());
+    let hello_hex = hello.hex();
+    let note = || bucket.get_record(RecordKind::Pulled, &hello_hex);
+    let before = note().await.unwrap();
+    assert!(before.is_some(), "A noted its pull of hello");
+    let (_b_dir, b) = replica(&weed, "pulls", &[]).await;
+    get_manifest(&client, &b, "hello", "latest").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while note().await.unwrap() == before {
+        assert!(Instant::now() < deadline, "B never noted its pull");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let total: u64 = bucket.list().await.unwrap().iter().map(|(_, n)| n).sum();
+    let quota = (total - 1).to_string();
+    let (code, out) = upkeep(
+        &weed,
+        "pulls",
+        &["gc", "--max-storage", &quota, "--gc-keep-recent", "0"],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out.matches("evicted cached build").count(), 1, "{out}");
+    assert!(out.contains(&shell.to_string()), "{out}");
+    assert!(bucket.stat(&hello).await.unwrap().is_some(), "{out}");
+    assert!(bucket.stat(&shell).await.unwrap().is_none(), "{out}");
+}

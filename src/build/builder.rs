@@ -247,6 +247,8 @@ pub struct Builder {
     filler: Option<Arc<Filler>>,
     /// Whether the database had imported names when it was opened.
     has_pinned: bool,
+    /// When this replica last noted each image's pull in the bucket.
+    shared_pulls: std::sync::Mutex<std::collections::HashMap<Digest, u64>>,
     hot: HotManifests,
     /// The collector's generation the hot manifests were checked against:
     /// a collection that deleted blobs makes them all suspect.
@@ -328,6 +330,7 @@ impl Builder {
         Arc::new(Builder {
             filler,
             has_pinned,
+            shared_pulls: Default::default(),
             settings,
             db: AsyncDb::new(db),
             blobs: storage.staging().clone(),
@@ -781,7 +784,9 @@ impl Builder {
     /// Notes a pull for the garbage collector (in memory; written in
     /// batches by the collector).
     fn pulled(&self, name: &str, digest: Digest) {
-        self.collector.pulls().touch(digest, name, now_unix());
+        let now = now_unix();
+        self.collector.pulls().touch(digest, name, now);
+        self.note_shared_pull(digest, now);
     }
 
     /// The source could not be reached to refresh an image past its TTL:

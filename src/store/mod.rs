@@ -122,6 +122,9 @@ pub enum RecordKind {
     /// Manifest digest -> the `name:tag`s it was imported as: kept by the
     /// bucket's collector like the build records.
     Imported,
+    /// Manifest digest -> when a replica last noted a pull of it: the
+    /// bucket's collector evicts the least recently pulled first.
+    Pulled,
 }
 
 impl RecordKind {
@@ -131,6 +134,7 @@ impl RecordKind {
             RecordKind::Manifest => "manifests",
             RecordKind::ManifestDigest => "manifest-digests",
             RecordKind::Imported => "imported",
+            RecordKind::Pulled => "pulled",
         }
     }
 }

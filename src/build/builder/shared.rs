@@ -5,7 +5,7 @@
 use super::{now_unix, BuildError, Builder};
 use crate::build::manifest::{named_by, Named};
 use crate::digest::Digest;
-use crate::store::db::{self, ImportedRecord, LayerRecord, ManifestRecord, Record};
+use crate::store::db::{self, ImportedRecord, LayerRecord, ManifestRecord, PulledRecord, Record};
 use crate::store::fill::copy_to_disk;
 use crate::store::{Lease, LeaseState, RecordKind, Storage};
 use std::sync::Arc;
@@ -13,6 +13,13 @@ use std::time::Duration;
 
 /// How often a waiting replica looks for the holder's result.
 const LEASE_POLL: Duration = Duration::from_millis(500);
+/// A replica tells the bucket that an image is still pulled at most this
+/// often (seconds): enough for the bucket's collector, which evicts by
+/// days, and one small write per image and replica.
+const PULL_NOTE_EVERY: u64 = 6 * 3600;
+/// Images whose last note a replica remembers; beyond, it starts afresh
+/// (and notes each again once).
+const PULL_NOTES_KEPT: usize = 100_000;
 
 /// Whether to build, or what another replica built meanwhile.
 pub(super) enum Claim {
@@ -155,6 +162,47 @@ impl Builder {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Notes a pull of `digest` in the bucket, unless this replica did so
+    /// less than [`PULL_NOTE_EVERY`] ago. In the background: a pull never
+    /// waits for it, and a failure only costs the note.
+    pub(super) fn note_shared_pull(&self, digest: Digest, now: u64) {
+        if !self.storage.is_shared() {
+            return;
+        }
+        let due = match self.shared_pulls.lock() {
+            Ok(mut noted) => {
+                if noted.len() >= PULL_NOTES_KEPT {
+                    noted.clear();
+                }
+                let due = noted
+                    .get(&digest)
+                    .is_none_or(|&at| now.saturating_sub(at) >= PULL_NOTE_EVERY);
+                if due {
+                    noted.insert(digest, now);
+                }
+                due
+            }
+            Err(_) => false,
+        };
+        if !due {
+            return;
+        }
+        let storage = Arc::clone(&self.storage);
+        tokio::spawn(async move {
+            let written = match db::encode(&PulledRecord { at: now }) {
+                Ok(bytes) => {
+                    storage
+                        .put_record(RecordKind::Pulled, &digest.hex(), bytes)
+                        .await
+                }
+                Err(e) => Err(crate::store::StoreError::Task(e.to_string())),
+            };
+            if let Err(e) = written {
+                tracing::warn!(%digest, error = %e, "could not note a pull in the bucket");
+            }
+        });
     }
 
     /// Notes in the bucket that an imported manifest is kept under

@@ -39,7 +39,7 @@ pub use async_db::AsyncDb;
 pub use migrate::SCHEMA_VERSION;
 pub use records::{
     BuildOutcome, BuildRecord, ErrorRecord, ImportedRecord, LayerRecord, ManifestRecord,
-    PullRecord, Record, TagRecord,
+    PullRecord, PulledRecord, Record, TagRecord,
 };
 
 use crate::digest::Digest;

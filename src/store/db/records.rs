@@ -131,6 +131,18 @@ impl Record for ImportedRecord {
     const VERSION: u8 = 1;
 }
 
+/// When a replica last noted a pull of a manifest, in a shared bucket's
+/// index (a replica notes one at most every few hours per image).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PulledRecord {
+    /// Unix seconds.
+    pub at: u64,
+}
+
+impl Record for PulledRecord {
+    const VERSION: u8 = 1;
+}
+
 impl Record for BuildRecord {
     const VERSION: u8 = 1;
 }

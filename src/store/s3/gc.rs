@@ -1,7 +1,8 @@
-//! `nixery gc` on a bucket: with `--max-storage`, evict the images whose
-//! build was least recently made or confirmed current (replicas' pulls are
-//! their own, not the bucket's); then delete every blob no kept manifest
-//! names, and the records that lead to those blobs.
+//! `nixery gc` on a bucket: with `--max-storage`, evict the images least
+//! recently pulled at any replica (each notes pulls in the bucket, at most
+//! every few hours per image), built or confirmed current; then delete
+//! every blob no kept manifest names, and the records that lead to those
+//! blobs.
 //!
 //! It runs while replicas serve and build. What keeps it from deleting a
 //! blob a build is about to use:
@@ -27,7 +28,7 @@ use super::{Bucket, Listed};
 use crate::build::forms::MANIFEST_MAX_BYTES;
 use crate::build::manifest::{named_by, Named};
 use crate::digest::Digest;
-use crate::store::db::{ImportedRecord, LayerRecord, ManifestRecord};
+use crate::store::db::{ImportedRecord, LayerRecord, ManifestRecord, PulledRecord};
 use crate::store::gc::{evictions, keep_with_forms, now_unix, Image, Policy, Report};
 use crate::store::{LeaseState, RecordKind, StoreError};
 use futures::{StreamExt, TryStreamExt};
@@ -82,6 +83,8 @@ struct Contents {
     listed: Vec<Digest>,
     /// Imported manifests and their names: never evicted.
     imported: Vec<(Digest, Vec<String>)>,
+    /// When a replica last noted a pull of each manifest.
+    pulled: HashMap<Digest, u64>,
     /// What each stored manifest names.
     parts: HashMap<Digest, Named>,
 }
@@ -106,6 +109,13 @@ async fn read_contents(bucket: &Bucket) -> Result<Contents, StoreError> {
             Some((format!("sha256:{hex}").parse().ok()?, r?.names))
         })
         .collect();
+    let pulled: HashMap<Digest, u64> = records(bucket, RecordKind::Pulled)
+        .await?
+        .into_iter()
+        .filter_map(|(hex, r): (String, Option<PulledRecord>)| {
+            Some((format!("sha256:{hex}").parse().ok()?, r?.at))
+        })
+        .collect();
     let sizes: HashMap<Digest, u64> = blobs.iter().map(|b| (b.digest, b.size)).collect();
     let manifests: BTreeSet<Digest> = builds
         .iter()
@@ -127,6 +137,7 @@ async fn read_contents(bucket: &Bucket) -> Result<Contents, StoreError> {
         builds,
         listed,
         imported,
+        pulled,
         parts,
     })
 }
@@ -134,15 +145,18 @@ async fn read_contents(bucket: &Bucket) -> Result<Contents, StoreError> {
 /// The images the bucket's build and import records keep, one per
 /// manifest digest.
 fn images(c: &Contents) -> Vec<Image> {
-    // Last made or confirmed current, what it is called, imported.
+    // Last pulled, made or confirmed current; what it is called; imported.
     let mut by_digest: BTreeMap<Digest, (u64, String, bool)> = BTreeMap::new();
     for (key, r) in &c.builds {
         let name = format!("cached build {}", &key[..key.len().min(12)]);
+        let used = r
+            .checked_at
+            .max(c.pulled.get(&r.digest).copied().unwrap_or(0));
         let entry = by_digest
             .entry(r.digest)
             .or_insert((0, name.clone(), false));
-        if r.checked_at >= entry.0 {
-            (entry.0, entry.1) = (r.checked_at, name);
+        if used >= entry.0 {
+            (entry.0, entry.1) = (used, name);
         }
     }
     for (digest, names) in &c.imported {
@@ -230,6 +244,12 @@ async fn collect_holding_lease(
     let stale_forms = stale.iter().filter(|d| !young_blobs.contains(d));
     let forms_gone = stale_forms.chain(&evicted_digests);
     records_gone.extend(forms_gone.map(|d| (RecordKind::ManifestDigest, d.hex())));
+    // Pull notes of what goes, or of manifests no longer stored.
+    let notes_gone = c
+        .pulled
+        .keys()
+        .filter(|d| evicted_digests.contains(d) || !sizes.contains_key(d));
+    records_gone.extend(notes_gone.map(|d| (RecordKind::Pulled, d.hex())));
     for (key, r) in records::<LayerRecord>(bucket, RecordKind::Layer).await? {
         match r {
             Some(r) if !doomed.contains(&r.digest) => {}
