@@ -5,6 +5,7 @@
 mod blocking;
 pub mod build;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod digest;
 pub mod error;

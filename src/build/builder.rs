@@ -15,6 +15,7 @@ use crate::build::queue::{Abandoned, BuildQueue};
 use crate::build::singleflight::SingleFlight;
 use crate::build::source::Source;
 use crate::build::store_path::{self, PathInfo};
+use crate::clock::now_unix;
 use crate::digest::Digest;
 use crate::observe::status::{LiveBuild, Phase, Status};
 use crate::store::collector::Collector;
@@ -32,7 +33,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
@@ -253,13 +254,6 @@ pub struct Builder {
     /// The collector's generation the hot manifests were checked against:
     /// a collection that deleted blobs makes them all suspect.
     hot_generation: AtomicU64,
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn hex_sha256(parts: &[&str]) -> String {

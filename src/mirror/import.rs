@@ -103,9 +103,7 @@ impl Checked {
             let mut file = std::fs::File::open(&path).map_err(io_err("opening", &path))?;
             blobs.put_expecting(&mut file, digest)?;
         }
-        let at = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let at = crate::clock::now_unix();
         let record = |digest: &Digest| TagRecord {
             digest: *digest,
             at,

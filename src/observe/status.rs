@@ -2,13 +2,14 @@
 //! builds in flight with their phase and progress, and the bookkeeping the
 //! builder reports into when a build ends or a manifest is asked for.
 
+use crate::clock::now_unix;
 use crate::observe::metrics::{BuildResult, CacheResult, Metrics};
 use crate::store::db::{BuildOutcome, BuildRecord, Db, ErrorRecord, Lookup};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 /// Where a build in flight is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,13 +59,6 @@ impl Phase {
             Phase::WritingManifest => "writing manifest",
         }
     }
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 struct LiveState {

@@ -7,6 +7,7 @@
 //! delete unless pinned) so that other backends can provide them.
 
 use crate::build::manifest::{named_by, Named};
+use crate::clock::now_unix;
 use crate::digest::Digest;
 use crate::store::db::{Db, DbError, ManifestRecord, PullRecord, TagRecord, TagTree};
 use crate::store::fs::{BlobError, BlobStore};
@@ -14,7 +15,7 @@ use crate::store::pulls::LastPulled;
 use serde::Serialize;
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// Attempts to delete unreferenced blobs while builds keep finishing.
 const DELETE_ATTEMPTS: usize = 5;
@@ -86,13 +87,6 @@ pub(crate) struct Image {
     pub blobs: Vec<Digest>,
     /// Imported: never rebuilt, so never evicted.
     pub pinned: bool,
-}
-
-pub(crate) fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// What a stored manifest (its config and layers) or index (its

@@ -5,7 +5,7 @@
 
 use super::bucket::remote;
 use super::Bucket;
-use crate::store::gc::now_unix;
+use crate::clock::now_unix;
 use crate::store::{Lease, LeaseState, StoreError};
 use object_store::path::Path as Key;
 use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
