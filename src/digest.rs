@@ -31,6 +31,21 @@ impl Digest {
         hex::encode(self.0)
     }
 
+    /// The digest whose [`hex`](Self::hex) is `encoded` (a file or object
+    /// named by its digest).
+    pub fn from_hex(encoded: &str) -> Result<Self, DigestError> {
+        if encoded.len() != 64
+            || !encoded
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            return Err(DigestError::Invalid);
+        }
+        let mut raw = [0u8; 32];
+        hex::decode_to_slice(encoded, &mut raw).map_err(|_| DigestError::Invalid)?;
+        Ok(Digest(raw))
+    }
+
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
@@ -60,16 +75,7 @@ impl FromStr for Digest {
                 DigestError::Invalid
             });
         }
-        if encoded.len() != 64
-            || !encoded
-                .bytes()
-                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        {
-            return Err(DigestError::Invalid);
-        }
-        let mut raw = [0u8; 32];
-        hex::decode_to_slice(encoded, &mut raw).map_err(|_| DigestError::Invalid)?;
-        Ok(Digest(raw))
+        Digest::from_hex(encoded)
     }
 }
 

@@ -400,7 +400,7 @@ impl BlobStore {
                 let digest = blob
                     .file_name()
                     .to_str()
-                    .and_then(|hex| format!("sha256:{hex}").parse().ok());
+                    .and_then(|hex| Digest::from_hex(hex).ok());
                 if let (true, Some(d)) = (small, digest) {
                     found.push(d);
                 }
@@ -464,9 +464,7 @@ impl BlobStore {
             }
             for blob in fs::read_dir(&shard).map_err(io_err("listing", &shard))? {
                 let name = blob.map_err(io_err("listing", &shard))?.file_name();
-                let parsed = name
-                    .to_str()
-                    .and_then(|hex| format!("sha256:{hex}").parse::<Digest>().ok());
+                let parsed = name.to_str().and_then(|hex| Digest::from_hex(hex).ok());
                 if let Some(d) = parsed {
                     if let Some(len) = self.stat_blob(&d)? {
                         out.push((d, len));
@@ -574,7 +572,7 @@ fn walk(root: &Path, mut each: impl FnMut(Digest, u64)) -> Result<(), BlobError>
             let Some(digest) = blob
                 .file_name()
                 .to_str()
-                .and_then(|hex| format!("sha256:{hex}").parse::<Digest>().ok())
+                .and_then(|hex| Digest::from_hex(hex).ok())
             else {
                 continue;
             };

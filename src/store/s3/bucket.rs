@@ -166,7 +166,7 @@ impl Bucket {
             .await?
             .into_iter()
             .filter_map(|m| {
-                let digest = format!("sha256:{}", m.location.filename()?).parse().ok()?;
+                let digest = Digest::from_hex(m.location.filename()?).ok()?;
                 let modified = u64::try_from(m.last_modified.timestamp()).unwrap_or(0);
                 Some(Listed {
                     digest,

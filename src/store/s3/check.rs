@@ -63,7 +63,7 @@ pub async fn check(
         }
     }
     for (key, record) in records::<ImportedRecord>(bucket, RecordKind::Imported).await? {
-        match (format!("sha256:{key}").parse::<Digest>(), record) {
+        match (Digest::from_hex(&key), record) {
             (Ok(d), Some(r)) => holders
                 .entry(d)
                 .or_default()
@@ -75,7 +75,7 @@ pub async fn check(
         }
     }
     for key in bucket.record_keys(RecordKind::ManifestDigest).await? {
-        match format!("sha256:{key}").parse::<Digest>() {
+        match Digest::from_hex(&key) {
             Ok(d) => holders.entry(d).or_default().push(Holder::Listed),
             Err(_) => f
                 .stale_records

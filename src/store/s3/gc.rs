@@ -101,20 +101,20 @@ async fn read_contents(bucket: &Bucket) -> Result<Contents, StoreError> {
         .record_keys(RecordKind::ManifestDigest)
         .await?
         .into_iter()
-        .filter_map(|hex| format!("sha256:{hex}").parse().ok())
+        .filter_map(|hex| Digest::from_hex(&hex).ok())
         .collect();
     let imported: Vec<(Digest, Vec<String>)> = records(bucket, RecordKind::Imported)
         .await?
         .into_iter()
         .filter_map(|(hex, r): (String, Option<ImportedRecord>)| {
-            Some((format!("sha256:{hex}").parse().ok()?, r?.names))
+            Some((Digest::from_hex(&hex).ok()?, r?.names))
         })
         .collect();
     let pulled: HashMap<Digest, u64> = records(bucket, RecordKind::Pulled)
         .await?
         .into_iter()
         .filter_map(|(hex, r): (String, Option<PulledRecord>)| {
-            Some((format!("sha256:{hex}").parse().ok()?, r?.at))
+            Some((Digest::from_hex(&hex).ok()?, r?.at))
         })
         .collect();
     let sizes: HashMap<Digest, u64> = blobs.iter().map(|b| (b.digest, b.size)).collect();
