@@ -186,13 +186,10 @@ impl Storage for S3Store {
         }
     }
 
+    /// The bucket's copy: callers look on this replica's disk first (the
+    /// registry sends a local blob from its file, the builder reads
+    /// manifests from staging), so it is not looked at again here.
     async fn open(&self, digest: &Digest, redirect: bool) -> Result<Option<Opened>, StoreError> {
-        // Blobs this replica built are still on its disk: no round trip.
-        let (staging, d) = (self.staging.clone(), *digest);
-        let local = tokio::task::spawn_blocking(move || staging.get(&d)).await??;
-        if let Some(blob) = local {
-            return Ok(Some(Opened::Local(blob)));
-        }
         let Some(size) = self.stat(digest).await? else {
             return Ok(None);
         };
