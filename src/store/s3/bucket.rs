@@ -2,6 +2,7 @@
 //! credentials), where each kind of object is kept under the prefix, and
 //! the listings and reads that the backend, `verify` and `gc` share.
 
+use super::super::db::{self, Record};
 use super::super::{ByteStream, RecordKind, StoreError};
 use crate::blocking::feed_blocking;
 use crate::digest::{Digest, HashingWriter};
@@ -49,6 +50,9 @@ pub(super) fn remote<'a>(
 ) -> impl FnOnce(object_store::Error) -> StoreError + 'a {
     move |e| StoreError::remote(op, key.to_string(), &e)
 }
+
+/// Index records read at once when listing a kind.
+const RECORD_READS_AT_ONCE: usize = 16;
 
 /// A client for one bucket and prefix.
 #[derive(Debug)]
@@ -185,6 +189,24 @@ impl Bucket {
             .into_iter()
             .filter_map(|m| m.location.filename().map(str::to_owned))
             .collect())
+    }
+
+    /// Every record of a kind, decoded (None where it cannot be), read
+    /// [`RECORD_READS_AT_ONCE`] at a time.
+    pub async fn records<T: Record>(
+        &self,
+        kind: RecordKind,
+    ) -> Result<Vec<(String, Option<T>)>, StoreError> {
+        let keys = self.record_keys(kind).await?;
+        futures::stream::iter(keys.into_iter().map(|key| async move {
+            let bytes = self.get_record(kind, &key).await?;
+            // Gone meanwhile: overwritten or deleted by another process.
+            Ok::<_, StoreError>(bytes.map(|b| (key, db::decode::<T>(&b))))
+        }))
+        .buffered(RECORD_READS_AT_ONCE)
+        .try_filter_map(|r| async move { Ok(r) })
+        .try_collect()
+        .await
     }
 
     /// The names of every lease object.

@@ -12,14 +12,14 @@ use crate::build::forms::MANIFEST_MAX_BYTES;
 use crate::build::manifest::named_by;
 use crate::digest::Digest;
 use crate::mirror::check::{Findings, Holder, Repaired, StaleRecord};
-use crate::store::db::{self, ImportedRecord, LayerRecord, ManifestRecord, Record};
+use crate::store::db::{ImportedRecord, LayerRecord, ManifestRecord};
 use crate::store::{RecordKind, StoreError};
 use futures::{StreamExt, TryStreamExt};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Blobs downloaded and hashed at once.
 const HASHING_AT_ONCE: usize = 4;
-/// Small objects (records, manifests) read at once.
+/// Manifests read at once.
 const READS_AT_ONCE: usize = 16;
 
 /// Checks the whole bucket; `progress(done, total)` is called per blob.
@@ -53,7 +53,10 @@ pub async fn check(
     f.blobs = total;
 
     let mut holders: BTreeMap<Digest, Vec<Holder>> = BTreeMap::new();
-    for (key, record) in records::<ManifestRecord>(bucket, RecordKind::Manifest).await? {
+    for (key, record) in bucket
+        .records::<ManifestRecord>(RecordKind::Manifest)
+        .await?
+    {
         match record {
             Some(r) => holders
                 .entry(r.digest)
@@ -62,7 +65,10 @@ pub async fn check(
             None => f.stale_records.push(unreadable(RecordKind::Manifest, key)),
         }
     }
-    for (key, record) in records::<ImportedRecord>(bucket, RecordKind::Imported).await? {
+    for (key, record) in bucket
+        .records::<ImportedRecord>(RecordKind::Imported)
+        .await?
+    {
         match (Digest::from_hex(&key), record) {
             (Ok(d), Some(r)) => holders
                 .entry(d)
@@ -95,7 +101,7 @@ pub async fn check(
     .await?;
     f.broken = problems.into_iter().flatten().collect();
 
-    for (key, record) in records::<LayerRecord>(bucket, RecordKind::Layer).await? {
+    for (key, record) in bucket.records::<LayerRecord>(RecordKind::Layer).await? {
         let why = match record {
             None => "the record cannot be read".to_owned(),
             Some(r) if corrupt.contains(&r.digest) => format!("blob {} is corrupt", r.digest),
@@ -118,23 +124,6 @@ fn unreadable(kind: RecordKind, key: String) -> StaleRecord {
         key,
         why: "the record cannot be read".into(),
     }
-}
-
-/// Every record of a kind, decoded (None where it cannot be).
-pub(super) async fn records<T: Record>(
-    bucket: &Bucket,
-    kind: RecordKind,
-) -> Result<Vec<(String, Option<T>)>, StoreError> {
-    let keys = bucket.record_keys(kind).await?;
-    futures::stream::iter(keys.into_iter().map(|key| async move {
-        let bytes = bucket.get_record(kind, &key).await?;
-        // Gone meanwhile: overwritten or deleted by another process.
-        Ok::<_, StoreError>(bytes.map(|b| (key, db::decode::<T>(&b))))
-    }))
-    .buffered(READS_AT_ONCE)
-    .try_filter_map(|r| async move { Ok(r) })
-    .try_collect()
-    .await
 }
 
 /// Why a manifest (or index) cannot be served whole, if it cannot.

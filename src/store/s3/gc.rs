@@ -22,7 +22,6 @@
 //! A replica that still has an evicted image in its database finds its
 //! manifest gone and builds it again.
 
-use super::check::records;
 use super::lease::new_holder;
 use super::{Bucket, Listed};
 use crate::build::forms::MANIFEST_MAX_BYTES;
@@ -92,7 +91,8 @@ struct Contents {
 
 async fn read_contents(bucket: &Bucket) -> Result<Contents, StoreError> {
     let blobs = bucket.blobs().await?;
-    let builds: Vec<(String, ManifestRecord)> = records(bucket, RecordKind::Manifest)
+    let builds: Vec<(String, ManifestRecord)> = bucket
+        .records(RecordKind::Manifest)
         .await?
         .into_iter()
         .filter_map(|(key, r)| Some((key, r?)))
@@ -103,14 +103,16 @@ async fn read_contents(bucket: &Bucket) -> Result<Contents, StoreError> {
         .into_iter()
         .filter_map(|hex| Digest::from_hex(&hex).ok())
         .collect();
-    let imported: Vec<(Digest, Vec<String>)> = records(bucket, RecordKind::Imported)
+    let imported: Vec<(Digest, Vec<String>)> = bucket
+        .records(RecordKind::Imported)
         .await?
         .into_iter()
         .filter_map(|(hex, r): (String, Option<ImportedRecord>)| {
             Some((Digest::from_hex(&hex).ok()?, r?.names))
         })
         .collect();
-    let pulled: HashMap<Digest, u64> = records(bucket, RecordKind::Pulled)
+    let pulled: HashMap<Digest, u64> = bucket
+        .records(RecordKind::Pulled)
         .await?
         .into_iter()
         .filter_map(|(hex, r): (String, Option<PulledRecord>)| {
@@ -251,7 +253,7 @@ async fn collect_holding_lease(
         .keys()
         .filter(|d| evicted_digests.contains(d) || !sizes.contains_key(d));
     records_gone.extend(notes_gone.map(|d| (RecordKind::Pulled, d.hex())));
-    for (key, r) in records::<LayerRecord>(bucket, RecordKind::Layer).await? {
+    for (key, r) in bucket.records::<LayerRecord>(RecordKind::Layer).await? {
         match r {
             Some(r) if !doomed.contains(&r.digest) => {}
             // Names a blob about to go, or cannot be read.
