@@ -517,11 +517,7 @@ impl Db {
 
     /// Build records, newest first.
     pub fn builds(&self) -> Result<Vec<BuildRecord>, DbError> {
-        let mut out = Vec::new();
-        for kv in self.builds.iter().rev() {
-            out.extend(self.decode("builds", &kv?.1));
-        }
-        Ok(out)
+        self.newest_first(&self.builds, "builds")
     }
 
     /// Records a failed build, keeping the newest [`ERRORS_KEPT`].
@@ -531,9 +527,19 @@ impl Db {
 
     /// Error records, newest first.
     pub fn errors(&self) -> Result<Vec<ErrorRecord>, DbError> {
+        self.newest_first(&self.errors, "errors")
+    }
+
+    /// The records of a tree that [`push_bounded`] fills, newest first;
+    /// those that cannot be decoded are left out.
+    fn newest_first<T: Record>(
+        &self,
+        tree: &sled::Tree,
+        name: &'static str,
+    ) -> Result<Vec<T>, DbError> {
         let mut out = Vec::new();
-        for kv in self.errors.iter().rev() {
-            out.extend(self.decode("errors", &kv?.1));
+        for kv in tree.iter().rev() {
+            out.extend(self.decode(name, &kv?.1));
         }
         Ok(out)
     }
