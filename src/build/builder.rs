@@ -201,6 +201,27 @@ impl From<tokio::task::JoinError> for BuildError {
 
 pub type BuildResult = Result<Digest, Arc<BuildError>>;
 
+/// What a pull by tag is answered with (see [`Builder::answer`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TagAnswer {
+    /// One Docker manifest.
+    Manifest(Digest),
+    /// Each platform's Docker manifest, the one a manifest-only client
+    /// gets first.
+    Index(Vec<(Arch, Digest)>),
+}
+
+impl TagAnswer {
+    /// The Docker manifest a client that takes no index gets (an index
+    /// always has one).
+    pub fn first(&self) -> Option<Digest> {
+        match self {
+            TagAnswer::Manifest(d) => Some(*d),
+            TagAnswer::Index(platforms) => platforms.first().map(|(_, d)| *d),
+        }
+    }
+}
+
 /// What the builder needs from the configuration.
 pub struct BuilderSettings {
     pub source: Source,
@@ -600,45 +621,71 @@ impl Builder {
         }
     }
 
-    /// What a client that takes an index gets for `name:tag`: each
-    /// platform's Docker manifest, or `None` for one manifest. An imported
-    /// name is an index over the platforms it was imported with (on a
-    /// mirror too), never built; a name built here (not on a mirror) is
-    /// built for each of several platforms.
-    pub async fn index_platforms(
+    /// What a pull of `name:tag` is answered with; `takes_index`: the
+    /// client takes an index. An imported name is its imported manifest,
+    /// or an index over the platforms it was imported with (on a mirror
+    /// too), never built; a name built here is built for each of several
+    /// platforms when the client takes an index (not on a mirror), else
+    /// for the first.
+    pub async fn answer(
         self: &Arc<Self>,
         name: &str,
         tag: &str,
-    ) -> Result<Option<Vec<(Arch, Digest)>>, Arc<BuildError>> {
+        takes_index: bool,
+    ) -> Result<TagAnswer, Arc<BuildError>> {
         let db_error = |e: DbError| Arc::new(BuildError::from(e));
-        if self.has_pinned {
-            if let Some(first) = self
+        // Imported images answer whatever the source. Only `import` writes
+        // them, and it cannot run beside this process: with none at start,
+        // there is nothing to look up.
+        let pinned = match self.has_pinned {
+            true => self
                 .tagged(TagTree::Pinned, name, tag)
                 .await
-                .map_err(db_error)?
-            {
+                .map_err(db_error)?,
+            false => None,
+        };
+        if let Some(first) = pinned {
+            self.status.manifest_requested(name, Lookup::Hit, true);
+            if takes_index {
                 let platforms = self
                     .imported_platforms(name, tag, first)
                     .await
                     .map_err(db_error)?;
-                if platforms.len() < 2 {
-                    return Ok(None);
+                if platforms.len() > 1 {
+                    return Ok(TagAnswer::Index(platforms));
                 }
-                self.status.manifest_requested(name, Lookup::Hit, true);
-                return Ok(Some(platforms));
             }
+            return Ok(TagAnswer::Manifest(first));
+        }
+        if self.settings.source.is_mirror() {
+            let built = self
+                .tagged(TagTree::Built, name, tag)
+                .await
+                .map_err(db_error)?;
+            let lookup = if built.is_some() {
+                Lookup::Hit
+            } else {
+                Lookup::Miss
+            };
+            self.status
+                .manifest_requested(name, lookup, built.is_some());
+            return built
+                .map(TagAnswer::Manifest)
+                .ok_or_else(|| Arc::new(BuildError::NoSource(format!("{name}:{tag}"))));
         }
         let platforms = self.platforms_for(name);
-        if platforms.len() < 2 || self.settings.source.is_mirror() {
-            return Ok(None);
+        if takes_index && platforms.len() > 1 {
+            let built = futures::future::try_join_all(
+                platforms
+                    .iter()
+                    .map(|arch| self.manifest_for_arch(name, tag, *arch)),
+            )
+            .await?;
+            return Ok(TagAnswer::Index(platforms.into_iter().zip(built).collect()));
         }
-        let built = futures::future::try_join_all(
-            platforms
-                .iter()
-                .map(|arch| self.manifest_for_arch(name, tag, *arch)),
-        )
-        .await?;
-        Ok(Some(platforms.into_iter().zip(built).collect()))
+        self.manifest_for_arch(name, tag, platforms[0])
+            .await
+            .map(TagAnswer::Manifest)
     }
 
     /// The platforms recorded for the imported `name:tag` whose manifest
@@ -667,35 +714,10 @@ impl Builder {
     /// The Docker manifest digest for a validated image name and tag, for
     /// the first of its platforms, building the image if it is not cached.
     pub async fn manifest_for(self: &Arc<Self>, name: &str, tag: &str) -> BuildResult {
-        let db_error = |e: DbError| Arc::new(BuildError::from(e));
-        // Imported images answer whatever the source.
-        let pinned = match self.has_pinned {
-            true => self
-                .tagged(TagTree::Pinned, name, tag)
-                .await
-                .map_err(db_error)?,
-            false => None,
-        };
-        if let Some(digest) = pinned {
-            self.status.manifest_requested(name, Lookup::Hit, true);
-            return Ok(digest);
-        }
-        if self.settings.source.is_mirror() {
-            let built = self
-                .tagged(TagTree::Built, name, tag)
-                .await
-                .map_err(db_error)?;
-            let lookup = if built.is_some() {
-                Lookup::Hit
-            } else {
-                Lookup::Miss
-            };
-            self.status
-                .manifest_requested(name, lookup, built.is_some());
-            return built.ok_or_else(|| Arc::new(BuildError::NoSource(format!("{name}:{tag}"))));
-        }
-        let arch = self.platforms_for(name)[0];
-        self.manifest_for_arch(name, tag, arch).await
+        let answer = self.answer(name, tag, false).await?;
+        answer
+            .first()
+            .ok_or_else(|| Arc::new(BuildError::Task("an index of no platforms".into())))
     }
 
     /// As [`manifest_for`](Self::manifest_for), for `arch` (which the

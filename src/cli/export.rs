@@ -4,7 +4,7 @@
 //! each image for every one of them.
 
 use super::build::{build_all, image_list};
-use crate::build::builder::Builder;
+use crate::build::builder::{Builder, TagAnswer};
 use crate::config::ServeArgs;
 use crate::mirror::import::{NIX_CACHE_DIR, STORE_PATHS_FILE};
 use crate::mirror::{layout, Image};
@@ -50,11 +50,11 @@ pub fn run(args: ExportArgs) -> ExitCode {
         let mut exported = Vec::with_capacity(found.len());
         for (image, digest) in found {
             // With several platforms: each one's manifest (built if needed).
-            let platforms = builder
-                .index_platforms(&image.name, &image.tag)
-                .await
-                .with_context(|| format!("{image}: its platforms"))?
-                .unwrap_or_default();
+            let platforms = match builder.answer(&image.name, &image.tag, true).await {
+                Ok(TagAnswer::Index(platforms)) => platforms,
+                Ok(TagAnswer::Manifest(_)) => Vec::new(),
+                Err(e) => anyhow::bail!("{image}: its platforms: {e}"),
+            };
             let image = Image {
                 digest: platforms.first().map_or(digest, |(_, d)| *d),
                 image,

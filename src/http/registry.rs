@@ -3,7 +3,7 @@
 use super::accept::Accept;
 use super::file_body::Opened as OpenFile;
 use super::range::{self, RangeRequest};
-use crate::build::builder::{BuildError, Builder};
+use crate::build::builder::{BuildError, Builder, TagAnswer};
 use crate::build::forms::Served;
 use crate::build::git::GitError;
 use crate::build::image::{PathError, Reference, ReferenceError, RegistryPath};
@@ -291,24 +291,17 @@ async fn manifest(
         api
     };
     // Several platforms make an index, for a client that takes one.
-    let index = match accept.index_format() {
-        Some(format) => builder
-            .index_platforms(name, &tag)
-            .await
-            .map_err(|e| logged(&e))?
-            .map(|platforms| (format, platforms)),
-        None => None,
-    };
-    let served: Served = match index {
-        Some((format, platforms)) => builder
+    let answer = builder
+        .answer(name, &tag, accept.index_format().is_some())
+        .await
+        .map_err(|e| logged(&e))?;
+    let served: Served = match (answer, accept.index_format()) {
+        (TagAnswer::Index(platforms), Some(format)) => builder
             .index_of(&platforms, format)
             .await
             .map_err(|e| logged(&e))?,
-        None => {
-            let docker = builder
-                .manifest_for(name, &tag)
-                .await
-                .map_err(|e| logged(&e))?;
+        (answer, _) => {
+            let docker = answer.first().ok_or_else(|| manifest_unknown(name))?;
             builder
                 .manifest_in(docker, accept.manifest_format())
                 .await
