@@ -88,7 +88,7 @@ impl Builder {
     }
 
     /// The index in `format` over each platform's Docker manifest (see
-    /// [`index_platforms`](Self::index_platforms)), naming each in that
+    /// [`answer`](Self::answer)), naming each in that
     /// format.
     pub async fn index_of(
         &self,
