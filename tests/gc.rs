@@ -75,15 +75,7 @@ async fn a_quota_evicts_the_least_recently_pulled_image() {
 
     // Stream big's largest layer slowly while a collection evicts big.
     let (big_manifest, big_json) = &manifests[1];
-    let layer = big_json["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .max_by_key(|l| l["size"].as_u64().unwrap())
-        .unwrap()["digest"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let layer = common::largest_layer(big_json);
     let mut download = c
         .get(s.url(&format!("/v2/big/blobs/{layer}")))
         .send()

@@ -5,11 +5,10 @@
 mod common;
 
 use common::binary::Binary;
-use common::{error_code, fresh_server, get_blob, get_manifest, header, layer_digests};
+use common::{blob_path, error_code, fresh_server, get_blob, get_manifest, header, layer_digests};
 use nixery::digest::Digest;
 use reqwest::{Client, Method, StatusCode};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
@@ -40,13 +39,6 @@ async fn every_error_has_the_json_body() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{path}");
     }
     s.stop().await;
-}
-
-/// The blob file of `digest` under a storage path.
-fn blob_path(storage: &Path, digest: &str) -> PathBuf {
-    let d: Digest = digest.parse().unwrap();
-    let hex = d.hex();
-    storage.join("blobs/sha256").join(&hex[..2]).join(hex)
 }
 
 #[tokio::test]

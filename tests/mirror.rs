@@ -515,26 +515,11 @@ async fn verify_finds_a_changed_byte_and_repair_lets_the_pull_rebuild() {
 
     // Change one byte of the biggest layer.
     let manifest: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(
-            storage
-                .join("blobs/sha256")
-                .join(&digest.hex()[..2])
-                .join(digest.hex()),
-        )
-        .unwrap(),
+        &std::fs::read(common::blob_path(&storage, &digest.to_string())).unwrap(),
     )
     .unwrap();
-    let layer = manifest["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .max_by_key(|l| l["size"].as_u64().unwrap())
-        .unwrap()["digest"]
-        .as_str()
-        .unwrap()
-        .trim_start_matches("sha256:")
-        .to_owned();
-    let path = storage.join("blobs/sha256").join(&layer[..2]).join(&layer);
+    let layer = common::largest_layer(&manifest);
+    let path = common::blob_path(&storage, &layer);
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[100] ^= 0xff;
     std::fs::remove_file(&path).unwrap();
@@ -544,7 +529,7 @@ async fn verify_finds_a_changed_byte_and_repair_lets_the_pull_rebuild() {
     let stdout = String::from_utf8_lossy(&found.stdout);
     assert_eq!(found.status.code(), Some(1), "{stdout}");
     assert!(
-        stdout.contains(&format!("corrupt blob sha256:{layer}")),
+        stdout.contains(&format!("corrupt blob {layer}")),
         "{stdout}"
     );
     assert!(stdout.contains("1 corrupt blobs"), "{stdout}");
@@ -825,13 +810,7 @@ fn an_image_exported_for_two_platforms_is_imported_and_served_with_both() {
         })
         .find(|hex| !amd64_layers.contains(hex.as_str()))
         .expect("a layer only arm64 has");
-    std::fs::remove_file(
-        inside
-            .join("blobs/sha256")
-            .join(&arm64_only[..2])
-            .join(&arm64_only),
-    )
-    .unwrap();
+    std::fs::remove_file(common::blob_path(&inside, &format!("sha256:{arm64_only}"))).unwrap();
     let found = output(nixery(&inside, false).arg("verify"));
     let stdout = String::from_utf8_lossy(&found.stdout);
     assert_eq!(found.status.code(), Some(1), "{stdout}");

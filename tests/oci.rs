@@ -90,9 +90,7 @@ async fn config_has_path_labels_and_the_main_program() {
     let (_dir, s) = fresh_server(&[]).await;
     let c = Client::new();
     let (_, m) = get_manifest_as(&c, &s, "hello", "latest", MANIFEST_TYPE, MANIFEST_TYPE).await;
-    let config: Value =
-        serde_json::from_slice(&get_blob(&c, &s, m["config"]["digest"].as_str().unwrap()).await)
-            .unwrap();
+    let config = common::image_config(&c, &s, &m).await;
     assert_eq!(config["created"], "1970-01-01T00:00:01Z");
     let cmd = config["config"]["Cmd"][0].as_str().unwrap();
     assert!(
@@ -119,9 +117,7 @@ async fn config_has_path_labels_and_the_main_program() {
         MANIFEST_TYPE,
     )
     .await;
-    let config: Value =
-        serde_json::from_slice(&get_blob(&c, &s, m["config"]["digest"].as_str().unwrap()).await)
-            .unwrap();
+    let config = common::image_config(&c, &s, &m).await;
     assert!(config["config"].get("Cmd").is_none(), "{config}");
     s.stop().await;
 }
@@ -194,9 +190,7 @@ async fn an_index_names_one_manifest_per_platform() {
     assert_eq!(single, amd);
     let (_, arm) =
         get_manifest_as(&c, &s, "arm64/hello", "latest", ACCEPT_ALL, MANIFEST_TYPE).await;
-    let config: Value =
-        serde_json::from_slice(&get_blob(&c, &s, arm["config"]["digest"].as_str().unwrap()).await)
-            .unwrap();
+    let config = common::image_config(&c, &s, &arm).await;
     assert_eq!(config["architecture"], "arm64");
     s.stop().await;
 }

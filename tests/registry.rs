@@ -249,9 +249,7 @@ async fn lookup_rules_and_arm64() {
     // Dotted path, lowercase fallback, digit prefix.
     get_manifest(&c, &s, "tools.xev/bashinteractive/1password", "latest").await;
     let (_, m) = get_manifest(&c, &s, "arm64/hello", "latest").await;
-    let config: Value =
-        serde_json::from_slice(&get_blob(&c, &s, m["config"]["digest"].as_str().unwrap()).await)
-            .unwrap();
+    let config = common::image_config(&c, &s, &m).await;
     assert_eq!(config["architecture"], "arm64");
     s.stop().await;
 }

@@ -165,9 +165,7 @@ async fn git_tags_select_branches_tags_and_commits() {
     );
     // The image says where it came from and which commit.
     let (_, m) = get_manifest(&c, &s, "stamp", "v1").await;
-    let config: Value =
-        serde_json::from_slice(&get_blob(&c, &s, m["config"]["digest"].as_str().unwrap()).await)
-            .unwrap();
+    let config = common::image_config(&c, &s, &m).await;
     let labels = &config["config"]["Labels"];
     assert_eq!(labels["org.opencontainers.image.revision"], one.as_str());
     assert_eq!(

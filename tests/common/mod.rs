@@ -173,12 +173,35 @@ pub async fn get_manifest_as(
     accept: &str,
     expected_type: &str,
 ) -> (Digest, Value) {
-    let r = client
-        .get(s.url(&format!("/v2/{name}/manifests/{reference}")))
-        .header("accept", accept)
-        .send()
-        .await
-        .unwrap();
+    fetch_manifest(client, s, name, reference, Some(accept), expected_type).await
+}
+
+/// Fetches a manifest by tag, checking the headers every client relies on.
+pub async fn get_manifest(
+    client: &Client,
+    s: &TestServer,
+    name: &str,
+    tag: &str,
+) -> (Digest, Value) {
+    fetch_manifest(client, s, name, tag, None, MANIFEST_TYPE).await
+}
+
+/// A manifest GET (with `accept`, if any) that must succeed with
+/// `expected_type`, the API version header, a digest header that matches
+/// the bytes, and a body that says what it is.
+async fn fetch_manifest(
+    client: &Client,
+    s: &TestServer,
+    name: &str,
+    reference: &str,
+    accept: Option<&str>,
+    expected_type: &str,
+) -> (Digest, Value) {
+    let mut request = client.get(s.url(&format!("/v2/{name}/manifests/{reference}")));
+    if let Some(accept) = accept {
+        request = request.header("accept", accept);
+    }
+    let r = request.send().await.unwrap();
     assert_eq!(
         r.status(),
         StatusCode::OK,
@@ -189,6 +212,10 @@ pub async fn get_manifest_as(
         header(&r, "content-type"),
         expected_type,
         "{name}:{reference}"
+    );
+    assert_eq!(
+        header(&r, "docker-distribution-api-version"),
+        "registry/2.0"
     );
     let digest: Digest = header(&r, "docker-content-digest").parse().unwrap();
     let body = r.bytes().await.unwrap();
@@ -204,35 +231,6 @@ pub fn header<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {
         .get(name)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_else(|| panic!("missing header {name}"))
-}
-
-/// Fetches a manifest by tag, checking the headers every client relies on.
-pub async fn get_manifest(
-    client: &Client,
-    s: &TestServer,
-    name: &str,
-    tag: &str,
-) -> (Digest, Value) {
-    let r = client
-        .get(s.url(&format!("/v2/{name}/manifests/{tag}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        r.status(),
-        StatusCode::OK,
-        "{name}:{tag}: {}",
-        r.text().await.unwrap()
-    );
-    assert_eq!(header(&r, "content-type"), MANIFEST_TYPE);
-    assert_eq!(
-        header(&r, "docker-distribution-api-version"),
-        "registry/2.0"
-    );
-    let digest: Digest = header(&r, "docker-content-digest").parse().unwrap();
-    let body = r.bytes().await.unwrap();
-    assert_eq!(Digest::of(&body), digest, "digest header matches the bytes");
-    (digest, serde_json::from_slice(&body).unwrap())
 }
 
 /// The status and first error of a registry error response, checking that
@@ -256,6 +254,35 @@ pub async fn get_blob(client: &Client, s: &TestServer, digest: &str) -> Vec<u8> 
     let body = r.bytes().await.unwrap().to_vec();
     assert_eq!(Digest::of(&body).to_string(), digest);
     body
+}
+
+/// The image config a manifest names, fetched as a blob.
+pub async fn image_config(client: &Client, s: &TestServer, manifest: &Value) -> Value {
+    let digest = manifest["config"]["digest"]
+        .as_str()
+        .expect("a config digest");
+    serde_json::from_slice(&get_blob(client, s, digest).await).expect("a JSON config")
+}
+
+/// The digest of a manifest's largest layer.
+pub fn largest_layer(manifest: &Value) -> String {
+    manifest["layers"]
+        .as_array()
+        .expect("a manifest has layers")
+        .iter()
+        .max_by_key(|l| l["size"].as_u64().expect("a layer size"))
+        .expect("at least one layer")["digest"]
+        .as_str()
+        .expect("a layer digest")
+        .to_owned()
+}
+
+/// The file of blob `digest` (`sha256:...`) under a storage path, as the
+/// blob store lays it out.
+pub fn blob_path(storage: &Path, digest: &str) -> PathBuf {
+    let d: Digest = digest.parse().expect("a digest");
+    let hex = d.hex();
+    storage.join("blobs/sha256").join(&hex[..2]).join(hex)
 }
 
 /// The digests of a manifest's layers, in order.
