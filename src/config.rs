@@ -80,6 +80,13 @@ pub struct ServeArgs {
     /// it changes.
     #[arg(long, env = "NIXERY_HTPASSWD")]
     pub htpasswd: Option<PathBuf>,
+    /// PEM certificate chain (the server's certificate first): serve HTTPS
+    /// (with --tls-key). Reread when it changes.
+    #[arg(long, env = "NIXERY_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, RSA or EC) of --tls-cert.
+    #[arg(long, env = "NIXERY_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
     /// With --htpasswd: leave /metrics open to scrapers without credentials.
     #[arg(long, env = "NIXERY_METRICS_PUBLIC")]
     pub metrics_public: bool,
@@ -225,10 +232,30 @@ pub struct Config {
     pub cache_ttl: Duration,
     pub htpasswd: Option<PathBuf>,
     pub metrics_public: bool,
+    /// Serve HTTPS with this pair.
+    pub tls: Option<TlsFiles>,
     pub connections: crate::http::conn::Limits,
     /// At least one, no duplicates, in the order given.
     pub platforms: Vec<Arch>,
 }
+
+/// The certificate chain and key files of `--tls-cert` and `--tls-key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Config {
+    /// Passwords would cross the network in clear text: `--htpasswd`
+    /// without TLS on an address other clients reach.
+    pub fn cleartext_passwords(&self) -> bool {
+        self.htpasswd.is_some() && self.tls.is_none() && !self.listen.ip().is_loopback()
+    }
+}
+
+/// Said by `serve` (in the log) and `check-config`.
+pub const CLEARTEXT_PASSWORDS: &str = "--htpasswd without --tls-cert/--tls-key on a non-loopback address: passwords cross the network in clear text (see `nixery tls init`)";
 
 /// A setting that is missing or contradicts another; says which.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -263,6 +290,8 @@ pub enum ConfigError {
     NixOption(String),
     #[error("--max-connections, --header-timeout and --idle-timeout (NIXERY_MAX_CONNECTIONS, NIXERY_HEADER_TIMEOUT, NIXERY_IDLE_TIMEOUT) must be at least 1")]
     Connections,
+    #[error("--tls-cert and --tls-key (NIXERY_TLS_CERT, NIXERY_TLS_KEY) go together: set both or neither")]
+    TlsPair,
     #[error("--platforms (NIXERY_PLATFORMS) {0:?} is not one of linux/amd64, linux/arm64")]
     Platform(String),
     #[error(
@@ -381,6 +410,12 @@ impl ServeArgs {
         if self.max_connections == 0 || self.header_timeout == 0 || self.idle_timeout == 0 {
             return Err(ConfigError::Connections);
         }
+        let given = |p: &Option<PathBuf>| p.clone().filter(|p| !p.as_os_str().is_empty());
+        let tls = match (given(&self.tls_cert), given(&self.tls_key)) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            _ => return Err(ConfigError::TlsPair),
+        };
         let mut platforms = Vec::new();
         for p in self.platforms.iter().filter(|p| !p.trim().is_empty()) {
             let arch = Arch::from_platform(p).ok_or_else(|| ConfigError::Platform(p.clone()))?;
@@ -410,6 +445,7 @@ impl ServeArgs {
             cache_ttl: Duration::from_secs(self.cache_ttl),
             htpasswd: self.htpasswd.clone().filter(|p| !p.as_os_str().is_empty()),
             metrics_public: self.metrics_public,
+            tls,
             connections: crate::http::conn::Limits {
                 max_connections: self.max_connections,
                 header_timeout: Duration::from_secs(self.header_timeout),

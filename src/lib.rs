@@ -9,11 +9,13 @@ pub mod clock;
 pub mod config;
 pub mod digest;
 pub mod error;
+pub mod file_stamp;
 pub mod http;
 pub mod mirror;
 pub mod observe;
 pub mod redact;
 pub mod store;
+pub mod tls;
 
 use axum::http::{HeaderName, HeaderValue};
 use axum::routing::{any, get};
@@ -50,6 +52,8 @@ pub enum StartError {
     Popularity(#[from] build::popularity::PopularityError),
     #[error(transparent)]
     Htpasswd(#[from] http::auth::HtpasswdError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -59,7 +63,15 @@ pub enum StartError {
 
 /// Writes a file so that a crash leaves either the old or the new content.
 pub fn write_atomically(path: &Path, content: &[u8]) -> std::io::Result<()> {
+    write_atomically_mode(path, content, 0o666)
+}
+
+/// As [`write_atomically`], the file created with `mode` (less the umask):
+/// 0o600 for a private key, which must never be readable by others, not
+/// even for a moment.
+pub fn write_atomically_mode(path: &Path, content: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp",
@@ -67,7 +79,16 @@ pub fn write_atomically(path: &Path, content: &[u8]) -> std::io::Result<()> {
             .map(|n| n.to_string_lossy())
             .unwrap_or_default()
     ));
-    let mut f = std::fs::File::create(&tmp)?;
+    // A leftover from an interrupted write may have another mode.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)?;
     f.write_all(content)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;
@@ -109,10 +130,15 @@ fn report_lost_records(blobs: &store::fs::BlobStore, db: &store::db::Db) -> Resu
 
 /// The axum application for a builder; with `auth`, everything but what
 /// it leaves public needs credentials.
-pub fn router(builder: Arc<Builder>, auth: Option<Arc<http::auth::Auth>>) -> Router {
+pub fn router(
+    builder: Arc<Builder>,
+    auth: Option<Arc<http::auth::Auth>>,
+    tls: Option<Arc<tls::Tls>>,
+) -> Router {
     let status = Arc::clone(builder.status());
     let routes = Router::new()
         .route("/", get(http::admin::page))
+        .route("/ca.crt", get(http::admin::ca_cert))
         .route("/api/status", get(http::admin::status))
         .route("/metrics", get(http::admin::metrics))
         .route("/v2", any(http::registry::base))
@@ -128,6 +154,7 @@ pub fn router(builder: Arc<Builder>, auth: Option<Arc<http::auth::Auth>>) -> Rou
         None => routes,
     };
     routes
+        .layer(axum::Extension(http::admin::ServedTls(tls)))
         .layer(SetResponseHeaderLayer::overriding(
             HeaderName::from_static("docker-distribution-api-version"),
             HeaderValue::from_static("registry/2.0"),
@@ -169,6 +196,7 @@ pub struct Server {
     listener: tokio::net::TcpListener,
     builder: Arc<Builder>,
     auth: Option<Arc<http::auth::Auth>>,
+    tls: Option<Arc<tls::Tls>>,
     limits: http::conn::Limits,
 }
 
@@ -291,6 +319,13 @@ impl Server {
             Some(path) => Some(http::auth::Auth::open(path, config.metrics_public)?),
             None => None,
         };
+        let tls = match &config.tls {
+            Some(files) => Some(tls::Tls::open(&files.cert, &files.key)?),
+            None => None,
+        };
+        if config.cleartext_passwords() {
+            tracing::warn!("{}", config::CLEARTEXT_PASSWORDS);
+        }
         let builder = open_builder(config).await?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -302,6 +337,7 @@ impl Server {
             listener,
             builder,
             auth,
+            tls,
             limits: config.connections,
         })
     }
@@ -309,6 +345,11 @@ impl Server {
     /// The builder, for tests and tools that inspect what was built.
     pub fn builder(&self) -> Arc<Builder> {
         Arc::clone(&self.builder)
+    }
+
+    /// Whether it serves HTTPS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -326,9 +367,10 @@ impl Server {
         let status = Arc::clone(self.builder.status());
         let flusher = tokio::spawn(flush_counts_every(Arc::clone(&status), COUNT_FLUSH));
         let watcher = self.auth.as_ref().map(|a| a.watch());
-        let app = router(self.builder, self.auth);
-        http::conn::serve(self.listener, app, self.limits, shutdown).await?;
-        if let Some(w) = watcher {
+        let tls_watcher = self.tls.as_ref().map(|t| t.watch());
+        let app = router(self.builder, self.auth, self.tls.clone());
+        http::conn::serve(self.listener, app, self.limits, self.tls, shutdown).await?;
+        for w in [watcher, tls_watcher].into_iter().flatten() {
             w.abort();
         }
         background.abort();

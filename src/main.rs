@@ -44,6 +44,9 @@ enum Command {
     /// Re-hash every blob and check every cached manifest; exit 1 on any
     /// problem.
     Verify(cli::verify::VerifyArgs),
+    /// HTTPS without a PKI: `tls init` writes a private CA and a server
+    /// certificate, and prints how clients trust it.
+    Tls(cli::tls::TlsArgs),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
             init_logging(args.serve.log_format, "warn");
             cli::import::run(args)
         }
+        Some(Command::Tls(args)) => cli::tls::run(args),
         Some(Command::Verify(args)) => {
             init_logging(args.serve.log_format, "warn");
             cli::verify::run(args)

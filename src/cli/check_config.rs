@@ -21,6 +21,8 @@ pub struct CheckArgs {
 const PKGS_PATH: &str = "--pkgs-path (NIXERY_PKGS_PATH)";
 const STORAGE_PATH: &str = "--storage-path (STORAGE_PATH)";
 const POPULARITY: &str = "--popularity-url (NIX_POPULARITY_URL)";
+const TLS_CERT: &str = "--tls-cert (NIXERY_TLS_CERT)";
+const TLS_KEY: &str = "--tls-key (NIXERY_TLS_KEY)";
 
 /// What `check-config` finds wrong; each names the flag and variable.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +37,8 @@ pub enum CheckError {
     Popularity { url: String, reason: String },
     #[error("--htpasswd (NIXERY_HTPASSWD): {0}")]
     Htpasswd(#[from] crate::http::auth::HtpasswdError),
+    #[error("--tls-cert/--tls-key (NIXERY_TLS_CERT, NIXERY_TLS_KEY): {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Validates `args` as `serve` would, plus what `serve` would only find out
@@ -53,6 +57,10 @@ pub fn check(args: &CheckArgs) -> Result<Config, CheckError> {
             require_absolute(PKGS_PATH, p)?;
         }
         require_absolute(STORAGE_PATH, &config.storage_path)?;
+        if let Some(files) = &config.tls {
+            require_absolute(TLS_CERT, &files.cert)?;
+            require_absolute(TLS_KEY, &files.key)?;
+        }
     } else {
         creatable_dir(&config.storage_path).map_err(|reason| CheckError::Storage {
             path: config.storage_path.clone(),
@@ -60,6 +68,9 @@ pub fn check(args: &CheckArgs) -> Result<Config, CheckError> {
         })?;
         if let Some(path) = &config.htpasswd {
             crate::http::auth::load(path)?;
+        }
+        if let Some(files) = &config.tls {
+            crate::tls::load(&files.cert, &files.key)?;
         }
     }
     if let Some(url) = &config.popularity_url {
@@ -192,11 +203,65 @@ pub fn summary(config: &Config, files_checked: bool) -> String {
     )
 }
 
+/// The summary's TLS line, and what to warn about: an expired
+/// certificate, passwords in clear text. With `files_checked`, the pair
+/// was loaded by [`check`].
+pub fn tls_report(config: &Config, files_checked: bool) -> (String, Vec<String>) {
+    let mut warnings = Vec::new();
+    if config.cleartext_passwords() {
+        warnings.push(crate::config::CLEARTEXT_PASSWORDS.to_owned());
+    }
+    let line = match &config.tls {
+        None => "off (plain HTTP)".to_owned(),
+        Some(files) if !files_checked => format!(
+            "{} with {} (not checked)",
+            files.cert.display(),
+            files.key.display()
+        ),
+        Some(files) => match crate::tls::load(&files.cert, &files.key) {
+            Err(e) => {
+                warnings.push(e.to_string());
+                "unreadable".to_owned()
+            }
+            Ok(loaded) => {
+                let info = loaded.info;
+                let expires = crate::http::format::utc(info.not_after);
+                if info.expired() {
+                    warnings.push(format!(
+                        "the TLS certificate EXPIRED at {expires}: clients will refuse it"
+                    ));
+                } else if info.not_yet_valid() {
+                    warnings.push(
+                        "the TLS certificate is not valid yet: clients will refuse it".to_owned(),
+                    );
+                }
+                format!(
+                    "{} (issuer {}{}), expires {expires}",
+                    info.names.join(", "),
+                    info.issuer,
+                    if info.private_ca {
+                        ", a private CA: /ca.crt offers it"
+                    } else {
+                        ""
+                    },
+                )
+            }
+        },
+    };
+    (line, warnings)
+}
+
 /// `nixery check-config`: exit 0 and a summary, or 2 and what is wrong.
 pub fn run(args: CheckArgs) -> std::process::ExitCode {
     match check(&args) {
         Ok(config) => {
-            print!("{}", summary(&config, !args.no_filesystem_checks));
+            let files_checked = !args.no_filesystem_checks;
+            print!("{}", summary(&config, files_checked));
+            let (line, warnings) = tls_report(&config, files_checked);
+            println!("  tls:     {line}");
+            for w in warnings {
+                eprintln!("nixery: warning: {w}");
+            }
             std::process::ExitCode::SUCCESS
         }
         Err(e) => {

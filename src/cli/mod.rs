@@ -8,6 +8,7 @@ pub mod gc;
 pub mod import;
 pub mod notify;
 pub mod serve;
+pub mod tls;
 pub mod verify;
 
 use crate::build::builder::Builder;

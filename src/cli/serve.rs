@@ -44,7 +44,11 @@ pub fn run(args: ServeArgs) -> ExitCode {
                 "try: docker run --rm {host}:{}/shell/hello hello",
                 addr.port()
             ),
-            format!("admin page: http://{host}:{}/", addr.port()),
+            format!(
+                "admin page: {}://{host}:{}/",
+                if server.is_tls() { "https" } else { "http" },
+                addr.port()
+            ),
         ]);
         notify(
             notifier.as_deref(),

@@ -11,9 +11,15 @@ use crate::error::ApiError;
 use crate::http::report::Report;
 use askama::Template;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use std::sync::Arc;
+
+/// The pair the server presents, if it speaks HTTPS: what the page,
+/// `/api/status`, `/metrics` and `/ca.crt` say about it.
+#[derive(Clone)]
+pub struct ServedTls(pub Option<Arc<crate::tls::Tls>>);
 
 /// Reload interval while builds run, and otherwise.
 const REFRESH_BUSY: u32 = 2;
@@ -28,6 +34,8 @@ struct AdminPage {
     refresh_seconds: u32,
     hit_rate: String,
     latest_revision: Option<String>,
+    /// `/ca.crt` offers the private CA.
+    private_ca: bool,
 }
 
 /// Askama hands template expressions to methods by reference.
@@ -43,10 +51,15 @@ impl AdminPage {
     fn utc(&self, unix: &u64) -> String {
         format::utc(*unix)
     }
+
+    fn trust_steps(&self) -> String {
+        crate::tls::trust::client_steps(&self.host, "ca.crt")
+    }
 }
 
-async fn collect(builder: Arc<Builder>) -> Result<Report, ApiError> {
-    tokio::task::spawn_blocking(move || Report::collect(&builder))
+async fn collect(builder: Arc<Builder>, tls: &ServedTls) -> Result<Report, ApiError> {
+    let tls = tls.0.as_ref().map(|t| t.info().into());
+    tokio::task::spawn_blocking(move || Report::collect(&builder).map(|r| Report { tls, ..r }))
         .await
         .map_err(|_| ApiError::internal("gathering the status"))?
         .map_err(|e| {
@@ -64,14 +77,21 @@ fn with_type(mut r: Response, content_type: &'static str) -> Response {
 }
 
 /// `GET /`.
-pub async fn page(State(builder): State<Arc<Builder>>, headers: HeaderMap) -> Response {
-    let report = match collect(builder).await {
+pub async fn page(
+    State(builder): State<Arc<Builder>>,
+    Extension(tls): Extension<ServedTls>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let report = match collect(builder, &tls).await {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
+    // HTTP/2 carries the host in the URI (`:authority`), not in `Host`.
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
+        .or(uri.authority().map(|a| a.as_str()))
         .unwrap_or("localhost")
         .to_owned();
     let hit_rate = report
@@ -79,8 +99,10 @@ pub async fn page(State(builder): State<Arc<Builder>>, headers: HeaderMap) -> Re
         .hit_rate
         .map_or_else(|| "–".to_owned(), |r| format!("{:.0} %", r * 100.0));
     let latest_revision = report.builds.iter().find_map(|b| b.revision.clone());
+    let private_ca = tls.0.as_ref().is_some_and(|t| t.ca_pem().is_some());
     let page = AdminPage {
         host,
+        private_ca,
         refresh_seconds: if report.in_flight.is_empty() {
             REFRESH_IDLE
         } else {
@@ -100,8 +122,11 @@ pub async fn page(State(builder): State<Arc<Builder>>, headers: HeaderMap) -> Re
 }
 
 /// `GET /api/status`: what the page shows, as JSON.
-pub async fn status(State(builder): State<Arc<Builder>>) -> Response {
-    let report = match collect(builder).await {
+pub async fn status(
+    State(builder): State<Arc<Builder>>,
+    Extension(tls): Extension<ServedTls>,
+) -> Response {
+    let report = match collect(builder, &tls).await {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
@@ -112,13 +137,37 @@ pub async fn status(State(builder): State<Arc<Builder>>) -> Response {
 }
 
 /// `GET /metrics`.
-pub async fn metrics(State(builder): State<Arc<Builder>>) -> Response {
-    match builder.status().metrics().encode() {
+pub async fn metrics(
+    State(builder): State<Arc<Builder>>,
+    Extension(tls): Extension<ServedTls>,
+) -> Response {
+    let metrics = builder.status().metrics();
+    if let Some(tls) = &tls.0 {
+        metrics.tls_seconds_left(tls.info().seconds_left());
+    }
+    match metrics.encode() {
         Ok(text) => with_type(text.into_response(), crate::observe::metrics::CONTENT_TYPE),
         Err(_) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "could not encode metrics",
         )
             .into_response(),
+    }
+}
+
+/// `GET /ca.crt`: the private CA that signed the served certificate (as
+/// `nixery tls init` writes the chain), for clients to trust; public even
+/// with `--htpasswd`. 404 when the chain carries no CA of its own.
+pub async fn ca_cert(Extension(tls): Extension<ServedTls>) -> Response {
+    match tls.0.and_then(|t| t.ca_pem()) {
+        Some(pem) => {
+            let mut r = with_type(pem.into_response(), "application/x-pem-file");
+            r.headers_mut().insert(
+                header::CONTENT_DISPOSITION,
+                HeaderValue::from_static("attachment; filename=\"ca.crt\""),
+            );
+            r
+        }
+        None => ApiError::not_found_route().into_response(),
     }
 }

@@ -9,6 +9,7 @@
 //! parses keeps the previous entries (and says so in the log).
 
 use crate::error::{ApiError, ErrorCode};
+use crate::file_stamp::{stamp, Stamp};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
@@ -18,7 +19,7 @@ use sha2::{Digest as _, Sha256};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use subtle::ConstantTimeEq;
 
 /// How often the file is checked for changes.
@@ -119,15 +120,6 @@ pub fn parse_basic(value: &str) -> Option<(String, String)> {
     Some((user.to_owned(), password.to_owned()))
 }
 
-/// What identifies a version of the file on disk.
-type Stamp = (SystemTime, u64, u64);
-
-fn stamp(path: &Path) -> Option<Stamp> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len(), m.ino()))
-}
-
 /// Reads and parses an htpasswd file.
 pub fn load(path: &Path) -> Result<Htpasswd, HtpasswdError> {
     let text = std::fs::read_to_string(path).map_err(|e| HtpasswdError::Read {
@@ -200,14 +192,7 @@ impl Auth {
 
     /// Checks the file for changes every few seconds while the server runs.
     pub fn watch(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
-        let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(RELOAD_EVERY).await;
-                let Some(auth) = weak.upgrade() else { return };
-                let _ = tokio::task::spawn_blocking(move || auth.reload_if_changed()).await;
-            }
-        })
+        crate::file_stamp::poll(self, RELOAD_EVERY, Self::reload_if_changed)
     }
 
     fn remembered(&self, user: &str, digest: &[u8; 32]) -> bool {
@@ -249,13 +234,15 @@ impl Auth {
         .unwrap_or(false)
     }
 
+    /// `/ca.crt` is public: clients need it before they can trust the
+    /// server with a password.
     fn is_public(&self, path: &str) -> bool {
-        self.metrics_public && path == "/metrics"
+        path == "/ca.crt" || (self.metrics_public && path == "/metrics")
     }
 }
 
-/// Middleware: every request needs valid credentials, but `/metrics` with
-/// `--metrics-public`.
+/// Middleware: every request needs valid credentials, but `/ca.crt`, and
+/// `/metrics` with `--metrics-public`.
 pub async fn require(State(auth): State<Arc<Auth>>, request: Request, next: Next) -> Response {
     if auth.is_public(request.uri().path()) {
         return next.run(request).await;

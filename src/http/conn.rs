@@ -6,13 +6,19 @@
 //!
 //! A request in progress is never timed out here: a cold pull may wait
 //! minutes for Nix without a byte on the wire.
+//!
+//! With TLS, the handshake is part of the wait for the first request's
+//! headers (a client that stalls in it is cut off alike, and holds a slot
+//! meanwhile); ALPN picks HTTP/2 or HTTP/1.1, and a plain HTTP request
+//! sent to the port gets a 400 saying to use https.
 
+use crate::tls::Tls;
 use axum::extract::Request;
 use axum::response::Response;
 use axum::Router;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
@@ -190,20 +196,78 @@ impl Throttled {
     }
 }
 
+/// How a connection speaks HTTP, once accepted.
+#[derive(Clone)]
+struct Protocols {
+    http1: hyper::server::conn::http1::Builder,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    tls: Option<Arc<Tls>>,
+}
+
+/// The first byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// What a plain HTTP client sent to the TLS port is told.
+const PLAIN_HTTP_TO_TLS: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
+Content-Type: application/json\r\nConnection: close\r\nContent-Length: 99\r\n\r\n\
+{\"errors\":[{\"code\":\"UNSUPPORTED\",\"message\":\"this port speaks HTTPS: use https://\",\"detail\":null}]}\n";
+
+type ConnError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Protocols {
+    /// Serves one connection until it ends; shutdown lets its requests
+    /// finish.
+    async fn serve(self, io: Watched, service: Tracked, watcher: Watcher) -> Result<(), ConnError> {
+        let Some(tls) = self.tls else {
+            let conn = self.http1.serve_connection(TokioIo::new(io), service);
+            return Ok(watcher.watch(conn).await?);
+        };
+        let mut first = [0u8; 1];
+        if io.stream.peek(&mut first).await? == 0 {
+            return Ok(());
+        }
+        if first[0] != TLS_HANDSHAKE {
+            let mut io = io;
+            tokio::io::AsyncWriteExt::write_all(&mut io, PLAIN_HTTP_TO_TLS).await?;
+            tokio::io::AsyncWriteExt::shutdown(&mut io).await?;
+            return Ok(());
+        }
+        let stream = tokio_rustls::TlsAcceptor::from(tls.server_config())
+            .accept(io)
+            .await?;
+        if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+            let conn = self.http2.serve_connection(TokioIo::new(stream), service);
+            Ok(watcher.watch(conn).await?)
+        } else {
+            let conn = self.http1.serve_connection(TokioIo::new(stream), service);
+            Ok(watcher.watch(conn).await?)
+        }
+    }
+}
+
 /// Serves `app` until `shutdown` resolves, then lets the requests in
-/// progress finish.
+/// progress finish. With `tls`, every connection speaks HTTPS.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: Limits,
+    tls: Option<Arc<Tls>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .keep_alive(true);
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2
+        .timer(TokioTimer::new())
+        // Blobs are large: send in big slices, and let uploads of requests
+        // (small here) use the defaults.
+        .max_send_buf_size(1 << 20);
+    let protocols = Protocols { http1, http2, tls };
     let mut accept_warning = Throttled(None);
     let mut full_warning = Throttled(None);
     tokio::pin!(shutdown);
@@ -241,11 +305,11 @@ pub async fn serve(
             app: app.clone(),
             state: Arc::clone(&state),
         };
-        let io = TokioIo::new(Watched {
+        let io = Watched {
             stream,
             state: Arc::clone(&state),
-        });
-        let conn = graceful.watch(http.serve_connection(io, service));
+        };
+        let conn = protocols.clone().serve(io, service, graceful.watcher());
         tokio::spawn(async move {
             let _permit = permit;
             tokio::select! {
@@ -291,6 +355,15 @@ mod tests {
         let mut state = ConnState::new();
         state.opened -= ago;
         state
+    }
+
+    #[test]
+    fn the_answer_to_plain_http_on_the_tls_port_is_well_formed() {
+        let text = std::str::from_utf8(PLAIN_HTTP_TO_TLS).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("Content-Length: {}", body.len())));
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["errors"][0]["code"], "UNSUPPORTED");
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub struct Report {
     pub stale: Vec<StaleServe>,
     pub cache: CacheView,
     pub limits: LimitsView,
+    /// The certificate served; `None` over plain HTTP.
+    pub tls: Option<crate::tls::cert_info::TlsStatus>,
 }
 
 /// The storage quota, the build queue, and what the last garbage
@@ -235,6 +237,7 @@ impl Report {
                 }
             },
             instance,
+            tls: None,
         })
     }
 }

@@ -120,6 +120,8 @@ pub struct Metrics {
     manifest_cache: Family<CacheLabels, Counter>,
     layer_cache: Family<CacheLabels, Counter>,
     blob_bytes: Counter,
+    /// One sample, and only over TLS.
+    tls_expiry: Family<Vec<(String, String)>, Gauge>,
 }
 
 impl Default for Metrics {
@@ -177,6 +179,12 @@ impl Metrics {
             "Bytes of blob and layer bodies sent to clients",
             blob_bytes.clone(),
         );
+        let tls_expiry = Family::<Vec<(String, String)>, Gauge>::default();
+        registry.register(
+            "tls_certificate_expiry_seconds",
+            "Seconds until the served TLS certificate expires (negative once it has)",
+            tls_expiry.clone(),
+        );
         // Both cache outcomes and all build results appear from the start,
         // so rates are defined before the first build.
         for result in [CacheResult::hit, CacheResult::miss] {
@@ -200,6 +208,7 @@ impl Metrics {
             manifest_cache,
             layer_cache,
             blob_bytes,
+            tls_expiry,
         }
     }
 
@@ -259,6 +268,11 @@ impl Metrics {
     }
 
     /// The OpenMetrics text exposition.
+    /// Seconds the served certificate has left, set before each scrape.
+    pub fn tls_seconds_left(&self, seconds: i64) {
+        self.tls_expiry.get_or_create(&Vec::new()).set(seconds);
+    }
+
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;

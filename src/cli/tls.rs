@@ -1,0 +1,115 @@
+//! `nixery tls init`: a private CA and a server certificate for a LAN
+//! without a PKI, and the steps that make clients trust it.
+
+use crate::tls::init::{init, Names};
+use crate::tls::trust::client_steps;
+use clap::{Args, Subcommand};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Args)]
+pub struct TlsArgs {
+    #[command(subcommand)]
+    pub command: TlsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TlsCommand {
+    /// Write a private CA (its key apart, 0600) and a server certificate
+    /// signed by it for the given names and addresses; print how to serve
+    /// it and how clients trust it.
+    Init(InitArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Directory to write ca.crt, ca-private/ca.key, server.crt and
+    /// server.key into.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// DNS name clients use for the server (repeatable).
+    #[arg(long = "hostname")]
+    pub hostnames: Vec<String>,
+    /// IP address clients use for the server (repeatable).
+    #[arg(long = "ip")]
+    pub ips: Vec<IpAddr>,
+    /// The port `serve` will listen on, for the printed steps.
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Replace existing files (clients must then trust the new CA).
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub fn run(args: TlsArgs) -> ExitCode {
+    match args.command {
+        TlsCommand::Init(a) => run_init(a),
+    }
+}
+
+fn run_init(args: InitArgs) -> ExitCode {
+    let dir = match std::path::absolute(&args.dir) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("nixery: {}: {e}", args.dir.display());
+            return ExitCode::from(2);
+        }
+    };
+    let names = Names {
+        hostnames: args.hostnames,
+        ips: args.ips,
+    };
+    let layout = match init(&dir, &names, args.force) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("nixery: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let hosts: Vec<String> = names
+        .hostnames
+        .iter()
+        .cloned()
+        .chain(names.ips.iter().map(|ip| match ip {
+            IpAddr::V6(v6) => format!("[{v6}]"),
+            IpAddr::V4(v4) => v4.to_string(),
+        }))
+        .map(|h| format!("{h}:{}", args.port))
+        .collect();
+    let mut out = format!(
+        "wrote
+  {}  the CA certificate: give it to every client
+  {}  the CA's key (0600): only needed to sign a new server certificate; keep it off the server if you can
+  {}  the server certificate (then the CA's)
+  {}  the server's key (0600)
+
+serve with
+  nixery serve --port {} --tls-cert {} --tls-key {} ...
+  (or NIXERY_TLS_CERT and NIXERY_TLS_KEY; the server rereads the files when they change)
+
+on each client, in a directory holding a copy of ca.crt (or fetch it: curl -fsSk https://{}/ca.crt -o ca.crt, and compare it with {}):
+",
+        layout.ca_cert.display(),
+        layout.ca_key.display(),
+        layout.server_cert.display(),
+        layout.server_key.display(),
+        args.port,
+        layout.server_cert.display(),
+        layout.server_key.display(),
+        hosts.first().map_or("HOST:PORT", String::as_str),
+        layout.ca_cert.display(),
+    );
+    for host in &hosts {
+        out.push_str(&format!(
+            "\n## for {host}\n{}",
+            client_steps(host, "ca.crt")
+        ));
+    }
+    out.push_str(&format!(
+        "\nthen: docker pull {}/shell/hello\n",
+        hosts.first().map_or("HOST:PORT", String::as_str)
+    ));
+    print!("{out}");
+    ExitCode::SUCCESS
+}
