@@ -42,6 +42,32 @@ let
 
   cacheDir = "/var/cache/nixery";
 
+  # TLS: files of the administrator's, or those security.acme renews for
+  # a host; either way handed over as credentials (root copies them for
+  # the dynamic user, and keys never enter the Nix store).
+  acmeHost = cfg.tls.acmeHost;
+  acmeDir =
+    if acmeHost == null then
+      null
+    else
+      (config.security.acme.certs.${acmeHost} or { }).directory or "/var/lib/acme/${acmeHost}";
+  tlsCert = if acmeHost != null then "${acmeDir}/fullchain.pem" else cfg.tls.certFile;
+  tlsKey = if acmeHost != null then "${acmeDir}/key.pem" else cfg.tls.keyFile;
+  tlsOn = tlsCert != null && tlsKey != null;
+  acmeUnits = if acmeHost == null then [ ] else [ "acme-${acmeHost}.service" ];
+  credentials =
+    (if cfg.htpasswdFile == null then [ ] else [ "htpasswd:${cfg.htpasswdFile}" ])
+    ++ (
+      if tlsOn then
+        [
+          "tls-cert:${tlsCert}"
+          "tls-key:${tlsKey}"
+        ]
+      else
+        [ ]
+    );
+  outsideStore = path: path == null || (hasPrefix "/" path && !hasPrefix "${builtins.storeDir}/" path);
+
   nixOptionsValue = concatStringsSep ";" (mapAttrsToList (n: v: "${n}=${v}") cfg.nixOptions);
 
   # What the service runs with; null settings are left out so the
@@ -77,6 +103,8 @@ let
       # readable only by the service, so it never enters the Nix store.
       NIXERY_HTPASSWD = if cfg.htpasswdFile == null then null else "%d/htpasswd";
       NIXERY_METRICS_PUBLIC = if cfg.metricsPublic then "true" else null;
+      NIXERY_TLS_CERT = if tlsOn then "%d/tls-cert" else null;
+      NIXERY_TLS_KEY = if tlsOn then "%d/tls-key" else null;
       # The store belongs to the nix-daemon; the dynamic user only talks
       # to it.
       NIX_REMOTE = "daemon";
@@ -416,6 +444,30 @@ in
       '';
     };
 
+    tls = {
+      certFile = nullOrStr ''
+        Absolute path of a PEM certificate chain (the server's certificate
+        first): serve HTTPS, with {option}`services.nixery.tls.keyFile`.
+        Handed to the service as a credential (`LoadCredential=`): a copy
+        made at start, so restart the service after replacing it. For a
+        LAN without a PKI, `nixery tls init` writes a private CA and such
+        a pair.
+      '' "/var/lib/nixery-tls/server.crt";
+
+      keyFile = nullOrStr ''
+        Absolute path of the private key of {option}`services.nixery.tls.certFile`
+        (PKCS#8, RSA or EC PEM), outside the Nix store.
+      '' "/run/secrets/nixery-tls.key";
+
+      acmeHost = nullOrStr ''
+        Serve HTTPS with the certificate `security.acme` obtains for this
+        host (declare it in `security.acme.certs`, or through a virtual
+        host's `enableACME`); the service restarts when it is renewed
+        (requests in flight finish first). Instead of
+        {option}`services.nixery.tls.certFile` and `keyFile`.
+      '' "registry.example.org";
+    };
+
     metricsPublic = mkOption {
       type = types.bool;
       default = false;
@@ -465,6 +517,18 @@ in
         message = "services.nixery.nixOptions: names may not contain `=` or `;`, values not `;`.";
       }
       {
+        assertion = (cfg.tls.certFile == null) == (cfg.tls.keyFile == null);
+        message = "services.nixery.tls.certFile and tls.keyFile go together: set both or neither.";
+      }
+      {
+        assertion = acmeHost == null || (cfg.tls.certFile == null && cfg.tls.keyFile == null);
+        message = "services.nixery: set tls.acmeHost or tls.certFile/tls.keyFile, not both.";
+      }
+      {
+        assertion = outsideStore cfg.tls.certFile && outsideStore cfg.tls.keyFile;
+        message = "services.nixery.tls.certFile and tls.keyFile must be absolute paths outside the Nix store (the key is a secret).";
+      }
+      {
         assertion = config.nix.enable;
         message = "services.nixery builds through the nix-daemon and needs nix.enable.";
       }
@@ -476,13 +540,20 @@ in
 
     networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall [ cfg.port ];
 
+    # A renewal restarts the service, which then copies the new files.
+    security.acme.certs = mkIf (acmeHost != null) {
+      ${acmeHost}.reloadServices = [ "nixery.service" ];
+    };
+
     systemd.services.nixery = {
       description = "Nixery container registry";
       wantedBy = [ "multi-user.target" ];
       after = [
         "network.target"
         "nix-daemon.socket"
-      ];
+      ]
+      ++ acmeUnits;
+      wants = acmeUnits;
       requires = [ "nix-daemon.socket" ];
       inherit environment;
 
@@ -491,7 +562,7 @@ in
         Type = "notify";
         ExecStart = "${executable} serve";
         EnvironmentFile = mkIf (cfg.environmentFile != null) cfg.environmentFile;
-        LoadCredential = mkIf (cfg.htpasswdFile != null) [ "htpasswd:${cfg.htpasswdFile}" ];
+        LoadCredential = mkIf (credentials != [ ]) credentials;
         Restart = "on-failure";
         RestartSec = 5;
         StateDirectory = mkIf storageInStateDir (lib.removePrefix stateDir cfg.storagePath);

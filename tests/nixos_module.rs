@@ -82,6 +82,7 @@ fn module_yields_a_hardened_notify_unit_through_the_daemon() {
         "environmentFile",
         "htpasswdFile",
         "metricsPublic",
+        "tls",
         "storageBackend",
         "s3Bucket",
         "s3Endpoint",
@@ -179,6 +180,75 @@ fn module_passes_the_htpasswd_file_as_a_credential() {
         msgs[0].as_str().unwrap().contains("htpasswdFile"),
         "{msgs:?}"
     );
+}
+
+#[test]
+fn module_hands_tls_files_over_as_credentials() {
+    let unit = eval(
+        r#"{"channel": "c", "htpasswdFile": "/run/secrets/htpasswd",
+            "tls": {"certFile": "/var/lib/pki/server.crt", "keyFile": "/run/secrets/server.key"}}"#,
+    );
+    assert_eq!(unit["failedAssertions"], serde_json::json!([]));
+    assert_eq!(
+        unit["serviceConfig"]["LoadCredential"],
+        serde_json::json!([
+            "htpasswd:/run/secrets/htpasswd",
+            "tls-cert:/var/lib/pki/server.crt",
+            "tls-key:/run/secrets/server.key"
+        ])
+    );
+    let env = &unit["environment"];
+    assert_eq!(env["NIXERY_TLS_CERT"], "%d/tls-cert");
+    assert_eq!(env["NIXERY_TLS_KEY"], "%d/tls-key");
+    let (ok, stderr) = run_build_check(&unit);
+    assert!(ok, "{stderr}");
+    assert_eq!(unit["acmeCerts"], serde_json::json!({}));
+
+    for (settings, says) in [
+        (r#"{"tls": {"certFile": "/a.crt"}}"#, "go together"),
+        (
+            r#"{"tls": {"certFile": "/a.crt", "keyFile": "/nix/store/x-key"}}"#,
+            "outside the Nix store",
+        ),
+        (
+            r#"{"tls": {"certFile": "/a.crt", "keyFile": "/a.key", "acmeHost": "r.lan"}}"#,
+            "not both",
+        ),
+    ] {
+        let bad = eval(settings);
+        let msgs = bad["failedAssertions"].as_array().unwrap();
+        assert_eq!(msgs.len(), 1, "{settings}: {msgs:?}");
+        assert!(msgs[0].as_str().unwrap().contains(says), "{msgs:?}");
+    }
+}
+
+#[test]
+fn module_serves_the_acme_certificate_and_restarts_on_renewal() {
+    let unit = eval(r#"{"channel": "c", "tls": {"acmeHost": "registry.example.org"}}"#);
+    assert_eq!(unit["failedAssertions"], serde_json::json!([]));
+    assert_eq!(
+        unit["serviceConfig"]["LoadCredential"],
+        serde_json::json!([
+            "tls-cert:/var/lib/acme/registry.example.org/fullchain.pem",
+            "tls-key:/var/lib/acme/registry.example.org/key.pem"
+        ])
+    );
+    assert_eq!(unit["environment"]["NIXERY_TLS_CERT"], "%d/tls-cert");
+    assert_eq!(
+        unit["acmeCerts"]["registry.example.org"]["reloadServices"],
+        serde_json::json!(["nixery.service"])
+    );
+    for list in ["after", "wants"] {
+        assert!(
+            unit[list]
+                .as_array()
+                .unwrap()
+                .contains(&"acme-registry.example.org.service".into()),
+            "{list}"
+        );
+    }
+    let (ok, stderr) = run_build_check(&unit);
+    assert!(ok, "{stderr}");
 }
 
 #[test]

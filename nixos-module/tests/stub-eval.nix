@@ -25,15 +25,25 @@ let
   module = import ../default.nix { inherit lib pkgs config; };
   options = module.options.services.nixery;
 
+  # Option defaults, nested sets (such as `tls`) included.
+  defaults = builtins.mapAttrs (_: o: if (o._type or null) == "option" then o.default else defaults o);
+  # Settings on top of defaults, one level of nesting deep.
+  merge =
+    base: over:
+    base
+    // builtins.mapAttrs (
+      n: v: if builtins.isAttrs v && builtins.isAttrs (base.${n} or null) then base.${n} // v else v
+    ) over;
+
   config = {
-    services.nixery =
-      builtins.mapAttrs (_: o: o.default) options
-      // {
+    services.nixery = merge (defaults options) (
+      {
         enable = true;
         # Replaced by the test with the binary it built.
         package = "@NIXERY@";
       }
-      // builtins.fromJSON settings;
+      // builtins.fromJSON settings
+    );
     nix.enable = true;
   };
 
@@ -50,6 +60,8 @@ in
     requires
     wantedBy
     ;
+  wants = unit.wants or [ ];
+  acmeCerts = resolved.security.acme.certs or { };
   firewall = resolved.networking.firewall.allowedTCPPorts or [ ];
   bucketGc = resolved.systemd.services.nixery-bucket-gc or null;
   bucketGcTimer = resolved.systemd.timers.nixery-bucket-gc or null;

@@ -21,8 +21,6 @@ pub struct CheckArgs {
 const PKGS_PATH: &str = "--pkgs-path (NIXERY_PKGS_PATH)";
 const STORAGE_PATH: &str = "--storage-path (STORAGE_PATH)";
 const POPULARITY: &str = "--popularity-url (NIX_POPULARITY_URL)";
-const TLS_CERT: &str = "--tls-cert (NIXERY_TLS_CERT)";
-const TLS_KEY: &str = "--tls-key (NIXERY_TLS_KEY)";
 
 /// What `check-config` finds wrong; each names the flag and variable.
 #[derive(Debug, thiserror::Error)]
@@ -56,11 +54,9 @@ pub fn check(args: &CheckArgs) -> Result<Config, CheckError> {
         if let crate::build::source::Source::Path(p) = &config.source {
             require_absolute(PKGS_PATH, p)?;
         }
+        // TLS files are not checked: the NixOS module names them by
+        // systemd's credentials directory (`%d/tls-cert`).
         require_absolute(STORAGE_PATH, &config.storage_path)?;
-        if let Some(files) = &config.tls {
-            require_absolute(TLS_CERT, &files.cert)?;
-            require_absolute(TLS_KEY, &files.key)?;
-        }
     } else {
         creatable_dir(&config.storage_path).map_err(|reason| CheckError::Storage {
             path: config.storage_path.clone(),
