@@ -543,6 +543,30 @@ fn bad_pairs_are_refused_with_what_is_wrong() {
         &b.join("server.key"),
         "does not belong to the certificate",
     );
+    // The key formats openssl writes: PKCS#8, and the traditional RSA
+    // (PKCS#1) and EC (SEC1) ones.
+    require_tool("openssl");
+    for (name, keygen) in [
+        ("rsa-pkcs8", "openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out k.pem"),
+        ("rsa-pkcs1", "openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 | openssl rsa -traditional -out k.pem"),
+        ("ec-sec1", "openssl ecparam -name prime256v1 -genkey -noout -out k.pem"),
+    ] {
+        let dir = work.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        let script = format!(
+            "{keygen} 2>/dev/null && openssl req -x509 -key k.pem -out c.pem -days 2 -subj /CN=localhost -addext subjectAltName=DNS:localhost"
+        );
+        run(Command::new("sh").args(["-c", &script]).current_dir(&dir));
+        let ok = output_of(
+            nixery()
+                .args(["check-config", "--storage-path", "/tmp", "--tls-cert"])
+                .arg(dir.join("c.pem"))
+                .arg("--tls-key")
+                .arg(dir.join("k.pem")),
+        );
+        assert!(ok.status.success(), "{name}: {}", text(&ok));
+        assert!(text(&ok).contains("tls:     localhost (issuer CN=localhost"), "{name}: {}", text(&ok));
+    }
     // Only one of the two.
     let out = output_of(
         nixery()

@@ -227,9 +227,14 @@ impl Protocols {
             return Ok(());
         }
         if first[0] != TLS_HANDSHAKE {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let mut io = io;
-            tokio::io::AsyncWriteExt::write_all(&mut io, PLAIN_HTTP_TO_TLS).await?;
-            tokio::io::AsyncWriteExt::shutdown(&mut io).await?;
+            // Read what the request sent so far: closing a socket with
+            // unread data resets it, and the client might lose the answer.
+            let mut request = [0u8; 4096];
+            let _ = io.read(&mut request).await?;
+            io.write_all(PLAIN_HTTP_TO_TLS).await?;
+            io.shutdown().await?;
             return Ok(());
         }
         let stream = tokio_rustls::TlsAcceptor::from(tls.server_config())
