@@ -716,3 +716,24 @@ fn wrong_protocols_and_stalled_handshakes_are_cut_off() {
     let still = run(Command::new("curl").args(["-sSf", &plain_server.url("/v2/")]));
     assert_eq!(still, "{}");
 }
+
+#[test]
+fn serve_warns_of_passwords_in_clear_text_on_a_lan_address() {
+    let work = tempfile::tempdir().unwrap();
+    let users = work.path().join("htpasswd");
+    std::fs::write(&users, "").unwrap();
+    let serve_log = |listen: &str| {
+        let log = work.path().join(format!("log-{listen}"));
+        let storage = tempfile::tempdir().unwrap();
+        let mut cmd = serve_command(storage.path());
+        cmd.env("NIXERY_HTPASSWD", &users)
+            .env("NIXERY_LISTEN_ADDRESS", listen)
+            .stderr(std::fs::File::create(&log).unwrap());
+        let server = Binary::spawn(&mut cmd, Some(storage));
+        drop(server);
+        std::fs::read_to_string(&log).unwrap()
+    };
+    const WARNING: &str = "passwords cross the network in clear text";
+    assert!(serve_log("0.0.0.0").contains(WARNING));
+    assert!(!serve_log("127.0.0.1").contains(WARNING));
+}
