@@ -269,6 +269,8 @@ pub async fn serve(
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())
+        // Stated rather than left to hyper's default, which may change.
+        .max_concurrent_streams(100)
         // Blobs are large: send in big slices, and let uploads of requests
         // (small here) use the defaults.
         .max_send_buf_size(1 << 20);
