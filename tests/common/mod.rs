@@ -309,6 +309,22 @@ pub async fn status_json(client: &Client, s: &TestServer) -> Value {
 }
 
 /// Names of the files in a storage path's `tmp/`.
+/// Every file under `dir` that contains `needle`.
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(files_containing(&path, needle));
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            if bytes.windows(needle.len()).any(|w| w == needle) {
+                found.push(path.display().to_string());
+            }
+        }
+    }
+    found
+}
+
 pub fn temp_files(storage: &Path) -> Vec<String> {
     std::fs::read_dir(storage.join("tmp"))
         .map(|d| {
