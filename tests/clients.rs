@@ -245,3 +245,62 @@ fn ctr_pulls_from_containerd() {
         .args(["--address", &socket, "namespaces", "remove", &namespace])
         .output();
 }
+
+/// podman and containerd take a `nonroot` image's numeric user (they
+/// cannot run containers here).
+#[test]
+fn podman_and_ctr_pull_a_nonroot_image() {
+    require_tool("podman");
+    require_tool("ctr");
+    require_tool("docker");
+    let server = Binary::start();
+    let image = format!("{}:latest", server.image("shell/nonroot"));
+    let root = tempfile::tempdir().unwrap();
+    let podman = |args: &[&str]| {
+        run(Command::new("podman")
+            .arg("--root")
+            .arg(root.path().join("root"))
+            .arg("--runroot")
+            .arg(root.path().join("run"))
+            .args(["--storage-driver", "vfs"])
+            .args(args))
+    };
+    podman(&["pull", "--tls-verify=false", &image]);
+    let user = podman(&["image", "inspect", "--format", "{{.Config.User}}", &image]);
+    assert_eq!(user.trim(), "1000:1000");
+
+    let socket = containerd_socket();
+    let namespace = format!("nixery-test-nonroot-{}", std::process::id());
+    let ctr = |args: &[&str]| {
+        run(Command::new("ctr")
+            .args(["--address", &socket, "--namespace", &namespace])
+            .args(args))
+    };
+    ctr(&["images", "pull", "--plain-http", &image]);
+    let listed = ctr(&["images", "list"]);
+    assert!(listed.contains(&image), "{listed}");
+    // The config containerd stored names the user.
+    let config = ctr(&["content", "get", &image_config_digest(&ctr, &image)]);
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(config["config"]["User"], "1000:1000");
+    ctr(&["images", "remove", &image]);
+    let _ = Command::new("ctr")
+        .args(["--address", &socket, "namespaces", "remove", &namespace])
+        .output();
+}
+
+/// The config digest of an image containerd pulled, from its manifest.
+fn image_config_digest(ctr: &dyn Fn(&[&str]) -> String, image: &str) -> String {
+    let listed = ctr(&["images", "list"]);
+    let line = listed
+        .lines()
+        .find(|l| l.starts_with(image))
+        .unwrap_or_else(|| panic!("{image} in {listed}"));
+    let manifest_digest = line
+        .split_whitespace()
+        .find(|w| w.starts_with("sha256:"))
+        .expect("a digest column");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&ctr(&["content", "get", manifest_digest])).unwrap();
+    manifest["config"]["digest"].as_str().unwrap().to_owned()
+}
