@@ -5,7 +5,7 @@
 mod common;
 
 use common::{
-    config, docker, fresh_server, get_blob, get_manifest, image_config, layer_digests,
+    config, docker, fresh_server, get_blob, get_manifest, image_config, layer_digests, out_path,
     require_tool, Binary, TestServer,
 };
 use flate2::read::GzDecoder;
@@ -189,22 +189,6 @@ fn key(parts: &[&str]) -> String {
         h.update([0]);
     }
     hex::encode(h.finalize())
-}
-
-/// A fixture attribute's output path.
-fn out_path(attr: &str) -> String {
-    let out = Command::new("nix-build")
-        .args(["--no-out-link", "--option", "substituters", ""])
-        .arg(common::fixture_dir())
-        .args(["-A", attr])
-        .output()
-        .expect("nix-build runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
 /// A database written before the user database came: its image key
