@@ -133,8 +133,8 @@ pub async fn fresh_server(extra: &[&str]) -> (tempfile::TempDir, TestServer) {
     (dir, server)
 }
 
-/// The runtime closure of a fixture attribute, as Nix itself reports it.
-pub fn nix_closure(attr: &str) -> Vec<String> {
+/// A fixture attribute's output path, built.
+pub fn out_path(attr: &str) -> String {
     let out = Command::new("nix-build")
         .args(["--no-out-link", "--option", "substituters", ""])
         .arg(fixture_dir())
@@ -146,7 +146,12 @@ pub fn nix_closure(attr: &str) -> Vec<String> {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The runtime closure of a fixture attribute, as Nix itself reports it.
+pub fn nix_closure(attr: &str) -> Vec<String> {
+    let path = out_path(attr);
     let q = Command::new("nix-store")
         .args(["-qR", &path])
         .output()
