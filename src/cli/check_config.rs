@@ -252,16 +252,20 @@ pub fn run(args: CheckArgs) -> std::process::ExitCode {
     match check(&args) {
         Ok(config) => {
             let files_checked = !args.no_filesystem_checks;
-            print!("{}", summary(&config, files_checked));
             let (line, warnings) = tls_report(&config, files_checked);
-            println!("  tls:     {line}");
+            let summary = format!("{}  tls:     {line}\n", summary(&config, files_checked));
+            print!("{}", crate::redact::redact(&summary));
             for w in warnings {
-                eprintln!("nixery: warning: {w}");
+                eprintln!("nixery: warning: {}", crate::redact::redact(&w));
             }
             std::process::ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("nixery: invalid configuration: {e}");
+            let e = e.to_string();
+            eprintln!(
+                "nixery: invalid configuration: {}",
+                crate::redact::redact(&e)
+            );
             std::process::ExitCode::from(2)
         }
     }
