@@ -6,6 +6,7 @@ new TLS connection's handshake (Python's ssl, one after another). Run
 through scripts/bench, which builds the release binary first.
 """
 
+import json
 import os
 import socket
 import ssl
@@ -117,7 +118,6 @@ def main():
             label = "TLS" if tls else "plain"
             try:
                 manifest_url = f"{base}/v2/hello/big/manifests/latest"
-                import json
                 manifest = json.loads(curl(pki, manifest_url))
                 largest = max(manifest["layers"], key=lambda l: l["size"])
                 blob = f"{base}/v2/hello/big/blobs/{largest['digest']}"
@@ -141,7 +141,8 @@ def main():
                 bench.say(
                     f"{label}: {what}, {HANDSHAKES} one after another",
                     f"p50 {times[len(times) // 2] * 1000:.2f} ms, p99 {times[len(times) * 99 // 100] * 1000:.2f} ms",
-                    f"python3 ssl: connect + wrap_socket to {base}, {HANDSHAKES} times",
+                    (f"python3 ssl: connect + wrap_socket (handshake) to {base}, {HANDSHAKES} times" if tls
+                     else f"python3: connect, GET /v2/, first byte from {base}, {HANDSHAKES} times"),
                 )
             finally:
                 proc.terminate()
