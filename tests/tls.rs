@@ -343,6 +343,25 @@ fn skopeo_podman_and_curl_verify_the_certificate() {
         );
         assert!(page.contains("href=\"/ca.crt\""), "{flag}");
     }
+    // Both TLS versions.
+    for (flags, version) in [
+        (["--tlsv1.2", "--tls-max", "1.2"], "TLSv1.2"),
+        (["--tlsv1.3", "--tls-max", "1.3"], "TLSv1.3"),
+    ] {
+        let out = output_of(
+            Command::new("curl")
+                .args(["-sSfv", "-o", "/dev/null", "--cacert"])
+                .arg(pki.join("ca.crt"))
+                .args(flags)
+                .arg(format!("https://{host}/v2/")),
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            text(&out).contains(&format!("SSL connection using {version}")),
+            "{}",
+            text(&out)
+        );
+    }
     let status: serde_json::Value =
         serde_json::from_str(&curl_tls(&pki, &[&format!("https://{host}/api/status")])).unwrap();
     assert_eq!(
