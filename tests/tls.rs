@@ -517,6 +517,17 @@ fn expired_pair(dir: &Path) -> (PathBuf, PathBuf) {
     (c, k)
 }
 
+/// `nixery check-config` with `--tls-cert` and, if given, `--tls-key`.
+fn check_config_tls(cert: &Path, key: Option<&Path>) -> Output {
+    let mut cmd = nixery();
+    cmd.args(["check-config", "--storage-path", "/tmp", "--tls-cert"])
+        .arg(cert);
+    if let Some(key) = key {
+        cmd.arg("--tls-key").arg(key);
+    }
+    output_of(&mut cmd)
+}
+
 /// `serve` with a pair that cannot be used: exit 1, one line naming it.
 fn refused_start(cert: &Path, key: &Path, says: &str) {
     let storage = tempfile::tempdir().unwrap();
@@ -529,15 +540,7 @@ fn refused_start(cert: &Path, key: &Path, says: &str) {
     );
     assert!(!out.status.success());
     assert!(text(&out).contains(says), "{says:?} in {}", text(&out));
-    let check = output_of(
-        nixery()
-            .args(["check-config", "--storage-path"])
-            .arg(storage.path())
-            .arg("--tls-cert")
-            .arg(cert)
-            .arg("--tls-key")
-            .arg(key),
-    );
+    let check = check_config_tls(cert, Some(key));
     assert_eq!(check.status.code(), Some(2), "{}", text(&check));
     assert!(text(&check).contains(says), "{}", text(&check));
 }
@@ -576,33 +579,17 @@ fn bad_pairs_are_refused_with_what_is_wrong() {
             "{keygen} 2>/dev/null && openssl req -x509 -key k.pem -out c.pem -days 2 -subj /CN=localhost -addext subjectAltName=DNS:localhost"
         );
         run(Command::new("sh").args(["-c", &script]).current_dir(&dir));
-        let ok = output_of(
-            nixery()
-                .args(["check-config", "--storage-path", "/tmp", "--tls-cert"])
-                .arg(dir.join("c.pem"))
-                .arg("--tls-key")
-                .arg(dir.join("k.pem")),
-        );
+        let ok = check_config_tls(&dir.join("c.pem"), Some(&dir.join("k.pem")));
         assert!(ok.status.success(), "{name}: {}", text(&ok));
         assert!(text(&ok).contains("tls:     localhost (issuer CN=localhost"), "{name}: {}", text(&ok));
     }
     // Only one of the two.
-    let out = output_of(
-        nixery()
-            .args(["check-config", "--storage-path", "/tmp", "--tls-cert"])
-            .arg(a.join("server.crt")),
-    );
+    let out = check_config_tls(&a.join("server.crt"), None);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).contains("go together"), "{}", text(&out));
     // A good pair is summarised; passwords without TLS on a LAN address
     // are warned about.
-    let ok = output_of(
-        nixery()
-            .args(["check-config", "--storage-path", "/tmp", "--tls-cert"])
-            .arg(a.join("server.crt"))
-            .arg("--tls-key")
-            .arg(a.join("server.key")),
-    );
+    let ok = check_config_tls(&a.join("server.crt"), Some(&a.join("server.key")));
     assert!(ok.status.success(), "{}", text(&ok));
     assert!(text(&ok).contains("tls:     localhost (issuer CN=nixery private CA"));
     let users = work.path().join("htpasswd");
@@ -646,13 +633,7 @@ fn an_expired_certificate_serves_and_warns_loudly() {
     let status = run(Command::new("curl").args(["-sSfk", &url("/api/status")]));
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["tls"]["expired"], true);
-    let check = output_of(
-        nixery()
-            .args(["check-config", "--storage-path", "/tmp", "--tls-cert"])
-            .arg(&cert)
-            .arg("--tls-key")
-            .arg(&key),
-    );
+    let check = check_config_tls(&cert, Some(&key));
     assert!(check.status.success());
     assert!(text(&check).contains("EXPIRED"), "{}", text(&check));
 }
