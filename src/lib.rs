@@ -10,6 +10,7 @@ pub mod config;
 pub mod digest;
 pub mod error;
 pub mod http;
+pub mod memory;
 pub mod mirror;
 pub mod observe;
 pub mod redact;
@@ -325,6 +326,7 @@ impl Server {
         let background = tokio::spawn(Arc::clone(&collector).run_in_background());
         let status = Arc::clone(self.builder.status());
         let flusher = tokio::spawn(flush_counts_every(Arc::clone(&status), COUNT_FLUSH));
+        let trimmer = tokio::spawn(memory::trim_periodically());
         let watcher = self.auth.as_ref().map(|a| a.watch());
         let app = router(self.builder, self.auth);
         http::conn::serve(self.listener, app, self.limits, shutdown).await?;
@@ -333,6 +335,7 @@ impl Server {
         }
         background.abort();
         flusher.abort();
+        trimmer.abort();
         collector.flush_pulls().await;
         if let Err(e) = tokio::task::spawn_blocking(move || status.flush_counts()).await {
             tracing::warn!(error = %e, "could not record request counts at shutdown");
