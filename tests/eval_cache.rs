@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{config_with_source, get_manifest, git, package_set, require_tool, TestServer};
+use common::{
+    commit_version, config_with_source, get_manifest, git, package_set, require_tool, TestServer,
+};
 use nixery::store::db::BuildRecord;
 use reqwest::Client;
 use serde_json::Value;
@@ -22,14 +24,7 @@ fn repository(repo: &Path, version: &str) -> String {
     require_tool("git");
     package_set(repo, version);
     git(repo, &["init", "-q", "-b", "main"]);
-    commit(repo, version)
-}
-
-fn commit(repo: &Path, version: &str) -> String {
-    std::fs::write(repo.join("version"), version).unwrap();
-    git(repo, &["add", "-A"]);
-    git(repo, &["commit", "-q", "-m", version]);
-    git(repo, &["rev-parse", "HEAD"])
+    commit_version(repo, version)
 }
 
 /// A stamp text no other test builds, so that its store path is this
@@ -97,7 +92,7 @@ async fn known_names_are_not_evaluated_and_images_are_the_same() {
 
     // A new commit: the same names are evaluated again.
     let two_text = unique("two");
-    let two = commit(&repo, &two_text);
+    let two = commit_version(&repo, &two_text);
     get_manifest(&c, &s, "stamp", &two).await;
     assert_eq!(counted(&s), (3, 3));
     assert_ne!(

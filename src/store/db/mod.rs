@@ -1021,19 +1021,7 @@ mod tests {
 
     #[test]
     fn build_records_of_version_1_are_read() {
-        #[derive(serde::Serialize)]
-        struct V1 {
-            image: String,
-            tag: String,
-            started_at: u64,
-            phases: Vec<(String, u64)>,
-            layers_total: usize,
-            layers_reused: usize,
-            bytes_packed: u64,
-            outcome: BuildOutcome,
-            revision: Option<String>,
-        }
-        let old = V1 {
+        let old = records::legacy::BuildRecordV1 {
             image: "shell".into(),
             tag: "latest".into(),
             started_at: 7,

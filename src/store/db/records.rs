@@ -177,9 +177,9 @@ impl Record for ErrorRecord {
 }
 
 /// Earlier shapes of records, frozen: what older versions wrote.
-mod legacy {
+pub(crate) mod legacy {
     use super::{BuildOutcome, BuildRecord};
-    use serde::{de::DeserializeOwned, Deserialize};
+    use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
     pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
         bincode::serde::decode_from_slice(bytes, bincode::config::standard())
@@ -188,17 +188,17 @@ mod legacy {
     }
 
     /// [`BuildRecord`] version 1: before Nix processes were counted.
-    #[derive(Deserialize)]
+    #[derive(Serialize, Deserialize)]
     pub struct BuildRecordV1 {
-        image: String,
-        tag: String,
-        started_at: u64,
-        phases: Vec<(String, u64)>,
-        layers_total: usize,
-        layers_reused: usize,
-        bytes_packed: u64,
-        outcome: BuildOutcome,
-        revision: Option<String>,
+        pub image: String,
+        pub tag: String,
+        pub started_at: u64,
+        pub phases: Vec<(String, u64)>,
+        pub layers_total: usize,
+        pub layers_reused: usize,
+        pub bytes_packed: u64,
+        pub outcome: BuildOutcome,
+        pub revision: Option<String>,
     }
 
     impl From<BuildRecordV1> for BuildRecord {
