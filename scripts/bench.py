@@ -433,6 +433,35 @@ http {{
     )
 
 
+def cold_pull(server, image):
+    """A client's cold pull: the manifest, then every blob it names."""
+    manifest = json.loads(server.get(f"/v2/{image}/manifests/latest"))
+    for blob in [manifest["config"], *manifest["layers"]]:
+        server.get(f"/v2/{image}/blobs/{blob['digest']}")
+
+
+def parallel_cold_figure(work, image="hello/coreutils/bash"):
+    """One cold pull, then 4 identical ones at once on fresh storage: they
+    share one build, and each then downloads the blobs."""
+    times = {}
+    for n in (1, 4):
+        storage = os.path.join(work, f"parallel-{n}")
+        server = Server(storage)
+        threads = [threading.Thread(target=cold_pull, args=(server, image)) for _ in range(n)]
+        start = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        times[n] = time.monotonic() - start
+        server.stop()
+    say(
+        f"4 identical cold pulls of {image} at once against one",
+        f"{times[4]:.2f} s against {times[1]:.2f} s: {times[4] / times[1]:.2f}x",
+        f"{server.command}; n x (GET manifest, then every blob), n = 1 then 4 on fresh storage",
+    )
+
+
 def download(url, results):
     got = 0
     with urllib.request.urlopen(url, timeout=900) as r:
@@ -453,6 +482,7 @@ def main():
         if wanted("eval"):
             eval_cache_figure(work)
         if wanted("serve"):
+            parallel_cold_figure(work)
             serve_figures(work)
         if wanted("docker"):
             docker_pull_figure(work)
