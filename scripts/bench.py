@@ -392,8 +392,11 @@ def nginx_figure(work, storage, layer, ours):
     port = free_port()
     conf = os.path.join(root, "nginx.conf")
     with open(conf, "w") as f:
+        # As root, nginx's workers would run as nobody, who cannot read
+        # the bench's private temporary directory.
+        user = "user root;\n" if os.geteuid() == 0 else ""
         f.write(f"""daemon off;
-worker_processes auto;
+{user}worker_processes auto;
 pid {root}/nginx.pid;
 error_log {root}/error.log;
 events {{ worker_connections 256; }}
