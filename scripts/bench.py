@@ -32,6 +32,15 @@ FIXTURE = os.path.join(ROOT, "tests", "fixtures", "pkgs")
 OHA_SECONDS = int(os.environ.get("BENCH_OHA_SECONDS", "10"))
 CONNECTIONS = 64
 DOWNLOADS = 8
+# BENCH_ONLY=eval,serve,docker runs only those parts: `eval` (the
+# evaluation cache on the costly package set), `serve` (packing, start-up,
+# idle RSS, downloads beside nginx, request rates), `docker` (docker pull
+# beside distribution). All by default.
+ONLY = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
+
+
+def wanted(part):
+    return not ONLY or part in ONLY
 
 
 def say(figure, value, command):
@@ -95,14 +104,14 @@ class Server:
     """The release binary on a storage path; start-up timed to the first
     `/v2/` 200."""
 
-    def __init__(self, storage, extra=()):
+    def __init__(self, storage, extra=(), source=("--pkgs-path", FIXTURE)):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         args = [
             BIN,
             "--port", str(self.port),
             "--listen-address", "127.0.0.1",
-            "--pkgs-path", FIXTURE,
+            *source,
             "--storage-path", storage,
             "--nix-option", "substituters=",
             "--nix-timeout", "600",
@@ -280,6 +289,182 @@ def docker_pull_figure(work):
         server.stop()
 
 
+def costly_set(work):
+    """A git repository holding benches/costly-pkgs and the nixpkgs library
+    it is built from; its one commit."""
+    lib = os.environ.get("BENCH_NIXPKGS_LIB") or os.path.join(ROOT, "..", "shared", "vendor", "nixpkgs-lib")
+    if not os.path.isdir(os.path.join(lib, "lib")):
+        sys.exit(f"{lib}/lib missing: set BENCH_NIXPKGS_LIB to an unpacked nixpkgs library")
+    repo = os.path.join(work, "costly-repo")
+    os.makedirs(repo)
+    shutil.copy(os.path.join(ROOT, "benches", "costly-pkgs", "default.nix"), repo)
+    shutil.copytree(os.path.join(lib, "lib"), os.path.join(repo, "lib"))
+    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "-C", repo]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "costly set"], check=True)
+    rev = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True)
+    return repo, rev.stdout.strip()
+
+
+def eval_cache_figure(work):
+    """A cold pull of a new combination of packages already evaluated, on a
+    package set as costly to evaluate as nixpkgs: from a git commit (the
+    evaluation cache applies) and from the same files as a local path (it
+    does not)."""
+    repo, rev = costly_set(work)
+    before = ["pkg-5-1/pkg-6-2", "pkg-7-3/pkg-9-4"]
+    combination = "pkg-5-1/pkg-7-3"
+    for label, source, tag in [
+        ("with the evaluation cache (git source, by commit)", ("--pkgs-repo", f"file://{repo}"), rev),
+        ("without it (the same files as a local path)", ("--pkgs-path", repo), "latest"),
+    ]:
+        storage = os.path.join(work, f"costly-{source[0].strip('-')}")
+        server = Server(storage, source=source)
+        for image in before:
+            server.get(f"/v2/{image}/manifests/{tag}")
+        cpu_before = cpu_seconds(server.proc.pid)
+        start = time.monotonic()
+        server.get(f"/v2/{combination}/manifests/{tag}")
+        secs = time.monotonic() - start
+        cpu = cpu_seconds(server.proc.pid) - cpu_before
+        build = json.loads(server.get("/api/status"))["builds"][0]
+        server.stop()
+        say(
+            f"cold pull of a new combination of known packages, costly set, {label}",
+            f"{secs * 1000:.0f} ms, {build['evaluated']} names evaluated, "
+            f"{build['nix_processes']} Nix processes (server CPU {cpu:.2f} s)",
+            f"{server.command}; GET /v2/{{{','.join(before)}}}/manifests/{tag}; "
+            f"curl {server.base}/v2/{combination}/manifests/{tag}",
+        )
+
+
+class RssSampler:
+    """The largest RssAnon of a process, sampled every 10 ms until stopped."""
+
+    def __init__(self, pid):
+        self.pid, self.peak, self.running = pid, 0, True
+        self.thread = threading.Thread(target=self.run)
+        self.thread.start()
+
+    def run(self):
+        while self.running:
+            self.peak = max(self.peak, status_kb(self.pid, "RssAnon"))
+            time.sleep(0.01)
+
+    def stop(self):
+        self.running = False
+        self.thread.join()
+        return self.peak / 1024
+
+
+def downloads(url, size, n):
+    """Downloads `url` on n connections at once; MB/s in all."""
+    results = []
+    threads = [threading.Thread(target=download, args=(url, results)) for _ in range(n)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    secs = time.monotonic() - start
+    assert results == [size] * n, results
+    return n * size / 1e6 / secs
+
+
+def nginx_figure(work, storage, layer, ours):
+    """Debian's nginx (`sendfile on`) serving the same blob file to the same
+    load, for comparison."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.access(nginx, os.X_OK):
+        sys.exit("nginx missing: run scripts/install-deps --bench")
+    hex_digest = layer["digest"].split(":", 1)[1]
+    path = None
+    for d, _, files in os.walk(os.path.join(storage, "blobs")):
+        if hex_digest in files:
+            path = os.path.join(d, hex_digest)
+    if path is None:
+        sys.exit(f"blob {hex_digest} not found under {storage}/blobs")
+    root = os.path.join(work, "nginx")
+    os.makedirs(os.path.join(root, "www"))
+    os.makedirs(os.path.join(root, "tmp"))
+    os.link(path, os.path.join(root, "www", "blob"))
+    port = free_port()
+    conf = os.path.join(root, "nginx.conf")
+    with open(conf, "w") as f:
+        # As root, nginx's workers would run as nobody, who cannot read
+        # the bench's private temporary directory.
+        user = "user root;\n" if os.geteuid() == 0 else ""
+        f.write(f"""daemon off;
+{user}worker_processes auto;
+pid {root}/nginx.pid;
+error_log {root}/error.log;
+events {{ worker_connections 256; }}
+http {{
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  client_body_temp_path {root}/tmp;
+  proxy_temp_path {root}/tmp;
+  fastcgi_temp_path {root}/tmp;
+  uwsgi_temp_path {root}/tmp;
+  scgi_temp_path {root}/tmp;
+  server {{
+    listen 127.0.0.1:{port};
+    root {root}/www;
+  }}
+}}
+""")
+    proc = subprocess.Popen([nginx, "-c", conf, "-p", root], stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/blob"
+    try:
+        for _ in range(500):
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.01)
+        downloads(url, layer["size"], 1)
+        rate = downloads(url, layer["size"], DOWNLOADS)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    say(
+        f"the same {DOWNLOADS} downloads from Debian's nginx (sendfile on), same run",
+        f"{rate:.0f} MB/s in all; nixery {ours / rate:.2f}x nginx",
+        f"nginx -c {conf} (sendfile on); {DOWNLOADS} x GET {url}",
+    )
+
+
+def cold_pull(server, image):
+    """A client's cold pull: the manifest, then every blob it names."""
+    manifest = json.loads(server.get(f"/v2/{image}/manifests/latest"))
+    for blob in [manifest["config"], *manifest["layers"]]:
+        server.get(f"/v2/{image}/blobs/{blob['digest']}")
+
+
+def parallel_cold_figure(work, image="hello/coreutils/bash"):
+    """One cold pull, then 4 identical ones at once on fresh storage: they
+    share one build, and each then downloads the blobs."""
+    times = {}
+    for n in (1, 4):
+        storage = os.path.join(work, f"parallel-{n}")
+        server = Server(storage)
+        threads = [threading.Thread(target=cold_pull, args=(server, image)) for _ in range(n)]
+        start = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        times[n] = time.monotonic() - start
+        server.stop()
+    say(
+        f"4 identical cold pulls of {image} at once against one",
+        f"{times[4]:.2f} s against {times[1]:.2f} s: {times[4] / times[1]:.2f}x",
+        f"{server.command}; n x (GET manifest, then every blob), n = 1 then 4 on fresh storage",
+    )
+
+
 def download(url, results):
     got = 0
     with urllib.request.urlopen(url, timeout=900) as r:
@@ -297,62 +482,73 @@ def main():
     work = tempfile.mkdtemp(prefix="nixery-bench-")
     try:
         print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
-        storage = pack_figure("incompressible closure (hello + 110 MB random)", "hello/big", ["hello", "big"], work)
-        pack_figure("text closure (hello + 154 MB text)", "hello/text", ["hello", "text"], work)
-
-        # A fresh process on the warm storage, with many more images cached:
-        # start-up, idle RSS, downloads, then request rates.
-        if SEEDED_IMAGES:
-            subprocess.run([SEED, storage, str(SEEDED_IMAGES)], check=True, capture_output=True)
-        server = Server(storage)
-        say(
-            f"start-up to first /v2/ 200, {SEEDED_IMAGES:,} images cached",
-            f"{server.startup * 1000:.0f} ms",
-            f"{SEED} {storage} {SEEDED_IMAGES}; time from exec of {server.command} to a 200 from /v2/",
-        )
-        time.sleep(1)
-        rss = status_kb(server.proc.pid, "VmRSS") / 1024
-        say(
-            f"RSS idle, {SEEDED_IMAGES:,} images cached",
-            f"{rss:.1f} MB",
-            "grep VmRSS /proc/<pid>/status, 1 s after start-up",
-        )
-
-        manifest = json.loads(server.get("/v2/hello/big/manifests/latest"))
-        largest = max(manifest["layers"], key=lambda l: l["size"])
-        blob = f"{server.base}/v2/hello/big/blobs/{largest['digest']}"
-        results = []
-        threads = [threading.Thread(target=download, args=(blob, results)) for _ in range(DOWNLOADS)]
-        start = time.monotonic()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        secs = time.monotonic() - start
-        assert results == [largest["size"]] * DOWNLOADS, results
-        hwm = status_kb(server.proc.pid, "VmHWM") / 1024
-        say(
-            f"peak RSS while {DOWNLOADS} connections download a {largest['size'] / 1e6:.0f} MB blob",
-            f"{hwm:.0f} MB (VmHWM; {DOWNLOADS * largest['size'] / 1e6 / secs:.0f} MB/s in all)",
-            f"{DOWNLOADS} x GET {blob}",
-        )
-
-        url = f"{server.base}/v2/hello/big/manifests/latest"
-        say(
-            f"warm manifest GET, {CONNECTIONS} connections",
-            oha(url),
-            f"oha -z {OHA_SECONDS}s -c {CONNECTIONS} {url}",
-        )
-        url = f"{server.base}/v2/"
-        say(
-            f"/v2/ base route, {CONNECTIONS} connections",
-            oha(url),
-            f"oha -z {OHA_SECONDS}s -c {CONNECTIONS} {url}",
-        )
-        server.stop()
-        docker_pull_figure(work)
+        if wanted("eval"):
+            eval_cache_figure(work)
+        if wanted("serve"):
+            parallel_cold_figure(work)
+            serve_figures(work)
+        if wanted("docker"):
+            docker_pull_figure(work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def serve_figures(work):
+    storage = pack_figure("incompressible closure (hello + 110 MB random)", "hello/big", ["hello", "big"], work)
+    pack_figure("text closure (hello + 154 MB text)", "hello/text", ["hello", "text"], work)
+
+    # A fresh process on the warm storage, with many more images cached:
+    # start-up, idle RSS, downloads, then request rates.
+    if SEEDED_IMAGES:
+        subprocess.run([SEED, storage, str(SEEDED_IMAGES)], check=True, capture_output=True)
+    server = Server(storage)
+    say(
+        f"start-up to first /v2/ 200, {SEEDED_IMAGES:,} images cached",
+        f"{server.startup * 1000:.0f} ms",
+        f"{SEED} {storage} {SEEDED_IMAGES}; time from exec of {server.command} to a 200 from /v2/",
+    )
+    time.sleep(1)
+    rss = status_kb(server.proc.pid, "VmRSS") / 1024
+    say(
+        f"RSS idle, {SEEDED_IMAGES:,} images cached",
+        f"{rss:.1f} MB",
+        "grep VmRSS /proc/<pid>/status, 1 s after start-up",
+    )
+
+    manifest = json.loads(server.get("/v2/hello/big/manifests/latest"))
+    largest = max(manifest["layers"], key=lambda l: l["size"])
+    blob = f"{server.base}/v2/hello/big/blobs/{largest['digest']}"
+    # Warm the page cache, so both servers send from memory.
+    downloads(blob, largest["size"], 1)
+    sampler = RssSampler(server.proc.pid)
+    rate = downloads(blob, largest["size"], DOWNLOADS)
+    anon = sampler.stop()
+    hwm = status_kb(server.proc.pid, "VmHWM") / 1024
+    say(
+        f"{DOWNLOADS} connections download a {largest['size'] / 1e6:.0f} MB blob",
+        f"{rate:.0f} MB/s in all; peak RSS {hwm:.0f} MB (VmHWM), peak RssAnon {anon:.1f} MB (sampled every 10 ms)",
+        f"{DOWNLOADS} x GET {blob}",
+    )
+    nginx_figure(work, storage, largest, rate)
+    url = f"{server.base}/v2/hello/big/manifests/latest"
+    say(
+        f"warm manifest GET, {CONNECTIONS} connections",
+        oha(url),
+        f"oha -z {OHA_SECONDS}s -c {CONNECTIONS} {url}",
+    )
+    url = f"{server.base}/v2/"
+    say(
+        f"/v2/ base route, {CONNECTIONS} connections",
+        oha(url),
+        f"oha -z {OHA_SECONDS}s -c {CONNECTIONS} {url}",
+    )
+    time.sleep(5)
+    say(
+        "RSS idle after the load above",
+        f"{status_kb(server.proc.pid, 'VmRSS') / 1024:.1f} MB (RssAnon {status_kb(server.proc.pid, 'RssAnon') / 1024:.1f} MB)",
+        "grep -E 'VmRSS|RssAnon' /proc/<pid>/status, 5 s after the last request",
+    )
+    server.stop()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ pub mod digest;
 pub mod error;
 pub mod file_stamp;
 pub mod http;
+pub mod memory;
 pub mod mirror;
 pub mod observe;
 pub mod redact;
@@ -366,6 +367,7 @@ impl Server {
         let background = tokio::spawn(Arc::clone(&collector).run_in_background());
         let status = Arc::clone(self.builder.status());
         let flusher = tokio::spawn(flush_counts_every(Arc::clone(&status), COUNT_FLUSH));
+        let trimmer = tokio::spawn(memory::trim_periodically());
         let watcher = self.auth.as_ref().map(|a| a.watch());
         let tls_watcher = self.tls.as_ref().map(|t| t.watch());
         let app = router(self.builder, self.auth, self.tls.clone());
@@ -375,6 +377,7 @@ impl Server {
         }
         background.abort();
         flusher.abort();
+        trimmer.abort();
         collector.flush_pulls().await;
         if let Err(e) = tokio::task::spawn_blocking(move || status.flush_counts()).await {
             tracing::warn!(error = %e, "could not record request counts at shutdown");

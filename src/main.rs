@@ -95,6 +95,7 @@ fn main() -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
+    nixery::memory::limit_arenas();
     init_logging(args.log_format, "info");
     cli::serve::run(args)
 }

@@ -6,8 +6,8 @@
 mod common;
 
 use common::{
-    config_with_source, error_code, get_blob, get_manifest, git, package_set, require_tool,
-    serve_bytes, tarball, TestServer,
+    commit_version, config_with_source, error_code, get_blob, get_manifest, git, package_set,
+    require_tool, serve_bytes, tarball, TestServer,
 };
 use flate2::read::GzDecoder;
 use nixery::digest::Digest;
@@ -109,27 +109,19 @@ async fn channel_tarball_over_http_is_cached_by_ttl() {
     s.stop().await;
 }
 
-/// Commits `version` of the package set on the current branch.
-fn commit(repo: &Path, version: &str) -> String {
-    std::fs::write(repo.join("version"), version).unwrap();
-    git(repo, &["add", "-A"]);
-    git(repo, &["commit", "-q", "-m", version]);
-    git(repo, &["rev-parse", "HEAD"])
-}
-
 /// A repository: `main` (default) at "three", annotated tag `v1` at "one",
 /// branch `feature` and lightweight tag `light` at "two".
 fn repository(repo: &Path) -> String {
     require_tool("git");
     package_set(repo, "");
     git(repo, &["init", "-q", "-b", "main"]);
-    let one = commit(repo, "one");
+    let one = commit_version(repo, "one");
     git(repo, &["tag", "-a", "v1", "-m", "release one"]);
     git(repo, &["checkout", "-q", "-b", "feature"]);
-    commit(repo, "two");
+    commit_version(repo, "two");
     git(repo, &["tag", "light"]);
     git(repo, &["checkout", "-q", "main"]);
-    commit(repo, "three");
+    commit_version(repo, "three");
     one
 }
 
@@ -211,7 +203,7 @@ async fn git_cache_rules_hold_across_restarts() {
     s.stop().await;
 
     // `main` moves on. Within the TTL, nothing is asked again.
-    commit(&repo, "four");
+    commit_version(&repo, "four");
     let s = TestServer::start(&cfg("3600")).await;
     assert_eq!(pull(&c, &s, "latest").await, (latest, "three".into()));
     assert_eq!(pull(&c, &s, &one).await.0, pinned);

@@ -5,15 +5,16 @@
 use crate::blocking::blocking;
 use crate::build::archive::{self, ArchiveError, PackedLayer};
 use crate::build::cache::FailureCache;
+use crate::build::eval_cache::{self, Known, Revision};
 use crate::build::git::GitError;
 use crate::build::hot::{HotManifests, Named};
 use crate::build::image::{Arch, ImageSpec, SSL_CERT_FILE};
 use crate::build::layering::{self, LayerError, Strategy};
 use crate::build::manifest::{self, ImageConfig, LayerBlob, ManifestError};
-use crate::build::nix::{Nix, NixError, ResolvedPackage, Stage};
+use crate::build::nix::{Nix, NixError, Resolved, ResolvedPackage, Stage};
 use crate::build::queue::{Abandoned, BuildQueue};
 use crate::build::singleflight::SingleFlight;
-use crate::build::source::Source;
+use crate::build::source::{Resolution, Source};
 use crate::build::store_path::{self, PathInfo};
 use crate::build::users;
 use crate::clock::now_unix;
@@ -32,7 +33,7 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 use sha2::{Digest as _, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -313,6 +314,9 @@ impl Phases {
 struct Counters {
     layers_reused: AtomicU64,
     bytes_packed: Arc<AtomicU64>,
+    /// Nix processes run, and package names Nix evaluated.
+    nix_processes: AtomicU32,
+    evaluated: AtomicU32,
     live: LiveBuild,
 }
 
@@ -321,8 +325,15 @@ impl Counters {
         Counters {
             layers_reused: AtomicU64::new(0),
             bytes_packed: live.bytes_counter(),
+            nix_processes: AtomicU32::new(0),
+            evaluated: AtomicU32::new(0),
             live,
         }
+    }
+
+    /// Counts a Nix process about to run.
+    fn nix(&self) {
+        self.nix_processes.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -911,6 +922,8 @@ impl Builder {
             bytes_packed: counters.bytes_packed.load(Ordering::Relaxed),
             outcome,
             revision,
+            nix_processes: counters.nix_processes.load(Ordering::Relaxed),
+            evaluated: counters.evaluated.load(Ordering::Relaxed),
         };
         let status = Arc::clone(&self.status);
         let recorded = self.db.run(move |db| {
@@ -978,7 +991,6 @@ impl Builder {
             .source
             .resolve(&spec.tag, nix.timeout())
             .await?;
-        let src = &resolution.nix;
         let commit_key = resolution.commit.as_ref().map(|c| self.commit_key(spec, c));
         *revision = resolution.commit.clone();
         // A moving tag that now names a commit built before: no evaluation.
@@ -990,15 +1002,7 @@ impl Builder {
                 }
             }
         }
-        let resolved = nix
-            .resolve(
-                src.src_type,
-                &src.src_args,
-                spec.arch.nix_system(),
-                &spec.packages,
-            )
-            .await
-            .map_err(|e| missing_commit(&self.settings.source, &spec.tag, e))?;
+        let resolved = self.evaluate(spec, &resolution, counters).await?;
         if revision.is_none() {
             *revision = match (
                 &resolved.source.rev,
@@ -1008,7 +1012,10 @@ impl Builder {
                 (Some(rev), ..) => Some(rev.clone()),
                 (None, Some(hash), _) => Some(hash.clone()),
                 // A tarball: its NAR hash identifies what was evaluated.
-                (None, None, Some(path)) => Some(nix.nar_hash(path).await?),
+                (None, None, Some(path)) => {
+                    counters.nix();
+                    Some(nix.nar_hash(path).await?)
+                }
                 (None, None, None) => None,
             };
         }
@@ -1031,8 +1038,10 @@ impl Builder {
         let gc_root = self.gc_root_dir(key);
         let dir = gc_root.clone();
         blocking(move || std::fs::create_dir_all(dir).map_err(BuildError::GcRoot)).await?;
+        counters.nix();
         nix.realise(&drvs, &gc_root.join("out")).await?;
         phases.finish("nix build");
+        counters.nix();
         let closure = nix.closure(&outs).await?;
         phases.finish("closure");
 
@@ -1068,6 +1077,61 @@ impl Builder {
             self.put_manifest_record(ck, &record).await?;
         }
         self.keep(image, spec, key, record).await
+    }
+
+    /// The packages of an image resolved to derivations: from the
+    /// evaluation cache when the source's revision is fixed and each name
+    /// is known there, the unknown ones evaluated together (and
+    /// remembered).
+    async fn evaluate(
+        &self,
+        spec: &ImageSpec,
+        resolution: &Resolution,
+        counters: &Counters,
+    ) -> Result<Resolved, BuildError> {
+        let system = spec.arch.nix_system();
+        let revision = resolution.commit.as_ref().map(|commit| Revision {
+            source: self.settings.source.describe(),
+            commit: commit.clone(),
+            system: system.to_owned(),
+        });
+        let known = match &revision {
+            Some(revision) => {
+                let (revision, names) = (revision.clone(), spec.packages.clone());
+                self.db
+                    .run(move |db| eval_cache::lookup(db, &revision, &names))
+                    .await?
+            }
+            None => Known {
+                found: BTreeMap::new(),
+                unknown: spec.packages.clone(),
+            },
+        };
+        if known.unknown.is_empty() {
+            return Ok(Resolved {
+                found: known.found,
+                not_found: Vec::new(),
+                source: Default::default(),
+            });
+        }
+        let src = &resolution.nix;
+        counters.nix();
+        let names = u32::try_from(known.unknown.len()).unwrap_or(u32::MAX);
+        counters.evaluated.fetch_add(names, Ordering::Relaxed);
+        let mut resolved = self
+            .settings
+            .nix
+            .resolve(src.src_type, &src.src_args, system, &known.unknown)
+            .await
+            .map_err(|e| missing_commit(&self.settings.source, &spec.tag, e))?;
+        if let Some(revision) = revision {
+            let found = resolved.found.clone();
+            self.db
+                .run(move |db| eval_cache::remember(db, &revision, &found))
+                .await?;
+        }
+        resolved.found.extend(known.found);
+        Ok(resolved)
     }
 
     /// Records a manifest as current for the pulled name and tag.

@@ -1,6 +1,6 @@
 //! From an image name to a stored manifest: the name (`image`), where
-//! packages come from (`source`, `git`), Nix (`nix`) and the processes it
-//! runs (`process`), the closure's layer plan (`layering`, `popularity`),
+//! packages come from (`source`, `git`), Nix (`nix`), the processes it
+//! runs (`process`) and what its evaluations gave (`eval_cache`), the closure's layer plan (`layering`, `popularity`),
 //! packing (`archive`), the manifest and the forms it is served in
 //! (`manifest`, `forms`), and the orchestration of it all (`builder`,
 //! `singleflight`, the bounded `queue`, the failure `cache`).
@@ -8,6 +8,7 @@
 pub mod archive;
 pub mod builder;
 pub mod cache;
+pub mod eval_cache;
 pub mod forms;
 pub mod git;
 pub mod hot;

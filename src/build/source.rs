@@ -42,7 +42,8 @@ pub struct NixSource {
 pub struct Resolution {
     pub nix: NixSource,
     /// The commit, when it is known before evaluation (git sources, a
-    /// channel given as a commit): everything a build depends on.
+    /// channel given as a commit, a flake that names one): everything a
+    /// build depends on, and what the evaluation cache is keyed by.
     pub commit: Option<String>,
 }
 
@@ -92,7 +93,7 @@ impl Source {
                     src_type: "flake",
                     src_args: f.clone(),
                 },
-                commit: None,
+                commit: flake_commit(f),
             }),
             // The builder stops before resolving in a mirror.
             Source::Mirror => Err(GitError::Failed("this mirror has no package source".into())),
@@ -107,7 +108,8 @@ impl Source {
     /// can be cached for good.
     pub fn is_pinned(&self, tag: &str) -> bool {
         match self {
-            Source::Path(_) | Source::Flake(_) | Source::Mirror => false,
+            Source::Path(_) | Source::Mirror => false,
+            Source::Flake(f) => flake_commit(f).is_some(),
             Source::Channel(c) => is_commit(c),
             Source::Git(_) => is_commit(tag),
         }
@@ -155,6 +157,24 @@ pub fn channel_url(channel: &str) -> String {
     } else {
         format!("{NIXPKGS_ARCHIVE}/{channel}.tar.gz")
     }
+}
+
+/// The commit a flake reference pins, if it pins one: `rev=<commit>` in
+/// its query, or the commit as the third part of a `github:`, `gitlab:` or
+/// `sourcehut:` reference. Its inputs are then pinned too, by the
+/// `flake.lock` of that commit.
+pub fn flake_commit(flake: &str) -> Option<String> {
+    let (path, query) = flake.split_once('?').unwrap_or((flake, ""));
+    let in_query = query
+        .split('&')
+        .filter_map(|p| p.strip_prefix("rev="))
+        .find(|r| is_commit(r));
+    let in_path = ["github:", "gitlab:", "sourcehut:"]
+        .iter()
+        .find_map(|scheme| path.strip_prefix(scheme))
+        .and_then(|rest| rest.split('/').nth(2))
+        .filter(|r| is_commit(r));
+    in_query.or(in_path).map(str::to_owned)
 }
 
 /// fetchGit arguments for an exact commit. A known ref is passed fully
@@ -238,6 +258,28 @@ mod tests {
             "http://127.0.0.1:1/n.tgz"
         );
         assert_eq!(channel_url("/srv/n.tar.gz"), "file:///srv/n.tar.gz");
+    }
+
+    #[test]
+    fn flakes_pin_a_commit_by_rev_or_path() {
+        for pinned in [
+            format!("github:o/r/{COMMIT}"),
+            format!("github:o/r/{COMMIT}?dir=sub"),
+            format!("git+https://h/r?ref=main&rev={COMMIT}"),
+            format!("git+file:///srv/r?rev={COMMIT}"),
+        ] {
+            assert_eq!(flake_commit(&pinned).as_deref(), Some(COMMIT), "{pinned}");
+            assert!(Source::Flake(pinned).is_pinned("latest"));
+        }
+        for moving in [
+            "github:o/r",
+            "github:o/r/main",
+            "path:/srv/r",
+            "git+https://h/r?ref=main",
+            "git+https://h/r?rev=abc",
+        ] {
+            assert_eq!(flake_commit(moving), None, "{moving}");
+        }
     }
 
     #[test]

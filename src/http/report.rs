@@ -73,6 +73,12 @@ pub struct BuildView {
     pub layers_reused: usize,
     pub layers_built: usize,
     pub bytes_packed: u64,
+    /// Nix processes the build ran (0 for records from before they were
+    /// counted).
+    pub nix_processes: u32,
+    /// Package names Nix evaluated; 0 when all came from the evaluation
+    /// cache.
+    pub evaluated: u32,
 }
 
 impl From<BuildRecord> for BuildView {
@@ -104,6 +110,8 @@ impl From<BuildRecord> for BuildView {
             layers_reused: r.layers_reused,
             layers_built: r.layers_total.saturating_sub(r.layers_reused),
             bytes_packed: r.bytes_packed,
+            nix_processes: r.nix_processes,
+            evaluated: r.evaluated,
         }
     }
 }

@@ -398,6 +398,8 @@ mod tests {
             bytes_packed: 0,
             outcome,
             revision: None,
+            nix_processes: 1,
+            evaluated: 1,
         };
         s.build_finished(&record(BuildOutcome::Success {
             manifest: Digest::of(b"m"),

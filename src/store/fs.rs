@@ -798,6 +798,38 @@ impl BlobFile {
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset)
     }
+
+    /// The `len` bytes at `offset` (within the blob) as a read-only shared
+    /// mapping of the page cache, its pages faulted in now (blocking: they
+    /// may come from the disk) and read ahead sequentially. The mapping
+    /// lasts as long as the returned bytes.
+    pub fn map_window(&self, offset: u64, len: usize) -> io::Result<bytes::Bytes> {
+        if len == 0 {
+            return Ok(bytes::Bytes::new());
+        }
+        let page = page_size();
+        let start = offset - offset % page;
+        let skip = (offset - start) as usize;
+        // SAFETY: blobs are never written in place (a new one is linked in
+        // whole; deleting unlinks), so the mapped bytes cannot change.
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(start)
+                .len(skip + len)
+                .populate()
+                .map(&self.file)?
+        };
+        // Only advice: a kernel that ignores it changes nothing.
+        let _ = map.advise(memmap2::Advice::Sequential);
+        Ok(bytes::Bytes::from_owner(map).slice(skip..))
+    }
+}
+
+/// The size of a memory page (mapping offsets are multiples of it).
+fn page_size() -> u64 {
+    // SAFETY: sysconf only reads a system setting.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(size).ok().filter(|s| *s > 0).unwrap_or(4096)
 }
 
 #[derive(Debug)]

@@ -441,6 +441,15 @@ pub fn tarball(work: &Path, version: &str) -> Vec<u8> {
     std::fs::read(file).unwrap()
 }
 
+/// Commits `version` of a package set (see [`package_set`]) on the current
+/// branch of the repository `repo`; the commit.
+pub fn commit_version(repo: &Path, version: &str) -> String {
+    std::fs::write(repo.join("version"), version).unwrap();
+    git(repo, &["add", "-A"]);
+    git(repo, &["commit", "-q", "-m", version]);
+    git(repo, &["rev-parse", "HEAD"])
+}
+
 /// Runs git in `dir` (which must succeed); its trimmed stdout.
 pub fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")

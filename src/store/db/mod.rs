@@ -20,6 +20,10 @@
 //!   platform's manifest of an image imported with several; `pinned`
 //!   names the first)
 //!
+//! - `evaluations`: evaluation cache key -> [`EvalRecord`] (what a package
+//!   name evaluated to at a fixed source revision; see
+//!   [`crate::build::eval_cache`])
+//!
 //! - `meta`: `schema` -> the layout version (u32, big-endian); see
 //!   [`migrate`]
 //!
@@ -38,8 +42,8 @@ mod recover;
 pub use async_db::AsyncDb;
 pub use migrate::SCHEMA_VERSION;
 pub use records::{
-    BuildOutcome, BuildRecord, ErrorRecord, ImportedRecord, LayerRecord, ManifestRecord,
-    PullRecord, PulledRecord, Record, TagRecord,
+    BuildOutcome, BuildRecord, ErrorRecord, EvalRecord, ImportedRecord, LayerRecord,
+    ManifestRecord, PullRecord, PulledRecord, Record, TagRecord,
 };
 
 use crate::digest::Digest;
@@ -49,6 +53,14 @@ use std::sync::{Arc, Mutex};
 
 /// Build records kept for the admin page.
 const BUILDS_KEPT: usize = 100;
+
+/// Evaluation cache records kept: past this many, the oldest half (by
+/// key order, which is random: keys are hashes) is dropped. At ~200 bytes
+/// a record, about 20 MB of database at most.
+const EVALUATIONS_KEPT: usize = 100_000;
+
+/// Evaluation records written between two counts of the tree.
+const EVALUATIONS_COUNT_EVERY: u64 = 1_000;
 
 /// Error records kept for the admin page (the original shows 15).
 pub const ERRORS_KEPT: usize = 50;
@@ -142,6 +154,9 @@ pub struct Db {
     pinned: sled::Tree,
     built_tags: sled::Tree,
     pinned_platforms: sled::Tree,
+    evaluations: sled::Tree,
+    /// Evaluation records written since the tree was last counted.
+    evaluations_written: Arc<std::sync::atomic::AtomicU64>,
     /// Trees whose undecodable records were already logged.
     logged_undecodable: Arc<Mutex<HashSet<&'static str>>>,
     /// Whether this open created the database (it held nothing).
@@ -236,6 +251,8 @@ impl Db {
             pinned: db.open_tree("pinned")?,
             built_tags: db.open_tree("built_tags")?,
             pinned_platforms: db.open_tree("pinned_platforms")?,
+            evaluations: db.open_tree("evaluations")?,
+            evaluations_written: Arc::default(),
             logged_undecodable: Arc::default(),
             created,
             db,
@@ -510,6 +527,48 @@ impl Db {
             .collect()
     }
 
+    /// What a package name evaluated to, under its evaluation cache key.
+    pub fn evaluation(&self, key: &str) -> Result<Option<EvalRecord>, DbError> {
+        Ok(self
+            .evaluations
+            .get(key)?
+            .and_then(|v| self.decode("evaluations", &v)))
+    }
+
+    /// Remembers evaluations, keeping at most about [`EVALUATIONS_KEPT`]
+    /// (counted every [`EVALUATIONS_COUNT_EVERY`] writes: sled counts by
+    /// walking the tree).
+    pub fn put_evaluations(&self, records: &[(String, EvalRecord)]) -> Result<(), DbError> {
+        for (key, record) in records {
+            self.evaluations.insert(key.as_str(), encode(record)?)?;
+        }
+        let written = self
+            .evaluations_written
+            .fetch_add(records.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        if written / EVALUATIONS_COUNT_EVERY
+            != (written + records.len() as u64) / EVALUATIONS_COUNT_EVERY
+        {
+            self.prune_evaluations(EVALUATIONS_KEPT)?;
+        }
+        Ok(())
+    }
+
+    /// Past `keep` records, drops the first half of the tree by key (keys
+    /// are hashes, so that is a random half). A dropped record only costs
+    /// an evaluation.
+    fn prune_evaluations(&self, keep: usize) -> Result<usize, DbError> {
+        let count = self.evaluations.len();
+        if count <= keep {
+            return Ok(0);
+        }
+        let mut dropped = 0;
+        for key in self.evaluations.iter().keys().take(count / 2) {
+            self.evaluations.remove(key?)?;
+            dropped += 1;
+        }
+        Ok(dropped)
+    }
+
     /// Records a build, keeping the newest [`BUILDS_KEPT`].
     pub fn add_build(&self, record: &BuildRecord) -> Result<(), DbError> {
         push_bounded(&self.db, &self.builds, encode(record)?, BUILDS_KEPT)
@@ -730,6 +789,8 @@ mod tests {
                     bytes_packed: 1,
                     outcome: BuildOutcome::Success { manifest: d },
                     revision: None,
+                    nix_processes: 3,
+                    evaluated: 1,
                 })
                 .unwrap();
             }
@@ -924,5 +985,69 @@ mod tests {
         let err = open_when_free(dir.path()).err().unwrap();
         assert!(matches!(err, DbError::TooNew { .. }), "{err}");
         assert!(err.to_string().contains("newer nixery"), "{err}");
+    }
+
+    fn eval_record(n: usize) -> EvalRecord {
+        EvalRecord {
+            drv_path: format!("/nix/store/{n}.drv"),
+            out_path: format!("/nix/store/{n}"),
+            main_program: n.is_multiple_of(2).then(|| "prog".to_owned()),
+        }
+    }
+
+    #[test]
+    fn evaluations_are_kept_and_a_damaged_one_is_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        db.put_evaluations(&[("a".into(), eval_record(0)), ("b".into(), eval_record(1))])
+            .unwrap();
+        assert_eq!(db.evaluation("a").unwrap(), Some(eval_record(0)));
+        assert_eq!(db.evaluation("b").unwrap(), Some(eval_record(1)));
+        assert_eq!(db.evaluation("c").unwrap(), None);
+        db.evaluations.insert("a", &[1u8, 0xff, 0xff][..]).unwrap();
+        assert_eq!(db.evaluation("a").unwrap(), None);
+    }
+
+    #[test]
+    fn evaluations_are_pruned_past_their_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        let records: Vec<_> = (0..10).map(|n| (format!("{n}"), eval_record(n))).collect();
+        db.put_evaluations(&records).unwrap();
+        assert_eq!(db.prune_evaluations(10).unwrap(), 0);
+        assert_eq!(db.prune_evaluations(6).unwrap(), 5);
+        assert_eq!(db.evaluations.len(), 5);
+    }
+
+    #[test]
+    fn build_records_of_version_1_are_read() {
+        let old = records::legacy::BuildRecordV1 {
+            image: "shell".into(),
+            tag: "latest".into(),
+            started_at: 7,
+            phases: vec![("resolve".into(), 40)],
+            layers_total: 2,
+            layers_reused: 1,
+            bytes_packed: 9,
+            outcome: BuildOutcome::PackagesNotFound(vec!["x".into()]),
+            revision: Some("abc".into()),
+        };
+        let mut bytes = vec![1u8];
+        bincode::serde::encode_into_std_write(&old, &mut bytes, bincode::config::standard())
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        db.builds.insert(0u64.to_be_bytes(), bytes).unwrap();
+        let read = db.builds().unwrap();
+        assert_eq!(read.len(), 1);
+        assert_eq!(
+            (
+                read[0].image.as_str(),
+                read[0].layers_reused,
+                read[0].nix_processes
+            ),
+            ("shell", 1, 0)
+        );
+        assert_eq!(read[0].revision.as_deref(), Some("abc"));
     }
 }

@@ -70,6 +70,24 @@ pub struct BuildRecord {
     /// The package source's revision this build used, once known (see
     /// [`ManifestRecord::revision`]).
     pub revision: Option<String>,
+    /// Nix processes the build ran (evaluation, realisation, closure, ...).
+    pub nix_processes: u32,
+    /// Package names handed to Nix for evaluation; 0 when every one was
+    /// known from the evaluation cache.
+    pub evaluated: u32,
+}
+
+/// What evaluating one package name at a fixed source revision gave: all
+/// an image needs from evaluation (see [`crate::build::eval_cache`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvalRecord {
+    pub drv_path: String,
+    pub out_path: String,
+    pub main_program: Option<String>,
+}
+
+impl Record for EvalRecord {
+    const VERSION: u8 = 1;
 }
 
 /// A failed build, kept apart from the build records so that a run of
@@ -144,9 +162,62 @@ impl Record for PulledRecord {
 }
 
 impl Record for BuildRecord {
-    const VERSION: u8 = 1;
+    const VERSION: u8 = 2;
+
+    fn upgrade(version: u8, bytes: &[u8]) -> Option<Self> {
+        match version {
+            1 => legacy::decode::<legacy::BuildRecordV1>(bytes).map(Into::into),
+            _ => None,
+        }
+    }
 }
 
 impl Record for ErrorRecord {
     const VERSION: u8 = 1;
+}
+
+/// Earlier shapes of records, frozen: what older versions wrote.
+pub(crate) mod legacy {
+    use super::{BuildOutcome, BuildRecord};
+    use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+    pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+        bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+            .ok()
+            .map(|(v, _)| v)
+    }
+
+    /// [`BuildRecord`] version 1: before Nix processes were counted.
+    #[derive(Serialize, Deserialize)]
+    pub struct BuildRecordV1 {
+        pub image: String,
+        pub tag: String,
+        pub started_at: u64,
+        pub phases: Vec<(String, u64)>,
+        pub layers_total: usize,
+        pub layers_reused: usize,
+        pub bytes_packed: u64,
+        pub outcome: BuildOutcome,
+        pub revision: Option<String>,
+    }
+
+    impl From<BuildRecordV1> for BuildRecord {
+        fn from(v: BuildRecordV1) -> Self {
+            BuildRecord {
+                image: v.image,
+                tag: v.tag,
+                started_at: v.started_at,
+                phases: v.phases,
+                layers_total: v.layers_total,
+                layers_reused: v.layers_reused,
+                bytes_packed: v.bytes_packed,
+                outcome: v.outcome,
+                revision: v.revision,
+                // Not counted then: every build evaluated, in 3 processes
+                // or more; 0 says "unknown".
+                nix_processes: 0,
+                evaluated: 0,
+            }
+        }
+    }
 }
