@@ -290,16 +290,60 @@ async fn page_json_and_metrics_show_builds_cache_and_errors() {
     ] {
         assert_eq!(m.get(series), Some(&want), "{series} in\n{text}");
     }
+
+    // The history: every count in its ring, per minute and per hour.
+    let history = history_json(&c, &s).await;
+    for ring in ["minutes", "hours"] {
+        let sum = |field: &str| total(&history, ring, field);
+        assert_eq!(sum("pulls"), 3, "{ring}");
+        assert_eq!(sum("builds_started"), 3, "{ring}");
+        assert_eq!(sum("builds_succeeded"), 1, "{ring}");
+        assert_eq!(sum("builds_failed"), 2, "{ring}");
+        assert_eq!((sum("cache_hits"), sum("cache_misses")), (2, 3), "{ring}");
+        assert_eq!(sum("blob_bytes"), layer_size, "{ring}");
+        let latest = history[ring]["points"].as_array().unwrap().last().unwrap();
+        assert_eq!(latest["storage_used"], cache["blob_bytes"], "{ring}");
+        assert!(latest["free_bytes"].as_u64().unwrap() > 0, "{ring}");
+    }
+    assert_eq!(history["minutes"]["points"].as_array().unwrap().len(), 1440);
+    assert_eq!(history["hours"]["points"].as_array().unwrap().len(), 720);
     s.stop().await;
 
-    // Builds, errors, pulls and the hit rate survive a restart.
+    // Builds, errors, pulls, the hit rate and the history survive a restart.
     let s = TestServer::start(&config(dir.path(), &[])).await;
+    let again_history = history_json(&c, &s).await;
+    for ring in ["minutes", "hours"] {
+        for field in ["pulls", "builds_started", "builds_failed", "blob_bytes"] {
+            assert_eq!(
+                total(&again_history, ring, field),
+                total(&history, ring, field),
+                "{ring} {field}"
+            );
+        }
+    }
     let again = status_json(&c, &s).await;
     assert_eq!(again["builds"], st["builds"]);
     assert_eq!(again["errors"], st["errors"]);
     assert_eq!(again["cache"]["most_pulled"], st["cache"]["most_pulled"]);
     assert_eq!(again["cache"]["hit_rate"], st["cache"]["hit_rate"]);
     s.stop().await;
+}
+
+async fn history_json(c: &Client, s: &TestServer) -> Value {
+    let r = get(c, s, "/api/history").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    serde_json::from_slice(&r.bytes().await.unwrap()).unwrap()
+}
+
+/// A count summed over a ring's points.
+fn total(history: &Value, ring: &str, field: &str) -> u64 {
+    history[ring]["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[field].as_u64().unwrap())
+        .sum()
 }
 
 /// Polls `/api/status` until `pred` holds.

@@ -8,7 +8,8 @@
 use super::format;
 use crate::build::builder::Builder;
 use crate::error::ApiError;
-use crate::http::report::Report;
+use crate::http::report::{Report, ReportError};
+use crate::observe::history::History;
 use askama::Template;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -108,6 +109,24 @@ pub async fn status(State(builder): State<Arc<Builder>>) -> Response {
     match serde_json::to_vec(&report) {
         Ok(body) => with_type(body.into_response(), "application/json"),
         Err(_) => ApiError::internal("encoding the status").into_response(),
+    }
+}
+
+/// `GET /api/history`: the history rings, every slot.
+pub async fn history(State(builder): State<Arc<Builder>>) -> Response {
+    let read = tokio::task::spawn_blocking(move || {
+        crate::http::report::flush_counts(&builder);
+        let view = History::read(builder.db(), crate::clock::now_unix())?;
+        serde_json::to_vec(&view).map_err(|_| ReportError::Encode)
+    })
+    .await;
+    match read {
+        Ok(Ok(body)) => with_type(body.into_response(), "application/json"),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "could not read the history");
+            ApiError::internal("reading the history").into_response()
+        }
+        Err(_) => ApiError::internal("reading the history").into_response(),
     }
 }
 

@@ -4,7 +4,7 @@
 
 use crate::build::builder::Builder;
 use crate::observe::status::{InFlight, Instance, StaleServe};
-use crate::store::db::{BuildOutcome, BuildRecord, DbError, ErrorRecord};
+use crate::store::db::{BuildOutcome, BuildRecord, DbError, ErrorRecord, Levels};
 use crate::store::fs::BlobError;
 use serde::Serialize;
 
@@ -17,6 +17,8 @@ pub enum ReportError {
     Db(#[from] DbError),
     #[error(transparent)]
     Blobs(#[from] BlobError),
+    #[error("the report could not be encoded as JSON")]
+    Encode,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -160,25 +162,55 @@ fn top(counts: Vec<(String, u64)>) -> Vec<Count> {
         .collect()
 }
 
+/// The figures that are levels, not counts: storage used against the
+/// limits, free disk and the queue. Blocking (it may wait for the blob
+/// store's first count).
+pub fn levels(builder: &Builder) -> Levels {
+    let (_, storage_used) = builder.blobs().stats();
+    let path = std::path::Path::new(&builder.status().instance().storage_path);
+    let free_bytes = match crate::store::disk::free_bytes(path) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read free disk space");
+            None
+        }
+    };
+    let policy = builder.collector().policy();
+    Levels {
+        storage_used,
+        max_storage: policy.max_storage,
+        free_bytes,
+        min_free_space: policy.min_free_space,
+        queued_builds: builder.queue_depth().0 as u64,
+    }
+}
+
+/// Writes the counts kept in memory (totals and history) to the database,
+/// with a sample of the levels. Blocking.
+pub fn flush_counts(builder: &Builder) {
+    let status = builder.status();
+    status.flush_counts();
+    let levels = levels(builder);
+    if let Err(e) = status
+        .history()
+        .flush(builder.db(), levels, crate::clock::now_unix())
+    {
+        tracing::warn!(error = %e, "could not record the history");
+    }
+}
+
 impl Report {
     /// Reads the database and walks the blob store: call off the async
     /// runtime.
     pub fn collect(builder: &Builder) -> Result<Report, ReportError> {
         let status = builder.status();
         // Counts still in memory first, so the page is up to date.
-        status.flush_counts();
+        flush_counts(builder);
         let db = builder.db();
         let (manifests, layers) = db.counts();
         let (blobs, blob_bytes) = builder.blobs().stats();
         let instance = status.instance().clone();
-        let free_bytes =
-            match crate::store::disk::free_bytes(std::path::Path::new(&instance.storage_path)) {
-                Ok(n) => Some(n),
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not read free disk space");
-                    None
-                }
-            };
+        let free_bytes = levels(builder).free_bytes;
         let redact = Redact::from_env();
         let (hits, misses) = db.lookups()?;
         let lookups = hits + misses;

@@ -20,6 +20,9 @@
 //!   platform's manifest of an image imported with several; `pinned`
 //!   names the first)
 //!
+//! - `history`: ring and slot (`m` or `h`, u16 big-endian) ->
+//!   [`HistoryRecord`] (fixed-size rings; see [`crate::observe::history`])
+//!
 //! - `meta`: `schema` -> the layout version (u32, big-endian); see
 //!   [`migrate`]
 //!
@@ -38,8 +41,8 @@ mod recover;
 pub use async_db::AsyncDb;
 pub use migrate::SCHEMA_VERSION;
 pub use records::{
-    BuildOutcome, BuildRecord, ErrorRecord, ImportedRecord, LayerRecord, ManifestRecord,
-    PullRecord, PulledRecord, Record, TagRecord,
+    BuildOutcome, BuildRecord, ErrorRecord, HistoryRecord, ImportedRecord, LayerRecord, Levels,
+    ManifestRecord, PullRecord, PulledRecord, Record, TagRecord,
 };
 
 use crate::digest::Digest;
@@ -142,6 +145,7 @@ pub struct Db {
     pinned: sled::Tree,
     built_tags: sled::Tree,
     pinned_platforms: sled::Tree,
+    history: sled::Tree,
     /// Trees whose undecodable records were already logged.
     logged_undecodable: Arc<Mutex<HashSet<&'static str>>>,
     /// Whether this open created the database (it held nothing).
@@ -236,6 +240,7 @@ impl Db {
             pinned: db.open_tree("pinned")?,
             built_tags: db.open_tree("built_tags")?,
             pinned_platforms: db.open_tree("pinned_platforms")?,
+            history: db.open_tree("history")?,
             logged_undecodable: Arc::default(),
             created,
             db,
@@ -657,6 +662,34 @@ impl Db {
             }
         }
         Ok(out)
+    }
+
+    /// The history slots under these keys, as stored (absent or
+    /// undecodable: `None`).
+    pub fn history_slots(&self, keys: &[[u8; 3]]) -> Result<Vec<Option<HistoryRecord>>, DbError> {
+        keys.iter()
+            .map(|k| {
+                Ok(self
+                    .history
+                    .get(k)?
+                    .and_then(|v| self.decode("history", &v)))
+            })
+            .collect()
+    }
+
+    /// Writes history slots in one batch.
+    pub fn put_history_slots(&self, slots: &[([u8; 3], HistoryRecord)]) -> Result<(), DbError> {
+        let mut batch = sled::Batch::default();
+        for (key, record) in slots {
+            batch.insert(&key[..], encode(record)?);
+        }
+        self.history.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Slots stored in the history rings.
+    pub fn history_len(&self) -> usize {
+        self.history.len()
     }
 
     pub fn counts(&self) -> (usize, usize) {
