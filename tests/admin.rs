@@ -305,6 +305,30 @@ async fn page_json_and_metrics_show_builds_cache_and_errors() {
         assert_eq!(latest["storage_used"], cache["blob_bytes"], "{ring}");
         assert!(latest["free_bytes"].as_u64().unwrap() > 0, "{ring}");
     }
+    // The plots, as text in the JSON: pulls and builds have a value for
+    // every point, so each names its latest.
+    let plots = st["plots"].as_array().unwrap();
+    let ids: Vec<&str> = plots.iter().map(|p| p["id"].as_str().unwrap()).collect();
+    assert_eq!(
+        ids,
+        [
+            "pulls-day",
+            "pulls-month",
+            "builds-day",
+            "builds-month",
+            "hit-rate",
+            "build-duration",
+            "storage",
+            "free-disk"
+        ]
+    );
+    for plot in &plots[..4] {
+        for line in plot["lines"].as_array().unwrap() {
+            assert!(line["points"].as_u64().unwrap() > 0, "{plot}");
+            assert!(line["latest"].is_string(), "{plot}");
+        }
+    }
+    assert!(plots[4]["lines"][0]["latest"].is_string(), "hit rate");
     assert_eq!(history["minutes"]["points"].as_array().unwrap().len(), 1440);
     assert_eq!(history["hours"]["points"].as_array().unwrap().len(), 720);
     s.stop().await;

@@ -29,6 +29,10 @@ struct AdminPage {
     refresh_seconds: u32,
     hit_rate: String,
     latest_revision: Option<String>,
+    /// The plots' drawing size (see `http::plot`).
+    plot_width: f64,
+    plot_height: f64,
+    plot_left: f64,
 }
 
 /// Askama hands template expressions to methods by reference.
@@ -89,6 +93,9 @@ pub async fn page(State(builder): State<Arc<Builder>>, headers: HeaderMap) -> Re
         },
         hit_rate,
         latest_revision,
+        plot_width: crate::http::plot::WIDTH,
+        plot_height: crate::http::plot::HEIGHT,
+        plot_left: crate::http::plot::LEFT,
         report,
     };
     match page.render() {

@@ -8,6 +8,8 @@ pub mod conn;
 pub mod file_body;
 pub mod format;
 pub mod observe;
+pub mod plot;
 pub mod range;
 pub mod registry;
 pub mod report;
+pub mod trends;

@@ -34,6 +34,9 @@ pub struct Report {
     pub stale: Vec<StaleServe>,
     pub cache: CacheView,
     pub limits: LimitsView,
+    /// The page's plots, as text: each line's latest value, min and max,
+    /// and projections (`/api/history` has every point).
+    pub plots: Vec<crate::http::plot::Plot>,
 }
 
 /// The storage quota, the build queue, and what the last garbage
@@ -215,6 +218,7 @@ impl Report {
         let (hits, misses) = db.lookups()?;
         let lookups = hits + misses;
         Ok(Report {
+            plots: crate::http::trends::plots(db, crate::clock::now_unix())?,
             in_flight: status.in_flight(),
             builds: db
                 .builds()?
