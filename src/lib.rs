@@ -115,6 +115,8 @@ pub fn router(builder: Arc<Builder>, auth: Option<Arc<http::auth::Auth>>) -> Rou
         .route("/", get(http::admin::page))
         .route("/api/status", get(http::admin::status))
         .route("/api/history", get(http::admin::history))
+        .route("/images/{*name}", get(http::admin::image_page))
+        .route("/api/images/{*name}", get(http::admin::image_json))
         .route("/metrics", get(http::admin::metrics))
         .route("/v2", any(http::registry::base))
         .route("/v2/", any(http::registry::base))

@@ -4,7 +4,7 @@
 mod common;
 
 use common::browser::Browser;
-use common::{artifacts_dir, config, TestServer};
+use common::{artifacts_dir, config, get_manifest, get_manifest_as, TestServer, OCI_MANIFEST_TYPE};
 use reqwest::{Client, StatusCode};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -350,6 +350,143 @@ async fn page_json_and_metrics_show_builds_cache_and_errors() {
     assert_eq!(again["errors"], st["errors"]);
     assert_eq!(again["cache"]["most_pulled"], st["cache"]["most_pulled"]);
     assert_eq!(again["cache"]["hit_rate"], st["cache"]["hit_rate"]);
+    s.stop().await;
+}
+
+/// An image's page and its JSON: both digests, packages with versions,
+/// layers shared with another image, builds and pulls; a failed build has
+/// a page with its error; names, queries and Nix output stay text.
+#[tokio::test]
+async fn image_pages_show_digests_packages_layers_and_markup_as_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(&config(dir.path(), &[])).await;
+    let c = Client::new();
+    let (docker, manifest) = get_manifest(&c, &s, "hello", "latest").await;
+    let (oci, _) = get_manifest_as(
+        &c,
+        &s,
+        "hello",
+        "latest",
+        OCI_MANIFEST_TYPE,
+        OCI_MANIFEST_TYPE,
+    )
+    .await;
+    get_manifest(&c, &s, "shell/hello", "latest").await;
+    assert_eq!(
+        get(&c, &s, "/v2/script-error/manifests/latest")
+            .await
+            .status(),
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+
+    let r = get(&c, &s, "/api/images/hello").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let image: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(image["name"], "hello");
+    assert_eq!(image["tags"][0]["tag"], "latest");
+    let platform = &image["tags"][0]["platforms"][0];
+    assert_eq!(platform["docker_digest"], docker.to_string());
+    assert_eq!(platform["oci_digest"], oci.to_string());
+    let packages = platform["packages"].as_array().unwrap();
+    assert!(
+        packages
+            .iter()
+            .any(|p| p["name"] == "hello" && p["version"] == "2.10"),
+        "{packages:?}"
+    );
+    let layers = platform["layers"].as_array().unwrap();
+    let sizes: Vec<u64> = layers.iter().map(|l| l["size"].as_u64().unwrap()).collect();
+    let want: Vec<u64> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["size"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sizes, want);
+    // shell/hello has hello's store paths too, so some layer is shared;
+    // the symlink layer on top is this image's own.
+    assert!(layers.iter().any(|l| l["shared_with"] == 1), "{layers:?}");
+    assert_eq!(layers.last().unwrap()["shared_with"], 0);
+    assert_eq!(image["builds"].as_array().unwrap().len(), 1);
+    assert_eq!(image["builds"][0]["result"], "success");
+    assert_eq!(image["pulls"], 2);
+    assert!(image["last_pulled"].as_u64().unwrap() > 0);
+    assert_eq!(
+        image["pulls_by_day"].as_array().unwrap().last().unwrap()["pulls"],
+        2
+    );
+    assert_eq!(image["eviction"]["state"], "no_limit");
+
+    let html = named_entities(&get(&c, &s, "/images/hello").await.text().await.unwrap());
+    for want in [
+        docker.to_string(),
+        oci.to_string(),
+        "<code>hello</code></td><td>2.10</td>".to_owned(),
+        "no storage limit is set".to_owned(),
+    ] {
+        assert!(html.contains(&want), "image page shows {want}: {html}");
+    }
+
+    // A failed build's page: its error as text.
+    let r = get(&c, &s, "/images/script-error").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let html = r.text().await.unwrap();
+    assert!(!html.contains("<script"), "{html}");
+    assert!(
+        named_entities(&html).contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "{html}"
+    );
+
+    // A name with markup: not an image, and shown as text.
+    let r = get(&c, &s, "/images/%3Cscript%3Ealert(3)%3C/script%3E").await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let html = r.text().await.unwrap();
+    assert!(!html.contains("<script"), "{html}");
+    assert!(
+        named_entities(&html).contains("&lt;script&gt;alert(3)&lt;/script&gt;"),
+        "{html}"
+    );
+    let r = get(&c, &s, "/api/images/nosuchimage").await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let body: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(body["errors"][0]["code"], "NAME_UNKNOWN");
+
+    // The list on `/`: searched with a plain GET, the query shown as text.
+    let st: Value = serde_json::from_slice(
+        &get(&c, &s, "/api/status?q=hello")
+            .await
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let names: Vec<&str> = st["images"]["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["hello", "shell/hello"]);
+    assert_eq!(
+        (
+            st["images"]["total"].as_u64(),
+            st["images"]["pages"].as_u64()
+        ),
+        (Some(2), Some(1))
+    );
+    let html = get(&c, &s, "/?q=shell").await.text().await.unwrap();
+    assert!(html.contains("href=\"/images/shell/hello\""), "{html}");
+    assert!(!html.contains("href=\"/images/hello\""), "{html}");
+    let html = get(&c, &s, "/?q=%22%3E%3Cscript%3Ealert(4)")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(!html.contains("<script"), "{html}");
+    assert!(
+        named_entities(&html).contains("value=\"&quot;&gt;&lt;script&gt;alert(4)\""),
+        "{html}"
+    );
     s.stop().await;
 }
 

@@ -8,10 +8,13 @@
 use super::format;
 use crate::build::builder::Builder;
 use crate::error::ApiError;
-use crate::http::report::{Report, ReportError};
+use crate::error::ErrorCode;
+use crate::http::image_report::ImageReport;
+use crate::http::report::{ImageQuery, Report, ReportError};
 use crate::observe::history::History;
 use askama::Template;
-use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use std::sync::Arc;
@@ -29,10 +32,6 @@ struct AdminPage {
     refresh_seconds: u32,
     hit_rate: String,
     latest_revision: Option<String>,
-    /// The plots' drawing size (see `http::plot`).
-    plot_width: f64,
-    plot_height: f64,
-    plot_left: f64,
 }
 
 /// Askama hands template expressions to methods by reference.
@@ -50,8 +49,8 @@ impl AdminPage {
     }
 }
 
-async fn collect(builder: Arc<Builder>) -> Result<Report, ApiError> {
-    tokio::task::spawn_blocking(move || Report::collect(&builder))
+async fn collect(builder: Arc<Builder>, query: ImageQuery) -> Result<Report, ApiError> {
+    tokio::task::spawn_blocking(move || Report::collect(&builder, &query))
         .await
         .map_err(|_| ApiError::internal("gathering the status"))?
         .map_err(|e| {
@@ -68,9 +67,18 @@ fn with_type(mut r: Response, content_type: &'static str) -> Response {
     r
 }
 
+/// A query string that does not parse shows the first page of all images.
+fn query_or_default(query: Result<Query<ImageQuery>, QueryRejection>) -> ImageQuery {
+    query.map(|Query(q)| q).unwrap_or_default()
+}
+
 /// `GET /`.
-pub async fn page(State(builder): State<Arc<Builder>>, headers: HeaderMap) -> Response {
-    let report = match collect(builder).await {
+pub async fn page(
+    State(builder): State<Arc<Builder>>,
+    query: Result<Query<ImageQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> Response {
+    let report = match collect(builder, query_or_default(query)).await {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
@@ -93,12 +101,13 @@ pub async fn page(State(builder): State<Arc<Builder>>, headers: HeaderMap) -> Re
         },
         hit_rate,
         latest_revision,
-        plot_width: crate::http::plot::WIDTH,
-        plot_height: crate::http::plot::HEIGHT,
-        plot_left: crate::http::plot::LEFT,
         report,
     };
-    match page.render() {
+    html(page.render())
+}
+
+fn html(rendered: askama::Result<String>) -> Response {
+    match rendered {
         Ok(html) => with_type(html.into_response(), "text/html; charset=utf-8"),
         Err(e) => {
             tracing::error!(error = %e, "could not render the admin page");
@@ -107,9 +116,88 @@ pub async fn page(State(builder): State<Arc<Builder>>, headers: HeaderMap) -> Re
     }
 }
 
+#[derive(Template)]
+#[template(path = "image.html")]
+struct ImagePage {
+    name: String,
+    /// `None`: no such image.
+    report: Option<ImageReport>,
+}
+
+impl ImagePage {
+    fn bytes(&self, n: &u64) -> String {
+        format::bytes(*n)
+    }
+
+    fn millis(&self, ms: &u64) -> String {
+        format::millis(*ms)
+    }
+
+    fn utc(&self, unix: &u64) -> String {
+        format::utc(*unix)
+    }
+}
+
+/// The report on one image; `None` when the name is not valid or not
+/// known.
+async fn image_report(builder: Arc<Builder>, name: &str) -> Result<Option<ImageReport>, ApiError> {
+    let failed = |e: ReportError| {
+        tracing::error!(error = %e, "could not gather an image's report");
+        ApiError::internal("gathering the image's report")
+    };
+    if crate::build::image::validate_name(name).is_err() {
+        return Ok(None);
+    }
+    let found = crate::http::image_report::find(&builder, name)
+        .await
+        .map_err(failed)?;
+    let name = name.to_owned();
+    crate::blocking::blocking(move || ImageReport::collect(&builder, &name, found))
+        .await
+        .map_err(failed)
+}
+
+/// `GET /images/<name>`.
+pub async fn image_page(State(builder): State<Arc<Builder>>, Path(name): Path<String>) -> Response {
+    let report = match image_report(builder, &name).await {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let status = if report.is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::NOT_FOUND
+    };
+    let mut response = html(ImagePage { name, report }.render());
+    if response.status() == StatusCode::OK {
+        *response.status_mut() = status;
+    }
+    response
+}
+
+/// `GET /api/images/<name>`: the image's page as JSON.
+pub async fn image_json(State(builder): State<Arc<Builder>>, Path(name): Path<String>) -> Response {
+    match image_report(builder, &name).await {
+        Ok(Some(report)) => match serde_json::to_vec(&report) {
+            Ok(body) => with_type(body.into_response(), "application/json"),
+            Err(_) => ApiError::internal("encoding the image's report").into_response(),
+        },
+        Ok(None) => ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NameUnknown,
+            "no image of this name is stored",
+        )
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
 /// `GET /api/status`: what the page shows, as JSON.
-pub async fn status(State(builder): State<Arc<Builder>>) -> Response {
-    let report = match collect(builder).await {
+pub async fn status(
+    State(builder): State<Arc<Builder>>,
+    query: Result<Query<ImageQuery>, QueryRejection>,
+) -> Response {
+    let report = match collect(builder, query_or_default(query)).await {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod conn;
 pub mod file_body;
 pub mod format;
+pub mod image_report;
 pub mod observe;
 pub mod plot;
 pub mod range;

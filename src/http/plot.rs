@@ -150,7 +150,9 @@ pub fn plot(
             }
             nice_ceiling(top / scale) * scale
         }
-        _ => nice_ceiling(top),
+        // At least 2, so the middle gridline is a whole count.
+        Unit::Count => nice_ceiling(top).max(2.0),
+        Unit::Millis => nice_ceiling(top),
     };
     let (plot_w, plot_h) = (WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM);
     let x = |i: usize| LEFT + plot_w * i as f64 / (n - 1) as f64;

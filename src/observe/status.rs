@@ -357,6 +357,10 @@ impl Status {
         {
             tracing::warn!(error = %e, "could not record manifest request counts");
         }
+        let now = now_unix();
+        if let Err(e) = self.db.add_image_pulls(&pending.pulls, now - now % 86_400) {
+            tracing::warn!(error = %e, "could not record pulls per day");
+        }
     }
 }
 

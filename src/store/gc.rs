@@ -259,15 +259,10 @@ fn choose_evictions(
         .filter(|(d, _)| !refs.contains_key(d))
         .map(|(_, n)| n)
         .sum();
-    let mut order: Vec<usize> = (0..images.len()).collect();
-    order.sort_by_key(|&i| (images[i].last_used, images[i].manifest));
     let mut evict = Vec::new();
-    for i in order {
+    for i in eviction_order(images) {
         if freeable >= needed || images[i].last_used > protect_from {
             break;
-        }
-        if images[i].pinned {
-            continue;
         }
         for b in &images[i].blobs {
             if let Some(n) = refs.get_mut(b) {
@@ -280,6 +275,25 @@ fn choose_evictions(
         evict.push(i);
     }
     evict
+}
+
+/// The images a collection may evict (indexes into `images`), in the
+/// order it would: least recently used first; imported ones never.
+pub(crate) fn eviction_order(images: &[Image]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..images.len()).filter(|&i| !images[i].pinned).collect();
+    order.sort_by_key(|&i| (images[i].last_used, images[i].manifest));
+    order
+}
+
+/// Every image the database keeps, as a collection sees it: one per
+/// manifest, with when it was last used and the blobs it names. Reads
+/// each manifest: blocking.
+pub(crate) fn stored_images(
+    db: &Db,
+    blobs: &BlobStore,
+    pulls: &HashMap<Digest, PullRecord>,
+) -> Result<Vec<Image>, DbError> {
+    Ok(images(&Records::read(db)?, pulls, blobs))
 }
 
 /// Runs one collection. Blocking: call it off the async workers. In a dry
@@ -313,8 +327,7 @@ pub fn collect(
     let needed = over_quota.max(short_of_free);
 
     let protect_from = at.saturating_sub(policy.keep_pulled_within.as_secs());
-    let all_pulls = pulls.all(db)?;
-    let kept = images(&Records::read(db)?, &all_pulls, blobs);
+    let kept = stored_images(db, blobs, &pulls.all(db)?)?;
     let (chosen, evicted) = evictions(&kept, &sizes, needed, protect_from);
 
     if dry_run {

@@ -191,3 +191,29 @@ pub struct Levels {
 impl Record for HistoryRecord {
     const VERSION: u8 = 1;
 }
+
+/// Pulls of one image name per day (UTC), the last [`ImagePullsRecord::DAYS`]
+/// days with any, oldest first: what its page plots.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImagePullsRecord {
+    /// Unix seconds a day starts at, and the pulls that day.
+    pub days: Vec<(u64, u64)>,
+}
+
+impl ImagePullsRecord {
+    pub const DAYS: usize = 30;
+
+    /// Adds `n` pulls on the day starting at `day`.
+    pub fn add(&mut self, day: u64, n: u64) {
+        match self.days.last_mut() {
+            Some((d, count)) if *d == day => *count += n,
+            _ => self.days.push((day, n)),
+        }
+        let extra = self.days.len().saturating_sub(Self::DAYS);
+        self.days.drain(..extra);
+    }
+}
+
+impl Record for ImagePullsRecord {
+    const VERSION: u8 = 1;
+}
