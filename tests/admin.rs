@@ -523,6 +523,16 @@ async fn wait_for(c: &Client, s: &TestServer, what: &str, pred: impl Fn(&Value) 
     }
 }
 
+/// Each plot on the page: its id, the points each line draws (counted
+/// from the SVG path itself), its width as laid out, and its text.
+const PLOTS_JS: &str = r#"Array.from(document.querySelectorAll('figure.plot')).map(f => ({
+    id: f.id,
+    points: Array.from(f.querySelectorAll('svg path.line'))
+        .map(p => (p.getAttribute('d').match(/[ML]/g) || []).length),
+    width: f.querySelector('svg').getBoundingClientRect().width,
+    text: f.querySelector('ul.plot-text').innerText,
+}))"#;
+
 /// Runs browser steps off the async runtime, which keeps serving.
 async fn in_browser<T: Send + 'static>(
     browser: Browser,
@@ -633,6 +643,73 @@ async fn a_browser_shows_a_live_build_and_then_its_figures() {
         "{row}"
     );
     assert!(cache.contains("sleepy"), "most pulled: {cache}");
+
+    // Every plot is drawn with data points, and its text names the latest
+    // value the JSON has (checked where the JSON did not change while the
+    // page loaded: free disk moves with everyone's writes).
+    let before = status_json(&c, &s).await;
+    let url = base.clone();
+    let (b, drawn) = in_browser(browser, move |b| {
+        b.navigate(&url);
+        b.eval(PLOTS_JS)
+    })
+    .await;
+    browser = b;
+    let after = status_json(&c, &s).await;
+    let drawn = drawn.as_array().unwrap();
+    assert_eq!(drawn.len(), 8, "{drawn:?}");
+    for (i, plot) in drawn.iter().enumerate() {
+        let id = plot["id"].as_str().unwrap();
+        let points: Vec<u64> = plot["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_u64().unwrap())
+            .collect();
+        assert!(points.iter().any(|&n| n > 0), "{id}: no data points");
+        assert!(plot["width"].as_f64().unwrap() > 200.0, "{id} is laid out");
+        let text = plot["text"].as_str().unwrap();
+        for (l, line) in before["plots"][i]["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+        {
+            let latest = &line["latest"];
+            if latest.is_string() && *latest == after["plots"][i]["lines"][l]["latest"] {
+                let want = format!(
+                    "{}: latest {}",
+                    line["label"].as_str().unwrap(),
+                    latest.as_str().unwrap()
+                );
+                assert!(text.contains(&want), "{id}: {want} in {text}");
+            }
+        }
+    }
+
+    // The image's page, reached from the list on `/`.
+    let (b, (href, image_text)) = in_browser(browser, move |b| {
+        let href = b.eval("document.querySelector('#images a[href=\"/images/sleepy\"]').href");
+        b.navigate(href.as_str().unwrap());
+        let text = b.text("body");
+        b.screenshot(&artifacts_dir().join("admin-image.png"));
+        (href, text)
+    })
+    .await;
+    browser = b;
+    assert!(href.as_str().unwrap().ends_with("/images/sleepy"), "{href}");
+    for want in [
+        "sleepy:latest",
+        manifest["layers"][0]["digest"].as_str().unwrap(),
+        "Pulls per day, last 30 days",
+        "pulls: latest 1",
+        "success",
+    ] {
+        assert!(
+            image_text.contains(want),
+            "image page shows {want}: {image_text}"
+        );
+    }
 
     let errors = browser.console_errors();
     assert_eq!(
