@@ -1,10 +1,14 @@
-//! The admin page, `/api/status` and `/metrics` against a real server and
-//! real Nix builds of the fixture set, and the page in headless Chromium.
+//! The admin page, image pages, `/api/status`, `/api/history` and
+//! `/metrics` against a real server and real Nix builds of the fixture
+//! set, and the pages in headless Chromium.
 
 mod common;
 
 use common::browser::Browser;
-use common::{artifacts_dir, config, get_manifest, get_manifest_as, TestServer, OCI_MANIFEST_TYPE};
+use common::{
+    artifacts_dir, config, fresh_server, get_manifest, get_manifest_as, TestServer,
+    OCI_MANIFEST_TYPE,
+};
 use reqwest::{Client, StatusCode};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -358,8 +362,7 @@ async fn page_json_and_metrics_show_builds_cache_and_errors() {
 /// a page with its error; names, queries and Nix output stay text.
 #[tokio::test]
 async fn image_pages_show_digests_packages_layers_and_markup_as_text() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = TestServer::start(&config(dir.path(), &[])).await;
+    let (_dir, s) = fresh_server(&[]).await;
     let c = Client::new();
     let (docker, manifest) = get_manifest(&c, &s, "hello", "latest").await;
     let (oci, _) = get_manifest_as(

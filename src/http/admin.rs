@@ -34,8 +34,9 @@ struct AdminPage {
     latest_revision: Option<String>,
 }
 
-/// Askama hands template expressions to methods by reference.
-impl AdminPage {
+/// The figures the pages' templates format, as methods since askama
+/// hands template expressions to them by reference.
+trait Figures {
     fn bytes(&self, n: &u64) -> String {
         format::bytes(*n)
     }
@@ -48,6 +49,8 @@ impl AdminPage {
         format::utc(*unix)
     }
 }
+
+impl Figures for AdminPage {}
 
 async fn collect(builder: Arc<Builder>, query: ImageQuery) -> Result<Report, ApiError> {
     tokio::task::spawn_blocking(move || Report::collect(&builder, &query))
@@ -124,19 +127,7 @@ struct ImagePage {
     report: Option<ImageReport>,
 }
 
-impl ImagePage {
-    fn bytes(&self, n: &u64) -> String {
-        format::bytes(*n)
-    }
-
-    fn millis(&self, ms: &u64) -> String {
-        format::millis(*ms)
-    }
-
-    fn utc(&self, unix: &u64) -> String {
-        format::utc(*unix)
-    }
-}
+impl Figures for ImagePage {}
 
 /// The report on one image; `None` when the name is not valid or not
 /// known.
