@@ -306,12 +306,15 @@ ADMIN_RUNS = 20
 
 
 def admin_page_figures(server):
-    """The admin page with the seeded images: the first page, a search
-    and a page deep in the list; render time as the client sees it."""
+    """The admin page with the seeded images: the first page, a search,
+    a page deep in the list and one image's page; render time as the
+    client sees it."""
     for label, path in [
         ("/", "/"),
         ("search", "/?q=seeded/99"),
         ("page 150 of the image list", "/?page=150"),
+        # Reads every stored manifest, for layer sharing and eviction rank.
+        ("of one image", "/images/seeded/5000"),
     ]:
         median, slowest, size = timed_get(server, path, ADMIN_RUNS)
         say(
