@@ -771,6 +771,16 @@ impl Db {
         self.history.len()
     }
 
+    /// Bytes of the history rings' keys and records.
+    pub fn history_bytes(&self) -> Result<u64, DbError> {
+        let mut total = 0;
+        for kv in self.history.iter() {
+            let (k, v) = kv?;
+            total += (k.len() + v.len()) as u64;
+        }
+        Ok(total)
+    }
+
     pub fn counts(&self) -> (usize, usize) {
         (self.manifest_digests.len(), self.layers.len())
     }
