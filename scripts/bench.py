@@ -310,11 +310,13 @@ def admin_page_figures(server):
     a page deep in the list and one image's page; render time as the
     client sees it."""
     for label, path in [
-        ("/", "/"),
+        # While the start-up check of stored manifests still reads them.
+        ("/ right after start-up", "/"),
         ("search", "/?q=seeded/99"),
         ("page 150 of the image list", "/?page=150"),
         # Reads every stored manifest, for layer sharing and eviction rank.
         ("of one image", "/images/seeded/5000"),
+        ("/", "/"),
     ]:
         median, slowest, size = timed_get(server, path, ADMIN_RUNS)
         say(
