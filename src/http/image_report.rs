@@ -325,7 +325,7 @@ impl ImageReport {
         }
         builder.status().flush_counts();
         let pulled = builder.collector().pulls().all(db)?;
-        let images = gc::stored_images(db, builder.blobs(), &pulled)?;
+        let images = builder.collector().stored_images()?;
         // Images per blob, each image once.
         let mut shared: HashMap<Digest, usize> = HashMap::new();
         for image in &images {
