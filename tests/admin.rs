@@ -449,10 +449,16 @@ async fn image_pages_show_digests_packages_layers_and_markup_as_text() {
         named_entities(&html).contains("&lt;script&gt;alert(3)&lt;/script&gt;"),
         "{html}"
     );
-    let r = get(&c, &s, "/api/images/nosuchimage").await;
-    assert_eq!(r.status(), StatusCode::NOT_FOUND);
-    let body: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
-    assert_eq!(body["errors"][0]["code"], "NAME_UNKNOWN");
+    for path in ["/api/images/nosuchimage", "/api/images/%FF"] {
+        let r = get(&c, &s, path).await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{path}");
+        let body: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        assert_eq!(body["errors"][0]["code"], "NAME_UNKNOWN", "{path}");
+    }
+    assert_eq!(
+        get(&c, &s, "/images/%FF").await.status(),
+        StatusCode::NOT_FOUND
+    );
 
     // The list on `/`: searched with a plain GET, the query shown as text.
     let st: Value = serde_json::from_slice(

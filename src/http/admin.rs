@@ -13,7 +13,7 @@ use crate::http::image_report::ImageReport;
 use crate::http::report::{ImageQuery, Report, ReportError};
 use crate::observe::history::History;
 use askama::Template;
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -148,8 +148,18 @@ async fn image_report(builder: Arc<Builder>, name: &str) -> Result<Option<ImageR
         .map_err(failed)
 }
 
+/// The name in an image page's path; one that is not UTF-8 is no image's
+/// (empty, so it is answered like any unknown name).
+fn path_name(name: Result<Path<String>, PathRejection>) -> String {
+    name.map(|Path(n)| n).unwrap_or_default()
+}
+
 /// `GET /images/<name>`.
-pub async fn image_page(State(builder): State<Arc<Builder>>, Path(name): Path<String>) -> Response {
+pub async fn image_page(
+    State(builder): State<Arc<Builder>>,
+    name: Result<Path<String>, PathRejection>,
+) -> Response {
+    let name = path_name(name);
     let report = match image_report(builder, &name).await {
         Ok(r) => r,
         Err(e) => return e.into_response(),
@@ -167,7 +177,11 @@ pub async fn image_page(State(builder): State<Arc<Builder>>, Path(name): Path<St
 }
 
 /// `GET /api/images/<name>`: the image's page as JSON.
-pub async fn image_json(State(builder): State<Arc<Builder>>, Path(name): Path<String>) -> Response {
+pub async fn image_json(
+    State(builder): State<Arc<Builder>>,
+    name: Result<Path<String>, PathRejection>,
+) -> Response {
+    let name = path_name(name);
     match image_report(builder, &name).await {
         Ok(Some(report)) => match serde_json::to_vec(&report) {
             Ok(body) => with_type(body.into_response(), "application/json"),
