@@ -3,12 +3,13 @@
 //!
 //!     cargo run --release --example seed_cache -- STORAGE_PATH 10000
 //!
-//! Each image gets a manifest of 20 layers and a config in the blob store
-//! and a cache record in the database, as a build would leave them. The
+//! Each image gets a manifest of 20 layers and a config in the blob store,
+//! and a cache record and its name's tag record in the database, as a
+//! build would leave them. The
 //! layer digests are made up: these images can be looked up, not pulled.
 
 use nixery::digest::Digest;
-use nixery::store::db::{Db, ManifestRecord};
+use nixery::store::db::{Db, ManifestRecord, TagRecord, TagTree};
 use nixery::store::fs::BlobStore;
 use std::path::PathBuf;
 
@@ -60,7 +61,9 @@ fn main() -> anyhow::Result<()> {
             &Digest::of(format!("seeded image {i}").as_bytes()).hex(),
             &record,
         )?;
-        db.add_tag(&format!("seeded/{i}"), "latest")?;
+        // What a build records for the name it was pulled by.
+        let built = TagRecord { digest, at: 0 };
+        db.put_tag_record(TagTree::Built, &format!("seeded/{i}"), "latest", &built)?;
     }
     tokio::runtime::Runtime::new()?.block_on(db.flush())?;
     println!("seeded {count} images into {}", storage.display());

@@ -35,7 +35,8 @@ DOWNLOADS = 8
 # BENCH_ONLY=eval,serve,docker runs only those parts: `eval` (the
 # evaluation cache on the costly package set), `serve` (packing, start-up,
 # idle RSS, downloads beside nginx, request rates), `docker` (docker pull
-# beside distribution). All by default.
+# beside distribution). All by default. `bench.py admin` runs only the
+# admin page's figures.
 ONLY = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
 
 
@@ -476,12 +477,66 @@ def download(url, results):
     results.append(got)
 
 
+def timed_get(server, path, runs):
+    """Median and slowest time of `runs` GETs of `path`, and its size."""
+    times = []
+    for _ in range(runs):
+        start = time.monotonic()
+        body = server.get(path)
+        times.append(time.monotonic() - start)
+    times.sort()
+    return times[len(times) // 2], times[-1], len(body)
+
+
+ADMIN_RUNS = 20
+
+
+def admin_page_figures(server):
+    """The admin page with the seeded images: the first page, a search,
+    a page deep in the list and one image's page; render time as the
+    client sees it."""
+    for label, path in [
+        # While the start-up check of stored manifests still reads them.
+        ("/ right after start-up", "/"),
+        ("search", "/?q=seeded/99"),
+        ("page 150 of the image list", "/?page=150"),
+        # Reads every stored manifest, for layer sharing and eviction rank.
+        ("of one image", "/images/seeded/5000"),
+        ("/", "/"),
+    ]:
+        median, slowest, size = timed_get(server, path, ADMIN_RUNS)
+        say(
+            f"admin page {label}, {SEEDED_IMAGES:,} images cached",
+            f"{median * 1000:.1f} ms median, {slowest * 1000:.1f} ms slowest of {ADMIN_RUNS}; {size / 1000:.0f} KB",
+            f"{ADMIN_RUNS} x GET {server.base}{path}",
+        )
+
+
+def admin_only():
+    """`bench.py admin`: only the admin page figures, on a storage path
+    seeded with images (and nothing built)."""
+    work = tempfile.mkdtemp(prefix="nixery-bench-admin-")
+    try:
+        storage = os.path.join(work, "storage")
+        subprocess.run([SEED, storage, str(SEEDED_IMAGES)], check=True, capture_output=True)
+        server = Server(storage)
+        try:
+            admin_page_figures(server)
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main():
     if not os.access(BIN, os.X_OK):
         sys.exit(f"{BIN} missing: run scripts/bench, which builds it")
+    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
+    if sys.argv[1:] == ["admin"]:
+        admin_only()
+        return
     work = tempfile.mkdtemp(prefix="nixery-bench-")
     try:
-        print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
         if wanted("eval"):
             eval_cache_figure(work)
         if wanted("serve"):
@@ -514,6 +569,7 @@ def serve_figures(work):
         f"{rss:.1f} MB",
         "grep VmRSS /proc/<pid>/status, 1 s after start-up",
     )
+    admin_page_figures(server)
 
     manifest = json.loads(server.get("/v2/hello/big/manifests/latest"))
     largest = max(manifest["layers"], key=lambda l: l["size"])

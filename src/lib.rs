@@ -141,6 +141,9 @@ pub fn router(
         .route("/", get(http::admin::page))
         .route("/ca.crt", get(http::admin::ca_cert))
         .route("/api/status", get(http::admin::status))
+        .route("/api/history", get(http::admin::history))
+        .route("/images/{*name}", get(http::admin::image_page))
+        .route("/api/images/{*name}", get(http::admin::image_json))
         .route("/metrics", get(http::admin::metrics))
         .route("/v2", any(http::registry::base))
         .route("/v2/", any(http::registry::base))
@@ -179,14 +182,17 @@ pub fn router(
 /// How often request counts kept in memory are written to the database.
 const COUNT_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Writes the request counts kept in memory to the database, forever.
-async fn flush_counts_every(status: Arc<observe::status::Status>, every: std::time::Duration) {
+/// Writes the request counts and history kept in memory to the database,
+/// forever.
+async fn flush_counts_every(builder: Arc<Builder>, every: std::time::Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let status = Arc::clone(&status);
-        if let Err(e) = tokio::task::spawn_blocking(move || status.flush_counts()).await {
+        let builder = Arc::clone(&builder);
+        if let Err(e) =
+            tokio::task::spawn_blocking(move || http::report::flush_counts(&builder)).await
+        {
             tracing::warn!(error = %e, "could not record request counts");
         }
     }
@@ -365,9 +371,9 @@ impl Server {
         let db = self.builder.db().clone();
         let collector = Arc::clone(self.builder.collector());
         let background = tokio::spawn(Arc::clone(&collector).run_in_background());
-        let status = Arc::clone(self.builder.status());
-        let flusher = tokio::spawn(flush_counts_every(Arc::clone(&status), COUNT_FLUSH));
+        let flusher = tokio::spawn(flush_counts_every(Arc::clone(&self.builder), COUNT_FLUSH));
         let trimmer = tokio::spawn(memory::trim_periodically());
+        let builder = Arc::clone(&self.builder);
         let watcher = self.auth.as_ref().map(|a| a.watch());
         let tls_watcher = self.tls.as_ref().map(|t| t.watch());
         let app = router(self.builder, self.auth, self.tls.clone());
@@ -379,7 +385,9 @@ impl Server {
         flusher.abort();
         trimmer.abort();
         collector.flush_pulls().await;
-        if let Err(e) = tokio::task::spawn_blocking(move || status.flush_counts()).await {
+        if let Err(e) =
+            tokio::task::spawn_blocking(move || http::report::flush_counts(&builder)).await
+        {
             tracing::warn!(error = %e, "could not record request counts at shutdown");
         }
         if let Err(e) = db.flush().await {

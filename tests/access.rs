@@ -197,8 +197,16 @@ async fn metrics_can_stay_public() {
     let (_dir, s) = fresh_server(&["--htpasswd", file.to_str().unwrap(), "--metrics-public"]).await;
     let (status, _) = text(s.url("/metrics")).await;
     assert_eq!(status, StatusCode::OK);
-    let (status, _) = text(s.url("/api/status")).await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    for path in [
+        "/api/status",
+        "/api/history",
+        "/images/hello",
+        "/api/images/hello",
+        "/?q=hello",
+    ] {
+        let (status, _) = text(s.url(path)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+    }
     s.stop().await;
 }
 

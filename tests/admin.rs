@@ -1,10 +1,14 @@
-//! The admin page, `/api/status` and `/metrics` against a real server and
-//! real Nix builds of the fixture set, and the page in headless Chromium.
+//! The admin page, image pages, `/api/status`, `/api/history` and
+//! `/metrics` against a real server and real Nix builds of the fixture
+//! set, and the pages in headless Chromium.
 
 mod common;
 
 use common::browser::Browser;
-use common::{artifacts_dir, config, TestServer};
+use common::{
+    artifacts_dir, config, fresh_server, get_manifest, get_manifest_as, TestServer,
+    OCI_MANIFEST_TYPE,
+};
 use reqwest::{Client, StatusCode};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -291,16 +295,226 @@ async fn page_json_and_metrics_show_builds_cache_and_errors() {
     ] {
         assert_eq!(m.get(series), Some(&want), "{series} in\n{text}");
     }
+
+    // The history: every count in its ring, per minute and per hour.
+    let history = history_json(&c, &s).await;
+    for ring in ["minutes", "hours"] {
+        let sum = |field: &str| total(&history, ring, field);
+        assert_eq!(sum("pulls"), 3, "{ring}");
+        assert_eq!(sum("builds_started"), 3, "{ring}");
+        assert_eq!(sum("builds_succeeded"), 1, "{ring}");
+        assert_eq!(sum("builds_failed"), 2, "{ring}");
+        assert_eq!((sum("cache_hits"), sum("cache_misses")), (2, 3), "{ring}");
+        assert_eq!(sum("blob_bytes"), layer_size, "{ring}");
+        let latest = history[ring]["points"].as_array().unwrap().last().unwrap();
+        assert_eq!(latest["storage_used"], cache["blob_bytes"], "{ring}");
+        assert!(latest["free_bytes"].as_u64().unwrap() > 0, "{ring}");
+    }
+    // The plots, as text in the JSON: pulls and builds have a value for
+    // every point, so each names its latest.
+    let plots = st["plots"].as_array().unwrap();
+    let ids: Vec<&str> = plots.iter().map(|p| p["id"].as_str().unwrap()).collect();
+    assert_eq!(
+        ids,
+        [
+            "pulls-day",
+            "pulls-month",
+            "builds-day",
+            "builds-month",
+            "hit-rate",
+            "build-duration",
+            "storage",
+            "free-disk"
+        ]
+    );
+    for plot in &plots[..4] {
+        for line in plot["lines"].as_array().unwrap() {
+            assert!(line["points"].as_u64().unwrap() > 0, "{plot}");
+            assert!(line["latest"].is_string(), "{plot}");
+        }
+    }
+    assert!(plots[4]["lines"][0]["latest"].is_string(), "hit rate");
+    assert_eq!(history["minutes"]["points"].as_array().unwrap().len(), 1440);
+    assert_eq!(history["hours"]["points"].as_array().unwrap().len(), 720);
     s.stop().await;
 
-    // Builds, errors, pulls and the hit rate survive a restart.
+    // Builds, errors, pulls, the hit rate and the history survive a restart.
     let s = TestServer::start(&config(dir.path(), &[])).await;
+    let again_history = history_json(&c, &s).await;
+    for ring in ["minutes", "hours"] {
+        for field in ["pulls", "builds_started", "builds_failed", "blob_bytes"] {
+            assert_eq!(
+                total(&again_history, ring, field),
+                total(&history, ring, field),
+                "{ring} {field}"
+            );
+        }
+    }
     let again = status_json(&c, &s).await;
     assert_eq!(again["builds"], st["builds"]);
     assert_eq!(again["errors"], st["errors"]);
     assert_eq!(again["cache"]["most_pulled"], st["cache"]["most_pulled"]);
     assert_eq!(again["cache"]["hit_rate"], st["cache"]["hit_rate"]);
     s.stop().await;
+}
+
+/// An image's page and its JSON: both digests, packages with versions,
+/// layers shared with another image, builds and pulls; a failed build has
+/// a page with its error; names, queries and Nix output stay text.
+#[tokio::test]
+async fn image_pages_show_digests_packages_layers_and_markup_as_text() {
+    let (_dir, s) = fresh_server(&[]).await;
+    let c = Client::new();
+    let (docker, manifest) = get_manifest(&c, &s, "hello", "latest").await;
+    let (oci, _) = get_manifest_as(
+        &c,
+        &s,
+        "hello",
+        "latest",
+        OCI_MANIFEST_TYPE,
+        OCI_MANIFEST_TYPE,
+    )
+    .await;
+    get_manifest(&c, &s, "shell/hello", "latest").await;
+    assert_eq!(
+        get(&c, &s, "/v2/script-error/manifests/latest")
+            .await
+            .status(),
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+
+    let r = get(&c, &s, "/api/images/hello").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let image: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(image["name"], "hello");
+    assert_eq!(image["tags"][0]["tag"], "latest");
+    let platform = &image["tags"][0]["platforms"][0];
+    assert_eq!(platform["docker_digest"], docker.to_string());
+    assert_eq!(platform["oci_digest"], oci.to_string());
+    let packages = platform["packages"].as_array().unwrap();
+    assert!(
+        packages
+            .iter()
+            .any(|p| p["name"] == "hello" && p["version"] == "2.10"),
+        "{packages:?}"
+    );
+    let layers = platform["layers"].as_array().unwrap();
+    let sizes: Vec<u64> = layers.iter().map(|l| l["size"].as_u64().unwrap()).collect();
+    let want: Vec<u64> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["size"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sizes, want);
+    // shell/hello has hello's store paths too, so some layer is shared;
+    // the symlink layer on top is this image's own.
+    assert!(layers.iter().any(|l| l["shared_with"] == 1), "{layers:?}");
+    assert_eq!(layers.last().unwrap()["shared_with"], 0);
+    assert_eq!(image["builds"].as_array().unwrap().len(), 1);
+    assert_eq!(image["builds"][0]["result"], "success");
+    assert_eq!(image["pulls"], 2);
+    assert!(image["last_pulled"].as_u64().unwrap() > 0);
+    assert_eq!(
+        image["pulls_by_day"].as_array().unwrap().last().unwrap()["pulls"],
+        2
+    );
+    assert_eq!(image["eviction"]["state"], "no_limit");
+
+    let html = named_entities(&get(&c, &s, "/images/hello").await.text().await.unwrap());
+    for want in [
+        docker.to_string(),
+        oci.to_string(),
+        "<code>hello</code></td><td>2.10</td>".to_owned(),
+        "no storage limit is set".to_owned(),
+    ] {
+        assert!(html.contains(&want), "image page shows {want}: {html}");
+    }
+
+    // A failed build's page: its error as text.
+    let r = get(&c, &s, "/images/script-error").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let html = r.text().await.unwrap();
+    assert!(!html.contains("<script"), "{html}");
+    assert!(
+        named_entities(&html).contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "{html}"
+    );
+
+    // A name with markup: not an image, and shown as text.
+    let r = get(&c, &s, "/images/%3Cscript%3Ealert(3)%3C/script%3E").await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let html = r.text().await.unwrap();
+    assert!(!html.contains("<script"), "{html}");
+    assert!(
+        named_entities(&html).contains("&lt;script&gt;alert(3)&lt;/script&gt;"),
+        "{html}"
+    );
+    for path in ["/api/images/nosuchimage", "/api/images/%FF"] {
+        let r = get(&c, &s, path).await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{path}");
+        let body: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        assert_eq!(body["errors"][0]["code"], "NAME_UNKNOWN", "{path}");
+    }
+    assert_eq!(
+        get(&c, &s, "/images/%FF").await.status(),
+        StatusCode::NOT_FOUND
+    );
+
+    // The list on `/`: searched with a plain GET, the query shown as text.
+    let st: Value = serde_json::from_slice(
+        &get(&c, &s, "/api/status?q=hello")
+            .await
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let names: Vec<&str> = st["images"]["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["hello", "shell/hello"]);
+    assert_eq!(
+        (
+            st["images"]["total"].as_u64(),
+            st["images"]["pages"].as_u64()
+        ),
+        (Some(2), Some(1))
+    );
+    let html = get(&c, &s, "/?q=shell").await.text().await.unwrap();
+    assert!(html.contains("href=\"/images/shell/hello\""), "{html}");
+    assert!(!html.contains("href=\"/images/hello\""), "{html}");
+    let html = get(&c, &s, "/?q=%22%3E%3Cscript%3Ealert(4)")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(!html.contains("<script"), "{html}");
+    assert!(
+        named_entities(&html).contains("value=\"&quot;&gt;&lt;script&gt;alert(4)\""),
+        "{html}"
+    );
+    s.stop().await;
+}
+
+async fn history_json(c: &Client, s: &TestServer) -> Value {
+    let r = get(c, s, "/api/history").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    serde_json::from_slice(&r.bytes().await.unwrap()).unwrap()
+}
+
+/// A count summed over a ring's points.
+fn total(history: &Value, ring: &str, field: &str) -> u64 {
+    history[ring]["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[field].as_u64().unwrap())
+        .sum()
 }
 
 /// Polls `/api/status` until `pred` holds.
@@ -318,6 +532,16 @@ async fn wait_for(c: &Client, s: &TestServer, what: &str, pred: impl Fn(&Value) 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Each plot on the page: its id, the points each line draws (counted
+/// from the SVG path itself), its width as laid out, and its text.
+const PLOTS_JS: &str = r#"Array.from(document.querySelectorAll('figure.plot')).map(f => ({
+    id: f.id,
+    points: Array.from(f.querySelectorAll('svg path.line'))
+        .map(p => (p.getAttribute('d').match(/[ML]/g) || []).length),
+    width: f.querySelector('svg').getBoundingClientRect().width,
+    text: f.querySelector('ul.plot-text').innerText,
+}))"#;
 
 /// Runs browser steps off the async runtime, which keeps serving.
 async fn in_browser<T: Send + 'static>(
@@ -429,6 +653,73 @@ async fn a_browser_shows_a_live_build_and_then_its_figures() {
         "{row}"
     );
     assert!(cache.contains("sleepy"), "most pulled: {cache}");
+
+    // Every plot is drawn with data points, and its text names the latest
+    // value the JSON has (checked where the JSON did not change while the
+    // page loaded: free disk moves with everyone's writes).
+    let before = status_json(&c, &s).await;
+    let url = base.clone();
+    let (b, drawn) = in_browser(browser, move |b| {
+        b.navigate(&url);
+        b.eval(PLOTS_JS)
+    })
+    .await;
+    browser = b;
+    let after = status_json(&c, &s).await;
+    let drawn = drawn.as_array().unwrap();
+    assert_eq!(drawn.len(), 8, "{drawn:?}");
+    for (i, plot) in drawn.iter().enumerate() {
+        let id = plot["id"].as_str().unwrap();
+        let points: Vec<u64> = plot["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_u64().unwrap())
+            .collect();
+        assert!(points.iter().any(|&n| n > 0), "{id}: no data points");
+        assert!(plot["width"].as_f64().unwrap() > 200.0, "{id} is laid out");
+        let text = plot["text"].as_str().unwrap();
+        for (l, line) in before["plots"][i]["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+        {
+            let latest = &line["latest"];
+            if latest.is_string() && *latest == after["plots"][i]["lines"][l]["latest"] {
+                let want = format!(
+                    "{}: latest {}",
+                    line["label"].as_str().unwrap(),
+                    latest.as_str().unwrap()
+                );
+                assert!(text.contains(&want), "{id}: {want} in {text}");
+            }
+        }
+    }
+
+    // The image's page, reached from the list on `/`.
+    let (b, (href, image_text)) = in_browser(browser, move |b| {
+        let href = b.eval("document.querySelector('#images a[href=\"/images/sleepy\"]').href");
+        b.navigate(href.as_str().unwrap());
+        let text = b.text("body");
+        b.screenshot(&artifacts_dir().join("admin-image.png"));
+        (href, text)
+    })
+    .await;
+    browser = b;
+    assert!(href.as_str().unwrap().ends_with("/images/sleepy"), "{href}");
+    for want in [
+        "sleepy:latest",
+        manifest["layers"][0]["digest"].as_str().unwrap(),
+        "Pulls per day, last 30 days",
+        "pulls: latest 1",
+        "success",
+    ] {
+        assert!(
+            image_text.contains(want),
+            "image page shows {want}: {image_text}"
+        );
+    }
 
     let errors = browser.console_errors();
     assert_eq!(

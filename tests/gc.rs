@@ -73,6 +73,38 @@ async fn a_quota_evicts_the_least_recently_pulled_image() {
         tokio::time::sleep(Duration::from_millis(1100)).await;
     }
 
+    // The image pages give the eviction order: big was pulled first.
+    for (name, rank) in [("big", 1), ("bash", 2)] {
+        let r = c
+            .get(s.url(&format!("/api/images/{name}")))
+            .send()
+            .await
+            .unwrap();
+        let image: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        assert_eq!(image["eviction"]["state"], "in_line", "{name}: {image}");
+        assert_eq!(image["eviction"]["rank"], rank, "{name}");
+    }
+    let page = c
+        .get(s.url("/images/big"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("next to evict"), "{page}");
+    // The history's latest sample has the storage the collection left.
+    let r = c.get(s.url("/api/history")).send().await.unwrap();
+    let history: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    let latest = history["minutes"]["points"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert!(latest["storage_used"].as_u64().unwrap() < total, "{latest}");
+    assert_eq!(latest["max_storage"].as_u64(), Some(total - 1));
+
     // Stream big's largest layer slowly while a collection evicts big.
     let (big_manifest, big_json) = &manifests[1];
     let layer = common::largest_layer(big_json);

@@ -23,9 +23,40 @@ pub fn name_of(path: &str) -> &str {
     }
 }
 
+/// A store path's package name and version, split as Nix's
+/// `parseDrvName` does: the version starts after the first `-` that is
+/// followed by a digit (`hello-2.12` -> `hello`, `2.12`).
+pub fn name_and_version(path: &str) -> (&str, Option<&str>) {
+    let name = name_of(path);
+    let split = name
+        .char_indices()
+        .find(|&(i, c)| c == '-' && name[i + 1..].starts_with(|d: char| d.is_ascii_digit()));
+    match split {
+        Some((i, _)) => (&name[..i], Some(&name[i + 1..])),
+        None => (name, None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::name_of;
+    use super::{name_and_version, name_of};
+
+    #[test]
+    fn names_and_versions() {
+        let p = |s| name_and_version(s);
+        assert_eq!(
+            p("/nix/store/00000000000000000000000000000000-hello-2.12"),
+            ("hello", Some("2.12"))
+        );
+        assert_eq!(
+            p("/nix/store/00000000000000000000000000000000-iana-etc-20240318"),
+            ("iana-etc", Some("20240318"))
+        );
+        assert_eq!(
+            p("/nix/store/00000000000000000000000000000000-cacert"),
+            ("cacert", None)
+        );
+    }
 
     #[test]
     fn strips_store_dir_and_hash() {

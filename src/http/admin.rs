@@ -9,10 +9,14 @@
 use super::format;
 use crate::build::builder::Builder;
 use crate::error::ApiError;
-use crate::http::report::Report;
+use crate::error::ErrorCode;
+use crate::http::image_report::ImageReport;
+use crate::http::report::{ImageQuery, Report, ReportError};
+use crate::observe::history::History;
 use crate::redact::redact_owned;
 use askama::Template;
-use axum::extract::State;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
@@ -40,8 +44,9 @@ struct AdminPage {
     private_ca: bool,
 }
 
-/// Askama hands template expressions to methods by reference.
-impl AdminPage {
+/// The figures the pages' templates format, as methods since askama
+/// hands template expressions to them by reference.
+trait Figures {
     fn bytes(&self, n: &u64) -> String {
         format::bytes(*n)
     }
@@ -53,15 +58,25 @@ impl AdminPage {
     fn utc(&self, unix: &u64) -> String {
         format::utc(*unix)
     }
+}
 
+impl Figures for AdminPage {}
+
+impl AdminPage {
     fn trust_steps(&self) -> String {
         crate::tls::trust::client_steps(&self.host, "ca.crt")
     }
 }
 
-async fn collect(builder: Arc<Builder>, tls: &ServedTls) -> Result<Report, ApiError> {
+async fn collect(
+    builder: Arc<Builder>,
+    tls: &ServedTls,
+    query: ImageQuery,
+) -> Result<Report, ApiError> {
     let tls = tls.0.as_ref().map(|t| t.info().into());
-    tokio::task::spawn_blocking(move || Report::collect(&builder).map(|r| Report { tls, ..r }))
+    tokio::task::spawn_blocking(move || {
+        Report::collect(&builder, &query).map(|r| Report { tls, ..r })
+    })
         .await
         .map_err(|_| ApiError::internal("gathering the status"))?
         .map_err(|e| {
@@ -78,14 +93,20 @@ fn with_type(mut r: Response, content_type: &'static str) -> Response {
     r
 }
 
+/// A query string that does not parse shows the first page of all images.
+fn query_or_default(query: Result<Query<ImageQuery>, QueryRejection>) -> ImageQuery {
+    query.map(|Query(q)| q).unwrap_or_default()
+}
+
 /// `GET /`.
 pub async fn page(
     State(builder): State<Arc<Builder>>,
     Extension(tls): Extension<ServedTls>,
+    query: Result<Query<ImageQuery>, QueryRejection>,
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    let report = match collect(builder, &tls).await {
+    let report = match collect(builder, &tls, query_or_default(query)).await {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
@@ -114,7 +135,12 @@ pub async fn page(
         latest_revision,
         report,
     };
-    match page.render() {
+    html(page.render())
+}
+
+/// A rendered page, redacted whole before it leaves.
+fn html(rendered: askama::Result<String>) -> Response {
+    match rendered {
         Ok(html) => with_type(
             redact_owned(html).into_response(),
             "text/html; charset=utf-8",
@@ -126,18 +152,115 @@ pub async fn page(
     }
 }
 
+#[derive(Template)]
+#[template(path = "image.html")]
+struct ImagePage {
+    name: String,
+    /// `None`: no such image.
+    report: Option<ImageReport>,
+}
+
+impl Figures for ImagePage {}
+
+/// The report on one image; `None` when the name is not valid or not
+/// known.
+async fn image_report(builder: Arc<Builder>, name: &str) -> Result<Option<ImageReport>, ApiError> {
+    let failed = |e: ReportError| {
+        tracing::error!(error = %e, "could not gather an image's report");
+        ApiError::internal("gathering the image's report")
+    };
+    if crate::build::image::validate_name(name).is_err() {
+        return Ok(None);
+    }
+    let found = crate::http::image_report::find(&builder, name)
+        .await
+        .map_err(failed)?;
+    let name = name.to_owned();
+    crate::blocking::blocking(move || ImageReport::collect(&builder, &name, found))
+        .await
+        .map_err(failed)
+}
+
+/// The name in an image page's path; one that is not UTF-8 is no image's
+/// (empty, so it is answered like any unknown name).
+fn path_name(name: Result<Path<String>, PathRejection>) -> String {
+    name.map(|Path(n)| n).unwrap_or_default()
+}
+
+/// `GET /images/<name>`.
+pub async fn image_page(
+    State(builder): State<Arc<Builder>>,
+    name: Result<Path<String>, PathRejection>,
+) -> Response {
+    let name = path_name(name);
+    let report = match image_report(builder, &name).await {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let status = if report.is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::NOT_FOUND
+    };
+    let mut response = html(ImagePage { name, report }.render());
+    if response.status() == StatusCode::OK {
+        *response.status_mut() = status;
+    }
+    response
+}
+
+/// `GET /api/images/<name>`: the image's page as JSON.
+pub async fn image_json(
+    State(builder): State<Arc<Builder>>,
+    name: Result<Path<String>, PathRejection>,
+) -> Response {
+    let name = path_name(name);
+    match image_report(builder, &name).await {
+        Ok(Some(report)) => match serde_json::to_string(&report) {
+            Ok(body) => with_type(redact_owned(body).into_response(), "application/json"),
+            Err(_) => ApiError::internal("encoding the image's report").into_response(),
+        },
+        Ok(None) => ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NameUnknown,
+            "no image of this name is stored",
+        )
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
 /// `GET /api/status`: what the page shows, as JSON.
 pub async fn status(
     State(builder): State<Arc<Builder>>,
     Extension(tls): Extension<ServedTls>,
+    query: Result<Query<ImageQuery>, QueryRejection>,
 ) -> Response {
-    let report = match collect(builder, &tls).await {
+    let report = match collect(builder, &tls, query_or_default(query)).await {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
     match serde_json::to_string(&report) {
         Ok(body) => with_type(redact_owned(body).into_response(), "application/json"),
         Err(_) => ApiError::internal("encoding the status").into_response(),
+    }
+}
+
+/// `GET /api/history`: the history rings, every slot.
+pub async fn history(State(builder): State<Arc<Builder>>) -> Response {
+    let read = tokio::task::spawn_blocking(move || {
+        crate::http::report::flush_counts(&builder);
+        let view = History::read(builder.db(), crate::clock::now_unix())?;
+        serde_json::to_vec(&view).map_err(|_| ReportError::Encode)
+    })
+    .await;
+    match read {
+        Ok(Ok(body)) => with_type(body.into_response(), "application/json"),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "could not read the history");
+            ApiError::internal("reading the history").into_response()
+        }
+        Err(_) => ApiError::internal("reading the history").into_response(),
     }
 }
 

@@ -26,7 +26,7 @@ pub async fn measure(State(status): State<Arc<Status>>, request: Request, next: 
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
         {
-            metrics.blob_bytes(len);
+            status.blob_bytes_sent(len);
         }
     }
     response

@@ -4,12 +4,75 @@
 
 use crate::build::builder::Builder;
 use crate::observe::status::{InFlight, Instance, StaleServe};
-use crate::store::db::{BuildOutcome, BuildRecord, DbError, ErrorRecord};
+use crate::store::db::{BuildOutcome, BuildRecord, DbError, ErrorRecord, Levels};
 use crate::store::fs::BlobError;
 use serde::Serialize;
 
 /// Entries in the "most pulled" and "most popular" lists.
 const TOP: usize = 10;
+
+/// Images per page of the image list.
+pub const IMAGES_PER_PAGE: usize = 50;
+
+/// Longest search text looked for (a name is at most 255 bytes).
+const QUERY_MAX: usize = 255;
+
+/// Which part of the image list to show: names containing `q`, page
+/// `page` (from 1). What `/` and `/api/status` take as query parameters.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct ImageQuery {
+    #[serde(default)]
+    pub q: String,
+    #[serde(default)]
+    pub page: Option<usize>,
+}
+
+/// A page of the image names served.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageList {
+    pub query: String,
+    /// From 1.
+    pub page: usize,
+    pub pages: usize,
+    /// Names that match.
+    pub total: usize,
+    pub images: Vec<ImageRow>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageRow {
+    pub name: String,
+    pub tags: Vec<String>,
+    pub pulls: u64,
+}
+
+impl ImageList {
+    fn read(db: &crate::store::db::Db, query: &ImageQuery) -> Result<ImageList, DbError> {
+        let q: String = query.q.trim().chars().take(QUERY_MAX).collect();
+        let asked = query.page.unwrap_or(1).max(1);
+        let offset = (asked - 1).saturating_mul(IMAGES_PER_PAGE);
+        let (total, names) = db.image_names(&q, offset, IMAGES_PER_PAGE)?;
+        let pages = total.div_ceil(IMAGES_PER_PAGE).max(1);
+        let images = names
+            .into_iter()
+            .map(|(name, tags)| {
+                Ok(ImageRow {
+                    pulls: db.pull_count(&name)?,
+                    name,
+                    tags,
+                })
+            })
+            .collect::<Result<_, DbError>>()?;
+        Ok(ImageList {
+            query: q,
+            // Past the last page: empty, but numbered as asked.
+            page: asked,
+            pages,
+            total,
+            images,
+        })
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
@@ -17,6 +80,10 @@ pub enum ReportError {
     Db(#[from] DbError),
     #[error(transparent)]
     Blobs(#[from] BlobError),
+    #[error("the report could not be encoded as JSON")]
+    Encode,
+    #[error("gathering the report failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -34,6 +101,11 @@ pub struct Report {
     pub limits: LimitsView,
     /// The certificate served; `None` over plain HTTP.
     pub tls: Option<crate::tls::cert_info::TlsStatus>,
+    /// The page's plots, as text: each line's latest value, min and max,
+    /// and projections (`/api/history` has every point).
+    pub plots: Vec<crate::http::plot::Plot>,
+    /// A page of the image names served (`?q=` and `?page=`).
+    pub images: ImageList,
 }
 
 /// The storage quota, the build queue, and what the last garbage
@@ -162,6 +234,29 @@ impl Redact {
     }
 }
 
+/// Build records as shown, with the home directory hidden in messages.
+fn build_views(records: Vec<BuildRecord>, redact: &Redact) -> Vec<BuildView> {
+    records
+        .into_iter()
+        .map(|b| {
+            let mut view = BuildView::from(b);
+            view.message = view.message.map(|m| redact.apply(&m));
+            view
+        })
+        .collect()
+}
+
+/// The recent builds of one image name, newest first, as shown.
+pub fn builds_of(builder: &Builder, image: &str) -> Result<Vec<BuildView>, DbError> {
+    let mine = builder
+        .db()
+        .builds()?
+        .into_iter()
+        .filter(|b| b.image == image)
+        .collect();
+    Ok(build_views(mine, &Redact::from_env()))
+}
+
 fn top(counts: Vec<(String, u64)>) -> Vec<Count> {
     counts
         .into_iter()
@@ -170,39 +265,63 @@ fn top(counts: Vec<(String, u64)>) -> Vec<Count> {
         .collect()
 }
 
+/// The figures that are levels, not counts: storage used against the
+/// limits, free disk and the queue. Blocking (it may wait for the blob
+/// store's first count).
+pub fn levels(builder: &Builder) -> Levels {
+    let (_, storage_used) = builder.blobs().stats();
+    let path = std::path::Path::new(&builder.status().instance().storage_path);
+    let free_bytes = match crate::store::disk::free_bytes(path) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read free disk space");
+            None
+        }
+    };
+    let policy = builder.collector().policy();
+    Levels {
+        storage_used,
+        max_storage: policy.max_storage,
+        free_bytes,
+        min_free_space: policy.min_free_space,
+        queued_builds: builder.queue_depth().0 as u64,
+    }
+}
+
+/// Writes the counts kept in memory (totals and history) to the database,
+/// with a sample of the levels. Blocking.
+pub fn flush_counts(builder: &Builder) {
+    let status = builder.status();
+    status.flush_counts();
+    let levels = levels(builder);
+    if let Err(e) = status
+        .history()
+        .flush(builder.db(), levels, crate::clock::now_unix())
+    {
+        tracing::warn!(error = %e, "could not record the history");
+    }
+}
+
 impl Report {
     /// Reads the database and walks the blob store: call off the async
     /// runtime.
-    pub fn collect(builder: &Builder) -> Result<Report, ReportError> {
+    pub fn collect(builder: &Builder, query: &ImageQuery) -> Result<Report, ReportError> {
         let status = builder.status();
         // Counts still in memory first, so the page is up to date.
-        status.flush_counts();
+        flush_counts(builder);
         let db = builder.db();
         let (manifests, layers) = db.counts();
         let (blobs, blob_bytes) = builder.blobs().stats();
         let instance = status.instance().clone();
-        let free_bytes =
-            match crate::store::disk::free_bytes(std::path::Path::new(&instance.storage_path)) {
-                Ok(n) => Some(n),
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not read free disk space");
-                    None
-                }
-            };
+        let free_bytes = levels(builder).free_bytes;
         let redact = Redact::from_env();
         let (hits, misses) = db.lookups()?;
         let lookups = hits + misses;
         Ok(Report {
+            plots: crate::http::trends::plots(db, crate::clock::now_unix())?,
+            images: ImageList::read(db, query)?,
             in_flight: status.in_flight(),
-            builds: db
-                .builds()?
-                .into_iter()
-                .map(|b| {
-                    let mut view = BuildView::from(b);
-                    view.message = view.message.map(|m| redact.apply(&m));
-                    view
-                })
-                .collect(),
+            builds: build_views(db.builds()?, &redact),
             errors: db
                 .errors()?
                 .into_iter()

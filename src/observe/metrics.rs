@@ -34,7 +34,8 @@ impl Route {
     pub fn of(path: &str) -> Route {
         match path {
             "/" => Route::admin,
-            "/api/status" => Route::api,
+            p if p.starts_with("/images/") => Route::admin,
+            p if p.starts_with("/api/") => Route::api,
             "/metrics" => Route::metrics,
             "/v2" | "/v2/" => Route::base,
             p if p.starts_with("/v2/") => {
@@ -295,6 +296,9 @@ mod tests {
         assert_eq!(Route::of("/v2/a/b/tags/list"), Route::tags);
         assert_eq!(Route::of("/"), Route::admin);
         assert_eq!(Route::of("/api/status"), Route::api);
+        assert_eq!(Route::of("/api/history"), Route::api);
+        assert_eq!(Route::of("/api/images/shell/hello"), Route::api);
+        assert_eq!(Route::of("/images/shell/hello"), Route::admin);
         assert_eq!(Route::of("/metrics"), Route::metrics);
         assert_eq!(Route::of("/favicon.ico"), Route::other);
         assert_eq!(Route::of("/v2/a/other"), Route::other);

@@ -3,6 +3,7 @@
 //! builder reports into when a build ends or a manifest is asked for.
 
 use crate::clock::now_unix;
+use crate::observe::history::History;
 use crate::observe::metrics::{BuildResult, CacheResult, Metrics};
 use crate::store::db::{BuildOutcome, BuildRecord, Db, ErrorRecord, Lookup};
 use serde::Serialize;
@@ -176,6 +177,7 @@ pub struct Status {
     next_id: AtomicU64,
     live: LiveMap,
     pending: Mutex<PendingCounts>,
+    history: History,
 }
 
 impl Status {
@@ -188,7 +190,17 @@ impl Status {
             live: LiveMap::default(),
             pending: Mutex::default(),
             stale: Mutex::default(),
+            history: History::default(),
         })
+    }
+
+    /// Counts over time, for the admin page's plots.
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
     }
 
     /// Notes that a cached image was served because its source could not
@@ -238,6 +250,7 @@ impl Status {
         });
         lock(&self.live).insert(id, Arc::clone(&state));
         self.metrics.build_started();
+        self.history.build_started(state.started_at);
         LiveBuild {
             id,
             state,
@@ -286,6 +299,9 @@ impl Status {
         let result = error.as_ref().map_or(BuildResult::success, |e| e.0);
         self.metrics
             .build_finished(result, &record.phases, reused, built);
+        let duration_ms = record.phases.iter().map(|(_, ms)| ms).sum();
+        self.history
+            .build_finished(now_unix(), error.is_none(), duration_ms);
         if let Some((_, message, stderr_tail)) = error {
             let error = ErrorRecord {
                 image: record.image.clone(),
@@ -307,6 +323,8 @@ impl Status {
             Lookup::Hit => CacheResult::hit,
             Lookup::Miss => CacheResult::miss,
         });
+        self.history
+            .manifest_requested(now_unix(), lookup == Lookup::Hit, served);
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         match lookup {
             Lookup::Hit => pending.hits += 1,
@@ -322,6 +340,12 @@ impl Status {
         }
     }
 
+    /// Bytes of a blob body handed to a client.
+    pub fn blob_bytes_sent(&self, n: u64) {
+        self.metrics.blob_bytes(n);
+        self.history.blob_bytes(now_unix(), n);
+    }
+
     /// Writes the manifest requests counted in memory to the database; the
     /// server calls it every few seconds, at shutdown and before reading
     /// the counts. Blocking.
@@ -332,6 +356,10 @@ impl Status {
             .add_manifest_requests(pending.hits, pending.misses, &pending.pulls)
         {
             tracing::warn!(error = %e, "could not record manifest request counts");
+        }
+        let now = now_unix();
+        if let Err(e) = self.db.add_image_pulls(&pending.pulls, now - now % 86_400) {
+            tracing::warn!(error = %e, "could not record pulls per day");
         }
     }
 }

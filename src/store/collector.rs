@@ -28,6 +28,7 @@ pub struct Collector {
     running: tokio::sync::Mutex<()>,
     /// See [`Collector::generation`].
     generation: std::sync::atomic::AtomicU64,
+    named: gc::NamedMemo,
 }
 
 impl Collector {
@@ -42,6 +43,7 @@ impl Collector {
             last: Mutex::new(None),
             running: tokio::sync::Mutex::new(()),
             generation: Default::default(),
+            named: gc::NamedMemo::default(),
         })
     }
 
@@ -53,6 +55,14 @@ impl Collector {
 
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    /// Every stored image as a collection sees it, with what each
+    /// manifest names read once per manifest (for the image pages).
+    /// Blocking.
+    pub(crate) fn stored_images(&self) -> Result<Vec<gc::Image>, crate::store::db::DbError> {
+        let pulled = self.pulls.all(&self.db)?;
+        self.named.stored_images(&self.db, &self.blobs, &pulled)
     }
 
     /// Where pulls are noted (in memory).

@@ -185,6 +185,15 @@ impl Records {
 
 /// The images the database keeps, one per manifest digest.
 fn images(records: &Records, pulls: &HashMap<Digest, PullRecord>, blobs: &BlobStore) -> Vec<Image> {
+    images_with(records, pulls, |d| blobs_of(blobs, d))
+}
+
+/// As [`images`], with what each manifest names from `blobs_of`.
+fn images_with(
+    records: &Records,
+    pulls: &HashMap<Digest, PullRecord>,
+    mut blobs_of: impl FnMut(&Digest) -> Vec<Digest>,
+) -> Vec<Image> {
     let mut by_digest: HashMap<Digest, (u64, bool)> = HashMap::new();
     let built = records
         .manifests
@@ -208,7 +217,7 @@ fn images(records: &Records, pulls: &HashMap<Digest, PullRecord>, blobs: &BlobSt
                 manifest,
                 last_used: pull.map_or(checked_at, |p| p.at.max(checked_at)),
                 image: pull.map(|p| p.image.clone()),
-                blobs: blobs_of(blobs, &manifest),
+                blobs: blobs_of(&manifest),
                 pinned,
             }
         })
@@ -259,15 +268,10 @@ fn choose_evictions(
         .filter(|(d, _)| !refs.contains_key(d))
         .map(|(_, n)| n)
         .sum();
-    let mut order: Vec<usize> = (0..images.len()).collect();
-    order.sort_by_key(|&i| (images[i].last_used, images[i].manifest));
     let mut evict = Vec::new();
-    for i in order {
+    for i in eviction_order(images) {
         if freeable >= needed || images[i].last_used > protect_from {
             break;
-        }
-        if images[i].pinned {
-            continue;
         }
         for b in &images[i].blobs {
             if let Some(n) = refs.get_mut(b) {
@@ -280,6 +284,59 @@ fn choose_evictions(
         evict.push(i);
     }
     evict
+}
+
+/// The images a collection may evict (indexes into `images`), in the
+/// order it would: least recently used first; imported ones never.
+pub(crate) fn eviction_order(images: &[Image]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..images.len()).filter(|&i| !images[i].pinned).collect();
+    order.sort_by_key(|&i| (images[i].last_used, images[i].manifest));
+    order
+}
+
+/// Every image the database keeps, as a collection sees it: one per
+/// manifest, with when it was last used and the blobs it names. Reads
+/// each manifest: blocking.
+pub(crate) fn stored_images(
+    db: &Db,
+    blobs: &BlobStore,
+    pulls: &HashMap<Digest, PullRecord>,
+) -> Result<Vec<Image>, DbError> {
+    Ok(images(&Records::read(db)?, pulls, blobs))
+}
+
+/// What stored manifests name, remembered by digest: a manifest's bytes
+/// never change under its digest, so each is read once. For pages that
+/// show sharing and eviction order; a collection reads the store itself.
+#[derive(Debug, Default)]
+pub struct NamedMemo(std::sync::Mutex<HashMap<Digest, Vec<Digest>>>);
+
+impl NamedMemo {
+    /// As [`stored_images`], reading only manifests not seen before (and
+    /// forgetting those no longer stored). Blocking.
+    pub(crate) fn stored_images(
+        &self,
+        db: &Db,
+        blobs: &BlobStore,
+        pulls: &HashMap<Digest, PullRecord>,
+    ) -> Result<Vec<Image>, DbError> {
+        let records = Records::read(db)?;
+        let mut memo = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let images = images_with(&records, pulls, |d| match memo.get(d) {
+            Some(named) => named.clone(),
+            None => {
+                let named = blobs_of(blobs, d);
+                // Only the manifest itself: unreadable now, maybe not later.
+                if named.len() > 1 {
+                    memo.insert(*d, named.clone());
+                }
+                named
+            }
+        });
+        let stored: std::collections::HashSet<Digest> = images.iter().map(|i| i.manifest).collect();
+        memo.retain(|d, _| stored.contains(d));
+        Ok(images)
+    }
 }
 
 /// Runs one collection. Blocking: call it off the async workers. In a dry
@@ -313,8 +370,7 @@ pub fn collect(
     let needed = over_quota.max(short_of_free);
 
     let protect_from = at.saturating_sub(policy.keep_pulled_within.as_secs());
-    let all_pulls = pulls.all(db)?;
-    let kept = images(&Records::read(db)?, &all_pulls, blobs);
+    let kept = stored_images(db, blobs, &pulls.all(db)?)?;
     let (chosen, evicted) = evictions(&kept, &sizes, needed, protect_from);
 
     if dry_run {

@@ -23,6 +23,10 @@
 //! - `evaluations`: evaluation cache key -> [`EvalRecord`] (what a package
 //!   name evaluated to at a fixed source revision; see
 //!   [`crate::build::eval_cache`])
+//! - `image_pulls`: image name -> [`ImagePullsRecord`] (pulls per day,
+//!   the last 30 days with any)
+//! - `history`: ring and slot (`m` or `h`, u16 big-endian) ->
+//!   [`HistoryRecord`] (fixed-size rings; see [`crate::observe::history`])
 //!
 //! - `meta`: `schema` -> the layout version (u32, big-endian); see
 //!   [`migrate`]
@@ -42,8 +46,9 @@ mod recover;
 pub use async_db::AsyncDb;
 pub use migrate::SCHEMA_VERSION;
 pub use records::{
-    BuildOutcome, BuildRecord, ErrorRecord, EvalRecord, ImportedRecord, LayerRecord,
-    ManifestRecord, PullRecord, PulledRecord, Record, TagRecord,
+    BuildOutcome, BuildRecord, ErrorRecord, EvalRecord, HistoryRecord, ImagePullsRecord,
+    ImportedRecord, LayerRecord, Levels, ManifestRecord, PullRecord, PulledRecord, Record,
+    TagRecord,
 };
 
 use crate::digest::Digest;
@@ -157,6 +162,8 @@ pub struct Db {
     evaluations: sled::Tree,
     /// Evaluation records written since the tree was last counted.
     evaluations_written: Arc<std::sync::atomic::AtomicU64>,
+    history: sled::Tree,
+    image_pulls: sled::Tree,
     /// Trees whose undecodable records were already logged.
     logged_undecodable: Arc<Mutex<HashSet<&'static str>>>,
     /// Whether this open created the database (it held nothing).
@@ -220,6 +227,9 @@ fn push_bounded(
     Ok(())
 }
 
+/// An image name with its tags.
+pub type NameTags = (String, Vec<String>);
+
 /// Every key with its count, largest first.
 fn counts_desc(tree: &sled::Tree) -> Result<Vec<(String, u64)>, DbError> {
     let mut all = tree
@@ -253,6 +263,8 @@ impl Db {
             pinned_platforms: db.open_tree("pinned_platforms")?,
             evaluations: db.open_tree("evaluations")?,
             evaluations_written: Arc::default(),
+            history: db.open_tree("history")?,
+            image_pulls: db.open_tree("image_pulls")?,
             logged_undecodable: Arc::default(),
             created,
             db,
@@ -619,6 +631,78 @@ impl Db {
         Ok(())
     }
 
+    /// Adds pulls per image name on the day starting at `day`.
+    pub fn add_image_pulls(&self, pulls: &HashMap<String, u64>, day: u64) -> Result<(), DbError> {
+        for (image, n) in pulls {
+            let mut record: ImagePullsRecord = self
+                .image_pulls
+                .get(image)?
+                .and_then(|v| self.decode("image_pulls", &v))
+                .unwrap_or_default();
+            record.add(day, *n);
+            self.image_pulls
+                .insert(image.as_bytes(), encode(&record)?)?;
+        }
+        Ok(())
+    }
+
+    /// An image name's pulls per day.
+    pub fn image_pulls(&self, image: &str) -> Result<ImagePullsRecord, DbError> {
+        Ok(self
+            .image_pulls
+            .get(image)?
+            .and_then(|v| self.decode("image_pulls", &v))
+            .unwrap_or_default())
+    }
+
+    /// All pulls of an image name.
+    pub fn pull_count(&self, image: &str) -> Result<u64, DbError> {
+        Ok(self.pulls.get(image)?.map_or(0, |v| be_u64(&v)))
+    }
+
+    /// The image names served (with their tags, sorted) whose name
+    /// contains `query`, in name order: how many match, and those from
+    /// `offset`, at most `limit`.
+    pub fn image_names(
+        &self,
+        query: &str,
+        offset: usize,
+        limit: usize,
+    ) -> Result<(usize, Vec<NameTags>), DbError> {
+        let mut matching = 0;
+        let mut page: Vec<NameTags> = Vec::new();
+        let mut last: Option<Vec<u8>> = None;
+        for key in self.tags.iter().keys() {
+            let key = key?;
+            let Some(split) = key.iter().position(|&b| b == 0) else {
+                continue;
+            };
+            let (name, tag) = (&key[..split], &key[split + 1..]);
+            let on_page = matching > offset && matching <= offset + limit;
+            if last.as_deref() == Some(name) {
+                // Another tag of the name just counted.
+                if let Some((_, tags)) = page.last_mut().filter(|_| on_page) {
+                    tags.push(String::from_utf8_lossy(tag).into_owned());
+                }
+                continue;
+            }
+            last = Some(name.to_vec());
+            let name = String::from_utf8_lossy(name);
+            if !name.contains(query) {
+                last = None;
+                continue;
+            }
+            matching += 1;
+            if matching > offset && matching <= offset + limit {
+                page.push((
+                    name.into_owned(),
+                    vec![String::from_utf8_lossy(tag).into_owned()],
+                ));
+            }
+        }
+        Ok((matching, page))
+    }
+
     /// Manifest requests by tag answered from the cache, and not.
     pub fn lookups(&self) -> Result<(u64, u64), DbError> {
         let get = |l: Lookup| -> Result<u64, DbError> {
@@ -716,6 +800,44 @@ impl Db {
             }
         }
         Ok(out)
+    }
+
+    /// The history slots under these keys, as stored (absent or
+    /// undecodable: `None`).
+    pub fn history_slots(&self, keys: &[[u8; 3]]) -> Result<Vec<Option<HistoryRecord>>, DbError> {
+        keys.iter()
+            .map(|k| {
+                Ok(self
+                    .history
+                    .get(k)?
+                    .and_then(|v| self.decode("history", &v)))
+            })
+            .collect()
+    }
+
+    /// Writes history slots in one batch.
+    pub fn put_history_slots(&self, slots: &[([u8; 3], HistoryRecord)]) -> Result<(), DbError> {
+        let mut batch = sled::Batch::default();
+        for (key, record) in slots {
+            batch.insert(&key[..], encode(record)?);
+        }
+        self.history.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Slots stored in the history rings.
+    pub fn history_len(&self) -> usize {
+        self.history.len()
+    }
+
+    /// Bytes of the history rings' keys and records.
+    pub fn history_bytes(&self) -> Result<u64, DbError> {
+        let mut total = 0;
+        for kv in self.history.iter() {
+            let (k, v) = kv?;
+            total += (k.len() + v.len()) as u64;
+        }
+        Ok(total)
     }
 
     pub fn counts(&self) -> (usize, usize) {
@@ -875,6 +997,51 @@ mod tests {
             assert_eq!(schema.as_ref(), SCHEMA_VERSION.to_be_bytes());
             db.db.flush().unwrap();
         }
+    }
+
+    #[test]
+    fn image_names_are_searched_and_paged() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        for (name, tag) in [
+            ("a", "latest"),
+            ("a", "v1"),
+            ("a/curl", "latest"),
+            ("b", "latest"),
+            ("curl", "latest"),
+            ("curl", "v2"),
+        ] {
+            db.add_tag(name, tag).unwrap();
+        }
+        let names = |q: &str, offset, limit| {
+            let (total, page) = db.image_names(q, offset, limit).unwrap();
+            (total, page)
+        };
+        let (total, page) = names("", 0, 10);
+        assert_eq!(total, 4);
+        assert_eq!(page[0], ("a".into(), vec!["latest".into(), "v1".into()]));
+        assert_eq!(page[3], ("curl".into(), vec!["latest".into(), "v2".into()]));
+        let (total, page) = names("curl", 1, 1);
+        assert_eq!(total, 2);
+        assert_eq!(
+            page,
+            vec![("curl".into(), vec!["latest".into(), "v2".into()])]
+        );
+        assert_eq!(names("", 3, 2).1.len(), 1);
+        assert_eq!(names("zzz", 0, 5), (0, vec![]));
+        let mut pulls = db.image_pulls("a").unwrap();
+        assert!(pulls.days.is_empty());
+        db.add_image_pulls(&HashMap::from([("a".to_owned(), 2)]), 86_400)
+            .unwrap();
+        db.add_image_pulls(&HashMap::from([("a".to_owned(), 1)]), 86_400)
+            .unwrap();
+        pulls = db.image_pulls("a").unwrap();
+        assert_eq!(pulls.days, vec![(86_400, 3)]);
+        for day in 2..40 {
+            pulls.add(day * 86_400, 1);
+        }
+        assert_eq!(pulls.days.len(), ImagePullsRecord::DAYS);
+        assert_eq!(pulls.days.last(), Some(&(39 * 86_400, 1)));
     }
 
     #[test]

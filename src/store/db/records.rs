@@ -221,3 +221,70 @@ pub(crate) mod legacy {
         }
     }
 }
+
+/// One slot of a history ring (see `observe::history`): what happened in
+/// one minute or one hour. Rings overwrite their slots, so the tree holds
+/// a fixed number of these whatever the uptime.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryRecord {
+    /// Unix seconds the minute or hour starts at; a slot whose start is
+    /// outside the ring's window is stale and read as empty.
+    pub start: u64,
+    /// Manifests served for a pull by tag.
+    pub pulls: u64,
+    pub blob_bytes: u64,
+    pub builds_started: u64,
+    pub builds_succeeded: u64,
+    /// Failed or packages not found.
+    pub builds_failed: u64,
+    /// Manifest requests by tag answered from the cache, and not.
+    pub hits: u64,
+    pub misses: u64,
+    /// Finished builds by duration, in `observe::history` bins.
+    pub durations: Vec<u32>,
+    /// The last sample of the figures that are levels, not counts.
+    pub levels: Option<Levels>,
+}
+
+/// Figures sampled, not counted: the latest sample in a slot stands for it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Levels {
+    /// Bytes of blobs stored.
+    pub storage_used: u64,
+    pub max_storage: Option<u64>,
+    /// Free bytes on the storage file system; `None` when unknown.
+    pub free_bytes: Option<u64>,
+    pub min_free_space: Option<u64>,
+    /// Builds waiting for a slot.
+    pub queued_builds: u64,
+}
+
+impl Record for HistoryRecord {
+    const VERSION: u8 = 1;
+}
+
+/// Pulls of one image name per day (UTC), the last [`ImagePullsRecord::DAYS`]
+/// days with any, oldest first: what its page plots.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImagePullsRecord {
+    /// Unix seconds a day starts at, and the pulls that day.
+    pub days: Vec<(u64, u64)>,
+}
+
+impl ImagePullsRecord {
+    pub const DAYS: usize = 30;
+
+    /// Adds `n` pulls on the day starting at `day`.
+    pub fn add(&mut self, day: u64, n: u64) {
+        match self.days.last_mut() {
+            Some((d, count)) if *d == day => *count += n,
+            _ => self.days.push((day, n)),
+        }
+        let extra = self.days.len().saturating_sub(Self::DAYS);
+        self.days.drain(..extra);
+    }
+}
+
+impl Record for ImagePullsRecord {
+    const VERSION: u8 = 1;
+}
