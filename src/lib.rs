@@ -12,6 +12,7 @@ pub mod error;
 pub mod http;
 pub mod mirror;
 pub mod observe;
+pub mod oci;
 pub mod redact;
 pub mod store;
 
@@ -79,7 +80,7 @@ pub fn write_atomically(path: &Path, content: &[u8]) -> std::io::Result<()> {
 /// removed or restored from an old copy. The images are rebuilt on their
 /// next pull, reusing stored layers.
 fn report_lost_records(blobs: &store::fs::BlobStore, db: &store::db::Db) -> Result<(), StartError> {
-    use build::manifest::{is_manifest, MANIFEST_SCAN_BYTES};
+    use oci::manifest::{is_manifest, MANIFEST_SCAN_BYTES};
     let mut stored = 0usize;
     let mut unknown = 0usize;
     for digest in blobs.small_blobs(MANIFEST_SCAN_BYTES)? {

@@ -78,6 +78,8 @@ pub enum BuildError {
     #[error(transparent)]
     Manifest(#[from] ManifestError),
     #[error(transparent)]
+    Oci(#[from] crate::oci::OciError),
+    #[error(transparent)]
     Db(#[from] DbError),
     #[error(transparent)]
     Storage(#[from] StoreError),
@@ -485,7 +487,7 @@ impl Builder {
     /// read. Blocking (it reads and stats).
     fn complete(blobs: &BlobStore, manifest: &Digest, known: Option<&[u8]>) -> bool {
         let names_whole = |bytes: &[u8]| {
-            manifest::referenced_blobs(bytes).is_some_and(|named| {
+            crate::oci::manifest::referenced_blobs(bytes).is_some_and(|named| {
                 named
                     .iter()
                     .all(|(digest, size)| blobs.contains_whole(digest, *size))
@@ -575,7 +577,7 @@ impl Builder {
                 crate::store::read_all(
                     self.storage.as_ref(),
                     digest,
-                    crate::build::forms::MANIFEST_MAX_BYTES,
+                    crate::oci::manifest::MANIFEST_MAX_BYTES,
                 )
                 .await?
             }

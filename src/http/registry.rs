@@ -7,10 +7,11 @@ use crate::build::builder::{BuildError, Builder, TagAnswer};
 use crate::build::forms::Served;
 use crate::build::git::GitError;
 use crate::build::image::{PathError, Reference, ReferenceError, RegistryPath};
-use crate::build::manifest::{self, MANIFEST_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE};
 use crate::build::nix::NixError;
 use crate::digest::Digest;
 use crate::error::{ApiError, ErrorCode};
+use crate::oci::manifest;
+use crate::oci::media::{MANIFEST_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE};
 use crate::store::{Opened, StoreError};
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
@@ -205,7 +206,7 @@ pub fn build_error(e: &BuildError) -> ApiError {
         BuildError::Layers(_) => ApiError::internal("grouping store paths into layers"),
         BuildError::Archive(_) => ApiError::internal("packing layers"),
         BuildError::Blob(_) => ApiError::internal("writing to the blob store"),
-        BuildError::Manifest(_) => ApiError::internal("writing the manifest"),
+        BuildError::Manifest(_) | BuildError::Oci(_) => ApiError::internal("writing the manifest"),
         BuildError::Db(_) => ApiError::internal("using the database"),
         BuildError::Storage(e) => storage_error(e),
         BuildError::GcRoot(_) => ApiError::internal("preparing the build"),
@@ -356,7 +357,8 @@ async fn manifest_by_digest(
 /// nothing refers to anything: an empty index (OCI distribution 1.1). A
 /// filter by `artifactType` is reported as applied; it has nothing to drop.
 fn referrers(query: &HashMap<String, String>) -> Response {
-    let mut r = (StatusCode::OK, manifest::empty_index()).into_response();
+    let empty = crate::oci::artifact::referrers_index(&[]).unwrap_or_default();
+    let mut r = (StatusCode::OK, empty).into_response();
     set(&mut r, header::CONTENT_TYPE, OCI_INDEX_MEDIA_TYPE);
     if query.contains_key("artifactType") {
         set(
