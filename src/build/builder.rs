@@ -262,6 +262,8 @@ pub struct Builder {
     storage: Arc<dyn Storage>,
     builds: SingleFlight<BuildResult>,
     layers: SingleFlight<Result<LayerRecord, Arc<BuildError>>>,
+    /// Bills of materials being made, by Docker manifest.
+    sboms: SingleFlight<Result<(), Arc<BuildError>>>,
     permits: Semaphore,
     queue: BuildQueue,
     failures: FailureCache<BuildError>,
@@ -354,6 +356,7 @@ impl Builder {
             storage,
             builds: SingleFlight::default(),
             layers: SingleFlight::default(),
+            sboms: SingleFlight::default(),
             permits,
             queue,
             failures: FailureCache::default(),
@@ -400,6 +403,10 @@ impl Builder {
 
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.storage
+    }
+
+    pub(crate) fn sboms(&self) -> &SingleFlight<Result<(), Arc<BuildError>>> {
+        &self.sboms
     }
 
     pub fn nix(&self) -> &Nix {
@@ -1033,6 +1040,7 @@ impl Builder {
         let closure = nix.closure(&outs).await?;
         phases.finish("closure");
 
+        let sbom_closure = closure.clone();
         // A moving source that still yields the same store paths keeps its
         // manifest: only the check time and the revision move.
         let previous = match self.manifest_record(key).await? {
@@ -1064,7 +1072,26 @@ impl Builder {
         if let Some(ck) = &commit_key {
             self.put_manifest_record(ck, &record).await?;
         }
-        self.keep(image, spec, key, record).await
+        let digest = self.keep(image, spec, key, record).await?;
+        self.attach_sboms_later(
+            digest,
+            crate::build::referrers::Sources {
+                image: image.to_owned(),
+                architecture: spec.arch.docker().to_owned(),
+                revision: revision.clone(),
+                closure: sbom_closure,
+                roots: resolved
+                    .found
+                    .values()
+                    .map(|p| crate::build::sbom::Root {
+                        out_path: p.out_path.clone(),
+                        licenses: p.licenses.clone(),
+                        homepage: p.homepage.clone(),
+                    })
+                    .collect(),
+            },
+        );
+        Ok(digest)
     }
 
     /// Records a manifest as current for the pulled name and tag.

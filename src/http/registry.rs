@@ -10,8 +10,10 @@ use crate::build::image::{PathError, Reference, ReferenceError, RegistryPath};
 use crate::build::nix::NixError;
 use crate::digest::Digest;
 use crate::error::{ApiError, ErrorCode};
+use crate::oci::artifact::{referrers_index, ArtifactDescriptor};
 use crate::oci::manifest;
 use crate::oci::media::{MANIFEST_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE};
+use crate::store::db::ReferrerKind;
 use crate::store::{Opened, StoreError};
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
@@ -88,7 +90,7 @@ pub async fn dispatch(
             )
             .await
         }
-        Ok(RegistryPath::Referrers { .. }) => Ok(referrers(&query)),
+        Ok(RegistryPath::Referrers { digest, .. }) => referrers(&builder, digest, &query).await,
         Ok(RegistryPath::Blob { digest, .. }) => blob(&builder, digest, &headers, head).await,
         Ok(RegistryPath::TagsList { name }) => {
             let q = TagsQuery {
@@ -353,21 +355,47 @@ async fn manifest_by_digest(
     Ok(r)
 }
 
-/// `GET /v2/<name>/referrers/<digest>`: this registry takes no pushes, so
-/// nothing refers to anything: an empty index (OCI distribution 1.1). A
-/// filter by `artifactType` is reported as applied; it has nothing to drop.
-fn referrers(query: &HashMap<String, String>) -> Response {
-    let empty = crate::oci::artifact::referrers_index(&[]).unwrap_or_default();
-    let mut r = (StatusCode::OK, empty).into_response();
+/// `GET /v2/<name>/referrers/<digest>` (OCI distribution 1.1): an image
+/// index of the artifact manifests whose subject is the digest (the
+/// image's bills of materials), made on first request for an image cached
+/// before they existed; empty for a digest nothing refers to. A filter by
+/// `artifactType` keeps the matching ones and is reported as applied.
+async fn referrers(
+    builder: &Arc<Builder>,
+    digest: Option<Digest>,
+    query: &HashMap<String, String>,
+) -> Result<Response, ApiError> {
+    let listed = match digest {
+        Some(d) => builder.referrers(d).await.map_err(|e| build_error(&e))?,
+        // A digest of another algorithm: nothing here has such a name.
+        None => Vec::new(),
+    };
+    // A `+` sent unencoded arrives as a space; no media type has one.
+    let filter = query.get("artifactType").map(|t| t.replace(' ', "+"));
+    let descriptors: Vec<ArtifactDescriptor> = listed
+        .into_iter()
+        .filter(|r| r.kind == ReferrerKind::Manifest)
+        .filter(|r| filter.as_ref().is_none_or(|t| *t == r.artifact_type))
+        .map(|r| ArtifactDescriptor {
+            media_type: r.media_type,
+            digest: r.digest,
+            size: r.size,
+            artifact_type: Some(r.artifact_type),
+            annotations: r.annotations.into_iter().collect(),
+        })
+        .collect();
+    let body =
+        referrers_index(&descriptors).map_err(|_| ApiError::internal("listing the referrers"))?;
+    let mut r = (StatusCode::OK, body).into_response();
     set(&mut r, header::CONTENT_TYPE, OCI_INDEX_MEDIA_TYPE);
-    if query.contains_key("artifactType") {
+    if filter.is_some() {
         set(
             &mut r,
             header::HeaderName::from_static("oci-filters-applied"),
             "artifactType",
         );
     }
-    r
+    Ok(r)
 }
 
 fn manifest_unknown(name: &str) -> ApiError {
