@@ -44,6 +44,9 @@ enum Command {
     /// Re-hash every blob and check every cached manifest; exit 1 on any
     /// problem.
     Verify(cli::verify::VerifyArgs),
+    /// Print an image's bill of materials (SPDX or CycloneDX JSON),
+    /// building the image first if need be.
+    Sbom(cli::sbom::SbomArgs),
 }
 
 fn main() -> ExitCode {
@@ -71,6 +74,10 @@ fn main() -> ExitCode {
         Some(Command::Verify(args)) => {
             init_logging(args.serve.log_format, "warn");
             cli::verify::run(args)
+        }
+        Some(Command::Sbom(args)) => {
+            init_logging(args.serve.log_format, "warn");
+            cli::sbom::run(args)
         }
     }
 }

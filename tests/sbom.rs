@@ -105,6 +105,93 @@ if errors:
         .arg(&cdx_file));
 }
 
+/// The SPDX document as an OCI client library (oras-py) fetches it: the
+/// referrers index through the client's own requests, then `pull` of the
+/// artifact manifest, which writes its layer under its title.
+async fn pulled_by_oras(s: &TestServer, subject: &Digest, dir: &Path) -> Vec<u8> {
+    let script = r#"
+import sys, oras.client
+host, subject, out = sys.argv[1:4]
+c = oras.client.OrasClient(hostname=host, insecure=True)
+r = c.do_request(f"http://{host}/v2/hello/referrers/{subject}?artifactType=application%2Fspdx%2Bjson", "GET")
+r.raise_for_status()
+listed = r.json()["manifests"]
+assert len(listed) == 1, listed
+print(c.pull(target=f"{host}/hello@{listed[0]['digest']}", outdir=out))
+"#;
+    let out = dir.join("oras");
+    let mut cmd = Command::new(format!("{VENV}/python"));
+    cmd.args(["-c", script])
+        .arg(s.addr.to_string())
+        .arg(subject.to_string())
+        .arg(&out);
+    // Off the test's runtime, which also runs the server.
+    tokio::task::spawn_blocking(move || run(&mut cmd))
+        .await
+        .unwrap();
+    std::fs::read(out.join("sbom.spdx.json")).expect("oras wrote the layer under its title")
+}
+
+#[tokio::test]
+async fn an_index_lists_each_platforms_documents() {
+    let (_dir, s) = fresh_server(&["--platforms", "linux/amd64,linux/arm64"]).await;
+    let c = Client::new();
+    let accept = format!("{OCI_INDEX_TYPE}, {OCI_MANIFEST_TYPE}");
+    let (index, im) = get_manifest_as(&c, &s, "hello", "latest", &accept, OCI_INDEX_TYPE).await;
+    let (listed, _) = referrers(&c, &s, &index, "").await;
+    let entries = listed["manifests"].as_array().unwrap();
+    let mut seen: Vec<(String, String)> = entries
+        .iter()
+        .map(|e| {
+            (
+                e["artifactType"].as_str().unwrap().to_owned(),
+                e["annotations"]["org.nixery.platform"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            )
+        })
+        .collect();
+    seen.sort();
+    let want: Vec<(String, String)> = [SPDX, CYCLONEDX]
+        .iter()
+        .flat_map(|t| ["linux/amd64", "linux/arm64"].map(|p| (t.to_string(), p.to_string())))
+        .collect();
+    assert_eq!(seen, want);
+    let (spdx_only, filtered) =
+        referrers(&c, &s, &index, "?artifactType=application/spdx%2Bjson").await;
+    assert!(filtered);
+    assert_eq!(spdx_only["manifests"].as_array().unwrap().len(), 2);
+    // Each platform's document is the one its own manifest carries, and
+    // names that platform.
+    for child in im["manifests"].as_array().unwrap() {
+        let arch = child["platform"]["architecture"].as_str().unwrap();
+        let digest: Digest = child["digest"].as_str().unwrap().parse().unwrap();
+        let (own, _) = referrers(&c, &s, &digest, "?artifactType=application/spdx%2Bjson").await;
+        let (_, doc) = document(&c, &s, &own, SPDX, &digest).await;
+        let from_index = spdx_only["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["annotations"]["org.nixery.platform"] == format!("linux/{arch}"))
+            .unwrap()
+            .clone();
+        let one = serde_json::json!({ "manifests": [from_index] });
+        let (_, via_index) = document(&c, &s, &one, SPDX, &index).await;
+        assert_eq!(doc, via_index);
+        let v: Value = serde_json::from_slice(&doc).unwrap();
+        assert!(
+            v["name"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!("(linux/{arch})")),
+            "{}",
+            v["name"]
+        );
+    }
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn every_image_has_validated_bills_of_materials_listing_its_closure() {
     let (dir, s) = fresh_server(&[]).await;
@@ -118,6 +205,7 @@ async fn every_image_has_validated_bills_of_materials_listing_its_closure() {
     let (_, spdx) = document(&c, &s, &listed, SPDX, &docker).await;
     let (_, cdx) = document(&c, &s, &listed, CYCLONEDX, &docker).await;
     validate(dir.path(), &spdx, &cdx);
+    assert_eq!(pulled_by_oras(&s, &docker, dir.path()).await, spdx);
 
     // Filtering: one type, and a type nothing has.
     let (only, filtered) =

@@ -276,7 +276,7 @@ impl Builder {
     }
 
     /// Records `referrers` of `subject` here and, on s3, in the bucket.
-    async fn add_referrers(
+    pub(crate) async fn add_referrers(
         &self,
         subject: &Digest,
         referrers: Vec<Referrer>,

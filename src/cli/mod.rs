@@ -7,6 +7,7 @@ pub mod export;
 pub mod gc;
 pub mod import;
 pub mod notify;
+pub mod sbom;
 pub mod serve;
 pub mod verify;
 
