@@ -157,6 +157,42 @@ def pack_figure(label, image, attrs, work):
     return storage
 
 
+def sbom_figure(work):
+    """Cold pull of hello/big with the bills of materials made after the
+    build and with --no-sbom, alternating, on fresh storage each; then the
+    documents' sizes for fixture images."""
+    times = {"with": [], "without (--no-sbom)": []}
+    for round_ in range(2):
+        for label, extra in (("without (--no-sbom)", ("--no-sbom",)), ("with", ())):
+            storage = os.path.join(work, f"sbom-{round_}-{label.split()[0]}")
+            server = Server(storage, extra)
+            start = time.monotonic()
+            server.get("/v2/hello/big/manifests/latest")
+            times[label].append(time.monotonic() - start)
+            server.stop()
+    for label, secs in times.items():
+        say(
+            f"cold manifest GET of hello/big, bills of materials {label}",
+            ", ".join(f"{s:.2f} s" for s in secs),
+            f"{BIN} ... {'--no-sbom ' if 'no-sbom' in label else ''}& curl .../v2/hello/big/manifests/latest (fresh storage each)",
+        )
+    server = Server(os.path.join(work, "sbom-sizes"))
+    for image in ("hello", "shell/hello", "hello/big", "manydeps"):
+        req = urllib.request.Request(
+            f"{server.base}/v2/{image}/manifests/latest",
+            headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"},
+        )
+        with urllib.request.urlopen(req, timeout=900) as r:
+            digest = r.headers["Docker-Content-Digest"]
+        listed = json.loads(server.get(f"/v2/{image}/referrers/{digest}"))
+        sizes = []
+        for m in listed["manifests"]:
+            artifact = json.loads(server.get(f"/v2/{image}/manifests/{m['digest']}"))
+            sizes.append(f"{m['artifactType'].split('/')[-1]} {artifact['layers'][0]['size']:,} B")
+        say(f"bill of materials sizes, {image}", ", ".join(sizes), f"GET /v2/{image}/referrers/{digest}, then each artifact manifest")
+    server.stop()
+
+
 def oha(url):
     out = subprocess.run(
         ["oha", "--no-tui", "--output-format", "json", "-z", f"{OHA_SECONDS}s", "-c", str(CONNECTIONS), url],
@@ -297,6 +333,10 @@ def main():
     work = tempfile.mkdtemp(prefix="nixery-bench-")
     try:
         print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
+        sbom_figure(work)
+        # BENCH_ONLY=sbom: just that figure (any binary, e.g. a debug build).
+        if os.environ.get("BENCH_ONLY") == "sbom":
+            return
         storage = pack_figure("incompressible closure (hello + 110 MB random)", "hello/big", ["hello", "big"], work)
         pack_figure("text closure (hello + 154 MB text)", "hello/text", ["hello", "text"], work)
 

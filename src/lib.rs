@@ -265,6 +265,7 @@ pub async fn open_builder(config: &Config) -> Result<Arc<Builder>, StartError> {
         popularity: Arc::new(popularity),
         lease_ttl: config.lease_ttl,
         platforms: config.platforms.clone(),
+        sbom_after_build: config.sbom_after_build,
     };
     let status = observe::status::Status::new(
         db.clone(),
@@ -327,8 +328,11 @@ impl Server {
         let status = Arc::clone(self.builder.status());
         let flusher = tokio::spawn(flush_counts_every(Arc::clone(&status), COUNT_FLUSH));
         let watcher = self.auth.as_ref().map(|a| a.watch());
+        let builder = Arc::clone(&self.builder);
         let app = router(self.builder, self.auth);
         http::conn::serve(self.listener, app, self.limits, shutdown).await?;
+        builder.finish_background().await;
+        drop(builder);
         if let Some(w) = watcher {
             w.abort();
         }

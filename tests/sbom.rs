@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{fresh_server, get_blob, get_manifest_as, header, MANIFEST_TYPE, OCI_INDEX_TYPE};
+use common::{fresh_server, get_blob, get_manifest_as, MANIFEST_TYPE, OCI_INDEX_TYPE};
 use common::{TestServer, OCI_MANIFEST_TYPE};
 use nixery::build::sbom::nar_hash_hex;
 use nixery::digest::Digest;
@@ -19,18 +19,7 @@ const CYCLONEDX: &str = "application/vnd.cyclonedx+json";
 const VENV: &str = "/opt/nixery-test-venv/bin";
 
 async fn referrers(c: &Client, s: &TestServer, subject: &Digest, query: &str) -> (Value, bool) {
-    let r = c
-        .get(s.url(&format!("/v2/hello/referrers/{subject}{query}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(header(&r, "content-type"), OCI_INDEX_TYPE);
-    let filtered = r.headers().get("oci-filters-applied").is_some();
-    (
-        serde_json::from_slice(&r.bytes().await.unwrap()).unwrap(),
-        filtered,
-    )
+    common::get_referrers(c, s, "hello", &subject.to_string(), query).await
 }
 
 /// The artifact manifest of `artifact_type` among `listed`, fetched by
@@ -306,4 +295,91 @@ async fn every_image_has_validated_bills_of_materials_listing_its_closure() {
         "byte-identical documents, same artifact digests"
     );
     s2.stop().await;
+}
+
+/// `nixery ARGS` on `storage`, with the fixture set as source or none.
+fn nixery(storage: &Path, with_source: bool) -> Command {
+    common::require_tool("nix-instantiate");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixery"));
+    cmd.env("STORAGE_PATH", storage)
+        .env("NIXERY_NIX_OPTIONS", "substituters=")
+        .env("NIX_TIMEOUT", "300")
+        .env_remove("NIXERY_PKGS_PATH")
+        .env_remove("NIXERY_CHANNEL")
+        .env_remove("NIXERY_PKGS_REPO")
+        .env_remove("NIXERY_FLAKE")
+        .stdin(std::process::Stdio::null());
+    if with_source {
+        cmd.env("NIXERY_PKGS_PATH", common::fixture_dir());
+    }
+    cmd
+}
+
+fn stored(storage: &Path, digest: &Digest) -> bool {
+    let hex = digest.hex();
+    storage
+        .join("blobs/sha256")
+        .join(&hex[..2])
+        .join(&hex)
+        .exists()
+}
+
+#[test]
+fn documents_travel_through_export_and_import_and_go_with_their_image() {
+    let outside = tempfile::tempdir().unwrap();
+    let inside = tempfile::tempdir().unwrap();
+    let sbom = |storage: &Path, with_source: bool, format: &str| -> Vec<u8> {
+        run(nixery(storage, with_source).args(["sbom", "hello", "--format", format]));
+        let out = nixery(storage, with_source)
+            .args(["sbom", "hello", "--format", format])
+            .output()
+            .unwrap();
+        out.stdout
+    };
+    let spdx = sbom(outside.path(), true, "spdx");
+    let cdx = sbom(outside.path(), true, "cyclonedx");
+    let v: Value = serde_json::from_slice(&spdx).unwrap();
+    assert_eq!(v["spdxVersion"], "SPDX-2.3");
+    let v: Value = serde_json::from_slice(&cdx).unwrap();
+    assert_eq!(v["specVersion"], "1.6");
+
+    let layout = outside.path().join("layout");
+    run(nixery(outside.path(), true)
+        .args(["export", "--output"])
+        .arg(&layout)
+        .arg("hello"));
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let artifacts: Vec<&Value> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["artifactType"].is_string())
+        .collect();
+    // Both documents, for the Docker and the OCI manifest each.
+    assert_eq!(artifacts.len(), 4, "{index}");
+
+    run(nixery(inside.path(), false).arg("import").arg(&layout));
+    assert_eq!(sbom(inside.path(), false, "spdx"), spdx);
+    assert_eq!(sbom(inside.path(), false, "cyclonedx"), cdx);
+    run(nixery(inside.path(), false).arg("verify"));
+
+    // Evicted outside: its documents and artifact manifests go with it.
+    // Imported inside: never evicted, so they stay.
+    let documents = [Digest::of(&spdx), Digest::of(&cdx)];
+    let manifests: Vec<Digest> = artifacts
+        .iter()
+        .map(|a| a["digest"].as_str().unwrap().parse().unwrap())
+        .collect();
+    for storage in [outside.path(), inside.path()] {
+        for d in documents.iter().chain(&manifests) {
+            assert!(stored(storage, d), "{d} in {}", storage.display());
+        }
+        run(nixery(storage, false).args(["gc", "--max-storage", "1", "--gc-keep-recent", "0"]));
+    }
+    for d in documents.iter().chain(&manifests) {
+        assert!(!stored(outside.path(), d), "{d} outlived its image");
+        assert!(stored(inside.path(), d), "{d} went with its image kept");
+    }
+    assert_eq!(sbom(inside.path(), false, "spdx"), spdx);
 }

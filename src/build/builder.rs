@@ -247,6 +247,8 @@ pub struct BuilderSettings {
     /// What a pull by tag is built for (the first when only one image is
     /// wanted); at least one.
     pub platforms: Vec<Arch>,
+    /// Make bills of materials in the background after each build.
+    pub sbom_after_build: bool,
 }
 
 /// `PATH` in every image: the usual directories, so `/bin` (where the
@@ -264,6 +266,8 @@ pub struct Builder {
     layers: SingleFlight<Result<LayerRecord, Arc<BuildError>>>,
     /// Bills of materials being made, by Docker manifest.
     sboms: SingleFlight<Result<(), Arc<BuildError>>>,
+    /// Work started after a build that a shutdown waits for.
+    background: std::sync::Mutex<tokio::task::JoinSet<()>>,
     permits: Semaphore,
     queue: BuildQueue,
     failures: FailureCache<BuildError>,
@@ -357,6 +361,7 @@ impl Builder {
             builds: SingleFlight::default(),
             layers: SingleFlight::default(),
             sboms: SingleFlight::default(),
+            background: Default::default(),
             permits,
             queue,
             failures: FailureCache::default(),
@@ -407,6 +412,26 @@ impl Builder {
 
     pub(crate) fn sboms(&self) -> &SingleFlight<Result<(), Arc<BuildError>>> {
         &self.sboms
+    }
+
+    /// Runs `work` in the background, where [`finish_background`]
+    /// (Self::finish_background) waits for it.
+    pub(crate) fn in_background(
+        &self,
+        work: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let mut tasks = self.background.lock().unwrap_or_else(|e| e.into_inner());
+        // Finished ones are dropped, so the set holds only what runs.
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(work);
+    }
+
+    /// Waits for the background work started so far (at shutdown, so that
+    /// nothing holds the database after it).
+    pub async fn finish_background(&self) {
+        let mut tasks =
+            std::mem::take(&mut *self.background.lock().unwrap_or_else(|e| e.into_inner()));
+        while tasks.join_next().await.is_some() {}
     }
 
     pub fn nix(&self) -> &Nix {
@@ -1073,6 +1098,9 @@ impl Builder {
             self.put_manifest_record(ck, &record).await?;
         }
         let digest = self.keep(image, spec, key, record).await?;
+        if !self.settings.sbom_after_build {
+            return Ok(digest);
+        }
         self.attach_sboms_later(
             digest,
             crate::build::referrers::Sources {

@@ -45,7 +45,7 @@ impl Builder {
     /// background: a pull never waits for them.
     pub(crate) fn attach_sboms_later(self: &Arc<Self>, docker: Digest, sources: Sources) {
         let this = Arc::clone(self);
-        tokio::spawn(async move {
+        self.in_background(async move {
             let made = this
                 .sboms_once(docker, move |b| async move {
                     b.attach_documents(docker, Some(sources)).await

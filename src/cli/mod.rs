@@ -42,7 +42,9 @@ where
     with_runtime(async {
         let builder = crate::open_builder(&config).await?;
         let db = builder.db().clone();
-        let result = work(config, builder).await;
+        let result = work(config, Arc::clone(&builder)).await;
+        builder.finish_background().await;
+        drop(builder);
         db.flush().await?;
         result
     })
