@@ -383,3 +383,25 @@ fn documents_travel_through_export_and_import_and_go_with_their_image() {
     }
     assert_eq!(sbom(inside.path(), false, "spdx"), spdx);
 }
+
+#[tokio::test]
+async fn an_image_cached_without_documents_gets_them_when_asked() {
+    // As for an image cached by an older version: nothing made after the
+    // build.
+    let (dir, s) = fresh_server(&["--no-sbom"]).await;
+    let c = Client::new();
+    let (docker, _) =
+        get_manifest_as(&c, &s, "hello", "latest", MANIFEST_TYPE, MANIFEST_TYPE).await;
+    assert!(s.builder.db().referrers(&docker).unwrap().is_none());
+    let (listed, _) = referrers(&c, &s, &docker, "").await;
+    assert_eq!(listed["manifests"].as_array().unwrap().len(), 2, "{listed}");
+    let (_, spdx) = document(&c, &s, &listed, SPDX, &docker).await;
+    let (_, cdx) = document(&c, &s, &listed, CYCLONEDX, &docker).await;
+    validate(dir.path(), &spdx, &cdx);
+    let v: Value = serde_json::from_slice(&spdx).unwrap();
+    // The package set is not evaluated again: no licenses declared.
+    for p in v["packages"].as_array().unwrap() {
+        assert_eq!(p["licenseDeclared"], "NOASSERTION");
+    }
+    s.stop().await;
+}

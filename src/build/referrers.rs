@@ -166,7 +166,8 @@ impl Builder {
         docker: Digest,
         sources: Option<Sources>,
     ) -> Result<(), BuildError> {
-        if self.referrers_record(&docker).await?.is_some() {
+        let recorded = self.referrers_record(&docker).await?;
+        if recorded.is_some_and(|r| !r.referrers.is_empty()) {
             return Ok(());
         }
         let Some(bytes) = self.manifest_bytes(&docker).await? else {
@@ -176,7 +177,9 @@ impl Builder {
             Some(s) => s,
             None => match self.recorded_sources(docker, &bytes).await? {
                 Some(s) => s,
-                None => return Ok(()),
+                // Remembered as none, so that asking again costs no
+                // search and no Nix; a build of the image makes them.
+                None => return self.add_referrers(&docker, Vec::new()).await,
             },
         };
         let source = self.source().public_description();
