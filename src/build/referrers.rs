@@ -51,8 +51,12 @@ impl Builder {
                     b.attach_documents(docker, Some(sources)).await
                 })
                 .await;
-            if let Err(e) = made {
-                tracing::warn!(%docker, error = %e, "could not make the bills of materials");
+            match made {
+                // The collector counts them against the quota now.
+                Ok(()) => this.collector().wake(),
+                Err(e) => {
+                    tracing::warn!(%docker, error = %e, "could not make the bills of materials")
+                }
             }
         });
     }

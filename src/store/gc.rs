@@ -157,24 +157,48 @@ pub(crate) fn keep_with_forms<'a>(
             stale.push(digest);
         }
     }
-    let mut subjects: Vec<Digest> = manifests.iter().copied().collect();
+    let subjects: Vec<Digest> = manifests.iter().copied().collect();
     referenced.extend(manifests);
+    follow_referrers(subjects, referrers, &parts_of, &mut referenced);
+    stale.extend(artifacts.into_iter().filter(|d| !referenced.contains(d)));
+    (referenced, stale)
+}
+
+/// Adds to `kept` what refers to each of `subjects` and, for an artifact
+/// manifest, what it names; transitively (a referrer may have referrers).
+fn follow_referrers(
+    mut subjects: Vec<Digest>,
+    referrers: &HashMap<Digest, ReferrersRecord>,
+    parts_of: &impl Fn(&Digest) -> Option<Named>,
+    kept: &mut BTreeSet<Digest>,
+) {
     while let Some(subject) = subjects.pop() {
         let Some(record) = referrers.get(&subject) else {
             continue;
         };
         for r in &record.referrers {
-            if !referenced.insert(r.digest) || r.kind != ReferrerKind::Manifest {
+            if !kept.insert(r.digest) || r.kind != ReferrerKind::Manifest {
                 continue;
             }
             if let Some(named) = parts_of(&r.digest) {
-                referenced.extend(named.blobs().iter().map(|(d, _)| *d));
+                kept.extend(named.blobs().iter().map(|(d, _)| *d));
             }
             subjects.push(r.digest);
         }
     }
-    stale.extend(artifacts.into_iter().filter(|d| !referenced.contains(d)));
-    (referenced, stale)
+}
+
+/// An image's blobs (its manifest and what it names) with what refers to
+/// its manifest, so that evicting it counts those bytes as freed.
+pub(crate) fn with_referrers(
+    blobs: Vec<Digest>,
+    manifest: Digest,
+    referrers: &HashMap<Digest, ReferrersRecord>,
+    parts_of: &impl Fn(&Digest) -> Option<Named>,
+) -> Vec<Digest> {
+    let mut all: BTreeSet<Digest> = blobs.into_iter().collect();
+    follow_referrers(vec![manifest], referrers, parts_of, &mut all);
+    all.into_iter().collect()
 }
 
 /// What the database keeps images by: cached builds, last-built tags and
@@ -207,7 +231,12 @@ impl Records {
 }
 
 /// The images the database keeps, one per manifest digest.
-fn images(records: &Records, pulls: &HashMap<Digest, PullRecord>, blobs: &BlobStore) -> Vec<Image> {
+fn images(
+    records: &Records,
+    pulls: &HashMap<Digest, PullRecord>,
+    blobs: &BlobStore,
+    referrers: &HashMap<Digest, ReferrersRecord>,
+) -> Vec<Image> {
     let mut by_digest: HashMap<Digest, (u64, bool)> = HashMap::new();
     let built = records
         .manifests
@@ -231,7 +260,9 @@ fn images(records: &Records, pulls: &HashMap<Digest, PullRecord>, blobs: &BlobSt
                 manifest,
                 last_used: pull.map_or(checked_at, |p| p.at.max(checked_at)),
                 image: pull.map(|p| p.image.clone()),
-                blobs: blobs_of(blobs, &manifest),
+                blobs: with_referrers(blobs_of(blobs, &manifest), manifest, referrers, &|d| {
+                    parts_of(blobs, d)
+                }),
                 pinned,
             }
         })
@@ -337,7 +368,8 @@ pub fn collect(
 
     let protect_from = at.saturating_sub(policy.keep_pulled_within.as_secs());
     let all_pulls = pulls.all(db)?;
-    let kept = images(&Records::read(db)?, &all_pulls, blobs);
+    let referrers: HashMap<_, _> = db.all_referrers()?.into_iter().collect();
+    let kept = images(&Records::read(db)?, &all_pulls, blobs, &referrers);
     let (chosen, evicted) = evictions(&kept, &sizes, needed, protect_from);
 
     if dry_run {
@@ -346,7 +378,6 @@ pub fn collect(
             .enumerate()
             .filter(|(i, _)| !chosen.contains(i))
             .map(|(_, img)| img);
-        let referrers: HashMap<_, _> = db.all_referrers()?.into_iter().collect();
         let (referenced, _) = keep_with_forms(
             db.manifest_digest_list()?,
             |d| parts_of(blobs, d),
@@ -380,8 +411,8 @@ pub fn collect(
         // so far: a build that records its manifest after this point
         // changes the count, and the deletion below then refuses.
         let released = blobs.pins_released();
-        let staying = images(&Records::read(db)?, &HashMap::new(), blobs);
         let referrers: HashMap<_, _> = db.all_referrers()?.into_iter().collect();
+        let staying = images(&Records::read(db)?, &HashMap::new(), blobs, &referrers);
         let (referenced, stale) = keep_with_forms(
             db.manifest_digest_list()?,
             |d| parts_of(blobs, d),

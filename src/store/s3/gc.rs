@@ -31,7 +31,7 @@ use crate::oci::{named_by, Named};
 use crate::store::db::{
     ImportedRecord, LayerRecord, ManifestRecord, PulledRecord, ReferrersRecord,
 };
-use crate::store::gc::{evictions, keep_with_forms, Image, Policy, Report};
+use crate::store::gc::{evictions, keep_with_forms, with_referrers, Image, Policy, Report};
 use crate::store::{LeaseState, RecordKind, StoreError};
 use futures::{StreamExt, TryStreamExt};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -186,8 +186,7 @@ fn images(c: &Contents) -> Vec<Image> {
             if let Some(Named::Image(parts)) = c.parts.get(&manifest) {
                 blobs.extend(parts.iter().map(|(d, _)| *d));
             }
-            blobs.sort();
-            blobs.dedup();
+            let blobs = with_referrers(blobs, manifest, &c.referrers, &|d| c.parts.get(d).cloned());
             Image {
                 manifest,
                 last_used,
