@@ -32,7 +32,8 @@ FIXTURE = os.path.join(ROOT, "tests", "fixtures", "pkgs")
 OHA_SECONDS = int(os.environ.get("BENCH_OHA_SECONDS", "10"))
 CONNECTIONS = 64
 DOWNLOADS = 8
-# BENCH_ONLY=eval,serve,docker runs only those parts: `eval` (the
+# BENCH_ONLY=sbom,eval,serve,docker runs only those parts: `sbom` (a cold
+# pull with and without bills of materials; any binary), `eval` (the
 # evaluation cache on the costly package set), `serve` (packing, start-up,
 # idle RSS, downloads beside nginx, request rates), `docker` (docker pull
 # beside distribution). All by default. `bench.py admin` runs only the
@@ -165,6 +166,42 @@ def pack_figure(label, image, attrs, work):
         f"{server.command} & curl {server.base}/v2/{image}/manifests/latest",
     )
     return storage
+
+
+def sbom_figure(work):
+    """Cold pull of hello/big with the bills of materials made after the
+    build and with --no-sbom, alternating, on fresh storage each; then the
+    documents' sizes for fixture images."""
+    times = {"with": [], "without (--no-sbom)": []}
+    for round_ in range(2):
+        for label, extra in (("without (--no-sbom)", ("--no-sbom",)), ("with", ())):
+            storage = os.path.join(work, f"sbom-{round_}-{label.split()[0]}")
+            server = Server(storage, extra)
+            start = time.monotonic()
+            server.get("/v2/hello/big/manifests/latest")
+            times[label].append(time.monotonic() - start)
+            server.stop()
+    for label, secs in times.items():
+        say(
+            f"cold manifest GET of hello/big, bills of materials {label}",
+            ", ".join(f"{s:.2f} s" for s in secs),
+            f"{BIN} ... {'--no-sbom ' if 'no-sbom' in label else ''}& curl .../v2/hello/big/manifests/latest (fresh storage each)",
+        )
+    server = Server(os.path.join(work, "sbom-sizes"))
+    for image in ("hello", "shell/hello", "hello/big", "manydeps"):
+        req = urllib.request.Request(
+            f"{server.base}/v2/{image}/manifests/latest",
+            headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"},
+        )
+        with urllib.request.urlopen(req, timeout=900) as r:
+            digest = r.headers["Docker-Content-Digest"]
+        listed = json.loads(server.get(f"/v2/{image}/referrers/{digest}"))
+        sizes = []
+        for m in listed["manifests"]:
+            artifact = json.loads(server.get(f"/v2/{image}/manifests/{m['digest']}"))
+            sizes.append(f"{m['artifactType'].split('/')[-1]} {artifact['layers'][0]['size']:,} B")
+        say(f"bill of materials sizes, {image}", ", ".join(sizes), f"GET /v2/{image}/referrers/{digest}, then each artifact manifest")
+    server.stop()
 
 
 def oha(url):
@@ -537,6 +574,8 @@ def main():
         return
     work = tempfile.mkdtemp(prefix="nixery-bench-")
     try:
+        if wanted("sbom"):
+            sbom_figure(work)
         if wanted("eval"):
             eval_cache_figure(work)
         if wanted("serve"):

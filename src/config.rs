@@ -90,6 +90,10 @@ pub struct ServeArgs {
     /// With --htpasswd: leave /metrics open to scrapers without credentials.
     #[arg(long, env = "NIXERY_METRICS_PUBLIC")]
     pub metrics_public: bool,
+    /// Do not make bills of materials right after each build (they are
+    /// still made when an image's referrers are first asked for).
+    #[arg(long, env = "NIXERY_NO_SBOM")]
+    pub no_sbom: bool,
     /// Client connections open at once; more wait to be accepted.
     #[arg(long, env = "NIXERY_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
@@ -258,6 +262,8 @@ pub struct Config {
     pub metrics_public: bool,
     /// Serve HTTPS with this pair.
     pub tls: Option<TlsFiles>,
+    /// Make bills of materials in the background after each build.
+    pub sbom_after_build: bool,
     pub connections: crate::http::conn::Limits,
     /// At least one, no duplicates, in the order given.
     pub platforms: Vec<Arch>,
@@ -480,6 +486,7 @@ impl ServeArgs {
             htpasswd: self.htpasswd.clone().filter(|p| !p.as_os_str().is_empty()),
             metrics_public: self.metrics_public,
             tls,
+            sbom_after_build: !self.no_sbom,
             connections: crate::http::conn::Limits {
                 max_connections: self.max_connections,
                 header_timeout: Duration::from_secs(self.header_timeout),

@@ -14,6 +14,7 @@ pub mod http;
 pub mod memory;
 pub mod mirror;
 pub mod observe;
+pub mod oci;
 pub mod redact;
 pub mod store;
 pub mod tls;
@@ -101,7 +102,7 @@ pub fn write_atomically_mode(path: &Path, content: &[u8], mode: u32) -> std::io:
 /// removed or restored from an old copy. The images are rebuilt on their
 /// next pull, reusing stored layers.
 fn report_lost_records(blobs: &store::fs::BlobStore, db: &store::db::Db) -> Result<(), StartError> {
-    use build::manifest::{is_manifest, MANIFEST_SCAN_BYTES};
+    use oci::manifest::{is_manifest, MANIFEST_SCAN_BYTES};
     let mut stored = 0usize;
     let mut unknown = 0usize;
     for digest in blobs.small_blobs(MANIFEST_SCAN_BYTES)? {
@@ -299,6 +300,7 @@ pub async fn open_builder(config: &Config) -> Result<Arc<Builder>, StartError> {
         popularity: Arc::new(popularity),
         lease_ttl: config.lease_ttl,
         platforms: config.platforms.clone(),
+        sbom_after_build: config.sbom_after_build,
     };
     let status = observe::status::Status::new(
         db.clone(),
@@ -378,6 +380,7 @@ impl Server {
         let tls_watcher = self.tls.as_ref().map(|t| t.watch());
         let app = router(self.builder, self.auth, self.tls.clone());
         http::conn::serve(self.listener, app, self.limits, self.tls, shutdown).await?;
+        builder.finish_background().await;
         for w in [watcher, tls_watcher].into_iter().flatten() {
             w.abort();
         }

@@ -47,6 +47,9 @@ enum Command {
     /// HTTPS without a PKI: `tls init` writes a private CA and a server
     /// certificate, and prints how clients trust it.
     Tls(cli::tls::TlsArgs),
+    /// Print an image's bill of materials (SPDX or CycloneDX JSON),
+    /// building the image first if need be.
+    Sbom(cli::sbom::SbomArgs),
 }
 
 fn main() -> ExitCode {
@@ -90,6 +93,10 @@ fn main() -> ExitCode {
         Some(Command::Verify(args)) => {
             init_logging(args.serve.log_format, "warn");
             cli::verify::run(args)
+        }
+        Some(Command::Sbom(args)) => {
+            init_logging(args.serve.log_format, "warn");
+            cli::sbom::run(args)
         }
     }
 }

@@ -42,7 +42,9 @@ async fn a_quota_evicts_the_least_recently_pulled_image() {
     let dir = tempfile::tempdir().unwrap();
     let c = Client::new();
     // Three images, pulled a second apart (pull times have 1 s resolution).
-    let s = TestServer::start(&config(dir.path(), &[])).await;
+    // Exact quota arithmetic: no bills of materials made after the builds
+    // (tests/sbom.rs collects those).
+    let s = TestServer::start(&config(dir.path(), &["--no-sbom"])).await;
     let mut manifests = Vec::new();
     for name in ["hello", "big", "bash"] {
         manifests.push(get_manifest(&c, &s, name, "latest").await);
@@ -53,7 +55,13 @@ async fn a_quota_evicts_the_least_recently_pulled_image() {
 
     // A quota just below the three: evicting the oldest is enough.
     let quota = (total - 1).to_string();
-    let limits = ["--max-storage", quota.as_str(), "--gc-keep-recent", "0"];
+    let limits = [
+        "--max-storage",
+        quota.as_str(),
+        "--gc-keep-recent",
+        "0",
+        "--no-sbom",
+    ];
     let s = TestServer::start(&config(dir.path(), &limits)).await;
     let gc = next_gc(&c, &s, &Value::Null).await;
     assert_eq!(evicted_names(&gc), vec!["hello"], "{gc}");
@@ -158,8 +166,12 @@ fn gc_subcommand_reports_and_collects() {
         let s = TestServer::start(&config(dir.path(), &[])).await;
         let c = Client::new();
         get_manifest(&c, &s, "hello", "latest").await;
-        let total = s.builder.blobs().stats().1;
+        // Counted after the stop, which waits for the bills of materials
+        // made after the build.
+        let builder = std::sync::Arc::clone(&s.builder);
         s.stop().await;
+        let total = builder.blobs().stats().1;
+        drop(builder);
         total
     });
     let nixery = env!("CARGO_BIN_EXE_nixery");

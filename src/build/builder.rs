@@ -80,6 +80,8 @@ pub enum BuildError {
     #[error(transparent)]
     Manifest(#[from] ManifestError),
     #[error(transparent)]
+    Oci(#[from] crate::oci::OciError),
+    #[error(transparent)]
     Db(#[from] DbError),
     #[error(transparent)]
     Storage(#[from] StoreError),
@@ -247,6 +249,8 @@ pub struct BuilderSettings {
     /// What a pull by tag is built for (the first when only one image is
     /// wanted); at least one.
     pub platforms: Vec<Arch>,
+    /// Make bills of materials in the background after each build.
+    pub sbom_after_build: bool,
 }
 
 /// `PATH` in every image: the usual directories, so `/bin` (where the
@@ -262,6 +266,10 @@ pub struct Builder {
     storage: Arc<dyn Storage>,
     builds: SingleFlight<BuildResult>,
     layers: SingleFlight<Result<LayerRecord, Arc<BuildError>>>,
+    /// Bills of materials being made, by Docker manifest.
+    sboms: SingleFlight<Result<(), Arc<BuildError>>>,
+    /// Work started after a build that a shutdown waits for.
+    background: std::sync::Mutex<tokio::task::JoinSet<()>>,
     permits: Semaphore,
     queue: BuildQueue,
     failures: FailureCache<BuildError>,
@@ -364,6 +372,8 @@ impl Builder {
             storage,
             builds: SingleFlight::default(),
             layers: SingleFlight::default(),
+            sboms: SingleFlight::default(),
+            background: Default::default(),
             permits,
             queue,
             failures: FailureCache::default(),
@@ -410,6 +420,30 @@ impl Builder {
 
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.storage
+    }
+
+    pub(crate) fn sboms(&self) -> &SingleFlight<Result<(), Arc<BuildError>>> {
+        &self.sboms
+    }
+
+    /// Runs `work` in the background, where [`finish_background`]
+    /// (Self::finish_background) waits for it.
+    pub(crate) fn in_background(
+        &self,
+        work: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let mut tasks = self.background.lock().unwrap_or_else(|e| e.into_inner());
+        // Finished ones are dropped, so the set holds only what runs.
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(work);
+    }
+
+    /// Waits for the background work started so far (at shutdown, so that
+    /// nothing holds the database after it).
+    pub async fn finish_background(&self) {
+        let mut tasks =
+            std::mem::take(&mut *self.background.lock().unwrap_or_else(|e| e.into_inner()));
+        while tasks.join_next().await.is_some() {}
     }
 
     pub fn nix(&self) -> &Nix {
@@ -501,7 +535,7 @@ impl Builder {
     /// read. Blocking (it reads and stats).
     fn complete(blobs: &BlobStore, manifest: &Digest, known: Option<&[u8]>) -> bool {
         let names_whole = |bytes: &[u8]| {
-            manifest::referenced_blobs(bytes).is_some_and(|named| {
+            crate::oci::manifest::referenced_blobs(bytes).is_some_and(|named| {
                 named
                     .iter()
                     .all(|(digest, size)| blobs.contains_whole(digest, *size))
@@ -591,7 +625,7 @@ impl Builder {
                 crate::store::read_all(
                     self.storage.as_ref(),
                     digest,
-                    crate::build::forms::MANIFEST_MAX_BYTES,
+                    crate::oci::manifest::MANIFEST_MAX_BYTES,
                 )
                 .await?
             }
@@ -1045,6 +1079,7 @@ impl Builder {
         let closure = nix.closure(&outs).await?;
         phases.finish("closure");
 
+        let sbom_closure = closure.clone();
         // A moving source that still yields the same store paths keeps its
         // manifest: only the check time and the revision move.
         let previous = match self.manifest_record(key).await? {
@@ -1076,7 +1111,29 @@ impl Builder {
         if let Some(ck) = &commit_key {
             self.put_manifest_record(ck, &record).await?;
         }
-        self.keep(image, spec, key, record).await
+        let digest = self.keep(image, spec, key, record).await?;
+        if !self.settings.sbom_after_build {
+            return Ok(digest);
+        }
+        self.attach_sboms_later(
+            digest,
+            crate::build::referrers::Sources {
+                image: image.to_owned(),
+                architecture: spec.arch.docker().to_owned(),
+                revision: revision.clone(),
+                closure: sbom_closure,
+                roots: resolved
+                    .found
+                    .values()
+                    .map(|p| crate::build::sbom::Root {
+                        out_path: p.out_path.clone(),
+                        licenses: p.licenses.clone(),
+                        homepage: p.homepage.clone(),
+                    })
+                    .collect(),
+            },
+        );
+        Ok(digest)
     }
 
     /// The packages of an image resolved to derivations: from the

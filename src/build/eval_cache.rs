@@ -68,6 +68,8 @@ pub fn lookup(db: &Db, revision: &Revision, names: &[String]) -> Result<Known, D
                         drv_path: r.drv_path,
                         out_path: r.out_path,
                         main_program: r.main_program,
+                        licenses: r.licenses,
+                        homepage: r.homepage,
                     },
                 );
             }
@@ -91,6 +93,8 @@ pub fn remember(
                 drv_path: p.drv_path.clone(),
                 out_path: p.out_path.clone(),
                 main_program: p.main_program.clone(),
+                licenses: p.licenses.clone(),
+                homepage: p.homepage.clone(),
             };
             (revision.key(name), record)
         })
@@ -115,6 +119,8 @@ mod tests {
             drv_path: drv.to_string_lossy().into_owned(),
             out_path: "/nix/store/x-hello".into(),
             main_program: Some("hello".into()),
+            licenses: vec!["GPL-3.0-or-later".into()],
+            homepage: Some("https://www.gnu.org/software/hello/".into()),
         }
     }
 

@@ -495,6 +495,8 @@ mod tests {
             drv_path: format!("{out}.drv"),
             out_path: out.to_owned(),
             main_program: main.map(str::to_owned),
+            licenses: vec![],
+            homepage: None,
         }
     }
 

@@ -6,10 +6,14 @@
 use super::build::{build_all, image_list};
 use crate::build::builder::{Builder, TagAnswer};
 use crate::config::ServeArgs;
+use crate::digest::Digest;
 use crate::mirror::import::{NIX_CACHE_DIR, STORE_PATHS_FILE};
 use crate::mirror::{layout, Image};
+use crate::oci::Format;
+use crate::store::db::Referrer;
 use anyhow::Context;
 use clap::Args;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -68,6 +72,7 @@ pub fn run(args: ExportArgs) -> ExitCode {
             }
             exported.push(image);
         }
+        let referrers = referrers_of(&builder, &exported).await?;
         let as_tar = args.output.extension().is_some_and(|e| e == "tar");
         let dir = if as_tar {
             let name = args
@@ -79,7 +84,7 @@ pub fn run(args: ExportArgs) -> ExitCode {
         } else {
             args.output.clone()
         };
-        let written = write_layout(&builder, &exported, &dir, args.with_closures).await;
+        let written = write_layout(&builder, &exported, referrers, &dir, args.with_closures).await;
         if as_tar {
             let packed = written.and_then(|w| {
                 layout::pack_tar(&dir, &args.output)?;
@@ -105,18 +110,45 @@ fn report(output: &Path, written: layout::Written, images: usize) {
     );
 }
 
+/// What refers to each image's manifests (its Docker and OCI forms),
+/// made if need be and brought to this replica's disk.
+async fn referrers_of(
+    builder: &Arc<Builder>,
+    images: &[Image],
+) -> anyhow::Result<BTreeMap<Digest, Vec<Referrer>>> {
+    let mut out = BTreeMap::new();
+    for image in images {
+        for docker in image.manifests() {
+            let oci = builder.manifest_in(docker, Format::Oci).await?;
+            for subject in std::iter::once(docker).chain(oci.map(|s| s.digest)) {
+                let listed = builder
+                    .referrers(subject)
+                    .await
+                    .with_context(|| format!("{}: its bills of materials", image.image))?;
+                for r in &listed {
+                    builder.bring_local(&r.digest).await?;
+                }
+                out.insert(subject, listed);
+            }
+        }
+    }
+    Ok(out)
+}
+
 async fn write_layout(
     builder: &Arc<Builder>,
     images: &[Image],
+    referrers: BTreeMap<Digest, Vec<Referrer>>,
     dir: &Path,
     with_closures: bool,
 ) -> anyhow::Result<layout::Written> {
     let blobs = builder.blobs().clone();
     let list = images.to_vec();
     let out = dir.to_owned();
-    let written = tokio::task::spawn_blocking(move || layout::write(&blobs, &list, &out))
-        .await
-        .context("writing the layout")??;
+    let written =
+        tokio::task::spawn_blocking(move || layout::write(&blobs, &list, &referrers, &out))
+            .await
+            .context("writing the layout")??;
     if with_closures {
         write_closures(builder, images, dir).await?;
     }

@@ -78,6 +78,12 @@ pub fn run(args: ImportArgs) -> ExitCode {
                         .await?;
                 }
             }
+            for (subject, referrer) in &checked.referrers {
+                builder.mark_manifest(subject).await?;
+                builder
+                    .add_referrers(subject, vec![referrer.clone()])
+                    .await?;
+            }
             println!(
                 "published {} blobs to {}",
                 checked.blobs.len(),

@@ -7,6 +7,7 @@ pub mod export;
 pub mod gc;
 pub mod import;
 pub mod notify;
+pub mod sbom;
 pub mod serve;
 pub mod tls;
 pub mod verify;
@@ -42,7 +43,9 @@ where
     with_runtime(async {
         let builder = crate::open_builder(&config).await?;
         let db = builder.db().clone();
-        let result = work(config, builder).await;
+        let result = work(config, Arc::clone(&builder)).await;
+        builder.finish_background().await;
+        drop(builder);
         db.flush().await?;
         result
     })

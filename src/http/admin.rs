@@ -77,12 +77,12 @@ async fn collect(
     tokio::task::spawn_blocking(move || {
         Report::collect(&builder, &query).map(|r| Report { tls, ..r })
     })
-        .await
-        .map_err(|_| ApiError::internal("gathering the status"))?
-        .map_err(|e| {
-            tracing::error!(error = %e, "could not gather the status");
-            ApiError::internal("gathering the status")
-        })
+    .await
+    .map_err(|_| ApiError::internal("gathering the status"))?
+    .map_err(|e| {
+        tracing::error!(error = %e, "could not gather the status");
+        ApiError::internal("gathering the status")
+    })
 }
 
 fn with_type(mut r: Response, content_type: &'static str) -> Response {

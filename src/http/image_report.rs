@@ -5,12 +5,13 @@
 
 use crate::build::builder::Builder;
 use crate::build::image::Arch;
-use crate::build::manifest::{self, Format};
 use crate::build::store_path::name_and_version;
 use crate::clock::now_unix;
 use crate::digest::Digest;
 use crate::http::plot::{plot, LineData, Plot, Unit};
 use crate::http::report::{BuildView, ReportError};
+use crate::oci::manifest;
+use crate::oci::media::Format;
 use crate::store::db::ImagePullsRecord;
 use crate::store::db::{ManifestRecord, TagTree};
 use crate::store::gc;

@@ -5,14 +5,16 @@
 //! leaves the storage as it was. An image exported with several
 //! platforms is an index: each of its manifests is checked the same way.
 
-use super::layout::{
-    Descriptor, Index, Manifest, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, REF_NAME,
-};
+use super::layout::{Descriptor, Index, Manifest, DOCKER_MANIFEST, REF_NAME};
 use super::{Image, ImageRef};
 use crate::build::image::Arch;
-use crate::build::manifest::{media_type_of, MANIFEST_MEDIA_TYPE};
 use crate::digest::{Digest, HashingWriter};
-use crate::store::db::{Db, DbError, TagRecord, TagTree};
+use crate::oci::manifest::media_type_of;
+use crate::oci::media::{
+    MANIFEST_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE as OCI_INDEX, OCI_MANIFEST_MEDIA_TYPE as OCI_MANIFEST,
+};
+use crate::oci::{named_by, Named};
+use crate::store::db::{Db, DbError, Referrer, ReferrerKind, TagRecord, TagTree};
 use crate::store::fs::{BlobError, BlobStore};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -54,6 +56,8 @@ pub struct Checked {
     /// Removed on drop when the layout was unpacked from a tar file.
     _staging: Option<Staging>,
     pub images: Vec<Image>,
+    /// Artifact manifests of the layout and the manifest each refers to.
+    pub referrers: Vec<(Digest, Referrer)>,
     /// Every blob the images need, each once.
     pub blobs: BTreeSet<Digest>,
     pub bytes: u64,
@@ -119,6 +123,11 @@ impl Checked {
             db.put_pinned_platforms(name, tag, &platforms)?;
             db.put_tag_record(TagTree::Pinned, name, tag, &record(&image.digest))?;
         }
+        for (subject, referrer) in &self.referrers {
+            // An OCI form is served (and kept) once marked as a manifest.
+            db.add_manifest_digest(subject)?;
+            db.add_referrers(subject, std::slice::from_ref(referrer))?;
+        }
         Ok(())
     }
 
@@ -159,6 +168,7 @@ pub fn check(input: &Path, staging_parent: &Path) -> Result<Checked, ImportError
         dir,
         _staging: staging,
         images: Vec::new(),
+        referrers: Vec::new(),
         blobs: BTreeSet::new(),
         bytes: 0,
     };
@@ -200,7 +210,11 @@ fn check_layout(c: &mut Checked) -> Result<(), ImportError> {
             serde_json::from_slice(&b)
                 .map_err(|e| ImportError::NotALayout(format!("index.json: {e}")))
         })?;
-    for entry in &index.manifests {
+    let (artifacts, images): (Vec<&Descriptor>, Vec<&Descriptor>) = index
+        .manifests
+        .iter()
+        .partition(|e| e.artifact_type.is_some());
+    for entry in images {
         let name = entry.annotations.get(REF_NAME).ok_or_else(|| {
             ImportError::NotALayout(format!("manifest {} has no {REF_NAME}", entry.digest))
         })?;
@@ -228,6 +242,44 @@ fn check_layout(c: &mut Checked) -> Result<(), ImportError> {
     if c.images.is_empty() {
         return Err(ImportError::NotALayout("index.json lists no images".into()));
     }
+    for entry in artifacts {
+        check_artifact(c, entry)?;
+    }
+    Ok(())
+}
+
+/// Checks an artifact manifest of the layout (a bill of materials), its
+/// blobs, and that its subject is a manifest of an image imported with it.
+fn check_artifact(c: &mut Checked, entry: &Descriptor) -> Result<(), ImportError> {
+    let bad = |message: String| ImportError::BadManifest {
+        digest: entry.digest,
+        message,
+    };
+    let bytes = c.read_verified(&entry.digest, Some(entry.size))?;
+    let Some(Named::Artifact { subject, blobs }) = named_by(&bytes) else {
+        return Err(bad("an artifactType but no subject".into()));
+    };
+    let manifests: BTreeSet<Digest> = c.images.iter().flat_map(|i| i.manifests()).collect();
+    let is_oci_form = c.blobs.contains(&subject);
+    if !manifests.contains(&subject) && !is_oci_form {
+        return Err(bad(format!(
+            "its subject {subject} is no image of the layout"
+        )));
+    }
+    for (d, size) in blobs {
+        c.verify(&d, Some(size))?;
+    }
+    c.referrers.push((
+        subject,
+        Referrer {
+            kind: ReferrerKind::Manifest,
+            media_type: entry.media_type.clone(),
+            artifact_type: entry.artifact_type.clone().unwrap_or_default(),
+            digest: entry.digest,
+            size: entry.size,
+            annotations: entry.annotations.clone().into_iter().collect(),
+        },
+    ));
     Ok(())
 }
 

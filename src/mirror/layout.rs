@@ -11,16 +11,19 @@
 //! blob), whose entries are those manifests, each with its `platform`.
 
 use super::Image;
-use crate::build::manifest::{self, Format};
 use crate::digest::Digest;
+use crate::oci::manifest;
+use crate::oci::media::{
+    OCI_INDEX_MEDIA_TYPE as OCI_INDEX, OCI_MANIFEST_MEDIA_TYPE as OCI_MANIFEST,
+};
+use crate::oci::Format;
+use crate::store::db::{Referrer, ReferrerKind};
 use crate::store::fs::{BlobError, BlobStore};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 /// The image-spec annotation that names an index entry (`NAME:TAG`).
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
 /// On an index entry (or a nested index's): the digest of the Docker
@@ -58,6 +61,9 @@ pub struct Descriptor {
     /// In an image's index: the platform of the manifest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<Platform>,
+    /// An artifact manifest's type (a referrer of an image's manifest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,6 +125,7 @@ fn descriptor(media_type: &str, digest: Digest, size: u64) -> Descriptor {
         size,
         annotations: BTreeMap::new(),
         platform: None,
+        artifact_type: None,
     }
 }
 
@@ -132,8 +139,16 @@ pub struct Written {
 /// Writes `images` into the layout directory `dir`; blobs already there
 /// are kept, so a blob shared by several images is written once. An image
 /// with several platforms is an OCI index (a blob) over each platform's
-/// OCI manifest.
-pub fn write(blobs: &BlobStore, images: &[Image], dir: &Path) -> Result<Written, LayoutError> {
+/// OCI manifest. The artifact manifests in `referrers` (by subject) whose
+/// subject is a manifest written are written too, each listed in
+/// `index.json` with its `artifactType` and no name, where OCI tools
+/// (oras) find them.
+pub fn write(
+    blobs: &BlobStore,
+    images: &[Image],
+    referrers: &BTreeMap<Digest, Vec<Referrer>>,
+    dir: &Path,
+) -> Result<Written, LayoutError> {
     let blob_dir = dir.join("blobs/sha256");
     std::fs::create_dir_all(&blob_dir).map_err(io_err("creating", &blob_dir))?;
     let mut w = Writer {
@@ -165,6 +180,23 @@ pub fn write(blobs: &BlobStore, images: &[Image], dir: &Path) -> Result<Written,
             .annotations
             .insert(REF_NAME.to_owned(), image.image.to_string());
         entries.push(entry);
+    }
+    for (subject, listed) in referrers {
+        if !w.seen.contains(subject) {
+            continue;
+        }
+        for r in listed.iter().filter(|r| r.kind == ReferrerKind::Manifest) {
+            let bytes = read(blobs, &r.digest)?;
+            let named = crate::oci::named_by(&bytes);
+            let parts = named.as_ref().map_or(&[][..], |n| n.blobs());
+            for d in std::iter::once(r.digest).chain(parts.iter().map(|(d, _)| *d)) {
+                w.copy(&d)?;
+            }
+            let mut entry = descriptor(&r.media_type, r.digest, r.size);
+            entry.artifact_type = Some(r.artifact_type.clone());
+            entry.annotations = r.annotations.iter().cloned().collect();
+            entries.push(entry);
+        }
     }
     let index_json = to_json(serde_json::to_vec_pretty(&Index::of(entries)))?;
     write_file(
@@ -198,10 +230,7 @@ impl Writer<'_> {
         let docker_bytes = read(self.blobs, digest)?;
         let docker = Manifest::parse(digest, &docker_bytes)?;
         for d in std::iter::once(*digest).chain(docker.references().map(|r| r.digest)) {
-            if self.seen.insert(d) {
-                self.written.bytes += write_blob(self.blobs, &self.blob_dir, &d)?;
-                self.written.blobs += 1;
-            }
+            self.copy(&d)?;
         }
         let oci =
             manifest::convert(&docker_bytes, Format::Oci).map_err(|e| LayoutError::Convert {
@@ -214,6 +243,15 @@ impl Writer<'_> {
             .annotations
             .insert(DOCKER_MANIFEST.to_owned(), digest.to_string());
         Ok(entry)
+    }
+
+    /// Copies a stored blob into the layout, once.
+    fn copy(&mut self, digest: &Digest) -> Result<(), LayoutError> {
+        if self.seen.insert(*digest) {
+            self.written.bytes += write_blob(self.blobs, &self.blob_dir, digest)?;
+            self.written.blobs += 1;
+        }
+        Ok(())
     }
 
     /// Writes a blob made here (not from the store), once.

@@ -6,10 +6,12 @@
 //! Written against a few blob-store operations (list with sizes, stat,
 //! delete unless pinned) so that other backends can provide them.
 
-use crate::build::manifest::{named_by, Named};
 use crate::clock::now_unix;
 use crate::digest::Digest;
-use crate::store::db::{Db, DbError, ManifestRecord, PullRecord, TagRecord, TagTree};
+use crate::oci::{named_by, Named};
+use crate::store::db::{
+    Db, DbError, ManifestRecord, PullRecord, ReferrerKind, ReferrersRecord, TagRecord, TagTree,
+};
 use crate::store::fs::{BlobError, BlobStore};
 use crate::store::pulls::LastPulled;
 use serde::Serialize;
@@ -110,13 +112,16 @@ fn blobs_of(blobs: &BlobStore, manifest: &Digest) -> Vec<Digest> {
 
 /// Every blob to keep: those of the `kept` images, plus the forms served
 /// besides their Docker manifests (an OCI manifest, an index over
-/// platforms) whose every part is kept. The other forms come second: they
-/// are no longer served, and their blobs go.
+/// platforms) whose every part is kept, plus whatever refers to a kept
+/// manifest (`referrers`, followed transitively; a referrer that is a
+/// manifest keeps what it names). The other forms and artifact manifests
+/// come second: they are no longer served, and their blobs go.
 /// `listed`: every digest recorded as a manifest; `parts_of`: what one
 /// names.
 pub(crate) fn keep_with_forms<'a>(
     listed: Vec<Digest>,
     parts_of: impl Fn(&Digest) -> Option<Named>,
+    referrers: &HashMap<Digest, ReferrersRecord>,
     kept: impl Iterator<Item = &'a Image>,
 ) -> (BTreeSet<Digest>, Vec<Digest>) {
     let mut referenced = BTreeSet::new();
@@ -125,7 +130,7 @@ pub(crate) fn keep_with_forms<'a>(
         manifests.insert(image.manifest);
         referenced.extend(image.blobs.iter().copied());
     }
-    let (mut indexes, mut stale) = (Vec::new(), Vec::new());
+    let (mut indexes, mut stale, mut artifacts) = (Vec::new(), Vec::new(), Vec::new());
     for digest in listed {
         if manifests.contains(&digest) {
             continue;
@@ -140,18 +145,60 @@ pub(crate) fn keep_with_forms<'a>(
                 digest,
                 children.into_iter().map(|(d, _)| d).collect::<Vec<_>>(),
             )),
+            // Kept by the referrers record of its subject, below.
+            Some(Named::Artifact { .. }) => artifacts.push(digest),
             _ => stale.push(digest),
         }
     }
     for (digest, children) in indexes {
         if !children.is_empty() && children.iter().all(|c| manifests.contains(c)) {
-            referenced.insert(digest);
+            manifests.insert(digest);
         } else {
             stale.push(digest);
         }
     }
+    let subjects: Vec<Digest> = manifests.iter().copied().collect();
     referenced.extend(manifests);
+    follow_referrers(subjects, referrers, &parts_of, &mut referenced);
+    stale.extend(artifacts.into_iter().filter(|d| !referenced.contains(d)));
     (referenced, stale)
+}
+
+/// Adds to `kept` what refers to each of `subjects` and, for an artifact
+/// manifest, what it names; transitively (a referrer may have referrers).
+fn follow_referrers(
+    mut subjects: Vec<Digest>,
+    referrers: &HashMap<Digest, ReferrersRecord>,
+    parts_of: &impl Fn(&Digest) -> Option<Named>,
+    kept: &mut BTreeSet<Digest>,
+) {
+    while let Some(subject) = subjects.pop() {
+        let Some(record) = referrers.get(&subject) else {
+            continue;
+        };
+        for r in &record.referrers {
+            if !kept.insert(r.digest) || r.kind != ReferrerKind::Manifest {
+                continue;
+            }
+            if let Some(named) = parts_of(&r.digest) {
+                kept.extend(named.blobs().iter().map(|(d, _)| *d));
+            }
+            subjects.push(r.digest);
+        }
+    }
+}
+
+/// An image's blobs (its manifest and what it names) with what refers to
+/// its manifest, so that evicting it counts those bytes as freed.
+pub(crate) fn with_referrers(
+    blobs: Vec<Digest>,
+    manifest: Digest,
+    referrers: &HashMap<Digest, ReferrersRecord>,
+    parts_of: &impl Fn(&Digest) -> Option<Named>,
+) -> Vec<Digest> {
+    let mut all: BTreeSet<Digest> = blobs.into_iter().collect();
+    follow_referrers(vec![manifest], referrers, parts_of, &mut all);
+    all.into_iter().collect()
 }
 
 /// What the database keeps images by: cached builds, last-built tags and
@@ -184,11 +231,19 @@ impl Records {
 }
 
 /// The images the database keeps, one per manifest digest.
-fn images(records: &Records, pulls: &HashMap<Digest, PullRecord>, blobs: &BlobStore) -> Vec<Image> {
-    images_with(records, pulls, |d| blobs_of(blobs, d))
+fn images(
+    records: &Records,
+    pulls: &HashMap<Digest, PullRecord>,
+    blobs: &BlobStore,
+    referrers: &HashMap<Digest, ReferrersRecord>,
+) -> Vec<Image> {
+    images_with(records, pulls, |d| {
+        with_referrers(blobs_of(blobs, d), *d, referrers, &|x| parts_of(blobs, x))
+    })
 }
 
-/// As [`images`], with what each manifest names from `blobs_of`.
+/// As [`images`], with what each manifest names (and what refers to it)
+/// from `blobs_of`.
 fn images_with(
     records: &Records,
     pulls: &HashMap<Digest, PullRecord>,
@@ -302,7 +357,8 @@ pub(crate) fn stored_images(
     blobs: &BlobStore,
     pulls: &HashMap<Digest, PullRecord>,
 ) -> Result<Vec<Image>, DbError> {
-    Ok(images(&Records::read(db)?, pulls, blobs))
+    let referrers: HashMap<_, _> = db.all_referrers()?.into_iter().collect();
+    Ok(images(&Records::read(db)?, pulls, blobs, &referrers))
 }
 
 /// What stored manifests name, remembered by digest: a manifest's bytes
@@ -321,17 +377,22 @@ impl NamedMemo {
         pulls: &HashMap<Digest, PullRecord>,
     ) -> Result<Vec<Image>, DbError> {
         let records = Records::read(db)?;
+        // Referrers come after a build (its SBOMs): never remembered.
+        let referrers: HashMap<_, _> = db.all_referrers()?.into_iter().collect();
         let mut memo = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let images = images_with(&records, pulls, |d| match memo.get(d) {
-            Some(named) => named.clone(),
-            None => {
-                let named = blobs_of(blobs, d);
-                // Only the manifest itself: unreadable now, maybe not later.
-                if named.len() > 1 {
-                    memo.insert(*d, named.clone());
+        let images = images_with(&records, pulls, |d| {
+            let named = match memo.get(d) {
+                Some(named) => named.clone(),
+                None => {
+                    let named = blobs_of(blobs, d);
+                    // Only the manifest itself: unreadable now, maybe not later.
+                    if named.len() > 1 {
+                        memo.insert(*d, named.clone());
+                    }
+                    named
                 }
-                named
-            }
+            };
+            with_referrers(named, *d, &referrers, &|x| parts_of(blobs, x))
         });
         let stored: std::collections::HashSet<Digest> = images.iter().map(|i| i.manifest).collect();
         memo.retain(|d, _| stored.contains(d));
@@ -379,8 +440,13 @@ pub fn collect(
             .enumerate()
             .filter(|(i, _)| !chosen.contains(i))
             .map(|(_, img)| img);
-        let (referenced, _) =
-            keep_with_forms(db.manifest_digest_list()?, |d| parts_of(blobs, d), staying);
+        let referrers: HashMap<_, _> = db.all_referrers()?.into_iter().collect();
+        let (referenced, _) = keep_with_forms(
+            db.manifest_digest_list()?,
+            |d| parts_of(blobs, d),
+            &referrers,
+            staying,
+        );
         let unreferenced: Vec<(Digest, u64)> = stored
             .into_iter()
             .filter(|(d, _)| !referenced.contains(d))
@@ -408,14 +474,20 @@ pub fn collect(
         // so far: a build that records its manifest after this point
         // changes the count, and the deletion below then refuses.
         let released = blobs.pins_released();
-        let staying = images(&Records::read(db)?, &HashMap::new(), blobs);
+        let referrers: HashMap<_, _> = db.all_referrers()?.into_iter().collect();
+        let staying = images(&Records::read(db)?, &HashMap::new(), blobs, &referrers);
         let (referenced, stale) = keep_with_forms(
             db.manifest_digest_list()?,
             |d| parts_of(blobs, d),
+            &referrers,
             staying.iter(),
         );
         for digest in &stale {
             db.forget_manifest_digest(digest)?;
+        }
+        // What referred to a manifest that goes goes with it.
+        for subject in referrers.keys().filter(|s| !referenced.contains(s)) {
+            db.remove_referrers(subject)?;
         }
         let unreferenced: Vec<Digest> = blobs
             .list_blobs()?
@@ -590,6 +662,50 @@ mod tests {
         let index = serde_json::json!({"manifests": [{"digest": new_form.to_string(), "size": 1}]});
         let index = blobs.put(index.to_string().as_bytes()).unwrap();
         db.add_manifest_digest(&index).unwrap();
+        // An artifact (document + manifest) referring to each image, and
+        // a blob kept with the new one.
+        let refer = |subject: &Digest, text: &[u8]| {
+            let doc = blobs.put(text).unwrap();
+            blobs.put(crate::oci::artifact::EMPTY_CONFIG).unwrap();
+            let artifact = crate::oci::artifact::artifact_manifest(
+                "application/spdx+json",
+                crate::oci::artifact::ArtifactDescriptor {
+                    media_type: "application/spdx+json".into(),
+                    digest: doc,
+                    size: text.len() as u64,
+                    artifact_type: None,
+                    annotations: Default::default(),
+                },
+                &crate::oci::manifest::Descriptor {
+                    media_type: "m".into(),
+                    size: 1,
+                    digest: *subject,
+                },
+                &Default::default(),
+            )
+            .unwrap();
+            let a = blobs.put(&artifact.json).unwrap();
+            let referrer = |kind, digest, size| crate::store::db::Referrer {
+                kind,
+                media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                artifact_type: "application/spdx+json".into(),
+                digest,
+                size,
+                annotations: vec![],
+            };
+            let kept_blob = blobs.put(&[text, b" nar"].concat()).unwrap();
+            db.add_referrers(
+                subject,
+                &[
+                    referrer(ReferrerKind::Manifest, a, artifact.json.len() as u64),
+                    referrer(ReferrerKind::Blob, kept_blob, text.len() as u64 + 4),
+                ],
+            )
+            .unwrap();
+            (doc, a, kept_blob)
+        };
+        let old_refs = refer(&old, b"old sbom");
+        let new_refs = refer(&new_form, b"new sbom");
         let orphan = blobs.put(b"orphan").unwrap();
         let pinned_orphan = blobs.put(b"pinned orphan").unwrap();
         let pin = blobs.pin(&pinned_orphan);
@@ -607,12 +723,29 @@ mod tests {
         assert_eq!(report.evicted[0].manifest, old.to_string());
         assert_eq!(report.evicted[0].image.as_deref(), Some("old"));
         assert_eq!(report.blobs_in_use, 1);
-        for gone in [old, old_layer, orphan, old_form] {
+        for gone in [
+            old, old_layer, orphan, old_form, old_refs.0, old_refs.1, old_refs.2,
+        ] {
             assert_eq!(blobs.stat_blob(&gone).unwrap(), None);
         }
-        for kept in [new, new_layer, pinned_orphan, new_form, index] {
+        let empty = Digest::of(crate::oci::artifact::EMPTY_CONFIG);
+        for kept in [
+            new,
+            new_layer,
+            pinned_orphan,
+            new_form,
+            index,
+            new_refs.0,
+            new_refs.1,
+            new_refs.2,
+            empty,
+        ] {
             assert!(blobs.stat_blob(&kept).unwrap().is_some());
         }
+        assert_eq!(db.referrers(&old).unwrap(), None);
+        assert!(!db.is_manifest(&old_refs.1).unwrap());
+        assert_eq!(db.referrers(&new_form).unwrap().unwrap().referrers.len(), 2);
+        assert!(db.is_manifest(&new_refs.1).unwrap());
         assert!(!db.is_manifest(&old_form).unwrap());
         assert!(db.is_manifest(&new_form).unwrap());
         assert!(db.manifest("old").unwrap().is_none());

@@ -524,3 +524,26 @@ pub fn serve_bytes(
     });
     port
 }
+
+/// `GET /v2/<name>/referrers/<subject><query>`: the index, and whether it
+/// says a filter was applied.
+pub async fn get_referrers(
+    client: &Client,
+    s: &TestServer,
+    name: &str,
+    subject: &str,
+    query: &str,
+) -> (Value, bool) {
+    let r = client
+        .get(s.url(&format!("/v2/{name}/referrers/{subject}{query}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::OK);
+    assert_eq!(header(&r, "content-type"), OCI_INDEX_TYPE);
+    let filtered = r.headers().get("oci-filters-applied").is_some();
+    (
+        serde_json::from_slice(&r.bytes().await.unwrap()).unwrap(),
+        filtered,
+    )
+}
