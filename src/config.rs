@@ -83,6 +83,11 @@ pub struct ServeArgs {
     /// With --htpasswd: leave /metrics open to scrapers without credentials.
     #[arg(long, env = "NIXERY_METRICS_PUBLIC")]
     pub metrics_public: bool,
+    /// The Nix binary cache's secret key file (`nixery nix-cache key`
+    /// writes one); with it, `/nix-cache/` serves the store paths of every
+    /// image, signed. Off without it.
+    #[arg(long, env = "NIXERY_NIX_CACHE_KEY", value_name = "FILE")]
+    pub nix_cache_key: Option<PathBuf>,
     /// Client connections open at once; more wait to be accepted.
     #[arg(long, env = "NIXERY_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
@@ -249,6 +254,7 @@ pub struct Config {
     pub cache_ttl: Duration,
     pub htpasswd: Option<PathBuf>,
     pub metrics_public: bool,
+    pub nix_cache_key: Option<PathBuf>,
     pub connections: crate::http::conn::Limits,
     /// At least one, no duplicates, in the order given.
     pub platforms: Vec<Arch>,
@@ -444,6 +450,10 @@ impl ServeArgs {
             cache_ttl: Duration::from_secs(self.cache_ttl),
             htpasswd: self.htpasswd.clone().filter(|p| !p.as_os_str().is_empty()),
             metrics_public: self.metrics_public,
+            nix_cache_key: self
+                .nix_cache_key
+                .clone()
+                .filter(|p| !p.as_os_str().is_empty()),
             connections: crate::http::conn::Limits {
                 max_connections: self.max_connections,
                 header_timeout: Duration::from_secs(self.header_timeout),

@@ -11,6 +11,7 @@ pub mod digest;
 pub mod error;
 pub mod http;
 pub mod mirror;
+pub mod nixcache;
 pub mod observe;
 pub mod redact;
 pub mod store;
@@ -50,6 +51,8 @@ pub enum StartError {
     Popularity(#[from] build::popularity::PopularityError),
     #[error(transparent)]
     Htpasswd(#[from] http::auth::HtpasswdError),
+    #[error("--nix-cache-key (NIXERY_NIX_CACHE_KEY): {0}")]
+    NixCacheKey(#[from] nixcache::key::KeyError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -118,6 +121,8 @@ pub fn router(builder: Arc<Builder>, auth: Option<Arc<http::auth::Auth>>) -> Rou
         .route("/v2", any(http::registry::base))
         .route("/v2/", any(http::registry::base))
         .route("/v2/{*rest}", any(http::registry::dispatch))
+        .route("/nix-cache/{name}", any(http::nix_cache::file))
+        .route("/nix-cache/nar/{name}", any(http::nix_cache::nar))
         .fallback(|| async { error::ApiError::not_found_route() })
         .method_not_allowed_fallback(|| async { error::ApiError::method_not_allowed() });
     let routes = match auth {
@@ -291,7 +296,19 @@ impl Server {
             Some(path) => Some(http::auth::Auth::open(path, config.metrics_public)?),
             None => None,
         };
+        let nix_cache_key = match &config.nix_cache_key {
+            Some(path) => Some(nixcache::key::SigningKey::load(path)?),
+            None => None,
+        };
         let builder = open_builder(config).await?;
+        if let Some(key) = nix_cache_key {
+            tracing::info!(public_key = %key.public(), "the Nix binary cache is on at /nix-cache/");
+            builder.set_nix_cache(Arc::new(nixcache::NixCache::new(
+                key,
+                store::db::AsyncDb::new(builder.db().clone()),
+                Arc::clone(builder.storage()),
+            )));
+        }
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Listen {

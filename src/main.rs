@@ -44,6 +44,8 @@ enum Command {
     /// Re-hash every blob and check every cached manifest; exit 1 on any
     /// problem.
     Verify(cli::verify::VerifyArgs),
+    /// The Nix binary cache: `nix-cache key --name NAME` makes its key pair.
+    NixCache(cli::nix_cache::NixCacheArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +69,7 @@ fn main() -> ExitCode {
         Some(Command::Serve(args)) => serve(args),
         None => serve(cli.serve),
         Some(Command::CheckConfig(args)) => cli::check_config::run(args),
+        Some(Command::NixCache(args)) => cli::nix_cache::run(args),
         Some(Command::Gc(args)) => {
             init_logging(LogFormat::Text, "info");
             cli::gc::run(args)

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod conn;
 pub mod file_body;
 pub mod format;
+pub mod nix_cache;
 pub mod observe;
 pub mod range;
 pub mod registry;

@@ -1,6 +1,7 @@
 //! Garbage collection with a quota: evict the least recently pulled images
 //! until the blobs fit in `max_storage` and the disk has `min_free_space`,
-//! then delete every blob that no kept manifest references. Blobs pinned by
+//! then delete every blob that no kept manifest references. An image's
+//! blobs include the NARs the Nix cache made of its store paths. Blobs pinned by
 //! a response or a build in flight are never deleted.
 //!
 //! Written against a few blob-store operations (list with sizes, stat,
@@ -160,6 +161,8 @@ struct Records {
     manifests: Vec<(String, ManifestRecord)>,
     built: Vec<TagRecord>,
     pinned: Vec<TagRecord>,
+    /// The NARs made of each image's store paths (the Nix cache).
+    nars: HashMap<Digest, Vec<Digest>>,
 }
 
 impl Records {
@@ -179,6 +182,7 @@ impl Records {
                 .into_iter()
                 .chain(db.all_pinned_platforms()?.into_iter().map(|(_, _, _, r)| r))
                 .collect(),
+            nars: db.nar_blobs_by_image()?,
         })
     }
 }
@@ -208,7 +212,11 @@ fn images(records: &Records, pulls: &HashMap<Digest, PullRecord>, blobs: &BlobSt
                 manifest,
                 last_used: pull.map_or(checked_at, |p| p.at.max(checked_at)),
                 image: pull.map(|p| p.image.clone()),
-                blobs: blobs_of(blobs, &manifest),
+                blobs: {
+                    let mut all = blobs_of(blobs, &manifest);
+                    all.extend(records.nars.get(&manifest).into_iter().flatten());
+                    all
+                },
                 pinned,
             }
         })
@@ -353,11 +361,18 @@ pub fn collect(
         // changes the count, and the deletion below then refuses.
         let released = blobs.pins_released();
         let staying = images(&Records::read(db)?, &HashMap::new(), blobs);
-        let (referenced, stale) = keep_with_forms(
+        let (mut referenced, stale) = keep_with_forms(
             db.manifest_digest_list()?,
             |d| parts_of(blobs, d),
             staying.iter(),
         );
+        // The images' NARs are among their blobs; this keeps those of a
+        // build in flight (its manifest stored, not yet recorded) and
+        // forgets a closure whose manifest is neither kept nor stored.
+        let nars = db.prune_nix_paths(|m| {
+            referenced.contains(m) || matches!(blobs.stat_blob(m), Ok(Some(_)))
+        })?;
+        referenced.extend(nars);
         for digest in &stale {
             db.forget_manifest_digest(digest)?;
         }

@@ -20,6 +20,9 @@
 //!   platform's manifest of an image imported with several; `pinned`
 //!   names the first)
 //!
+//! - `nix_closures`, `nix_paths`, `nix_nars`: the Nix binary cache (see
+//!   [`nix`])
+//!
 //! - `meta`: `schema` -> the layout version (u32, big-endian); see
 //!   [`migrate`]
 //!
@@ -32,6 +35,7 @@
 
 mod async_db;
 mod migrate;
+pub mod nix;
 pub mod records;
 mod recover;
 
@@ -142,6 +146,7 @@ pub struct Db {
     pinned: sled::Tree,
     built_tags: sled::Tree,
     pinned_platforms: sled::Tree,
+    nix: nix::NixTrees,
     /// Trees whose undecodable records were already logged.
     logged_undecodable: Arc<Mutex<HashSet<&'static str>>>,
     /// Whether this open created the database (it held nothing).
@@ -236,6 +241,7 @@ impl Db {
             pinned: db.open_tree("pinned")?,
             built_tags: db.open_tree("built_tags")?,
             pinned_platforms: db.open_tree("pinned_platforms")?,
+            nix: nix::NixTrees::open(&db)?,
             logged_undecodable: Arc::default(),
             created,
             db,
@@ -614,6 +620,7 @@ impl Db {
         }
         self.manifest_digests.remove(digest.as_bytes())?;
         self.last_pulled.remove(digest.as_bytes())?;
+        self.remove_nix_closure(digest)?;
         Ok(())
     }
 
