@@ -93,6 +93,7 @@ fn main() -> Result<()> {
         .map(|p| PathInfo {
             path: p.path,
             nar_size: p.nar_size,
+            nar_hash: String::new(),
             references: p.references,
         })
         .collect();

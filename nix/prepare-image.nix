@@ -5,7 +5,8 @@
 # never become Nix code.
 #
 # Output (with --eval --strict --json): a JSON string whose content is
-#   { "found": { "<name>": { "drvPath": ..., "outPath": ..., "mainProgram": ... } },
+#   { "found": { "<name>": { "drvPath": ..., "outPath": ..., "mainProgram": ...,
+#                            "licenses": [ spdxId ], "homepage": ... } },
 #     "notFound": [ "<name>" ],
 #     "source": { "path": ..., "rev": ..., "narHash": ... } }
 # where `source` says what was evaluated (null where unknown).
@@ -122,6 +123,18 @@ let
   mainProgram = drv:
     let m = (drv.meta or { }).mainProgram or null;
     in if isString m && match "[^/]+" m != null then m else null;
-  entry = r: "${toJSON r.name}:{\"drvPath\":${toJSON (unsafeDiscardStringContext r.drv.drvPath)},\"outPath\":${toJSON (unsafeDiscardStringContext r.drv.outPath)},\"mainProgram\":${toJSON (mainProgram r.drv)}}";
+  # meta.license's SPDX identifiers and meta.homepage, for the bill of
+  # materials; only what is declared, never a guess.
+  licenses = drv:
+    let
+      l = (drv.meta or { }).license or [ ];
+      ls = if isList l then l else [ l ];
+    in map (x: x.spdxId) (filter (x: isAttrs x && isString (x.spdxId or null)) ls);
+  homepage = drv:
+    let
+      h = (drv.meta or { }).homepage or null;
+      first = if isList h && h != [ ] then head h else h;
+    in if isString first then first else null;
+  entry = r: "${toJSON r.name}:{\"drvPath\":${toJSON (unsafeDiscardStringContext r.drv.drvPath)},\"outPath\":${toJSON (unsafeDiscardStringContext r.drv.outPath)},\"mainProgram\":${toJSON (mainProgram r.drv)},\"licenses\":${toJSON (licenses r.drv)},\"homepage\":${toJSON (homepage r.drv)}}";
 in
 "{\"found\":{${concatStringsSep "," (map entry parts.right)}},\"notFound\":${toJSON (map (r: r.name) parts.wrong)},\"source\":${toJSON sourceInfo}}"

@@ -13,6 +13,7 @@ pub mod http;
 pub mod mirror;
 pub mod nixcache;
 pub mod observe;
+pub mod oci;
 pub mod redact;
 pub mod store;
 
@@ -82,7 +83,7 @@ pub fn write_atomically(path: &Path, content: &[u8]) -> std::io::Result<()> {
 /// removed or restored from an old copy. The images are rebuilt on their
 /// next pull, reusing stored layers.
 fn report_lost_records(blobs: &store::fs::BlobStore, db: &store::db::Db) -> Result<(), StartError> {
-    use build::manifest::{is_manifest, MANIFEST_SCAN_BYTES};
+    use oci::manifest::{is_manifest, MANIFEST_SCAN_BYTES};
     let mut stored = 0usize;
     let mut unknown = 0usize;
     for digest in blobs.small_blobs(MANIFEST_SCAN_BYTES)? {
@@ -303,11 +304,7 @@ impl Server {
         let builder = open_builder(config).await?;
         if let Some(key) = nix_cache_key {
             tracing::info!(public_key = %key.public(), "the Nix binary cache is on at /nix-cache/");
-            builder.set_nix_cache(Arc::new(nixcache::NixCache::new(
-                key,
-                store::db::AsyncDb::new(builder.db().clone()),
-                Arc::clone(builder.storage()),
-            )));
+            builder.set_nix_cache(Arc::new(nixcache::NixCache::new(key)));
         }
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await

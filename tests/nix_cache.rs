@@ -350,7 +350,9 @@ fn collection_evicts_an_image_and_its_paths_only() {
     });
     let out = Command::new(NIXERY)
         .args(["gc", "--gc-keep-recent", "0", "--max-storage"])
-        .arg((total - 1).to_string())
+        // Short of half a megabyte: more than the blobs no image holds
+        // (documents about other forms), less than hello's glibc.
+        .arg((total - 500_000).to_string())
         .arg("--storage-path")
         .arg(dir.path())
         .output()
@@ -394,4 +396,30 @@ fn collection_evicts_an_image_and_its_paths_only() {
         }
         s.stop().await;
     });
+
+    // verify checks the NARs kept with the images: a flipped byte is found.
+    let (path, url) = urls.iter().find(|(p, _)| busybox.contains(p)).unwrap();
+    let b32 = url.rsplit('/').next().unwrap().split('.').next().unwrap();
+    let digest =
+        nixery::digest::Digest::from_bytes(nixery::nixcache::base32::decode::<32>(b32).unwrap());
+    let blob = common::blob_path(dir.path(), &digest.to_string());
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&blob, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(&blob, bytes).unwrap();
+    let out = Command::new(NIXERY)
+        .arg("verify")
+        .arg("--storage-path")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains(&digest.hex()),
+        "the NAR of {path} is named:\n{text}"
+    );
 }

@@ -78,6 +78,8 @@ pub enum BuildError {
     #[error(transparent)]
     Manifest(#[from] ManifestError),
     #[error(transparent)]
+    Oci(#[from] crate::oci::OciError),
+    #[error(transparent)]
     Db(#[from] DbError),
     #[error(transparent)]
     Storage(#[from] StoreError),
@@ -260,6 +262,8 @@ pub struct Builder {
     storage: Arc<dyn Storage>,
     builds: SingleFlight<BuildResult>,
     layers: SingleFlight<Result<LayerRecord, Arc<BuildError>>>,
+    /// Bills of materials being made, by Docker manifest.
+    sboms: SingleFlight<Result<(), Arc<BuildError>>>,
     permits: Semaphore,
     queue: BuildQueue,
     failures: FailureCache<BuildError>,
@@ -366,6 +370,7 @@ impl Builder {
             storage,
             builds: SingleFlight::default(),
             layers: SingleFlight::default(),
+            sboms: SingleFlight::default(),
             permits,
             queue,
             failures: FailureCache::default(),
@@ -423,6 +428,10 @@ impl Builder {
 
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.storage
+    }
+
+    pub(crate) fn sboms(&self) -> &SingleFlight<Result<(), Arc<BuildError>>> {
+        &self.sboms
     }
 
     pub fn nix(&self) -> &Nix {
@@ -510,7 +519,7 @@ impl Builder {
     /// read. Blocking (it reads and stats).
     fn complete(blobs: &BlobStore, manifest: &Digest, known: Option<&[u8]>) -> bool {
         let names_whole = |bytes: &[u8]| {
-            manifest::referenced_blobs(bytes).is_some_and(|named| {
+            crate::oci::manifest::referenced_blobs(bytes).is_some_and(|named| {
                 named
                     .iter()
                     .all(|(digest, size)| blobs.contains_whole(digest, *size))
@@ -600,7 +609,7 @@ impl Builder {
                 crate::store::read_all(
                     self.storage.as_ref(),
                     digest,
-                    crate::build::forms::MANIFEST_MAX_BYTES,
+                    crate::oci::manifest::MANIFEST_MAX_BYTES,
                 )
                 .await?
             }
@@ -1057,6 +1066,7 @@ impl Builder {
         phases.finish("closure");
         let closure_paths = closure_paths(&closure);
 
+        let sbom_closure = closure.clone();
         // A moving source that still yields the same store paths keeps its
         // manifest: only the check time and the revision move.
         let previous = match self.manifest_record(key).await? {
@@ -1087,14 +1097,30 @@ impl Builder {
         };
         // Before the manifest record: the collector keeps the paths of
         // closures whose image it does not know yet (a build in flight).
-        let digest = record.digest;
-        self.db
-            .run(move |db| db.put_nix_closure(&digest, &closure_paths))
-            .await?;
+        crate::nixcache::record_closure(self, record.digest, closure_paths).await?;
         if let Some(ck) = &commit_key {
             self.put_manifest_record(ck, &record).await?;
         }
-        self.keep(image, spec, key, record).await
+        let digest = self.keep(image, spec, key, record).await?;
+        self.attach_sboms_later(
+            digest,
+            crate::build::referrers::Sources {
+                image: image.to_owned(),
+                architecture: spec.arch.docker().to_owned(),
+                revision: revision.clone(),
+                closure: sbom_closure,
+                roots: resolved
+                    .found
+                    .values()
+                    .map(|p| crate::build::sbom::Root {
+                        out_path: p.out_path.clone(),
+                        licenses: p.licenses.clone(),
+                        homepage: p.homepage.clone(),
+                    })
+                    .collect(),
+            },
+        );
+        Ok(digest)
     }
 
     /// Records a manifest as current for the pulled name and tag.

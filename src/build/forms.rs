@@ -6,8 +6,9 @@
 use crate::blocking::blocking;
 use crate::build::builder::{BuildError, Builder};
 use crate::build::image::Arch;
-use crate::build::manifest::{self, Document, Format, PlatformManifest};
 use crate::digest::Digest;
+use crate::oci::manifest::{self, Document, PlatformManifest};
+use crate::oci::Format;
 use bytes::Bytes;
 
 /// A manifest or index as served: its digest, bytes and media type.
@@ -17,9 +18,6 @@ pub struct Served {
     pub bytes: Bytes,
     pub media_type: &'static str,
 }
-
-/// More than any manifest this server writes; a bound on reading one whole.
-pub const MANIFEST_MAX_BYTES: u64 = 4 * 1024 * 1024;
 
 impl Builder {
     /// The image whose Docker manifest is `docker`, in `format`; `None`

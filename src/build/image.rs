@@ -481,6 +481,8 @@ mod tests {
             drv_path: format!("{out}.drv"),
             out_path: out.to_owned(),
             main_program: main.map(str::to_owned),
+            licenses: vec![],
+            homepage: None,
         }
     }
 

@@ -1,67 +1,21 @@
-//! The image config, its manifest in Docker schema2 and OCI form, and the
-//! index (or Docker manifest list) naming one manifest per platform.
+//! The image config and its Docker schema2 manifest (the formats
+//! themselves are `crate::oci`'s).
 //!
-//! All are serialised from structs with a fixed field order and a fixed
-//! `created` time, so the same layers and config always give the same bytes
-//! and therefore the same digests. The OCI manifest is a pure function of
-//! the Docker one (same config and layer blobs, OCI media types), so either
-//! can be made from the other's record.
+//! The config is serialised from structs with a fixed field order and a
+//! fixed `created` time, so the same layers and config always give the
+//! same bytes and therefore the same digests.
 
 use crate::digest::Digest;
-use serde::{Deserialize, Serialize};
+use crate::oci::manifest::{image_manifest, Document};
+use crate::oci::{Format, OciError};
+use serde::Serialize;
 use std::collections::BTreeMap;
-
-pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.docker.distribution.manifest.v2+json";
-pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.docker.container.image.v1+json";
-pub const LAYER_MEDIA_TYPE: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
-pub const LIST_MEDIA_TYPE: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-pub const OCI_MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const OCI_CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
-pub const OCI_LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-pub const OCI_INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
 
 /// The image config's `created`: fixed, so rebuilding gives the same digest.
 pub const CREATED: &str = "1970-01-01T00:00:01Z";
 
 /// Architectures images are built for, in Docker's (GOARCH) spelling.
 pub const ARCHITECTURES: [&str; 2] = ["amd64", "arm64"];
-
-/// The two manifest vocabularies a client may ask for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    Docker,
-    Oci,
-}
-
-impl Format {
-    pub fn manifest_type(self) -> &'static str {
-        match self {
-            Format::Docker => MANIFEST_MEDIA_TYPE,
-            Format::Oci => OCI_MANIFEST_MEDIA_TYPE,
-        }
-    }
-
-    pub fn index_type(self) -> &'static str {
-        match self {
-            Format::Docker => LIST_MEDIA_TYPE,
-            Format::Oci => OCI_INDEX_MEDIA_TYPE,
-        }
-    }
-
-    fn config_type(self) -> &'static str {
-        match self {
-            Format::Docker => CONFIG_MEDIA_TYPE,
-            Format::Oci => OCI_CONFIG_MEDIA_TYPE,
-        }
-    }
-
-    fn layer_type(self) -> &'static str {
-        match self {
-            Format::Docker => LAYER_MEDIA_TYPE,
-            Format::Oci => OCI_LAYER_MEDIA_TYPE,
-        }
-    }
-}
 
 /// A layer as stored in the registry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,20 +38,6 @@ pub struct ImageConfig {
     pub labels: BTreeMap<String, String>,
 }
 
-/// Serialised JSON and its digest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Document {
-    pub json: Vec<u8>,
-    pub digest: Digest,
-}
-
-impl Document {
-    fn of(json: Vec<u8>) -> Self {
-        let digest = Digest::of(&json);
-        Document { json, digest }
-    }
-}
-
 /// The serialised config and the Docker schema2 manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuiltImage {
@@ -111,6 +51,8 @@ pub enum ManifestError {
     UnsupportedArchitecture(String),
     #[error("serialising image metadata: {0}")]
     Serialise(#[from] serde_json::Error),
+    #[error(transparent)]
+    Oci(#[from] OciError),
 }
 
 // Field order here is the serialised order; keep it stable, digests
@@ -141,77 +83,6 @@ struct RootFs {
     diff_ids: Vec<Digest>,
 }
 
-#[derive(Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ManifestDoc {
-    schema_version: u32,
-    media_type: String,
-    config: Descriptor,
-    layers: Vec<Descriptor>,
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Descriptor {
-    media_type: String,
-    size: u64,
-    digest: Digest,
-}
-
-/// Whether a blob is a manifest this registry wrote (they all start alike).
-pub fn is_manifest(blob: &[u8]) -> bool {
-    let prefix = br#"{"schemaVersion":2,"mediaType":""#;
-    blob.starts_with(prefix) && blob[prefix.len()..].starts_with(MANIFEST_MEDIA_TYPE.as_bytes())
-}
-
-/// Blobs at most this large are looked at when searching the blob store
-/// for manifests: a few hundred bytes a layer, within the layer budget.
-pub const MANIFEST_SCAN_BYTES: u64 = 64 * 1024;
-
-/// What a stored manifest or index names, each with its size.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Named {
-    /// An image manifest: its config, then its layers.
-    Image(Vec<(Digest, u64)>),
-    /// An index or manifest list: its manifests.
-    Index(Vec<(Digest, u64)>),
-}
-
-impl Named {
-    pub fn blobs(&self) -> &[(Digest, u64)] {
-        match self {
-            Named::Image(b) | Named::Index(b) => b,
-        }
-    }
-}
-
-/// What a stored manifest or index names; `None` if the bytes are neither
-/// (damaged).
-pub fn named_by(json: &[u8]) -> Option<Named> {
-    let doc: serde_json::Value = serde_json::from_slice(json).ok()?;
-    let descriptor = |d: &serde_json::Value| -> Option<(Digest, u64)> {
-        Some((d["digest"].as_str()?.parse().ok()?, d["size"].as_u64()?))
-    };
-    let list = |items: &serde_json::Value| -> Option<Vec<(Digest, u64)>> {
-        items.as_array()?.iter().map(descriptor).collect()
-    };
-    if doc.get("manifests").is_some() {
-        return list(&doc["manifests"]).map(Named::Index);
-    }
-    let mut blobs = vec![descriptor(&doc["config"])?];
-    blobs.extend(list(&doc["layers"])?);
-    Some(Named::Image(blobs))
-}
-
-/// The config and layer blobs a stored manifest names, with their sizes;
-/// `None` if the bytes are not such a manifest (damaged).
-pub fn referenced_blobs(manifest_json: &[u8]) -> Option<Vec<(Digest, u64)>> {
-    match named_by(manifest_json)? {
-        Named::Image(blobs) => Some(blobs),
-        Named::Index(_) => None,
-    }
-}
-
 /// Serialises the config and the Docker manifest for `layers`, base-most
 /// first.
 pub fn build(config: &ImageConfig, layers: &[LayerBlob]) -> Result<BuiltImage, ManifestError> {
@@ -234,131 +105,25 @@ pub fn build(config: &ImageConfig, layers: &[LayerBlob]) -> Result<BuiltImage, M
             diff_ids: layers.iter().map(|l| l.diff_id).collect(),
         },
     })?);
-    let manifest = manifest_doc(
+    let manifest = image_manifest(
         Format::Docker,
         config_doc.json.len() as u64,
         config_doc.digest,
         layers.iter().map(|l| (l.size, l.digest)),
-    );
+    )?;
     Ok(BuiltImage {
-        manifest: Document::of(serde_json::to_vec(&manifest)?),
+        manifest,
         config: config_doc,
     })
-}
-
-fn manifest_doc(
-    format: Format,
-    config_size: u64,
-    config_digest: Digest,
-    layers: impl Iterator<Item = (u64, Digest)>,
-) -> ManifestDoc {
-    ManifestDoc {
-        schema_version: 2,
-        media_type: format.manifest_type().to_owned(),
-        config: Descriptor {
-            media_type: format.config_type().to_owned(),
-            size: config_size,
-            digest: config_digest,
-        },
-        layers: layers
-            .map(|(size, digest)| Descriptor {
-                media_type: format.layer_type().to_owned(),
-                size,
-                digest,
-            })
-            .collect(),
-    }
-}
-
-/// The same image as `docker_json` (a manifest this module wrote) in
-/// `format`: the same config and layer blobs under that format's media
-/// types.
-pub fn convert(docker_json: &[u8], format: Format) -> Result<Document, ManifestError> {
-    let doc: ManifestDoc = serde_json::from_slice(docker_json)?;
-    let converted = manifest_doc(
-        format,
-        doc.config.size,
-        doc.config.digest,
-        doc.layers.iter().map(|l| (l.size, l.digest)),
-    );
-    Ok(Document::of(serde_json::to_vec(&converted)?))
-}
-
-/// One platform's manifest, as an index lists it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PlatformManifest<'a> {
-    pub architecture: &'a str,
-    pub digest: Digest,
-    pub size: u64,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct IndexDoc<'a> {
-    schema_version: u32,
-    media_type: &'static str,
-    manifests: Vec<IndexEntry<'a>>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct IndexEntry<'a> {
-    media_type: &'static str,
-    size: u64,
-    digest: Digest,
-    platform: Platform<'a>,
-}
-
-#[derive(Serialize)]
-struct Platform<'a> {
-    architecture: &'a str,
-    os: &'static str,
-}
-
-/// An OCI image index or Docker manifest list of `manifests`, each of
-/// which must be in `format`.
-pub fn index(format: Format, manifests: &[PlatformManifest]) -> Result<Document, ManifestError> {
-    let doc = IndexDoc {
-        schema_version: 2,
-        media_type: format.index_type(),
-        manifests: manifests
-            .iter()
-            .map(|m| IndexEntry {
-                media_type: format.manifest_type(),
-                size: m.size,
-                digest: m.digest,
-                platform: Platform {
-                    architecture: m.architecture,
-                    os: "linux",
-                },
-            })
-            .collect(),
-    };
-    Ok(Document::of(serde_json::to_vec(&doc)?))
-}
-
-/// An empty OCI image index: the referrers of anything in this registry,
-/// which takes no pushes.
-pub fn empty_index() -> &'static [u8] {
-    br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#
-}
-
-/// The `mediaType` a stored manifest or index declares (every one this
-/// module writes has one), for the Content-Type it is served with.
-pub fn media_type_of(json: &[u8]) -> Option<String> {
-    #[derive(Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Typed {
-        media_type: String,
-    }
-    serde_json::from_slice::<Typed>(json)
-        .ok()
-        .map(|t| t.media_type)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::oci::manifest::{
+        convert, index, is_manifest, media_type_of, referenced_blobs, PlatformManifest,
+    };
+    use crate::oci::media::*;
     use serde_json::{json, Value};
 
     fn blob(n: u8) -> LayerBlob {
@@ -535,9 +300,6 @@ mod tests {
                 json!({"architecture": "arm64", "os": "linux"})
             );
         }
-        let empty: Value = serde_json::from_slice(empty_index()).unwrap();
-        assert_eq!(empty["mediaType"], OCI_INDEX_MEDIA_TYPE);
-        assert_eq!(empty["manifests"], json!([]));
     }
 
     #[test]

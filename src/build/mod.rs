@@ -19,6 +19,8 @@ pub mod pgzip;
 pub mod popularity;
 pub mod process;
 pub mod queue;
+pub mod referrers;
+pub mod sbom;
 pub mod singleflight;
 pub mod source;
 pub mod store_path;

@@ -116,6 +116,12 @@ pub struct ResolvedPackage {
     /// The package's `meta.mainProgram`, when it declares one.
     #[serde(rename = "mainProgram", default)]
     pub main_program: Option<String>,
+    /// The SPDX identifiers of its `meta.license`, where declared.
+    #[serde(default)]
+    pub licenses: Vec<String>,
+    /// Its `meta.homepage`, where declared.
+    #[serde(default)]
+    pub homepage: Option<String>,
 }
 
 /// The outcome of resolving package names.
@@ -403,6 +409,8 @@ struct PathInfoRecord {
     /// Absent for paths that are not valid.
     #[serde(rename = "narSize")]
     nar_size: Option<u64>,
+    #[serde(rename = "narHash", default)]
+    nar_hash: String,
     #[serde(default)]
     references: Vec<String>,
 }
@@ -451,6 +459,7 @@ fn parse_path_info(stdout: &[u8], store_dir: &str) -> Result<Vec<PathInfo>, NixE
         let path = absolute(path);
         let Some(PathInfoRecord {
             nar_size: Some(nar_size),
+            nar_hash,
             references,
         }) = record
         else {
@@ -464,6 +473,7 @@ fn parse_path_info(stdout: &[u8], store_dir: &str) -> Result<Vec<PathInfo>, NixE
             PathInfo {
                 path,
                 nar_size,
+                nar_hash,
                 references,
             },
         );
@@ -483,11 +493,13 @@ mod tests {
             PathInfo {
                 path: GLIBC.into(),
                 nar_size: 4222208,
+                nar_hash: "sha256-VXNLXKcgum2EwRhUjtpIPtXyPfSygtUUhihX+gTMC9c=".into(),
                 references: vec![],
             },
             PathInfo {
                 path: HELLO.into(),
                 nar_size: 36184,
+                nar_hash: "sha256-HN6s3W77d31JI9vCFh2UtbpCh7cY+Q/9PYObrX/kXYI=".into(),
                 references: vec![GLIBC.into()],
             },
         ]
@@ -526,7 +538,11 @@ mod tests {
           "references": ["c2a5w403b5l4xcazdzw2d66p48p0hzpk-glibc-2.36"]},
           "c2a5w403b5l4xcazdzw2d66p48p0hzpk-glibc-2.36": {"narSize": 4222208, "references": []}}"#;
         let got = parse_path_info(json.as_bytes(), "/nix/store").unwrap();
-        assert_eq!(got, expected());
+        let mut want = expected();
+        for p in &mut want {
+            p.nar_hash.clear();
+        }
+        assert_eq!(got, want);
     }
 
     #[test]

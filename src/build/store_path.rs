@@ -9,6 +9,10 @@ pub struct PathInfo {
     pub path: String,
     /// Size of the path's NAR serialisation, in bytes.
     pub nar_size: u64,
+    /// Hash of the NAR serialisation as Nix reports it (SRI,
+    /// `sha256-<base64>`, or `sha256:<nix32>` from older Nix); empty
+    /// where unknown.
+    pub nar_hash: String,
     /// Absolute store paths this path refers to (may include itself).
     pub references: Vec<String>,
 }

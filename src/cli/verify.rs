@@ -5,6 +5,7 @@
 
 use crate::config::ServeArgs;
 use crate::mirror::check;
+use crate::store::findings::{Findings, Repaired};
 use crate::store::s3::{check as bucket_check, Bucket, S3Settings};
 use anyhow::Context;
 use clap::Args;
@@ -84,7 +85,7 @@ fn progress_bar() -> indicatif::ProgressBar {
 }
 
 /// Prints the findings and what a repair did; the exit status they call for.
-fn report(findings: &check::Findings, repaired: Option<&check::Repaired>) -> ExitCode {
+fn report(findings: &Findings, repaired: Option<&Repaired>) -> ExitCode {
     for digest in &findings.corrupt {
         println!("corrupt blob {digest}");
     }

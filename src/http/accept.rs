@@ -1,6 +1,6 @@
 //! Which manifest form a client asked for, from its `Accept` headers.
 
-use crate::build::manifest::{
+use crate::oci::media::{
     Format, LIST_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE,
 };
 use axum::http::{header, HeaderMap};

@@ -72,7 +72,7 @@ pub async fn file(
             format!("{name:?} is not a store path hash (32 characters of Nix's base-32) followed by .narinfo"),
         ));
     }
-    match cache.narinfo(hash).await.map_err(cache_error)? {
+    match cache.narinfo(&builder, hash).await.map_err(cache_error)? {
         Some(info) => Ok(text(info, "text/x-nix-narinfo", head)),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -110,7 +110,11 @@ pub async fn nar(
             format!("no NAR {name} in this server's cache"),
         )
     };
-    if !cache.serves_nar(&file).await.map_err(cache_error)? {
+    if !cache
+        .serves_nar(&builder, &file)
+        .await
+        .map_err(cache_error)?
+    {
         return Err(unknown());
     }
     let response = crate::http::registry::blob(&builder, file, &headers, head).await?;

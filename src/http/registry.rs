@@ -7,10 +7,13 @@ use crate::build::builder::{BuildError, Builder, TagAnswer};
 use crate::build::forms::Served;
 use crate::build::git::GitError;
 use crate::build::image::{PathError, Reference, ReferenceError, RegistryPath};
-use crate::build::manifest::{self, MANIFEST_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE};
 use crate::build::nix::NixError;
 use crate::digest::Digest;
 use crate::error::{ApiError, ErrorCode};
+use crate::oci::artifact::{referrers_index, ArtifactDescriptor};
+use crate::oci::manifest;
+use crate::oci::media::{MANIFEST_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE};
+use crate::store::db::ReferrerKind;
 use crate::store::{Opened, StoreError};
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
@@ -87,7 +90,7 @@ pub async fn dispatch(
             )
             .await
         }
-        Ok(RegistryPath::Referrers { .. }) => Ok(referrers(&query)),
+        Ok(RegistryPath::Referrers { digest, .. }) => referrers(&builder, digest, &query).await,
         Ok(RegistryPath::Blob { digest, .. }) => blob(&builder, digest, &headers, head).await,
         Ok(RegistryPath::TagsList { name }) => {
             let q = TagsQuery {
@@ -205,7 +208,7 @@ pub fn build_error(e: &BuildError) -> ApiError {
         BuildError::Layers(_) => ApiError::internal("grouping store paths into layers"),
         BuildError::Archive(_) => ApiError::internal("packing layers"),
         BuildError::Blob(_) => ApiError::internal("writing to the blob store"),
-        BuildError::Manifest(_) => ApiError::internal("writing the manifest"),
+        BuildError::Manifest(_) | BuildError::Oci(_) => ApiError::internal("writing the manifest"),
         BuildError::Db(_) => ApiError::internal("using the database"),
         BuildError::Storage(e) => storage_error(e),
         BuildError::GcRoot(_) => ApiError::internal("preparing the build"),
@@ -352,20 +355,47 @@ async fn manifest_by_digest(
     Ok(r)
 }
 
-/// `GET /v2/<name>/referrers/<digest>`: this registry takes no pushes, so
-/// nothing refers to anything: an empty index (OCI distribution 1.1). A
-/// filter by `artifactType` is reported as applied; it has nothing to drop.
-fn referrers(query: &HashMap<String, String>) -> Response {
-    let mut r = (StatusCode::OK, manifest::empty_index()).into_response();
+/// `GET /v2/<name>/referrers/<digest>` (OCI distribution 1.1): an image
+/// index of the artifact manifests whose subject is the digest (the
+/// image's bills of materials), made on first request for an image cached
+/// before they existed; empty for a digest nothing refers to. A filter by
+/// `artifactType` keeps the matching ones and is reported as applied.
+async fn referrers(
+    builder: &Arc<Builder>,
+    digest: Option<Digest>,
+    query: &HashMap<String, String>,
+) -> Result<Response, ApiError> {
+    let listed = match digest {
+        Some(d) => builder.referrers(d).await.map_err(|e| build_error(&e))?,
+        // A digest of another algorithm: nothing here has such a name.
+        None => Vec::new(),
+    };
+    // A `+` sent unencoded arrives as a space; no media type has one.
+    let filter = query.get("artifactType").map(|t| t.replace(' ', "+"));
+    let descriptors: Vec<ArtifactDescriptor> = listed
+        .into_iter()
+        .filter(|r| r.kind == ReferrerKind::Manifest)
+        .filter(|r| filter.as_ref().is_none_or(|t| *t == r.artifact_type))
+        .map(|r| ArtifactDescriptor {
+            media_type: r.media_type,
+            digest: r.digest,
+            size: r.size,
+            artifact_type: Some(r.artifact_type),
+            annotations: r.annotations.into_iter().collect(),
+        })
+        .collect();
+    let body =
+        referrers_index(&descriptors).map_err(|_| ApiError::internal("listing the referrers"))?;
+    let mut r = (StatusCode::OK, body).into_response();
     set(&mut r, header::CONTENT_TYPE, OCI_INDEX_MEDIA_TYPE);
-    if query.contains_key("artifactType") {
+    if filter.is_some() {
         set(
             &mut r,
             header::HeaderName::from_static("oci-filters-applied"),
             "artifactType",
         );
     }
-    r
+    Ok(r)
 }
 
 fn manifest_unknown(name: &str) -> ApiError {

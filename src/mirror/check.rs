@@ -5,9 +5,9 @@
 
 use super::layout::{LayoutError, Manifest};
 use crate::digest::Digest;
-use crate::store::db::{Db, DbError, TagTree};
+use crate::store::db::{Db, DbError, ReferrerKind, TagTree};
+use crate::store::findings::{Findings, Holder, Repaired};
 use crate::store::fs::{BlobError, BlobStore};
-use crate::store::RecordKind;
 use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Debug, thiserror::Error)]
@@ -16,60 +16,6 @@ pub enum CheckError {
     Blob(#[from] BlobError),
     #[error(transparent)]
     Db(#[from] DbError),
-}
-
-/// A record that leads to a manifest, by what it is named.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Holder {
-    /// A cached build, by cache key.
-    Build(String),
-    /// `name:tag`, imported.
-    Pinned(String, String),
-    /// One platform (its architecture) of `name:tag`, imported with several.
-    PinnedPlatform(String, String, String),
-    /// `name:tag`, as last built.
-    Built(String, String),
-    /// The bucket's record that the digest is a manifest (pulls by digest).
-    Listed,
-}
-
-impl std::fmt::Display for Holder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Holder::Build(key) => write!(f, "cached build {}", &key[..key.len().min(12)]),
-            Holder::Pinned(n, t) => write!(f, "imported image {n}:{t}"),
-            Holder::PinnedPlatform(n, t, a) => write!(f, "imported image {n}:{t} for {a}"),
-            Holder::Built(n, t) => write!(f, "image {n}:{t}"),
-            Holder::Listed => write!(f, "pulls by digest"),
-        }
-    }
-}
-
-#[derive(Debug, Default)]
-pub struct Findings {
-    pub blobs: usize,
-    pub bytes: u64,
-    pub manifests: usize,
-    /// Blobs whose content does not hash to their name.
-    pub corrupt: Vec<Digest>,
-    /// Manifests that cannot be served whole, why, and who records them.
-    pub broken: Vec<(Digest, String, Vec<Holder>)>,
-    /// Index records that cannot be read or name a missing or corrupt blob
-    /// (a bucket's; the local database's are repaired with their blobs).
-    pub stale_records: Vec<StaleRecord>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StaleRecord {
-    pub kind: RecordKind,
-    pub key: String,
-    pub why: String,
-}
-
-impl Findings {
-    pub fn is_clean(&self) -> bool {
-        self.corrupt.is_empty() && self.broken.is_empty() && self.stale_records.is_empty()
-    }
 }
 
 /// Checks everything; `progress(done, total)` is called per blob hashed.
@@ -125,6 +71,34 @@ pub fn check(
             f.broken.push((digest, problem, held_by));
         }
     }
+    // What refers to a manifest: an artifact manifest is checked as one,
+    // any other referrer as a blob of its recorded size.
+    // A NAR is also unpacked and hashed against its NarHash, once.
+    let mut nars: BTreeMap<Digest, Option<String>> = BTreeMap::new();
+    for (subject, record) in db.all_referrers()? {
+        for r in &record.referrers {
+            let problem = match r.kind {
+                ReferrerKind::Manifest => manifest_problem(blobs, &corrupt, &r.digest)?,
+                ReferrerKind::Blob => match blob_problem(blobs, &corrupt, &r.digest, r.size)? {
+                    None if r.artifact_type == crate::nixcache::NAR_ARTIFACT_TYPE => {
+                        match nars.get(&r.digest) {
+                            Some(known) => known.clone(),
+                            None => {
+                                let found = crate::nixcache::nar_problem(blobs, r)?;
+                                nars.insert(r.digest, found.clone());
+                                found
+                            }
+                        }
+                    }
+                    other => other,
+                },
+            };
+            if let Some(problem) = problem {
+                f.broken
+                    .push((r.digest, problem, vec![Holder::Referrer(subject)]));
+            }
+        }
+    }
     f.corrupt = corrupt.into_iter().collect();
     Ok(f)
 }
@@ -149,31 +123,31 @@ fn manifest_problem(
         Err(e) => return Ok(Some(e.to_string())),
     };
     for r in manifest.references() {
-        if corrupt.contains(&r.digest) {
-            return Ok(Some(format!("blob {} is corrupt", r.digest)));
-        }
-        match blobs.stat_blob(&r.digest)? {
-            None => return Ok(Some(format!("blob {} is missing", r.digest))),
-            Some(n) if n != r.size => {
-                return Ok(Some(format!(
-                    "blob {} has {n} bytes, the manifest says {}",
-                    r.digest, r.size
-                )))
-            }
-            Some(_) => {}
+        if let Some(problem) = blob_problem(blobs, corrupt, &r.digest, r.size)? {
+            return Ok(Some(problem));
         }
     }
     Ok(None)
 }
 
-/// What a repair did.
-#[derive(Debug, Default)]
-pub struct Repaired {
-    pub blobs_removed: usize,
-    /// Cached builds forgotten: rebuilt on the next pull.
-    pub rebuild: usize,
-    /// Imported images forgotten: import them again.
-    pub lost: Vec<String>,
+/// Why a blob a record names at `size` bytes cannot be served, if it
+/// cannot.
+fn blob_problem(
+    blobs: &BlobStore,
+    corrupt: &BTreeSet<Digest>,
+    digest: &Digest,
+    size: u64,
+) -> Result<Option<String>, CheckError> {
+    if corrupt.contains(digest) {
+        return Ok(Some(format!("blob {digest} is corrupt")));
+    }
+    Ok(match blobs.stat_blob(digest)? {
+        None => Some(format!("blob {digest} is missing")),
+        Some(n) if n != size => Some(format!(
+            "blob {digest} has {n} bytes, the record says {size}"
+        )),
+        Some(_) => None,
+    })
 }
 
 /// Removes corrupt blobs and every record of a broken manifest.
@@ -207,6 +181,8 @@ pub fn repair(blobs: &BlobStore, db: &Db, f: &Findings) -> Result<Repaired, Chec
                     }
                 }
                 Holder::Built(n, t) => db.remove_tag_record(TagTree::Built, n, t)?,
+                // Made again when next asked for.
+                Holder::Referrer(subject) => db.remove_referrers(subject)?,
                 Holder::Listed => {}
             }
         }
@@ -264,6 +240,50 @@ mod tests {
         assert_eq!((done.blobs_removed, done.rebuild), (1, 1));
         assert_eq!(done.lost, vec!["a:v1"]);
         assert!(db.manifest("key").unwrap().is_none());
+        let f = check(&blobs, &db, |_, _| {}).unwrap();
+        assert!(f.is_clean(), "{f:?}");
+    }
+
+    #[test]
+    fn a_damaged_referrer_is_found_and_its_record_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(&dir.path().join("s")).unwrap();
+        let db = Db::open(&dir.path().join("db")).unwrap();
+        let subject = Digest::of(b"subject");
+        let kept = blobs.put(b"kept with the subject").unwrap();
+        let config = blobs.put(b"{}").unwrap();
+        let artifact = format!(
+            r#"{{"schemaVersion":2,"mediaType":"m","config":{{"mediaType":"c","digest":"{config}","size":2}},"layers":[{{"mediaType":"l","digest":"{kept}","size":21}}],"subject":{{"mediaType":"m","digest":"{subject}","size":1}}}}"#
+        );
+        let a = blobs.put(artifact.as_bytes()).unwrap();
+        let referrer = |kind, digest, size| crate::store::db::Referrer {
+            kind,
+            media_type: "m".into(),
+            artifact_type: "t".into(),
+            digest,
+            size,
+            annotations: vec![],
+        };
+        db.add_referrers(
+            &subject,
+            &[
+                referrer(ReferrerKind::Manifest, a, artifact.len() as u64),
+                referrer(ReferrerKind::Blob, kept, 21),
+            ],
+        )
+        .unwrap();
+        let f = check(&blobs, &db, |_, _| {}).unwrap();
+        assert!(f.is_clean(), "{f:?}");
+
+        assert!(blobs.delete(&kept).unwrap());
+        let f = check(&blobs, &db, |_, _| {}).unwrap();
+        assert_eq!(f.broken.len(), 2, "{f:?}");
+        assert!(f
+            .broken
+            .iter()
+            .all(|(_, _, h)| h == &vec![Holder::Referrer(subject)]));
+        repair(&blobs, &db, &f).unwrap();
+        assert_eq!(db.referrers(&subject).unwrap(), None);
         let f = check(&blobs, &db, |_, _| {}).unwrap();
         assert!(f.is_clean(), "{f:?}");
     }

@@ -5,13 +5,14 @@
 //! leaves the storage as it was. An image exported with several
 //! platforms is an index: each of its manifests is checked the same way.
 
-use super::layout::{
-    Descriptor, Index, Manifest, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, REF_NAME,
-};
+use super::layout::{Descriptor, Index, Manifest, DOCKER_MANIFEST, REF_NAME};
 use super::{Image, ImageRef};
 use crate::build::image::Arch;
-use crate::build::manifest::{media_type_of, MANIFEST_MEDIA_TYPE};
 use crate::digest::{Digest, HashingWriter};
+use crate::oci::manifest::media_type_of;
+use crate::oci::media::{
+    MANIFEST_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE as OCI_INDEX, OCI_MANIFEST_MEDIA_TYPE as OCI_MANIFEST,
+};
 use crate::store::db::{Db, DbError, TagRecord, TagTree};
 use crate::store::fs::{BlobError, BlobStore};
 use std::collections::BTreeSet;

@@ -11,16 +11,18 @@
 //! blob), whose entries are those manifests, each with its `platform`.
 
 use super::Image;
-use crate::build::manifest::{self, Format};
 use crate::digest::Digest;
+use crate::oci::manifest;
+use crate::oci::media::{
+    OCI_INDEX_MEDIA_TYPE as OCI_INDEX, OCI_MANIFEST_MEDIA_TYPE as OCI_MANIFEST,
+};
+use crate::oci::Format;
 use crate::store::fs::{BlobError, BlobStore};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 /// The image-spec annotation that names an index entry (`NAME:TAG`).
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
 /// On an index entry (or a nested index's): the digest of the Docker

@@ -5,7 +5,10 @@
 //! Which paths are served is recorded per image (the runtime closure the
 //! build saw: `db::nix`); nothing else of the host's store is reachable.
 //! A path's NAR is made on the first narinfo request for it (once, however
-//! many ask at the same time), stored as a blob, and reused after.
+//! many ask at the same time), stored as a blob, and recorded as a `Blob`
+//! referrer of every image that has the path: the model all stored
+//! content follows, so the collector keeps it exactly while such an image
+//! is kept, verify checks it, and the bucket shares it.
 
 pub mod base32;
 pub mod key;
@@ -13,11 +16,12 @@ pub mod nar;
 pub mod narinfo;
 pub mod produce;
 
+use crate::blocking::blocking;
+use crate::build::builder::{BuildError, Builder};
 use crate::build::singleflight::SingleFlight;
 use crate::digest::Digest;
-use crate::store::db::nix::{hash_part, NarRecord, NixPathRecord};
-use crate::store::db::{AsyncDb, DbError};
-use crate::store::Storage;
+use crate::store::db::nix::{hash_part, ClosurePath, NarRecord, NixPathRecord};
+use crate::store::db::{DbError, Referrer, ReferrerKind};
 use key::SigningKey;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +30,13 @@ use std::sync::Arc;
 /// What `nix-cache-info` says. A priority below cache.nixos.org's 40: a
 /// LAN is nearer.
 pub const CACHE_INFO: &str = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n";
+
+/// The `artifactType` of a NAR among an image's referrers.
+pub const NAR_ARTIFACT_TYPE: &str = "application/vnd.nixos.nar.v1";
+/// Annotations of a NAR referrer: what its narinfo says beyond the blob.
+pub const STORE_PATH: &str = "org.nixos.store-path";
+pub const NAR_HASH: &str = "org.nixos.nar-hash";
+pub const NAR_SIZE: &str = "org.nixos.nar-size";
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CacheError {
@@ -43,6 +54,18 @@ impl From<DbError> for CacheError {
     }
 }
 
+impl From<BuildError> for CacheError {
+    fn from(e: BuildError) -> Self {
+        CacheError::Store(e.to_string())
+    }
+}
+
+impl From<tokio::task::JoinError> for CacheError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        CacheError::Db(e.to_string())
+    }
+}
+
 /// Requests answered, for the admin page (since start).
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -55,8 +78,6 @@ pub struct Counters {
 
 pub struct NixCache {
     key: SigningKey,
-    db: AsyncDb,
-    storage: Arc<dyn Storage>,
     making: SingleFlight<Result<Option<NarRecord>, CacheError>>,
     pub counters: Counters,
 }
@@ -69,12 +90,87 @@ impl std::fmt::Debug for NixCache {
     }
 }
 
+/// The referrer that keeps a NAR with an image.
+pub fn nar_referrer(path: &str, nar: &NarRecord) -> Referrer {
+    let mut annotations = vec![
+        (NAR_HASH.to_owned(), narinfo::nix_hash(&nar.nar_hash)),
+        (NAR_SIZE.to_owned(), nar.nar_size.to_string()),
+        (STORE_PATH.to_owned(), path.to_owned()),
+    ];
+    annotations.sort();
+    Referrer {
+        kind: ReferrerKind::Blob,
+        media_type: "application/zstd".to_owned(),
+        artifact_type: NAR_ARTIFACT_TYPE.to_owned(),
+        digest: nar.file,
+        size: nar.file_size,
+        annotations,
+    }
+}
+
+/// Why a NAR kept with an image does not unpack to the NarHash and
+/// NarSize its referrer records, if it does not (for `verify`). Blocking.
+pub fn nar_problem(
+    blobs: &crate::store::fs::BlobStore,
+    r: &Referrer,
+) -> Result<Option<String>, crate::store::fs::BlobError> {
+    let Some(file) = blobs.get(&r.digest)? else {
+        return Ok(Some(format!("NAR {} is missing", r.digest)));
+    };
+    let annotation = |name: &str| {
+        r.annotations
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let mut hashed = crate::digest::HashingWriter::new(std::io::sink());
+    let unpacked = zstd::stream::copy_decode(file.as_ref(), &mut hashed);
+    let (_, digest, size) = hashed.finish();
+    let problem = match unpacked {
+        Err(e) => Some(format!("NAR {} does not unpack: {e}", r.digest)),
+        Ok(())
+            if Some(narinfo::nix_hash(&digest).as_str()) != annotation(NAR_HASH)
+                || Some(size.to_string().as_str()) != annotation(NAR_SIZE) =>
+        {
+            Some(format!(
+                "NAR {} of {} does not unpack to its NarHash",
+                r.digest,
+                annotation(STORE_PATH).unwrap_or("?")
+            ))
+        }
+        Ok(()) => None,
+    };
+    Ok(problem)
+}
+
+/// Records the closure of a just-built image: its paths become servable,
+/// and the NARs already made of them are kept with it too.
+pub async fn record_closure(
+    builder: &Builder,
+    manifest: Digest,
+    closure: Vec<ClosurePath>,
+) -> Result<(), BuildError> {
+    let db = builder.db().clone();
+    let made = blocking(move || -> Result<_, DbError> {
+        db.put_nix_closure(&manifest, &closure)?;
+        let paths: Vec<String> = closure.into_iter().map(|p| p.path).collect();
+        db.nars_made(&paths)
+    })
+    .await?;
+    let referrers: Vec<Referrer> = made
+        .iter()
+        .filter_map(|r| Some(nar_referrer(&r.path, r.nar.as_ref()?)))
+        .collect();
+    if !referrers.is_empty() {
+        builder.add_referrers(&manifest, referrers).await?;
+    }
+    Ok(())
+}
+
 impl NixCache {
-    pub fn new(key: SigningKey, db: AsyncDb, storage: Arc<dyn Storage>) -> Self {
+    pub fn new(key: SigningKey) -> Self {
         NixCache {
             key,
-            db,
-            storage,
             making: SingleFlight::default(),
             counters: Counters::default(),
         }
@@ -87,15 +183,21 @@ impl NixCache {
     /// The signed narinfo of the served path with this hash part (already
     /// checked to be one); None if no image has it, or its NAR cannot be
     /// made (the host's store lost it).
-    pub async fn narinfo(&self, hash: &str) -> Result<Option<String>, CacheError> {
-        let owned = hash.to_owned();
-        let Some(record) = self.db.run(move |db| db.nix_path(&owned)).await? else {
+    pub async fn narinfo(
+        &self,
+        builder: &Arc<Builder>,
+        hash: &str,
+    ) -> Result<Option<String>, CacheError> {
+        let (db, owned) = (builder.db().clone(), hash.to_owned());
+        let Some(record) = blocking(move || db.nix_path(&owned)).await? else {
             self.counters.narinfo_misses.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         };
         let nar = match record.nar {
-            Some(nar) if self.is_stored(&nar.file).await => Some(nar),
-            _ => self.make(hash, &record).await?,
+            Some(nar) if matches!(builder.storage().stat(&nar.file).await, Ok(Some(_))) => {
+                Some(nar)
+            }
+            _ => self.make(builder, hash, &record).await?,
         };
         let Some(nar) = nar else {
             self.counters.narinfo_misses.fetch_add(1, Ordering::Relaxed);
@@ -105,14 +207,10 @@ impl NixCache {
         Ok(Some(narinfo::render(&record, &nar, &self.key)))
     }
 
-    async fn is_stored(&self, file: &Digest) -> bool {
-        matches!(self.storage.stat(file).await, Ok(Some(_)))
-    }
-
     /// Whether blob `file` is the NAR of a served path.
-    pub async fn serves_nar(&self, file: &Digest) -> Result<bool, CacheError> {
-        let file = *file;
-        Ok(self.db.run(move |db| db.nar_owner(&file)).await?.is_some())
+    pub async fn serves_nar(&self, builder: &Builder, file: &Digest) -> Result<bool, CacheError> {
+        let (db, file) = (builder.db().clone(), *file);
+        Ok(blocking(move || db.nar_owner(&file)).await?.is_some())
     }
 
     /// Notes a NAR sent (or its part).
@@ -126,15 +224,15 @@ impl NixCache {
     /// Makes the NAR of `record`'s path, once however many ask.
     async fn make(
         &self,
+        builder: &Arc<Builder>,
         hash: &str,
         record: &NixPathRecord,
     ) -> Result<Option<NarRecord>, CacheError> {
-        let path = record.path.clone();
-        let (db, storage, hash_owned) =
-            (self.db.clone(), Arc::clone(&self.storage), hash.to_owned());
+        let (path, builder_owned, hash_owned) =
+            (record.path.clone(), Arc::clone(builder), hash.to_owned());
         let made = self
             .making
-            .run(hash, move || make_nar(path, hash_owned, db, storage))
+            .run(hash, move || make_nar(path, hash_owned, builder_owned))
             .await
             .unwrap_or_else(|| {
                 Err(CacheError::Produce {
@@ -152,18 +250,22 @@ impl NixCache {
 async fn make_nar(
     path: String,
     hash: String,
-    db: AsyncDb,
-    storage: Arc<dyn Storage>,
+    builder: Arc<Builder>,
 ) -> Result<Option<NarRecord>, CacheError> {
     // Only a store path, never anything a record could point elsewhere.
     if hash_part(&path) != Some(hash.as_str()) || path.contains("/..") {
         return Ok(None);
     }
     let host = PathBuf::from(&path);
+    let storage = Arc::clone(builder.storage());
     // Pinned from its commit until recorded, so a collection in between
     // cannot take it.
     let pins = storage.staging().pin_set();
     let staging = storage.staging().pinning_into(&pins);
+    let produce_error = |reason: String| CacheError::Produce {
+        path: path.clone(),
+        reason,
+    };
     let made = tokio::task::spawn_blocking(move || {
         if std::fs::symlink_metadata(&host).is_err() {
             return Ok(None);
@@ -171,14 +273,8 @@ async fn make_nar(
         produce::produce(&host, &staging).map(Some)
     })
     .await
-    .map_err(|e| CacheError::Produce {
-        path: path.clone(),
-        reason: e.to_string(),
-    })?
-    .map_err(|e| CacheError::Produce {
-        path: path.clone(),
-        reason: e.to_string(),
-    })?;
+    .map_err(|e| produce_error(e.to_string()))?
+    .map_err(|e| produce_error(e.to_string()))?;
     let Some(nar) = made else {
         tracing::warn!(
             path,
@@ -190,7 +286,21 @@ async fn make_nar(
         .put_file(&storage.staging().path_of(&nar.file), &nar.file)
         .await
         .map_err(|e| CacheError::Store(e.to_string()))?;
-    let kept = db.run(move |db| db.set_nar(&hash, &nar)).await?;
+    let db = builder.db().clone();
+    let users = blocking(move || -> Result<_, DbError> {
+        db.set_nar(&hash, &nar)?
+            .then(|| db.nix_path_users(&hash))
+            .transpose()
+    })
+    .await?;
+    let Some(users) = users else {
+        return Ok(None);
+    };
+    for image in users {
+        builder
+            .add_referrers(&image, vec![nar_referrer(&path, &nar)])
+            .await?;
+    }
     drop(pins);
     tracing::info!(
         path,
@@ -198,5 +308,5 @@ async fn make_nar(
         file_size = nar.file_size,
         "made a NAR for the Nix cache"
     );
-    Ok(kept.then_some(nar))
+    Ok(Some(nar))
 }

@@ -1,16 +1,19 @@
 //! Garbage collection with a quota: evict the least recently pulled images
 //! until the blobs fit in `max_storage` and the disk has `min_free_space`,
 //! then delete every blob that no kept manifest references. An image's
-//! blobs include the NARs the Nix cache made of its store paths. Blobs pinned by
+//! blobs include those kept with it (the NARs of its store paths), so its
+//! eviction counts what they free. Blobs pinned by
 //! a response or a build in flight are never deleted.
 //!
 //! Written against a few blob-store operations (list with sizes, stat,
 //! delete unless pinned) so that other backends can provide them.
 
-use crate::build::manifest::{named_by, Named};
 use crate::clock::now_unix;
 use crate::digest::Digest;
-use crate::store::db::{Db, DbError, ManifestRecord, PullRecord, TagRecord, TagTree};
+use crate::oci::{named_by, Named};
+use crate::store::db::{
+    Db, DbError, ManifestRecord, PullRecord, ReferrerKind, ReferrersRecord, TagRecord, TagTree,
+};
 use crate::store::fs::{BlobError, BlobStore};
 use crate::store::pulls::LastPulled;
 use serde::Serialize;
@@ -111,13 +114,16 @@ fn blobs_of(blobs: &BlobStore, manifest: &Digest) -> Vec<Digest> {
 
 /// Every blob to keep: those of the `kept` images, plus the forms served
 /// besides their Docker manifests (an OCI manifest, an index over
-/// platforms) whose every part is kept. The other forms come second: they
-/// are no longer served, and their blobs go.
+/// platforms) whose every part is kept, plus whatever refers to a kept
+/// manifest (`referrers`, followed transitively; a referrer that is a
+/// manifest keeps what it names). The other forms and artifact manifests
+/// come second: they are no longer served, and their blobs go.
 /// `listed`: every digest recorded as a manifest; `parts_of`: what one
 /// names.
 pub(crate) fn keep_with_forms<'a>(
     listed: Vec<Digest>,
     parts_of: impl Fn(&Digest) -> Option<Named>,
+    referrers: &HashMap<Digest, ReferrersRecord>,
     kept: impl Iterator<Item = &'a Image>,
 ) -> (BTreeSet<Digest>, Vec<Digest>) {
     let mut referenced = BTreeSet::new();
@@ -126,7 +132,7 @@ pub(crate) fn keep_with_forms<'a>(
         manifests.insert(image.manifest);
         referenced.extend(image.blobs.iter().copied());
     }
-    let (mut indexes, mut stale) = (Vec::new(), Vec::new());
+    let (mut indexes, mut stale, mut artifacts) = (Vec::new(), Vec::new(), Vec::new());
     for digest in listed {
         if manifests.contains(&digest) {
             continue;
@@ -141,17 +147,35 @@ pub(crate) fn keep_with_forms<'a>(
                 digest,
                 children.into_iter().map(|(d, _)| d).collect::<Vec<_>>(),
             )),
+            // Kept by the referrers record of its subject, below.
+            Some(Named::Artifact { .. }) => artifacts.push(digest),
             _ => stale.push(digest),
         }
     }
     for (digest, children) in indexes {
         if !children.is_empty() && children.iter().all(|c| manifests.contains(c)) {
-            referenced.insert(digest);
+            manifests.insert(digest);
         } else {
             stale.push(digest);
         }
     }
+    let mut subjects: Vec<Digest> = manifests.iter().copied().collect();
     referenced.extend(manifests);
+    while let Some(subject) = subjects.pop() {
+        let Some(record) = referrers.get(&subject) else {
+            continue;
+        };
+        for r in &record.referrers {
+            if !referenced.insert(r.digest) || r.kind != ReferrerKind::Manifest {
+                continue;
+            }
+            if let Some(named) = parts_of(&r.digest) {
+                referenced.extend(named.blobs().iter().map(|(d, _)| *d));
+            }
+            subjects.push(r.digest);
+        }
+    }
+    stale.extend(artifacts.into_iter().filter(|d| !referenced.contains(d)));
     (referenced, stale)
 }
 
@@ -161,8 +185,9 @@ struct Records {
     manifests: Vec<(String, ManifestRecord)>,
     built: Vec<TagRecord>,
     pinned: Vec<TagRecord>,
-    /// The NARs made of each image's store paths (the Nix cache).
-    nars: HashMap<Digest, Vec<Digest>>,
+    /// The blobs kept with each manifest (`Blob` referrers: the NARs of
+    /// its store paths), which its eviction frees.
+    kept_with: HashMap<Digest, Vec<Digest>>,
 }
 
 impl Records {
@@ -182,7 +207,14 @@ impl Records {
                 .into_iter()
                 .chain(db.all_pinned_platforms()?.into_iter().map(|(_, _, _, r)| r))
                 .collect(),
-            nars: db.nar_blobs_by_image()?,
+            kept_with: db
+                .all_referrers()?
+                .into_iter()
+                .map(|(subject, r)| {
+                    let blobs = r.referrers.iter().filter(|r| r.kind == ReferrerKind::Blob);
+                    (subject, blobs.map(|r| r.digest).collect())
+                })
+                .collect(),
         })
     }
 }
@@ -214,7 +246,7 @@ fn images(records: &Records, pulls: &HashMap<Digest, PullRecord>, blobs: &BlobSt
                 image: pull.map(|p| p.image.clone()),
                 blobs: {
                     let mut all = blobs_of(blobs, &manifest);
-                    all.extend(records.nars.get(&manifest).into_iter().flatten());
+                    all.extend(records.kept_with.get(&manifest).into_iter().flatten());
                     all
                 },
                 pinned,
@@ -331,8 +363,13 @@ pub fn collect(
             .enumerate()
             .filter(|(i, _)| !chosen.contains(i))
             .map(|(_, img)| img);
-        let (referenced, _) =
-            keep_with_forms(db.manifest_digest_list()?, |d| parts_of(blobs, d), staying);
+        let referrers: HashMap<_, _> = db.all_referrers()?.into_iter().collect();
+        let (referenced, _) = keep_with_forms(
+            db.manifest_digest_list()?,
+            |d| parts_of(blobs, d),
+            &referrers,
+            staying,
+        );
         let unreferenced: Vec<(Digest, u64)> = stored
             .into_iter()
             .filter(|(d, _)| !referenced.contains(d))
@@ -361,20 +398,26 @@ pub fn collect(
         // changes the count, and the deletion below then refuses.
         let released = blobs.pins_released();
         let staying = images(&Records::read(db)?, &HashMap::new(), blobs);
+        let referrers: HashMap<_, _> = db.all_referrers()?.into_iter().collect();
         let (mut referenced, stale) = keep_with_forms(
             db.manifest_digest_list()?,
             |d| parts_of(blobs, d),
+            &referrers,
             staying.iter(),
         );
-        // The images' NARs are among their blobs; this keeps those of a
-        // build in flight (its manifest stored, not yet recorded) and
-        // forgets a closure whose manifest is neither kept nor stored.
+        // The Nix cache's index follows: a closure whose manifest is
+        // neither kept nor stored (a build in flight has stored it) goes;
+        // the NARs of a build in flight are kept.
         let nars = db.prune_nix_paths(|m| {
             referenced.contains(m) || matches!(blobs.stat_blob(m), Ok(Some(_)))
         })?;
         referenced.extend(nars);
         for digest in &stale {
             db.forget_manifest_digest(digest)?;
+        }
+        // What referred to a manifest that goes goes with it.
+        for subject in referrers.keys().filter(|s| !referenced.contains(s)) {
+            db.remove_referrers(subject)?;
         }
         let unreferenced: Vec<Digest> = blobs
             .list_blobs()?
@@ -549,6 +592,50 @@ mod tests {
         let index = serde_json::json!({"manifests": [{"digest": new_form.to_string(), "size": 1}]});
         let index = blobs.put(index.to_string().as_bytes()).unwrap();
         db.add_manifest_digest(&index).unwrap();
+        // An artifact (document + manifest) referring to each image, and
+        // a blob kept with the new one.
+        let refer = |subject: &Digest, text: &[u8]| {
+            let doc = blobs.put(text).unwrap();
+            blobs.put(crate::oci::artifact::EMPTY_CONFIG).unwrap();
+            let artifact = crate::oci::artifact::artifact_manifest(
+                "application/spdx+json",
+                crate::oci::artifact::ArtifactDescriptor {
+                    media_type: "application/spdx+json".into(),
+                    digest: doc,
+                    size: text.len() as u64,
+                    artifact_type: None,
+                    annotations: Default::default(),
+                },
+                &crate::oci::manifest::Descriptor {
+                    media_type: "m".into(),
+                    size: 1,
+                    digest: *subject,
+                },
+                &Default::default(),
+            )
+            .unwrap();
+            let a = blobs.put(&artifact.json).unwrap();
+            let referrer = |kind, digest, size| crate::store::db::Referrer {
+                kind,
+                media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                artifact_type: "application/spdx+json".into(),
+                digest,
+                size,
+                annotations: vec![],
+            };
+            let kept_blob = blobs.put(&[text, b" nar"].concat()).unwrap();
+            db.add_referrers(
+                subject,
+                &[
+                    referrer(ReferrerKind::Manifest, a, artifact.json.len() as u64),
+                    referrer(ReferrerKind::Blob, kept_blob, text.len() as u64 + 4),
+                ],
+            )
+            .unwrap();
+            (doc, a, kept_blob)
+        };
+        let old_refs = refer(&old, b"old sbom");
+        let new_refs = refer(&new_form, b"new sbom");
         let orphan = blobs.put(b"orphan").unwrap();
         let pinned_orphan = blobs.put(b"pinned orphan").unwrap();
         let pin = blobs.pin(&pinned_orphan);
@@ -566,12 +653,29 @@ mod tests {
         assert_eq!(report.evicted[0].manifest, old.to_string());
         assert_eq!(report.evicted[0].image.as_deref(), Some("old"));
         assert_eq!(report.blobs_in_use, 1);
-        for gone in [old, old_layer, orphan, old_form] {
+        for gone in [
+            old, old_layer, orphan, old_form, old_refs.0, old_refs.1, old_refs.2,
+        ] {
             assert_eq!(blobs.stat_blob(&gone).unwrap(), None);
         }
-        for kept in [new, new_layer, pinned_orphan, new_form, index] {
+        let empty = Digest::of(crate::oci::artifact::EMPTY_CONFIG);
+        for kept in [
+            new,
+            new_layer,
+            pinned_orphan,
+            new_form,
+            index,
+            new_refs.0,
+            new_refs.1,
+            new_refs.2,
+            empty,
+        ] {
             assert!(blobs.stat_blob(&kept).unwrap().is_some());
         }
+        assert_eq!(db.referrers(&old).unwrap(), None);
+        assert!(!db.is_manifest(&old_refs.1).unwrap());
+        assert_eq!(db.referrers(&new_form).unwrap().unwrap().referrers.len(), 2);
+        assert!(db.is_manifest(&new_refs.1).unwrap());
         assert!(!db.is_manifest(&old_form).unwrap());
         assert!(db.is_manifest(&new_form).unwrap());
         assert!(db.manifest("old").unwrap().is_none());

@@ -15,6 +15,7 @@ pub mod collector;
 pub mod db;
 pub mod disk;
 pub mod fill;
+pub mod findings;
 pub mod fs;
 pub mod gc;
 pub mod local;
@@ -130,6 +131,9 @@ pub enum RecordKind {
     /// Manifest digest -> when a replica last noted a pull of it: the
     /// bucket's collector evicts the least recently pulled first.
     Pulled,
+    /// Manifest digest -> what refers to it (`db::ReferrersRecord`): kept,
+    /// verified and deleted with it.
+    Referrers,
 }
 
 impl RecordKind {
@@ -140,6 +144,7 @@ impl RecordKind {
             RecordKind::ManifestDigest => "manifest-digests",
             RecordKind::Imported => "imported",
             RecordKind::Pulled => "pulled",
+            RecordKind::Referrers => "referrers",
         }
     }
 }

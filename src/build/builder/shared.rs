@@ -3,8 +3,8 @@
 //! lease that makes one replica build an image while the others wait.
 
 use super::{now_unix, BuildError, Builder};
-use crate::build::manifest::{named_by, Named};
 use crate::digest::Digest;
+use crate::oci::{named_by, Named};
 use crate::store::db::{self, ImportedRecord, LayerRecord, ManifestRecord, PulledRecord, Record};
 use crate::store::fill::copy_to_disk;
 use crate::store::{Lease, LeaseState, RecordKind, Storage};
@@ -84,7 +84,7 @@ impl Builder {
                 continue;
             };
             match named_by(&bytes) {
-                Some(Named::Image(parts)) => {
+                Some(Named::Image(parts)) | Some(Named::Artifact { blobs: parts, .. }) => {
                     for (part, _) in parts {
                         self.copy_if_missing(&part).await?;
                     }

@@ -19,6 +19,8 @@
 //! - `pinned_platforms`: `<name>\0<tag>\0<arch>` -> [`TagRecord`] (each
 //!   platform's manifest of an image imported with several; `pinned`
 //!   names the first)
+//! - `referrers`: subject manifest digest -> [`ReferrersRecord`] (what
+//!   refers to it: SBOM artifact manifests, blobs kept with it)
 //!
 //! - `nix_closures`, `nix_paths`, `nix_nars`: the Nix binary cache (see
 //!   [`nix`])
@@ -43,7 +45,7 @@ pub use async_db::AsyncDb;
 pub use migrate::SCHEMA_VERSION;
 pub use records::{
     BuildOutcome, BuildRecord, ErrorRecord, ImportedRecord, LayerRecord, ManifestRecord,
-    PullRecord, PulledRecord, Record, TagRecord,
+    PullRecord, PulledRecord, Record, Referrer, ReferrerKind, ReferrersRecord, TagRecord,
 };
 
 use crate::digest::Digest;
@@ -146,6 +148,7 @@ pub struct Db {
     pinned: sled::Tree,
     built_tags: sled::Tree,
     pinned_platforms: sled::Tree,
+    referrers: sled::Tree,
     nix: nix::NixTrees,
     /// Trees whose undecodable records were already logged.
     logged_undecodable: Arc<Mutex<HashSet<&'static str>>>,
@@ -241,6 +244,7 @@ impl Db {
             pinned: db.open_tree("pinned")?,
             built_tags: db.open_tree("built_tags")?,
             pinned_platforms: db.open_tree("pinned_platforms")?,
+            referrers: db.open_tree("referrers")?,
             nix: nix::NixTrees::open(&db)?,
             logged_undecodable: Arc::default(),
             created,
@@ -481,6 +485,69 @@ impl Db {
 
     pub fn is_manifest(&self, digest: &Digest) -> Result<bool, DbError> {
         Ok(self.manifest_digests.contains_key(digest.as_bytes())?)
+    }
+
+    /// What refers to `subject` (none recorded: `None`).
+    pub fn referrers(&self, subject: &Digest) -> Result<Option<ReferrersRecord>, DbError> {
+        Ok(self
+            .referrers
+            .get(subject.as_bytes())?
+            .and_then(|v| self.decode("referrers", &v)))
+    }
+
+    /// Records that `more` refer to `subject` (merged with those recorded)
+    /// and marks the manifests among them as served by digest. The
+    /// referrers' blobs must be stored first. Returns the record.
+    pub fn add_referrers(
+        &self,
+        subject: &Digest,
+        more: &[Referrer],
+    ) -> Result<ReferrersRecord, DbError> {
+        for r in more.iter().filter(|r| r.kind == ReferrerKind::Manifest) {
+            self.manifest_digests.insert(r.digest.as_bytes(), &[])?;
+        }
+        loop {
+            let old = self.referrers.get(subject.as_bytes())?;
+            let mut record: ReferrersRecord = old
+                .as_ref()
+                .and_then(|v| self.decode("referrers", v))
+                .unwrap_or_default();
+            if !record.merge(more) && old.is_some() {
+                return Ok(record);
+            }
+            let new = encode(&record)?;
+            // Another writer may have added some meanwhile: merge again.
+            if self
+                .referrers
+                .compare_and_swap(subject.as_bytes(), old, Some(new))?
+                .is_ok()
+            {
+                return Ok(record);
+            }
+        }
+    }
+
+    /// Every subject with what refers to it; undecodable records are absent.
+    pub fn all_referrers(&self) -> Result<Vec<(Digest, ReferrersRecord)>, DbError> {
+        let mut out = Vec::new();
+        for kv in self.referrers.iter() {
+            let (k, v) = kv?;
+            let (Ok(raw), Some(r)) = (
+                <[u8; 32]>::try_from(k.as_ref()),
+                self.decode("referrers", &v),
+            ) else {
+                continue;
+            };
+            out.push((Digest::from_bytes(raw), r));
+        }
+        Ok(out)
+    }
+
+    /// Forgets what refers to `subject` (it is gone, or they are damaged:
+    /// they are made again when asked for).
+    pub fn remove_referrers(&self, subject: &Digest) -> Result<(), DbError> {
+        self.referrers.remove(subject.as_bytes())?;
+        Ok(())
     }
 
     pub fn layer(&self, key: &str) -> Result<Option<LayerRecord>, DbError> {

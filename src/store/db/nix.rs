@@ -6,6 +6,12 @@
 //! - `nix_paths`: store path hash part (32 characters) ->
 //!   [`NixPathRecord`]: a path is served while some closure names it
 //! - `nix_nars`: NAR file digest -> store path hash part
+//! - `nix_users`: hash part (32 bytes) then manifest digest (32 bytes) ->
+//!   (): which images stand on a path
+//!
+//! A NAR is kept by the model every stored kind follows: it is a `Blob`
+//! referrer of each image whose closure has its path (`referrers`), so
+//! the collector, verify and the bucket treat it like any other.
 //!
 //! New trees an older binary ignores: no layout version.
 
@@ -78,6 +84,7 @@ pub(super) struct NixTrees {
     closures: sled::Tree,
     paths: sled::Tree,
     nars: sled::Tree,
+    users: sled::Tree,
 }
 
 impl NixTrees {
@@ -86,6 +93,7 @@ impl NixTrees {
             closures: db.open_tree("nix_closures")?,
             paths: db.open_tree("nix_paths")?,
             nars: db.open_tree("nix_nars")?,
+            users: db.open_tree("nix_users")?,
         })
     }
 }
@@ -112,6 +120,9 @@ impl Db {
                 continue;
             };
             paths.push(p.path.clone());
+            let mut user = hash.as_bytes().to_vec();
+            user.extend_from_slice(manifest.as_bytes());
+            self.nix.users.insert(user, &[])?;
             if self.nix.paths.contains_key(hash)? {
                 continue;
             }
@@ -172,6 +183,35 @@ impl Db {
         Ok(kept)
     }
 
+    /// The images whose closures have the path with this hash part.
+    pub fn nix_path_users(&self, hash: &str) -> Result<Vec<Digest>, DbError> {
+        let mut users = Vec::new();
+        for kv in self.nix.users.scan_prefix(hash.as_bytes()) {
+            let (k, _) = kv?;
+            if let Ok(raw) = <[u8; 32]>::try_from(&k[k.len().saturating_sub(32)..]) {
+                users.push(Digest::from_bytes(raw));
+            }
+        }
+        Ok(users)
+    }
+
+    /// The paths of `paths` (absolute) whose NARs are made, with them.
+    pub fn nars_made(&self, paths: &[String]) -> Result<Vec<NixPathRecord>, DbError> {
+        let mut made = Vec::new();
+        for path in paths {
+            if let Some(record) = hash_part(path)
+                .map(|h| self.nix_path(h))
+                .transpose()?
+                .flatten()
+            {
+                if record.nar.is_some() {
+                    made.push(record);
+                }
+            }
+        }
+        Ok(made)
+    }
+
     /// The served store path (hash part) whose NAR is the blob `file`.
     pub fn nar_owner(&self, file: &Digest) -> Result<Option<String>, DbError> {
         let Some(hash) = self.nix.nars.get(file.as_bytes())? else {
@@ -219,39 +259,6 @@ impl Db {
         Ok(hashes)
     }
 
-    /// The NAR blobs made of each recorded image's store paths.
-    pub fn nar_blobs_by_image(
-        &self,
-    ) -> Result<std::collections::HashMap<Digest, Vec<Digest>>, DbError> {
-        let mut nars = std::collections::HashMap::new();
-        for kv in self.nix.paths.iter() {
-            let (k, v) = kv?;
-            if let Some(nar) = self
-                .decode::<NixPathRecord>("nix_paths", &v)
-                .and_then(|r| r.nar)
-            {
-                nars.insert(k.to_vec(), nar.file);
-            }
-        }
-        let mut by_image = std::collections::HashMap::new();
-        for kv in self.nix.closures.iter() {
-            let (k, v) = kv?;
-            let (Ok(raw), Some(record)) = (
-                <[u8; 32]>::try_from(k.as_ref()),
-                self.decode::<NixClosureRecord>("nix_closures", &v),
-            ) else {
-                continue;
-            };
-            let files: Vec<Digest> = record
-                .paths
-                .iter()
-                .filter_map(|p| nars.get(hash_part(p)?.as_bytes()).copied())
-                .collect();
-            by_image.insert(Digest::from_bytes(raw), files);
-        }
-        Ok(by_image)
-    }
-
     /// Forgets the closures of images `keep` refuses (a manifest no longer
     /// served), then the paths no closure names (with their NAR records);
     /// returns the NAR blobs still needed.
@@ -260,6 +267,18 @@ impl Db {
         keep: impl Fn(&Digest) -> bool,
     ) -> Result<BTreeSet<Digest>, DbError> {
         let hashes = self.closure_hashes(keep, true)?;
+        for kv in self.nix.users.iter() {
+            let (k, _) = kv?;
+            let user =
+                <[u8; 32]>::try_from(&k[k.len().saturating_sub(32)..]).map(Digest::from_bytes);
+            let still = match user {
+                Ok(d) => self.nix.closures.contains_key(d.as_bytes())?,
+                Err(_) => false,
+            };
+            if !still {
+                self.nix.users.remove(&k)?;
+            }
+        }
         let mut kept = BTreeSet::new();
         for kv in self.nix.paths.iter() {
             let (k, v) = kv?;
@@ -343,14 +362,24 @@ mod tests {
             .unwrap();
         assert_eq!(db.nix_path(g).unwrap().unwrap().nar, Some(nar(1)));
 
-        let by_image = db.nar_blobs_by_image().unwrap();
-        assert_eq!(by_image[&a], vec![nar(1).file, nar(2).file]);
-        assert_eq!(by_image[&b], vec![nar(1).file]);
+        assert_eq!(db.nix_path_users(g).unwrap(), {
+            let mut both = vec![a, b];
+            both.sort();
+            both
+        });
+        assert_eq!(db.nix_path_users(h).unwrap(), vec![a]);
+        assert_eq!(
+            db.nars_made(&[hello.path.clone(), curl.path.clone()])
+                .unwrap()
+                .len(),
+            1
+        );
         db.remove_image(&a).unwrap();
         assert_eq!(db.prune_nix_paths(|_| true).unwrap(), [nar(1).file].into());
         assert!(db.nix_path(h).unwrap().is_none());
         assert!(db.nar_owner(&nar(2).file).unwrap().is_none());
         assert!(db.nix_path(g).unwrap().is_some());
+        assert_eq!(db.nix_path_users(g).unwrap(), vec![b]);
         let counts = db.nix_cache_counts().unwrap();
         assert_eq!((counts.paths, counts.nars, counts.nar_bytes), (2, 1, 4));
         // An image no longer served (its manifest gone) loses its paths.

@@ -150,3 +150,58 @@ impl Record for BuildRecord {
 impl Record for ErrorRecord {
     const VERSION: u8 = 1;
 }
+
+/// How a referrer refers to its subject (see [`ReferrersRecord`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum ReferrerKind {
+    /// An OCI manifest whose `subject` is the subject (an SBOM's artifact
+    /// manifest): listed by the referrers API, served by digest, and what
+    /// it names is kept with it.
+    Manifest,
+    /// A blob kept exactly as long as the subject (say, the NAR of a store
+    /// path in the image); never listed by the referrers API.
+    Blob,
+}
+
+/// One thing that refers to a subject: its descriptor as the referrers
+/// API lists it, and how it refers.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Referrer {
+    pub kind: ReferrerKind,
+    pub media_type: String,
+    pub artifact_type: String,
+    pub digest: Digest,
+    pub size: u64,
+    /// The artifact manifest's annotations, listed with it (sorted).
+    pub annotations: Vec<(String, String)>,
+}
+
+/// What refers to one stored manifest (the subject): the `referrers` tree
+/// and the bucket's `referrers/` index, keyed by the subject's digest.
+/// Stored content that exists because of an image is kept through this
+/// record: the collector keeps a referrer exactly as long as its subject,
+/// verify checks it, export and import carry it. Sorted by digest, one
+/// entry per digest, so the same referrers give the same bytes (replicas
+/// writing the same record write the same thing).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReferrersRecord {
+    pub referrers: Vec<Referrer>,
+}
+
+impl ReferrersRecord {
+    /// Adds `more`, replacing any entry of the same digest; true if that
+    /// changed the record.
+    pub fn merge(&mut self, more: &[Referrer]) -> bool {
+        let before = self.referrers.clone();
+        for r in more {
+            self.referrers.retain(|old| old.digest != r.digest);
+            self.referrers.push(r.clone());
+        }
+        self.referrers.sort_by_key(|r| r.digest);
+        self.referrers != before
+    }
+}
+
+impl Record for ReferrersRecord {
+    const VERSION: u8 = 1;
+}

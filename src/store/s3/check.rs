@@ -8,11 +8,11 @@
 //! it runs while the replicas serve.
 
 use super::Bucket;
-use crate::build::forms::MANIFEST_MAX_BYTES;
-use crate::build::manifest::named_by;
 use crate::digest::Digest;
-use crate::mirror::check::{Findings, Holder, Repaired, StaleRecord};
-use crate::store::db::{ImportedRecord, LayerRecord, ManifestRecord};
+use crate::oci::manifest::MANIFEST_MAX_BYTES;
+use crate::oci::named_by;
+use crate::store::db::{ImportedRecord, LayerRecord, ManifestRecord, ReferrersRecord};
+use crate::store::findings::{Findings, Holder, Repaired, StaleRecord};
 use crate::store::{RecordKind, StoreError};
 use futures::{StreamExt, TryStreamExt};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -114,6 +114,31 @@ pub async fn check(
             why,
         });
     }
+    for (key, record) in bucket
+        .records::<ReferrersRecord>(RecordKind::Referrers)
+        .await?
+    {
+        let why = match record {
+            None => "the record cannot be read".to_owned(),
+            Some(r) => match r.referrers.iter().find_map(|r| {
+                let problem = match sizes.get(&r.digest) {
+                    _ if corrupt.contains(&r.digest) => "is corrupt",
+                    None => "is missing",
+                    Some(&n) if n != r.size => "has another size",
+                    Some(_) => return None,
+                };
+                Some(format!("referrer {} {problem}", r.digest))
+            }) {
+                Some(why) => why,
+                None => continue,
+            },
+        };
+        f.stale_records.push(StaleRecord {
+            kind: RecordKind::Referrers,
+            key,
+            why,
+        });
+    }
     f.corrupt = corrupt.into_iter().collect();
     Ok(f)
 }
@@ -196,8 +221,9 @@ pub async fn repair(bucket: &Bucket, f: &Findings) -> Result<Repaired, StoreErro
                     done.lost.push(format!("{name}:{tag}"));
                 }
                 // Only a local database has these (a bucket records each
-                // platform's manifest of an import as `Pinned`).
-                Holder::Built(..) | Holder::PinnedPlatform(..) => {}
+                // platform's manifest of an import as `Pinned`, and a
+                // damaged referrers record is a stale record).
+                Holder::Built(..) | Holder::PinnedPlatform(..) | Holder::Referrer(_) => {}
             }
         }
     }

@@ -24,11 +24,13 @@
 
 use super::lease::new_holder;
 use super::{Bucket, Listed};
-use crate::build::forms::MANIFEST_MAX_BYTES;
-use crate::build::manifest::{named_by, Named};
 use crate::clock::now_unix;
 use crate::digest::Digest;
-use crate::store::db::{ImportedRecord, LayerRecord, ManifestRecord, PulledRecord};
+use crate::oci::manifest::MANIFEST_MAX_BYTES;
+use crate::oci::{named_by, Named};
+use crate::store::db::{
+    ImportedRecord, LayerRecord, ManifestRecord, PulledRecord, ReferrersRecord,
+};
 use crate::store::gc::{evictions, keep_with_forms, Image, Policy, Report};
 use crate::store::{LeaseState, RecordKind, StoreError};
 use futures::{StreamExt, TryStreamExt};
@@ -87,6 +89,8 @@ struct Contents {
     pulled: HashMap<Digest, u64>,
     /// What each stored manifest names.
     parts: HashMap<Digest, Named>,
+    /// What refers to each subject manifest.
+    referrers: HashMap<Digest, ReferrersRecord>,
 }
 
 async fn read_contents(bucket: &Bucket) -> Result<Contents, StoreError> {
@@ -119,6 +123,14 @@ async fn read_contents(bucket: &Bucket) -> Result<Contents, StoreError> {
             Some((Digest::from_hex(&hex).ok()?, r?.at))
         })
         .collect();
+    let referrers: HashMap<Digest, ReferrersRecord> = bucket
+        .records(RecordKind::Referrers)
+        .await?
+        .into_iter()
+        .filter_map(|(hex, r): (String, Option<ReferrersRecord>)| {
+            Some((Digest::from_hex(&hex).ok()?, r?))
+        })
+        .collect();
     let sizes: HashMap<Digest, u64> = blobs.iter().map(|b| (b.digest, b.size)).collect();
     let manifests: BTreeSet<Digest> = builds
         .iter()
@@ -142,6 +154,7 @@ async fn read_contents(bucket: &Bucket) -> Result<Contents, StoreError> {
         imported,
         pulled,
         parts,
+        referrers,
     })
 }
 
@@ -208,8 +221,12 @@ async fn collect_holding_lease(
         .enumerate()
         .filter(|(i, _)| !chosen.contains(i))
         .map(|(_, img)| img);
-    let (referenced, stale) =
-        keep_with_forms(c.listed.clone(), |d| c.parts.get(d).cloned(), staying);
+    let (referenced, stale) = keep_with_forms(
+        c.listed.clone(),
+        |d| c.parts.get(d).cloned(),
+        &c.referrers,
+        staying,
+    );
 
     // Young blobs stay: a build may be about to record them.
     let (unreferenced, young): (Vec<&Listed>, Vec<&Listed>) = c
@@ -253,6 +270,13 @@ async fn collect_holding_lease(
         .keys()
         .filter(|d| evicted_digests.contains(d) || !sizes.contains_key(d));
     records_gone.extend(notes_gone.map(|d| (RecordKind::Pulled, d.hex())));
+    // What referred to a manifest that goes (a young one may be a form a
+    // replica is still recording).
+    let referrers_gone = c
+        .referrers
+        .keys()
+        .filter(|d| !referenced.contains(d) && !young_blobs.contains(d));
+    records_gone.extend(referrers_gone.map(|d| (RecordKind::Referrers, d.hex())));
     for (key, r) in bucket.records::<LayerRecord>(RecordKind::Layer).await? {
         match r {
             Some(r) if !doomed.contains(&r.digest) => {}
