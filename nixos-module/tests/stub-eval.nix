@@ -27,7 +27,10 @@ let
 
   config = {
     services.nixery =
-      builtins.mapAttrs (_: o: o.default) options
+      # An option's default, or those of a group of options (nixCache).
+      builtins.mapAttrs (
+        _: o: if o ? _type then o.default else builtins.mapAttrs (_: x: x.default) o
+      ) options
       // {
         enable = true;
         # Replaced by the test with the binary it built.

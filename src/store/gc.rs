@@ -185,9 +185,9 @@ struct Records {
     manifests: Vec<(String, ManifestRecord)>,
     built: Vec<TagRecord>,
     pinned: Vec<TagRecord>,
-    /// The blobs kept with each manifest (`Blob` referrers: the NARs of
-    /// its store paths), which its eviction frees.
-    kept_with: HashMap<Digest, Vec<Digest>>,
+    /// What refers to each manifest (its bills of materials, the NARs of
+    /// its store paths): kept with it, so its eviction frees them too.
+    referrers: HashMap<Digest, ReferrersRecord>,
 }
 
 impl Records {
@@ -207,16 +207,24 @@ impl Records {
                 .into_iter()
                 .chain(db.all_pinned_platforms()?.into_iter().map(|(_, _, _, r)| r))
                 .collect(),
-            kept_with: db
-                .all_referrers()?
-                .into_iter()
-                .map(|(subject, r)| {
-                    let blobs = r.referrers.iter().filter(|r| r.kind == ReferrerKind::Blob);
-                    (subject, blobs.map(|r| r.digest).collect())
-                })
-                .collect(),
+            referrers: db.all_referrers()?.into_iter().collect(),
         })
     }
+}
+
+/// The blobs that go when a manifest with these referrers goes: each
+/// referrer, and what a referrer that is a manifest names.
+fn kept_with(blobs: &BlobStore, record: Option<&ReferrersRecord>) -> Vec<Digest> {
+    let mut out = Vec::new();
+    for r in record.into_iter().flat_map(|r| &r.referrers) {
+        out.push(r.digest);
+        if r.kind == ReferrerKind::Manifest {
+            if let Some(named) = parts_of(blobs, &r.digest) {
+                out.extend(named.blobs().iter().map(|(d, _)| *d));
+            }
+        }
+    }
+    out
 }
 
 /// The images the database keeps, one per manifest digest.
@@ -246,7 +254,9 @@ fn images(records: &Records, pulls: &HashMap<Digest, PullRecord>, blobs: &BlobSt
                 image: pull.map(|p| p.image.clone()),
                 blobs: {
                     let mut all = blobs_of(blobs, &manifest);
-                    all.extend(records.kept_with.get(&manifest).into_iter().flatten());
+                    all.extend(kept_with(blobs, records.referrers.get(&manifest)));
+                    all.sort();
+                    all.dedup();
                     all
                 },
                 pinned,
