@@ -291,10 +291,69 @@ def download(url, results):
     results.append(got)
 
 
+def parallel_downloads(url, expected):
+    """DOWNLOADS clients fetch `url` at once; MB/s in all."""
+    results = []
+    threads = [threading.Thread(target=download, args=(url, results)) for _ in range(DOWNLOADS)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    secs = time.monotonic() - start
+    assert results == [expected] * DOWNLOADS, results
+    return DOWNLOADS * expected / 1e6 / secs
+
+
+def nix_cache_figures(work):
+    """The Nix binary cache: making the NAR of the 110 MB `big` path (the
+    first narinfo request), DOWNLOADS clients fetching it, and narinfo
+    requests with oha."""
+    keys = os.path.join(work, "keys")
+    subprocess.run([BIN, "nix-cache", "key", "--name", "bench-1", "--dir", keys], check=True, capture_output=True)
+    storage = os.path.join(work, "nix-cache")
+    server = Server(storage, ["--nix-cache-key", os.path.join(keys, "bench-1.secret")])
+    try:
+        server.get("/v2/big/manifests/latest")
+        big = nix_build("big")
+        narinfo = f"/nix-cache/{os.path.basename(big)[:32]}.narinfo"
+        start = time.monotonic()
+        text = server.get(narinfo).decode()
+        made = time.monotonic() - start
+        fields = dict(line.split(": ", 1) for line in text.splitlines())
+        size = int(fields["FileSize"])
+        say(
+            "Nix cache: first narinfo of `big` (makes its NAR)",
+            f"{made:.2f} s for {int(fields['NarSize']) / 1e6:.0f} MB of NAR ({size / 1e6:.0f} MB zstd)",
+            f"{server.command} & curl {server.base}{narinfo}",
+        )
+        nar = f"{server.base}/nix-cache/{fields['URL']}"
+        say(
+            f"Nix cache: {DOWNLOADS} connections download the NAR of `big`",
+            f"{parallel_downloads(nar, size):.0f} MB/s in all",
+            f"{DOWNLOADS} x GET {nar}",
+        )
+        url = server.base + narinfo
+        say(
+            f"Nix cache: narinfo GET, {CONNECTIONS} connections",
+            oha(url),
+            f"oha -z {OHA_SECONDS}s -c {CONNECTIONS} {url}",
+        )
+    finally:
+        server.stop()
+
+
 def main():
     if not os.access(BIN, os.X_OK):
         sys.exit(f"{BIN} missing: run scripts/bench, which builds it")
     work = tempfile.mkdtemp(prefix="nixery-bench-")
+    if os.environ.get("BENCH_ONLY") == "nix-cache":
+        try:
+            print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
+            nix_cache_figures(work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     try:
         print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
         storage = pack_figure("incompressible closure (hello + 110 MB random)", "hello/big", ["hello", "big"], work)
@@ -350,6 +409,7 @@ def main():
             f"oha -z {OHA_SECONDS}s -c {CONNECTIONS} {url}",
         )
         server.stop()
+        nix_cache_figures(work)
         docker_pull_figure(work)
     finally:
         shutil.rmtree(work, ignore_errors=True)

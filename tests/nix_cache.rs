@@ -423,3 +423,113 @@ fn collection_evicts_an_image_and_its_paths_only() {
         "the NAR of {path} is named:\n{text}"
     );
 }
+
+/// `nixery` with the fixture set (or none: a mirror) on `storage`.
+fn offline(storage: &Path, with_source: bool) -> Command {
+    let mut cmd = Command::new(NIXERY);
+    cmd.env("STORAGE_PATH", storage)
+        .env("NIXERY_NIX_OPTIONS", "substituters=")
+        .env("NIX_TIMEOUT", "300")
+        .env_remove("NIXERY_PKGS_PATH")
+        .env_remove("NIXERY_CHANNEL")
+        .env_remove("NIXERY_PKGS_REPO")
+        .env_remove("NIXERY_FLAKE")
+        .stdin(std::process::Stdio::null());
+    if with_source {
+        cmd.env("NIXERY_PKGS_PATH", common::fixture_dir());
+    }
+    cmd
+}
+
+/// An image exported with its closures and imported into fresh storage:
+/// the mirror (no package source, another key) serves the same narinfos
+/// and NARs, and Nix substitutes from it.
+#[tokio::test(flavor = "multi_thread")]
+async fn export_with_closures_and_import_carry_the_cache() {
+    require_tool("nix-store");
+    let work = tempfile::tempdir().unwrap();
+    let (outside_key, _) = make_key(work.path(), "outside");
+    let (inside_key, inside_public) = make_key(work.path(), "inside");
+    let outside = work.path().join("outside");
+    // Built by a server, whose narinfos are compared below.
+    let s = TestServer::start(&config(&outside, &["--nix-cache-key", &outside_key])).await;
+    let c = Client::new();
+    get_manifest(&c, &s, "hello", "latest").await;
+    let closure = [nix_closure("hello"), nix_closure("cacert")].concat();
+    let mut before = Vec::new();
+    for path in &closure {
+        before.push(
+            get(&c, &s, &format!("/nix-cache/{}.narinfo", hash_of(path)))
+                .await
+                .1,
+        );
+    }
+    s.stop().await;
+
+    let tar = work.path().join("media.tar");
+    let out = offline(&outside, true)
+        .args(["export", "--with-closures", "--output"])
+        .arg(&tar)
+        .arg("hello")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let inside = work.path().join("inside");
+    let out = offline(&inside, false)
+        .arg("import")
+        .arg(&tar)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("the Nix binary cache serves"), "{text}");
+
+    // The mirror: no package source.
+    let mirror_config = {
+        let mut config = config(&inside, &["--nix-cache-key", &inside_key]);
+        config.source = nixery::build::source::Source::Mirror;
+        config
+    };
+    let s = TestServer::start(&mirror_config).await;
+    for (path, outside_info) in closure.iter().zip(&before) {
+        let (status, info) = get(&c, &s, &format!("/nix-cache/{}.narinfo", hash_of(path))).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {info}");
+        for name in [
+            "StorePath",
+            "URL",
+            "FileHash",
+            "FileSize",
+            "NarHash",
+            "NarSize",
+            "References",
+        ] {
+            assert_eq!(
+                field(&info, name),
+                field(outside_info, name),
+                "{path}: {name}"
+            );
+        }
+        assert!(field(&info, "Sig").starts_with("inside:"));
+    }
+    let store = tempfile::tempdir().unwrap();
+    let hello = closure
+        .iter()
+        .find(|p| p.ends_with("-hello-2.10"))
+        .unwrap()
+        .clone();
+    let out = substitute(&s, store.path(), &inside_public, &[hello]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s.stop().await;
+}

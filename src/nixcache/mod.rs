@@ -11,6 +11,7 @@
 //! is kept, verify checks it, and the bucket shares it.
 
 pub mod base32;
+pub mod carry;
 pub mod key;
 pub mod nar;
 pub mod narinfo;
@@ -247,7 +248,7 @@ impl NixCache {
     }
 }
 
-async fn make_nar(
+pub(crate) async fn make_nar(
     path: String,
     hash: String,
     builder: Arc<Builder>,
