@@ -348,20 +348,14 @@ fn collection_evicts_an_image_and_its_paths_only() {
         s.stop().await;
         (total, urls)
     });
-    let out = Command::new(NIXERY)
-        .args(["gc", "--gc-keep-recent", "0", "--max-storage"])
-        // Short of half a megabyte: more than the blobs no image holds
-        // (documents about other forms), less than hello's glibc.
-        .arg((total - 500_000).to_string())
-        .arg("--storage-path")
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{report}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let report = common::run(
+        Command::new(NIXERY)
+            .args(["gc", "--gc-keep-recent", "0", "--max-storage"])
+            // Short of half a megabyte: more than the blobs no image holds
+            // (documents about other forms), less than hello's glibc.
+            .arg((total - 500_000).to_string())
+            .arg("--storage-path")
+            .arg(dir.path()),
     );
     assert!(
         report.contains("evicted hello") && !report.contains("evicted busybox"),
@@ -467,29 +461,14 @@ async fn export_with_closures_and_import_carry_the_cache() {
     s.stop().await;
 
     let tar = work.path().join("media.tar");
-    let out = offline(&outside, true)
-        .args(["export", "--with-closures", "--output"])
-        .arg(&tar)
-        .arg("hello")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    common::run(
+        offline(&outside, true)
+            .args(["export", "--with-closures", "--output"])
+            .arg(&tar)
+            .arg("hello"),
     );
     let inside = work.path().join("inside");
-    let out = offline(&inside, false)
-        .arg("import")
-        .arg(&tar)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = common::run(offline(&inside, false).arg("import").arg(&tar));
     assert!(text.contains("the Nix binary cache serves"), "{text}");
 
     // The mirror: no package source.
