@@ -73,7 +73,7 @@ pub async fn file(
         ));
     }
     match cache.narinfo(&builder, hash).await.map_err(cache_error)? {
-        Some(info) => Ok(text(info, "text/x-nix-narinfo", head)),
+        Some(info) => Ok(text(info.to_string(), "text/x-nix-narinfo", head)),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             ErrorCode::NameUnknown,

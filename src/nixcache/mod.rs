@@ -80,8 +80,21 @@ pub struct Counters {
 pub struct NixCache {
     key: SigningKey,
     making: SingleFlight<Result<Option<NarRecord>, CacheError>>,
+    /// Signed narinfos answered before, while the collector has deleted
+    /// nothing since (its generation): Nix asks for many, often again.
+    answered: std::sync::Mutex<Answered>,
     pub counters: Counters,
 }
+
+/// Narinfos by hash part, good for one collector generation.
+#[derive(Default)]
+struct Answered {
+    generation: u64,
+    texts: std::collections::HashMap<String, Arc<str>>,
+}
+
+/// Narinfos remembered at most (about 1 KiB each); then forgotten at once.
+const ANSWERED_MAX: usize = 16_384;
 
 impl std::fmt::Debug for NixCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -173,6 +186,7 @@ impl NixCache {
         NixCache {
             key,
             making: SingleFlight::default(),
+            answered: Default::default(),
             counters: Counters::default(),
         }
     }
@@ -188,7 +202,12 @@ impl NixCache {
         &self,
         builder: &Arc<Builder>,
         hash: &str,
-    ) -> Result<Option<String>, CacheError> {
+    ) -> Result<Option<Arc<str>>, CacheError> {
+        let generation = builder.collector().generation();
+        if let Some(text) = self.remembered(generation, hash) {
+            self.counters.narinfo_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(Some(text));
+        }
         let (db, owned) = (builder.db().clone(), hash.to_owned());
         let Some(record) = blocking(move || db.nix_path(&owned)).await? else {
             self.counters.narinfo_misses.fetch_add(1, Ordering::Relaxed);
@@ -205,7 +224,25 @@ impl NixCache {
             return Ok(None);
         };
         self.counters.narinfo_hits.fetch_add(1, Ordering::Relaxed);
-        Ok(Some(narinfo::render(&record, &nar, &self.key)))
+        let text: Arc<str> = narinfo::render(&record, &nar, &self.key).into();
+        self.remember(generation, hash, &text);
+        Ok(Some(text))
+    }
+
+    fn remembered(&self, generation: u64, hash: &str) -> Option<Arc<str>> {
+        let answered = self.answered.lock().unwrap_or_else(|e| e.into_inner());
+        (answered.generation == generation)
+            .then(|| answered.texts.get(hash).cloned())
+            .flatten()
+    }
+
+    fn remember(&self, generation: u64, hash: &str, text: &Arc<str>) {
+        let mut answered = self.answered.lock().unwrap_or_else(|e| e.into_inner());
+        if answered.generation != generation || answered.texts.len() >= ANSWERED_MAX {
+            answered.texts.clear();
+            answered.generation = generation;
+        }
+        answered.texts.insert(hash.to_owned(), Arc::clone(text));
     }
 
     /// Whether blob `file` is the NAR of a served path.
