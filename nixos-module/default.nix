@@ -105,6 +105,8 @@ let
       NIXERY_METRICS_PUBLIC = if cfg.metricsPublic then "true" else null;
       NIXERY_TLS_CERT = if tlsOn then "%d/tls-cert" else null;
       NIXERY_TLS_KEY = if tlsOn then "%d/tls-key" else null;
+      # The same for the Nix cache's secret key.
+      NIXERY_NIX_CACHE_KEY = if cfg.nixCache.enable then "%d/nix-cache-key" else null;
       # The store belongs to the nix-daemon; the dynamic user only talks
       # to it.
       NIX_REMOTE = "daemon";
@@ -116,6 +118,16 @@ let
     // cfg.extraEnvironment;
 
   nixery = "${cfg.package}/bin/nixery";
+
+  # Secrets systemd copies into the unit's credentials directory.
+  credentials =
+    (if cfg.htpasswdFile != null then [ "htpasswd:${cfg.htpasswdFile}" ] else [ ])
+    ++ (
+      if cfg.nixCache.enable && cfg.nixCache.secretKeyFile != null then
+        [ "nix-cache-key:${cfg.nixCache.secretKeyFile}" ]
+      else
+        [ ]
+    );
 
   s3Environment = filterAttrs (n: _: hasPrefix "NIXERY_S3_" n) environment // {
     NIXERY_STORAGE_BACKEND = "s3";
@@ -477,6 +489,31 @@ in
       '';
     };
 
+    nixCache = {
+      enable = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          Serve the store paths of every image as a signed Nix binary
+          cache under `/nix-cache` (substituters = http://HOST:PORT/nix-cache
+          on the LAN's machines). Needs
+          {option}`services.nixery.nixCache.secretKeyFile`.
+        '';
+      };
+      secretKeyFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/run/secrets/nixery-cache.secret";
+        description = ''
+          Absolute path of the cache's secret key (`nixery nix-cache key
+          --name NAME` or `nix-store --generate-binary-cache-key` writes
+          one). Read as a systemd credential (`LoadCredential=`), so give it
+          as a string: it never enters the Nix store. Clients list the
+          public half in `trusted-public-keys`.
+        '';
+      };
+    };
+
     checkConfig = mkOption {
       type = types.bool;
       default = true;
@@ -527,6 +564,16 @@ in
       {
         assertion = outsideStore cfg.tls.certFile && outsideStore cfg.tls.keyFile;
         message = "services.nixery.tls.certFile and tls.keyFile must be absolute paths outside the Nix store (the key is a secret).";
+      }
+      {
+        assertion =
+          !cfg.nixCache.enable
+          || (
+            cfg.nixCache.secretKeyFile != null
+            && hasPrefix "/" cfg.nixCache.secretKeyFile
+            && !hasPrefix "${builtins.storeDir}/" cfg.nixCache.secretKeyFile
+          );
+        message = "services.nixery.nixCache.enable needs nixCache.secretKeyFile: an absolute path outside the Nix store (it is a secret key).";
       }
       {
         assertion = config.nix.enable;

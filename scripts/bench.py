@@ -32,8 +32,10 @@ FIXTURE = os.path.join(ROOT, "tests", "fixtures", "pkgs")
 OHA_SECONDS = int(os.environ.get("BENCH_OHA_SECONDS", "10"))
 CONNECTIONS = 64
 DOWNLOADS = 8
-# BENCH_ONLY=sbom,eval,serve,docker runs only those parts: `sbom` (a cold
-# pull with and without bills of materials; any binary), `eval` (the
+# BENCH_ONLY=sbom,nix-cache,eval,serve,docker runs only those parts: `sbom` (a cold
+# pull with and without bills of materials; any binary), `nix-cache` (the
+# Nix binary cache: making and serving the NAR of `big`, narinfo req/s),
+# `eval` (the
 # evaluation cache on the costly package set), `serve` (packing, start-up,
 # idle RSS, downloads beside nginx, request rates), `docker` (docker pull
 # beside distribution). All by default. `bench.py admin` runs only the
@@ -565,6 +567,44 @@ def admin_only():
         shutil.rmtree(work, ignore_errors=True)
 
 
+def nix_cache_figures(work):
+    """The Nix binary cache: making the NAR of the 110 MB `big` path (the
+    first narinfo request), DOWNLOADS clients fetching it, and narinfo
+    requests with oha."""
+    keys = os.path.join(work, "keys")
+    subprocess.run([BIN, "nix-cache", "key", "--name", "bench-1", "--dir", keys], check=True, capture_output=True)
+    storage = os.path.join(work, "nix-cache")
+    server = Server(storage, ["--nix-cache-key", os.path.join(keys, "bench-1.secret")])
+    try:
+        server.get("/v2/big/manifests/latest")
+        big = nix_build("big")
+        narinfo = f"/nix-cache/{os.path.basename(big)[:32]}.narinfo"
+        start = time.monotonic()
+        text = server.get(narinfo).decode()
+        made = time.monotonic() - start
+        fields = dict(line.split(": ", 1) for line in text.splitlines())
+        size = int(fields["FileSize"])
+        say(
+            "Nix cache: first narinfo of `big` (makes its NAR)",
+            f"{made:.2f} s for {int(fields['NarSize']) / 1e6:.0f} MB of NAR ({size / 1e6:.0f} MB zstd)",
+            f"{server.command} & curl {server.base}{narinfo}",
+        )
+        nar = f"{server.base}/nix-cache/{fields['URL']}"
+        say(
+            f"Nix cache: {DOWNLOADS} connections download the NAR of `big`",
+            f"{downloads(nar, size, DOWNLOADS):.0f} MB/s in all",
+            f"{DOWNLOADS} x GET {nar}",
+        )
+        url = server.base + narinfo
+        say(
+            f"Nix cache: narinfo GET, {CONNECTIONS} connections",
+            oha(url),
+            f"oha -z {OHA_SECONDS}s -c {CONNECTIONS} {url}",
+        )
+    finally:
+        server.stop()
+
+
 def main():
     if not os.access(BIN, os.X_OK):
         sys.exit(f"{BIN} missing: run scripts/bench, which builds it")
@@ -581,6 +621,8 @@ def main():
         if wanted("serve"):
             parallel_cold_figure(work)
             serve_figures(work)
+        if wanted("nix-cache"):
+            nix_cache_figures(work)
         if wanted("docker"):
             docker_pull_figure(work)
     finally:

@@ -94,6 +94,11 @@ pub struct ServeArgs {
     /// still made when an image's referrers are first asked for).
     #[arg(long, env = "NIXERY_NO_SBOM")]
     pub no_sbom: bool,
+    /// The Nix binary cache's secret key file (`nixery nix-cache key`
+    /// writes one); with it, `/nix-cache/` serves the store paths of every
+    /// image, signed. Off without it.
+    #[arg(long, env = "NIXERY_NIX_CACHE_KEY", value_name = "FILE")]
+    pub nix_cache_key: Option<PathBuf>,
     /// Client connections open at once; more wait to be accepted.
     #[arg(long, env = "NIXERY_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
@@ -264,6 +269,7 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// Make bills of materials in the background after each build.
     pub sbom_after_build: bool,
+    pub nix_cache_key: Option<PathBuf>,
     pub connections: crate::http::conn::Limits,
     /// At least one, no duplicates, in the order given.
     pub platforms: Vec<Arch>,
@@ -487,6 +493,10 @@ impl ServeArgs {
             metrics_public: self.metrics_public,
             tls,
             sbom_after_build: !self.no_sbom,
+            nix_cache_key: self
+                .nix_cache_key
+                .clone()
+                .filter(|p| !p.as_os_str().is_empty()),
             connections: crate::http::conn::Limits {
                 max_connections: self.max_connections,
                 header_timeout: Duration::from_secs(self.header_timeout),

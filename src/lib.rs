@@ -13,6 +13,7 @@ pub mod file_stamp;
 pub mod http;
 pub mod memory;
 pub mod mirror;
+pub mod nixcache;
 pub mod observe;
 pub mod oci;
 pub mod redact;
@@ -56,6 +57,8 @@ pub enum StartError {
     Htpasswd(#[from] http::auth::HtpasswdError),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error("--nix-cache-key (NIXERY_NIX_CACHE_KEY): {0}")]
+    NixCacheKey(#[from] nixcache::key::KeyError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -149,6 +152,8 @@ pub fn router(
         .route("/v2", any(http::registry::base))
         .route("/v2/", any(http::registry::base))
         .route("/v2/{*rest}", any(http::registry::dispatch))
+        .route("/nix-cache/{name}", any(http::nix_cache::file))
+        .route("/nix-cache/nar/{name}", any(http::nix_cache::nar))
         .fallback(|| async { error::ApiError::not_found_route() })
         .method_not_allowed_fallback(|| async { error::ApiError::method_not_allowed() });
     let routes = match auth {
@@ -335,7 +340,15 @@ impl Server {
         if config.cleartext_passwords() {
             tracing::warn!("{}", config::CLEARTEXT_PASSWORDS);
         }
+        let nix_cache_key = match &config.nix_cache_key {
+            Some(path) => Some(nixcache::key::SigningKey::load(path)?),
+            None => None,
+        };
         let builder = open_builder(config).await?;
+        if let Some(key) = nix_cache_key {
+            tracing::info!(public_key = %key.public(), "the Nix binary cache is on at /nix-cache/");
+            builder.set_nix_cache(Arc::new(nixcache::NixCache::new(key)));
+        }
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Listen {

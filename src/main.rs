@@ -50,6 +50,8 @@ enum Command {
     /// Print an image's bill of materials (SPDX or CycloneDX JSON),
     /// building the image first if need be.
     Sbom(cli::sbom::SbomArgs),
+    /// The Nix binary cache: `nix-cache key --name NAME` makes its key pair.
+    NixCache(cli::nix_cache::NixCacheArgs),
 }
 
 fn main() -> ExitCode {
@@ -73,6 +75,7 @@ fn main() -> ExitCode {
         Some(Command::Serve(args)) => serve(args),
         None => serve(cli.serve),
         Some(Command::CheckConfig(args)) => cli::check_config::run(args),
+        Some(Command::NixCache(args)) => cli::nix_cache::run(args),
         Some(Command::Gc(args)) => {
             init_logging(LogFormat::Text, "info");
             cli::gc::run(args)

@@ -252,6 +252,45 @@ fn module_serves_the_acme_certificate_and_restarts_on_renewal() {
 }
 
 #[test]
+fn module_passes_the_nix_cache_key_as_a_credential() {
+    let unit = eval(
+        r#"{"channel": "c", "htpasswdFile": "/run/secrets/htpasswd",
+            "nixCache": {"enable": true, "secretKeyFile": "/run/secrets/cache.secret"}}"#,
+    );
+    assert_eq!(unit["failedAssertions"], serde_json::json!([]));
+    assert!(unit["options"]
+        .as_array()
+        .unwrap()
+        .contains(&"nixCache".into()));
+    assert_eq!(
+        unit["serviceConfig"]["LoadCredential"],
+        serde_json::json!([
+            "htpasswd:/run/secrets/htpasswd",
+            "nix-cache-key:/run/secrets/cache.secret"
+        ])
+    );
+    assert_eq!(
+        unit["environment"]["NIXERY_NIX_CACHE_KEY"],
+        "%d/nix-cache-key"
+    );
+    let (ok, stderr) = run_build_check(&unit);
+    assert!(ok, "{stderr}");
+
+    let off = eval(r#"{"channel": "c"}"#);
+    assert!(off["environment"].get("NIXERY_NIX_CACHE_KEY").is_none());
+    for bad in [
+        r#"{"channel": "c", "nixCache": {"enable": true, "secretKeyFile": null}}"#,
+        r#"{"channel": "c", "nixCache": {"enable": true, "secretKeyFile": "/nix/store/x-key"}}"#,
+    ] {
+        let msgs = eval(bad)["failedAssertions"].clone();
+        assert!(
+            msgs.as_array().unwrap().len() == 1 && msgs[0].as_str().unwrap().contains("nixCache"),
+            "{bad}: {msgs:?}"
+        );
+    }
+}
+
+#[test]
 fn module_configures_an_s3_replica_with_credentials_from_a_file() {
     let unit = eval(
         r#"{"channel": "nixos-unstable", "storageBackend": "s3", "s3Bucket": "images",

@@ -285,6 +285,20 @@ pub struct Builder {
     /// The collector's generation the hot manifests were checked against:
     /// a collection that deleted blobs makes them all suspect.
     hot_generation: AtomicU64,
+    /// The Nix binary cache, when a signing key is configured.
+    nix_cache: std::sync::OnceLock<Arc<crate::nixcache::NixCache>>,
+}
+
+/// What the Nix cache records of a closure.
+fn closure_paths(closure: &[PathInfo]) -> Vec<crate::store::db::nix::ClosurePath> {
+    closure
+        .iter()
+        .map(|p| crate::store::db::nix::ClosurePath {
+            path: p.path.clone(),
+            references: p.references.clone(),
+            deriver: None,
+        })
+        .collect()
 }
 
 fn hex_sha256(parts: &[&str]) -> String {
@@ -381,7 +395,18 @@ impl Builder {
             collector,
             hot: HotManifests::default(),
             hot_generation: AtomicU64::new(0),
+            nix_cache: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Turns the Nix binary cache on (once; later calls are ignored).
+    pub fn set_nix_cache(&self, cache: Arc<crate::nixcache::NixCache>) {
+        let _ = self.nix_cache.set(cache);
+    }
+
+    /// The Nix binary cache, if on.
+    pub fn nix_cache(&self) -> Option<&Arc<crate::nixcache::NixCache>> {
+        self.nix_cache.get()
     }
 
     /// Copies a blob being proxied from the bucket onto this replica's
@@ -1078,6 +1103,7 @@ impl Builder {
         counters.nix();
         let closure = nix.closure(&outs).await?;
         phases.finish("closure");
+        let closure_paths = closure_paths(&closure);
 
         let sbom_closure = closure.clone();
         // A moving source that still yields the same store paths keeps its
@@ -1108,6 +1134,9 @@ impl Builder {
                 }
             }
         };
+        // Before the manifest record: the collector keeps the paths of
+        // closures whose image it does not know yet (a build in flight).
+        crate::nixcache::record_closure(self, record.digest, closure_paths).await?;
         if let Some(ck) = &commit_key {
             self.put_manifest_record(ck, &record).await?;
         }

@@ -291,7 +291,12 @@ impl Builder {
         let (db, s) = (self.db().clone(), *subject);
         let record = blocking(move || db.add_referrers(&s, &referrers)).await?;
         if self.storage().is_shared() {
-            for r in &record.referrers {
+            // As here: only manifests among them are served by digest.
+            let manifests = record
+                .referrers
+                .iter()
+                .filter(|r| r.kind == ReferrerKind::Manifest);
+            for r in manifests {
                 self.storage()
                     .put_record(RecordKind::ManifestDigest, &r.digest.hex(), Vec::new())
                     .await?;

@@ -37,6 +37,8 @@ pub enum CheckError {
     Htpasswd(#[from] crate::http::auth::HtpasswdError),
     #[error("--tls-cert/--tls-key (NIXERY_TLS_CERT, NIXERY_TLS_KEY): {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("--nix-cache-key (NIXERY_NIX_CACHE_KEY): {0}")]
+    NixCacheKey(#[from] crate::nixcache::key::KeyError),
 }
 
 /// Validates `args` as `serve` would, plus what `serve` would only find out
@@ -67,6 +69,9 @@ pub fn check(args: &CheckArgs) -> Result<Config, CheckError> {
         }
         if let Some(files) = &config.tls {
             crate::tls::load(&files.cert, &files.key)?;
+        }
+        if let Some(path) = &config.nix_cache_key {
+            crate::nixcache::key::SigningKey::load(path)?;
         }
     }
     if let Some(url) = &config.popularity_url {
@@ -166,7 +171,7 @@ fn size_or_none(bytes: Option<u64>) -> String {
 /// A few lines that say what the server would run with.
 pub fn summary(config: &Config, files_checked: bool) -> String {
     format!(
-        "configuration OK{}\n  listen:  {}\n  source:  {}\n  storage: {}\n  builds:  {} at once, {} queued at most, Nix timeout {}s, layer budget {} ({} layering), cache TTL {}s\n  gc:      quota {}, free space kept {}\n  popularity: {}\n",
+        "configuration OK{}\n  listen:  {}\n  source:  {}\n  storage: {}\n  builds:  {} at once, {} queued at most, Nix timeout {}s, layer budget {} ({} layering), cache TTL {}s\n  gc:      quota {}, free space kept {}\n  popularity: {}\n  nix cache: {}\n",
         if files_checked {
             ""
         } else {
@@ -196,6 +201,10 @@ pub fn summary(config: &Config, files_checked: bool) -> String {
         size_or_none(config.gc.max_storage),
         size_or_none(config.gc.min_free_space),
         crate::redact::redact(config.popularity_url.as_deref().unwrap_or("none")),
+        match &config.nix_cache_key {
+            Some(key) => format!("on at /nix-cache/, signed with {}", key.display()),
+            None => "off (no --nix-cache-key)".to_owned(),
+        },
     )
 }
 

@@ -195,6 +195,15 @@ async fn write_closures(
         .copy(None, Some(&url), &paths)
         .await
         .context("copying the closures")?;
+    // The Nix cache's own NARs, for the imported side to serve.
+    let manifests: Vec<_> = images.iter().flat_map(|i| i.manifests()).collect();
+    let (nars, left_out) = crate::nixcache::carry::export(builder, &manifests, &cache)
+        .await
+        .context("writing the Nix cache's NARs")?;
+    if left_out > 0 {
+        println!("{left_out} images were built before the Nix cache: their NARs are not carried (build them again)");
+    }
+    tracing::info!(nars, "wrote the Nix cache's NARs");
     crate::write_atomically(&cache.join(STORE_PATHS_FILE), paths.join("\n").as_bytes())
         .context("writing the list of store paths")?;
     Ok(())

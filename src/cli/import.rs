@@ -64,6 +64,14 @@ pub fn run(args: ImportArgs) -> ExitCode {
             tokio::task::spawn_blocking(move || checked.store(&blobs, &db).map(|()| checked))
                 .await
                 .context("storing the layout")??;
+        if let Some(cache) = checked.nix_cache() {
+            let paths = crate::nixcache::carry::import(&builder, &cache)
+                .await
+                .context("taking in the Nix cache's NARs")?;
+            if paths > 0 {
+                println!("the Nix binary cache serves the {paths} store paths of the images");
+            }
+        }
         if builder.storage().is_shared() {
             // Other replicas then serve these blobs and manifests by digest
             // (the names are this replica's: import on each).

@@ -6,6 +6,7 @@ pub mod check_config;
 pub mod export;
 pub mod gc;
 pub mod import;
+pub mod nix_cache;
 pub mod notify;
 pub mod sbom;
 pub mod serve;

@@ -8,6 +8,7 @@ pub mod conn;
 pub mod file_body;
 pub mod format;
 pub mod image_report;
+pub mod nix_cache;
 pub mod observe;
 pub mod plot;
 pub mod range;

@@ -480,7 +480,7 @@ fn blob_response(
     r
 }
 
-async fn blob(
+pub(crate) async fn blob(
     builder: &Arc<Builder>,
     digest: Digest,
     headers: &HeaderMap,

@@ -106,6 +106,46 @@ pub struct Report {
     pub plots: Vec<crate::http::plot::Plot>,
     /// A page of the image names served (`?q=` and `?page=`).
     pub images: ImageList,
+    pub nix_cache: NixCacheView,
+}
+
+/// The Nix binary cache: on or off, its key, what it holds and served.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NixCacheView {
+    pub on: bool,
+    /// What clients list in `trusted-public-keys`.
+    pub public_key: Option<String>,
+    /// Store paths served, NARs made, their bytes.
+    pub paths: u64,
+    pub nars: u64,
+    pub nar_bytes: u64,
+    /// Since start: narinfos answered and not, NARs sent and their bytes.
+    pub narinfo_hits: u64,
+    pub narinfo_misses: u64,
+    pub nars_served: u64,
+    pub nar_bytes_served: u64,
+}
+
+impl NixCacheView {
+    fn collect(builder: &Builder) -> Result<NixCacheView, DbError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(cache) = builder.nix_cache() else {
+            return Ok(NixCacheView::default());
+        };
+        let held = builder.db().nix_cache_counts()?;
+        let n = &cache.counters;
+        Ok(NixCacheView {
+            on: true,
+            public_key: Some(cache.public_key()),
+            paths: held.paths,
+            nars: held.nars,
+            nar_bytes: held.nar_bytes,
+            narinfo_hits: n.narinfo_hits.load(Relaxed),
+            narinfo_misses: n.narinfo_misses.load(Relaxed),
+            nars_served: n.nars_served.load(Relaxed),
+            nar_bytes_served: n.nar_bytes_served.load(Relaxed),
+        })
+    }
 }
 
 /// The storage quota, the build queue, and what the last garbage
@@ -363,6 +403,7 @@ impl Report {
                     last_gc: builder.collector().last_report(),
                 }
             },
+            nix_cache: NixCacheView::collect(builder)?,
             instance,
             tls: None,
         })

@@ -73,11 +73,25 @@ pub fn check(
     }
     // What refers to a manifest: an artifact manifest is checked as one,
     // any other referrer as a blob of its recorded size.
+    // A NAR is also unpacked and hashed against its NarHash, once.
+    let mut nars: BTreeMap<Digest, Option<String>> = BTreeMap::new();
     for (subject, record) in db.all_referrers()? {
         for r in &record.referrers {
             let problem = match r.kind {
                 ReferrerKind::Manifest => manifest_problem(blobs, &corrupt, &r.digest)?,
-                ReferrerKind::Blob => blob_problem(blobs, &corrupt, &r.digest, r.size)?,
+                ReferrerKind::Blob => match blob_problem(blobs, &corrupt, &r.digest, r.size)? {
+                    None if r.artifact_type == crate::nixcache::NAR_ARTIFACT_TYPE => {
+                        match nars.get(&r.digest) {
+                            Some(known) => known.clone(),
+                            None => {
+                                let found = crate::nixcache::nar_problem(blobs, r)?;
+                                nars.insert(r.digest, found.clone());
+                                found
+                            }
+                        }
+                    }
+                    other => other,
+                },
             };
             if let Some(problem) = problem {
                 f.broken

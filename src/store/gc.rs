@@ -1,6 +1,8 @@
 //! Garbage collection with a quota: evict the least recently pulled images
 //! until the blobs fit in `max_storage` and the disk has `min_free_space`,
-//! then delete every blob that no kept manifest references. Blobs pinned by
+//! then delete every blob that no kept manifest references. An image's
+//! blobs include those kept with it (the NARs of its store paths), so its
+//! eviction counts what they free. Blobs pinned by
 //! a response or a build in flight are never deleted.
 //!
 //! Written against a few blob-store operations (list with sizes, stat,
@@ -476,12 +478,19 @@ pub fn collect(
         let released = blobs.pins_released();
         let referrers: HashMap<_, _> = db.all_referrers()?.into_iter().collect();
         let staying = images(&Records::read(db)?, &HashMap::new(), blobs, &referrers);
-        let (referenced, stale) = keep_with_forms(
+        let (mut referenced, stale) = keep_with_forms(
             db.manifest_digest_list()?,
             |d| parts_of(blobs, d),
             &referrers,
             staying.iter(),
         );
+        // The Nix cache's index follows: a closure whose manifest is
+        // neither kept nor stored (a build in flight has stored it) goes;
+        // the NARs of a build in flight are kept.
+        let nars = db.prune_nix_paths(|m| {
+            referenced.contains(m) || matches!(blobs.stat_blob(m), Ok(Some(_)))
+        })?;
+        referenced.extend(nars);
         for digest in &stale {
             db.forget_manifest_digest(digest)?;
         }

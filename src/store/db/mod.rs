@@ -29,6 +29,8 @@
 //!   the last 30 days with any)
 //! - `history`: ring and slot (`m` or `h`, u16 big-endian) ->
 //!   [`HistoryRecord`] (fixed-size rings; see [`crate::observe::history`])
+//! - `nix_closures`, `nix_paths`, `nix_nars`: the Nix binary cache (see
+//!   [`nix`])
 //!
 //! - `meta`: `schema` -> the layout version (u32, big-endian); see
 //!   [`migrate`]
@@ -42,6 +44,7 @@
 
 mod async_db;
 mod migrate;
+pub mod nix;
 pub mod records;
 mod recover;
 
@@ -167,6 +170,7 @@ pub struct Db {
     history: sled::Tree,
     image_pulls: sled::Tree,
     referrers: sled::Tree,
+    nix: nix::NixTrees,
     /// Trees whose undecodable records were already logged.
     logged_undecodable: Arc<Mutex<HashSet<&'static str>>>,
     /// Whether this open created the database (it held nothing).
@@ -269,6 +273,7 @@ impl Db {
             history: db.open_tree("history")?,
             image_pulls: db.open_tree("image_pulls")?,
             referrers: db.open_tree("referrers")?,
+            nix: nix::NixTrees::open(&db)?,
             logged_undecodable: Arc::default(),
             created,
             db,
@@ -824,6 +829,7 @@ impl Db {
         }
         self.manifest_digests.remove(digest.as_bytes())?;
         self.last_pulled.remove(digest.as_bytes())?;
+        self.remove_nix_closure(digest)?;
         Ok(())
     }
 
