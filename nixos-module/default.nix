@@ -68,6 +68,7 @@ let
       NIXERY_MAX_QUEUED_BUILDS = toString cfg.maxQueuedBuilds;
       NIXERY_MAX_STORAGE = cfg.maxStorage;
       NIXERY_MIN_FREE_SPACE = cfg.minFreeSpace;
+      NIXERY_GC_LEASE = toString cfg.gcLease;
       NIXERY_NIX_OPTIONS = if cfg.nixOptions == { } then null else nixOptionsValue;
       NIXERY_LAYER_BUDGET = toString cfg.layerBudget;
       NIXERY_LAYERING = cfg.layering;
@@ -332,6 +333,17 @@ in
       `"5G"`; below it the least recently pulled images are evicted.
       `null`: no limit.
     '' "5G";
+
+    gcLease = mkOption {
+      type = types.ints.unsigned;
+      default = 120;
+      description = ''
+        Seconds during which serving an image's manifest keeps the image
+        from eviction (its client is fetching the blobs); each blob fetched
+        starts it again. A collection held back by leases runs again when
+        the first ends. Below {option}`minFreeSpace` leases do not hold.
+      '';
+    };
 
     logFormat = mkOption {
       type = types.enum [

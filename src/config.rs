@@ -113,11 +113,18 @@ pub struct GcLimits {
     /// `5G`; below it the least recently pulled images are evicted.
     #[arg(long, env = "NIXERY_MIN_FREE_SPACE")]
     pub min_free_space: Option<String>,
-    /// Images pulled within this many seconds are never evicted (their
-    /// clients may still be fetching blobs).
-    #[arg(long, env = "NIXERY_GC_KEEP_RECENT", default_value_t = 600)]
-    pub gc_keep_recent: u64,
+    /// Seconds during which serving a manifest keeps its image from
+    /// eviction; each blob of it fetched starts the lease again.
+    #[arg(long, env = "NIXERY_GC_LEASE", default_value_t = 120)]
+    pub gc_lease: u64,
+    /// A bucket's collection only: blobs written, and images pulled or
+    /// built, within this many seconds are kept (default 600).
+    #[arg(long, env = "NIXERY_GC_KEEP_RECENT")]
+    pub gc_keep_recent: Option<u64>,
 }
+
+/// What `--gc-keep-recent` defaults to for a bucket.
+const BUCKET_KEEP_RECENT: u64 = 600;
 
 impl GcLimits {
     pub fn policy(&self) -> Result<Policy, ConfigError> {
@@ -135,7 +142,21 @@ impl GcLimits {
                 "--min-free-space (NIXERY_MIN_FREE_SPACE)",
                 &self.min_free_space,
             )?,
-            keep_pulled_within: Duration::from_secs(self.gc_keep_recent),
+            lease: Duration::from_secs(self.gc_lease),
+            keep_recent: Duration::from_secs(self.gc_keep_recent.unwrap_or(BUCKET_KEEP_RECENT)),
+        })
+    }
+
+    /// What to tell a user who set `--gc-keep-recent` for a local store,
+    /// where it no longer applies (images are leased instead).
+    pub fn local_warning(&self) -> Option<String> {
+        self.gc_keep_recent.map(|secs| {
+            format!(
+                "--gc-keep-recent (NIXERY_GC_KEEP_RECENT) {secs} is ignored on a local store: \
+                 an image is kept for --gc-lease (NIXERY_GC_LEASE, now {} s) after its \
+                 manifest is served, renewed by each blob fetched; set that instead",
+                self.gc_lease
+            )
         })
     }
 }

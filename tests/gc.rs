@@ -53,7 +53,7 @@ async fn a_quota_evicts_the_least_recently_pulled_image() {
 
     // A quota just below the three: evicting the oldest is enough.
     let quota = (total - 1).to_string();
-    let limits = ["--max-storage", quota.as_str(), "--gc-keep-recent", "0"];
+    let limits = ["--max-storage", quota.as_str(), "--gc-lease", "0"];
     let s = TestServer::start(&config(dir.path(), &limits)).await;
     let gc = next_gc(&c, &s, &Value::Null).await;
     assert_eq!(evicted_names(&gc), vec!["hello"], "{gc}");
@@ -140,7 +140,7 @@ fn gc_subcommand_reports_and_collects() {
                 storage,
                 "--max-storage",
                 "1",
-                "--gc-keep-recent",
+                "--gc-lease",
                 "0",
             ])
             .args(extra)

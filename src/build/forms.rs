@@ -6,7 +6,7 @@
 use crate::blocking::blocking;
 use crate::build::builder::{BuildError, Builder};
 use crate::build::image::Arch;
-use crate::build::manifest::{self, Document, Format, PlatformManifest};
+use crate::build::manifest::{self, Document, Format, Named, PlatformManifest};
 use crate::digest::Digest;
 use bytes::Bytes;
 
@@ -22,6 +22,32 @@ pub struct Served {
 pub const MANIFEST_MAX_BYTES: u64 = 4 * 1024 * 1024;
 
 impl Builder {
+    /// Leases a manifest or index just served, with every blob it names
+    /// (for an index, its manifests' too): the collector keeps them while
+    /// the client fetches them. Nothing without a storage limit.
+    pub async fn lease_served(&self, served: &Digest, bytes: &[u8]) {
+        let policy = *self.collector().policy();
+        if !policy.is_active() {
+            return;
+        }
+        let mut blobs = Vec::new();
+        match manifest::named_by(bytes) {
+            Some(Named::Image(parts)) => blobs.extend(parts.into_iter().map(|(d, _)| d)),
+            Some(Named::Index(children)) => {
+                for (child, _) in children {
+                    blobs.push(child);
+                    if let Ok(Some(bytes)) = self.manifest_bytes(&child).await {
+                        if let Some(Named::Image(parts)) = manifest::named_by(&bytes) {
+                            blobs.extend(parts.into_iter().map(|(d, _)| d));
+                        }
+                    }
+                }
+            }
+            None => {}
+        }
+        self.blobs().lease(*served, blobs, policy.lease);
+    }
+
     /// The image whose Docker manifest is `docker`, in `format`; `None`
     /// when that manifest is not stored.
     pub async fn manifest_in(

@@ -309,6 +309,9 @@ async fn manifest(
                 .ok_or_else(|| manifest_unknown(name))?
         }
     };
+    if !head {
+        builder.lease_served(&served.digest, &served.bytes).await;
+    }
     let len = served.bytes.len() as u64;
     Ok(content_response(
         Body::from(served.bytes),
@@ -339,6 +342,9 @@ async fn manifest_by_digest(
         .await
         .map_err(|e| build_error(&e))?
         .ok_or_else(|| manifest_unknown(name))?;
+    if !head {
+        builder.lease_served(&digest, &bytes).await;
+    }
     let media_type = manifest::media_type_of(&bytes);
     let len = bytes.len() as u64;
     let mut r = content_response(
@@ -456,6 +462,9 @@ async fn blob(
     headers: &HeaderMap,
     head: bool,
 ) -> Result<Response, ApiError> {
+    if !head {
+        builder.blobs().renew_lease(&digest);
+    }
     // On this replica's disk: sent from the file, a slice at a time.
     if let Some(file) = open_blob(builder, &digest).await? {
         let total = file.len();

@@ -102,29 +102,39 @@ impl Collector {
     }
 
     /// Runs until the task is dropped: flushes pulls, and collects when
-    /// woken or on the timer (only if a limit is set).
+    /// woken, on the timer, or when a collection that left the store over
+    /// a limit asked to run again (only if a limit is set).
     pub async fn run_in_background(self: Arc<Self>) {
         let mut since_collect = Duration::ZERO;
+        let mut again = None;
         if self.policy.is_active() {
-            self.run_logged().await;
+            again = self.run_logged().await;
         }
         loop {
+            let wait = again.map_or(FLUSH_EVERY, |a: Duration| a.min(FLUSH_EVERY));
             let woken = tokio::select! {
-                _ = tokio::time::sleep(FLUSH_EVERY) => false,
+                _ = tokio::time::sleep(wait) => false,
                 _ = self.wake.notified() => true,
             };
-            since_collect += FLUSH_EVERY;
+            since_collect += wait;
+            again = again.map(|a| a.saturating_sub(wait));
             self.flush_pulls().await;
-            if self.policy.is_active() && (woken || since_collect >= COLLECT_EVERY) {
+            let due = again.is_some_and(|a| a.is_zero());
+            if self.policy.is_active() && (woken || due || since_collect >= COLLECT_EVERY) {
                 since_collect = Duration::ZERO;
-                self.run_logged().await;
+                again = self.run_logged().await;
             }
         }
     }
 
-    async fn run_logged(&self) {
-        if let Err(e) = self.collect().await {
-            tracing::warn!(error = %e, "garbage collection failed");
+    /// Collects; how long until it should run again, if it asked to.
+    async fn run_logged(&self) -> Option<Duration> {
+        match self.collect().await {
+            Ok(report) => report.retry_in.map(Duration::from_secs),
+            Err(e) => {
+                tracing::warn!(error = %e, "garbage collection failed");
+                None
+            }
         }
     }
 }

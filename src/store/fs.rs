@@ -7,6 +7,7 @@
 //! Blob paths are only ever built from a parsed [`Digest`].
 
 use crate::digest::{Digest, HashingWriter};
+use crate::store::leases::Leases;
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
@@ -14,6 +15,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
@@ -73,11 +75,13 @@ impl Dirs {
     }
 }
 
-/// How many holders each pinned blob has, and how many builds' pin sets
-/// were released (so a collector can tell whether its view went stale).
+/// How many holders each pinned blob has, the leases on images just
+/// served, and how many builds' pin sets were released or new leases
+/// granted (so a collector can tell whether its view went stale).
 #[derive(Debug, Default)]
 struct PinTable {
     holders: HashMap<Digest, usize>,
+    leases: Leases,
     released: u64,
 }
 
@@ -232,22 +236,50 @@ impl BlobStore {
         }
     }
 
-    /// How many builds' pin sets were released so far; a collector that
-    /// computed what is referenced before one was released must look again.
+    /// How many builds' pin sets were released, or new leases granted, so
+    /// far; a collector that computed what is referenced or leased before
+    /// one must look again.
     pub fn pins_released(&self) -> u64 {
         lock_pins(&self.dirs).released
     }
 
-    /// Deletes the blobs of `digests` that no one pins, as long as no pin
-    /// set was released since `released_before` (see [`pins_released`](Self::pins_released));
-    /// then it returns None and deletes nothing, because what the caller
-    /// thought unreferenced may have been recorded since. Otherwise the
-    /// deleted blobs and their bytes. Readers that mapped a blob keep
-    /// their bytes: an unlinked file lives until it is unmapped.
+    /// Holds `image` (a manifest or index) and the `blobs` it names for
+    /// `ttl`, or renews the hold: its client is about to fetch them.
+    pub fn lease(&self, image: Digest, blobs: Vec<Digest>, ttl: Duration) {
+        let mut table = lock_pins(&self.dirs);
+        if table.leases.grant(image, blobs, ttl, Instant::now()) {
+            table.released += 1;
+        }
+    }
+
+    /// A blob is being fetched: renews the leases of the images it is in.
+    pub fn renew_lease(&self, blob: &Digest) {
+        lock_pins(&self.dirs).leases.renew(blob, Instant::now());
+    }
+
+    /// Every blob a live lease holds, and how long until the first lease
+    /// ends.
+    pub fn leased(&self) -> (HashSet<Digest>, Option<Duration>) {
+        let mut table = lock_pins(&self.dirs);
+        let now = Instant::now();
+        table.leases.expire(now);
+        let end = table.leases.first_end(now).map(|e| e - now);
+        (table.leases.held_blobs(now), end)
+    }
+
+    /// Deletes the blobs of `digests` that no one pins (nor, with
+    /// `honour_leases`, a lease holds), as long as no pin set was released
+    /// nor lease granted since `released_before` (see
+    /// [`pins_released`](Self::pins_released)); then it returns None and
+    /// deletes nothing, because what the caller thought unreferenced may
+    /// have been recorded or served since. Otherwise the deleted blobs and
+    /// their bytes. Readers that mapped a blob keep their bytes: an
+    /// unlinked file lives until it is unmapped.
     pub fn delete_unless_pinned(
         &self,
         digests: &[Digest],
         released_before: u64,
+        honour_leases: bool,
     ) -> Result<Option<Vec<(Digest, u64)>>, BlobError> {
         // Held throughout: a commit pins before it links, so no blob can
         // become pinned between the check and the unlink.
@@ -255,9 +287,12 @@ impl BlobStore {
         if table.released != released_before {
             return Ok(None);
         }
+        let now = Instant::now();
         let mut deleted = Vec::new();
         for digest in digests {
-            if table.holders.contains_key(digest) {
+            if table.holders.contains_key(digest)
+                || (honour_leases && table.leases.holds(digest, now))
+            {
                 continue;
             }
             let path = self.path_of(digest);

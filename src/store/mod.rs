@@ -1,6 +1,7 @@
 //! Where content and records live: the blob store on disk (`fs`), the sled
 //! database (`db`), the file system's free space (`disk`), when images were
-//! last pulled (`pulls`), the garbage collector that uses them (`gc`) and
+//! last pulled (`pulls`), the short holds on images just served
+//! (`leases`), the garbage collector that uses them (`gc`) and
 //! its background runs (`collector`), the space set aside to start on a
 //! full disk (`reserve`), the copying of proxied blobs to a replica's disk
 //! (`fill`), and the [`Storage`] seam that the builder and the
@@ -17,6 +18,7 @@ pub mod disk;
 pub mod fill;
 pub mod fs;
 pub mod gc;
+pub mod leases;
 pub mod local;
 pub mod pulls;
 pub mod reserve;
