@@ -195,7 +195,13 @@ pub async fn open_builder(config: &Config) -> Result<Arc<Builder>, StartError> {
         }
         other => other?,
     };
-    store::reserve::ensure(&config.storage_path);
+    // Not right after releasing it: that space stays free for the next
+    // start (blob writes count it as none) until space is freed.
+    if !store::reserve::restore(&config.storage_path)
+        && !store::reserve::is_set_aside(&config.storage_path)
+    {
+        tracing::warn!("no room to set aside the start-up reserve: builds fail as on a full disk until space is freed");
+    }
     let nix_dir = config.storage_path.join("nix");
     std::fs::create_dir_all(&nix_dir).map_err(storage)?;
     // Roots left by builds that a crash interrupted would keep their

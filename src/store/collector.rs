@@ -79,7 +79,9 @@ impl Collector {
         let (db, blobs, pulls) = (self.db.clone(), self.blobs.clone(), Arc::clone(&self.pulls));
         let (path, policy) = (self.storage_path.clone(), self.policy);
         let report = tokio::task::spawn_blocking(move || {
-            gc::collect(&db, &blobs, &pulls, &path, &policy, false)
+            let report = gc::collect(&db, &blobs, &pulls, &path, &policy, false);
+            restore_reserve(&path);
+            report
         })
         .await
         .map_err(|e| gc::GcError::Task(e.to_string()))??;
@@ -91,10 +93,17 @@ impl Collector {
         Ok(report)
     }
 
-    /// Writes pending last-pulled times, off the async workers.
+    /// Writes pending last-pulled times, and sets the start-up reserve
+    /// aside again if it was released and space was freed since; off the
+    /// async workers.
     pub async fn flush_pulls(&self) {
         let (db, pulls) = (self.db.clone(), Arc::clone(&self.pulls));
-        match tokio::task::spawn_blocking(move || pulls.flush(&db)).await {
+        let path = self.storage_path.clone();
+        let flushed = tokio::task::spawn_blocking(move || {
+            restore_reserve(&path);
+            pulls.flush(&db)
+        });
+        match flushed.await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "could not record last pulls"),
             Err(e) => tracing::warn!(error = %e, "recording last pulls failed"),
@@ -136,5 +145,12 @@ impl Collector {
                 None
             }
         }
+    }
+}
+
+/// Sets the start-up reserve aside again once space allows. Blocking.
+fn restore_reserve(storage: &std::path::Path) {
+    if crate::store::reserve::restore(storage) {
+        tracing::info!("space was freed: the start-up reserve is set aside again");
     }
 }

@@ -335,8 +335,27 @@ impl BlobStore {
         self.dirs.blobs.join(&hex[..2]).join(hex)
     }
 
+    /// Fails as a full disk would when less than the start-up reserve is
+    /// free: that space is kept for the next start, even after the
+    /// reserve file was released to open the database.
+    fn check_room(&self, path: &Path) -> Result<(), BlobError> {
+        let free =
+            crate::store::disk::free_bytes(&self.dirs.tmp).map_err(io_err("statvfs", path))?;
+        if free < crate::store::reserve::RESERVE_BYTES {
+            return Err(io_err("writing", path)(io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!(
+                    "{free} bytes free, less than the {} kept in reserve",
+                    crate::store::reserve::RESERVE_BYTES
+                ),
+            )));
+        }
+        Ok(())
+    }
+
     /// A writer to a new temp file; bytes are hashed as they are written.
     pub fn writer(&self) -> Result<BlobWriter, BlobError> {
+        self.check_room(&self.dirs.tmp)?;
         loop {
             let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
             let path = self
@@ -730,6 +749,8 @@ impl BlobWriter {
         let file = file
             .into_inner()
             .map_err(|e| io_err("writing", tmp.path())(e.into_error()))?;
+        // The temp file goes with the error: the space is given back.
+        store.check_room(tmp.path())?;
         Ok((digest, file, tmp, len, store))
     }
 }

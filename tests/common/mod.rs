@@ -308,6 +308,19 @@ pub async fn status_json(client: &Client, s: &TestServer) -> Value {
     serde_json::from_slice(&r.bytes().await.unwrap()).expect("status is JSON")
 }
 
+/// Waits for a garbage collection newer than `after` (Null: any) and
+/// returns its report from `/api/status`.
+pub async fn next_gc(c: &Client, s: &TestServer, after: &Value) -> Value {
+    for _ in 0..1200 {
+        let gc = status_json(c, s).await["limits"]["last_gc"].clone();
+        if !gc.is_null() && gc != *after {
+            return gc;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("no garbage collection ran");
+}
+
 /// Names of the files in a storage path's `tmp/`.
 pub fn temp_files(storage: &Path) -> Vec<String> {
     std::fs::read_dir(storage.join("tmp"))
