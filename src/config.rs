@@ -97,6 +97,13 @@ pub struct ServeArgs {
     /// an index get one. Default: the host's platform only.
     #[arg(long, env = "NIXERY_PLATFORMS", value_delimiter = ',')]
     pub platforms: Vec<String>,
+    /// Seconds between scrubs, passes that hash every stored blob again
+    /// and quarantine damaged ones; 0: never. Default: weekly.
+    #[arg(long, env = "NIXERY_SCRUB_INTERVAL", default_value_t = 7 * 24 * 3600)]
+    pub scrub_interval: u64,
+    /// Most megabytes (MiB) a second a scrub reads.
+    #[arg(long, env = "NIXERY_SCRUB_RATE", default_value_t = 20)]
+    pub scrub_rate: u64,
     /// Log lines as readable text or as one JSON object per line.
     #[arg(long, env = "NIXERY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -240,6 +247,8 @@ pub struct Config {
     pub max_queued_builds: usize,
     pub failed_build_ttl: Duration,
     pub gc: Policy,
+    /// Off with a bucket: its blobs are not on this disk.
+    pub scrub: crate::store::scrub::Settings,
     pub nix_options: Vec<(String, String)>,
     pub layer_budget: usize,
     pub layering: Strategy,
@@ -274,6 +283,8 @@ pub enum ConfigError {
     Timeout,
     #[error("--max-concurrent-builds (NIXERY_MAX_BUILDS) must be at least 1")]
     MaxBuilds,
+    #[error("--scrub-rate (NIXERY_SCRUB_RATE) must be at least 1 (MiB/s); turn scrubbing off with --scrub-interval 0")]
+    ScrubRate,
     #[error("--max-queued-builds (NIXERY_MAX_QUEUED_BUILDS) must be at least 1")]
     MaxQueued,
     #[error("{flag}: {message}")]
@@ -378,6 +389,9 @@ impl ServeArgs {
         if self.nix_timeout == 0 {
             return Err(ConfigError::Timeout);
         }
+        if self.scrub_rate == 0 {
+            return Err(ConfigError::ScrubRate);
+        }
         if self.max_concurrent_builds == 0 {
             return Err(ConfigError::MaxBuilds);
         }
@@ -409,6 +423,11 @@ impl ServeArgs {
                 platforms.push(arch);
             }
         }
+        let scrub = crate::store::scrub::Settings {
+            interval: (self.scrub_interval > 0 && s3.is_none())
+                .then(|| Duration::from_secs(self.scrub_interval)),
+            rate: self.scrub_rate << 20,
+        };
         if platforms.is_empty() {
             platforms
                 .push(Arch::host().ok_or(ConfigError::NoHostPlatform(std::env::consts::ARCH))?);
@@ -425,6 +444,7 @@ impl ServeArgs {
             max_queued_builds: self.max_queued_builds,
             failed_build_ttl: Duration::from_secs(self.failed_build_ttl),
             gc,
+            scrub,
             nix_options,
             layer_budget: self.layer_budget,
             layering: self.layering,

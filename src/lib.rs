@@ -286,6 +286,7 @@ pub async fn open_builder(config: &Config) -> Result<Arc<Builder>, StartError> {
         blobs.clone(),
         config.storage_path.clone(),
         config.gc,
+        (config.scrub, status.metrics().scrub_counters()),
     );
     Ok(Builder::new(settings, db, storage, status, collector))
 }
@@ -329,6 +330,7 @@ impl Server {
         let db = self.builder.db().clone();
         let collector = Arc::clone(self.builder.collector());
         let background = tokio::spawn(Arc::clone(&collector).run_in_background());
+        let scrub = tokio::spawn(Arc::clone(&collector).scrub_in_background());
         let status = Arc::clone(self.builder.status());
         let flusher = tokio::spawn(flush_counts_every(Arc::clone(&status), COUNT_FLUSH));
         let watcher = self.auth.as_ref().map(|a| a.watch());
@@ -338,6 +340,7 @@ impl Server {
             w.abort();
         }
         background.abort();
+        scrub.abort();
         flusher.abort();
         collector.flush_pulls().await;
         if let Err(e) = tokio::task::spawn_blocking(move || status.flush_counts()).await {

@@ -253,8 +253,9 @@ async fn a_burst_over_the_quota_is_within_it_soon_after_the_leases_end() {
     let evicted = ["big"];
     // Evicted images are built again on their next pull.
     for name in &evicted {
+        let before = builds_of(&s, name);
         get_manifest(&c, &s, name, "latest").await;
-        assert_eq!(builds_of(&s, name), 2, "{name} rebuilt");
+        assert_eq!(builds_of(&s, name), before + 1, "{name} rebuilt");
     }
     s.stop().await;
 }

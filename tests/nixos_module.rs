@@ -77,6 +77,8 @@ fn module_yields_a_hardened_notify_unit_through_the_daemon() {
         "maxStorage",
         "minFreeSpace",
         "gcLease",
+        "scrubInterval",
+        "scrubRate",
         "logFormat",
         "layering",
         "extraEnvironment",
@@ -151,6 +153,8 @@ fn module_maps_settings_to_the_binarys_variables() {
     assert_eq!(env["NIXERY_MAX_STORAGE"], "50G");
     assert_eq!(env["NIXERY_MIN_FREE_SPACE"], "5G");
     assert_eq!(env["NIXERY_GC_LEASE"], "30");
+    assert_eq!(env["NIXERY_SCRUB_INTERVAL"], "604800");
+    assert_eq!(env["NIXERY_SCRUB_RATE"], "20");
     let sc = &unit["serviceConfig"];
     // Storage outside /var/lib is opened up instead of created.
     assert!(sc.get("StateDirectory").is_none());

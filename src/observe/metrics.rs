@@ -120,6 +120,7 @@ pub struct Metrics {
     manifest_cache: Family<CacheLabels, Counter>,
     layer_cache: Family<CacheLabels, Counter>,
     blob_bytes: Counter,
+    scrub: crate::store::scrub::Counters,
 }
 
 impl Default for Metrics {
@@ -177,6 +178,17 @@ impl Metrics {
             "Bytes of blob and layer bodies sent to clients",
             blob_bytes.clone(),
         );
+        let scrub = crate::store::scrub::Counters::default();
+        registry.register(
+            "scrub_bytes_checked",
+            "Bytes of stored blobs hashed again by the scrub",
+            scrub.bytes.clone(),
+        );
+        registry.register(
+            "scrub_blobs_quarantined",
+            "Stored blobs the scrub found damaged and moved aside",
+            scrub.quarantined.clone(),
+        );
         // Both cache outcomes and all build results appear from the start,
         // so rates are defined before the first build.
         for result in [CacheResult::hit, CacheResult::miss] {
@@ -200,7 +212,13 @@ impl Metrics {
             manifest_cache,
             layer_cache,
             blob_bytes,
+            scrub,
         }
+    }
+
+    /// The counters the scrub adds to.
+    pub fn scrub_counters(&self) -> crate::store::scrub::Counters {
+        self.scrub.clone()
     }
 
     pub fn request(&self, route: Route, status: u16, latency: Duration) {

@@ -6,6 +6,7 @@ use crate::store::db::Db;
 use crate::store::fs::BlobStore;
 use crate::store::gc::{self, Policy, Report};
 use crate::store::pulls::LastPulled;
+use crate::store::scrub::{self, ScrubView, Scrubber};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,11 +29,20 @@ pub struct Collector {
     running: tokio::sync::Mutex<()>,
     /// See [`Collector::generation`].
     generation: std::sync::atomic::AtomicU64,
+    scrubber: Scrubber,
 }
 
 impl Collector {
-    pub fn new(db: Db, blobs: BlobStore, storage_path: PathBuf, policy: Policy) -> Arc<Self> {
+    pub fn new(
+        db: Db,
+        blobs: BlobStore,
+        storage_path: PathBuf,
+        policy: Policy,
+        scrub: (scrub::Settings, scrub::Counters),
+    ) -> Arc<Self> {
+        let scrubber = Scrubber::new(scrub.0, db.clone(), blobs.clone(), scrub.1);
         Arc::new(Collector {
+            scrubber,
             db,
             blobs,
             pulls: Arc::default(),
@@ -53,6 +63,22 @@ impl Collector {
 
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    /// What the scrub did since start.
+    pub fn scrub_view(&self) -> ScrubView {
+        self.scrubber.view()
+    }
+
+    /// Scrubs every `--scrub-interval` until the task is dropped; blobs it
+    /// quarantines make what was known stored suspect, as a collection
+    /// does.
+    pub async fn scrub_in_background(self: Arc<Self>) {
+        let bump = || {
+            self.generation
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        };
+        self.scrubber.run(bump).await;
     }
 
     /// Where pulls are noted (in memory).

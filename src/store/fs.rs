@@ -58,6 +58,8 @@ struct Dirs {
     /// to date by commits, so stats never walk the directory.
     count: AtomicU64,
     bytes: AtomicU64,
+    /// Blobs opened for sending to clients (see [`BlobStore::in_use`]).
+    sending: AtomicU64,
     /// Blobs in use by a response or a build in flight: the garbage
     /// collector deletes none of them (see [`BlobStore::delete_unless_pinned`]).
     pins: Mutex<PinTable>,
@@ -194,6 +196,7 @@ impl BlobStore {
             tmp,
             count: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            sending: AtomicU64::new(0),
             counting: Mutex::new(Some(HashSet::new())),
             counted: Condvar::new(),
             pins: Mutex::default(),
@@ -469,10 +472,12 @@ impl BlobStore {
         let Some((file, len, pin)) = self.open_pinned(digest)? else {
             return Ok(None);
         };
+        self.dirs.sending.fetch_add(1, Ordering::Relaxed);
         Ok(Some(BlobFile {
             file,
             len,
             _pin: pin,
+            _sending: Sending(Arc::clone(&self.dirs)),
         }))
     }
 
@@ -563,6 +568,16 @@ impl BlobStore {
 
     /// Re-hashes a stored blob; false if its content no longer matches its name.
     pub fn verify(&self, digest: &Digest) -> Result<bool, BlobError> {
+        self.verify_with(digest, |_| {})
+    }
+
+    /// As [`verify`](Self::verify), calling `after_chunk` with the bytes
+    /// of each chunk read (to pace the reading).
+    pub fn verify_with(
+        &self,
+        digest: &Digest,
+        mut after_chunk: impl FnMut(usize),
+    ) -> Result<bool, BlobError> {
         let path = self.path_of(digest);
         let mut file = match File::open(&path) {
             Ok(f) => f,
@@ -572,8 +587,48 @@ impl BlobStore {
             Err(e) => return Err(io_err("opening", &path)(e)),
         };
         let mut hashed = HashingWriter::new(io::sink());
-        io::copy(&mut file, &mut hashed).map_err(io_err("reading", &path))?;
+        let mut chunk = vec![0u8; 1 << 20];
+        loop {
+            let n = io::Read::read(&mut file, &mut chunk).map_err(io_err("reading", &path))?;
+            if n == 0 {
+                break;
+            }
+            hashed
+                .write_all(&chunk[..n])
+                .map_err(io_err("hashing", &path))?;
+            after_chunk(n);
+        }
         Ok(hashed.finish().1 == *digest)
+    }
+
+    /// Whether blobs are being sent to clients now: background work such
+    /// as the scrub waits.
+    pub fn in_use(&self) -> bool {
+        self.dirs.sending.load(Ordering::Relaxed) > 0
+    }
+
+    /// Moves a damaged blob aside to `<root>/quarantine/`, where nothing
+    /// serves it from; false if it was not stored.
+    pub fn quarantine(&self, digest: &Digest) -> Result<bool, BlobError> {
+        let dir = self.root().join("quarantine");
+        fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+        let from = self.path_of(digest);
+        let len = match fs::metadata(&from) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_err("stat", &from)(e)),
+        };
+        let to = dir.join(digest.hex());
+        match fs::rename(&from, &to) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_err("quarantining", &from)(e)),
+        }
+        self.dirs.count.fetch_sub(1, Ordering::Relaxed);
+        self.dirs.bytes.fetch_sub(len, Ordering::Relaxed);
+        sync_dir(&dir)?;
+        sync_dir(&self.shard_dir(digest))?;
+        Ok(true)
     }
 
     /// The directory the store was opened on.
@@ -839,6 +894,17 @@ pub struct BlobFile {
     len: u64,
     /// Keeps the collector away while a response reads the file.
     _pin: Pin,
+    _sending: Sending,
+}
+
+/// Counts a blob being sent to a client while it lives.
+#[derive(Debug)]
+struct Sending(Arc<Dirs>);
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        self.0.sending.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl BlobFile {

@@ -3,7 +3,8 @@
 //! last pulled (`pulls`), the short holds on images just served
 //! (`leases`), the garbage collector that uses them (`gc`) and
 //! its background runs (`collector`), the space set aside to start on a
-//! full disk (`reserve`), the copying of proxied blobs to a replica's disk
+//! full disk (`reserve`), the re-hashing of stored blobs that
+//! quarantines damaged ones (`scrub`), the copying of proxied blobs to a replica's disk
 //! (`fill`), and the [`Storage`] seam that the builder and the
 //! registry use, which either backend implements: the local blob store
 //! itself (`local`), or an S3 bucket shared by several replicas (`s3`).
@@ -23,6 +24,7 @@ pub mod local;
 pub mod pulls;
 pub mod reserve;
 pub mod s3;
+pub mod scrub;
 
 use crate::digest::Digest;
 use bytes::Bytes;
