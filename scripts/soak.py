@@ -13,7 +13,8 @@ every recorded manifest complete) plus the digests of every blob served.
 Run through scripts/soak, which builds the binary first.
   --minutes N         length of the run (default 30)
   --kill-every N      minutes between kill -9s (default 4)
-  --max-storage SIZE  the quota (default 300M)
+  --max-storage SIZE  the quota (default 150M: below the ~175 MB the
+                      images share, so evictions and rebuilds go on)
   SOAK_BIN=PATH       another nixery binary (e.g. target/debug/nixery)
 """
 
@@ -262,7 +263,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=30)
     ap.add_argument("--kill-every", type=float, default=4)
-    ap.add_argument("--max-storage", default="300M")
+    ap.add_argument("--max-storage", default="150M")
     args = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="nixery-soak-")

@@ -98,19 +98,7 @@ async fn a_full_disk_fails_builds_clearly_and_keeps_serving() {
     }
     // Starting took the reserve: fill what it freed too.
     fill(&root.join("filler-2"));
-    let r = c
-        .get(s.url("/v2/bash/manifests/latest"))
-        .send()
-        .await
-        .unwrap();
-    let (status, err) = error_code(r).await;
-    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{err}");
-    assert!(
-        err["message"].as_str().unwrap().contains("storage is full"),
-        "{err}"
-    );
-    assert_eq!(temp_files(&root), Vec::<String>::new());
-    assert_blobs_whole(&root);
+    assert_refused_as_full(&c, &s, &root, "bash").await;
     s.stop().await;
 }
 
@@ -185,13 +173,7 @@ async fn a_build_below_the_free_space_floor_evicts_at_once_but_not_transfers() {
     let gc = next_gc(&c, &s, &serde_json::Value::Null).await;
     // A slow client of big's largest layer.
     let layer = common::largest_layer(&big_json);
-    let mut download = c
-        .get(s.url(&format!("/v2/big/blobs/{layer}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(download.status(), StatusCode::OK);
-    let mut body = download.chunk().await.unwrap().unwrap().to_vec();
+    let download = common::start_download(&c, &s, "big", &layer).await;
 
     // Just above the floor; the next build goes below it.
     let free = nixery::store::disk::free_bytes(&root).unwrap();
@@ -227,14 +209,8 @@ async fn a_build_below_the_free_space_floor_evicts_at_once_but_not_transfers() {
     assert!(!evicted.is_empty(), "leased images go too: {gc}");
     assert!(gc["blobs_in_use"].as_u64().unwrap() >= 1, "{gc}");
 
-    while let Some(chunk) = download.chunk().await.unwrap() {
-        body.extend_from_slice(&chunk);
-    }
-    assert_eq!(
-        nixery::digest::Digest::of(&body).to_string(),
-        layer,
-        "the transfer in flight completes whole"
-    );
+    // The transfer in flight completes whole.
+    common::finish_download(download, &layer).await;
     assert_blobs_whole(&root);
     s.stop().await;
 }

@@ -64,13 +64,7 @@ async fn a_quota_evicts_the_least_recently_pulled_image() {
     // Stream big's largest layer slowly while a collection evicts big.
     let (big_manifest, big_json) = &manifests[1];
     let layer = common::largest_layer(big_json);
-    let mut download = c
-        .get(s.url(&format!("/v2/big/blobs/{layer}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(download.status(), StatusCode::OK);
-    let mut body = download.chunk().await.unwrap().unwrap().to_vec();
+    let download = common::start_download(&c, &s, "big", &layer).await;
 
     // Pulling hello again rebuilds it, which goes over the quota: the least
     // recently pulled now is big.
@@ -80,14 +74,7 @@ async fn a_quota_evicts_the_least_recently_pulled_image() {
     assert_eq!(evicted_names(&gc), vec!["big"], "{gc}");
     assert!(gc["blobs_in_use"].as_u64().unwrap() >= 1, "{gc}");
 
-    while let Some(chunk) = download.chunk().await.unwrap() {
-        body.extend_from_slice(&chunk);
-    }
-    assert_eq!(
-        Digest::of(&body).to_string(),
-        layer,
-        "the download is whole"
-    );
+    common::finish_download(download, &layer).await;
     let r = c
         .get(s.url(&format!("/v2/big/manifests/{big_manifest}")))
         .send()
@@ -208,13 +195,7 @@ async fn a_burst_over_the_quota_is_within_it_soon_after_the_leases_end() {
     // A slow client of big: one chunk of its largest layer, then a pause
     // while the collection runs.
     let layer = common::largest_layer(&images[1]);
-    let mut download = c
-        .get(s.url(&format!("/v2/big/blobs/{layer}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(download.status(), StatusCode::OK);
-    let mut body = download.chunk().await.unwrap().unwrap().to_vec();
+    let download = common::start_download(&c, &s, "big", &layer).await;
     let started = std::time::Instant::now();
     // The leases end after 3 s and the collection comes back by itself
     // (its timer is 5 minutes): bounded generously for a loaded machine.
@@ -232,14 +213,7 @@ async fn a_burst_over_the_quota_is_within_it_soon_after_the_leases_end() {
     assert!(gc["retry_in"].as_u64().is_some(), "{gc}");
 
     // The slow download completes whole.
-    while let Some(chunk) = download.chunk().await.unwrap() {
-        body.extend_from_slice(&chunk);
-    }
-    assert_eq!(
-        Digest::of(&body).to_string(),
-        layer,
-        "the download is whole"
-    );
+    common::finish_download(download, &layer).await;
     // Then the store is within the quota, without a pull or a restart.
     let stored = |s: &TestServer| s.builder.blobs().stats().1;
     while stored(&s) > largest {

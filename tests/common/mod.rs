@@ -321,6 +321,37 @@ pub async fn next_gc(c: &Client, s: &TestServer, after: &Value) -> Value {
     panic!("no garbage collection ran");
 }
 
+/// A slow client: the first chunk of blob `digest` of `name`; the rest is
+/// read by [`finish_download`], after whatever the test does meanwhile.
+pub async fn start_download(
+    c: &Client,
+    s: &TestServer,
+    name: &str,
+    digest: &str,
+) -> (reqwest::Response, Vec<u8>) {
+    let mut r = c
+        .get(s.url(&format!("/v2/{name}/blobs/{digest}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let first = r.chunk().await.unwrap().unwrap().to_vec();
+    (r, first)
+}
+
+/// Reads the rest of a download begun by [`start_download`] and checks
+/// that it is whole.
+pub async fn finish_download((mut r, mut body): (reqwest::Response, Vec<u8>), digest: &str) {
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        body.extend_from_slice(&chunk);
+    }
+    assert_eq!(
+        Digest::of(&body).to_string(),
+        digest,
+        "the download is whole"
+    );
+}
+
 /// Names of the files in a storage path's `tmp/`.
 pub fn temp_files(storage: &Path) -> Vec<String> {
     std::fs::read_dir(storage.join("tmp"))
