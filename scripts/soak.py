@@ -207,6 +207,8 @@ class Run:
             warm = rnd.random() < 0.7
             name = rnd.choice(self.hot if warm else self.names)
             self.pull(name, warm and name in self.hot)
+            # A client's pace, not a flood: leases end and evictions go on.
+            time.sleep(rnd.uniform(0, 0.4))
 
     def slow_client(self):
         rnd = random.Random(7)
@@ -268,7 +270,7 @@ def main():
 
     work = tempfile.mkdtemp(prefix="nixery-soak-")
     storage = os.path.join(work, "storage")
-    extra = ["--max-storage", args.max_storage, "--gc-lease", "30", "--max-concurrent-builds", "1"]
+    extra = ["--max-storage", args.max_storage, "--gc-lease", "5", "--max-concurrent-builds", "1"]
     server = Server(storage, extra)
     command = " ".join(server.args)
     print(f"soak: {args.minutes} min, kill -9 every {args.kill_every} min; server: {command}")

@@ -610,6 +610,33 @@ mod tests {
         .unwrap();
         assert_eq!(limits.gc.max_storage, Some(50 << 30));
         assert_eq!(limits.gc.min_free_space, Some(512 << 20));
+        assert_eq!(limits.gc.lease, Duration::from_secs(120));
+        assert_eq!(limits.scrub.interval, Some(Duration::from_secs(604800)));
+        assert_eq!(limits.scrub.rate, 20 << 20);
+        let base = ["--storage-path", d, "--channel", "c"];
+        let with = |extra: &[&str]| {
+            let mut args = base.to_vec();
+            args.extend(extra);
+            parse(&args)
+        };
+        assert_eq!(
+            with(&["--scrub-interval", "0"]).unwrap().scrub.interval,
+            None
+        );
+        assert_eq!(
+            with(&["--scrub-rate", "0"]).unwrap_err(),
+            ConfigError::ScrubRate
+        );
+        // The old window has no meaning on a local store: said so, once.
+        let args = |extra: &[&str]| {
+            let mut all = vec!["nixery"];
+            all.extend(extra);
+            <Cli as clap::Parser>::parse_from(all).serve.gc
+        };
+        assert_eq!(args(&[]).local_warning(), None);
+        let old = args(&["--gc-keep-recent", "600"]);
+        assert!(old.local_warning().unwrap().contains("--gc-lease"));
+        assert_eq!(old.policy().unwrap().keep_recent, Duration::from_secs(600));
         assert_eq!(limits.max_queued_builds, 32);
         assert!(matches!(
             parse(&[
