@@ -869,7 +869,7 @@ impl Builder {
         // the pins go, so that no collection slips in between.
         if let Ok(digest) = &result {
             if let Ok(Some(bytes)) = self.manifest_bytes(digest).await {
-                self.lease_served(digest, &bytes).await;
+                self.lease_served(&image, digest, &bytes).await;
             }
         }
         drop(pins);

@@ -22,10 +22,10 @@ pub struct Served {
 pub const MANIFEST_MAX_BYTES: u64 = 4 * 1024 * 1024;
 
 impl Builder {
-    /// Leases a manifest or index just served, with every blob it names
-    /// (for an index, its manifests' too): the collector keeps them while
-    /// the client fetches them. Nothing without a storage limit.
-    pub async fn lease_served(&self, served: &Digest, bytes: &[u8]) {
+    /// Leases a manifest or index just served as `name`, with every blob
+    /// it names (for an index, its manifests' too): the collector keeps
+    /// them while the client fetches them. Nothing without a storage limit.
+    pub async fn lease_served(&self, name: &str, served: &Digest, bytes: &[u8]) {
         let policy = *self.collector().policy();
         if !policy.is_active() {
             return;
@@ -45,7 +45,7 @@ impl Builder {
             }
             None => {}
         }
-        self.blobs().lease(*served, blobs, policy.lease);
+        self.blobs().lease(name, *served, blobs, policy.lease);
     }
 
     /// The image whose Docker manifest is `docker`, in `format`; `None`

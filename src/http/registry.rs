@@ -88,7 +88,9 @@ pub async fn dispatch(
             .await
         }
         Ok(RegistryPath::Referrers { .. }) => Ok(referrers(&query)),
-        Ok(RegistryPath::Blob { digest, .. }) => blob(&builder, digest, &headers, head).await,
+        Ok(RegistryPath::Blob { name, digest }) => {
+            blob(&builder, &name, digest, &headers, head).await
+        }
         Ok(RegistryPath::TagsList { name }) => {
             let q = TagsQuery {
                 n: query.get("n").cloned(),
@@ -310,7 +312,9 @@ async fn manifest(
         }
     };
     if !head {
-        builder.lease_served(&served.digest, &served.bytes).await;
+        builder
+            .lease_served(name, &served.digest, &served.bytes)
+            .await;
     }
     let len = served.bytes.len() as u64;
     Ok(content_response(
@@ -343,7 +347,7 @@ async fn manifest_by_digest(
         .map_err(|e| build_error(&e))?
         .ok_or_else(|| manifest_unknown(name))?;
     if !head {
-        builder.lease_served(&digest, &bytes).await;
+        builder.lease_served(name, &digest, &bytes).await;
     }
     let media_type = manifest::media_type_of(&bytes);
     let len = bytes.len() as u64;
@@ -458,12 +462,13 @@ fn blob_response(
 
 async fn blob(
     builder: &Arc<Builder>,
+    name: &str,
     digest: Digest,
     headers: &HeaderMap,
     head: bool,
 ) -> Result<Response, ApiError> {
     if !head {
-        builder.blobs().renew_lease(&digest);
+        builder.blobs().renew_lease(name, &digest);
     }
     // On this replica's disk: sent from the file, a slice at a time.
     if let Some(file) = open_blob(builder, &digest).await? {

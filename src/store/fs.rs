@@ -246,18 +246,22 @@ impl BlobStore {
         lock_pins(&self.dirs).released
     }
 
-    /// Holds `image` (a manifest or index) and the `blobs` it names for
-    /// `ttl`, or renews the hold: its client is about to fetch them.
-    pub fn lease(&self, image: Digest, blobs: Vec<Digest>, ttl: Duration) {
+    /// Holds `image` (a manifest or index, served as `name`) and the
+    /// `blobs` it names for `ttl`, or renews the hold: its client is about
+    /// to fetch them.
+    pub fn lease(&self, name: &str, image: Digest, blobs: Vec<Digest>, ttl: Duration) {
         let mut table = lock_pins(&self.dirs);
-        if table.leases.grant(image, blobs, ttl, Instant::now()) {
+        if table.leases.grant(name, image, blobs, ttl, Instant::now()) {
             table.released += 1;
         }
     }
 
-    /// A blob is being fetched: renews the leases of the images it is in.
-    pub fn renew_lease(&self, blob: &Digest) {
-        lock_pins(&self.dirs).leases.renew(blob, Instant::now());
+    /// A blob is being fetched as part of `name`: renews the leases of the
+    /// images of that name it is in.
+    pub fn renew_lease(&self, name: &str, blob: &Digest) {
+        lock_pins(&self.dirs)
+            .leases
+            .renew(name, blob, Instant::now());
     }
 
     /// Every blob a live lease holds, and how long until the first lease

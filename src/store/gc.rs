@@ -731,7 +731,12 @@ mod tests {
         let served = stored_image(&db, &blobs, "served", 2, 5);
         // Served as an OCI form: the lease names its config and layer only.
         let lease = Duration::from_secs(30);
-        blobs.lease(Digest::of(b"an OCI form"), served[1..].to_vec(), lease);
+        blobs.lease(
+            "served",
+            Digest::of(b"an OCI form"),
+            served[1..].to_vec(),
+            lease,
+        );
         let policy = Policy {
             max_storage: Some(1),
             min_free_space: None,
@@ -761,7 +766,12 @@ mod tests {
         let pulls = LastPulled::default();
         let leased = stored_image(&db, &blobs, "leased", 1, 10);
         let sending = stored_image(&db, &blobs, "sending", 2, 5);
-        blobs.lease(leased[0], leased[1..].to_vec(), Duration::from_secs(600));
+        blobs.lease(
+            "leased",
+            leased[0],
+            leased[1..].to_vec(),
+            Duration::from_secs(600),
+        );
         let transfer = blobs.open_blob(&sending[2]).unwrap().unwrap();
         let policy = Policy {
             max_storage: None,

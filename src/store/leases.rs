@@ -1,8 +1,10 @@
 //! Short holds on the images whose manifests were just served: a client
 //! that got a manifest fetches its blobs next, so the collector leaves
 //! those blobs alone for a while (`--gc-lease`), and each blob fetched
-//! renews the hold of the images it belongs to. Memory only; a hold is
-//! bounded by the images stored, as only stored manifests are served.
+//! under the same repository name renews the hold of the images of that
+//! name it belongs to (not of every image sharing a base layer, which
+//! steady traffic would then keep leased for ever). Memory only; the holds
+//! are bounded by the images stored, as only stored manifests are served.
 
 use crate::digest::Digest;
 use std::collections::{HashMap, HashSet};
@@ -10,6 +12,8 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug)]
 struct Held {
+    /// The repository name it was served as.
+    name: String,
     until: Instant,
     ttl: Duration,
     blobs: Vec<Digest>,
@@ -24,10 +28,12 @@ pub struct Leases {
 }
 
 impl Leases {
-    /// Holds `image` and its `blobs` for `ttl` from `now`; true if it was
-    /// not held before (a new hold, which a collector must notice).
+    /// Holds `image`, served as `name`, and its `blobs` for `ttl` from
+    /// `now`; true if it was not held before (a new hold, which a collector
+    /// must notice).
     pub fn grant(
         &mut self,
+        name: &str,
         image: Digest,
         blobs: Vec<Digest>,
         ttl: Duration,
@@ -38,6 +44,7 @@ impl Leases {
         if let Some(held) = self.images.get_mut(&image) {
             held.until = held.until.max(until);
             held.ttl = ttl;
+            name.clone_into(&mut held.name);
             return false;
         }
         for b in blobs.iter().chain(std::iter::once(&image)) {
@@ -46,19 +53,28 @@ impl Leases {
                 owners.push(image);
             }
         }
-        self.images.insert(image, Held { until, ttl, blobs });
+        let name = name.to_owned();
+        self.images.insert(
+            image,
+            Held {
+                name,
+                until,
+                ttl,
+                blobs,
+            },
+        );
         true
     }
 
-    /// A blob was fetched: the images it belongs to are held a full lease
-    /// again.
-    pub fn renew(&mut self, blob: &Digest, now: Instant) {
+    /// A blob was fetched as part of `name`: the images of that name it
+    /// belongs to are held a full lease again.
+    pub fn renew(&mut self, name: &str, blob: &Digest, now: Instant) {
         let Some(owners) = self.by_blob.get(blob) else {
             return;
         };
         for image in owners {
             if let Some(held) = self.images.get_mut(image) {
-                if held.until > now {
+                if held.until > now && held.name == name {
                     held.until = now + held.ttl;
                 }
             }
@@ -129,19 +145,24 @@ mod tests {
         let mut leases = Leases::default();
         let t0 = Instant::now();
         let ttl = Duration::from_secs(10);
-        assert!(leases.grant(d(1), vec![d(10), d(11)], ttl, t0));
-        assert!(!leases.grant(d(1), vec![d(10), d(11)], ttl, t0));
+        assert!(leases.grant("a", d(1), vec![d(10), d(11)], ttl, t0));
+        assert!(!leases.grant("a", d(1), vec![d(10), d(11)], ttl, t0));
         assert!(leases.holds(&d(1), t0) && leases.holds(&d(11), t0));
         assert!(!leases.holds(&d(12), t0));
         assert_eq!(leases.first_end(t0), Some(t0 + ttl));
 
         let t8 = t0 + Duration::from_secs(8);
-        leases.renew(&d(10), t8);
+        leases.renew("another", &d(10), t8);
+        assert!(
+            !leases.holds(&d(11), t0 + ttl),
+            "not renewed by another name"
+        );
+        leases.renew("a", &d(10), t8);
         let t15 = t0 + Duration::from_secs(15);
         assert!(leases.holds(&d(11), t15), "renewed at 8 s: held until 18 s");
         let t19 = t0 + Duration::from_secs(19);
         assert!(!leases.holds(&d(11), t19));
-        leases.renew(&d(10), t19);
+        leases.renew("a", &d(10), t19);
         assert!(!leases.holds(&d(10), t19), "an ended lease is not revived");
         leases.expire(t19);
         assert!(
@@ -155,8 +176,8 @@ mod tests {
     fn a_blob_shared_by_two_images_is_held_while_either_is() {
         let mut leases = Leases::default();
         let t0 = Instant::now();
-        leases.grant(d(1), vec![d(9)], Duration::from_secs(5), t0);
-        leases.grant(d(2), vec![d(9)], Duration::from_secs(50), t0);
+        leases.grant("a", d(1), vec![d(9)], Duration::from_secs(5), t0);
+        leases.grant("b", d(2), vec![d(9)], Duration::from_secs(50), t0);
         let t10 = t0 + Duration::from_secs(10);
         leases.expire(t10);
         assert!(leases.holds(&d(9), t10));
