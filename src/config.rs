@@ -220,6 +220,30 @@ impl BackendArgs {
             .clone()
             .filter(|b| !b.is_empty())
             .ok_or(ConfigError::NoBucket)?;
+        // S3's own naming rules; checked here so a typo is a clear error
+        // at start rather than a signature error at the first request.
+        let named = |text: &str, extra: &[char]| {
+            text.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || extra.contains(&c))
+        };
+        let alnum_ends = |b: &str| {
+            b.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && b.ends_with(|c: char| c.is_ascii_alphanumeric())
+        };
+        if !(3..=63).contains(&bucket.len()) || !named(&bucket, &['.', '-']) || !alnum_ends(&bucket)
+        {
+            return Err(ConfigError::BucketName(bucket));
+        }
+        if !self
+            .s3_prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'))
+        {
+            return Err(ConfigError::Prefix(self.s3_prefix.clone()));
+        }
+        if self.s3_region.is_empty() || !named(&self.s3_region, &['-']) {
+            return Err(ConfigError::Region(self.s3_region.clone()));
+        }
         Ok(S3Settings {
             bucket,
             prefix: self.s3_prefix.trim_matches('/').to_owned(),
@@ -275,6 +299,16 @@ pub enum ConfigError {
     Backend(String),
     #[error("--s3-bucket (NIXERY_S3_BUCKET) is required for the s3 backend")]
     NoBucket,
+    #[error("--s3-bucket (NIXERY_S3_BUCKET) {0:?} is not a bucket name: 3 to 63 lowercase letters, digits, dots and hyphens, starting and ending with a letter or digit")]
+    BucketName(String),
+    #[error(
+        "--s3-prefix (NIXERY_S3_PREFIX) {0:?} may hold only letters, digits, '.', '_', '-' and '/'"
+    )]
+    Prefix(String),
+    #[error(
+        "--s3-region (NIXERY_S3_REGION) {0:?} may hold only lowercase letters, digits and '-'"
+    )]
+    Region(String),
     #[error("--s3-lease-ttl (NIXERY_S3_LEASE_TTL) must be at least 3 seconds")]
     LeaseTtl,
     #[error("--storage-path (STORAGE_PATH) is required for the filesystem backend")]
@@ -494,13 +528,31 @@ mod tests {
         let mut args = base.to_vec();
         args.extend([
             "--s3-bucket",
-            "b",
+            "bkt",
             "--s3-prefix",
             "/p/",
             "--s3-force-path-style",
         ]);
         let s3 = parse(&args).unwrap().s3.unwrap();
-        assert_eq!((s3.bucket.as_str(), s3.prefix.as_str()), ("b", "p"));
+        assert_eq!((s3.bucket.as_str(), s3.prefix.as_str()), ("bkt", "p"));
+        for (flag, bad) in [
+            ("--s3-bucket", "b"),
+            ("--s3-bucket", "Images"),
+            ("--s3-bucket", "-images"),
+            ("--s3-bucket", "http://u:p@h"),
+            ("--s3-prefix", "a?b"),
+            ("--s3-prefix", "http://u:p@h"),
+            ("--s3-region", "us east"),
+        ] {
+            let setting = format!("{flag}={bad}");
+            let mut args = base.to_vec();
+            if flag != "--s3-bucket" {
+                args.push("--s3-bucket=bkt");
+            }
+            args.push(&setting);
+            let e = parse(&args).unwrap_err().to_string();
+            assert!(e.starts_with(flag), "{flag} {bad}: {e}");
+        }
         assert!(s3.force_path_style && !s3.redirect && s3.endpoint.is_none());
         assert!(parse(&["--channel", "x", "--storage-path", d])
             .unwrap()

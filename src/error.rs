@@ -52,7 +52,8 @@ impl ApiError {
         ApiError {
             status,
             code,
-            message: message.into(),
+            // Messages may quote a setting (a source URL, the bucket).
+            message: crate::redact::redact_owned(message.into()),
             detail: serde_json::Value::Null,
             retry_after: None,
         }

@@ -47,7 +47,22 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // clap's errors repeat the value given, which may be a URL with a
+    // password in it.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = e.exit_code();
+            let text = e.render().to_string();
+            let text = nixery::redact::redact(&text);
+            if e.use_stderr() {
+                eprint!("{text}");
+            } else {
+                print!("{text}");
+            }
+            return ExitCode::from(u8::try_from(code).unwrap_or(2));
+        }
+    };
     match cli.command {
         Some(Command::Serve(args)) => serve(args),
         None => serve(cli.serve),
@@ -89,7 +104,7 @@ fn init_logging(format: LogFormat, level: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(|| nixery::redact::RedactingStderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder

@@ -2,11 +2,16 @@
 //! URLs (`https://user:token@host/` -> `https://***@host/`) and the values
 //! of token-like query parameters (`?access_token=...` -> `?access_token=***`).
 //!
-//! Applied where source descriptions and the output of Nix and git are
-//! made, so the admin page, `/api/status`, metrics, logs, database records,
-//! `check-config` and error messages all get redacted text.
+//! Applied twice: where text is made (source descriptions, the bucket's
+//! location, the output of Nix and git, storage errors), so database
+//! records hold redacted text; and again at every sink (the log, the admin
+//! page, `/api/status`, `/metrics`, error answers, `check-config` and
+//! `serve`'s own messages), so a setting added later cannot leak even if
+//! its maker forgot it. `tests/redaction.rs` sets every flag to a URL
+//! with a password and looks for it everywhere.
 
 use std::borrow::Cow;
+use std::io::Write;
 
 const HIDDEN: &str = "***";
 
@@ -43,6 +48,30 @@ pub fn without_userinfo(text: &str) -> Cow<'_, str> {
     rewrite_urls(text, Userinfo::Drop)
 }
 
+/// `text` redacted, reusing `text` itself when nothing was hidden.
+pub fn redact_owned(text: String) -> String {
+    match redact(&text) {
+        Cow::Borrowed(_) => text,
+        Cow::Owned(redacted) => redacted,
+    }
+}
+
+/// Standard error for the log, each event redacted before it is written
+/// (the log formatter writes one whole event per call).
+pub struct RedactingStderr;
+
+impl Write for RedactingStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        std::io::stderr().write_all(redact(&text).as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
 #[derive(Clone, Copy)]
 enum Userinfo {
     Hide,
@@ -59,7 +88,12 @@ fn rewrite_urls(text: &str, userinfo: Userinfo) -> Cow<'_, str> {
         let after = i + 3;
         out.push_str(&rest[..after]);
         let url = &rest[after..];
-        let end = url.find(ends_url).unwrap_or(url.len());
+        let mut end = url.find(ends_url).unwrap_or(url.len());
+        // A URL inside this one (`s3://http://u:p@h`, `?next=https://...`)
+        // is redacted on its own: this one ends where the inner scheme starts.
+        if let Some(inner) = url[..end].find("://") {
+            end = scheme_start(&url[..inner]);
+        }
         redact_after_scheme(&url[..end], userinfo, &mut out);
         rest = &url[end..];
     }
@@ -69,6 +103,12 @@ fn rewrite_urls(text: &str, userinfo: Userinfo) -> Cow<'_, str> {
     } else {
         Cow::Owned(out)
     }
+}
+
+/// Where the scheme that ends `text` begins (`x=git+https` -> 2).
+fn scheme_start(text: &str) -> usize {
+    text.trim_end_matches(|c: char| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        .len()
 }
 
 /// Redacts `authority/path?query#fragment` into `out`.
@@ -140,6 +180,11 @@ mod tests {
                 "a https://***@h/ and ssh://***@d:22/e",
             ),
             ("https://h/p@q", "https://h/p@q"),
+            ("s3://http://u:p@h:9/x", "s3://http://***@h:9/x"),
+            (
+                "https://u:p@h/x?next=git+https://v:q@i/y",
+                "https://***@h/x?next=git+https://***@i/y",
+            ),
             ("no url here", "no url here"),
             ("path:/srv/pkgs", "path:/srv/pkgs"),
         ];

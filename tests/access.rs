@@ -5,6 +5,7 @@
 mod common;
 
 use common::binary::{docker, run, Binary};
+use common::files_containing;
 use common::{error_code, fresh_server, require_tool};
 use reqwest::StatusCode;
 use std::path::Path;
@@ -17,22 +18,6 @@ const SECRET: &str = "S3cretTok3nXyZ";
 fn closed_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
-}
-
-/// Every file under `dir` that contains `needle`.
-fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            found.extend(files_containing(&path, needle));
-        } else if let Ok(bytes) = std::fs::read(&path) {
-            if bytes.windows(needle.len()).any(|w| w == needle) {
-                found.push(path.display().to_string());
-            }
-        }
-    }
-    found
 }
 
 async fn text(url: String) -> (StatusCode, String) {

@@ -220,6 +220,7 @@ async fn page_json_and_metrics_show_builds_cache_and_errors() {
     let html = named_entities(&html);
     for want in [
         format!("docker pull {}/shell/hello", s.addr),
+        format!("docker run --rm {}/shell/nonroot sh", s.addr),
         format!(
             "<code>{}</code>",
             st["instance"]["source"].as_str().unwrap()

@@ -193,21 +193,60 @@ fn podman_pulls_each_platform() {
     let hello = server.image("hello");
     // Its own storage, so the test leaves nothing behind.
     let root = tempfile::tempdir().unwrap();
-    let podman = |args: &[&str]| {
-        run(Command::new("podman")
-            .arg("--root")
-            .arg(root.path().join("root"))
-            .arg("--runroot")
-            .arg(root.path().join("run"))
-            .args(["--storage-driver", "vfs"])
-            .args(args))
-    };
+    let podman = |args: &[&str]| podman_in(root.path(), args);
     podman(&["pull", "--tls-verify=false", &hello]);
     let arch = podman(&["image", "inspect", "--format", "{{.Architecture}}", &hello]);
     assert_eq!(arch.trim(), "amd64");
     podman(&["pull", "--tls-verify=false", "--arch", "arm64", &hello]);
     let arch = podman(&["image", "inspect", "--format", "{{.Architecture}}", &hello]);
     assert_eq!(arch.trim(), "arm64");
+}
+
+/// Runs podman with its storage under `root`; its stdout.
+fn podman_in(root: &Path, args: &[&str]) -> String {
+    run(Command::new("podman")
+        .arg("--root")
+        .arg(root.join("root"))
+        .arg("--runroot")
+        .arg(root.join("run"))
+        .args(["--storage-driver", "vfs"])
+        .args(args))
+}
+
+/// containerd in a namespace of its own, removed with what it pulled
+/// when dropped.
+struct Ctr {
+    socket: String,
+    namespace: String,
+}
+
+impl Ctr {
+    fn new(label: &str) -> Ctr {
+        Ctr {
+            socket: containerd_socket(),
+            namespace: format!("nixery-test-{label}{}", std::process::id()),
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        run(Command::new("ctr")
+            .args(["--address", &self.socket, "--namespace", &self.namespace])
+            .args(args))
+    }
+}
+
+impl Drop for Ctr {
+    fn drop(&mut self) {
+        let _ = Command::new("ctr")
+            .args([
+                "--address",
+                &self.socket,
+                "namespaces",
+                "remove",
+                &self.namespace,
+            ])
+            .output();
+    }
 }
 
 /// containerd's socket: its own service's, else the one dockerd runs.
@@ -228,20 +267,50 @@ fn ctr_pulls_from_containerd() {
     require_tool("docker");
     let server = two_platform_server();
     let hello = format!("{}:latest", server.image("hello"));
-    let socket = containerd_socket();
-    // A namespace of its own, removed with what it pulled.
-    let namespace = format!("nixery-test-{}", std::process::id());
-    let ctr = |args: &[&str]| {
-        run(Command::new("ctr")
-            .args(["--address", &socket, "--namespace", &namespace])
-            .args(args))
-    };
-    ctr(&["images", "pull", "--plain-http", "--all-platforms", &hello]);
-    let listed = ctr(&["images", "list"]);
+    let ctr = Ctr::new("");
+    ctr.run(&["images", "pull", "--plain-http", "--all-platforms", &hello]);
+    let listed = ctr.run(&["images", "list"]);
     assert!(listed.contains(&hello), "{listed}");
     assert!(listed.contains("linux/amd64,linux/arm64"), "{listed}");
-    ctr(&["images", "remove", &hello]);
-    let _ = Command::new("ctr")
-        .args(["--address", &socket, "namespaces", "remove", &namespace])
-        .output();
+    ctr.run(&["images", "remove", &hello]);
+}
+
+/// podman and containerd take a `nonroot` image's numeric user (they
+/// cannot run containers here).
+#[test]
+fn podman_and_ctr_pull_a_nonroot_image() {
+    require_tool("podman");
+    require_tool("ctr");
+    require_tool("docker");
+    let server = Binary::start();
+    let image = format!("{}:latest", server.image("shell/nonroot"));
+    let root = tempfile::tempdir().unwrap();
+    podman_in(root.path(), &["pull", "--tls-verify=false", &image]);
+    let inspect = ["image", "inspect", "--format", "{{.Config.User}}", &image];
+    let user = podman_in(root.path(), &inspect);
+    assert_eq!(user.trim(), "1000:1000");
+
+    let ctr = Ctr::new("nonroot-");
+    ctr.run(&["images", "pull", "--plain-http", &image]);
+    // The config containerd stored names the user.
+    let config = ctr.run(&["content", "get", &image_config_digest(&ctr, &image)]);
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(config["config"]["User"], "1000:1000");
+    ctr.run(&["images", "remove", &image]);
+}
+
+/// The config digest of an image containerd pulled, from its manifest.
+fn image_config_digest(ctr: &Ctr, image: &str) -> String {
+    let listed = ctr.run(&["images", "list"]);
+    let line = listed
+        .lines()
+        .find(|l| l.starts_with(image))
+        .unwrap_or_else(|| panic!("{image} in {listed}"));
+    let manifest_digest = line
+        .split_whitespace()
+        .find(|w| w.starts_with("sha256:"))
+        .expect("a digest column");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&ctr.run(&["content", "get", manifest_digest])).unwrap();
+    manifest["config"]["digest"].as_str().unwrap().to_owned()
 }

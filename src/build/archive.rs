@@ -10,6 +10,7 @@
 //! Nothing but one read buffer of file content is held in memory.
 
 use crate::build::pgzip::ParallelGzip;
+use crate::build::users;
 use crate::digest::{Digest, HashingWriter};
 use crate::store::fs::{BlobError, BlobStore, BlobWriter};
 use std::collections::BTreeMap;
@@ -45,6 +46,10 @@ pub const LAYER_FORMAT: &str = "tar1-pgzip1-l2";
 const MTIME: u64 = 1;
 const DIR_MODE: u32 = 0o555;
 const TMP_MODE: u32 = 0o1777;
+/// `/root`, as distributions make it.
+const ROOT_HOME_MODE: u32 = 0o700;
+/// The non-root user's home: its own, writable.
+const USER_HOME_MODE: u32 = 0o755;
 const FILE_MODE: u32 = 0o444;
 const EXEC_MODE: u32 = 0o555;
 const SYMLINK_MODE: u32 = 0o777;
@@ -269,8 +274,10 @@ fn dir_name(name: &[u8]) -> Vec<u8> {
 /// The "symlink layer": the package outputs merged into `/` like Nix's
 /// `symlinkJoin`. Directories are real (0555); files and symlinks become
 /// symlinks to their absolute store location; the first package providing a
-/// name wins. Always has `tmp/` (1777), and `usr/bin/env` when `bin/env`
-/// exists. Package outputs that are not directories are skipped.
+/// name wins. Always has `tmp/` (1777); `usr/bin/env` when `bin/env`
+/// exists; and the user database of [`users`] (`etc/passwd`, `etc/group`,
+/// `etc/nsswitch.conf`, `root/`, `home/user/`), each where no package
+/// provides that name. Package outputs that are not directories are skipped.
 pub fn pack_symlink_layer(
     store: &BlobStore,
     packages: &[PathBuf],
@@ -278,7 +285,10 @@ pub fn pack_symlink_layer(
 ) -> Result<PackedLayer, ArchiveError> {
     let mut root = BTreeMap::new();
     // Inserted first so that it wins over any package's non-directory `tmp`.
-    root.insert(b"tmp".to_vec(), MergeNode::Dir(TMP_MODE, BTreeMap::new()));
+    root.insert(
+        b"tmp".to_vec(),
+        MergeNode::Dir(Perm::root(TMP_MODE), BTreeMap::new()),
+    );
 
     for package in packages {
         normal_components(package)?;
@@ -290,35 +300,50 @@ pub fn pack_symlink_layer(
         merge_dir(&mut root, package, 0)?;
     }
     add_usr_bin_env(&mut root);
+    add_user_database(&mut root);
 
     let mut layer = LayerWriter::new(store, progress, Packing::default())?;
     let mut stack: Vec<(Vec<u8>, MergeNode)> = root.into_iter().rev().collect();
     while let Some((name, node)) = stack.pop() {
         match node {
-            MergeNode::Dir(mode, children) => {
-                layer.dir(&dir_name(&name), mode)?;
+            MergeNode::Dir(perm, children) => {
+                layer.dir_owned(&dir_name(&name), perm)?;
                 push_children(&mut stack, &name, children.into_iter());
             }
             MergeNode::Link(target) => {
                 layer.symlink(&name, target.as_os_str().as_bytes())?;
             }
+            MergeNode::File(content) => layer.bytes(&name, &content)?,
         }
     }
     layer.finish()
 }
 
-/// A node of the merged tree of the symlink layer.
-enum MergeNode {
-    Dir(u32, BTreeMap<Vec<u8>, MergeNode>),
-    /// A symlink to this absolute target.
-    Link(PathBuf),
+/// A directory's mode and owner (uid and gid alike).
+#[derive(Debug, Clone, Copy)]
+struct Perm {
+    mode: u32,
+    owner: u32,
 }
 
-fn merge_dir(
-    into: &mut BTreeMap<Vec<u8>, MergeNode>,
-    dir: &Path,
-    depth: usize,
-) -> Result<(), ArchiveError> {
+impl Perm {
+    fn root(mode: u32) -> Self {
+        Perm { mode, owner: 0 }
+    }
+}
+
+/// A node of the merged tree of the symlink layer.
+enum MergeNode {
+    Dir(Perm, BTreeMap<Vec<u8>, MergeNode>),
+    /// A symlink to this absolute target.
+    Link(PathBuf),
+    /// A read-only file written from memory, owned by root.
+    File(Vec<u8>),
+}
+
+type Tree = BTreeMap<Vec<u8>, MergeNode>;
+
+fn merge_dir(into: &mut Tree, dir: &Path, depth: usize) -> Result<(), ArchiveError> {
     if depth > MAX_DEPTH {
         return Err(ArchiveError::TooDeep(dir.to_owned()));
     }
@@ -335,7 +360,7 @@ fn merge_dir(
             None if is_dir => {
                 let mut children = BTreeMap::new();
                 merge_dir(&mut children, &path, depth + 1)?;
-                into.insert(name, MergeNode::Dir(DIR_MODE, children));
+                into.insert(name, MergeNode::Dir(Perm::root(DIR_MODE), children));
             }
             None => {
                 into.insert(name, MergeNode::Link(path));
@@ -345,9 +370,42 @@ fn merge_dir(
     Ok(())
 }
 
+/// Adds `node` at `path` (relative, `/`-separated) with any missing
+/// parent directories, unless a package already provides that name, or
+/// made one of its parents something other than a directory: packages win.
+fn add_if_absent(root: &mut Tree, path: &str, node: MergeNode) {
+    let mut names: Vec<&str> = path.split('/').collect();
+    let Some(last) = names.pop() else { return };
+    let mut level = root;
+    for dir in names {
+        let parent = level
+            .entry(dir.as_bytes().to_vec())
+            .or_insert_with(|| MergeNode::Dir(Perm::root(DIR_MODE), BTreeMap::new()));
+        match parent {
+            MergeNode::Dir(_, children) => level = children,
+            MergeNode::Link(_) | MergeNode::File(_) => return,
+        }
+    }
+    level.entry(last.as_bytes().to_vec()).or_insert(node);
+}
+
+/// Whether the merged tree has anything at `path` (relative, `/`-separated).
+fn provides(root: &Tree, path: &str) -> bool {
+    let mut names = path.split('/').peekable();
+    let mut level = root;
+    while let Some(name) = names.next() {
+        match (level.get(name.as_bytes()), names.peek()) {
+            (Some(_), None) => return true,
+            (Some(MergeNode::Dir(_, children)), Some(_)) => level = children,
+            _ => return false,
+        }
+    }
+    false
+}
+
 /// `/usr/bin/env` is where shebangs look for `env`; point it where `bin/env`
 /// points, unless a package already provides `usr/bin/env` (first wins).
-fn add_usr_bin_env(root: &mut BTreeMap<Vec<u8>, MergeNode>) {
+fn add_usr_bin_env(root: &mut Tree) {
     let target = match root.get(&b"bin"[..]) {
         Some(MergeNode::Dir(_, bin)) => match bin.get(&b"env"[..]) {
             Some(MergeNode::Link(target)) => target.clone(),
@@ -355,20 +413,28 @@ fn add_usr_bin_env(root: &mut BTreeMap<Vec<u8>, MergeNode>) {
         },
         _ => return,
     };
-    let mut level = root;
-    for dir in [&b"usr"[..], &b"bin"[..]] {
-        let node = level
-            .entry(dir.to_vec())
-            .or_insert_with(|| MergeNode::Dir(DIR_MODE, BTreeMap::new()));
-        match node {
-            MergeNode::Dir(_, children) => level = children,
-            // A package made `usr` or `usr/bin` a link: leave it alone.
-            MergeNode::Link(_) => return,
-        }
-    }
-    level
-        .entry(b"env".to_vec())
-        .or_insert(MergeNode::Link(target));
+    add_if_absent(root, "usr/bin/env", MergeNode::Link(target));
+}
+
+/// The accounts of [`users`] and their home directories, each unless a
+/// package provides it. The login shell is `/bin/sh` when the image has one.
+fn add_user_database(root: &mut Tree) {
+    let shell = if provides(root, "bin/sh") {
+        "/bin/sh"
+    } else {
+        users::NOLOGIN
+    };
+    let file = |text: String| MergeNode::File(text.into_bytes());
+    add_if_absent(root, "etc/passwd", file(users::passwd(shell)));
+    add_if_absent(root, "etc/group", file(users::group()));
+    add_if_absent(root, "etc/nsswitch.conf", file(users::NSSWITCH.to_owned()));
+    let home = |perm| MergeNode::Dir(perm, BTreeMap::new());
+    add_if_absent(root, "root", home(Perm::root(ROOT_HOME_MODE)));
+    let user = Perm {
+        mode: USER_HOME_MODE,
+        owner: users::USER_ID,
+    };
+    add_if_absent(root, users::USER_HOME.trim_start_matches('/'), home(user));
 }
 
 /// Reports compressed bytes as they leave the compressor.
@@ -471,9 +537,23 @@ impl<'a> LayerWriter<'a> {
     }
 
     fn dir(&mut self, name: &[u8], mode: u32) -> Result<(), ArchiveError> {
-        let mut h = header(EntryType::Directory, mode, 0);
+        self.dir_owned(name, Perm::root(mode))
+    }
+
+    fn dir_owned(&mut self, name: &[u8], perm: Perm) -> Result<(), ArchiveError> {
+        let mut h = header(EntryType::Directory, perm.mode, 0);
+        h.set_uid(perm.owner.into());
+        h.set_gid(perm.owner.into());
         self.tar
             .append_data(&mut h, as_path(name), io::empty())
+            .map_err(Self::entry_err(name))
+    }
+
+    /// A read-only regular file with `content`.
+    fn bytes(&mut self, name: &[u8], content: &[u8]) -> Result<(), ArchiveError> {
+        let mut h = header(EntryType::Regular, FILE_MODE, content.len() as u64);
+        self.tar
+            .append_data(&mut h, as_path(name), content)
             .map_err(Self::entry_err(name))
     }
 
@@ -575,6 +655,8 @@ mod tests {
         mode: u32,
         link: Option<String>,
         content: Vec<u8>,
+        /// uid and gid alike.
+        owner: u64,
     }
 
     fn blob_bytes(store: &BlobStore, layer: &PackedLayer) -> Vec<u8> {
@@ -596,8 +678,8 @@ mod tests {
             let mut entry = entry.unwrap();
             let h = entry.header();
             assert_eq!(h.mtime().unwrap(), 1);
-            assert_eq!(h.uid().unwrap(), 0);
-            assert_eq!(h.gid().unwrap(), 0);
+            let owner = h.uid().unwrap();
+            assert_eq!(h.gid().unwrap(), owner);
             assert_eq!(h.username_bytes(), Some(&b""[..]));
             assert_eq!(h.groupname_bytes(), Some(&b""[..]));
             let kind = h.entry_type();
@@ -614,6 +696,7 @@ mod tests {
                 mode,
                 link,
                 content,
+                owner,
             });
         }
         out
@@ -783,6 +866,7 @@ mod tests {
             .map(|m| (m.name.clone(), m.kind, m.mode, m.link.clone()))
             .collect();
         assert_eq!(summary, expected);
+        assert!(got.iter().all(|m| m.owner == 0));
 
         let content = |name: &str| &got.iter().find(|m| m.name == name).unwrap().content;
         assert_eq!(
@@ -1094,6 +1178,13 @@ mod tests {
             ),
             ("bin/env".to_owned(), 0o777, l(format!("{c}/bin/env"))),
             ("bin/hello".to_owned(), 0o777, l(format!("{h}/bin/hello"))),
+            ("etc/".to_owned(), 0o555, None),
+            ("etc/group".to_owned(), 0o444, None),
+            ("etc/nsswitch.conf".to_owned(), 0o444, None),
+            ("etc/passwd".to_owned(), 0o444, None),
+            ("home/".to_owned(), 0o555, None),
+            ("home/user/".to_owned(), 0o755, None),
+            ("root/".to_owned(), 0o700, None),
             ("share/".to_owned(), 0o555, None),
             ("share/man/".to_owned(), 0o555, None),
             ("share/man/man1/".to_owned(), 0o555, None),
@@ -1129,8 +1220,86 @@ mod tests {
         assert!(names.iter().all(|n| !n.starts_with("usr")), "{names:?}");
 
         let empty = pack_symlink_layer(&store, &[], &AtomicU64::new(0)).unwrap();
-        let got = members(&store, &empty);
-        assert_eq!(got.len(), 1);
-        assert_eq!((got[0].name.as_str(), got[0].mode), ("tmp/", 0o1777));
+        let got: Vec<_> = members(&store, &empty)
+            .into_iter()
+            .map(|m| (m.name, m.mode))
+            .collect();
+        let names: Vec<_> = got.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "etc/",
+                "etc/group",
+                "etc/nsswitch.conf",
+                "etc/passwd",
+                "home/",
+                "home/user/",
+                "root/",
+                "tmp/"
+            ]
+        );
+        assert_eq!(got.last().unwrap().1, 0o1777);
+    }
+
+    /// The symlink layer's members by name.
+    fn symlink_members(packages: &[PathBuf]) -> (tempfile::TempDir, BTreeMap<String, Member>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(&dir.path().join("blobs")).unwrap();
+        let layer = pack_symlink_layer(&store, packages, &AtomicU64::new(0)).unwrap();
+        let got = members(&store, &layer)
+            .into_iter()
+            .map(|m| (m.name.clone(), m))
+            .collect();
+        (dir, got)
+    }
+
+    #[test]
+    fn symlink_layer_has_the_user_database_with_the_image_shell() {
+        let (_dir, pkgs) = symlink_fixture();
+        let (_d, got) = symlink_members(&pkgs);
+        let text = |name: &str| String::from_utf8(got[name].content.clone()).unwrap();
+        // No package has bin/sh: nobody can log in.
+        assert_eq!(text("etc/passwd"), users::passwd(users::NOLOGIN));
+        assert_eq!(text("etc/group"), users::group());
+        assert_eq!(text("etc/nsswitch.conf"), users::NSSWITCH);
+        assert_eq!(got["etc/passwd"].kind, EntryType::Regular);
+        // The user's home is its own; everything else is root's.
+        assert_eq!(got["home/user/"].owner, u64::from(users::USER_ID));
+        assert!(got.values().all(|m| m.owner == 0 || m.name == "home/user/"));
+
+        let (_s, mut pkgs) = symlink_fixture();
+        let shell = pkgs[0].parent().unwrap().join("dddd-bash");
+        fs::create_dir_all(shell.join("bin")).unwrap();
+        symlink("bash", shell.join("bin/sh")).unwrap();
+        pkgs.push(shell);
+        let (_d, got) = symlink_members(&pkgs);
+        let passwd = String::from_utf8(got["etc/passwd"].content.clone()).unwrap();
+        assert_eq!(passwd, users::passwd("/bin/sh"));
+        assert!(passwd.starts_with("root:x:0:0:root:/root:/bin/sh\n"));
+    }
+
+    #[test]
+    fn a_package_user_database_wins() {
+        let (dir, mut pkgs) = symlink_fixture();
+        let s = dir.path().join("store");
+        let own = s.join("eeee-passwd");
+        fs::create_dir_all(own.join("etc")).unwrap();
+        fs::write(own.join("etc/passwd"), b"root:x:0:0::/:/x\n").unwrap();
+        pkgs.push(own.clone());
+        let (_d, got) = symlink_members(&pkgs);
+        assert_eq!(got["etc/passwd"].kind, EntryType::Symlink);
+        let own_passwd = own.join("etc/passwd").display().to_string();
+        assert_eq!(got["etc/passwd"].link.as_deref(), Some(own_passwd.as_str()));
+        // Only what the package provides is its own.
+        assert_eq!(got["etc/group"].kind, EntryType::Regular);
+
+        // A package whose `etc` is a link keeps it whole.
+        let linked = s.join("ffff-etc-link");
+        fs::create_dir_all(&linked).unwrap();
+        symlink("/nix/store/elsewhere", linked.join("etc")).unwrap();
+        let (_d, got) = symlink_members(std::slice::from_ref(&linked));
+        assert_eq!(got["etc"].kind, EntryType::Symlink);
+        assert!(got.keys().all(|n| !n.starts_with("etc/")), "{got:?}");
+        assert_eq!(got["home/user/"].owner, u64::from(users::USER_ID));
     }
 }

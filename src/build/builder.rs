@@ -15,6 +15,7 @@ use crate::build::queue::{Abandoned, BuildQueue};
 use crate::build::singleflight::SingleFlight;
 use crate::build::source::Source;
 use crate::build::store_path::{self, PathInfo};
+use crate::build::users;
 use crate::clock::now_unix;
 use crate::digest::Digest;
 use crate::observe::status::{LiveBuild, Phase, Status};
@@ -413,11 +414,14 @@ impl Builder {
     fn cache_key(&self, spec: &ImageSpec) -> String {
         let source = &self.settings.source;
         hex_sha256(&[
-            // v3: the config has Cmd from mainProgram, PATH, labels, created.
-            "image-v3",
+            // v4: the symlink layer has the user database; the config has
+            // HOME, LANG and, with `nonroot`, User. An upgraded server so
+            // builds every image anew (its store path layers are reused).
+            "image-v4",
             &source.describe(),
             source.cache_tag(&spec.tag),
             spec.arch.nix_system(),
+            spec.user.key(),
             &spec.packages.join("\n"),
         ])
     }
@@ -426,10 +430,11 @@ impl Builder {
     /// there: its contents can never change, so it is reused for good.
     fn commit_key(&self, spec: &ImageSpec, commit: &str) -> String {
         hex_sha256(&[
-            "image-commit-v2",
+            "image-commit-v3",
             &self.settings.source.describe(),
             commit,
             spec.arch.nix_system(),
+            spec.user.key(),
             &spec.packages.join("\n"),
         ])
     }
@@ -1121,8 +1126,11 @@ impl Builder {
             architecture: spec.arch.docker().to_owned(),
             env: vec![
                 IMAGE_PATH.to_owned(),
+                format!("HOME={}", spec.user.home()),
+                format!("LANG={}", users::LANG),
                 format!("SSL_CERT_FILE={SSL_CERT_FILE}"),
             ],
+            user: spec.user.config_user(),
             cmd: spec.default_cmd(found),
             labels,
         }
@@ -1148,8 +1156,9 @@ impl Builder {
                 (key, l.paths.iter().map(PathBuf::from).collect(), false)
             })
             .collect();
+        // v2: with the user database. The same for every image user.
         let symlink_key =
-            hex_sha256(&["symlink-layer-v1", archive::LAYER_FORMAT, &outs.join("\n")]);
+            hex_sha256(&["symlink-layer-v2", archive::LAYER_FORMAT, &outs.join("\n")]);
         jobs.push((symlink_key, outs.iter().map(PathBuf::from).collect(), true));
         counters.live.set_layers_total(jobs.len() as u64);
         // `buffered` keeps the plan's order while packing several at once.
@@ -1333,6 +1342,7 @@ mod tests {
         let config = ImageConfig {
             architecture: "amd64".into(),
             env: Vec::new(),
+            user: None,
             cmd: None,
             labels: Default::default(),
         };

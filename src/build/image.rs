@@ -3,6 +3,7 @@
 //! always-added packages).
 
 use crate::build::nix::ResolvedPackage;
+use crate::build::users::{ImageUser, NONROOT};
 use crate::digest::{Digest, DigestError};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -244,12 +245,15 @@ impl fmt::Display for Arch {
     }
 }
 
-/// What to build: the package attribute names, the architecture and the tag.
+/// What to build: the package attribute names, the architecture, who the
+/// image runs as and the tag.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ImageSpec {
     /// Sorted and de-duplicated, meta-packages expanded, always-added included.
     pub packages: Vec<String>,
     pub arch: Arch,
+    /// Root, unless the name says `nonroot`.
+    pub user: ImageUser,
     pub tag: String,
 }
 
@@ -262,12 +266,14 @@ impl ImageSpec {
     }
 
     /// As [`from_name`](Self::from_name), for `arch` unless the name says
-    /// `arm64`.
+    /// `arm64`. Meta-packages shadow package attributes of their names.
     pub fn for_arch(name: &str, tag: &str, mut arch: Arch) -> Self {
         let mut packages: Vec<String> = Vec::new();
+        let mut user = ImageUser::Root;
         for component in name.split('/') {
             match component {
                 "arm64" => arch = Arch::Arm64,
+                NONROOT => user = ImageUser::NonRoot,
                 "shell" => packages.extend(SHELL_PACKAGES.iter().map(|p| p.to_string())),
                 other => packages.push(other.to_owned()),
             }
@@ -278,6 +284,7 @@ impl ImageSpec {
         ImageSpec {
             packages,
             arch,
+            user,
             tag: tag.to_owned(),
         }
     }
@@ -468,6 +475,13 @@ mod tests {
         assert_eq!(arm.default_cmd(&BTreeMap::new()), None);
         assert!(ImageSpec::names_arch("arm64/hello"));
         assert!(!ImageSpec::names_arch("hello/arm64x"));
+        let nonroot = ImageSpec::from_name("nonroot/shell", "latest");
+        assert_eq!(nonroot.user, ImageUser::NonRoot);
+        assert_eq!(
+            nonroot.packages,
+            ImageSpec::from_name("shell", "latest").packages
+        );
+        assert_eq!(a.user, ImageUser::Root);
         let forced = ImageSpec::for_arch("hello", "latest", Arch::Arm64);
         assert_eq!(forced.arch, Arch::Arm64);
         assert_eq!(

@@ -79,6 +79,8 @@ pub struct ImageConfig {
     /// `"amd64"` or `"arm64"`.
     pub architecture: String,
     pub env: Vec<String>,
+    /// `uid:gid` to run as; none for root.
+    pub user: Option<String>,
     pub cmd: Option<Vec<String>>,
     /// Sorted by key, so the bytes do not depend on insertion order.
     pub labels: BTreeMap<String, String>,
@@ -126,6 +128,8 @@ struct ConfigDoc<'a> {
 
 #[derive(Serialize)]
 struct RunConfig<'a> {
+    #[serde(rename = "User", skip_serializing_if = "Option::is_none")]
+    user: Option<&'a str>,
     #[serde(rename = "Env")]
     env: &'a [String],
     #[serde(rename = "Cmd", skip_serializing_if = "Option::is_none")]
@@ -225,6 +229,7 @@ pub fn build(config: &ImageConfig, layers: &[LayerBlob]) -> Result<BuiltImage, M
         architecture: &config.architecture,
         os: "linux",
         config: RunConfig {
+            user: config.user.as_deref(),
             env: &config.env,
             cmd: config.cmd.as_deref(),
             labels: &config.labels,
@@ -373,6 +378,7 @@ mod tests {
         ImageConfig {
             architecture: "amd64".into(),
             env: vec!["SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt".into()],
+            user: Some("1000:1000".into()),
             cmd: Some(vec!["/bin/sh".into(), "-c".into()]),
             labels: BTreeMap::from([("b".into(), "2".into()), ("a".into(), "1".into())]),
         }
@@ -390,6 +396,7 @@ mod tests {
                 "architecture": "amd64",
                 "os": "linux",
                 "config": {
+                    "User": "1000:1000",
                     "Env": ["SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt"],
                     "Cmd": ["/bin/sh", "-c"],
                     "Labels": {"a": "1", "b": "2"},
@@ -406,18 +413,20 @@ mod tests {
         // Fixed field order, not just the same fields.
         let text = String::from_utf8(image.config.json).unwrap();
         assert!(text.starts_with(
-            r#"{"created":"1970-01-01T00:00:01Z","architecture":"amd64","os":"linux","config":{"Env":"#
+            r#"{"created":"1970-01-01T00:00:01Z","architecture":"amd64","os":"linux","config":{"User":"1000:1000","Env":"#
         ));
         assert!(text.contains(r#""Labels":{"a":"1","b":"2"}"#), "{text}");
     }
 
     #[test]
-    fn cmd_is_omitted_when_absent() {
+    fn cmd_and_user_are_omitted_when_absent() {
         let mut c = config();
         c.cmd = None;
+        c.user = None;
         let image = build(&c, &[blob(1)]).unwrap();
         let v: Value = serde_json::from_slice(&image.config.json).unwrap();
         assert!(v["config"].get("Cmd").is_none());
+        assert!(v["config"].get("User").is_none());
         assert_eq!(v["config"]["Env"].as_array().map(Vec::len), Some(1));
     }
 

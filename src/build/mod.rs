@@ -22,3 +22,4 @@ pub mod queue;
 pub mod singleflight;
 pub mod source;
 pub mod store_path;
+pub mod users;

@@ -205,11 +205,16 @@ pub fn summary(config: &Config, files_checked: bool) -> String {
 pub fn run(args: CheckArgs) -> std::process::ExitCode {
     match check(&args) {
         Ok(config) => {
-            print!("{}", summary(&config, !args.no_filesystem_checks));
+            let summary = summary(&config, !args.no_filesystem_checks);
+            print!("{}", crate::redact::redact(&summary));
             std::process::ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("nixery: invalid configuration: {e}");
+            let e = e.to_string();
+            eprintln!(
+                "nixery: invalid configuration: {}",
+                crate::redact::redact(&e)
+            );
             std::process::ExitCode::from(2)
         }
     }

@@ -9,7 +9,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
     let config = match args.validate() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("nixery: {e}");
+            eprintln!("nixery: {}", crate::redact::redact(&e.to_string()));
             return ExitCode::from(2);
         }
     };
@@ -66,7 +66,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("nixery: {e:#}");
+            eprintln!("nixery: {}", crate::redact::redact(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }

@@ -3,12 +3,14 @@
 //!
 //! The page is rendered by askama, which HTML-escapes every value; what
 //! comes from requests (the Host header) or from Nix (error output) is only
-//! ever a value.
+//! ever a value. All three answers are redacted whole before they leave,
+//! whatever setting or output they came to show.
 
 use super::format;
 use crate::build::builder::Builder;
 use crate::error::ApiError;
 use crate::http::report::Report;
+use crate::redact::redact_owned;
 use askama::Template;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -91,7 +93,10 @@ pub async fn page(State(builder): State<Arc<Builder>>, headers: HeaderMap) -> Re
         report,
     };
     match page.render() {
-        Ok(html) => with_type(html.into_response(), "text/html; charset=utf-8"),
+        Ok(html) => with_type(
+            redact_owned(html).into_response(),
+            "text/html; charset=utf-8",
+        ),
         Err(e) => {
             tracing::error!(error = %e, "could not render the admin page");
             ApiError::internal("rendering the admin page").into_response()
@@ -105,8 +110,8 @@ pub async fn status(State(builder): State<Arc<Builder>>) -> Response {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    match serde_json::to_vec(&report) {
-        Ok(body) => with_type(body.into_response(), "application/json"),
+    match serde_json::to_string(&report) {
+        Ok(body) => with_type(redact_owned(body).into_response(), "application/json"),
         Err(_) => ApiError::internal("encoding the status").into_response(),
     }
 }
@@ -114,7 +119,10 @@ pub async fn status(State(builder): State<Arc<Builder>>) -> Response {
 /// `GET /metrics`.
 pub async fn metrics(State(builder): State<Arc<Builder>>) -> Response {
     match builder.status().metrics().encode() {
-        Ok(text) => with_type(text.into_response(), crate::observe::metrics::CONTENT_TYPE),
+        Ok(text) => with_type(
+            redact_owned(text).into_response(),
+            crate::observe::metrics::CONTENT_TYPE,
+        ),
         Err(_) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "could not encode metrics",

@@ -85,7 +85,12 @@ impl StoreError {
         if !cause.contains(&root) {
             cause = format!("{cause}: {root}");
         }
-        StoreError::Remote { op, key, cause }
+        // object_store's messages name the URL it asked, endpoint and all.
+        StoreError::Remote {
+            op,
+            key: crate::redact::redact_owned(key),
+            cause: crate::redact::redact_owned(cause),
+        }
     }
 
     /// True when the backend could not be reached or answered with an

@@ -133,8 +133,8 @@ pub async fn fresh_server(extra: &[&str]) -> (tempfile::TempDir, TestServer) {
     (dir, server)
 }
 
-/// The runtime closure of a fixture attribute, as Nix itself reports it.
-pub fn nix_closure(attr: &str) -> Vec<String> {
+/// A fixture attribute's output path, built.
+pub fn out_path(attr: &str) -> String {
     let out = Command::new("nix-build")
         .args(["--no-out-link", "--option", "substituters", ""])
         .arg(fixture_dir())
@@ -146,7 +146,12 @@ pub fn nix_closure(attr: &str) -> Vec<String> {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The runtime closure of a fixture attribute, as Nix itself reports it.
+pub fn nix_closure(attr: &str) -> Vec<String> {
+    let path = out_path(attr);
     let q = Command::new("nix-store")
         .args(["-qR", &path])
         .output()
@@ -353,6 +358,22 @@ pub async fn finish_download((mut r, mut body): (reqwest::Response, Vec<u8>), di
 }
 
 /// Names of the files in a storage path's `tmp/`.
+/// Every file under `dir` that contains `needle`.
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(files_containing(&path, needle));
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            if bytes.windows(needle.len()).any(|w| w == needle) {
+                found.push(path.display().to_string());
+            }
+        }
+    }
+    found
+}
+
 pub fn temp_files(storage: &Path) -> Vec<String> {
     std::fs::read_dir(storage.join("tmp"))
         .map(|d| {

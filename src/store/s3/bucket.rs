@@ -38,7 +38,8 @@ impl S3Settings {
             s.push_str(&self.prefix);
         }
         if let Some(e) = &self.endpoint {
-            s.push_str(&format!(" at {e}"));
+            s.push_str(" at ");
+            s.push_str(&crate::redact::redact(e));
         }
         s
     }
