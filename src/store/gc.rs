@@ -430,7 +430,7 @@ pub fn collect(
         leased,
         emergency,
         retry_in: still_over
-            .then(|| retry_in(blobs, emergency, in_use > 0))
+            .then(|| retry_in(blobs, emergency, leased > 0, in_use > 0))
             .flatten(),
     };
     tracing::info!(
@@ -459,11 +459,16 @@ fn short_of_free(policy: &Policy, storage_path: &Path) -> Result<u64, GcError> {
 
 /// When a collection that left the store over a limit should run again:
 /// soon while transfers hold blobs, else just after the first lease ends
-/// (leases hold nothing in an `emergency`); None when nothing holds
+/// (leases hold nothing in an `emergency`), at once if the leases that
+/// kept images (`leased`) ended while it ran; None when nothing held
 /// anything back (more collections would not help).
-fn retry_in(blobs: &BlobStore, emergency: bool, in_use: bool) -> Option<u64> {
+fn retry_in(blobs: &BlobStore, emergency: bool, leased: bool, in_use: bool) -> Option<u64> {
     let first_end = if emergency { None } else { blobs.leased().1 };
-    let lease_end = first_end.map(|end| end.as_secs() + 1);
+    let lease_end = match first_end {
+        Some(end) => Some(end.as_secs() + 1),
+        None if leased => Some(1),
+        None => None,
+    };
     let transfers = in_use.then_some(RETRY_WHILE_IN_USE);
     match (lease_end, transfers) {
         (Some(a), Some(b)) => Some(a.min(b)),
