@@ -141,7 +141,7 @@ class Run:
         self.stop = threading.Event()
         self.window = {"warm": [], "cold": [], "blob": []}
         self.counts = {"pulls": 0, "errors": 0, "bad_digests": 0, "abandoned": 0, "slow": 0,
-                       "restarts": 0, "unavailable": 0}
+                       "restarts": 0, "unavailable": 0, "cut": 0}
         self.error_kinds = {}
 
     def note(self, kind, seconds):
@@ -186,8 +186,14 @@ class Run:
             try:
                 with self.get(f"/v2/{name}/blobs/{digest}") as r:
                     h = hashlib.sha256()
+                    got, length = 0, int(r.headers.get("Content-Length", "-1"))
                     while chunk := r.read(1 << 20):
                         h.update(chunk)
+                        got += len(chunk)
+                if got != length:
+                    # Cut off by a kill -9: the client sees a short read.
+                    self.count("cut")
+                    return
             except urllib.error.HTTPError as e:
                 # An image evicted between its manifest and this blob after
                 # its lease: counted, as a client would see it.
@@ -219,13 +225,17 @@ class Run:
                 largest = max(m["layers"], key=lambda l: l["size"])
                 with self.get(f"/v2/{name}/blobs/{largest['digest']}") as r:
                     h = hashlib.sha256()
+                    got, length = 0, int(r.headers.get("Content-Length", "-1"))
                     while chunk := r.read(64 << 10):
                         h.update(chunk)
+                        got += len(chunk)
                         time.sleep(0.05)  # about 1.3 MB/s
                         if self.stop.is_set():
                             break
                     else:
-                        if "sha256:" + h.hexdigest() != largest["digest"]:
+                        if got != length:
+                            self.count("cut")
+                        elif "sha256:" + h.hexdigest() != largest["digest"]:
                             self.count("bad_digests")
                 self.count("slow")
             except (OSError, ValueError, KeyError):
@@ -288,6 +298,7 @@ def main():
     end = began + args.minutes * 60
     next_kill = began + args.kill_every * 60
     samples = []
+    lives = []
     first_restart = None
     header = f"{'t_s':>6} {'rss_MiB':>8} {'fds':>5} {'thr':>4} {'sled_MiB':>9} {'blobs_MiB':>9} " \
              f"{'p99_warm_ms':>11} {'p99_cold_s':>10} {'p99_blob_ms':>11} {'pulls':>6} {'errors':>6}"
@@ -296,6 +307,8 @@ def main():
         time.sleep(SAMPLE_EVERY)
         now = time.monotonic()
         if now >= next_kill and now < end - SAMPLE_EVERY:
+            # What the life that ends had reached, to compare lives.
+            lives.append((server.proc_field("VmRSS"), server.fds(), server.proc_field("Threads")))
             server.kill9()
             server.start()
             run.count("restarts")
@@ -334,13 +347,20 @@ def main():
         values = [s[key] for s in samples if s[key] is not None]
         slope = slope_per_hour([(s["t"], s[key]) for s in settled])
         first, last = (values[0], values[-1]) if values else (None, None)
-        mean = sum(values) / len(values) if values else 0
-        # Growth: more than a quarter of the mean per hour, steadily.
-        grows = slope is not None and mean > 0 and slope > 0.25 * mean
+        # Growth: the last third of the run (after the first restart) is
+        # over 10 % above the first third, and the slope agrees.
+        kept = [s[key] for s in settled if s[key] is not None]
+        third = max(1, len(kept) // 3)
+        early, late = kept[:third], kept[-third:]
+        mean = lambda xs: sum(xs) / len(xs) if xs else 0
+        grows = slope is not None and slope > 0 and mean(late) > 1.1 * mean(early)
         verdicts.append((key, grows))
         print(f"  {key:8} first {first:.1f} last {last:.1f} max {max(values):.1f} {unit}; "
               f"slope {slope if slope is None else round(slope, 2)} {unit}/h: "
               f"{'GROWS' if grows else 'bounded'}")
+    if lives:
+        print("  before each kill -9 (RSS KiB, fds, threads): "
+              + "; ".join(f"{r}, {f}, {t}" for r, f, t in lives))
     for key in ["p99_warm", "p99_cold", "p99_blob"]:
         values = [s[key] for s in samples if s[key] is not None]
         if values:
