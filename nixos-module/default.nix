@@ -94,6 +94,9 @@ let
       NIXERY_MAX_QUEUED_BUILDS = toString cfg.maxQueuedBuilds;
       NIXERY_MAX_STORAGE = cfg.maxStorage;
       NIXERY_MIN_FREE_SPACE = cfg.minFreeSpace;
+      NIXERY_GC_LEASE = toString cfg.gcLease;
+      NIXERY_SCRUB_INTERVAL = toString cfg.scrubInterval;
+      NIXERY_SCRUB_RATE = toString cfg.scrubRate;
       NIXERY_NIX_OPTIONS = if cfg.nixOptions == { } then null else nixOptionsValue;
       NIXERY_LAYER_BUDGET = toString cfg.layerBudget;
       NIXERY_LAYERING = cfg.layering;
@@ -372,6 +375,36 @@ in
       `"5G"`; below it the least recently pulled images are evicted.
       `null`: no limit.
     '' "5G";
+
+    gcLease = mkOption {
+      type = types.ints.unsigned;
+      default = 120;
+      description = ''
+        Seconds during which serving an image's manifest keeps the image
+        from eviction (its client is fetching the blobs); each blob fetched
+        starts it again. A collection held back by leases runs again when
+        the first ends. Below {option}`minFreeSpace` leases do not hold.
+      '';
+    };
+
+    scrubInterval = mkOption {
+      type = types.ints.unsigned;
+      default = 604800;
+      description = ''
+        Seconds between scrubs: passes that hash every stored blob again and
+        move damaged ones to `quarantine/` (their images are built again on
+        the next pull). Weekly by default; `0`: never.
+      '';
+    };
+
+    scrubRate = mkOption {
+      type = types.ints.positive;
+      default = 20;
+      description = ''
+        Most MiB a second a scrub reads; it also waits while blobs are being
+        sent to clients.
+      '';
+    };
 
     logFormat = mkOption {
       type = types.enum [

@@ -113,6 +113,13 @@ pub struct ServeArgs {
     /// an index get one. Default: the host's platform only.
     #[arg(long, env = "NIXERY_PLATFORMS", value_delimiter = ',')]
     pub platforms: Vec<String>,
+    /// Seconds between scrubs, passes that hash every stored blob again
+    /// and quarantine damaged ones; 0: never. Default: weekly.
+    #[arg(long, env = "NIXERY_SCRUB_INTERVAL", default_value_t = 7 * 24 * 3600)]
+    pub scrub_interval: u64,
+    /// Most megabytes (MiB) a second a scrub reads.
+    #[arg(long, env = "NIXERY_SCRUB_RATE", default_value_t = 20)]
+    pub scrub_rate: u64,
     /// Log lines as readable text or as one JSON object per line.
     #[arg(long, env = "NIXERY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -129,11 +136,18 @@ pub struct GcLimits {
     /// `5G`; below it the least recently pulled images are evicted.
     #[arg(long, env = "NIXERY_MIN_FREE_SPACE")]
     pub min_free_space: Option<String>,
-    /// Images pulled within this many seconds are never evicted (their
-    /// clients may still be fetching blobs).
-    #[arg(long, env = "NIXERY_GC_KEEP_RECENT", default_value_t = 600)]
-    pub gc_keep_recent: u64,
+    /// Seconds during which serving a manifest keeps its image from
+    /// eviction; each blob of it fetched starts the lease again.
+    #[arg(long, env = "NIXERY_GC_LEASE", default_value_t = 120)]
+    pub gc_lease: u64,
+    /// A bucket's collection only: blobs written, and images pulled or
+    /// built, within this many seconds are kept (default 600).
+    #[arg(long, env = "NIXERY_GC_KEEP_RECENT")]
+    pub gc_keep_recent: Option<u64>,
 }
+
+/// What `--gc-keep-recent` defaults to for a bucket.
+const BUCKET_KEEP_RECENT: u64 = 600;
 
 impl GcLimits {
     pub fn policy(&self) -> Result<Policy, ConfigError> {
@@ -151,7 +165,21 @@ impl GcLimits {
                 "--min-free-space (NIXERY_MIN_FREE_SPACE)",
                 &self.min_free_space,
             )?,
-            keep_pulled_within: Duration::from_secs(self.gc_keep_recent),
+            lease: Duration::from_secs(self.gc_lease),
+            keep_recent: Duration::from_secs(self.gc_keep_recent.unwrap_or(BUCKET_KEEP_RECENT)),
+        })
+    }
+
+    /// What to tell a user who set `--gc-keep-recent` for a local store,
+    /// where it no longer applies (images are leased instead).
+    pub fn local_warning(&self) -> Option<String> {
+        self.gc_keep_recent.map(|secs| {
+            format!(
+                "--gc-keep-recent (NIXERY_GC_KEEP_RECENT) {secs} is ignored on a local store: \
+                 an image is kept for --gc-lease (NIXERY_GC_LEASE, now {} s) after its \
+                 manifest is served, renewed by each blob fetched; set that instead",
+                self.gc_lease
+            )
         })
     }
 }
@@ -259,6 +287,8 @@ pub struct Config {
     pub max_queued_builds: usize,
     pub failed_build_ttl: Duration,
     pub gc: Policy,
+    /// Off with a bucket: its blobs are not on this disk.
+    pub scrub: crate::store::scrub::Settings,
     pub nix_options: Vec<(String, String)>,
     pub layer_budget: usize,
     pub layering: Strategy,
@@ -326,6 +356,8 @@ pub enum ConfigError {
     Timeout,
     #[error("--max-concurrent-builds (NIXERY_MAX_BUILDS) must be at least 1")]
     MaxBuilds,
+    #[error("--scrub-rate (NIXERY_SCRUB_RATE) must be at least 1 (MiB/s); turn scrubbing off with --scrub-interval 0")]
+    ScrubRate,
     #[error("--max-queued-builds (NIXERY_MAX_QUEUED_BUILDS) must be at least 1")]
     MaxQueued,
     #[error("{flag}: {message}")]
@@ -432,6 +464,9 @@ impl ServeArgs {
         if self.nix_timeout == 0 {
             return Err(ConfigError::Timeout);
         }
+        if self.scrub_rate == 0 {
+            return Err(ConfigError::ScrubRate);
+        }
         if self.max_concurrent_builds == 0 {
             return Err(ConfigError::MaxBuilds);
         }
@@ -469,6 +504,11 @@ impl ServeArgs {
                 platforms.push(arch);
             }
         }
+        let scrub = crate::store::scrub::Settings {
+            interval: (self.scrub_interval > 0 && s3.is_none())
+                .then(|| Duration::from_secs(self.scrub_interval)),
+            rate: self.scrub_rate << 20,
+        };
         if platforms.is_empty() {
             platforms
                 .push(Arch::host().ok_or(ConfigError::NoHostPlatform(std::env::consts::ARCH))?);
@@ -485,6 +525,7 @@ impl ServeArgs {
             max_queued_builds: self.max_queued_builds,
             failed_build_ttl: Duration::from_secs(self.failed_build_ttl),
             gc,
+            scrub,
             nix_options,
             layer_budget: self.layer_budget,
             layering: self.layering,
@@ -674,6 +715,33 @@ mod tests {
         .unwrap();
         assert_eq!(limits.gc.max_storage, Some(50 << 30));
         assert_eq!(limits.gc.min_free_space, Some(512 << 20));
+        assert_eq!(limits.gc.lease, Duration::from_secs(120));
+        assert_eq!(limits.scrub.interval, Some(Duration::from_secs(604800)));
+        assert_eq!(limits.scrub.rate, 20 << 20);
+        let base = ["--storage-path", d, "--channel", "c"];
+        let with = |extra: &[&str]| {
+            let mut args = base.to_vec();
+            args.extend(extra);
+            parse(&args)
+        };
+        assert_eq!(
+            with(&["--scrub-interval", "0"]).unwrap().scrub.interval,
+            None
+        );
+        assert_eq!(
+            with(&["--scrub-rate", "0"]).unwrap_err(),
+            ConfigError::ScrubRate
+        );
+        // The old window has no meaning on a local store: said so, once.
+        let args = |extra: &[&str]| {
+            let mut all = vec!["nixery"];
+            all.extend(extra);
+            <Cli as clap::Parser>::parse_from(all).serve.gc
+        };
+        assert_eq!(args(&[]).local_warning(), None);
+        let old = args(&["--gc-keep-recent", "600"]);
+        assert!(old.local_warning().unwrap().contains("--gc-lease"));
+        assert_eq!(old.policy().unwrap().keep_recent, Duration::from_secs(600));
         assert_eq!(limits.max_queued_builds, 32);
         assert!(matches!(
             parse(&[

@@ -236,7 +236,13 @@ pub async fn open_builder(config: &Config) -> Result<Arc<Builder>, StartError> {
         }
         other => other?,
     };
-    store::reserve::ensure(&config.storage_path);
+    // Not right after releasing it: that space stays free for the next
+    // start (blob writes count it as none) until space is freed.
+    if !store::reserve::restore(&config.storage_path)
+        && !store::reserve::is_set_aside(&config.storage_path)
+    {
+        tracing::warn!("no room to set aside the start-up reserve: builds fail as on a full disk until space is freed");
+    }
     let nix_dir = config.storage_path.join("nix");
     std::fs::create_dir_all(&nix_dir).map_err(storage)?;
     // Roots left by builds that a crash interrupted would keep their
@@ -322,6 +328,7 @@ pub async fn open_builder(config: &Config) -> Result<Arc<Builder>, StartError> {
         blobs.clone(),
         config.storage_path.clone(),
         config.gc,
+        (config.scrub, status.metrics().scrub_counters()),
     );
     Ok(Builder::new(settings, db, storage, status, collector))
 }
@@ -386,6 +393,7 @@ impl Server {
         let db = self.builder.db().clone();
         let collector = Arc::clone(self.builder.collector());
         let background = tokio::spawn(Arc::clone(&collector).run_in_background());
+        let scrub = tokio::spawn(Arc::clone(&collector).scrub_in_background());
         let flusher = tokio::spawn(flush_counts_every(Arc::clone(&self.builder), COUNT_FLUSH));
         let trimmer = tokio::spawn(memory::trim_periodically());
         let builder = Arc::clone(&self.builder);
@@ -398,6 +406,7 @@ impl Server {
             w.abort();
         }
         background.abort();
+        scrub.abort();
         flusher.abort();
         trimmer.abort();
         collector.flush_pulls().await;

@@ -128,7 +128,7 @@ fn empty_the_store(storage: &Path) {
         .arg("gc")
         .arg("--storage-path")
         .arg(storage)
-        .args(["--max-storage", "1", "--gc-keep-recent", "0"])
+        .args(["--max-storage", "1", "--gc-lease", "0"])
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();

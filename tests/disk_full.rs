@@ -5,7 +5,8 @@
 
 mod common;
 
-use common::{config, error_code, get_blob, get_manifest, temp_files, TestServer};
+use common::{config, error_code, get_blob, get_manifest, next_gc, temp_files, TestServer};
+use nixery::store::reserve::RESERVE_BYTES;
 use reqwest::{Client, StatusCode};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -97,8 +98,15 @@ async fn a_full_disk_fails_builds_clearly_and_keeps_serving() {
     }
     // Starting took the reserve: fill what it freed too.
     fill(&root.join("filler-2"));
+    assert_refused_as_full(&c, &s, &root, "bash").await;
+    s.stop().await;
+}
+
+/// A cold build on a full disk is refused with the storage-full error and
+/// leaves nothing behind.
+async fn assert_refused_as_full(c: &Client, s: &TestServer, root: &Path, image: &str) {
     let r = c
-        .get(s.url("/v2/bash/manifests/latest"))
+        .get(s.url(&format!("/v2/{image}/manifests/latest")))
         .send()
         .await
         .unwrap();
@@ -108,7 +116,101 @@ async fn a_full_disk_fails_builds_clearly_and_keeps_serving() {
         err["message"].as_str().unwrap().contains("storage is full"),
         "{err}"
     );
-    assert_eq!(temp_files(&root), Vec::<String>::new());
+    assert_eq!(temp_files(root), Vec::<String>::new());
+    assert_blobs_whole(root);
+}
+
+#[tokio::test]
+async fn a_full_disk_twice_in_a_row_keeps_its_reserve() {
+    let fs = Tmpfs::mount("60m");
+    let root = fs.0.clone();
+    let reserve = root.join("reserve");
+    let c = Client::new();
+    let s = TestServer::start(&config(&root, &[])).await;
+    let (hello, hello_json) = get_manifest(&c, &s, "hello", "latest").await;
+    s.stop().await;
+    assert_eq!(std::fs::metadata(&reserve).unwrap().len(), RESERVE_BYTES);
+
+    fill(&root.join("filler"));
+    for start in 1..=2 {
+        let s = TestServer::start(&config(&root, &[])).await;
+        let (again, _) = get_manifest(&c, &s, "hello", "latest").await;
+        assert_eq!(again, hello, "start {start}: served on a full disk");
+        for l in hello_json["layers"].as_array().unwrap() {
+            get_blob(&c, &s, l["digest"].as_str().unwrap()).await;
+        }
+        // busybox would fit in the space the released reserve left: it is
+        // kept for the next start all the same.
+        assert_refused_as_full(&c, &s, &root, "busybox").await;
+        if start == 2 {
+            // Space is freed: the reserve is set aside again, and builds
+            // work.
+            std::fs::remove_file(root.join("filler")).unwrap();
+            let freed = std::time::Instant::now();
+            while std::fs::metadata(&reserve).map_or(0, |m| m.len()) != RESERVE_BYTES {
+                assert!(
+                    freed.elapsed() < std::time::Duration::from_secs(180),
+                    "the reserve is not back"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            get_manifest(&c, &s, "busybox", "latest").await;
+        }
+        s.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_build_below_the_free_space_floor_evicts_at_once_but_not_transfers() {
+    let fs = Tmpfs::mount("400m");
+    let root = fs.0.clone();
+    let c = Client::new();
+    // Leases far longer than the test: below the floor they do not hold.
+    let limits = ["--min-free-space", "150M", "--gc-lease", "3600"];
+    let s = TestServer::start(&config(&root, &limits)).await;
+    let (_, big_json) = get_manifest(&c, &s, "big", "latest").await;
+    get_manifest(&c, &s, "hello", "latest").await;
+    let gc = next_gc(&c, &s, &serde_json::Value::Null).await;
+    // A slow client of big's largest layer.
+    let layer = common::largest_layer(&big_json);
+    let download = common::start_download(&c, &s, "big", &layer).await;
+
+    // Just above the floor; the next build goes below it.
+    let free = nixery::store::disk::free_bytes(&root).unwrap();
+    let len = free - (150 << 20) - (256 << 10);
+    let mut f = std::fs::File::create(root.join("filler")).unwrap();
+    let chunk = vec![1u8; 1 << 20];
+    let mut written = 0;
+    while written < len {
+        let n = chunk.len().min((len - written) as usize);
+        f.write_all(&chunk[..n]).unwrap();
+        written += n as u64;
+    }
+    f.sync_all().unwrap();
+
+    get_manifest(&c, &s, "bash", "latest").await;
+    let built = std::time::Instant::now();
+    let gc = loop {
+        let gc = next_gc(&c, &s, &gc).await;
+        if gc["emergency"] == true {
+            break gc;
+        }
+        assert!(
+            built.elapsed() < std::time::Duration::from_secs(120),
+            "{gc}"
+        );
+    };
+    // At once: woken by the build, not by the 5-minute timer.
+    assert!(
+        built.elapsed() < std::time::Duration::from_secs(120),
+        "{gc}"
+    );
+    let evicted = gc["evicted"].as_array().unwrap();
+    assert!(!evicted.is_empty(), "leased images go too: {gc}");
+    assert!(gc["blobs_in_use"].as_u64().unwrap() >= 1, "{gc}");
+
+    // The transfer in flight completes whole.
+    common::finish_download(download, &layer).await;
     assert_blobs_whole(&root);
     s.stop().await;
 }

@@ -5,23 +5,11 @@
 
 mod common;
 
-use common::{config, get_blob, get_manifest, status_json, TestServer};
+use common::{config, get_blob, get_manifest, next_gc, TestServer};
 use nixery::digest::Digest;
 use reqwest::{Client, StatusCode};
 use serde_json::Value;
 use std::time::Duration;
-
-/// Waits for a collection newer than `after` (None: any) and returns it.
-async fn next_gc(c: &Client, s: &TestServer, after: &Value) -> Value {
-    for _ in 0..600 {
-        let gc = status_json(c, s).await["limits"]["last_gc"].clone();
-        if !gc.is_null() && gc != *after {
-            return gc;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("no garbage collection ran");
-}
 
 fn evicted_names(gc: &Value) -> Vec<String> {
     gc["evicted"]
@@ -58,7 +46,7 @@ async fn a_quota_evicts_the_least_recently_pulled_image() {
     let limits = [
         "--max-storage",
         quota.as_str(),
-        "--gc-keep-recent",
+        "--gc-lease",
         "0",
         "--no-sbom",
     ];
@@ -116,13 +104,7 @@ async fn a_quota_evicts_the_least_recently_pulled_image() {
     // Stream big's largest layer slowly while a collection evicts big.
     let (big_manifest, big_json) = &manifests[1];
     let layer = common::largest_layer(big_json);
-    let mut download = c
-        .get(s.url(&format!("/v2/big/blobs/{layer}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(download.status(), StatusCode::OK);
-    let mut body = download.chunk().await.unwrap().unwrap().to_vec();
+    let download = common::start_download(&c, &s, "big", &layer).await;
 
     // Pulling hello again rebuilds it, which goes over the quota: the least
     // recently pulled now is big.
@@ -132,14 +114,7 @@ async fn a_quota_evicts_the_least_recently_pulled_image() {
     assert_eq!(evicted_names(&gc), vec!["big"], "{gc}");
     assert!(gc["blobs_in_use"].as_u64().unwrap() >= 1, "{gc}");
 
-    while let Some(chunk) = download.chunk().await.unwrap() {
-        body.extend_from_slice(&chunk);
-    }
-    assert_eq!(
-        Digest::of(&body).to_string(),
-        layer,
-        "the download is whole"
-    );
+    common::finish_download(download, &layer).await;
     let r = c
         .get(s.url(&format!("/v2/big/manifests/{big_manifest}")))
         .send()
@@ -184,7 +159,7 @@ fn gc_subcommand_reports_and_collects() {
                 storage,
                 "--max-storage",
                 "1",
-                "--gc-keep-recent",
+                "--gc-lease",
                 "0",
             ])
             .args(extra)
@@ -217,4 +192,88 @@ fn walk_count(dir: &std::path::Path) -> usize {
         .flatten()
         .map(|shard| std::fs::read_dir(shard.path()).map_or(0, |e| e.count()))
         .sum()
+}
+
+/// Bytes of the blobs an image needs: its manifest, config and layers.
+fn image_bytes(s: &TestServer, manifest: &Digest, json: &Value) -> u64 {
+    let blobs = s.builder.blobs();
+    let mut digests = common::layer_digests(json);
+    digests.push(json["config"]["digest"].as_str().unwrap().to_owned());
+    digests.push(manifest.to_string());
+    digests
+        .iter()
+        .map(|d| {
+            let d: Digest = d.parse().unwrap();
+            blobs.stat_blob(&d).unwrap().unwrap_or(0)
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn a_burst_over_the_quota_is_within_it_soon_after_the_leases_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Client::new();
+    let names = ["hello", "big", "bash"];
+    let s = TestServer::start(&config(dir.path(), &[])).await;
+    let mut largest = 0;
+    let mut images = Vec::new();
+    for name in names {
+        let (d, json) = get_manifest(&c, &s, name, "latest").await;
+        largest = largest.max(image_bytes(&s, &d, &json));
+        images.push(json);
+    }
+    s.stop().await;
+
+    // A quota the largest image fits, but no two: a burst of pulls of all
+    // three goes over it, and their leases keep them for 3 s.
+    let quota = largest.to_string();
+    let limits = ["--max-storage", quota.as_str(), "--gc-lease", "3"];
+    let s = TestServer::start(&config(dir.path(), &limits)).await;
+    let startup = next_gc(&c, &s, &Value::Null).await;
+    // big first, so that it is the least recently pulled (pull times have
+    // 1 s resolution), then the others.
+    get_manifest(&c, &s, "big", "latest").await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    get_manifest(&c, &s, "hello", "latest").await;
+    get_manifest(&c, &s, "bash", "latest").await;
+    // A slow client of big: one chunk of its largest layer, then a pause
+    // while the collection runs.
+    let layer = common::largest_layer(&images[1]);
+    let download = common::start_download(&c, &s, "big", &layer).await;
+    let started = std::time::Instant::now();
+    // The leases end after 3 s and the collection comes back by itself
+    // (its timer is 5 minutes): bounded generously for a loaded machine.
+    let mut gc = startup;
+    loop {
+        gc = next_gc(&c, &s, &gc).await;
+        if !gc["evicted"].as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(gc["leased"].as_u64().unwrap() > 0, "{gc}");
+        assert!(started.elapsed() < Duration::from_secs(120), "{gc}");
+    }
+    assert_eq!(evicted_names(&gc), vec!["big"], "{gc}");
+    assert!(gc["blobs_in_use"].as_u64().unwrap() >= 1, "{gc}");
+    assert!(gc["retry_in"].as_u64().is_some(), "{gc}");
+
+    // The slow download completes whole.
+    common::finish_download(download, &layer).await;
+    // Then the store is within the quota, without a pull or a restart.
+    let stored = |s: &TestServer| s.builder.blobs().stats().1;
+    while stored(&s) > largest {
+        assert!(
+            started.elapsed() < Duration::from_secs(240),
+            "still {} bytes, over a quota of {largest}",
+            stored(&s)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let evicted = ["big"];
+    // Evicted images are built again on their next pull.
+    for name in &evicted {
+        let before = builds_of(&s, name);
+        get_manifest(&c, &s, name, "latest").await;
+        assert_eq!(builds_of(&s, name), before + 1, "{name} rebuilt");
+    }
+    s.stop().await;
 }

@@ -76,6 +76,9 @@ fn module_yields_a_hardened_notify_unit_through_the_daemon() {
         "maxQueuedBuilds",
         "maxStorage",
         "minFreeSpace",
+        "gcLease",
+        "scrubInterval",
+        "scrubRate",
         "logFormat",
         "layering",
         "extraEnvironment",
@@ -136,7 +139,7 @@ fn module_maps_settings_to_the_binarys_variables() {
             "extraEnvironment": {"RUST_LOG": "debug"}, "environmentFile": "/run/secrets/nixery",
             "logFormat": "json", "popularityUrl": "https://example.org/p.json",
             "maxQueuedBuilds": 8, "maxStorage": "50G", "minFreeSpace": "5G",
-            "layering": "nixery"}"#,
+            "gcLease": 30, "layering": "nixery"}"#,
     );
     assert_eq!(unit["failedAssertions"], serde_json::json!([]));
     let env = &unit["environment"];
@@ -150,6 +153,9 @@ fn module_maps_settings_to_the_binarys_variables() {
     assert_eq!(env["NIXERY_MAX_QUEUED_BUILDS"], "8");
     assert_eq!(env["NIXERY_MAX_STORAGE"], "50G");
     assert_eq!(env["NIXERY_MIN_FREE_SPACE"], "5G");
+    assert_eq!(env["NIXERY_GC_LEASE"], "30");
+    assert_eq!(env["NIXERY_SCRUB_INTERVAL"], "604800");
+    assert_eq!(env["NIXERY_SCRUB_RATE"], "20");
     let sc = &unit["serviceConfig"];
     // Storage outside /var/lib is opened up instead of created.
     assert!(sc.get("StateDirectory").is_none());

@@ -422,12 +422,7 @@ async fn a_replica_with_a_limit_caches_proxied_blobs_within_it() {
     let mut weed = Seaweed::start().await;
     let (_a_dir, a) = replica(&weed, "cache", &[]).await;
     let (_b_dir, b) = replica(&weed, "cache", &["--max-storage", "1G"]).await;
-    let (_c_dir, c) = replica(
-        &weed,
-        "cache",
-        &["--max-storage", "1", "--gc-keep-recent", "0"],
-    )
-    .await;
+    let (_c_dir, c) = replica(&weed, "cache", &["--max-storage", "1", "--gc-lease", "0"]).await;
     let client = Client::new();
     let (_, manifest) = get_manifest(&client, &a, "shell/hello", "latest").await;
     let layers = layer_digests(&manifest);

@@ -940,6 +940,13 @@ impl Builder {
             )
             .instrument(span)
             .await;
+        // Its client fetches the blobs next: held by a lease from before
+        // the pins go, so that no collection slips in between.
+        if let Ok(digest) = &result {
+            if let Ok(Some(bytes)) = self.manifest_bytes(digest).await {
+                self.lease_served(&image, digest, &bytes).await;
+            }
+        }
         drop(pins);
         // The layers are packed (or the build failed): the store paths may go.
         let gc_root = self.gc_root_dir(&key);

@@ -7,7 +7,7 @@ use crate::blocking::blocking;
 use crate::build::builder::{BuildError, Builder};
 use crate::build::image::Arch;
 use crate::digest::Digest;
-use crate::oci::manifest::{self, Document, PlatformManifest};
+use crate::oci::manifest::{self, Document, Named, PlatformManifest};
 use crate::oci::Format;
 use bytes::Bytes;
 
@@ -20,6 +20,33 @@ pub struct Served {
 }
 
 impl Builder {
+    /// Leases a manifest or index just served as `name`, with every blob
+    /// it names (for an index, its manifests' too): the collector keeps
+    /// them while the client fetches them. Nothing without a storage limit.
+    pub async fn lease_served(&self, name: &str, served: &Digest, bytes: &[u8]) {
+        let policy = *self.collector().policy();
+        if !policy.is_active() {
+            return;
+        }
+        let mut blobs = Vec::new();
+        match manifest::named_by(bytes) {
+            Some(Named::Image(parts)) => blobs.extend(parts.into_iter().map(|(d, _)| d)),
+            Some(Named::Index(children)) => {
+                for (child, _) in children {
+                    blobs.push(child);
+                    if let Ok(Some(bytes)) = self.manifest_bytes(&child).await {
+                        if let Some(Named::Image(parts)) = manifest::named_by(&bytes) {
+                            blobs.extend(parts.into_iter().map(|(d, _)| d));
+                        }
+                    }
+                }
+            }
+            // An artifact (a bill of materials) is one small document.
+            Some(Named::Artifact { .. }) | None => {}
+        }
+        self.blobs().lease(name, *served, blobs, policy.lease);
+    }
+
     /// The image whose Docker manifest is `docker`, in `format`; `None`
     /// when that manifest is not stored.
     pub async fn manifest_in(

@@ -171,7 +171,7 @@ fn size_or_none(bytes: Option<u64>) -> String {
 /// A few lines that say what the server would run with.
 pub fn summary(config: &Config, files_checked: bool) -> String {
     format!(
-        "configuration OK{}\n  listen:  {}\n  source:  {}\n  storage: {}\n  builds:  {} at once, {} queued at most, Nix timeout {}s, layer budget {} ({} layering), cache TTL {}s\n  gc:      quota {}, free space kept {}\n  popularity: {}\n  nix cache: {}\n",
+        "configuration OK{}\n  listen:  {}\n  source:  {}\n  storage: {}\n  builds:  {} at once, {} queued at most, Nix timeout {}s, layer budget {} ({} layering), cache TTL {}s\n  gc:      quota {}, free space kept {}, lease {}s\n  scrub:   {}\n  popularity: {}\n  nix cache: {}\n",
         if files_checked {
             ""
         } else {
@@ -200,6 +200,15 @@ pub fn summary(config: &Config, files_checked: bool) -> String {
         config.cache_ttl.as_secs(),
         size_or_none(config.gc.max_storage),
         size_or_none(config.gc.min_free_space),
+        config.gc.lease.as_secs(),
+        match config.scrub.interval {
+            Some(every) => format!(
+                "every {}s at {}/s",
+                every.as_secs(),
+                crate::http::format::bytes(config.scrub.rate)
+            ),
+            None => "off".to_owned(),
+        },
         crate::redact::redact(config.popularity_url.as_deref().unwrap_or("none")),
         match &config.nix_cache_key {
             Some(key) => format!("on at /nix-cache/, signed with {}", key.display()),

@@ -68,6 +68,9 @@ pub fn run(args: GcArgs) -> ExitCode {
 
 fn collect(args: &GcArgs) -> anyhow::Result<Report> {
     let policy = args.limits.policy()?;
+    if let Some(warning) = args.limits.local_warning() {
+        eprintln!("nixery gc: {warning}");
+    }
     let Some(root) = &args.storage_path else {
         anyhow::bail!("--storage-path (STORAGE_PATH) is required");
     };

@@ -13,6 +13,11 @@ pub fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if config.s3.is_none() {
+        if let Some(warning) = args.gc.local_warning() {
+            tracing::warn!("{warning}");
+        }
+    }
     // Before the runtime's threads exist: this edits the environment.
     let notifier = match Notifier::take_from_env() {
         Some(Ok(n)) => Some(std::sync::Arc::new(n)),

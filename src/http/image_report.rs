@@ -89,10 +89,10 @@ pub struct LayerView {
 /// Where the image stands with the garbage collector.
 #[derive(Debug, Clone, Serialize)]
 pub struct Eviction {
-    /// `imported`, `no_limit`, `recently_pulled`, `in_line` or `unknown`.
+    /// `imported`, `no_limit`, `leased`, `in_line` or `unknown`.
     pub state: &'static str,
     /// Its place in the eviction order (1: next), with `in_line` and
-    /// `recently_pulled`.
+    /// `leased`.
     pub rank: Option<usize>,
     /// Images that could be evicted.
     pub candidates: usize,
@@ -178,7 +178,6 @@ fn eviction(
     images: &[gc::Image],
     digests: &[Digest],
     imported: bool,
-    now: u64,
 ) -> Eviction {
     let order = gc::eviction_order(images);
     let candidates = order.len();
@@ -207,16 +206,12 @@ fn eviction(
         return at("unknown", None, "not among the stored images".into());
     };
     let rank = rank + 1;
-    let protected_until = images[*i]
-        .last_used
-        .saturating_add(policy.keep_pulled_within.as_secs());
-    if protected_until > now {
+    if images[*i].leased {
         return at(
-            "recently_pulled",
+            "leased",
             Some(rank),
             format!(
-                "pulled recently: not evicted before {} (then {rank} of {candidates} in line)",
-                super::format::utc(protected_until)
+                "just served: kept while its client fetches it (for --gc-lease after the last blob; then {rank} of {candidates} in line)"
             ),
         );
     }
@@ -366,7 +361,7 @@ impl ImageReport {
                 .max(),
             pulls_plot: pulls_plot(&pulls_by_day, now),
             pulls_by_day,
-            eviction: eviction(builder, &images, &digests, imported, now),
+            eviction: eviction(builder, &images, &digests, imported),
             tags,
         }))
     }

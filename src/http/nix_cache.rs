@@ -117,7 +117,9 @@ pub async fn nar(
     {
         return Err(unknown());
     }
-    let response = crate::http::registry::blob(&builder, file, &headers, head).await?;
+    // No image is served under this name: a NAR renews no image's lease.
+    const NAR_LEASES: &str = "nix-cache";
+    let response = crate::http::registry::blob(&builder, NAR_LEASES, file, &headers, head).await?;
     if !head && response.status().is_success() {
         let sent = response
             .headers()

@@ -91,7 +91,9 @@ pub async fn dispatch(
             .await
         }
         Ok(RegistryPath::Referrers { digest, .. }) => referrers(&builder, digest, &query).await,
-        Ok(RegistryPath::Blob { digest, .. }) => blob(&builder, digest, &headers, head).await,
+        Ok(RegistryPath::Blob { name, digest }) => {
+            blob(&builder, &name, digest, &headers, head).await
+        }
         Ok(RegistryPath::TagsList { name }) => {
             let q = TagsQuery {
                 n: query.get("n").cloned(),
@@ -312,6 +314,11 @@ async fn manifest(
                 .ok_or_else(|| manifest_unknown(name))?
         }
     };
+    if !head {
+        builder
+            .lease_served(name, &served.digest, &served.bytes)
+            .await;
+    }
     let len = served.bytes.len() as u64;
     Ok(content_response(
         Body::from(served.bytes),
@@ -342,6 +349,9 @@ async fn manifest_by_digest(
         .await
         .map_err(|e| build_error(&e))?
         .ok_or_else(|| manifest_unknown(name))?;
+    if !head {
+        builder.lease_served(name, &digest, &bytes).await;
+    }
     let media_type = manifest::media_type_of(&bytes);
     let len = bytes.len() as u64;
     let mut r = content_response(
@@ -482,10 +492,14 @@ fn blob_response(
 
 pub(crate) async fn blob(
     builder: &Arc<Builder>,
+    name: &str,
     digest: Digest,
     headers: &HeaderMap,
     head: bool,
 ) -> Result<Response, ApiError> {
+    if !head {
+        builder.blobs().renew_lease(name, &digest);
+    }
     // On this replica's disk: sent from the file, a slice at a time.
     if let Some(file) = open_blob(builder, &digest).await? {
         let total = file.len();

@@ -160,6 +160,8 @@ pub struct LimitsView {
     pub max_queued_builds: usize,
     /// `None` until a collection ran since the server started.
     pub last_gc: Option<crate::store::gc::Report>,
+    /// What the scrub found since the server started.
+    pub scrub: crate::store::scrub::ScrubView,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -401,6 +403,7 @@ impl Report {
                     queued_builds,
                     max_queued_builds,
                     last_gc: builder.collector().last_report(),
+                    scrub: builder.collector().scrub_view(),
                 }
             },
             nix_cache: NixCacheView::collect(builder)?,

@@ -41,6 +41,21 @@ pub fn check(
         progress(i + 1, all.len());
     }
     f.blobs = all.len();
+    let found = findings_for(blobs, db, corrupt)?;
+    f.manifests = found.manifests;
+    f.broken = found.broken;
+    f.corrupt = found.corrupt;
+    Ok(f)
+}
+
+/// The manifests that cannot be served whole, given the `corrupt` blobs,
+/// and who records them (what [`repair`] needs, without hashing anything).
+pub fn findings_for(
+    blobs: &BlobStore,
+    db: &Db,
+    corrupt: BTreeSet<Digest>,
+) -> Result<Findings, CheckError> {
+    let mut f = Findings::default();
     let mut holders: BTreeMap<Digest, Vec<Holder>> = BTreeMap::new();
     for (key, r) in db.manifests()? {
         holders

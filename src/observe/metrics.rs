@@ -123,6 +123,7 @@ pub struct Metrics {
     blob_bytes: Counter,
     /// One sample, and only over TLS.
     tls_expiry: Family<Vec<(String, String)>, Gauge>,
+    scrub: crate::store::scrub::Counters,
 }
 
 impl Default for Metrics {
@@ -186,6 +187,17 @@ impl Metrics {
             "Seconds until the served TLS certificate expires (negative once it has)",
             tls_expiry.clone(),
         );
+        let scrub = crate::store::scrub::Counters::default();
+        registry.register(
+            "scrub_bytes_checked",
+            "Bytes of stored blobs hashed again by the scrub",
+            scrub.bytes.clone(),
+        );
+        registry.register(
+            "scrub_blobs_quarantined",
+            "Stored blobs the scrub found damaged and moved aside",
+            scrub.quarantined.clone(),
+        );
         // Both cache outcomes and all build results appear from the start,
         // so rates are defined before the first build.
         for result in [CacheResult::hit, CacheResult::miss] {
@@ -210,7 +222,13 @@ impl Metrics {
             layer_cache,
             blob_bytes,
             tls_expiry,
+            scrub,
         }
+    }
+
+    /// The counters the scrub adds to.
+    pub fn scrub_counters(&self) -> crate::store::scrub::Counters {
+        self.scrub.clone()
     }
 
     pub fn request(&self, route: Route, status: u16, latency: Duration) {

@@ -6,6 +6,7 @@ use crate::store::db::Db;
 use crate::store::fs::BlobStore;
 use crate::store::gc::{self, Policy, Report};
 use crate::store::pulls::LastPulled;
+use crate::store::scrub::{self, ScrubView, Scrubber};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,11 +30,20 @@ pub struct Collector {
     /// See [`Collector::generation`].
     generation: std::sync::atomic::AtomicU64,
     named: gc::NamedMemo,
+    scrubber: Scrubber,
 }
 
 impl Collector {
-    pub fn new(db: Db, blobs: BlobStore, storage_path: PathBuf, policy: Policy) -> Arc<Self> {
+    pub fn new(
+        db: Db,
+        blobs: BlobStore,
+        storage_path: PathBuf,
+        policy: Policy,
+        scrub: (scrub::Settings, scrub::Counters),
+    ) -> Arc<Self> {
+        let scrubber = Scrubber::new(scrub.0, db.clone(), blobs.clone(), scrub.1);
         Arc::new(Collector {
+            scrubber,
             db,
             blobs,
             pulls: Arc::default(),
@@ -62,7 +72,25 @@ impl Collector {
     /// Blocking.
     pub(crate) fn stored_images(&self) -> Result<Vec<gc::Image>, crate::store::db::DbError> {
         let pulled = self.pulls.all(&self.db)?;
-        self.named.stored_images(&self.db, &self.blobs, &pulled)
+        let (leased, _) = self.blobs.leased();
+        self.named
+            .stored_images(&self.db, &self.blobs, &pulled, &leased)
+    }
+
+    /// What the scrub did since start.
+    pub fn scrub_view(&self) -> ScrubView {
+        self.scrubber.view()
+    }
+
+    /// Scrubs every `--scrub-interval` until the task is dropped; blobs it
+    /// quarantines make what was known stored suspect, as a collection
+    /// does.
+    pub async fn scrub_in_background(self: Arc<Self>) {
+        let bump = || {
+            self.generation
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        };
+        self.scrubber.run(bump).await;
     }
 
     /// Where pulls are noted (in memory).
@@ -89,7 +117,9 @@ impl Collector {
         let (db, blobs, pulls) = (self.db.clone(), self.blobs.clone(), Arc::clone(&self.pulls));
         let (path, policy) = (self.storage_path.clone(), self.policy);
         let report = tokio::task::spawn_blocking(move || {
-            gc::collect(&db, &blobs, &pulls, &path, &policy, false)
+            let report = gc::collect(&db, &blobs, &pulls, &path, &policy, false);
+            restore_reserve(&path);
+            report
         })
         .await
         .map_err(|e| gc::GcError::Task(e.to_string()))??;
@@ -101,10 +131,17 @@ impl Collector {
         Ok(report)
     }
 
-    /// Writes pending last-pulled times, off the async workers.
+    /// Writes pending last-pulled times, and sets the start-up reserve
+    /// aside again if it was released and space was freed since; off the
+    /// async workers.
     pub async fn flush_pulls(&self) {
         let (db, pulls) = (self.db.clone(), Arc::clone(&self.pulls));
-        match tokio::task::spawn_blocking(move || pulls.flush(&db)).await {
+        let path = self.storage_path.clone();
+        let flushed = tokio::task::spawn_blocking(move || {
+            restore_reserve(&path);
+            pulls.flush(&db)
+        });
+        match flushed.await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "could not record last pulls"),
             Err(e) => tracing::warn!(error = %e, "recording last pulls failed"),
@@ -112,29 +149,46 @@ impl Collector {
     }
 
     /// Runs until the task is dropped: flushes pulls, and collects when
-    /// woken or on the timer (only if a limit is set).
+    /// woken, on the timer, or when a collection that left the store over
+    /// a limit asked to run again (only if a limit is set).
     pub async fn run_in_background(self: Arc<Self>) {
         let mut since_collect = Duration::ZERO;
+        let mut again = None;
         if self.policy.is_active() {
-            self.run_logged().await;
+            again = self.run_logged().await;
         }
         loop {
+            let wait = again.map_or(FLUSH_EVERY, |a: Duration| a.min(FLUSH_EVERY));
             let woken = tokio::select! {
-                _ = tokio::time::sleep(FLUSH_EVERY) => false,
+                _ = tokio::time::sleep(wait) => false,
                 _ = self.wake.notified() => true,
             };
-            since_collect += FLUSH_EVERY;
+            since_collect += wait;
+            again = again.map(|a| a.saturating_sub(wait));
             self.flush_pulls().await;
-            if self.policy.is_active() && (woken || since_collect >= COLLECT_EVERY) {
+            let due = again.is_some_and(|a| a.is_zero());
+            if self.policy.is_active() && (woken || due || since_collect >= COLLECT_EVERY) {
                 since_collect = Duration::ZERO;
-                self.run_logged().await;
+                again = self.run_logged().await;
             }
         }
     }
 
-    async fn run_logged(&self) {
-        if let Err(e) = self.collect().await {
-            tracing::warn!(error = %e, "garbage collection failed");
+    /// Collects; how long until it should run again, if it asked to.
+    async fn run_logged(&self) -> Option<Duration> {
+        match self.collect().await {
+            Ok(report) => report.retry_in.map(Duration::from_secs),
+            Err(e) => {
+                tracing::warn!(error = %e, "garbage collection failed");
+                None
+            }
         }
+    }
+}
+
+/// Sets the start-up reserve aside again once space allows. Blocking.
+fn restore_reserve(storage: &std::path::Path) {
+    if crate::store::reserve::restore(storage) {
+        tracing::info!("space was freed: the start-up reserve is set aside again");
     }
 }

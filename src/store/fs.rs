@@ -7,6 +7,7 @@
 //! Blob paths are only ever built from a parsed [`Digest`].
 
 use crate::digest::{Digest, HashingWriter};
+use crate::store::leases::Leases;
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
@@ -14,6 +15,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
@@ -56,6 +58,8 @@ struct Dirs {
     /// to date by commits, so stats never walk the directory.
     count: AtomicU64,
     bytes: AtomicU64,
+    /// Blobs opened for sending to clients (see [`BlobStore::in_use`]).
+    sending: AtomicU64,
     /// Blobs in use by a response or a build in flight: the garbage
     /// collector deletes none of them (see [`BlobStore::delete_unless_pinned`]).
     pins: Mutex<PinTable>,
@@ -73,11 +77,13 @@ impl Dirs {
     }
 }
 
-/// How many holders each pinned blob has, and how many builds' pin sets
-/// were released (so a collector can tell whether its view went stale).
+/// How many holders each pinned blob has, the leases on images just
+/// served, and how many builds' pin sets were released or new leases
+/// granted (so a collector can tell whether its view went stale).
 #[derive(Debug, Default)]
 struct PinTable {
     holders: HashMap<Digest, usize>,
+    leases: Leases,
     released: u64,
 }
 
@@ -190,6 +196,7 @@ impl BlobStore {
             tmp,
             count: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            sending: AtomicU64::new(0),
             counting: Mutex::new(Some(HashSet::new())),
             counted: Condvar::new(),
             pins: Mutex::default(),
@@ -232,22 +239,54 @@ impl BlobStore {
         }
     }
 
-    /// How many builds' pin sets were released so far; a collector that
-    /// computed what is referenced before one was released must look again.
+    /// How many builds' pin sets were released, or new leases granted, so
+    /// far; a collector that computed what is referenced or leased before
+    /// one must look again.
     pub fn pins_released(&self) -> u64 {
         lock_pins(&self.dirs).released
     }
 
-    /// Deletes the blobs of `digests` that no one pins, as long as no pin
-    /// set was released since `released_before` (see [`pins_released`](Self::pins_released));
-    /// then it returns None and deletes nothing, because what the caller
-    /// thought unreferenced may have been recorded since. Otherwise the
-    /// deleted blobs and their bytes. Readers that mapped a blob keep
-    /// their bytes: an unlinked file lives until it is unmapped.
+    /// Holds `image` (a manifest or index, served as `name`) and the
+    /// `blobs` it names for `ttl`, or renews the hold: its client is about
+    /// to fetch them.
+    pub fn lease(&self, name: &str, image: Digest, blobs: Vec<Digest>, ttl: Duration) {
+        let mut table = lock_pins(&self.dirs);
+        if table.leases.grant(name, image, blobs, ttl, Instant::now()) {
+            table.released += 1;
+        }
+    }
+
+    /// A blob is being fetched as part of `name`: renews the leases of the
+    /// images of that name it is in.
+    pub fn renew_lease(&self, name: &str, blob: &Digest) {
+        lock_pins(&self.dirs)
+            .leases
+            .renew(name, blob, Instant::now());
+    }
+
+    /// Every blob a live lease holds, and how long until the first lease
+    /// ends.
+    pub fn leased(&self) -> (HashSet<Digest>, Option<Duration>) {
+        let mut table = lock_pins(&self.dirs);
+        let now = Instant::now();
+        table.leases.expire(now);
+        let end = table.leases.first_end(now).map(|e| e - now);
+        (table.leases.held_blobs(now), end)
+    }
+
+    /// Deletes the blobs of `digests` that no one pins (nor, with
+    /// `honour_leases`, a lease holds), as long as no pin set was released
+    /// nor lease granted since `released_before` (see
+    /// [`pins_released`](Self::pins_released)); then it returns None and
+    /// deletes nothing, because what the caller thought unreferenced may
+    /// have been recorded or served since. Otherwise the deleted blobs and
+    /// their bytes. Readers that mapped a blob keep their bytes: an
+    /// unlinked file lives until it is unmapped.
     pub fn delete_unless_pinned(
         &self,
         digests: &[Digest],
         released_before: u64,
+        honour_leases: bool,
     ) -> Result<Option<Vec<(Digest, u64)>>, BlobError> {
         // Held throughout: a commit pins before it links, so no blob can
         // become pinned between the check and the unlink.
@@ -255,9 +294,12 @@ impl BlobStore {
         if table.released != released_before {
             return Ok(None);
         }
+        let now = Instant::now();
         let mut deleted = Vec::new();
         for digest in digests {
-            if table.holders.contains_key(digest) {
+            if table.holders.contains_key(digest)
+                || (honour_leases && table.leases.holds(digest, now))
+            {
                 continue;
             }
             let path = self.path_of(digest);
@@ -300,8 +342,27 @@ impl BlobStore {
         self.dirs.blobs.join(&hex[..2]).join(hex)
     }
 
+    /// Fails as a full disk would when less than the start-up reserve is
+    /// free: that space is kept for the next start, even after the
+    /// reserve file was released to open the database.
+    fn check_room(&self, path: &Path) -> Result<(), BlobError> {
+        let free =
+            crate::store::disk::free_bytes(&self.dirs.tmp).map_err(io_err("statvfs", path))?;
+        if free < crate::store::reserve::RESERVE_BYTES {
+            return Err(io_err("writing", path)(io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!(
+                    "{free} bytes free, less than the {} kept in reserve",
+                    crate::store::reserve::RESERVE_BYTES
+                ),
+            )));
+        }
+        Ok(())
+    }
+
     /// A writer to a new temp file; bytes are hashed as they are written.
     pub fn writer(&self) -> Result<BlobWriter, BlobError> {
+        self.check_room(&self.dirs.tmp)?;
         loop {
             let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
             let path = self
@@ -415,10 +476,12 @@ impl BlobStore {
         let Some((file, len, pin)) = self.open_pinned(digest)? else {
             return Ok(None);
         };
+        self.dirs.sending.fetch_add(1, Ordering::Relaxed);
         Ok(Some(BlobFile {
             file,
             len,
             _pin: pin,
+            _sending: Sending(Arc::clone(&self.dirs)),
         }))
     }
 
@@ -509,6 +572,16 @@ impl BlobStore {
 
     /// Re-hashes a stored blob; false if its content no longer matches its name.
     pub fn verify(&self, digest: &Digest) -> Result<bool, BlobError> {
+        self.verify_with(digest, |_| {})
+    }
+
+    /// As [`verify`](Self::verify), calling `after_chunk` with the bytes
+    /// of each chunk read (to pace the reading).
+    pub fn verify_with(
+        &self,
+        digest: &Digest,
+        mut after_chunk: impl FnMut(usize),
+    ) -> Result<bool, BlobError> {
         let path = self.path_of(digest);
         let mut file = match File::open(&path) {
             Ok(f) => f,
@@ -518,8 +591,48 @@ impl BlobStore {
             Err(e) => return Err(io_err("opening", &path)(e)),
         };
         let mut hashed = HashingWriter::new(io::sink());
-        io::copy(&mut file, &mut hashed).map_err(io_err("reading", &path))?;
+        let mut chunk = vec![0u8; 1 << 20];
+        loop {
+            let n = io::Read::read(&mut file, &mut chunk).map_err(io_err("reading", &path))?;
+            if n == 0 {
+                break;
+            }
+            hashed
+                .write_all(&chunk[..n])
+                .map_err(io_err("hashing", &path))?;
+            after_chunk(n);
+        }
         Ok(hashed.finish().1 == *digest)
+    }
+
+    /// Whether blobs are being sent to clients now: background work such
+    /// as the scrub waits.
+    pub fn in_use(&self) -> bool {
+        self.dirs.sending.load(Ordering::Relaxed) > 0
+    }
+
+    /// Moves a damaged blob aside to `<root>/quarantine/`, where nothing
+    /// serves it from; false if it was not stored.
+    pub fn quarantine(&self, digest: &Digest) -> Result<bool, BlobError> {
+        let dir = self.root().join("quarantine");
+        fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+        let from = self.path_of(digest);
+        let len = match fs::metadata(&from) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_err("stat", &from)(e)),
+        };
+        let to = dir.join(digest.hex());
+        match fs::rename(&from, &to) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_err("quarantining", &from)(e)),
+        }
+        self.dirs.count.fetch_sub(1, Ordering::Relaxed);
+        self.dirs.bytes.fetch_sub(len, Ordering::Relaxed);
+        sync_dir(&dir)?;
+        sync_dir(&self.shard_dir(digest))?;
+        Ok(true)
     }
 
     /// The directory the store was opened on.
@@ -695,6 +808,8 @@ impl BlobWriter {
         let file = file
             .into_inner()
             .map_err(|e| io_err("writing", tmp.path())(e.into_error()))?;
+        // The temp file goes with the error: the space is given back.
+        store.check_room(tmp.path())?;
         Ok((digest, file, tmp, len, store))
     }
 }
@@ -783,6 +898,17 @@ pub struct BlobFile {
     len: u64,
     /// Keeps the collector away while a response reads the file.
     _pin: Pin,
+    _sending: Sending,
+}
+
+/// Counts a blob being sent to a client while it lives.
+#[derive(Debug)]
+struct Sending(Arc<Dirs>);
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        self.0.sending.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl BlobFile {

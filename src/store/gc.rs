@@ -1,9 +1,11 @@
 //! Garbage collection with a quota: evict the least recently pulled images
 //! until the blobs fit in `max_storage` and the disk has `min_free_space`,
 //! then delete every blob that no kept manifest references. An image's
-//! blobs include those kept with it (the NARs of its store paths), so its
-//! eviction counts what they free. Blobs pinned by
-//! a response or a build in flight are never deleted.
+//! blobs include those kept with it (its bills of materials, the NARs of
+//! its store paths), so its eviction counts what they free. Blobs pinned by
+//! a response or a build in flight are never deleted; images whose
+//! manifest was just served are leased (see `leases`) and kept, unless the
+//! free space is below `min_free_space`: then only pins hold.
 //!
 //! Written against a few blob-store operations (list with sizes, stat,
 //! delete unless pinned) so that other backends can provide them.
@@ -17,7 +19,7 @@ use crate::store::db::{
 use crate::store::fs::{BlobError, BlobStore};
 use crate::store::pulls::LastPulled;
 use serde::Serialize;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
@@ -43,9 +45,12 @@ pub struct Policy {
     pub max_storage: Option<u64>,
     /// Least free bytes left on the storage path's file system.
     pub min_free_space: Option<u64>,
-    /// Images pulled more recently than this are never evicted: a client
-    /// that got the manifest is still fetching the blobs.
-    pub keep_pulled_within: Duration,
+    /// How long serving a manifest keeps its image (each blob fetched
+    /// renews it): the client is still fetching the blobs.
+    pub lease: Duration,
+    /// A bucket's collection only (it cannot see the replicas' leases):
+    /// blobs written, and images pulled or built, within this are kept.
+    pub keep_recent: Duration,
 }
 
 impl Policy {
@@ -79,6 +84,13 @@ pub struct Report {
     pub bytes_freed: u64,
     /// Unreferenced blobs kept because a response or build was using them.
     pub blobs_in_use: usize,
+    /// Images kept because their manifest was just served (leased).
+    pub leased: usize,
+    /// The free space was below `min_free_space`: leases were not honoured.
+    pub emergency: bool,
+    /// Still over a limit because of leases or blobs in use: seconds until
+    /// the collection runs again.
+    pub retry_in: Option<u64>,
 }
 
 /// An image as the collector sees it: its manifest, when it was last used
@@ -91,6 +103,9 @@ pub(crate) struct Image {
     pub blobs: Vec<Digest>,
     /// Imported: never rebuilt, so never evicted.
     pub pinned: bool,
+    /// Its client may still be fetching it (leased, or for a bucket, used
+    /// recently): not evicted.
+    pub leased: bool,
 }
 
 /// What a stored manifest (its config and layers) or index (its
@@ -233,23 +248,32 @@ impl Records {
 }
 
 /// The images the database keeps, one per manifest digest.
+/// `leased`: blobs under a lease; an image is leased when its manifest is,
+/// or every other blob it names (an OCI form of it was served).
 fn images(
     records: &Records,
     pulls: &HashMap<Digest, PullRecord>,
     blobs: &BlobStore,
     referrers: &HashMap<Digest, ReferrersRecord>,
+    leased: &HashSet<Digest>,
 ) -> Vec<Image> {
-    images_with(records, pulls, |d| {
-        with_referrers(blobs_of(blobs, d), *d, referrers, &|x| parts_of(blobs, x))
-    })
+    images_with(
+        records,
+        pulls,
+        leased,
+        |d| blobs_of(blobs, d),
+        |own, d| with_referrers(own, d, referrers, &|x| parts_of(blobs, x)),
+    )
 }
 
-/// As [`images`], with what each manifest names (and what refers to it)
-/// from `blobs_of`.
+/// As [`images`], with what each manifest names from `own_blobs`, and
+/// with what is kept with it (its referrers) added by `with_kept`.
 fn images_with(
     records: &Records,
     pulls: &HashMap<Digest, PullRecord>,
-    mut blobs_of: impl FnMut(&Digest) -> Vec<Digest>,
+    leased: &HashSet<Digest>,
+    mut own_blobs: impl FnMut(&Digest) -> Vec<Digest>,
+    with_kept: impl Fn(Vec<Digest>, Digest) -> Vec<Digest>,
 ) -> Vec<Image> {
     let mut by_digest: HashMap<Digest, (u64, bool)> = HashMap::new();
     let built = records
@@ -270,12 +294,17 @@ fn images_with(
         .into_iter()
         .map(|(manifest, (checked_at, pinned))| {
             let pull = pulls.get(&manifest);
+            let own = own_blobs(&manifest);
+            let mut parts = own.iter().filter(|b| **b != manifest).peekable();
+            let leased = leased.contains(&manifest)
+                || (parts.peek().is_some() && parts.all(|b| leased.contains(b)));
             Image {
                 manifest,
                 last_used: pull.map_or(checked_at, |p| p.at.max(checked_at)),
                 image: pull.map(|p| p.image.clone()),
-                blobs: blobs_of(&manifest),
+                blobs: with_kept(own, manifest),
                 pinned,
+                leased,
             }
         })
         .collect()
@@ -287,15 +316,14 @@ pub(crate) fn evictions(
     images: &[Image],
     sizes: &HashMap<Digest, u64>,
     needed: u64,
-    protect_from: u64,
 ) -> (BTreeSet<usize>, Vec<Evicted>) {
     if needed == 0 {
         return (BTreeSet::new(), Vec::new());
     }
-    let chosen: BTreeSet<usize> = choose_evictions(images, sizes, needed, protect_from)
-        .into_iter()
-        .collect();
-    let evicted = chosen
+    // Reported in the order chosen: least recently used first.
+    let order = choose_evictions(images, sizes, needed);
+    let chosen: BTreeSet<usize> = order.iter().copied().collect();
+    let evicted = order
         .iter()
         .map(|&i| Evicted {
             manifest: images[i].manifest.to_string(),
@@ -307,13 +335,8 @@ pub(crate) fn evictions(
 }
 
 /// Which images to evict, least recently used first, so that at least
-/// `needed` bytes become unreferenced; none used after `protect_from`.
-fn choose_evictions(
-    images: &[Image],
-    sizes: &HashMap<Digest, u64>,
-    needed: u64,
-    protect_from: u64,
-) -> Vec<usize> {
+/// `needed` bytes become unreferenced; never a pinned or leased one.
+fn choose_evictions(images: &[Image], sizes: &HashMap<Digest, u64>, needed: u64) -> Vec<usize> {
     let mut refs: HashMap<Digest, usize> = HashMap::new();
     for image in images {
         for b in &image.blobs {
@@ -327,8 +350,11 @@ fn choose_evictions(
         .sum();
     let mut evict = Vec::new();
     for i in eviction_order(images) {
-        if freeable >= needed || images[i].last_used > protect_from {
+        if freeable >= needed {
             break;
+        }
+        if images[i].leased {
+            continue;
         }
         for b in &images[i].blobs {
             if let Some(n) = refs.get_mut(b) {
@@ -344,7 +370,8 @@ fn choose_evictions(
 }
 
 /// The images a collection may evict (indexes into `images`), in the
-/// order it would: least recently used first; imported ones never.
+/// order it would: least recently used first; imported ones never (and
+/// leased ones are skipped while their lease lasts).
 pub(crate) fn eviction_order(images: &[Image]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..images.len()).filter(|&i| !images[i].pinned).collect();
     order.sort_by_key(|&i| (images[i].last_used, images[i].manifest));
@@ -358,9 +385,16 @@ pub(crate) fn stored_images(
     db: &Db,
     blobs: &BlobStore,
     pulls: &HashMap<Digest, PullRecord>,
+    leased: &HashSet<Digest>,
 ) -> Result<Vec<Image>, DbError> {
     let referrers: HashMap<_, _> = db.all_referrers()?.into_iter().collect();
-    Ok(images(&Records::read(db)?, pulls, blobs, &referrers))
+    Ok(images(
+        &Records::read(db)?,
+        pulls,
+        blobs,
+        &referrers,
+        leased,
+    ))
 }
 
 /// What stored manifests name, remembered by digest: a manifest's bytes
@@ -377,13 +411,17 @@ impl NamedMemo {
         db: &Db,
         blobs: &BlobStore,
         pulls: &HashMap<Digest, PullRecord>,
+        leased: &HashSet<Digest>,
     ) -> Result<Vec<Image>, DbError> {
         let records = Records::read(db)?;
         // Referrers come after a build (its SBOMs): never remembered.
         let referrers: HashMap<_, _> = db.all_referrers()?.into_iter().collect();
         let mut memo = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let images = images_with(&records, pulls, |d| {
-            let named = match memo.get(d) {
+        let images = images_with(
+            &records,
+            pulls,
+            leased,
+            |d| match memo.get(d) {
                 Some(named) => named.clone(),
                 None => {
                     let named = blobs_of(blobs, d);
@@ -393,14 +431,18 @@ impl NamedMemo {
                     }
                     named
                 }
-            };
-            with_referrers(named, *d, &referrers, &|x| parts_of(blobs, x))
-        });
+            },
+            |own, d| with_referrers(own, d, &referrers, &|x| parts_of(blobs, x)),
+        );
         let stored: std::collections::HashSet<Digest> = images.iter().map(|i| i.manifest).collect();
         memo.retain(|d, _| stored.contains(d));
         Ok(images)
     }
 }
+
+/// Seconds before a collection held back by transfers in flight looks
+/// again.
+const RETRY_WHILE_IN_USE: u64 = 10;
 
 /// Runs one collection. Blocking: call it off the async workers. In a dry
 /// run nothing is changed and the report says what would have been.
@@ -419,22 +461,33 @@ pub fn collect(
     let stored = blobs.list_blobs()?;
     let sizes: HashMap<Digest, u64> = stored.iter().copied().collect();
     let bytes_before: u64 = sizes.values().sum();
-    let free = match policy.min_free_space {
-        Some(_) => crate::store::disk::free_bytes(storage_path)
-            .map_err(|e| GcError::FreeSpace(storage_path.display().to_string(), e))?,
-        None => 0,
-    };
+    let free_missing = short_of_free(policy, storage_path)?;
     let over_quota = policy
         .max_storage
         .map_or(0, |max| bytes_before.saturating_sub(max));
-    let short_of_free = policy
-        .min_free_space
-        .map_or(0, |min| min.saturating_sub(free));
-    let needed = over_quota.max(short_of_free);
+    let needed = over_quota.max(free_missing);
+    // Below the free-space floor only transfers in flight are spared.
+    let emergency = free_missing > 0;
+    let (leased_blobs, _) = if emergency {
+        (HashSet::new(), None)
+    } else {
+        blobs.leased()
+    };
 
-    let protect_from = at.saturating_sub(policy.keep_pulled_within.as_secs());
-    let kept = stored_images(db, blobs, &pulls.all(db)?)?;
-    let (chosen, evicted) = evictions(&kept, &sizes, needed, protect_from);
+    let kept = stored_images(db, blobs, &pulls.all(db)?, &leased_blobs)?;
+    let (chosen, evicted) = evictions(&kept, &sizes, needed);
+    let leased = kept
+        .iter()
+        .enumerate()
+        .filter(|(i, img)| img.leased && !chosen.contains(i))
+        .count();
+    if emergency && !dry_run {
+        tracing::warn!(
+            free_short_by = free_missing,
+            evicting = evicted.len(),
+            "free space is below --min-free-space: evicting the least recently pulled images, leased or not"
+        );
+    }
 
     if dry_run {
         let staying = kept
@@ -463,6 +516,9 @@ pub fn collect(
             blobs_deleted: unreferenced.len(),
             bytes_freed,
             blobs_in_use: 0,
+            leased,
+            emergency,
+            retry_in: None,
         });
     }
 
@@ -477,7 +533,13 @@ pub fn collect(
         // changes the count, and the deletion below then refuses.
         let released = blobs.pins_released();
         let referrers: HashMap<_, _> = db.all_referrers()?.into_iter().collect();
-        let staying = images(&Records::read(db)?, &HashMap::new(), blobs, &referrers);
+        let staying = images(
+            &Records::read(db)?,
+            &HashMap::new(),
+            blobs,
+            &referrers,
+            &HashSet::new(),
+        );
         let (mut referenced, stale) = keep_with_forms(
             db.manifest_digest_list()?,
             |d| parts_of(blobs, d),
@@ -505,32 +567,73 @@ pub fn collect(
             .filter(|d| !referenced.contains(d))
             .collect();
         candidates = unreferenced.len();
-        if let Some(done) = blobs.delete_unless_pinned(&unreferenced, released)? {
+        if let Some(done) = blobs.delete_unless_pinned(&unreferenced, released, !emergency)? {
             deleted = done;
             break;
         }
     }
     let pruned = db.prune_layers(|d| matches!(blobs.stat_blob(d), Ok(Some(_))))?;
     let bytes_freed: u64 = deleted.iter().map(|(_, n)| n).sum();
+    let bytes_after = blobs.stats().1;
+    let in_use = candidates - deleted.len();
+    let still_over = policy.max_storage.is_some_and(|max| bytes_after > max)
+        || short_of_free(policy, storage_path)? > 0;
     let report = Report {
         at,
         dry_run,
         bytes_before,
-        bytes_after: blobs.stats().1,
+        bytes_after,
         evicted,
         blobs_deleted: deleted.len(),
         bytes_freed,
-        blobs_in_use: candidates - deleted.len(),
+        blobs_in_use: in_use,
+        leased,
+        emergency,
+        retry_in: still_over
+            .then(|| retry_in(blobs, emergency, leased > 0, in_use > 0))
+            .flatten(),
     };
     tracing::info!(
         evicted = report.evicted.len(),
         blobs_deleted = report.blobs_deleted,
         bytes_freed = report.bytes_freed,
         bytes_after = report.bytes_after,
+        leased = report.leased,
+        blobs_in_use = report.blobs_in_use,
+        retry_in = report.retry_in,
         layer_records_pruned = pruned,
         "garbage collection done"
     );
     Ok(report)
+}
+
+/// Bytes missing to reach `min_free_space` (0 without that limit).
+fn short_of_free(policy: &Policy, storage_path: &Path) -> Result<u64, GcError> {
+    let Some(min) = policy.min_free_space else {
+        return Ok(0);
+    };
+    let free = crate::store::disk::free_bytes(storage_path)
+        .map_err(|e| GcError::FreeSpace(storage_path.display().to_string(), e))?;
+    Ok(min.saturating_sub(free))
+}
+
+/// When a collection that left the store over a limit should run again:
+/// soon while transfers hold blobs, else just after the first lease ends
+/// (leases hold nothing in an `emergency`), at once if the leases that
+/// kept images (`leased`) ended while it ran; None when nothing held
+/// anything back (more collections would not help).
+fn retry_in(blobs: &BlobStore, emergency: bool, leased: bool, in_use: bool) -> Option<u64> {
+    let first_end = if emergency { None } else { blobs.leased().1 };
+    let lease_end = match first_end {
+        Some(end) => Some(end.as_secs() + 1),
+        None if leased => Some(1),
+        None => None,
+    };
+    let transfers = in_use.then_some(RETRY_WHILE_IN_USE);
+    match (lease_end, transfers) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// Parses a size such as `50G`, `512M`, `1.5T` or `1000` (bytes); the
@@ -575,6 +678,7 @@ mod tests {
             image: None,
             blobs: blobs.iter().map(|b| Digest::of(&[*b])).collect(),
             pinned: false,
+            leased: false,
         }
     }
 
@@ -591,27 +695,20 @@ mod tests {
             image(3, 200, &[9, 102]),
         ];
         // Blob 50 is an orphan: 5 bytes free already.
-        assert!(choose_evictions(&images, &sizes, 5, u64::MAX).is_empty());
-        assert_eq!(choose_evictions(&images, &sizes, 6, u64::MAX), vec![1]);
-        assert_eq!(choose_evictions(&images, &sizes, 26, u64::MAX), vec![1, 2]);
+        assert!(choose_evictions(&images, &sizes, 5).is_empty());
+        assert_eq!(choose_evictions(&images, &sizes, 6), vec![1]);
+        assert_eq!(choose_evictions(&images, &sizes, 26), vec![1, 2]);
         // The shared blob frees only with the last image.
-        assert_eq!(
-            choose_evictions(&images, &sizes, 1000, u64::MAX),
-            vec![1, 2, 0]
-        );
-        // Recently used images are kept whatever the need.
-        assert_eq!(choose_evictions(&images, &sizes, 1000, 199), vec![1]);
+        assert_eq!(choose_evictions(&images, &sizes, 1000), vec![1, 2, 0]);
+        // Leased images are kept whatever the need, older ones still go.
+        let mut with_leased = images.clone();
+        with_leased[2].leased = true;
+        assert_eq!(choose_evictions(&with_leased, &sizes, 1000), vec![1, 0]);
         // Imported images are never evicted.
         let mut with_pinned = images.clone();
         with_pinned[1].pinned = true;
-        assert_eq!(
-            choose_evictions(&with_pinned, &sizes, 26, u64::MAX),
-            vec![2]
-        );
-        assert_eq!(
-            choose_evictions(&with_pinned, &sizes, 36, u64::MAX),
-            vec![2, 0]
-        );
+        assert_eq!(choose_evictions(&with_pinned, &sizes, 26), vec![2]);
+        assert_eq!(choose_evictions(&with_pinned, &sizes, 36), vec![2, 0]);
     }
 
     #[test]
@@ -721,7 +818,8 @@ mod tests {
         let policy = Policy {
             max_storage: Some(6000),
             min_free_space: None,
-            keep_pulled_within: Duration::ZERO,
+            lease: Duration::ZERO,
+            keep_recent: Duration::ZERO,
         };
 
         let dry = collect(&db, &blobs, &pulls, dir.path(), &policy, true).unwrap();
@@ -796,7 +894,8 @@ mod tests {
         let policy = Policy {
             max_storage: Some(1),
             min_free_space: None,
-            keep_pulled_within: Duration::ZERO,
+            lease: Duration::ZERO,
+            keep_recent: Duration::ZERO,
         };
         let pulls = LastPulled::default();
         let report = collect(&db, &blobs, &pulls, dir.path(), &policy, false).unwrap();
@@ -820,9 +919,104 @@ mod tests {
         drop(building);
         drop(pins);
         assert_eq!(
-            blobs.delete_unless_pinned(&[layer], released).unwrap(),
+            blobs
+                .delete_unless_pinned(&[layer], released, true)
+                .unwrap(),
             None
         );
         assert!(blobs.stat_blob(&layer).unwrap().is_some());
+    }
+
+    /// An image with one layer of `fill` bytes, recorded as built and
+    /// pulled at `at`.
+    fn stored_image(db: &Db, blobs: &BlobStore, name: &str, fill: u8, at: u64) -> [Digest; 3] {
+        let layer = blobs.put(&[fill; 4000]).unwrap();
+        let config = blobs.put(name.as_bytes()).unwrap();
+        let manifest = serde_json::json!({
+            "config": {"digest": config.to_string(), "size": name.len()},
+            "layers": [{"digest": layer.to_string(), "size": 4000}],
+        });
+        let m = blobs.put(manifest.to_string().as_bytes()).unwrap();
+        let record = ManifestRecord {
+            digest: m,
+            checked_at: at,
+            out_paths: vec![],
+            revision: None,
+        };
+        db.put_manifest(name, &record).unwrap();
+        [m, config, layer]
+    }
+
+    #[test]
+    fn a_leased_image_is_kept_and_the_collection_comes_back_when_the_lease_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(dir.path()).unwrap();
+        let db = Db::open(&dir.path().join("db")).unwrap();
+        let pulls = LastPulled::default();
+        let old = stored_image(&db, &blobs, "old", 1, 10);
+        let served = stored_image(&db, &blobs, "served", 2, 5);
+        // Served as an OCI form: the lease names its config and layer only.
+        let lease = Duration::from_secs(30);
+        blobs.lease(
+            "served",
+            Digest::of(b"an OCI form"),
+            served[1..].to_vec(),
+            lease,
+        );
+        let policy = Policy {
+            max_storage: Some(1),
+            min_free_space: None,
+            lease,
+            keep_recent: Duration::ZERO,
+        };
+        let report = collect(&db, &blobs, &pulls, dir.path(), &policy, false).unwrap();
+        assert_eq!(report.evicted.len(), 1, "{report:?}");
+        assert_eq!(report.evicted[0].manifest, old[0].to_string());
+        assert_eq!(report.leased, 1);
+        assert!(!report.emergency);
+        let retry = report.retry_in.expect("over the quota while leased");
+        assert!((1..=31).contains(&retry), "{retry}");
+        for kept in served {
+            assert!(blobs.stat_blob(&kept).unwrap().is_some());
+        }
+        for gone in old {
+            assert!(blobs.stat_blob(&gone).unwrap().is_none());
+        }
+    }
+
+    #[test]
+    fn below_the_free_space_floor_leases_give_way_but_transfers_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(dir.path()).unwrap();
+        let db = Db::open(&dir.path().join("db")).unwrap();
+        let pulls = LastPulled::default();
+        let leased = stored_image(&db, &blobs, "leased", 1, 10);
+        let sending = stored_image(&db, &blobs, "sending", 2, 5);
+        blobs.lease(
+            "leased",
+            leased[0],
+            leased[1..].to_vec(),
+            Duration::from_secs(600),
+        );
+        let transfer = blobs.open_blob(&sending[2]).unwrap().unwrap();
+        let policy = Policy {
+            max_storage: None,
+            min_free_space: Some(u64::MAX),
+            lease: Duration::from_secs(600),
+            keep_recent: Duration::ZERO,
+        };
+        let report = collect(&db, &blobs, &pulls, dir.path(), &policy, false).unwrap();
+        assert!(report.emergency);
+        let mut evicted: Vec<&str> = report.evicted.iter().map(|e| e.manifest.as_str()).collect();
+        evicted.sort();
+        let mut expected = [leased[0].to_string(), sending[0].to_string()];
+        expected.sort();
+        assert_eq!(evicted, expected, "leased or not");
+        for gone in leased.iter().chain(&sending[..2]) {
+            assert!(blobs.stat_blob(gone).unwrap().is_none());
+        }
+        assert!(blobs.stat_blob(&sending[2]).unwrap().is_some(), "in flight");
+        assert_eq!(report.retry_in, Some(RETRY_WHILE_IN_USE));
+        drop(transfer);
     }
 }

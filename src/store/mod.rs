@@ -1,8 +1,10 @@
 //! Where content and records live: the blob store on disk (`fs`), the sled
 //! database (`db`), the file system's free space (`disk`), when images were
-//! last pulled (`pulls`), the garbage collector that uses them (`gc`) and
+//! last pulled (`pulls`), the short holds on images just served
+//! (`leases`), the garbage collector that uses them (`gc`) and
 //! its background runs (`collector`), the space set aside to start on a
-//! full disk (`reserve`), the copying of proxied blobs to a replica's disk
+//! full disk (`reserve`), the re-hashing of stored blobs that
+//! quarantines damaged ones (`scrub`), the copying of proxied blobs to a replica's disk
 //! (`fill`), and the [`Storage`] seam that the builder and the
 //! registry use, which either backend implements: the local blob store
 //! itself (`local`), or an S3 bucket shared by several replicas (`s3`).
@@ -18,10 +20,12 @@ pub mod fill;
 pub mod findings;
 pub mod fs;
 pub mod gc;
+pub mod leases;
 pub mod local;
 pub mod pulls;
 pub mod reserve;
 pub mod s3;
+pub mod scrub;
 
 use crate::digest::Digest;
 use bytes::Bytes;

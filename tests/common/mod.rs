@@ -313,6 +313,50 @@ pub async fn status_json(client: &Client, s: &TestServer) -> Value {
     serde_json::from_slice(&r.bytes().await.unwrap()).expect("status is JSON")
 }
 
+/// Waits for a garbage collection newer than `after` (Null: any) and
+/// returns its report from `/api/status`.
+pub async fn next_gc(c: &Client, s: &TestServer, after: &Value) -> Value {
+    for _ in 0..1200 {
+        let gc = status_json(c, s).await["limits"]["last_gc"].clone();
+        if !gc.is_null() && gc != *after {
+            return gc;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("no garbage collection ran");
+}
+
+/// A slow client: the first chunk of blob `digest` of `name`; the rest is
+/// read by [`finish_download`], after whatever the test does meanwhile.
+pub async fn start_download(
+    c: &Client,
+    s: &TestServer,
+    name: &str,
+    digest: &str,
+) -> (reqwest::Response, Vec<u8>) {
+    let mut r = c
+        .get(s.url(&format!("/v2/{name}/blobs/{digest}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let first = r.chunk().await.unwrap().unwrap().to_vec();
+    (r, first)
+}
+
+/// Reads the rest of a download begun by [`start_download`] and checks
+/// that it is whole.
+pub async fn finish_download((mut r, mut body): (reqwest::Response, Vec<u8>), digest: &str) {
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        body.extend_from_slice(&chunk);
+    }
+    assert_eq!(
+        Digest::of(&body).to_string(),
+        digest,
+        "the download is whole"
+    );
+}
+
 /// Names of the files in a storage path's `tmp/`.
 /// Every file under `dir` that contains `needle`.
 pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {

@@ -6,8 +6,9 @@
 //!
 //! It runs while replicas serve and build. What keeps it from deleting a
 //! blob a build is about to use:
-//! - blobs written within `--gc-keep-recent` are kept (a build uploads its
-//!   blobs before the records that name them);
+//! - blobs written, and images built or pulled, within `--gc-keep-recent`
+//!   are kept (a build uploads its blobs before the records that name
+//!   them; the collection cannot see the replicas' leases);
 //! - layer records go before their blobs, and blobs are deleted only when
 //!   no build lease is live after that, so a build either started before
 //!   (and is seen: nothing is deleted this time) or finds no record to
@@ -159,8 +160,8 @@ async fn read_contents(bucket: &Bucket) -> Result<Contents, StoreError> {
 }
 
 /// The images the bucket's build and import records keep, one per
-/// manifest digest.
-fn images(c: &Contents) -> Vec<Image> {
+/// manifest digest; those used after `recent` count as leased.
+fn images(c: &Contents, recent: u64) -> Vec<Image> {
     // Last pulled, made or confirmed current; what it is called; imported.
     let mut by_digest: BTreeMap<Digest, (u64, String, bool)> = BTreeMap::new();
     for (key, r) in &c.builds {
@@ -193,6 +194,7 @@ fn images(c: &Contents) -> Vec<Image> {
                 image: Some(name),
                 blobs,
                 pinned,
+                leased: last_used > recent,
             }
         })
         .collect()
@@ -207,13 +209,13 @@ async fn collect_holding_lease(
     let c = read_contents(bucket).await?;
     let sizes: HashMap<Digest, u64> = c.blobs.iter().map(|b| (b.digest, b.size)).collect();
     let bytes_before: u64 = sizes.values().sum();
-    let recent = at.saturating_sub(policy.keep_pulled_within.as_secs());
+    let recent = at.saturating_sub(policy.keep_recent.as_secs());
 
-    let kept = images(&c);
+    let kept = images(&c, recent);
     let needed = policy
         .max_storage
         .map_or(0, |max| bytes_before.saturating_sub(max));
-    let (chosen, evicted) = evictions(&kept, &sizes, needed, recent);
+    let (chosen, evicted) = evictions(&kept, &sizes, needed);
     let evicted_digests: BTreeSet<Digest> = chosen.iter().map(|&i| kept[i].manifest).collect();
     let staying = kept
         .iter()
@@ -243,6 +245,9 @@ async fn collect_holding_lease(
         blobs_deleted: 0,
         bytes_freed: 0,
         blobs_in_use: young.len(),
+        leased: kept.iter().filter(|img| img.leased).count(),
+        emergency: false,
+        retry_in: None,
     };
     if dry_run {
         report.blobs_deleted = unreferenced.len();
