@@ -55,6 +55,7 @@ let
   tlsKey = if acmeHost != null then "${acmeDir}/key.pem" else cfg.tls.keyFile;
   tlsOn = tlsCert != null && tlsKey != null;
   acmeUnits = if acmeHost == null then [ ] else [ "acme-${acmeHost}.service" ];
+  # Secrets systemd copies into the unit's credentials directory.
   credentials =
     (if cfg.htpasswdFile == null then [ ] else [ "htpasswd:${cfg.htpasswdFile}" ])
     ++ (
@@ -63,6 +64,12 @@ let
           "tls-cert:${tlsCert}"
           "tls-key:${tlsKey}"
         ]
+      else
+        [ ]
+    )
+    ++ (
+      if cfg.nixCache.enable && cfg.nixCache.secretKeyFile != null then
+        [ "nix-cache-key:${cfg.nixCache.secretKeyFile}" ]
       else
         [ ]
     );
@@ -121,16 +128,6 @@ let
     // cfg.extraEnvironment;
 
   nixery = "${cfg.package}/bin/nixery";
-
-  # Secrets systemd copies into the unit's credentials directory.
-  credentials =
-    (if cfg.htpasswdFile != null then [ "htpasswd:${cfg.htpasswdFile}" ] else [ ])
-    ++ (
-      if cfg.nixCache.enable && cfg.nixCache.secretKeyFile != null then
-        [ "nix-cache-key:${cfg.nixCache.secretKeyFile}" ]
-      else
-        [ ]
-    );
 
   s3Environment = filterAttrs (n: _: hasPrefix "NIXERY_S3_" n) environment // {
     NIXERY_STORAGE_BACKEND = "s3";
