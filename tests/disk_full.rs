@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{config, error_code, get_blob, get_manifest, next_gc, temp_files, TestServer};
+use common::{config, error_code, get_blob, get_manifest, temp_files, TestServer};
 use nixery::store::reserve::RESERVE_BYTES;
 use reqwest::{Client, StatusCode};
 use std::io::Write;
@@ -158,59 +158,4 @@ async fn a_full_disk_twice_in_a_row_keeps_its_reserve() {
         }
         s.stop().await;
     }
-}
-
-#[tokio::test]
-async fn a_build_below_the_free_space_floor_evicts_at_once_but_not_transfers() {
-    let fs = Tmpfs::mount("400m");
-    let root = fs.0.clone();
-    let c = Client::new();
-    // Leases far longer than the test: below the floor they do not hold.
-    let limits = ["--min-free-space", "150M", "--gc-lease", "3600"];
-    let s = TestServer::start(&config(&root, &limits)).await;
-    let (_, big_json) = get_manifest(&c, &s, "big", "latest").await;
-    get_manifest(&c, &s, "hello", "latest").await;
-    let gc = next_gc(&c, &s, &serde_json::Value::Null).await;
-    // A slow client of big's largest layer.
-    let layer = common::largest_layer(&big_json);
-    let download = common::start_download(&c, &s, "big", &layer).await;
-
-    // Just above the floor; the next build goes below it.
-    let free = nixery::store::disk::free_bytes(&root).unwrap();
-    let len = free - (150 << 20) - (256 << 10);
-    let mut f = std::fs::File::create(root.join("filler")).unwrap();
-    let chunk = vec![1u8; 1 << 20];
-    let mut written = 0;
-    while written < len {
-        let n = chunk.len().min((len - written) as usize);
-        f.write_all(&chunk[..n]).unwrap();
-        written += n as u64;
-    }
-    f.sync_all().unwrap();
-
-    get_manifest(&c, &s, "bash", "latest").await;
-    let built = std::time::Instant::now();
-    let gc = loop {
-        let gc = next_gc(&c, &s, &gc).await;
-        if gc["emergency"] == true {
-            break gc;
-        }
-        assert!(
-            built.elapsed() < std::time::Duration::from_secs(120),
-            "{gc}"
-        );
-    };
-    // At once: woken by the build, not by the 5-minute timer.
-    assert!(
-        built.elapsed() < std::time::Duration::from_secs(120),
-        "{gc}"
-    );
-    let evicted = gc["evicted"].as_array().unwrap();
-    assert!(!evicted.is_empty(), "leased images go too: {gc}");
-    assert!(gc["blobs_in_use"].as_u64().unwrap() >= 1, "{gc}");
-
-    // The transfer in flight completes whole.
-    common::finish_download(download, &layer).await;
-    assert_blobs_whole(&root);
-    s.stop().await;
 }
