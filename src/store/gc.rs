@@ -475,16 +475,7 @@ pub fn collect(
     };
 
     let kept = stored_images(db, blobs, &pulls.all(db)?, &leased_blobs)?;
-    // A pinned blob frees nothing until its transfer or build is done:
-    // counting it would evict too little (a build's blobs not yet
-    // recorded look unreferenced).
-    let pinned = blobs.pinned();
-    let deletable: HashMap<Digest, u64> = sizes
-        .iter()
-        .filter(|(d, _)| !pinned.contains(d))
-        .map(|(d, n)| (*d, *n))
-        .collect();
-    let (chosen, evicted) = evictions(&kept, &deletable, needed);
+    let (chosen, evicted) = evictions(&kept, &sizes, needed);
     let leased = kept
         .iter()
         .enumerate()
