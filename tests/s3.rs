@@ -325,6 +325,9 @@ async fn verify_and_gc_work_on_the_bucket_while_replicas_serve() {
     let client = Client::new();
     let (hello, hello_manifest) = get_manifest(&client, &a, "hello", "latest").await;
     let (shell, _) = get_manifest(&client, &a, "shell/hello", "latest").await;
+    // The bills of materials are written after the builds, in the
+    // background: verify looks once they are there.
+    a.builder.finish_background().await;
 
     let (code, out) = upkeep(&weed, "upkeep", &["verify"]);
     assert_eq!(code, 0, "{out}");
