@@ -418,23 +418,6 @@ fn collection_evicts_an_image_and_its_paths_only() {
     );
 }
 
-/// `nixery` with the fixture set (or none: a mirror) on `storage`.
-fn offline(storage: &Path, with_source: bool) -> Command {
-    let mut cmd = Command::new(NIXERY);
-    cmd.env("STORAGE_PATH", storage)
-        .env("NIXERY_NIX_OPTIONS", "substituters=")
-        .env("NIX_TIMEOUT", "300")
-        .env_remove("NIXERY_PKGS_PATH")
-        .env_remove("NIXERY_CHANNEL")
-        .env_remove("NIXERY_PKGS_REPO")
-        .env_remove("NIXERY_FLAKE")
-        .stdin(std::process::Stdio::null());
-    if with_source {
-        cmd.env("NIXERY_PKGS_PATH", common::fixture_dir());
-    }
-    cmd
-}
-
 /// An image exported with its closures and imported into fresh storage:
 /// the mirror (no package source, another key) serves the same narinfos
 /// and NARs, and Nix substitutes from it.
@@ -462,13 +445,17 @@ async fn export_with_closures_and_import_carry_the_cache() {
 
     let tar = work.path().join("media.tar");
     common::run(
-        offline(&outside, true)
+        common::nixery_command(&outside, true)
             .args(["export", "--with-closures", "--output"])
             .arg(&tar)
             .arg("hello"),
     );
     let inside = work.path().join("inside");
-    let text = common::run(offline(&inside, false).arg("import").arg(&tar));
+    let text = common::run(
+        common::nixery_command(&inside, false)
+            .arg("import")
+            .arg(&tar),
+    );
     assert!(text.contains("the Nix binary cache serves"), "{text}");
 
     // The mirror: no package source.

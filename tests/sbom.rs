@@ -297,24 +297,6 @@ async fn every_image_has_validated_bills_of_materials_listing_its_closure() {
     s2.stop().await;
 }
 
-/// `nixery ARGS` on `storage`, with the fixture set as source or none.
-fn nixery(storage: &Path, with_source: bool) -> Command {
-    common::require_tool("nix-instantiate");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixery"));
-    cmd.env("STORAGE_PATH", storage)
-        .env("NIXERY_NIX_OPTIONS", "substituters=")
-        .env("NIX_TIMEOUT", "300")
-        .env_remove("NIXERY_PKGS_PATH")
-        .env_remove("NIXERY_CHANNEL")
-        .env_remove("NIXERY_PKGS_REPO")
-        .env_remove("NIXERY_FLAKE")
-        .stdin(std::process::Stdio::null());
-    if with_source {
-        cmd.env("NIXERY_PKGS_PATH", common::fixture_dir());
-    }
-    cmd
-}
-
 fn stored(storage: &Path, digest: &Digest) -> bool {
     let hex = digest.hex();
     storage
@@ -329,8 +311,9 @@ fn documents_travel_through_export_and_import_and_go_with_their_image() {
     let outside = tempfile::tempdir().unwrap();
     let inside = tempfile::tempdir().unwrap();
     let sbom = |storage: &Path, with_source: bool, format: &str| -> Vec<u8> {
-        run(nixery(storage, with_source).args(["sbom", "hello", "--format", format]));
-        let out = nixery(storage, with_source)
+        run(common::nixery_command(storage, with_source)
+            .args(["sbom", "hello", "--format", format]));
+        let out = common::nixery_command(storage, with_source)
             .args(["sbom", "hello", "--format", format])
             .output()
             .unwrap();
@@ -344,7 +327,7 @@ fn documents_travel_through_export_and_import_and_go_with_their_image() {
     assert_eq!(v["specVersion"], "1.6");
 
     let layout = outside.path().join("layout");
-    run(nixery(outside.path(), true)
+    run(common::nixery_command(outside.path(), true)
         .args(["export", "--output"])
         .arg(&layout)
         .arg("hello"));
@@ -359,10 +342,12 @@ fn documents_travel_through_export_and_import_and_go_with_their_image() {
     // Both documents, for the Docker and the OCI manifest each.
     assert_eq!(artifacts.len(), 4, "{index}");
 
-    run(nixery(inside.path(), false).arg("import").arg(&layout));
+    run(common::nixery_command(inside.path(), false)
+        .arg("import")
+        .arg(&layout));
     assert_eq!(sbom(inside.path(), false, "spdx"), spdx);
     assert_eq!(sbom(inside.path(), false, "cyclonedx"), cdx);
-    run(nixery(inside.path(), false).arg("verify"));
+    run(common::nixery_command(inside.path(), false).arg("verify"));
 
     // Evicted outside: its documents and artifact manifests go with it.
     // Imported inside: never evicted, so they stay.
@@ -375,7 +360,13 @@ fn documents_travel_through_export_and_import_and_go_with_their_image() {
         for d in documents.iter().chain(&manifests) {
             assert!(stored(storage, d), "{d} in {}", storage.display());
         }
-        run(nixery(storage, false).args(["gc", "--max-storage", "1", "--gc-keep-recent", "0"]));
+        run(common::nixery_command(storage, false).args([
+            "gc",
+            "--max-storage",
+            "1",
+            "--gc-keep-recent",
+            "0",
+        ]));
     }
     for d in documents.iter().chain(&manifests) {
         assert!(!stored(outside.path(), d), "{d} outlived its image");

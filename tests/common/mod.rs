@@ -374,6 +374,26 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
     found
 }
 
+/// The `nixery` binary on `storage` for a one-off command (`sbom`,
+/// `export`, `import`, `verify`, `gc`), with the fixture set as source or
+/// none (a mirror); Nix never waits on a binary cache.
+pub fn nixery_command(storage: &Path, with_source: bool) -> Command {
+    require_tool("nix-instantiate");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixery"));
+    cmd.env("STORAGE_PATH", storage)
+        .env("NIXERY_NIX_OPTIONS", "substituters=")
+        .env("NIX_TIMEOUT", "300")
+        .env_remove("NIXERY_PKGS_PATH")
+        .env_remove("NIXERY_CHANNEL")
+        .env_remove("NIXERY_PKGS_REPO")
+        .env_remove("NIXERY_FLAKE")
+        .stdin(std::process::Stdio::null());
+    if with_source {
+        cmd.env("NIXERY_PKGS_PATH", fixture_dir());
+    }
+    cmd
+}
+
 pub fn temp_files(storage: &Path) -> Vec<String> {
     std::fs::read_dir(storage.join("tmp"))
         .map(|d| {
