@@ -260,3 +260,34 @@ fn no_setting_shows_its_password_anywhere() {
         started.elapsed()
     );
 }
+
+/// The commands that work on the storage without a server print their
+/// own errors: an s3 endpoint with a password that answers nonsense must
+/// not show up in them.
+#[test]
+fn offline_commands_do_not_show_the_endpoint_password() {
+    let port = answering_server();
+    let endpoint = format!("http://user:{SECRET}@127.0.0.1:{port}/x");
+    let storage = tempfile::tempdir().unwrap();
+    for command in [
+        vec!["verify"],
+        vec!["gc"],
+        vec!["import", "/nonexistent/layout"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_nixery"))
+            .args(&command)
+            .arg("--storage-path")
+            .arg(storage.path())
+            .args(["--storage-backend", "s3", "--s3-bucket", "bucket"])
+            .args(["--s3-endpoint", &endpoint])
+            .env("AWS_ACCESS_KEY_ID", "id")
+            .env("AWS_SECRET_ACCESS_KEY", "key")
+            .env("AWS_REGION", "us-east-1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{command:?} succeeded:\n{text}");
+        assert_no_secret(&format!("{command:?}"), &text);
+    }
+}

@@ -59,12 +59,12 @@ pub fn run(args: BuildArgs) -> ExitCode {
                 Ok(digest) => println!("{image} {digest}"),
                 Err(e) => {
                     failed += 1;
-                    eprintln!("nixery: {image}: {e}");
+                    eprintln_redacted!("nixery: {image}: {e}");
                 }
             }
         }
         if failed > 0 {
-            eprintln!("nixery: {failed} of {} images failed", images.len());
+            eprintln_redacted!("nixery: {failed} of {} images failed", images.len());
             return Ok(ExitCode::FAILURE);
         }
         Ok(ExitCode::SUCCESS)
@@ -150,7 +150,7 @@ impl Progress {
                 }
                 (None, Some((_, phase))) if *phase == b.phase => {}
                 (None, entry) => {
-                    eprintln!("{key}: {detail}");
+                    eprintln_redacted!("{key}: {detail}");
                     match entry {
                         Some((_, phase)) => *phase = b.phase,
                         None => {

@@ -274,16 +274,12 @@ pub fn run(args: CheckArgs) -> std::process::ExitCode {
             let summary = format!("{}  tls:     {line}\n", summary(&config, files_checked));
             print!("{}", crate::redact::redact(&summary));
             for w in warnings {
-                eprintln!("nixery: warning: {}", crate::redact::redact(&w));
+                eprintln_redacted!("nixery: warning: {w}");
             }
             std::process::ExitCode::SUCCESS
         }
         Err(e) => {
-            let e = e.to_string();
-            eprintln!(
-                "nixery: invalid configuration: {}",
-                crate::redact::redact(&e)
-            );
+            eprintln_redacted!("nixery: invalid configuration: {e}");
             std::process::ExitCode::from(2)
         }
     }

@@ -33,7 +33,7 @@ pub fn run(args: GcArgs) -> ExitCode {
     let settings = match args.backend.s3() {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("nixery gc: invalid configuration: {e}");
+            eprintln_redacted!("nixery gc: invalid configuration: {e}");
             return ExitCode::from(2);
         }
     };
@@ -47,7 +47,7 @@ pub fn run(args: GcArgs) -> ExitCode {
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e @ BucketGcError::Running(_)) => {
-                    eprintln!("nixery gc: {e}; nothing done");
+                    eprintln_redacted!("nixery gc: {e}; nothing done");
                     Ok(ExitCode::from(ANOTHER_COLLECTION))
                 }
                 Err(e) => Err(e.into()),
@@ -60,7 +60,7 @@ pub fn run(args: GcArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("nixery gc: {e:#}");
+            eprintln_redacted!("nixery gc: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -69,7 +69,7 @@ pub fn run(args: GcArgs) -> ExitCode {
 fn collect(args: &GcArgs) -> anyhow::Result<Report> {
     let policy = args.limits.policy()?;
     if let Some(warning) = args.limits.local_warning() {
-        eprintln!("nixery gc: {warning}");
+        eprintln_redacted!("nixery gc: {warning}");
     }
     let Some(root) = &args.storage_path else {
         anyhow::bail!("--storage-path (STORAGE_PATH) is required");

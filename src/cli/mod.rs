@@ -1,6 +1,14 @@
 //! The subcommands of the `nixery` binary, one file each, plus what they
 //! share with systemd (`notify`) and with each other (below).
 
+/// `eprintln!` for a command's messages, redacted: an error may repeat a
+/// setting's URL with the credentials in it, and stderr is a log too.
+macro_rules! eprintln_redacted {
+    ($($arg:tt)*) => {
+        eprintln!("{}", $crate::redact::redact(&format!($($arg)*)))
+    };
+}
+
 pub mod build;
 pub mod check_config;
 pub mod export;
@@ -37,7 +45,7 @@ where
     }) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("nixery: {e}");
+            eprintln_redacted!("nixery: {e}");
             return ExitCode::from(2);
         }
     };
@@ -65,7 +73,7 @@ where
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("nixery: {e:#}");
+            eprintln_redacted!("nixery: {e:#}");
             ExitCode::FAILURE
         }
     }

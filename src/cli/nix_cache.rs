@@ -35,7 +35,7 @@ pub fn run(args: NixCacheArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("nixery: {e:#}");
+            eprintln_redacted!("nixery: {e:#}");
             ExitCode::from(1)
         }
     }

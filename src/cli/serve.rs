@@ -9,7 +9,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
     let config = match args.validate() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("nixery: {}", crate::redact::redact(&e.to_string()));
+            eprintln_redacted!("nixery: {e}");
             return ExitCode::from(2);
         }
     };
@@ -22,7 +22,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
     let notifier = match Notifier::take_from_env() {
         Some(Ok(n)) => Some(std::sync::Arc::new(n)),
         Some(Err(e)) => {
-            eprintln!("nixery: {e}");
+            eprintln_redacted!("nixery: {e}");
             return ExitCode::FAILURE;
         }
         None => None,
@@ -30,7 +30,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("nixery: cannot start the async runtime: {e}");
+            eprintln_redacted!("nixery: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -70,7 +70,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("nixery: {}", crate::redact::redact(&format!("{e:#}")));
+            eprintln_redacted!("nixery: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -52,7 +52,7 @@ fn run_init(args: InitArgs) -> ExitCode {
     let dir = match std::path::absolute(&args.dir) {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("nixery: {}: {e}", args.dir.display());
+            eprintln_redacted!("nixery: {}: {e}", args.dir.display());
             return ExitCode::from(2);
         }
     };
@@ -63,7 +63,7 @@ fn run_init(args: InitArgs) -> ExitCode {
     let layout = match init(&dir, &names, args.force) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("nixery: {e}");
+            eprintln_redacted!("nixery: {e}");
             return ExitCode::from(2);
         }
     };

@@ -26,7 +26,7 @@ pub fn run(args: VerifyArgs) -> ExitCode {
         Ok(Some(settings)) => return verify_bucket(settings, args.repair),
         Ok(None) => {}
         Err(e) => {
-            eprintln!("nixery: invalid configuration: {e}");
+            eprintln_redacted!("nixery: invalid configuration: {e}");
             return ExitCode::from(2);
         }
     }
