@@ -500,6 +500,47 @@ fn a_new_pair_serves_new_connections_while_a_download_finishes() {
     assert_eq!(served_serial(server.port), new_serial);
     let log = std::fs::read_to_string(work.path().join("log")).unwrap();
     assert_eq!(log.matches("cannot be used").count(), 1, "{log}");
+
+    // `tls renew` signs a new pair with the same CA: the client that
+    // trusts ca.crt needs nothing new. Without names it takes the current
+    // certificate's, which is broken now: a clear refusal.
+    let ca_before = std::fs::read(pki.join("ca.crt")).unwrap();
+    let refused = nixery()
+        .args(["tls", "renew", "--dir"])
+        .arg(&pki)
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("give --hostname or --ip"), "{said}");
+    run(nixery().args(["tls", "renew", "--dir"]).arg(&pki).args([
+        "--ip",
+        "127.0.0.1",
+        "--hostname",
+        "localhost",
+    ]));
+    assert_eq!(std::fs::read(pki.join("ca.crt")).unwrap(), ca_before);
+    let renewed = file_serial(&pki.join("server.crt"));
+    assert_ne!(renewed, new_serial);
+    wait_for(
+        "the renewed certificate is served",
+        Duration::from_secs(30),
+        || served_serial(server.port) == renewed,
+    );
+    run(Command::new("curl")
+        .args(["-sSf", "--cacert"])
+        .arg(pki.join("ca.crt"))
+        .arg(format!("https://{host}/v2/")));
+    // And again without names: the renewed certificate's are taken.
+    run(nixery().args(["tls", "renew", "--dir"]).arg(&pki));
+    assert_ne!(file_serial(&pki.join("server.crt")), renewed);
+    let names = run(Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+        .arg(pki.join("server.crt")));
+    assert!(
+        names.contains("DNS:localhost") && names.contains("IP Address:127.0.0.1"),
+        "{names}"
+    );
 }
 
 /// Writes a certificate for localhost that expired yesterday, signed by

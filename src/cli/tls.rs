@@ -1,7 +1,7 @@
 //! `nixery tls init`: a private CA and a server certificate for a LAN
 //! without a PKI, and the steps that make clients trust it.
 
-use crate::tls::init::{init, Names};
+use crate::tls::init::{init, renew, Layout, Names};
 use crate::tls::trust::client_steps;
 use clap::{Args, Subcommand};
 use std::net::IpAddr;
@@ -20,6 +20,24 @@ pub enum TlsCommand {
     /// signed by it for the given names and addresses; print how to serve
     /// it and how clients trust it.
     Init(InitArgs),
+    /// Write a new server key and certificate signed by the CA that `init`
+    /// wrote (before the old one expires, or for other names); clients
+    /// keep trusting the same CA, and a running server rereads the pair.
+    Renew(RenewArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RenewArgs {
+    /// The directory `tls init` wrote (ca.crt, ca-private/ca.key).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// DNS name clients use for the server (repeatable); without any
+    /// --hostname or --ip, the names of the current server certificate.
+    #[arg(long = "hostname")]
+    pub hostnames: Vec<String>,
+    /// IP address clients use for the server (repeatable).
+    #[arg(long = "ip")]
+    pub ips: Vec<IpAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -45,6 +63,59 @@ pub struct InitArgs {
 pub fn run(args: TlsArgs) -> ExitCode {
     match args.command {
         TlsCommand::Init(a) => run_init(a),
+        TlsCommand::Renew(a) => run_renew(a),
+    }
+}
+
+fn run_renew(args: RenewArgs) -> ExitCode {
+    let mut names = Names {
+        hostnames: args.hostnames,
+        ips: args.ips,
+    };
+    if names.hostnames.is_empty() && names.ips.is_empty() {
+        let layout = Layout::under(&args.dir);
+        match crate::tls::load(&layout.server_cert, &layout.server_key) {
+            Ok(current) => {
+                for name in current.info.names {
+                    match name.parse::<IpAddr>() {
+                        Ok(ip) => names.ips.push(ip),
+                        Err(_) => names.hostnames.push(name),
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln_redacted!(
+                    "nixery: cannot read the current server certificate for its names ({e}); give --hostname or --ip"
+                );
+                return ExitCode::from(2);
+            }
+        }
+    }
+    match renew(&args.dir, &names) {
+        Ok(layout) => {
+            let loaded = crate::tls::load(&layout.server_cert, &layout.server_key);
+            let until = loaded
+                .map(|l| crate::http::format::utc(l.info.not_after))
+                .unwrap_or_default();
+            println!(
+                "wrote {} and {} for {}, signed by {}, valid until {until}; a running server picks them up within seconds",
+                layout.server_cert.display(),
+                layout.server_key.display(),
+                names
+                    .hostnames
+                    .iter()
+                    .cloned()
+                    .chain(names.ips.iter().map(IpAddr::to_string))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                layout.ca_cert.display(),
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln_redacted!("nixery: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 

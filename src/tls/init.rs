@@ -32,6 +32,13 @@ pub enum InitError {
     },
     #[error("cannot make a certificate: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("cannot read the CA's {path} (made by `nixery tls init`): {source}")]
+    ReadCa {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a CA certificate or key in PEM: {source}")]
+    BadCa { path: PathBuf, source: rcgen::Error },
 }
 
 fn list(paths: &[PathBuf]) -> String {
@@ -79,6 +86,17 @@ pub struct Names {
     pub ips: Vec<IpAddr>,
 }
 
+impl Names {
+    /// The name certificates are called by.
+    fn first(&self) -> String {
+        self.hostnames
+            .first()
+            .cloned()
+            .or_else(|| self.ips.first().map(IpAddr::to_string))
+            .unwrap_or_default()
+    }
+}
+
 /// Writes a new CA and server certificate under `dir`. Refuses to replace
 /// any of the files unless `force`.
 pub fn init(dir: &Path, names: &Names, force: bool) -> Result<Layout, InitError> {
@@ -95,12 +113,7 @@ pub fn init(dir: &Path, names: &Names, force: bool) -> Result<Layout, InitError>
     if !existing.is_empty() && !force {
         return Err(InitError::Exists(existing));
     }
-    let first_name = names
-        .hostnames
-        .first()
-        .cloned()
-        .or_else(|| names.ips.first().map(IpAddr::to_string))
-        .unwrap_or_default();
+    let first_name = names.first();
     let now = OffsetDateTime::now_utc();
 
     let ca_key = KeyPair::generate()?;
@@ -122,12 +135,57 @@ pub fn init(dir: &Path, names: &Names, force: bool) -> Result<Layout, InitError>
     ca.not_after = now + Duration::days(CA_DAYS);
     let ca_cert = ca.self_signed(&ca_key)?;
 
+    let issuer = Issuer::from_params(&ca, &ca_key);
+    let (server_cert, server_key) = server_certificate(names, &issuer, now)?;
+
+    let private_dir = layout.ca_key.parent().unwrap_or(dir);
+    create_dir(dir, 0o755)?;
+    create_dir(private_dir, 0o700)?;
+    write_file(&layout.ca_key, &ca_key.serialize_pem(), 0o600)?;
+    write_server(&layout, &server_cert, &server_key, &ca_cert.pem())?;
+    write_file(&layout.ca_cert, &ca_cert.pem(), 0o644)?;
+    Ok(layout)
+}
+
+/// Writes a new server key and certificate under `dir`, signed by the CA
+/// that `init` wrote there (before the old certificate expires, or for
+/// other names), keeping the CA: clients need nothing new. A running
+/// server picks the pair up by itself.
+pub fn renew(dir: &Path, names: &Names) -> Result<Layout, InitError> {
+    if names.hostnames.is_empty() && names.ips.is_empty() {
+        return Err(InitError::NoNames);
+    }
+    let layout = Layout::under(dir);
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).map_err(|source| InitError::ReadCa {
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let bad = |path: &Path| {
+        let path = path.to_owned();
+        move |source| InitError::BadCa { path, source }
+    };
+    let ca_pem = read(&layout.ca_cert)?;
+    let ca_key = KeyPair::from_pem(&read(&layout.ca_key)?).map_err(bad(&layout.ca_key))?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, &ca_key).map_err(bad(&layout.ca_cert))?;
+    let (server_cert, server_key) = server_certificate(names, &issuer, OffsetDateTime::now_utc())?;
+    write_server(&layout, &server_cert, &server_key, &ca_pem)?;
+    Ok(layout)
+}
+
+/// A server key and a certificate for `names`, signed by `issuer`.
+fn server_certificate(
+    names: &Names,
+    issuer: &Issuer<'_, &KeyPair>,
+    now: OffsetDateTime,
+) -> Result<(rcgen::Certificate, KeyPair), InitError> {
     let server_key = KeyPair::generate()?;
     let mut server = CertificateParams::default();
     server.distinguished_name = DistinguishedName::new();
     server
         .distinguished_name
-        .push(DnType::CommonName, first_name.clone());
+        .push(DnType::CommonName, names.first());
     let mut sans = Vec::new();
     for h in &names.hostnames {
         let dns = h
@@ -146,29 +204,33 @@ pub fn init(dir: &Path, names: &Names, force: bool) -> Result<Layout, InitError>
     server.use_authority_key_identifier_extension = true;
     server.not_before = now - Duration::hours(1);
     server.not_after = now + Duration::days(SERVER_DAYS);
-    let issuer = Issuer::from_params(&ca, &ca_key);
-    let server_cert = server.signed_by(&server_key, &issuer)?;
+    let server_cert = server.signed_by(&server_key, issuer)?;
 
-    let write = |path: &Path, text: &str, mode: u32| {
-        crate::write_atomically_mode(path, text.as_bytes(), mode).map_err(|source| {
-            InitError::Write {
-                path: path.to_owned(),
-                source,
-            }
-        })
-    };
-    let private_dir = layout.ca_key.parent().unwrap_or(dir);
-    create_dir(dir, 0o755)?;
-    create_dir(private_dir, 0o700)?;
-    write(&layout.ca_key, &ca_key.serialize_pem(), 0o600)?;
-    write(&layout.server_key, &server_key.serialize_pem(), 0o600)?;
-    write(
+    Ok((server_cert, server_key))
+}
+
+/// The server's key, then its chain (its certificate, then the CA's): the
+/// key first, so that a server rereading between the two sees a mismatch
+/// (and keeps its pair) rather than an old key under a new certificate.
+fn write_server(
+    layout: &Layout,
+    cert: &rcgen::Certificate,
+    key: &KeyPair,
+    ca_pem: &str,
+) -> Result<(), InitError> {
+    write_file(&layout.server_key, &key.serialize_pem(), 0o600)?;
+    write_file(
         &layout.server_cert,
-        &format!("{}{}", server_cert.pem(), ca_cert.pem()),
+        &format!("{}{}", cert.pem(), ca_pem),
         0o644,
-    )?;
-    write(&layout.ca_cert, &ca_cert.pem(), 0o644)?;
-    Ok(layout)
+    )
+}
+
+fn write_file(path: &Path, text: &str, mode: u32) -> Result<(), InitError> {
+    crate::write_atomically_mode(path, text.as_bytes(), mode).map_err(|source| InitError::Write {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Creates a directory (and its parents) with `mode`; an existing one is
@@ -235,6 +297,42 @@ mod tests {
         assert_eq!(std::fs::read(&first.server_cert).unwrap(), before);
         init(dir.path(), &names(), true).unwrap();
         assert_ne!(std::fs::read(&first.server_cert).unwrap(), before);
+    }
+
+    #[test]
+    fn renew_signs_a_new_server_pair_with_the_same_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = init(dir.path(), &names(), false).unwrap();
+        let ca = std::fs::read(&layout.ca_cert).unwrap();
+        let ca_key = std::fs::read(&layout.ca_key).unwrap();
+        let old = crate::tls::load(&layout.server_cert, &layout.server_key).unwrap();
+        let other = Names {
+            hostnames: vec!["other.lan".into()],
+            ips: vec![],
+        };
+        renew(dir.path(), &other).unwrap();
+        let new = crate::tls::load(&layout.server_cert, &layout.server_key).unwrap();
+        assert_eq!(new.info.names, ["other.lan"]);
+        assert_ne!(new.info.serial, old.info.serial);
+        assert_eq!(new.info.issuer, old.info.issuer);
+        assert_eq!(std::fs::read(&layout.ca_cert).unwrap(), ca);
+        assert_eq!(std::fs::read(&layout.ca_key).unwrap(), ca_key);
+        assert_eq!(new.ca_pem.as_deref().map(str::as_bytes), Some(&ca[..]));
+    }
+
+    #[test]
+    fn renew_needs_the_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            renew(dir.path(), &names()),
+            Err(InitError::ReadCa { .. })
+        ));
+        let layout = init(dir.path(), &names(), false).unwrap();
+        std::fs::write(&layout.ca_key, "not a key").unwrap();
+        assert!(matches!(
+            renew(dir.path(), &names()),
+            Err(InitError::BadCa { .. })
+        ));
     }
 
     #[test]
