@@ -401,7 +401,60 @@ pub(crate) fn stored_images(
 /// never change under its digest, so each is read once. For pages that
 /// show sharing and eviction order; a collection reads the store itself.
 #[derive(Debug, Default)]
-pub struct NamedMemo(std::sync::Mutex<HashMap<Digest, Vec<Digest>>>);
+pub struct NamedMemo(std::sync::Mutex<FlatNamed>);
+
+/// Each manifest's blobs as a span of one shared vector. Reading 10,000
+/// manifests leaves much garbage behind; 10,000 small vectors kept among
+/// it would pin its pages (20 MB that malloc could not give back), two
+/// large buffers do not.
+#[derive(Debug, Default)]
+pub struct FlatNamed {
+    spans: HashMap<Digest, (u32, u32)>,
+    blobs: Vec<Digest>,
+}
+
+impl FlatNamed {
+    fn get(&self, manifest: &Digest) -> Option<&[Digest]> {
+        let &(start, len) = self.spans.get(manifest)?;
+        self.blobs.get(start as usize..(start + len) as usize)
+    }
+
+    /// The entries of `old` still `stored`, then `fresh`, in buffers of
+    /// their exact size.
+    fn rebuilt(
+        old: &FlatNamed,
+        stored: &HashSet<Digest>,
+        fresh: HashMap<Digest, Vec<Digest>>,
+    ) -> FlatNamed {
+        let kept: Vec<(&Digest, &[Digest])> = old
+            .spans
+            .keys()
+            .filter(|d| stored.contains(d) && !fresh.contains_key(d))
+            .filter_map(|d| old.get(d).map(|b| (d, b)))
+            .collect();
+        let count = kept.len() + fresh.len();
+        let total = kept.iter().map(|(_, b)| b.len()).sum::<usize>()
+            + fresh.values().map(Vec::len).sum::<usize>();
+        let mut flat = FlatNamed {
+            spans: HashMap::with_capacity(count),
+            blobs: Vec::with_capacity(total),
+        };
+        let entries = kept
+            .into_iter()
+            .chain(fresh.iter().map(|(d, b)| (d, b.as_slice())));
+        for (manifest, named) in entries {
+            // Past 4 G blobs the rest is read again next time.
+            let (Ok(start), Ok(len)) =
+                (u32::try_from(flat.blobs.len()), u32::try_from(named.len()))
+            else {
+                break;
+            };
+            flat.spans.insert(*manifest, (start, len));
+            flat.blobs.extend_from_slice(named);
+        }
+        flat
+    }
+}
 
 impl NamedMemo {
     /// As [`stored_images`], reading only manifests not seen before (and
@@ -417,25 +470,28 @@ impl NamedMemo {
         // Referrers come after a build (its SBOMs): never remembered.
         let referrers: HashMap<_, _> = db.all_referrers()?.into_iter().collect();
         let mut memo = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut fresh: HashMap<Digest, Vec<Digest>> = HashMap::new();
         let images = images_with(
             &records,
             pulls,
             leased,
             |d| match memo.get(d) {
-                Some(named) => named.clone(),
+                Some(named) => named.to_vec(),
                 None => {
                     let named = blobs_of(blobs, d);
                     // Only the manifest itself: unreadable now, maybe not later.
                     if named.len() > 1 {
-                        memo.insert(*d, named.clone());
+                        fresh.insert(*d, named.clone());
                     }
                     named
                 }
             },
             |own, d| with_referrers(own, d, &referrers, &|x| parts_of(blobs, x)),
         );
-        let stored: std::collections::HashSet<Digest> = images.iter().map(|i| i.manifest).collect();
-        memo.retain(|d, _| stored.contains(d));
+        let stored: HashSet<Digest> = images.iter().map(|i| i.manifest).collect();
+        if !fresh.is_empty() || memo.spans.keys().any(|d| !stored.contains(d)) {
+            *memo = FlatNamed::rebuilt(&memo, &stored, fresh);
+        }
         Ok(images)
     }
 }
@@ -670,6 +726,28 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_flat_memo_keeps_what_is_stored_and_adds_what_is_fresh() {
+        let d = |n: u8| Digest::of(&[n]);
+        let first = FlatNamed::rebuilt(
+            &FlatNamed::default(),
+            &HashSet::new(),
+            HashMap::from([(d(1), vec![d(1), d(10), d(11)]), (d(2), vec![d(2), d(20)])]),
+        );
+        assert_eq!(first.get(&d(1)), Some(&[d(1), d(10), d(11)][..]));
+        assert_eq!(first.get(&d(2)), Some(&[d(2), d(20)][..]));
+        // Image 1 is gone, 2 stays, 3 is new.
+        let second = FlatNamed::rebuilt(
+            &first,
+            &HashSet::from([d(2), d(3)]),
+            HashMap::from([(d(3), vec![d(3), d(30)])]),
+        );
+        assert_eq!(second.get(&d(1)), None);
+        assert_eq!(second.get(&d(2)), Some(&[d(2), d(20)][..]));
+        assert_eq!(second.get(&d(3)), Some(&[d(3), d(30)][..]));
+        assert_eq!(second.blobs.len(), 4, "no room kept for what is gone");
+    }
 
     fn image(n: u8, last_used: u64, blobs: &[u8]) -> Image {
         Image {
