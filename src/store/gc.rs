@@ -403,20 +403,26 @@ pub(crate) fn stored_images(
 #[derive(Debug, Default)]
 pub struct NamedMemo(std::sync::Mutex<FlatNamed>);
 
-/// Each manifest's blobs as a span of one shared vector. Reading 10,000
-/// manifests leaves much garbage behind; 10,000 small vectors kept among
-/// it would pin its pages (20 MB that malloc could not give back), two
-/// large buffers do not.
+/// Each manifest's blobs as a span of one shared vector of blob numbers,
+/// each distinct blob stored once (images share most of their layers).
+/// Reading 10,000 manifests leaves much garbage behind; 10,000 small
+/// vectors kept among it would pin its pages (20 MB that malloc could
+/// not give back), a few large buffers do not.
 #[derive(Debug, Default)]
 pub struct FlatNamed {
     spans: HashMap<Digest, (u32, u32)>,
-    blobs: Vec<Digest>,
+    numbers: Vec<u32>,
+    digests: Vec<Digest>,
 }
 
 impl FlatNamed {
-    fn get(&self, manifest: &Digest) -> Option<&[Digest]> {
+    fn get(&self, manifest: &Digest) -> Option<Vec<Digest>> {
         let &(start, len) = self.spans.get(manifest)?;
-        self.blobs.get(start as usize..(start + len) as usize)
+        let numbers = self.numbers.get(start as usize..(start + len) as usize)?;
+        numbers
+            .iter()
+            .map(|&n| self.digests.get(n as usize).copied())
+            .collect()
     }
 
     /// The entries of `old` still `stored`, then `fresh`, in buffers of
@@ -426,31 +432,48 @@ impl FlatNamed {
         stored: &HashSet<Digest>,
         fresh: HashMap<Digest, Vec<Digest>>,
     ) -> FlatNamed {
-        let kept: Vec<(&Digest, &[Digest])> = old
+        let kept: Vec<(Digest, Vec<Digest>)> = old
             .spans
             .keys()
             .filter(|d| stored.contains(d) && !fresh.contains_key(d))
-            .filter_map(|d| old.get(d).map(|b| (d, b)))
+            .filter_map(|d| old.get(d).map(|b| (*d, b)))
             .collect();
-        let count = kept.len() + fresh.len();
-        let total = kept.iter().map(|(_, b)| b.len()).sum::<usize>()
-            + fresh.values().map(Vec::len).sum::<usize>();
+        let entries: Vec<(Digest, Vec<Digest>)> = kept.into_iter().chain(fresh).collect();
+        let mut numbered: HashMap<Digest, u32> = HashMap::new();
+        let mut digests = Vec::new();
+        for blob in entries.iter().flat_map(|(_, b)| b) {
+            if !numbered.contains_key(blob) {
+                let Ok(n) = u32::try_from(digests.len()) else {
+                    break;
+                };
+                numbered.insert(*blob, n);
+                digests.push(*blob);
+            }
+        }
+        let total = entries.iter().map(|(_, b)| b.len()).sum::<usize>();
         let mut flat = FlatNamed {
-            spans: HashMap::with_capacity(count),
-            blobs: Vec::with_capacity(total),
+            spans: HashMap::with_capacity(entries.len()),
+            numbers: Vec::with_capacity(total),
+            digests: Vec::with_capacity(digests.len()),
         };
-        let entries = kept
-            .into_iter()
-            .chain(fresh.iter().map(|(d, b)| (d, b.as_slice())));
-        for (manifest, named) in entries {
-            // Past 4 G blobs the rest is read again next time.
-            let (Ok(start), Ok(len)) =
-                (u32::try_from(flat.blobs.len()), u32::try_from(named.len()))
+        flat.digests.extend_from_slice(&digests);
+        for (manifest, named) in &entries {
+            let Some(numbers) = named
+                .iter()
+                .map(|b| numbered.get(b).copied())
+                .collect::<Option<Vec<u32>>>()
             else {
+                // Past 4 G blobs the rest is read again next time.
+                continue;
+            };
+            let (Ok(start), Ok(len)) = (
+                u32::try_from(flat.numbers.len()),
+                u32::try_from(numbers.len()),
+            ) else {
                 break;
             };
             flat.spans.insert(*manifest, (start, len));
-            flat.blobs.extend_from_slice(named);
+            flat.numbers.extend_from_slice(&numbers);
         }
         flat
     }
@@ -476,7 +499,7 @@ impl NamedMemo {
             pulls,
             leased,
             |d| match memo.get(d) {
-                Some(named) => named.to_vec(),
+                Some(named) => named,
                 None => {
                     let named = blobs_of(blobs, d);
                     // Only the manifest itself: unreadable now, maybe not later.
@@ -735,18 +758,19 @@ mod tests {
             &HashSet::new(),
             HashMap::from([(d(1), vec![d(1), d(10), d(11)]), (d(2), vec![d(2), d(20)])]),
         );
-        assert_eq!(first.get(&d(1)), Some(&[d(1), d(10), d(11)][..]));
-        assert_eq!(first.get(&d(2)), Some(&[d(2), d(20)][..]));
+        assert_eq!(first.get(&d(1)), Some(vec![d(1), d(10), d(11)]));
+        assert_eq!(first.get(&d(2)), Some(vec![d(2), d(20)]));
         // Image 1 is gone, 2 stays, 3 is new.
         let second = FlatNamed::rebuilt(
             &first,
             &HashSet::from([d(2), d(3)]),
-            HashMap::from([(d(3), vec![d(3), d(30)])]),
+            HashMap::from([(d(3), vec![d(3), d(20), d(30)])]),
         );
         assert_eq!(second.get(&d(1)), None);
-        assert_eq!(second.get(&d(2)), Some(&[d(2), d(20)][..]));
-        assert_eq!(second.get(&d(3)), Some(&[d(3), d(30)][..]));
-        assert_eq!(second.blobs.len(), 4, "no room kept for what is gone");
+        assert_eq!(second.get(&d(2)), Some(vec![d(2), d(20)]));
+        assert_eq!(second.get(&d(3)), Some(vec![d(3), d(20), d(30)]));
+        assert_eq!(second.numbers.len(), 5, "no room kept for what is gone");
+        assert_eq!(second.digests.len(), 4, "each blob once");
     }
 
     fn image(n: u8, last_used: u64, blobs: &[u8]) -> Image {
