@@ -394,7 +394,6 @@ impl Server {
         let collector = Arc::clone(self.builder.collector());
         let background = tokio::spawn(Arc::clone(&collector).run_in_background());
         let scrub = tokio::spawn(Arc::clone(&collector).scrub_in_background());
-        tokio::spawn(Arc::clone(&collector).remember_stored_images());
         let flusher = tokio::spawn(flush_counts_every(Arc::clone(&self.builder), COUNT_FLUSH));
         let trimmer = tokio::spawn(memory::trim_periodically());
         let builder = Arc::clone(&self.builder);

@@ -77,21 +77,6 @@ impl Collector {
             .stored_images(&self.db, &self.blobs, &pulled, &leased)
     }
 
-    /// Reads every stored manifest once, in the background at start, so
-    /// that the first image page does not (428 ms with 10,000 images).
-    pub async fn remember_stored_images(self: Arc<Self>) {
-        let started = std::time::Instant::now();
-        match tokio::task::spawn_blocking(move || self.stored_images()).await {
-            Ok(Ok(images)) => tracing::debug!(
-                images = images.len(),
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "read the stored manifests for image pages"
-            ),
-            Ok(Err(e)) => tracing::warn!(error = %e, "could not read the stored manifests"),
-            Err(e) => tracing::warn!(error = %e, "reading the stored manifests stopped"),
-        }
-    }
-
     /// What the scrub did since start.
     pub fn scrub_view(&self) -> ScrubView {
         self.scrubber.view()
