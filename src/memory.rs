@@ -9,16 +9,26 @@ use std::time::Duration;
 /// How often freed memory is handed back while serving.
 pub const TRIM_EVERY: Duration = Duration::from_secs(2);
 
+/// Allocations at least this large get pages of their own from the
+/// kernel, given back whole when freed. glibc raises its own threshold
+/// (up to 32 MB) after each such block is freed, and then serves the next
+/// ones from the heap, where they strand the small allocations that come
+/// after them: with it fixed, idle RSS after the bench fell from 45 to
+/// 27 MB anonymous.
+const MMAP_AT_BYTES: i32 = 64 * 1024;
+
 /// Caps malloc's arenas at two per core, before threads start: fewer
-/// places for freed memory to linger, hardly more lock contention.
+/// places for freed memory to linger, hardly more lock contention; and
+/// fixes the size above which blocks are mapped ([`MMAP_AT_BYTES`]).
 pub fn limit_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let arenas = i32::try_from(2 * cores).unwrap_or(i32::MAX);
-        // SAFETY: mallopt only changes a malloc setting.
+        // SAFETY: mallopt only changes malloc settings.
         unsafe {
             libc::mallopt(libc::M_ARENA_MAX, arenas);
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_AT_BYTES);
         }
     }
 }
