@@ -171,7 +171,10 @@ impl Builder {
         sources: Option<Sources>,
     ) -> Result<(), BuildError> {
         let recorded = self.referrers_record(&docker).await?;
-        if recorded.is_some_and(|r| !r.referrers.is_empty()) {
+        // Documents are manifests; NARs (blobs) may come first.
+        let documented =
+            |r: &ReferrersRecord| r.referrers.iter().any(|r| r.kind == ReferrerKind::Manifest);
+        if recorded.is_some_and(|r| documented(&r)) {
             return Ok(());
         }
         let Some(bytes) = self.manifest_bytes(&docker).await? else {
@@ -288,6 +291,21 @@ impl Builder {
         subject: &Digest,
         referrers: Vec<Referrer>,
     ) -> Result<(), BuildError> {
+        let mut referrers = referrers;
+        if self.storage().is_shared() {
+            // What other replicas recorded (documents, NARs) stays: the
+            // bucket's record is replaced whole below. Two replicas adding
+            // at the same moment can still lose one's addition; a NAR
+            // lost so is recorded again when next asked for.
+            let bucket = self
+                .storage()
+                .get_record(RecordKind::Referrers, &subject.hex())
+                .await?
+                .and_then(|b| db::decode::<ReferrersRecord>(&b));
+            if let Some(bucket) = bucket {
+                referrers.splice(0..0, bucket.referrers);
+            }
+        }
         let (db, s) = (self.db().clone(), *subject);
         let record = blocking(move || db.add_referrers(&s, &referrers)).await?;
         if self.storage().is_shared() {
