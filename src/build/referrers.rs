@@ -23,6 +23,10 @@ use crate::store::RecordKind;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+/// Held while a referrers record is read from the bucket, merged and
+/// written back, so that this process's writers do not undo each other.
+static BUCKET_WRITES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The annotation naming the platform a document of an index is about.
 pub const PLATFORM: &str = "org.nixery.platform";
 
@@ -292,6 +296,11 @@ impl Builder {
         referrers: Vec<Referrer>,
     ) -> Result<(), BuildError> {
         let mut referrers = referrers;
+        // This process's writes of a bucket record, one at a time.
+        let _writing = match self.storage().is_shared() {
+            true => Some(BUCKET_WRITES.lock().await),
+            false => None,
+        };
         if self.storage().is_shared() {
             // What other replicas recorded (documents, NARs) stays: the
             // bucket's record is replaced whole below. Two replicas adding
