@@ -602,6 +602,35 @@ async fn every_replica_on_a_bucket_serves_its_images_and_none_an_evicted_one() {
         assert!(std::time::Instant::now() < deadline, "{wrong:#?}");
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
+    // Exported with closures by a tool with an empty disk (from the
+    // bucket), imported into fresh local storage: the same NARs served.
+    let work = tempfile::tempdir().unwrap();
+    let tar = work.path().join("media.tar");
+    common::run(
+        common::nixery_command(&work.path().join("exporter"), true)
+            .args(["export", "--with-closures", "--output"])
+            .arg(&tar)
+            .arg("busybox")
+            .args(weed.flags("nixcache")),
+    );
+    let inside = work.path().join("inside");
+    let text = common::run(
+        common::nixery_command(&inside, false)
+            .arg("import")
+            .arg(&tar),
+    );
+    assert!(text.contains("the Nix binary cache serves"), "{text}");
+    let mirror = TestServer::start(&config(&inside, &["--nix-cache-key", &secret])).await;
+    for path in &busybox {
+        let narinfo = format!("/nix-cache/{}.narinfo", hash_of(path));
+        let (status, there) = get(&c, &mirror, &narinfo).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {there}");
+        let here = get(&c, &b, &narinfo).await.1;
+        for name in ["NarHash", "FileHash", "References", "Deriver"] {
+            assert_eq!(field(&there, name), field(&here, name), "{path}: {name}");
+        }
+    }
+    mirror.stop().await;
     // What is left in the bucket is whole, NARs and closures included.
     let out = Command::new(NIXERY)
         .arg("verify")

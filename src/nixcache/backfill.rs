@@ -8,7 +8,8 @@
 //!   again, and the log says so.
 //! - on s3, a closure recorded by a version that kept it only in the
 //!   replica's database is published in the bucket (if the bucket still
-//!   has the image), before this replica follows the bucket.
+//!   has the image), before this replica follows the bucket (narinfo
+//!   requests wait for that).
 
 use super::{record_closure, shared, NixCache};
 use crate::blocking::blocking;
@@ -23,10 +24,11 @@ use std::sync::Arc;
 /// Runs both; failures are logged (the cache serves what it has).
 pub async fn run(builder: Arc<Builder>, cache: Arc<NixCache>) {
     if builder.storage().is_shared() {
-        if let Err(e) = cache.without_following(publish_local(&builder)).await {
+        if let Err(e) = publish_local(&builder).await {
             tracing::warn!(error = %e, "could not publish this replica's Nix closures in the bucket");
         }
     }
+    cache.start_following();
     match derive_missing(&builder).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(

@@ -358,9 +358,10 @@ impl NixCache {
         }
     }
 
-    /// Runs `work` while this replica does not follow the bucket.
-    pub async fn without_following<T>(&self, work: impl std::future::Future<Output = T>) -> T {
-        self.follower.exclusively(work).await
+    /// Lets narinfo requests follow the bucket (after start-up
+    /// publishing; until then they wait).
+    pub fn start_following(&self) {
+        self.follower.start();
     }
 
     fn remembered(&self, generation: u64, hash: &str) -> Option<Arc<str>> {

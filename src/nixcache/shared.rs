@@ -25,11 +25,23 @@ pub const FOLLOW_EVERY: Duration = Duration::from_secs(3);
 /// Records read at once.
 const READS_AT_ONCE: usize = 16;
 
-/// When this replica last followed the bucket; held while it does, so
-/// that requests arriving meanwhile wait for it rather than list again.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Follower {
+    /// When this replica last followed the bucket; held while it does, so
+    /// that requests arriving meanwhile wait for it rather than list again.
     last: tokio::sync::Mutex<Option<Instant>>,
+    /// A permit once the closures this replica's database had at start
+    /// are in the bucket (`backfill`): following before would forget them.
+    started: tokio::sync::Semaphore,
+}
+
+impl Default for Follower {
+    fn default() -> Self {
+        Follower {
+            last: Default::default(),
+            started: tokio::sync::Semaphore::new(0),
+        }
+    }
 }
 
 /// Publishes an image's closure in the bucket (nothing on local storage).
@@ -82,6 +94,8 @@ impl Follower {
     /// that was done within [`FOLLOW_EVERY`]. True if closures were
     /// forgotten (answers given before may be wrong now).
     pub async fn follow(&self, builder: &Builder) -> Result<bool, CacheError> {
+        // Closed never: an error is as good as the permit.
+        drop(self.started.acquire().await);
         let mut last = self.last.lock().await;
         if last.is_some_and(|at| at.elapsed() < FOLLOW_EVERY) {
             return Ok(false);
@@ -91,10 +105,11 @@ impl Follower {
         Ok(forgot)
     }
 
-    /// Holds off following while `work` runs (start-up publishing).
-    pub async fn exclusively<T>(&self, work: impl std::future::Future<Output = T>) -> T {
-        let _held = self.last.lock().await;
-        work.await
+    /// Lets [`follow`](Self::follow) run (once, after start-up publishing).
+    pub fn start(&self) {
+        if self.started.available_permits() == 0 {
+            self.started.add_permits(1);
+        }
     }
 }
 
