@@ -329,6 +329,7 @@ pub async fn open_builder(config: &Config) -> Result<Arc<Builder>, StartError> {
         config.storage_path.clone(),
         config.gc,
         (config.scrub, status.metrics().scrub_counters()),
+        storage.is_shared(),
     );
     Ok(Builder::new(settings, db, storage, status, collector))
 }

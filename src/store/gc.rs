@@ -446,6 +446,8 @@ const RETRY_WHILE_IN_USE: u64 = 10;
 
 /// Runs one collection. Blocking: call it off the async workers. In a dry
 /// run nothing is changed and the report says what would have been.
+/// `shared`: the disk caches a bucket, whose closures this replica
+/// follows (`nixcache::shared`); they are not this collection's to prune.
 pub fn collect(
     db: &Db,
     blobs: &BlobStore,
@@ -453,6 +455,7 @@ pub fn collect(
     storage_path: &Path,
     policy: &Policy,
     dry_run: bool,
+    shared: bool,
 ) -> Result<Report, GcError> {
     let at = now_unix();
     if !dry_run {
@@ -524,6 +527,9 @@ pub fn collect(
 
     for &i in &chosen {
         db.remove_image(&kept[i].manifest)?;
+        if !shared {
+            db.remove_nix_closure(&kept[i].manifest)?;
+        }
     }
     let mut deleted = Vec::new();
     let mut candidates = 0;
@@ -548,11 +554,14 @@ pub fn collect(
         );
         // The Nix cache's index follows: a closure whose manifest is
         // neither kept nor stored (a build in flight has stored it) goes;
-        // the NARs of a build in flight are kept.
+        // the NARs of a build in flight are kept. On a bucket the closures
+        // follow the bucket's, and NARs here are copies like any blob.
         let nars = db.prune_nix_paths(|m| {
-            referenced.contains(m) || matches!(blobs.stat_blob(m), Ok(Some(_)))
+            shared || referenced.contains(m) || matches!(blobs.stat_blob(m), Ok(Some(_)))
         })?;
-        referenced.extend(nars);
+        if !shared {
+            referenced.extend(nars);
+        }
         for digest in &stale {
             db.forget_manifest_digest(digest)?;
         }
@@ -822,11 +831,11 @@ mod tests {
             keep_recent: Duration::ZERO,
         };
 
-        let dry = collect(&db, &blobs, &pulls, dir.path(), &policy, true).unwrap();
+        let dry = collect(&db, &blobs, &pulls, dir.path(), &policy, true, false).unwrap();
         assert_eq!(dry.evicted.len(), 1);
         assert!(blobs.stat_blob(&old_layer).unwrap().is_some());
 
-        let report = collect(&db, &blobs, &pulls, dir.path(), &policy, false).unwrap();
+        let report = collect(&db, &blobs, &pulls, dir.path(), &policy, false, false).unwrap();
         assert_eq!(report.evicted[0].manifest, old.to_string());
         assert_eq!(report.evicted[0].image.as_deref(), Some("old"));
         assert_eq!(report.blobs_in_use, 1);
@@ -859,7 +868,7 @@ mod tests {
         assert!(!db.is_manifest(&old).unwrap());
         assert!(db.manifest("new").unwrap().is_some());
         drop(pin);
-        let again = collect(&db, &blobs, &pulls, dir.path(), &policy, false).unwrap();
+        let again = collect(&db, &blobs, &pulls, dir.path(), &policy, false, false).unwrap();
         assert_eq!((again.evicted.len(), again.blobs_deleted), (0, 1));
         assert_eq!(blobs.stats().1, again.bytes_after);
     }
@@ -898,7 +907,7 @@ mod tests {
             keep_recent: Duration::ZERO,
         };
         let pulls = LastPulled::default();
-        let report = collect(&db, &blobs, &pulls, dir.path(), &policy, false).unwrap();
+        let report = collect(&db, &blobs, &pulls, dir.path(), &policy, false, false).unwrap();
         assert!(report.evicted.is_empty());
         for kept in [amd64.1.digest, amd64.2, arm64.1.digest, arm64.2] {
             assert!(blobs.stat_blob(&kept).unwrap().is_some());
@@ -969,7 +978,7 @@ mod tests {
             lease,
             keep_recent: Duration::ZERO,
         };
-        let report = collect(&db, &blobs, &pulls, dir.path(), &policy, false).unwrap();
+        let report = collect(&db, &blobs, &pulls, dir.path(), &policy, false, false).unwrap();
         assert_eq!(report.evicted.len(), 1, "{report:?}");
         assert_eq!(report.evicted[0].manifest, old[0].to_string());
         assert_eq!(report.leased, 1);
@@ -1005,7 +1014,7 @@ mod tests {
             lease: Duration::from_secs(600),
             keep_recent: Duration::ZERO,
         };
-        let report = collect(&db, &blobs, &pulls, dir.path(), &policy, false).unwrap();
+        let report = collect(&db, &blobs, &pulls, dir.path(), &policy, false, false).unwrap();
         assert!(report.emergency);
         let mut evicted: Vec<&str> = report.evicted.iter().map(|e| e.manifest.as_str()).collect();
         evicted.sort();

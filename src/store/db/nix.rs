@@ -253,7 +253,7 @@ impl Db {
     }
 
     /// Forgets an evicted image's closure (its paths go at the next prune).
-    pub(super) fn remove_nix_closure(&self, manifest: &Digest) -> Result<(), DbError> {
+    pub fn remove_nix_closure(&self, manifest: &Digest) -> Result<(), DbError> {
         self.nix.closures.remove(manifest.as_bytes())?;
         Ok(())
     }
@@ -406,6 +406,7 @@ mod tests {
             1
         );
         db.remove_image(&a).unwrap();
+        db.remove_nix_closure(&a).unwrap();
         assert_eq!(db.prune_nix_paths(|_| true).unwrap(), [nar(1).file].into());
         assert!(db.nix_path(h).unwrap().is_none());
         assert!(db.nar_owner(&nar(2).file).unwrap().is_none());

@@ -289,6 +289,12 @@ pub async fn repair(bucket: &Bucket, f: &Findings) -> Result<Repaired, StoreErro
             }
         }
     }
+    for (digest, _, _) in &f.broken {
+        // An image that goes takes its Nix closure with it.
+        bucket
+            .delete_record(RecordKind::NixClosure, &digest.hex())
+            .await?;
+    }
     let broken = f.broken.iter().map(|(d, _, _)| d);
     let doomed: BTreeSet<&Digest> = f.corrupt.iter().chain(broken).collect();
     for digest in doomed {
