@@ -99,6 +99,23 @@ fn substitute(
         .expect("nix-store runs")
 }
 
+/// Substitutes hello (`path`) from `s` into a fresh store, signatures
+/// required, and checks its whole closure there.
+fn substitute_hello(s: &TestServer, public_key: &str, path: &str) -> tempfile::TempDir {
+    let store = tempfile::tempdir().unwrap();
+    let out = substitute(s, store.path(), public_key, &[path.to_owned()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let root = store.path().to_str().unwrap();
+    for path in nix_closure("hello") {
+        nix_store(&["--store", root, "--verify-path", &path]);
+    }
+    store
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn nix_substitutes_an_image_closure_signed_by_the_server() {
     require_tool("nix-store");
@@ -533,17 +550,7 @@ async fn every_replica_on_a_bucket_serves_its_images_and_none_an_evicted_one() {
     let hello = [nix_closure("hello"), cacert.clone()].concat();
     let busybox = [nix_closure("busybox"), cacert].concat();
     let hello_path = hello.iter().find(|p| p.ends_with("-hello-2.10")).unwrap();
-    let store = tempfile::tempdir().unwrap();
-    let out = substitute(&b, store.path(), &public, std::slice::from_ref(hello_path));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let root = store.path().to_str().unwrap();
-    for path in nix_closure("hello") {
-        nix_store(&["--store", root, "--verify-path", &path]);
-    }
+    substitute_hello(&b, &public, hello_path);
     let made_at_b = b
         .builder
         .nix_cache()
@@ -561,16 +568,13 @@ async fn every_replica_on_a_bucket_serves_its_images_and_none_an_evicted_one() {
     let dir = tempfile::tempdir().unwrap();
     let bucket = weed.client("nixcache", dir.path());
     let total: u64 = bucket.list().await.unwrap().iter().map(|(_, n)| n).sum();
-    let out = Command::new(NIXERY)
-        .args(["gc", "--gc-keep-recent", "0", "--max-storage"])
-        .arg((total - 1).to_string())
-        .args(weed.flags("nixcache"))
-        .env_remove("STORAGE_PATH")
-        .output()
-        .unwrap();
-    let report =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{report}");
+    let report = common::run(
+        Command::new(NIXERY)
+            .args(["gc", "--gc-keep-recent", "0", "--max-storage"])
+            .arg((total - 1).to_string())
+            .args(weed.flags("nixcache"))
+            .env_remove("STORAGE_PATH"),
+    );
     assert_eq!(
         report.matches("evicted cached build").count(),
         1,
@@ -632,15 +636,12 @@ async fn every_replica_on_a_bucket_serves_its_images_and_none_an_evicted_one() {
     }
     mirror.stop().await;
     // What is left in the bucket is whole, NARs and closures included.
-    let out = Command::new(NIXERY)
-        .arg("verify")
-        .args(weed.flags("nixcache"))
-        .env_remove("STORAGE_PATH")
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
+    common::run(
+        Command::new(NIXERY)
+            .arg("verify")
+            .args(weed.flags("nixcache"))
+            .env_remove("STORAGE_PATH"),
+    );
     a.stop().await;
     b.stop().await;
 }
@@ -691,17 +692,8 @@ async fn an_image_recorded_before_the_cache_is_served_without_a_rebuild() {
     assert_eq!(status, StatusCode::OK, "{info}");
     let deriver = nix_store(&["--query", "--deriver", &hello]);
     assert_eq!(field(&info, "Deriver"), deriver.rsplit('/').next().unwrap());
-    let store = tempfile::tempdir().unwrap();
-    let out = substitute(&s, store.path(), &public, std::slice::from_ref(&hello));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let store = substitute_hello(&s, &public, &hello);
     let root = store.path().to_str().unwrap();
-    for path in nix_closure("hello") {
-        nix_store(&["--store", root, "--verify-path", &path]);
-    }
     assert_eq!(
         nix_store(&["--store", root, "--query", "--deriver", &hello]),
         deriver,
