@@ -29,6 +29,10 @@ pub async fn run(builder: Arc<Builder>, cache: Arc<NixCache>) {
         }
     }
     cache.start_following();
+    // The first time takes in every closure: now rather than in a request.
+    if let Err(e) = cache.follow(&builder).await {
+        tracing::warn!(error = %e, "could not read the bucket's Nix closures");
+    }
     match derive_missing(&builder).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(

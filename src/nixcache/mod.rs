@@ -139,17 +139,19 @@ pub fn nar_referrer(path: &str, nar: &NarRecord) -> Referrer {
     }
 }
 
+fn annotation<'a>(r: &'a Referrer, name: &str) -> Option<&'a str> {
+    r.annotations
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
 /// The store path and NAR a referrer made by [`nar_referrer`] keeps.
 pub fn nar_of_referrer(r: &Referrer) -> Option<(String, NarRecord)> {
     if r.kind != ReferrerKind::Blob || r.artifact_type != NAR_ARTIFACT_TYPE {
         return None;
     }
-    let annotation = |name: &str| {
-        r.annotations
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    };
+    let annotation = |name: &str| annotation(r, name);
     let nar_hash = base32::decode::<32>(annotation(NAR_HASH)?.strip_prefix("sha256:")?)?;
     let nar = NarRecord {
         nar_hash: Digest::from_bytes(nar_hash),
@@ -176,12 +178,7 @@ pub fn nar_problem(
 /// Why the compressed NAR `compressed` does not unpack to the NarHash and
 /// NarSize its referrer `r` records, if it does not. Blocking.
 pub fn unpack_problem(compressed: impl std::io::Read, r: &Referrer) -> Option<String> {
-    let annotation = |name: &str| {
-        r.annotations
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    };
+    let annotation = |name: &str| annotation(r, name);
     let mut hashed = crate::digest::HashingWriter::new(std::io::sink());
     let unpacked = zstd::stream::copy_decode(compressed, &mut hashed);
     let (_, digest, size) = hashed.finish();
@@ -260,9 +257,7 @@ impl NixCache {
         builder: &Arc<Builder>,
         hash: &str,
     ) -> Result<Option<Arc<str>>, CacheError> {
-        if builder.storage().is_shared() && self.follower.follow(builder).await? {
-            self.forget_answers();
-        }
+        self.follow(builder).await?;
         let generation = builder.collector().generation();
         if let Some(text) = self.remembered(generation, hash) {
             self.counters.narinfo_hits.fetch_add(1, Ordering::Relaxed);
@@ -356,6 +351,15 @@ impl NixCache {
                 tracing::warn!(path, error = %e, "could not make a NAR for the Nix cache");
             }
         }
+    }
+
+    /// On s3: brings this replica's closures in line with the bucket's
+    /// (at most every `shared::FOLLOW_EVERY`).
+    pub async fn follow(&self, builder: &Builder) -> Result<(), CacheError> {
+        if builder.storage().is_shared() && self.follower.follow(builder).await? {
+            self.forget_answers();
+        }
+        Ok(())
     }
 
     /// Lets narinfo requests follow the bucket (after start-up
