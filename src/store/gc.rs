@@ -1028,4 +1028,53 @@ mod tests {
         assert_eq!(report.retry_in, Some(RETRY_WHILE_IN_USE));
         drop(transfer);
     }
+
+    /// On a replica of a bucket, the closures are the bucket's (followed,
+    /// not pruned here), and a NAR on disk is a copy like any blob.
+    #[test]
+    fn a_replica_of_a_bucket_keeps_its_closures_but_not_its_nar_copies() {
+        use crate::store::db::nix::{hash_part, ClosurePath, NarCompression, NarRecord};
+        for shared in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let blobs = BlobStore::open(dir.path()).unwrap();
+            let db = Db::open(&dir.path().join("db")).unwrap();
+            let pulls = LastPulled::default();
+            let image = stored_image(&db, &blobs, "image", 1, 10);
+            // Another replica's image: neither recorded nor stored here.
+            let elsewhere = Digest::of(b"built elsewhere");
+            let path = format!("/nix/store/{}-p", "1".repeat(32));
+            let closure = [ClosurePath {
+                path: path.clone(),
+                references: vec![],
+                deriver: None,
+            }];
+            db.put_nix_closure(&image[0], &closure).unwrap();
+            db.put_nix_closure(&elsewhere, &closure).unwrap();
+            let file = blobs.put(b"a NAR").unwrap();
+            let nar = NarRecord {
+                nar_hash: Digest::of(b"nar"),
+                nar_size: 3,
+                file,
+                file_size: 5,
+                compression: NarCompression::Zstd,
+            };
+            db.set_nar(hash_part(&path).unwrap(), &nar).unwrap();
+            let policy = Policy {
+                max_storage: Some(1),
+                min_free_space: None,
+                lease: Duration::ZERO,
+                keep_recent: Duration::ZERO,
+            };
+            let report = collect(&db, &blobs, &pulls, dir.path(), &policy, false, shared).unwrap();
+            assert_eq!(report.evicted.len(), 1);
+            for m in [image[0], elsewhere] {
+                assert_eq!(db.nix_closure(&m).unwrap().is_some(), shared, "{shared}");
+            }
+            assert_eq!(
+                db.nix_path(hash_part(&path).unwrap()).unwrap().is_some(),
+                shared
+            );
+            assert!(blobs.stat_blob(&file).unwrap().is_none(), "{shared}");
+        }
+    }
 }
