@@ -95,6 +95,7 @@ fn main() -> Result<()> {
             nar_size: p.nar_size,
             nar_hash: String::new(),
             references: p.references,
+            deriver: None,
         })
         .collect();
     println!("loaded {} paths in {:.2?}", paths.len(), t.elapsed());

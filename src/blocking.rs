@@ -46,3 +46,32 @@ where
     let made = consumer.await?;
     fed.map(|()| made)
 }
+
+/// The chunks [`feed_blocking`] hands over, read as one byte stream.
+pub(crate) struct ChunkReader<'a> {
+    next: &'a mut dyn FnMut() -> Option<bytes::Bytes>,
+    chunk: bytes::Bytes,
+}
+
+impl<'a> ChunkReader<'a> {
+    pub(crate) fn new(next: &'a mut dyn FnMut() -> Option<bytes::Bytes>) -> Self {
+        ChunkReader {
+            next,
+            chunk: bytes::Bytes::new(),
+        }
+    }
+}
+
+impl std::io::Read for ChunkReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.chunk.is_empty() {
+            match (self.next)() {
+                Some(c) => self.chunk = c,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk.split_to(n));
+        Ok(n)
+    }
+}

@@ -329,6 +329,7 @@ pub async fn open_builder(config: &Config) -> Result<Arc<Builder>, StartError> {
         config.storage_path.clone(),
         config.gc,
         (config.scrub, status.metrics().scrub_counters()),
+        storage.is_shared(),
     );
     Ok(Builder::new(settings, db, storage, status, collector))
 }
@@ -397,6 +398,12 @@ impl Server {
         let flusher = tokio::spawn(flush_counts_every(Arc::clone(&self.builder), COUNT_FLUSH));
         let trimmer = tokio::spawn(memory::trim_periodically());
         let builder = Arc::clone(&self.builder);
+        if let Some(cache) = builder.nix_cache() {
+            builder.in_background(nixcache::backfill::run(
+                Arc::clone(&builder),
+                Arc::clone(cache),
+            ));
+        }
         let watcher = self.auth.as_ref().map(|a| a.watch());
         let tls_watcher = self.tls.as_ref().map(|t| t.watch());
         let app = router(self.builder, self.auth, self.tls.clone());

@@ -99,6 +99,23 @@ fn substitute(
         .expect("nix-store runs")
 }
 
+/// Substitutes hello (`path`) from `s` into a fresh store, signatures
+/// required, and checks its whole closure there.
+fn substitute_hello(s: &TestServer, public_key: &str, path: &str) -> tempfile::TempDir {
+    let store = tempfile::tempdir().unwrap();
+    let out = substitute(s, store.path(), public_key, &[path.to_owned()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let root = store.path().to_str().unwrap();
+    for path in nix_closure("hello") {
+        nix_store(&["--store", root, "--verify-path", &path]);
+    }
+    store
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn nix_substitutes_an_image_closure_signed_by_the_server() {
     require_tool("nix-store");
@@ -497,5 +514,191 @@ async fn export_with_closures_and_import_carry_the_cache() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    s.stop().await;
+}
+
+/// Two replicas on one bucket: A builds two images, and Nix substitutes
+/// one's closure from B (signed, signatures required) with NARs A made;
+/// once the bucket's collection evicts that image, neither replica serves
+/// the paths only it had, and both still serve those the other has.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_replica_on_a_bucket_serves_its_images_and_none_an_evicted_one() {
+    use common::seaweed::Seaweed;
+    use nixery::store::Storage;
+    require_tool("nix-store");
+    let weed = Seaweed::start().await;
+    let keys = tempfile::tempdir().unwrap();
+    let (secret, public) = make_key(keys.path(), "bucket-1");
+    let replica = |dir: &Path| {
+        let mut flags = weed.flags("nixcache");
+        flags.extend(["--nix-cache-key".to_owned(), secret.clone()]);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        config(dir, &flags)
+    };
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = TestServer::start(&replica(a_dir.path())).await;
+    let b = TestServer::start(&replica(b_dir.path())).await;
+    let c = Client::new();
+    get_manifest(&c, &a, "hello", "latest").await;
+    // Pulled later: hello is the least recently pulled.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    get_manifest(&c, &a, "busybox", "latest").await;
+    // A makes the NARs after its builds, in the background.
+    a.builder.finish_background().await;
+
+    let cacert = nix_closure("cacert");
+    let hello = [nix_closure("hello"), cacert.clone()].concat();
+    let busybox = [nix_closure("busybox"), cacert].concat();
+    let hello_path = hello.iter().find(|p| p.ends_with("-hello-2.10")).unwrap();
+    substitute_hello(&b, &public, hello_path);
+    let made_at_b = b
+        .builder
+        .nix_cache()
+        .unwrap()
+        .counters
+        .nars_made
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(made_at_b, 0, "B served the NARs A made");
+    assert!(
+        b.builder.db().builds().unwrap().is_empty(),
+        "B built nothing"
+    );
+
+    // The bucket's collection evicts hello, the least recently pulled.
+    let dir = tempfile::tempdir().unwrap();
+    let bucket = weed.client("nixcache", dir.path());
+    let total: u64 = bucket.list().await.unwrap().iter().map(|(_, n)| n).sum();
+    let report = common::run(
+        Command::new(NIXERY)
+            .args(["gc", "--gc-keep-recent", "0", "--max-storage"])
+            .arg((total - 1).to_string())
+            .args(weed.flags("nixcache"))
+            .env_remove("STORAGE_PATH"),
+    );
+    assert_eq!(
+        report.matches("evicted cached build").count(),
+        1,
+        "{report}"
+    );
+
+    // Each replica follows the bucket within seconds.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let mut wrong = Vec::new();
+        for s in [&a, &b] {
+            for path in hello.iter().chain(&busybox) {
+                let want = if busybox.contains(path) {
+                    StatusCode::OK
+                } else {
+                    StatusCode::NOT_FOUND
+                };
+                let got = get(&c, s, &format!("/nix-cache/{}.narinfo", hash_of(path)))
+                    .await
+                    .0;
+                if got != want {
+                    wrong.push(format!("{}: {path} is {got}", s.addr));
+                }
+            }
+        }
+        if wrong.is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{wrong:#?}");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    // Exported with closures by a tool with an empty disk (from the
+    // bucket), imported into fresh local storage: the same NARs served.
+    let work = tempfile::tempdir().unwrap();
+    let tar = work.path().join("media.tar");
+    common::run(
+        common::nixery_command(&work.path().join("exporter"), true)
+            .args(["export", "--with-closures", "--output"])
+            .arg(&tar)
+            .arg("busybox")
+            .args(weed.flags("nixcache")),
+    );
+    let inside = work.path().join("inside");
+    let text = common::run(
+        common::nixery_command(&inside, false)
+            .arg("import")
+            .arg(&tar),
+    );
+    assert!(text.contains("the Nix binary cache serves"), "{text}");
+    let mirror = TestServer::start(&config(&inside, &["--nix-cache-key", &secret])).await;
+    for path in &busybox {
+        let narinfo = format!("/nix-cache/{}.narinfo", hash_of(path));
+        let (status, there) = get(&c, &mirror, &narinfo).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {there}");
+        let here = get(&c, &b, &narinfo).await.1;
+        for name in ["NarHash", "FileHash", "References", "Deriver"] {
+            assert_eq!(field(&there, name), field(&here, name), "{path}: {name}");
+        }
+    }
+    mirror.stop().await;
+    // What is left in the bucket is whole, NARs and closures included.
+    common::run(
+        Command::new(NIXERY)
+            .arg("verify")
+            .args(weed.flags("nixcache"))
+            .env_remove("STORAGE_PATH"),
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+/// An image recorded by a version without the Nix cache (no closure, no
+/// path records) is served once the server starts again, without a
+/// rebuild; its narinfos name the deriver, which Nix takes in.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_image_recorded_before_the_cache_is_served_without_a_rebuild() {
+    require_tool("nix-store");
+    let keys = tempfile::tempdir().unwrap();
+    let (secret, public) = make_key(keys.path(), "older-1");
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--nix-cache-key", secret.as_str()];
+    let s = TestServer::start(&config(dir.path(), &flags)).await;
+    let c = Client::new();
+    get_manifest(&c, &s, "hello", "latest").await;
+    s.stop().await;
+    {
+        // The stopped server's last blocking tasks may still hold it.
+        let mut tries = 0;
+        let raw = loop {
+            match sled::open(dir.path().join("db")) {
+                Ok(db) => break db,
+                Err(_) if tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        for tree in ["nix_closures", "nix_paths", "nix_nars", "nix_users"] {
+            raw.drop_tree(tree).unwrap();
+        }
+        raw.flush().unwrap();
+    }
+
+    let s = TestServer::start(&config(dir.path(), &flags)).await;
+    // The closure is derived at start-up, in the background.
+    s.builder.finish_background().await;
+    let closure = [nix_closure("hello"), nix_closure("cacert")].concat();
+    let hello = closure
+        .iter()
+        .find(|p| p.ends_with("-hello-2.10"))
+        .unwrap()
+        .clone();
+    let (status, info) = get(&c, &s, &format!("/nix-cache/{}.narinfo", hash_of(&hello))).await;
+    assert_eq!(status, StatusCode::OK, "{info}");
+    let deriver = nix_store(&["--query", "--deriver", &hello]);
+    assert_eq!(field(&info, "Deriver"), deriver.rsplit('/').next().unwrap());
+    let store = substitute_hello(&s, &public, &hello);
+    let root = store.path().to_str().unwrap();
+    assert_eq!(
+        nix_store(&["--store", root, "--query", "--deriver", &hello]),
+        deriver,
+        "Nix took the Deriver line in"
+    );
+    assert_eq!(s.builder.db().builds().unwrap().len(), 1, "not built again");
     s.stop().await;
 }

@@ -290,17 +290,6 @@ pub struct Builder {
 }
 
 /// What the Nix cache records of a closure.
-fn closure_paths(closure: &[PathInfo]) -> Vec<crate::store::db::nix::ClosurePath> {
-    closure
-        .iter()
-        .map(|p| crate::store::db::nix::ClosurePath {
-            path: p.path.clone(),
-            references: p.references.clone(),
-            deriver: None,
-        })
-        .collect()
-}
-
 fn hex_sha256(parts: &[&str]) -> String {
     let mut h = Sha256::new();
     for p in parts {
@@ -1110,7 +1099,7 @@ impl Builder {
         counters.nix();
         let closure = nix.closure(&outs).await?;
         phases.finish("closure");
-        let closure_paths = closure_paths(&closure);
+        let closure_paths = crate::nixcache::closure_paths(&closure);
 
         let sbom_closure = closure.clone();
         // A moving source that still yields the same store paths keeps its

@@ -413,6 +413,8 @@ struct PathInfoRecord {
     nar_hash: String,
     #[serde(default)]
     references: Vec<String>,
+    #[serde(default)]
+    deriver: Option<String>,
 }
 
 /// Nix up to 2.18 prints a list of records with a `path`.
@@ -461,6 +463,7 @@ fn parse_path_info(stdout: &[u8], store_dir: &str) -> Result<Vec<PathInfo>, NixE
             nar_size: Some(nar_size),
             nar_hash,
             references,
+            deriver,
         }) = record
         else {
             return Err(NixError::InvalidPath { path });
@@ -475,6 +478,7 @@ fn parse_path_info(stdout: &[u8], store_dir: &str) -> Result<Vec<PathInfo>, NixE
                 nar_size,
                 nar_hash,
                 references,
+                deriver: deriver.map(absolute),
             },
         );
     }
@@ -495,12 +499,14 @@ mod tests {
                 nar_size: 4222208,
                 nar_hash: "sha256-VXNLXKcgum2EwRhUjtpIPtXyPfSygtUUhihX+gTMC9c=".into(),
                 references: vec![],
+                deriver: Some("/nix/store/apnrvjqcc1n26sg1mx93a49ssz8rghvk-glibc-2.36.drv".into()),
             },
             PathInfo {
                 path: HELLO.into(),
                 nar_size: 36184,
                 nar_hash: "sha256-HN6s3W77d31JI9vCFh2UtbpCh7cY+Q/9PYObrX/kXYI=".into(),
                 references: vec![GLIBC.into()],
+                deriver: Some("/nix/store/q4qpdi3l7v7pa7szykywqvjyaaxx30za-hello-2.10.drv".into()),
             },
         ]
     }
@@ -524,7 +530,7 @@ mod tests {
             "registrationTime": 1795440069, "signatures": [], "ultimate": true
           },
           "/nix/store/c2a5w403b5l4xcazdzw2d66p48p0hzpk-glibc-2.36": {
-            "ca": null, "narHash": "sha256-VXNLXKcgum2EwRhUjtpIPtXyPfSygtUUhihX+gTMC9c=",
+            "ca": null, "deriver": "/nix/store/apnrvjqcc1n26sg1mx93a49ssz8rghvk-glibc-2.36.drv", "narHash": "sha256-VXNLXKcgum2EwRhUjtpIPtXyPfSygtUUhihX+gTMC9c=",
             "narSize": 4222208, "references": [], "signatures": [], "ultimate": true
           }
         }"#;
@@ -541,6 +547,7 @@ mod tests {
         let mut want = expected();
         for p in &mut want {
             p.nar_hash.clear();
+            p.deriver = None;
         }
         assert_eq!(got, want);
     }

@@ -23,6 +23,10 @@ use crate::store::RecordKind;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+/// Held while a referrers record is read from the bucket, merged and
+/// written back, so that this process's writers do not undo each other.
+static BUCKET_WRITES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The annotation naming the platform a document of an index is about.
 pub const PLATFORM: &str = "org.nixery.platform";
 
@@ -171,7 +175,10 @@ impl Builder {
         sources: Option<Sources>,
     ) -> Result<(), BuildError> {
         let recorded = self.referrers_record(&docker).await?;
-        if recorded.is_some_and(|r| !r.referrers.is_empty()) {
+        // Documents are manifests; NARs (blobs) may come first.
+        let documented =
+            |r: &ReferrersRecord| r.referrers.iter().any(|r| r.kind == ReferrerKind::Manifest);
+        if recorded.is_some_and(|r| documented(&r)) {
             return Ok(());
         }
         let Some(bytes) = self.manifest_bytes(&docker).await? else {
@@ -288,6 +295,26 @@ impl Builder {
         subject: &Digest,
         referrers: Vec<Referrer>,
     ) -> Result<(), BuildError> {
+        let mut referrers = referrers;
+        // This process's writes of a bucket record, one at a time.
+        let _writing = match self.storage().is_shared() {
+            true => Some(BUCKET_WRITES.lock().await),
+            false => None,
+        };
+        if self.storage().is_shared() {
+            // What other replicas recorded (documents, NARs) stays: the
+            // bucket's record is replaced whole below. Two replicas adding
+            // at the same moment can still lose one's addition; a NAR
+            // lost so is recorded again when next asked for.
+            let bucket = self
+                .storage()
+                .get_record(RecordKind::Referrers, &subject.hex())
+                .await?
+                .and_then(|b| db::decode::<ReferrersRecord>(&b));
+            if let Some(bucket) = bucket {
+                referrers.splice(0..0, bucket.referrers);
+            }
+        }
         let (db, s) = (self.db().clone(), *subject);
         let record = blocking(move || db.add_referrers(&s, &referrers)).await?;
         if self.storage().is_shared() {

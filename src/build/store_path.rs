@@ -15,6 +15,9 @@ pub struct PathInfo {
     pub nar_hash: String,
     /// Absolute store paths this path refers to (may include itself).
     pub references: Vec<String>,
+    /// The derivation that built it (absolute), when Nix knows it.
+    #[serde(default)]
+    pub deriver: Option<String>,
 }
 
 /// The part of a store path after `<store dir>/<hash>-`, e.g. `hello-2.12`.

@@ -83,7 +83,7 @@ fn collect(args: &GcArgs) -> anyhow::Result<Report> {
         .map_err(|e| anyhow::anyhow!("{e} (a running server collects by itself)"))?;
     let blobs = crate::store::fs::BlobStore::open(root)?;
     let pulls = crate::store::pulls::LastPulled::default();
-    let report = gc::collect(&db, &blobs, &pulls, root, &policy, args.dry_run)?;
+    let report = gc::collect(&db, &blobs, &pulls, root, &policy, args.dry_run, false)?;
     if !args.dry_run {
         db.flush_blocking()?;
     }

@@ -64,14 +64,6 @@ pub fn run(args: ImportArgs) -> ExitCode {
             tokio::task::spawn_blocking(move || checked.store(&blobs, &db).map(|()| checked))
                 .await
                 .context("storing the layout")??;
-        if let Some(cache) = checked.nix_cache() {
-            let paths = crate::nixcache::carry::import(&builder, &cache)
-                .await
-                .context("taking in the Nix cache's NARs")?;
-            if paths > 0 {
-                println!("the Nix binary cache serves the {paths} store paths of the images");
-            }
-        }
         if builder.storage().is_shared() {
             // Other replicas then serve these blobs and manifests by digest
             // (the names are this replica's: import on each).
@@ -97,6 +89,16 @@ pub fn run(args: ImportArgs) -> ExitCode {
                 checked.blobs.len(),
                 builder.storage().describe().location
             );
+        }
+        // After the images: on s3 a closure record of an image the bucket
+        // does not have yet is the collection's to delete.
+        if let Some(cache) = checked.nix_cache() {
+            let paths = crate::nixcache::carry::import(&builder, &cache)
+                .await
+                .context("taking in the Nix cache's NARs")?;
+            if paths > 0 {
+                println!("the Nix binary cache serves the {paths} store paths of the images");
+            }
         }
         for image in &checked.images {
             println!("{} {}", image.image, image.digest);

@@ -35,6 +35,9 @@ struct CarriedPath {
     references: Vec<String>,
     nar_hash: Digest,
     nar_size: u64,
+    /// The derivation that built it, when known (absent in older exports).
+    #[serde(default)]
+    deriver: Option<String>,
     /// The zstd file, `nixery/<hex>.nar.zst`.
     file: Digest,
     file_size: u64,
@@ -46,7 +49,9 @@ fn nar_file(dir: &Path, file: &Digest) -> std::path::PathBuf {
 
 /// Writes the NARs of `manifests`' store paths into `cache` (the layout's
 /// `nix-cache/`). Images with no recorded closure (built before the Nix
-/// cache) are left out and counted. Returns (NARs written, left out).
+/// cache, whose paths were no longer in the Nix store) are left out and
+/// counted. On s3 the closures and NARs are the bucket's. Returns (NARs
+/// written, left out).
 pub async fn export(
     builder: &Arc<Builder>,
     manifests: &[Digest],
@@ -56,6 +61,9 @@ pub async fn export(
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let (mut images, mut left_out, mut written) = (Vec::new(), 0, 0);
     for manifest in manifests {
+        if builder.storage().is_shared() {
+            super::shared::take(builder, *manifest).await?;
+        }
         let (db, m) = (builder.db().clone(), *manifest);
         let Some(closure) = blocking(move || db.nix_closure(&m)).await? else {
             left_out += 1;
@@ -68,6 +76,17 @@ pub async fn export(
             let record = blocking(move || db.nix_path(&h))
                 .await?
                 .with_context(|| format!("{path} has no record"))?;
+            if let Some(nar) = record.nar.filter(|n| !builder.blobs().contains(&n.file)) {
+                // The bucket's, if it is there.
+                if builder.storage().stat(&nar.file).await?.is_some() {
+                    crate::store::fill::copy_to_disk(
+                        builder.storage().as_ref(),
+                        builder.blobs(),
+                        &nar.file,
+                    )
+                    .await?;
+                }
+            }
             let nar = match record.nar {
                 Some(nar) if builder.blobs().contains(&nar.file) => nar,
                 _ => super::make_nar(path.clone(), hash.to_owned(), Arc::clone(builder))
@@ -86,6 +105,7 @@ pub async fn export(
             paths.push(CarriedPath {
                 path,
                 references: record.references,
+                deriver: record.deriver,
                 nar_hash: nar.nar_hash,
                 nar_size: nar.nar_size,
                 file: nar.file,
@@ -138,12 +158,12 @@ pub async fn import(builder: &Arc<Builder>, cache: &Path) -> anyhow::Result<usiz
             .map(|p| ClosurePath {
                 path: p.path.clone(),
                 references: p.references.clone(),
-                deriver: None,
+                deriver: p.deriver.clone(),
             })
             .collect();
-        let (db, manifest, paths) = (builder.db().clone(), image.manifest, image.paths.clone());
+        super::record_closure(builder, image.manifest, closure).await?;
+        let (db, paths) = (builder.db().clone(), image.paths.clone());
         blocking(move || -> Result<(), crate::store::db::DbError> {
-            db.put_nix_closure(&manifest, &closure)?;
             for p in &paths {
                 if let Some(hash) = hash_part(&p.path) {
                     db.set_nar(hash, &nar_record(p))?;

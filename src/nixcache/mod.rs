@@ -8,14 +8,17 @@
 //! many ask at the same time), stored as a blob, and recorded as a `Blob`
 //! referrer of every image that has the path: the model all stored
 //! content follows, so the collector keeps it exactly while such an image
-//! is kept, verify checks it, and the bucket shares it.
+//! is kept, verify checks it, and the bucket shares it. On s3 the closures
+//! are in the bucket too, and every replica serves them (`shared`).
 
+pub mod backfill;
 pub mod base32;
 pub mod carry;
 pub mod key;
 pub mod nar;
 pub mod narinfo;
 pub mod produce;
+pub mod shared;
 
 use crate::blocking::blocking;
 use crate::build::builder::{BuildError, Builder};
@@ -83,6 +86,8 @@ pub struct NixCache {
     /// Signed narinfos answered before, while the collector has deleted
     /// nothing since (its generation): Nix asks for many, often again.
     answered: std::sync::Mutex<Answered>,
+    /// On shared storage: this replica's view of the bucket's closures.
+    follower: shared::Follower,
     pub counters: Counters,
 }
 
@@ -104,6 +109,18 @@ impl std::fmt::Debug for NixCache {
     }
 }
 
+/// A closure as Nix reports it, as the cache records it.
+pub fn closure_paths(closure: &[crate::build::store_path::PathInfo]) -> Vec<ClosurePath> {
+    closure
+        .iter()
+        .map(|p| ClosurePath {
+            path: p.path.clone(),
+            references: p.references.clone(),
+            deriver: p.deriver.clone(),
+        })
+        .collect()
+}
+
 /// The referrer that keeps a NAR with an image.
 pub fn nar_referrer(path: &str, nar: &NarRecord) -> Referrer {
     let mut annotations = vec![
@@ -122,6 +139,30 @@ pub fn nar_referrer(path: &str, nar: &NarRecord) -> Referrer {
     }
 }
 
+fn annotation<'a>(r: &'a Referrer, name: &str) -> Option<&'a str> {
+    r.annotations
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// The store path and NAR a referrer made by [`nar_referrer`] keeps.
+pub fn nar_of_referrer(r: &Referrer) -> Option<(String, NarRecord)> {
+    if r.kind != ReferrerKind::Blob || r.artifact_type != NAR_ARTIFACT_TYPE {
+        return None;
+    }
+    let annotation = |name: &str| annotation(r, name);
+    let nar_hash = base32::decode::<32>(annotation(NAR_HASH)?.strip_prefix("sha256:")?)?;
+    let nar = NarRecord {
+        nar_hash: Digest::from_bytes(nar_hash),
+        nar_size: annotation(NAR_SIZE)?.parse().ok()?,
+        file: r.digest,
+        file_size: r.size,
+        compression: crate::store::db::nix::NarCompression::Zstd,
+    };
+    Some((annotation(STORE_PATH)?.to_owned(), nar))
+}
+
 /// Why a NAR kept with an image does not unpack to the NarHash and
 /// NarSize its referrer records, if it does not (for `verify`). Blocking.
 pub fn nar_problem(
@@ -131,14 +172,15 @@ pub fn nar_problem(
     let Some(file) = blobs.get(&r.digest)? else {
         return Ok(Some(format!("NAR {} is missing", r.digest)));
     };
-    let annotation = |name: &str| {
-        r.annotations
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    };
+    Ok(unpack_problem(file.as_ref(), r))
+}
+
+/// Why the compressed NAR `compressed` does not unpack to the NarHash and
+/// NarSize its referrer `r` records, if it does not. Blocking.
+pub fn unpack_problem(compressed: impl std::io::Read, r: &Referrer) -> Option<String> {
+    let annotation = |name: &str| annotation(r, name);
     let mut hashed = crate::digest::HashingWriter::new(std::io::sink());
-    let unpacked = zstd::stream::copy_decode(file.as_ref(), &mut hashed);
+    let unpacked = zstd::stream::copy_decode(compressed, &mut hashed);
     let (_, digest, size) = hashed.finish();
     let problem = match unpacked {
         Err(e) => Some(format!("NAR {} does not unpack: {e}", r.digest)),
@@ -154,23 +196,34 @@ pub fn nar_problem(
         }
         Ok(()) => None,
     };
-    Ok(problem)
+    problem
 }
 
-/// Records the closure of a just-built image: its paths become servable,
-/// and the NARs already made of them are kept with it too.
+/// Records the closure of a just-built (or imported) image: its paths
+/// become servable, and the NARs already made of them are kept with it
+/// too. On s3 it goes to the bucket first (see `shared`), and the NARs
+/// not made yet are made now, in the background: another replica's host
+/// may not have the paths to make them from.
 pub async fn record_closure(
-    builder: &Builder,
+    builder: &Arc<Builder>,
     manifest: Digest,
     closure: Vec<ClosurePath>,
 ) -> Result<(), BuildError> {
+    shared::publish(builder, &manifest, &closure).await?;
     let db = builder.db().clone();
+    let paths: Vec<String> = closure.iter().map(|p| p.path.clone()).collect();
     let made = blocking(move || -> Result<_, DbError> {
         db.put_nix_closure(&manifest, &closure)?;
-        let paths: Vec<String> = closure.into_iter().map(|p| p.path).collect();
         db.nars_made(&paths)
     })
     .await?;
+    if let Some(cache) = builder
+        .nix_cache()
+        .filter(|_| builder.storage().is_shared())
+    {
+        let (cache, b) = (Arc::clone(cache), Arc::clone(builder));
+        builder.in_background(async move { cache.make_missing(&b, &manifest).await });
+    }
     let referrers: Vec<Referrer> = made
         .iter()
         .filter_map(|r| Some(nar_referrer(&r.path, r.nar.as_ref()?)))
@@ -187,6 +240,7 @@ impl NixCache {
             key,
             making: SingleFlight::default(),
             answered: Default::default(),
+            follower: Default::default(),
             counters: Counters::default(),
         }
     }
@@ -203,6 +257,7 @@ impl NixCache {
         builder: &Arc<Builder>,
         hash: &str,
     ) -> Result<Option<Arc<str>>, CacheError> {
+        self.follow(builder).await?;
         let generation = builder.collector().generation();
         if let Some(text) = self.remembered(generation, hash) {
             self.counters.narinfo_hits.fetch_add(1, Ordering::Relaxed);
@@ -217,7 +272,10 @@ impl NixCache {
             Some(nar) if matches!(builder.storage().stat(&nar.file).await, Ok(Some(_))) => {
                 Some(nar)
             }
-            _ => self.make(builder, hash, &record).await?,
+            _ => match self.made_elsewhere(builder, hash).await? {
+                Some(nar) => Some(nar),
+                None => self.make(builder, hash, &record).await?,
+            },
         };
         let Some(nar) = nar else {
             self.counters.narinfo_misses.fetch_add(1, Ordering::Relaxed);
@@ -227,6 +285,87 @@ impl NixCache {
         let text: Arc<str> = narinfo::render(&record, &nar, &self.key).into();
         self.remember(generation, hash, &text);
         Ok(Some(text))
+    }
+
+    fn forget_answers(&self) {
+        let mut answered = self.answered.lock().unwrap_or_else(|e| e.into_inner());
+        answered.texts.clear();
+    }
+
+    /// On s3: the NAR of a path another replica made, as the bucket's
+    /// referrers records of the images that have it name it.
+    async fn made_elsewhere(
+        &self,
+        builder: &Builder,
+        hash: &str,
+    ) -> Result<Option<NarRecord>, CacheError> {
+        if !builder.storage().is_shared() {
+            return Ok(None);
+        }
+        let (db, owned) = (builder.db().clone(), hash.to_owned());
+        for image in blocking(move || db.nix_path_users(&owned)).await? {
+            let found = shared::nars_in_bucket(builder, &image)
+                .await?
+                .into_iter()
+                .find(|(h, _)| h == hash);
+            let Some((_, nar)) = found else {
+                continue;
+            };
+            if !matches!(builder.storage().stat(&nar.file).await, Ok(Some(_))) {
+                continue;
+            }
+            let (db, owned) = (builder.db().clone(), hash.to_owned());
+            if blocking(move || db.set_nar(&owned, &nar)).await? {
+                return Ok(Some(nar));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Makes the NARs of an image's paths that are not made yet (after a
+    /// build on s3). Failures are logged: a narinfo request tries again.
+    pub async fn make_missing(&self, builder: &Arc<Builder>, manifest: &Digest) {
+        let (db, m) = (builder.db().clone(), *manifest);
+        let paths = match blocking(move || db.nix_closure(&m)).await {
+            Ok(Some(c)) => c.paths,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(%manifest, error = %e, "could not read an image's closure");
+                return;
+            }
+        };
+        for path in paths {
+            let Some(hash) = hash_part(&path) else {
+                continue;
+            };
+            let (db, h) = (builder.db().clone(), hash.to_owned());
+            let record = match blocking(move || db.nix_path(&h)).await {
+                Ok(Some(r)) if r.nar.is_none() => r,
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::warn!(path, error = %e, "could not read a store path's record");
+                    continue;
+                }
+            };
+            if let Err(e) = self.make(builder, hash, &record).await {
+                tracing::warn!(path, error = %e, "could not make a NAR for the Nix cache");
+            }
+        }
+    }
+
+    /// On s3: brings this replica's closures in line with the bucket's
+    /// (at most every `shared::FOLLOW_EVERY`).
+    pub async fn follow(&self, builder: &Builder) -> Result<(), CacheError> {
+        if builder.storage().is_shared() && self.follower.follow(builder).await? {
+            self.forget_answers();
+        }
+        Ok(())
+    }
+
+    /// Lets narinfo requests follow the bucket (after start-up
+    /// publishing; until then they wait).
+    pub fn start_following(&self) {
+        self.follower.start();
     }
 
     fn remembered(&self, generation: u64, hash: &str) -> Option<Arc<str>> {

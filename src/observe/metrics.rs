@@ -26,6 +26,8 @@ pub enum Route {
     admin,
     api,
     metrics,
+    /// The Nix binary cache (`/nix-cache/`).
+    nix_cache,
     other,
 }
 
@@ -37,6 +39,7 @@ impl Route {
             p if p.starts_with("/images/") => Route::admin,
             p if p.starts_with("/api/") => Route::api,
             "/metrics" => Route::metrics,
+            p if p.starts_with("/nix-cache/") => Route::nix_cache,
             "/v2" | "/v2/" => Route::base,
             p if p.starts_with("/v2/") => {
                 if p.contains("/manifests/") {
@@ -318,6 +321,8 @@ mod tests {
         assert_eq!(Route::of("/api/images/shell/hello"), Route::api);
         assert_eq!(Route::of("/images/shell/hello"), Route::admin);
         assert_eq!(Route::of("/metrics"), Route::metrics);
+        assert_eq!(Route::of("/nix-cache/nix-cache-info"), Route::nix_cache);
+        assert_eq!(Route::of("/nix-cache/nar/x.nar.zst"), Route::nix_cache);
         assert_eq!(Route::of("/favicon.ico"), Route::other);
         assert_eq!(Route::of("/v2/a/other"), Route::other);
     }

@@ -31,6 +31,8 @@ pub struct Collector {
     generation: std::sync::atomic::AtomicU64,
     named: gc::NamedMemo,
     scrubber: Scrubber,
+    /// The disk caches a shared bucket (see [`gc::collect`]).
+    shared: bool,
 }
 
 impl Collector {
@@ -40,6 +42,7 @@ impl Collector {
         storage_path: PathBuf,
         policy: Policy,
         scrub: (scrub::Settings, scrub::Counters),
+        shared: bool,
     ) -> Arc<Self> {
         let scrubber = Scrubber::new(scrub.0, db.clone(), blobs.clone(), scrub.1);
         Arc::new(Collector {
@@ -54,6 +57,7 @@ impl Collector {
             running: tokio::sync::Mutex::new(()),
             generation: Default::default(),
             named: gc::NamedMemo::default(),
+            shared,
         })
     }
 
@@ -115,9 +119,9 @@ impl Collector {
     pub async fn collect(&self) -> Result<Report, gc::GcError> {
         let _one = self.running.lock().await;
         let (db, blobs, pulls) = (self.db.clone(), self.blobs.clone(), Arc::clone(&self.pulls));
-        let (path, policy) = (self.storage_path.clone(), self.policy);
+        let (path, policy, shared) = (self.storage_path.clone(), self.policy, self.shared);
         let report = tokio::task::spawn_blocking(move || {
-            let report = gc::collect(&db, &blobs, &pulls, &path, &policy, false);
+            let report = gc::collect(&db, &blobs, &pulls, &path, &policy, false, shared);
             restore_reserve(&path);
             report
         })

@@ -525,6 +525,8 @@ const RETRY_WHILE_IN_USE: u64 = 10;
 
 /// Runs one collection. Blocking: call it off the async workers. In a dry
 /// run nothing is changed and the report says what would have been.
+/// `shared`: the disk caches a bucket, whose closures this replica
+/// follows (`nixcache::shared`); they are not this collection's to prune.
 pub fn collect(
     db: &Db,
     blobs: &BlobStore,
@@ -532,6 +534,7 @@ pub fn collect(
     storage_path: &Path,
     policy: &Policy,
     dry_run: bool,
+    shared: bool,
 ) -> Result<Report, GcError> {
     let at = now_unix();
     if !dry_run {
@@ -603,6 +606,9 @@ pub fn collect(
 
     for &i in &chosen {
         db.remove_image(&kept[i].manifest)?;
+        if !shared {
+            db.remove_nix_closure(&kept[i].manifest)?;
+        }
     }
     let mut deleted = Vec::new();
     let mut candidates = 0;
@@ -627,11 +633,14 @@ pub fn collect(
         );
         // The Nix cache's index follows: a closure whose manifest is
         // neither kept nor stored (a build in flight has stored it) goes;
-        // the NARs of a build in flight are kept.
+        // the NARs of a build in flight are kept. On a bucket the closures
+        // follow the bucket's, and NARs here are copies like any blob.
         let nars = db.prune_nix_paths(|m| {
-            referenced.contains(m) || matches!(blobs.stat_blob(m), Ok(Some(_)))
+            shared || referenced.contains(m) || matches!(blobs.stat_blob(m), Ok(Some(_)))
         })?;
-        referenced.extend(nars);
+        if !shared {
+            referenced.extend(nars);
+        }
         for digest in &stale {
             db.forget_manifest_digest(digest)?;
         }
@@ -924,11 +933,11 @@ mod tests {
             keep_recent: Duration::ZERO,
         };
 
-        let dry = collect(&db, &blobs, &pulls, dir.path(), &policy, true).unwrap();
+        let dry = collect(&db, &blobs, &pulls, dir.path(), &policy, true, false).unwrap();
         assert_eq!(dry.evicted.len(), 1);
         assert!(blobs.stat_blob(&old_layer).unwrap().is_some());
 
-        let report = collect(&db, &blobs, &pulls, dir.path(), &policy, false).unwrap();
+        let report = collect(&db, &blobs, &pulls, dir.path(), &policy, false, false).unwrap();
         assert_eq!(report.evicted[0].manifest, old.to_string());
         assert_eq!(report.evicted[0].image.as_deref(), Some("old"));
         assert_eq!(report.blobs_in_use, 1);
@@ -961,7 +970,7 @@ mod tests {
         assert!(!db.is_manifest(&old).unwrap());
         assert!(db.manifest("new").unwrap().is_some());
         drop(pin);
-        let again = collect(&db, &blobs, &pulls, dir.path(), &policy, false).unwrap();
+        let again = collect(&db, &blobs, &pulls, dir.path(), &policy, false, false).unwrap();
         assert_eq!((again.evicted.len(), again.blobs_deleted), (0, 1));
         assert_eq!(blobs.stats().1, again.bytes_after);
     }
@@ -1000,7 +1009,7 @@ mod tests {
             keep_recent: Duration::ZERO,
         };
         let pulls = LastPulled::default();
-        let report = collect(&db, &blobs, &pulls, dir.path(), &policy, false).unwrap();
+        let report = collect(&db, &blobs, &pulls, dir.path(), &policy, false, false).unwrap();
         assert!(report.evicted.is_empty());
         for kept in [amd64.1.digest, amd64.2, arm64.1.digest, arm64.2] {
             assert!(blobs.stat_blob(&kept).unwrap().is_some());
@@ -1071,7 +1080,7 @@ mod tests {
             lease,
             keep_recent: Duration::ZERO,
         };
-        let report = collect(&db, &blobs, &pulls, dir.path(), &policy, false).unwrap();
+        let report = collect(&db, &blobs, &pulls, dir.path(), &policy, false, false).unwrap();
         assert_eq!(report.evicted.len(), 1, "{report:?}");
         assert_eq!(report.evicted[0].manifest, old[0].to_string());
         assert_eq!(report.leased, 1);
@@ -1107,7 +1116,7 @@ mod tests {
             lease: Duration::from_secs(600),
             keep_recent: Duration::ZERO,
         };
-        let report = collect(&db, &blobs, &pulls, dir.path(), &policy, false).unwrap();
+        let report = collect(&db, &blobs, &pulls, dir.path(), &policy, false, false).unwrap();
         assert!(report.emergency);
         let mut evicted: Vec<&str> = report.evicted.iter().map(|e| e.manifest.as_str()).collect();
         evicted.sort();
@@ -1120,5 +1129,54 @@ mod tests {
         assert!(blobs.stat_blob(&sending[2]).unwrap().is_some(), "in flight");
         assert_eq!(report.retry_in, Some(RETRY_WHILE_IN_USE));
         drop(transfer);
+    }
+
+    /// On a replica of a bucket, the closures are the bucket's (followed,
+    /// not pruned here), and a NAR on disk is a copy like any blob.
+    #[test]
+    fn a_replica_of_a_bucket_keeps_its_closures_but_not_its_nar_copies() {
+        use crate::store::db::nix::{hash_part, ClosurePath, NarCompression, NarRecord};
+        for shared in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let blobs = BlobStore::open(dir.path()).unwrap();
+            let db = Db::open(&dir.path().join("db")).unwrap();
+            let pulls = LastPulled::default();
+            let image = stored_image(&db, &blobs, "image", 1, 10);
+            // Another replica's image: neither recorded nor stored here.
+            let elsewhere = Digest::of(b"built elsewhere");
+            let path = format!("/nix/store/{}-p", "1".repeat(32));
+            let closure = [ClosurePath {
+                path: path.clone(),
+                references: vec![],
+                deriver: None,
+            }];
+            db.put_nix_closure(&image[0], &closure).unwrap();
+            db.put_nix_closure(&elsewhere, &closure).unwrap();
+            let file = blobs.put(b"a NAR").unwrap();
+            let nar = NarRecord {
+                nar_hash: Digest::of(b"nar"),
+                nar_size: 3,
+                file,
+                file_size: 5,
+                compression: NarCompression::Zstd,
+            };
+            db.set_nar(hash_part(&path).unwrap(), &nar).unwrap();
+            let policy = Policy {
+                max_storage: Some(1),
+                min_free_space: None,
+                lease: Duration::ZERO,
+                keep_recent: Duration::ZERO,
+            };
+            let report = collect(&db, &blobs, &pulls, dir.path(), &policy, false, shared).unwrap();
+            assert_eq!(report.evicted.len(), 1);
+            for m in [image[0], elsewhere] {
+                assert_eq!(db.nix_closure(&m).unwrap().is_some(), shared, "{shared}");
+            }
+            assert_eq!(
+                db.nix_path(hash_part(&path).unwrap()).unwrap().is_some(),
+                shared
+            );
+            assert!(blobs.stat_blob(&file).unwrap().is_none(), "{shared}");
+        }
     }
 }

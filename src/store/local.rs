@@ -130,6 +130,10 @@ impl Storage for BlobStore {
         Ok(None)
     }
 
+    async fn record_keys(&self, _: RecordKind) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
+
     async fn put_record(&self, _: RecordKind, _: &str, _: Vec<u8>) -> Result<(), StoreError> {
         Ok(())
     }

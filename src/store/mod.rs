@@ -138,6 +138,10 @@ pub enum RecordKind {
     /// Manifest digest -> what refers to it (`db::ReferrersRecord`): kept,
     /// verified and deleted with it.
     Referrers,
+    /// Manifest digest -> the store paths of that image's closure
+    /// (`db::nix::SharedClosureRecord`): what the Nix binary cache of
+    /// every replica serves; deleted with the image.
+    NixClosure,
 }
 
 impl RecordKind {
@@ -149,6 +153,7 @@ impl RecordKind {
             RecordKind::Imported => "imported",
             RecordKind::Pulled => "pulled",
             RecordKind::Referrers => "referrers",
+            RecordKind::NixClosure => "nix-closures",
         }
     }
 }
@@ -209,6 +214,10 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 
     /// A shared index record (None where nothing is shared).
     async fn get_record(&self, kind: RecordKind, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// The keys of every shared index record of a kind (none where
+    /// nothing is shared).
+    async fn record_keys(&self, kind: RecordKind) -> Result<Vec<String>, StoreError>;
 
     /// Publishes a shared index record (a no-op where nothing is shared).
     async fn put_record(

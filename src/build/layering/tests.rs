@@ -22,6 +22,7 @@ pub fn info(name: &str, nar_size: u64, refs: &[&str]) -> PathInfo {
         references: std::iter::once(sp(name))
             .chain(refs.iter().map(|r| sp(r)))
             .collect(),
+        deriver: None,
     }
 }
 
@@ -210,6 +211,7 @@ fn deep_chains_do_not_overflow_the_stack() {
             } else {
                 vec![]
             },
+            deriver: None,
         })
         .collect();
     let roots = vec![closure[0].path.clone()];

@@ -829,7 +829,6 @@ impl Db {
         }
         self.manifest_digests.remove(digest.as_bytes())?;
         self.last_pulled.remove(digest.as_bytes())?;
-        self.remove_nix_closure(digest)?;
         Ok(())
     }
 

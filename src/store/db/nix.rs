@@ -65,11 +65,22 @@ pub struct NarRecord {
 }
 
 /// A path of an image's closure as the builder knows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClosurePath {
     pub path: String,
     pub references: Vec<String>,
     pub deriver: Option<String>,
+}
+
+/// An image's closure as the bucket keeps it (`index/nix-closures/`),
+/// whole: every replica serves its paths from this alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedClosureRecord {
+    pub paths: Vec<ClosurePath>,
+}
+
+impl Record for SharedClosureRecord {
+    const VERSION: u8 = 1;
 }
 
 /// The 32-character hash part of an absolute store path.
@@ -158,6 +169,26 @@ impl Db {
             .and_then(|v| self.decode("nix_closures", &v)))
     }
 
+    /// The images whose closures are recorded here.
+    pub fn nix_closure_manifests(&self) -> Result<Vec<Digest>, DbError> {
+        let mut out = Vec::new();
+        for k in self.nix.closures.iter().keys() {
+            if let Ok(raw) = <[u8; 32]>::try_from(k?.as_ref()) {
+                out.push(Digest::from_bytes(raw));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets the closures of `gone` (images the bucket no longer has),
+    /// then the paths no other closure names.
+    pub fn forget_nix_closures(&self, gone: &HashSet<Digest>) -> Result<(), DbError> {
+        if gone.is_empty() {
+            return Ok(());
+        }
+        self.prune_nix_paths(|m| !gone.contains(m)).map(|_| ())
+    }
+
     /// A served store path by its hash part.
     pub fn nix_path(&self, hash: &str) -> Result<Option<NixPathRecord>, DbError> {
         Ok(self
@@ -222,7 +253,7 @@ impl Db {
     }
 
     /// Forgets an evicted image's closure (its paths go at the next prune).
-    pub(super) fn remove_nix_closure(&self, manifest: &Digest) -> Result<(), DbError> {
+    pub fn remove_nix_closure(&self, manifest: &Digest) -> Result<(), DbError> {
         self.nix.closures.remove(manifest.as_bytes())?;
         Ok(())
     }
@@ -375,6 +406,7 @@ mod tests {
             1
         );
         db.remove_image(&a).unwrap();
+        db.remove_nix_closure(&a).unwrap();
         assert_eq!(db.prune_nix_paths(|_| true).unwrap(), [nar(1).file].into());
         assert!(db.nix_path(h).unwrap().is_none());
         assert!(db.nar_owner(&nar(2).file).unwrap().is_none());

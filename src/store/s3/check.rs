@@ -1,6 +1,8 @@
 //! `nixery verify` on a bucket: every blob re-hashed as it downloads, every
 //! manifest the index names checked for its blobs and their sizes, every
-//! layer record checked for its blob. `repair` deletes corrupt blobs, the
+//! layer record checked for its blob, every NAR of the Nix cache unpacked
+//! and hashed against its NarHash, every closure record checked to name a
+//! stored image. `repair` deletes corrupt blobs, the
 //! manifests that cannot be served whole and the records that lead to
 //! them, so the replicas build those images again.
 //!
@@ -8,10 +10,14 @@
 //! it runs while the replicas serve.
 
 use super::Bucket;
+use crate::blocking::{feed_blocking, ChunkReader};
 use crate::digest::Digest;
 use crate::oci::manifest::MANIFEST_MAX_BYTES;
 use crate::oci::named_by;
-use crate::store::db::{ImportedRecord, LayerRecord, ManifestRecord, ReferrersRecord};
+use crate::store::db::nix::SharedClosureRecord;
+use crate::store::db::{
+    self, ImportedRecord, LayerRecord, ManifestRecord, Referrer, ReferrersRecord,
+};
 use crate::store::findings::{Findings, Holder, Repaired, StaleRecord};
 use crate::store::{RecordKind, StoreError};
 use futures::{StreamExt, TryStreamExt};
@@ -114,10 +120,50 @@ pub async fn check(
             why,
         });
     }
-    for (key, record) in bucket
+    let referrers = bucket
         .records::<ReferrersRecord>(RecordKind::Referrers)
-        .await?
-    {
+        .await?;
+    // A NAR is also unpacked and hashed against its NarHash, once.
+    let mut nars: BTreeMap<Digest, (Referrer, Digest)> = BTreeMap::new();
+    for (key, record) in &referrers {
+        let Some(record) = record else { continue };
+        let Ok(subject) = Digest::from_hex(key) else {
+            continue;
+        };
+        for r in &record.referrers {
+            let whole = sizes.get(&r.digest) == Some(&r.size) && !corrupt.contains(&r.digest);
+            if whole && crate::nixcache::nar_of_referrer(r).is_some() {
+                nars.entry(r.digest).or_insert_with(|| (r.clone(), subject));
+            }
+        }
+    }
+    let unpacked: Vec<_> =
+        futures::stream::iter(nars.into_values().map(|(r, subject)| async move {
+            let problem = nar_problem(bucket, &r).await?;
+            Ok::<_, StoreError>(problem.map(|p| (r.digest, p, vec![Holder::Referrer(subject)])))
+        }))
+        .buffer_unordered(HASHING_AT_ONCE)
+        .try_collect()
+        .await?;
+    f.broken.extend(unpacked.into_iter().flatten());
+    for key in bucket.record_keys(RecordKind::NixClosure).await? {
+        let why = match Digest::from_hex(&key) {
+            Err(_) => "the record cannot be read".to_owned(),
+            Ok(d) if !sizes.contains_key(&d) => format!("image {d} is not stored"),
+            Ok(_) => match bucket.get_record(RecordKind::NixClosure, &key).await? {
+                Some(b) if db::decode::<SharedClosureRecord>(&b).is_none() => {
+                    "the record cannot be read".to_owned()
+                }
+                _ => continue,
+            },
+        };
+        f.stale_records.push(StaleRecord {
+            kind: RecordKind::NixClosure,
+            key,
+            why,
+        });
+    }
+    for (key, record) in referrers {
         let why = match record {
             None => "the record cannot be read".to_owned(),
             Some(r) => match r.referrers.iter().find_map(|r| {
@@ -141,6 +187,20 @@ pub async fn check(
     }
     f.corrupt = corrupt.into_iter().collect();
     Ok(f)
+}
+
+/// Why a NAR in the bucket does not unpack to the NarHash its referrer
+/// records, if it does not.
+async fn nar_problem(bucket: &Bucket, r: &Referrer) -> Result<Option<String>, StoreError> {
+    let Some(stream) = bucket.blob_stream(&r.digest, None).await? else {
+        // Deleted meanwhile by a collection.
+        return Ok(None);
+    };
+    let r = r.clone();
+    feed_blocking(stream, move |next| {
+        crate::nixcache::unpack_problem(ChunkReader::new(next), &r)
+    })
+    .await
 }
 
 fn unreadable(kind: RecordKind, key: String) -> StaleRecord {
@@ -220,12 +280,20 @@ pub async fn repair(bucket: &Bucket, f: &Findings) -> Result<Repaired, StoreErro
                         .await?;
                     done.lost.push(format!("{name}:{tag}"));
                 }
+                // A NAR that does not unpack to its NarHash: deleted below
+                // with the other broken blobs, and made again when asked.
+                Holder::Referrer(_) => {}
                 // Only a local database has these (a bucket records each
-                // platform's manifest of an import as `Pinned`, and a
-                // damaged referrers record is a stale record).
-                Holder::Built(..) | Holder::PinnedPlatform(..) | Holder::Referrer(_) => {}
+                // platform's manifest of an import as `Pinned`).
+                Holder::Built(..) | Holder::PinnedPlatform(..) => {}
             }
         }
+    }
+    for (digest, _, _) in &f.broken {
+        // An image that goes takes its Nix closure with it.
+        bucket
+            .delete_record(RecordKind::NixClosure, &digest.hex())
+            .await?;
     }
     let broken = f.broken.iter().map(|(d, _, _)| d);
     let doomed: BTreeSet<&Digest> = f.corrupt.iter().chain(broken).collect();

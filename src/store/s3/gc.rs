@@ -2,7 +2,8 @@
 //! recently pulled at any replica (each notes pulls in the bucket, at most
 //! every few hours per image), built or confirmed current; then delete
 //! every blob no kept manifest names, and the records that lead to those
-//! blobs.
+//! blobs (with an image's: its referrers, so its NARs, and its Nix
+//! closure, so that no replica serves those paths after).
 //!
 //! It runs while replicas serve and build. What keeps it from deleting a
 //! blob a build is about to use:
@@ -92,6 +93,8 @@ struct Contents {
     parts: HashMap<Digest, Named>,
     /// What refers to each subject manifest.
     referrers: HashMap<Digest, ReferrersRecord>,
+    /// Images whose Nix closure is recorded.
+    closures: Vec<Digest>,
 }
 
 async fn read_contents(bucket: &Bucket) -> Result<Contents, StoreError> {
@@ -132,6 +135,12 @@ async fn read_contents(bucket: &Bucket) -> Result<Contents, StoreError> {
             Some((Digest::from_hex(&hex).ok()?, r?))
         })
         .collect();
+    let closures: Vec<Digest> = bucket
+        .record_keys(RecordKind::NixClosure)
+        .await?
+        .into_iter()
+        .filter_map(|hex| Digest::from_hex(&hex).ok())
+        .collect();
     let sizes: HashMap<Digest, u64> = blobs.iter().map(|b| (b.digest, b.size)).collect();
     let manifests: BTreeSet<Digest> = builds
         .iter()
@@ -156,6 +165,7 @@ async fn read_contents(bucket: &Bucket) -> Result<Contents, StoreError> {
         pulled,
         parts,
         referrers,
+        closures,
     })
 }
 
@@ -281,6 +291,13 @@ async fn collect_holding_lease(
         .keys()
         .filter(|d| !referenced.contains(d) && !young_blobs.contains(d));
     records_gone.extend(referrers_gone.map(|d| (RecordKind::Referrers, d.hex())));
+    // So is the image's Nix closure: no replica serves its paths after
+    // (those another kept image has stay with that image's closure).
+    let closures_gone = c
+        .closures
+        .iter()
+        .filter(|d| !referenced.contains(d) && !young_blobs.contains(d));
+    records_gone.extend(closures_gone.map(|d| (RecordKind::NixClosure, d.hex())));
     for (key, r) in bucket.records::<LayerRecord>(RecordKind::Layer).await? {
         match r {
             Some(r) if !doomed.contains(&r.digest) => {}

@@ -240,6 +240,10 @@ impl Storage for S3Store {
         Ok(bytes.map(|b| b.to_vec()))
     }
 
+    async fn record_keys(&self, kind: RecordKind) -> Result<Vec<String>, StoreError> {
+        self.bucket.record_keys(kind).await
+    }
+
     async fn put_record(
         &self,
         kind: RecordKind,
