@@ -239,6 +239,12 @@ impl BlobStore {
         }
     }
 
+    /// Every blob pinned now (sent to a client, or written or reused by a
+    /// build in flight): what no collection can delete yet.
+    pub fn pinned(&self) -> HashSet<Digest> {
+        lock_pins(&self.dirs).holders.keys().copied().collect()
+    }
+
     /// How many builds' pin sets were released, or new leases granted, so
     /// far; a collector that computed what is referenced or leased before
     /// one must look again.

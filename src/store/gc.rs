@@ -19,6 +19,7 @@ use crate::store::db::{
 use crate::store::fs::{BlobError, BlobStore};
 use crate::store::pulls::LastPulled;
 use serde::Serialize;
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
@@ -454,6 +455,22 @@ pub fn collect(
     policy: &Policy,
     dry_run: bool,
 ) -> Result<Report, GcError> {
+    let free = || {
+        crate::store::disk::free_bytes(storage_path)
+            .map_err(|e| GcError::FreeSpace(storage_path.display().to_string(), e))
+    };
+    collect_measuring(db, blobs, pulls, &free, policy, dry_run)
+}
+
+/// As [`collect`], with the free space measured by `free`.
+fn collect_measuring(
+    db: &Db,
+    blobs: &BlobStore,
+    pulls: &LastPulled,
+    free: &dyn Fn() -> Result<u64, GcError>,
+    policy: &Policy,
+    dry_run: bool,
+) -> Result<Report, GcError> {
     let at = now_unix();
     if !dry_run {
         pulls.flush(db)?;
@@ -461,7 +478,7 @@ pub fn collect(
     let stored = blobs.list_blobs()?;
     let sizes: HashMap<Digest, u64> = stored.iter().copied().collect();
     let bytes_before: u64 = sizes.values().sum();
-    let free_missing = short_of_free(policy, storage_path)?;
+    let free_missing = short_of_free(policy, free)?;
     let over_quota = policy
         .max_storage
         .map_or(0, |max| bytes_before.saturating_sub(max));
@@ -475,7 +492,7 @@ pub fn collect(
     };
 
     let kept = stored_images(db, blobs, &pulls.all(db)?, &leased_blobs)?;
-    let (chosen, evicted) = evictions(&kept, &sizes, needed);
+    let (chosen, evicted) = evictions(&kept, &freeable_sizes(&sizes, blobs, emergency), needed);
     let leased = kept
         .iter()
         .enumerate()
@@ -576,8 +593,8 @@ pub fn collect(
     let bytes_freed: u64 = deleted.iter().map(|(_, n)| n).sum();
     let bytes_after = blobs.stats().1;
     let in_use = candidates - deleted.len();
-    let still_over = policy.max_storage.is_some_and(|max| bytes_after > max)
-        || short_of_free(policy, storage_path)? > 0;
+    let still_over =
+        policy.max_storage.is_some_and(|max| bytes_after > max) || short_of_free(policy, free)? > 0;
     let report = Report {
         at,
         dry_run,
@@ -607,14 +624,37 @@ pub fn collect(
     Ok(report)
 }
 
+/// The blob sizes an eviction plan counts as freed. Below the free-space
+/// floor a pinned blob (being sent, or a build's in flight) frees nothing
+/// now: counted, it let the plan evict only the image being downloaded,
+/// free next to nothing, and evict nothing more at each retry while the
+/// transfer lasted. Above the floor it counts: its image goes as the
+/// least recently used and the blob after its transfer (see `retry_in`),
+/// rather than every other image for the sake of a quota.
+fn freeable_sizes<'a>(
+    sizes: &'a HashMap<Digest, u64>,
+    blobs: &BlobStore,
+    emergency: bool,
+) -> Cow<'a, HashMap<Digest, u64>> {
+    if !emergency {
+        return Cow::Borrowed(sizes);
+    }
+    let pinned = blobs.pinned();
+    Cow::Owned(
+        sizes
+            .iter()
+            .filter(|(d, _)| !pinned.contains(d))
+            .map(|(d, n)| (*d, *n))
+            .collect(),
+    )
+}
+
 /// Bytes missing to reach `min_free_space` (0 without that limit).
-fn short_of_free(policy: &Policy, storage_path: &Path) -> Result<u64, GcError> {
+fn short_of_free(policy: &Policy, free: &dyn Fn() -> Result<u64, GcError>) -> Result<u64, GcError> {
     let Some(min) = policy.min_free_space else {
         return Ok(0);
     };
-    let free = crate::store::disk::free_bytes(storage_path)
-        .map_err(|e| GcError::FreeSpace(storage_path.display().to_string(), e))?;
-    Ok(min.saturating_sub(free))
+    Ok(min.saturating_sub(free()?))
 }
 
 /// When a collection that left the store over a limit should run again:
@@ -1017,6 +1057,40 @@ mod tests {
         }
         assert!(blobs.stat_blob(&sending[2]).unwrap().is_some(), "in flight");
         assert_eq!(report.retry_in, Some(RETRY_WHILE_IN_USE));
+        drop(transfer);
+    }
+
+    #[test]
+    fn below_the_free_space_floor_a_blob_being_sent_frees_nothing_until_it_is_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(dir.path()).unwrap();
+        let db = Db::open(&dir.path().join("db")).unwrap();
+        let pulls = LastPulled::default();
+        let sending = stored_image(&db, &blobs, "sending", 1, 5);
+        let older = stored_image(&db, &blobs, "older", 2, 10);
+        let newest = stored_image(&db, &blobs, "newest", 3, 20);
+        // The least recently used image's 4000-byte layer is being sent.
+        let transfer = blobs.open_blob(&sending[2]).unwrap().unwrap();
+        let free = 1 << 30;
+        let policy = Policy {
+            max_storage: None,
+            min_free_space: Some(free + 1000),
+            lease: Duration::from_secs(600),
+            keep_recent: Duration::ZERO,
+        };
+        let report = collect_measuring(&db, &blobs, &pulls, &|| Ok(free), &policy, false).unwrap();
+        assert!(report.emergency);
+        let evicted: Vec<&str> = report.evicted.iter().map(|e| e.manifest.as_str()).collect();
+        // Least recently used first, until 1000 bytes are freed at once:
+        // the layer in flight does not count.
+        assert_eq!(
+            evicted,
+            [sending[0].to_string(), older[0].to_string()],
+            "{report:?}"
+        );
+        assert!(blobs.stat_blob(&sending[2]).unwrap().is_some(), "in flight");
+        assert!(blobs.stat_blob(&older[2]).unwrap().is_none());
+        assert!(blobs.stat_blob(&newest[2]).unwrap().is_some());
         drop(transfer);
     }
 }
