@@ -590,6 +590,7 @@ fn collect_measuring(
         }
     }
     let pruned = db.prune_layers(|d| matches!(blobs.stat_blob(d), Ok(Some(_))))?;
+    let pulls_pruned = prune_pulls_per_day(db, pulls)?;
     let bytes_freed: u64 = deleted.iter().map(|(_, n)| n).sum();
     let bytes_after = blobs.stats().1;
     let in_use = candidates - deleted.len();
@@ -619,9 +620,23 @@ fn collect_measuring(
         blobs_in_use = report.blobs_in_use,
         retry_in = report.retry_in,
         layer_records_pruned = pruned,
+        pulls_per_day_pruned = pulls_pruned,
         "garbage collection done"
     );
     Ok(report)
+}
+
+/// Drops the pulls per day of names that have no page any more (no image
+/// stored or last pulled under the name, no build among the recent ones),
+/// which would otherwise pile up with every name ever evicted; how many.
+/// Last pulls count for a replica, which serves what others built.
+fn prune_pulls_per_day(db: &Db, pulls: &LastPulled) -> Result<usize, DbError> {
+    let mut named: HashSet<String> = pulls.all(db)?.into_values().map(|p| p.image).collect();
+    for which in [TagTree::Built, TagTree::Pinned] {
+        named.extend(db.tag_records(which)?.into_iter().map(|(name, _, _)| name));
+    }
+    named.extend(db.builds()?.into_iter().map(|b| b.image));
+    db.prune_image_pulls(|name| named.contains(name))
 }
 
 /// The blob sizes an eviction plan counts as freed. Below the free-space
@@ -1092,5 +1107,65 @@ mod tests {
         assert!(blobs.stat_blob(&older[2]).unwrap().is_none());
         assert!(blobs.stat_blob(&newest[2]).unwrap().is_some());
         drop(transfer);
+    }
+
+    #[test]
+    fn pulls_per_day_go_with_the_last_image_and_build_of_their_name() {
+        use crate::store::db::{BuildOutcome, BuildRecord, TagRecord};
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(dir.path()).unwrap();
+        let db = Db::open(&dir.path().join("db")).unwrap();
+        let pulls = LastPulled::default();
+        let mut kept_bytes = 0;
+        for (name, at) in [("gone", 5), ("built-again", 6), ("kept", 20)] {
+            let image = stored_image(&db, &blobs, name, at as u8, at);
+            let record = TagRecord {
+                digest: image[0],
+                at,
+            };
+            db.put_tag_record(TagTree::Built, name, "latest", &record)
+                .unwrap();
+            pulls.touch(image[0], name, at);
+            if name == "kept" {
+                kept_bytes = image
+                    .iter()
+                    .map(|b| blobs.stat_blob(b).unwrap().unwrap())
+                    .sum();
+            }
+        }
+        // Its image goes, but its page stays with a build's record.
+        db.add_build(&BuildRecord {
+            image: "built-again".into(),
+            tag: "latest".into(),
+            started_at: 30,
+            phases: vec![],
+            layers_total: 1,
+            layers_reused: 0,
+            bytes_packed: 1,
+            outcome: BuildOutcome::Failed {
+                message: "m".into(),
+                stderr_tail: String::new(),
+            },
+            revision: None,
+            nix_processes: 1,
+            evaluated: 1,
+        })
+        .unwrap();
+        let names = ["gone", "built-again", "kept", "never-stored"];
+        let day: HashMap<String, u64> = names.iter().map(|n| (n.to_string(), 1)).collect();
+        db.add_image_pulls(&day, 86_400).unwrap();
+        let policy = Policy {
+            max_storage: Some(kept_bytes),
+            min_free_space: None,
+            lease: Duration::ZERO,
+            keep_recent: Duration::ZERO,
+        };
+        let report = collect(&db, &blobs, &pulls, dir.path(), &policy, false).unwrap();
+        assert_eq!(report.evicted.len(), 2, "{report:?}");
+        let days = |name| db.image_pulls(name).unwrap().days;
+        assert_eq!(days("gone"), vec![]);
+        assert_eq!(days("never-stored"), vec![]);
+        assert_eq!(days("built-again"), vec![(86_400, 1)]);
+        assert_eq!(days("kept"), vec![(86_400, 1)]);
     }
 }
