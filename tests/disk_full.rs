@@ -241,3 +241,38 @@ async fn a_build_below_the_free_space_floor_evicts_at_once_but_not_transfers() {
     assert_blobs_whole(&root);
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_disk_filled_from_outside_below_the_floor_is_collected_within_a_flush() {
+    let fs = Tmpfs::mount("100m");
+    let root = fs.0.clone();
+    let c = Client::new();
+    let limits = ["--min-free-space", "40M", "--gc-lease", "3600"];
+    let s = TestServer::start(&config(&root, &limits)).await;
+    let (_, hello_json) = get_manifest(&c, &s, "hello", "latest").await;
+    let hello_config = blob_path(&root, hello_json["config"]["digest"].as_str().unwrap());
+    // The collections that the build and its bills of materials asked
+    // for are over.
+    s.builder.finish_background().await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+
+    // Something else fills the disk below the floor: no build, no write of
+    // the server's own wakes the collector.
+    let free = nixery::store::disk::free_bytes(&root).unwrap();
+    write_filler(&root.join("filler"), free - (39 << 20));
+    let filled = std::time::Instant::now();
+    // Within a 30-second flush, not at the 5-minute tick: an emergency
+    // collection, which evicts hello though it is leased.
+    loop {
+        let gc = common::status_json(&c, &s).await["limits"]["last_gc"].clone();
+        if gc["emergency"] == true && !hello_config.exists() {
+            break;
+        }
+        assert!(
+            filled.elapsed() < std::time::Duration::from_secs(90),
+            "no emergency collection evicted hello; last collection: {gc}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    s.stop().await;
+}
