@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{config, error_code, get_blob, get_manifest, temp_files, TestServer};
+use common::{blob_path, config, error_code, get_blob, get_manifest, temp_files, TestServer};
 use nixery::store::reserve::RESERVE_BYTES;
 use reqwest::{Client, StatusCode};
 use std::io::Write;
@@ -158,4 +158,121 @@ async fn a_full_disk_twice_in_a_row_keeps_its_reserve() {
         }
         s.stop().await;
     }
+}
+
+/// Writes `len` bytes (not zeros: a tmpfs holds them all) into `path`.
+fn write_filler(path: &Path, len: u64) {
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![1u8; 1 << 20];
+    let mut written = 0;
+    while written < len {
+        let n = chunk.len().min((len - written) as usize);
+        f.write_all(&chunk[..n]).unwrap();
+        written += n as u64;
+    }
+    f.sync_all().unwrap();
+}
+
+#[tokio::test]
+async fn a_build_below_the_free_space_floor_evicts_at_once_but_not_transfers() {
+    let fs = Tmpfs::mount("400m");
+    let root = fs.0.clone();
+    let c = Client::new();
+    // Leases far longer than the test: below the floor they do not hold.
+    // The slow client below stalls for as long as the test takes.
+    let limits = [
+        "--min-free-space",
+        "150M",
+        "--gc-lease",
+        "3600",
+        "--idle-timeout",
+        "3600",
+    ];
+    let s = TestServer::start(&config(&root, &limits)).await;
+    // Pulled a second apart (last-pulled times are in seconds): big, then
+    // hello, then coreutils, whose few MB of its own cover what the build
+    // below takes.
+    let mut pulled = Vec::new();
+    for name in ["big", "hello", "coreutils"] {
+        if !pulled.is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        }
+        pulled.push(get_manifest(&c, &s, name, "latest").await.1);
+    }
+    let [big_json, hello_json, _] = &pulled[..] else {
+        unreachable!()
+    };
+    let config_of =
+        |m: &serde_json::Value| blob_path(&root, m["config"]["digest"].as_str().unwrap());
+    let hello_config = config_of(hello_json);
+    // A slow client of big's largest layer (most of big's bytes): big is
+    // the least recently pulled image, but evicting it frees next to
+    // nothing while this lasts.
+    let layer = common::largest_layer(big_json);
+    let download = common::start_download(&c, &s, "big", &layer).await;
+    // Nothing written in the background from here on (bills of
+    // materials, the collections they wake).
+    s.builder.finish_background().await;
+    s.builder.collector().collect().await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+
+    // Just above the floor; the next build (more than a MB of bash's
+    // layers) goes below it.
+    let free = nixery::store::disk::free_bytes(&root).unwrap();
+    write_filler(&root.join("filler"), free - (150 << 20) - (256 << 10));
+    let (_, bash_json) = get_manifest(&c, &s, "bash", "latest").await;
+    let built = std::time::Instant::now();
+
+    // At once (woken by the build, not by the 5-minute timer), hello goes
+    // though leased for an hour.
+    while hello_config.exists() {
+        assert!(
+            built.elapsed() < std::time::Duration::from_secs(120),
+            "hello is still stored; last collection: {}",
+            common::status_json(&c, &s).await["limits"]["last_gc"]
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Least recently pulled first: the image just built stays.
+    assert!(config_of(&bash_json).exists(), "bash was evicted");
+    // The transfer in flight is spared, and completes whole.
+    assert!(blob_path(&root, &layer).exists(), "in flight");
+    common::finish_download(download, &layer).await;
+    assert_blobs_whole(&root);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_disk_filled_from_outside_below_the_floor_is_collected_within_a_flush() {
+    let fs = Tmpfs::mount("100m");
+    let root = fs.0.clone();
+    let c = Client::new();
+    let limits = ["--min-free-space", "40M", "--gc-lease", "3600"];
+    let s = TestServer::start(&config(&root, &limits)).await;
+    let (_, hello_json) = get_manifest(&c, &s, "hello", "latest").await;
+    let hello_config = blob_path(&root, hello_json["config"]["digest"].as_str().unwrap());
+    // The collections that the build and its bills of materials asked
+    // for are over.
+    s.builder.finish_background().await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+
+    // Something else fills the disk below the floor: no build, no write of
+    // the server's own wakes the collector.
+    let free = nixery::store::disk::free_bytes(&root).unwrap();
+    write_filler(&root.join("filler"), free - (39 << 20));
+    let filled = std::time::Instant::now();
+    // Within a 30-second flush, not at the 5-minute tick: an emergency
+    // collection, which evicts hello though it is leased.
+    loop {
+        let gc = common::status_json(&c, &s).await["limits"]["last_gc"].clone();
+        if gc["emergency"] == true && !hello_config.exists() {
+            break;
+        }
+        assert!(
+            filled.elapsed() < std::time::Duration::from_secs(90),
+            "no emergency collection evicted hello; last collection: {gc}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    s.stop().await;
 }

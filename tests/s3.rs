@@ -594,3 +594,48 @@ async fn the_bucket_evicts_the_image_least_recently_pulled_anywhere() {
     assert!(bucket.stat(&hello).await.unwrap().is_some(), "{out}");
     assert!(bucket.stat(&shell).await.unwrap().is_none(), "{out}");
 }
+
+/// Replicas write while `verify` runs: an image built (with its bills of
+/// materials and their referrers record) after verify listed the bucket's
+/// blobs is whole, not a stale record or a broken manifest.
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_is_not_fooled_by_what_is_written_while_it_runs() {
+    let weed = Seaweed::start().await;
+    let (_a_dir, a) = replica(&weed, "during", &[]).await;
+    let client = Client::new();
+    get_manifest(&client, &a, "hello", "latest").await;
+    a.builder.finish_background().await;
+
+    let bucket = nixery::store::s3::Bucket::open(weed.settings("during")).unwrap();
+    let mut built = false;
+    let findings = nixery::store::s3::check::check(&bucket, |_, _| {
+        if std::mem::replace(&mut built, true) {
+            return;
+        }
+        // The blobs are listed; the records are read after this.
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(async {
+                get_manifest(&client, &a, "bash", "latest").await;
+                a.builder.finish_background().await;
+            })
+        });
+    })
+    .await
+    .unwrap();
+    assert!(built);
+    assert!(
+        findings.stale_records.is_empty(),
+        "{:?}",
+        findings.stale_records
+    );
+    assert!(findings.broken.is_empty(), "{:?}", findings.broken);
+    let referrers = a
+        .builder
+        .db()
+        .all_referrers()
+        .unwrap()
+        .into_iter()
+        .filter(|(_, r)| !r.referrers.is_empty())
+        .count();
+    assert!(referrers >= 2, "bash's bills of materials were written");
+}

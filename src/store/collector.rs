@@ -1,6 +1,7 @@
 //! Runs the garbage collector in the background: on a timer, and soon after
-//! a build finished or the disk filled up. Also flushes the last-pulled
-//! times, so they reach the disk in batches.
+//! a build finished or the disk filled up (also from outside: the free
+//! space is looked at every flush). Also flushes the last-pulled times, so
+//! they reach the disk in batches.
 
 use crate::store::db::Db;
 use crate::store::fs::BlobStore;
@@ -16,6 +17,10 @@ use tokio::sync::Notify;
 const FLUSH_EVERY: Duration = Duration::from_secs(30);
 /// How often a collection runs without being asked.
 const COLLECT_EVERY: Duration = Duration::from_secs(300);
+/// How much lower than a collection left it the free space must be, below
+/// `--min-free-space`, for the flush to collect again: something other
+/// than the server's own small writes filled the disk.
+const FELL_BY: u64 = 1 << 20;
 
 pub struct Collector {
     db: Db,
@@ -33,6 +38,8 @@ pub struct Collector {
     scrubber: Scrubber,
     /// The disk caches a shared bucket (see [`gc::collect`]).
     shared: bool,
+    /// Free bytes when the last collection ended (`u64::MAX` before one).
+    free_after: std::sync::atomic::AtomicU64,
 }
 
 impl Collector {
@@ -58,6 +65,7 @@ impl Collector {
             generation: Default::default(),
             named: gc::NamedMemo::default(),
             shared,
+            free_after: std::sync::atomic::AtomicU64::new(u64::MAX),
         })
     }
 
@@ -120,13 +128,18 @@ impl Collector {
         let _one = self.running.lock().await;
         let (db, blobs, pulls) = (self.db.clone(), self.blobs.clone(), Arc::clone(&self.pulls));
         let (path, policy, shared) = (self.storage_path.clone(), self.policy, self.shared);
-        let report = tokio::task::spawn_blocking(move || {
+        let (report, free) = tokio::task::spawn_blocking(move || {
             let report = gc::collect(&db, &blobs, &pulls, &path, &policy, false, shared);
             restore_reserve(&path);
-            report
+            (report, free_bytes(&path))
         })
         .await
-        .map_err(|e| gc::GcError::Task(e.to_string()))??;
+        .map_err(|e| gc::GcError::Task(e.to_string()))?;
+        let report = report?;
+        self.free_after.store(
+            free.unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         if report.blobs_deleted > 0 && !report.dry_run {
             self.generation
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -137,19 +150,31 @@ impl Collector {
 
     /// Writes pending last-pulled times, and sets the start-up reserve
     /// aside again if it was released and space was freed since; off the
-    /// async workers.
-    pub async fn flush_pulls(&self) {
+    /// async workers. The free space after, if it could be read.
+    pub async fn flush_pulls(&self) -> Option<u64> {
         let (db, pulls) = (self.db.clone(), Arc::clone(&self.pulls));
         let path = self.storage_path.clone();
         let flushed = tokio::task::spawn_blocking(move || {
             restore_reserve(&path);
-            pulls.flush(&db)
+            (pulls.flush(&db), free_bytes(&path))
         });
         match flushed.await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "could not record last pulls"),
+            Ok((Ok(_), free)) => return free,
+            Ok((Err(e), _)) => tracing::warn!(error = %e, "could not record last pulls"),
             Err(e) => tracing::warn!(error = %e, "recording last pulls failed"),
         }
+        None
+    }
+
+    /// Whether `free` is below `--min-free-space` and well below what the
+    /// last collection left: the disk filled from outside (builds and
+    /// cache fills wake the collector themselves).
+    fn filled_from_outside(&self, free: Option<u64>) -> bool {
+        let (Some(min), Some(free)) = (self.policy.min_free_space, free) else {
+            return false;
+        };
+        let after = self.free_after.load(std::sync::atomic::Ordering::Relaxed);
+        free < min && free.saturating_add(FELL_BY) < after
     }
 
     /// Runs until the task is dropped: flushes pulls, and collects when
@@ -169,8 +194,8 @@ impl Collector {
             };
             since_collect += wait;
             again = again.map(|a| a.saturating_sub(wait));
-            self.flush_pulls().await;
-            let due = again.is_some_and(|a| a.is_zero());
+            let free = self.flush_pulls().await;
+            let due = again.is_some_and(|a| a.is_zero()) || self.filled_from_outside(free);
             if self.policy.is_active() && (woken || due || since_collect >= COLLECT_EVERY) {
                 since_collect = Duration::ZERO;
                 again = self.run_logged().await;
@@ -188,6 +213,12 @@ impl Collector {
             }
         }
     }
+}
+
+/// Free bytes on the storage path's file system; None if unreadable.
+/// Blocking.
+fn free_bytes(storage: &std::path::Path) -> Option<u64> {
+    crate::store::disk::free_bytes(storage).ok()
 }
 
 /// Sets the start-up reserve aside again once space allows. Blocking.

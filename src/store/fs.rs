@@ -239,6 +239,12 @@ impl BlobStore {
         }
     }
 
+    /// Every blob pinned now (sent to a client, or written or reused by a
+    /// build in flight): what no collection can delete yet.
+    pub fn pinned(&self) -> HashSet<Digest> {
+        lock_pins(&self.dirs).holders.keys().copied().collect()
+    }
+
     /// How many builds' pin sets were released, or new leases granted, so
     /// far; a collector that computed what is referenced or leased before
     /// one must look again.
@@ -288,6 +294,7 @@ impl BlobStore {
         released_before: u64,
         honour_leases: bool,
     ) -> Result<Option<Vec<(Digest, u64)>>, BlobError> {
+        self.wait_counted();
         // Held throughout: a commit pins before it links, so no blob can
         // become pinned between the check and the unlink.
         let table = lock_pins(&self.dirs);
@@ -488,6 +495,19 @@ impl BlobStore {
     /// Count and total bytes of stored blobs. Right after open it waits
     /// for the count of what was stored before: blocking.
     pub fn stats(&self) -> (u64, u64) {
+        self.wait_counted();
+        (
+            self.dirs.count.load(Ordering::Relaxed),
+            self.dirs.bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Waits for the count of what was stored at open. Deletions wait for
+    /// it too: one before the count reached its blob would be subtracted
+    /// from a count that never had it (a collection at start deleted a
+    /// large layer so, and the store then looked that much smaller, within
+    /// its quota, for good). Blocking.
+    fn wait_counted(&self) {
         let mut counting = self.dirs.counting();
         while counting.is_some() {
             counting = self
@@ -496,11 +516,6 @@ impl BlobStore {
                 .wait(counting)
                 .unwrap_or_else(|p| p.into_inner());
         }
-        drop(counting);
-        (
-            self.dirs.count.load(Ordering::Relaxed),
-            self.dirs.bytes.load(Ordering::Relaxed),
-        )
     }
 
     /// Copies `reader` in as a blob, refusing (and keeping nothing) unless
@@ -553,6 +568,7 @@ impl BlobStore {
     /// Removes a stored blob (a corrupt one, or one nothing references).
     /// Returns whether it was there.
     pub fn delete(&self, digest: &Digest) -> Result<bool, BlobError> {
+        self.wait_counted();
         let path = self.path_of(digest);
         let len = match fs::metadata(&path) {
             Ok(m) => m.len(),
@@ -614,6 +630,7 @@ impl BlobStore {
     /// Moves a damaged blob aside to `<root>/quarantine/`, where nothing
     /// serves it from; false if it was not stored.
     pub fn quarantine(&self, digest: &Digest) -> Result<bool, BlobError> {
+        self.wait_counted();
         let dir = self.root().join("quarantine");
         fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
         let from = self.path_of(digest);
@@ -1195,6 +1212,22 @@ mod tests {
             store.put(&(i + 150).to_le_bytes()).unwrap();
         }
         assert_eq!(store.stats(), (450, 450 * 4));
+    }
+
+    #[test]
+    fn deletions_while_counting_after_open_are_subtracted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let before: Vec<Digest> = (0..2000u32)
+            .map(|i| store.put(&i.to_le_bytes()).unwrap())
+            .collect();
+        drop(store);
+        // Reopen and delete half while it counts.
+        let store = BlobStore::open(dir.path()).unwrap();
+        for d in before.iter().step_by(2) {
+            assert!(store.delete(d).unwrap());
+        }
+        assert_eq!(store.stats(), (1000, 1000 * 4));
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::store::db::{
 use crate::store::fs::{BlobError, BlobStore};
 use crate::store::pulls::LastPulled;
 use serde::Serialize;
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
@@ -536,6 +537,23 @@ pub fn collect(
     dry_run: bool,
     shared: bool,
 ) -> Result<Report, GcError> {
+    let free = || {
+        crate::store::disk::free_bytes(storage_path)
+            .map_err(|e| GcError::FreeSpace(storage_path.display().to_string(), e))
+    };
+    collect_measuring(db, blobs, pulls, &free, policy, dry_run, shared)
+}
+
+/// As [`collect`], with the free space measured by `free`.
+fn collect_measuring(
+    db: &Db,
+    blobs: &BlobStore,
+    pulls: &LastPulled,
+    free: &dyn Fn() -> Result<u64, GcError>,
+    policy: &Policy,
+    dry_run: bool,
+    shared: bool,
+) -> Result<Report, GcError> {
     let at = now_unix();
     if !dry_run {
         pulls.flush(db)?;
@@ -543,7 +561,7 @@ pub fn collect(
     let stored = blobs.list_blobs()?;
     let sizes: HashMap<Digest, u64> = stored.iter().copied().collect();
     let bytes_before: u64 = sizes.values().sum();
-    let free_missing = short_of_free(policy, storage_path)?;
+    let free_missing = short_of_free(policy, free)?;
     let over_quota = policy
         .max_storage
         .map_or(0, |max| bytes_before.saturating_sub(max));
@@ -557,7 +575,7 @@ pub fn collect(
     };
 
     let kept = stored_images(db, blobs, &pulls.all(db)?, &leased_blobs)?;
-    let (chosen, evicted) = evictions(&kept, &sizes, needed);
+    let (chosen, evicted) = evictions(&kept, &freeable_sizes(&sizes, blobs, emergency), needed);
     let leased = kept
         .iter()
         .enumerate()
@@ -661,11 +679,12 @@ pub fn collect(
         }
     }
     let pruned = db.prune_layers(|d| matches!(blobs.stat_blob(d), Ok(Some(_))))?;
+    let pulls_pruned = prune_pulls_per_day(db, pulls)?;
     let bytes_freed: u64 = deleted.iter().map(|(_, n)| n).sum();
     let bytes_after = blobs.stats().1;
     let in_use = candidates - deleted.len();
-    let still_over = policy.max_storage.is_some_and(|max| bytes_after > max)
-        || short_of_free(policy, storage_path)? > 0;
+    let still_over =
+        policy.max_storage.is_some_and(|max| bytes_after > max) || short_of_free(policy, free)? > 0;
     let report = Report {
         at,
         dry_run,
@@ -690,19 +709,56 @@ pub fn collect(
         blobs_in_use = report.blobs_in_use,
         retry_in = report.retry_in,
         layer_records_pruned = pruned,
+        pulls_per_day_pruned = pulls_pruned,
         "garbage collection done"
     );
     Ok(report)
 }
 
+/// Drops the pulls per day of names that have no page any more (no image
+/// stored or last pulled under the name, no build among the recent ones),
+/// which would otherwise pile up with every name ever evicted; how many.
+/// Last pulls count for a replica, which serves what others built.
+fn prune_pulls_per_day(db: &Db, pulls: &LastPulled) -> Result<usize, DbError> {
+    let mut named: HashSet<String> = pulls.all(db)?.into_values().map(|p| p.image).collect();
+    for which in [TagTree::Built, TagTree::Pinned] {
+        named.extend(db.tag_records(which)?.into_iter().map(|(name, _, _)| name));
+    }
+    named.extend(db.builds()?.into_iter().map(|b| b.image));
+    db.prune_image_pulls(|name| named.contains(name))
+}
+
+/// The blob sizes an eviction plan counts as freed. Below the free-space
+/// floor a pinned blob (being sent, or a build's in flight) frees nothing
+/// now: counted, it let the plan evict only the image being downloaded,
+/// free next to nothing, and evict nothing more at each retry while the
+/// transfer lasted. Above the floor it counts: its image goes as the
+/// least recently used and the blob after its transfer (see `retry_in`),
+/// rather than every other image for the sake of a quota.
+fn freeable_sizes<'a>(
+    sizes: &'a HashMap<Digest, u64>,
+    blobs: &BlobStore,
+    emergency: bool,
+) -> Cow<'a, HashMap<Digest, u64>> {
+    if !emergency {
+        return Cow::Borrowed(sizes);
+    }
+    let pinned = blobs.pinned();
+    Cow::Owned(
+        sizes
+            .iter()
+            .filter(|(d, _)| !pinned.contains(d))
+            .map(|(d, n)| (*d, *n))
+            .collect(),
+    )
+}
+
 /// Bytes missing to reach `min_free_space` (0 without that limit).
-fn short_of_free(policy: &Policy, storage_path: &Path) -> Result<u64, GcError> {
+fn short_of_free(policy: &Policy, free: &dyn Fn() -> Result<u64, GcError>) -> Result<u64, GcError> {
     let Some(min) = policy.min_free_space else {
         return Ok(0);
     };
-    let free = crate::store::disk::free_bytes(storage_path)
-        .map_err(|e| GcError::FreeSpace(storage_path.display().to_string(), e))?;
-    Ok(min.saturating_sub(free))
+    Ok(min.saturating_sub(free()?))
 }
 
 /// When a collection that left the store over a limit should run again:
@@ -1178,5 +1234,100 @@ mod tests {
             );
             assert!(blobs.stat_blob(&file).unwrap().is_none(), "{shared}");
         }
+    }
+
+    #[test]
+    fn below_the_free_space_floor_a_blob_being_sent_frees_nothing_until_it_is_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(dir.path()).unwrap();
+        let db = Db::open(&dir.path().join("db")).unwrap();
+        let pulls = LastPulled::default();
+        let sending = stored_image(&db, &blobs, "sending", 1, 5);
+        let older = stored_image(&db, &blobs, "older", 2, 10);
+        let newest = stored_image(&db, &blobs, "newest", 3, 20);
+        // The least recently used image's 4000-byte layer is being sent.
+        let transfer = blobs.open_blob(&sending[2]).unwrap().unwrap();
+        let free = 1 << 30;
+        let policy = Policy {
+            max_storage: None,
+            min_free_space: Some(free + 1000),
+            lease: Duration::from_secs(600),
+            keep_recent: Duration::ZERO,
+        };
+        let report =
+            collect_measuring(&db, &blobs, &pulls, &|| Ok(free), &policy, false, false).unwrap();
+        assert!(report.emergency);
+        let evicted: Vec<&str> = report.evicted.iter().map(|e| e.manifest.as_str()).collect();
+        // Least recently used first, until 1000 bytes are freed at once:
+        // the layer in flight does not count.
+        assert_eq!(
+            evicted,
+            [sending[0].to_string(), older[0].to_string()],
+            "{report:?}"
+        );
+        assert!(blobs.stat_blob(&sending[2]).unwrap().is_some(), "in flight");
+        assert!(blobs.stat_blob(&older[2]).unwrap().is_none());
+        assert!(blobs.stat_blob(&newest[2]).unwrap().is_some());
+        drop(transfer);
+    }
+
+    #[test]
+    fn pulls_per_day_go_with_the_last_image_and_build_of_their_name() {
+        use crate::store::db::{BuildOutcome, BuildRecord, TagRecord};
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(dir.path()).unwrap();
+        let db = Db::open(&dir.path().join("db")).unwrap();
+        let pulls = LastPulled::default();
+        let mut kept_bytes = 0;
+        for (name, at) in [("gone", 5), ("built-again", 6), ("kept", 20)] {
+            let image = stored_image(&db, &blobs, name, at as u8, at);
+            let record = TagRecord {
+                digest: image[0],
+                at,
+            };
+            db.put_tag_record(TagTree::Built, name, "latest", &record)
+                .unwrap();
+            pulls.touch(image[0], name, at);
+            if name == "kept" {
+                kept_bytes = image
+                    .iter()
+                    .map(|b| blobs.stat_blob(b).unwrap().unwrap())
+                    .sum();
+            }
+        }
+        // Its image goes, but its page stays with a build's record.
+        db.add_build(&BuildRecord {
+            image: "built-again".into(),
+            tag: "latest".into(),
+            started_at: 30,
+            phases: vec![],
+            layers_total: 1,
+            layers_reused: 0,
+            bytes_packed: 1,
+            outcome: BuildOutcome::Failed {
+                message: "m".into(),
+                stderr_tail: String::new(),
+            },
+            revision: None,
+            nix_processes: 1,
+            evaluated: 1,
+        })
+        .unwrap();
+        let names = ["gone", "built-again", "kept", "never-stored"];
+        let day: HashMap<String, u64> = names.iter().map(|n| (n.to_string(), 1)).collect();
+        db.add_image_pulls(&day, 86_400).unwrap();
+        let policy = Policy {
+            max_storage: Some(kept_bytes),
+            min_free_space: None,
+            lease: Duration::ZERO,
+            keep_recent: Duration::ZERO,
+        };
+        let report = collect(&db, &blobs, &pulls, dir.path(), &policy, false, false).unwrap();
+        assert_eq!(report.evicted.len(), 2, "{report:?}");
+        let days = |name| db.image_pulls(name).unwrap().days;
+        assert_eq!(days("gone"), vec![]);
+        assert_eq!(days("never-stored"), vec![]);
+        assert_eq!(days("built-again"), vec![(86_400, 1)]);
+        assert_eq!(days("kept"), vec![(86_400, 1)]);
     }
 }

@@ -26,7 +26,8 @@
 //!   name evaluated to at a fixed source revision; see
 //!   [`crate::build::eval_cache`])
 //! - `image_pulls`: image name -> [`ImagePullsRecord`] (pulls per day,
-//!   the last 30 days with any)
+//!   the last 30 days with any; dropped by a collection once the name has
+//!   no image nor recent build)
 //! - `history`: ring and slot (`m` or `h`, u16 big-endian) ->
 //!   [`HistoryRecord`] (fixed-size rings; see [`crate::observe::history`])
 //! - `nix_closures`, `nix_paths`, `nix_nars`: the Nix binary cache (see
@@ -716,6 +717,19 @@ impl Db {
                 .insert(image.as_bytes(), encode(&record)?)?;
         }
         Ok(())
+    }
+
+    /// Drops the pulls per day of every name `keep` refuses; how many.
+    pub fn prune_image_pulls(&self, keep: impl Fn(&str) -> bool) -> Result<usize, DbError> {
+        let mut pruned = 0;
+        for key in self.image_pulls.iter().keys() {
+            let key = key?;
+            if !keep(&String::from_utf8_lossy(&key)) {
+                self.image_pulls.remove(key)?;
+                pruned += 1;
+            }
+        }
+        Ok(pruned)
     }
 
     /// An image name's pulls per day.

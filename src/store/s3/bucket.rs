@@ -253,6 +253,16 @@ impl Bucket {
         self.delete(&self.blob_key(digest)).await
     }
 
+    /// A blob's size as stored now; None if it is not stored.
+    pub async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        let key = self.blob_key(digest);
+        match self.client.head(&key).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(remote("looking up", &key)(e)),
+        }
+    }
+
     /// A whole small blob (a manifest), refusing more than `limit` bytes.
     pub async fn small_blob(
         &self,

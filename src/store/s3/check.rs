@@ -111,7 +111,9 @@ pub async fn check(
         let why = match record {
             None => "the record cannot be read".to_owned(),
             Some(r) if corrupt.contains(&r.digest) => format!("blob {} is corrupt", r.digest),
-            Some(r) if !sizes.contains_key(&r.digest) => format!("blob {} is missing", r.digest),
+            Some(r) if size_now(bucket, &sizes, &r.digest).await?.is_none() => {
+                format!("blob {} is missing", r.digest)
+            }
             Some(_) => continue,
         };
         f.stale_records.push(StaleRecord {
@@ -149,7 +151,9 @@ pub async fn check(
     for key in bucket.record_keys(RecordKind::NixClosure).await? {
         let why = match Digest::from_hex(&key) {
             Err(_) => "the record cannot be read".to_owned(),
-            Ok(d) if !sizes.contains_key(&d) => format!("image {d} is not stored"),
+            Ok(d) if size_now(bucket, &sizes, &d).await?.is_none() => {
+                format!("image {d} is not stored")
+            }
             Ok(_) => match bucket.get_record(RecordKind::NixClosure, &key).await? {
                 Some(b) if db::decode::<SharedClosureRecord>(&b).is_none() => {
                     "the record cannot be read".to_owned()
@@ -166,15 +170,7 @@ pub async fn check(
     for (key, record) in referrers {
         let why = match record {
             None => "the record cannot be read".to_owned(),
-            Some(r) => match r.referrers.iter().find_map(|r| {
-                let problem = match sizes.get(&r.digest) {
-                    _ if corrupt.contains(&r.digest) => "is corrupt",
-                    None => "is missing",
-                    Some(&n) if n != r.size => "has another size",
-                    Some(_) => return None,
-                };
-                Some(format!("referrer {} {problem}", r.digest))
-            }) {
+            Some(r) => match referrer_problem(bucket, &sizes, &corrupt, &r).await? {
                 Some(why) => why,
                 None => continue,
             },
@@ -203,6 +199,40 @@ async fn nar_problem(bucket: &Bucket, r: &Referrer) -> Result<Option<String>, St
     .await
 }
 
+/// A blob's size as listed or, when the listing predates it, as stored
+/// now: replicas write while this check runs, and a record read after the
+/// listing may name a blob written after it (blobs are always written
+/// before the records that name them).
+async fn size_now(
+    bucket: &Bucket,
+    sizes: &HashMap<Digest, u64>,
+    digest: &Digest,
+) -> Result<Option<u64>, StoreError> {
+    match sizes.get(digest) {
+        Some(&n) => Ok(Some(n)),
+        None => bucket.blob_size(digest).await,
+    }
+}
+
+/// Why a referrers record leads nowhere whole, if it does.
+async fn referrer_problem(
+    bucket: &Bucket,
+    sizes: &HashMap<Digest, u64>,
+    corrupt: &BTreeSet<Digest>,
+    record: &ReferrersRecord,
+) -> Result<Option<String>, StoreError> {
+    for r in &record.referrers {
+        let problem = match size_now(bucket, sizes, &r.digest).await? {
+            _ if corrupt.contains(&r.digest) => "is corrupt",
+            None => "is missing",
+            Some(n) if n != r.size => "has another size",
+            Some(_) => continue,
+        };
+        return Ok(Some(format!("referrer {} {problem}", r.digest)));
+    }
+    Ok(None)
+}
+
 fn unreadable(kind: RecordKind, key: String) -> StaleRecord {
     StaleRecord {
         kind,
@@ -221,9 +251,9 @@ async fn manifest_problem(
     if corrupt.contains(digest) {
         return Ok(Some("the manifest blob is corrupt".into()));
     }
-    match sizes.get(digest) {
+    match size_now(bucket, sizes, digest).await? {
         None => return Ok(Some("the manifest blob is missing".into())),
-        Some(&n) if n > MANIFEST_MAX_BYTES => {
+        Some(n) if n > MANIFEST_MAX_BYTES => {
             return Ok(Some(format!(
                 "the manifest blob has {n} bytes: not a manifest"
             )))
@@ -240,9 +270,9 @@ async fn manifest_problem(
         if corrupt.contains(d) {
             return Ok(Some(format!("blob {d} is corrupt")));
         }
-        match sizes.get(d) {
+        match size_now(bucket, sizes, d).await? {
             None => return Ok(Some(format!("blob {d} is missing"))),
-            Some(n) if n != size => {
+            Some(n) if n != *size => {
                 return Ok(Some(format!(
                     "blob {d} has {n} bytes, the manifest says {size}"
                 )))

@@ -178,12 +178,7 @@ impl Storage for S3Store {
     }
 
     async fn stat(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
-        let key = self.bucket.blob_key(digest);
-        match self.bucket.client.head(&key).await {
-            Ok(meta) => Ok(Some(meta.size)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(remote("looking up", &key)(e)),
-        }
+        self.bucket.blob_size(digest).await
     }
 
     /// The bucket's copy: callers look on this replica's disk first (the
