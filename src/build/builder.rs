@@ -13,6 +13,7 @@ use crate::build::layering::{self, LayerError, Strategy};
 use crate::build::manifest::{self, ImageConfig, LayerBlob, ManifestError};
 use crate::build::nix::{Nix, NixError, Resolved, ResolvedPackage, Stage};
 use crate::build::queue::{Abandoned, BuildQueue};
+use crate::build::realise::{Session, Wanted};
 use crate::build::singleflight::SingleFlight;
 use crate::build::source::{Resolution, Source};
 use crate::build::store_path::{self, PathInfo};
@@ -1089,10 +1090,13 @@ impl Builder {
         if !resolved.not_found.is_empty() {
             return Err(BuildError::NotFound(resolved.not_found));
         }
-        let drvs: Vec<String> = resolved
+        let wanted: Vec<Wanted> = resolved
             .found
             .values()
-            .map(|p| p.drv_path.clone())
+            .map(|p| Wanted {
+                drv_path: p.drv_path.clone(),
+                out_path: p.out_path.clone(),
+            })
             .collect();
         // Sorted by package name, so the symlink layer's order is stable.
         let outs: Vec<String> = resolved
@@ -1104,11 +1108,12 @@ impl Builder {
         let gc_root = self.gc_root_dir(key);
         let dir = gc_root.clone();
         blocking(move || std::fs::create_dir_all(dir).map_err(BuildError::GcRoot)).await?;
+        // Realising and the closure: one Nix process (see `realise`).
         counters.nix();
-        nix.realise(&drvs, &gc_root.join("out")).await?;
+        let session = Session::open(nix).await?;
+        let session = session.realise(nix, &wanted, &gc_root.join("out")).await?;
         phases.finish("nix build");
-        counters.nix();
-        let closure = nix.closure(&outs).await?;
+        let closure = session.closure(nix, &outs).await?;
         phases.finish("closure");
         let closure_paths = closure_paths(&closure);
 
