@@ -85,6 +85,9 @@ async fn realised_outputs_are_rooted_until_the_link_goes() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("build").join("out");
     std::fs::create_dir_all(root.parent().unwrap()).unwrap();
+    let session = Session::open(&nix).await.unwrap();
+    assert!(session.started_a_process(), "nix-daemon --stdio");
+    drop(session);
     realise(&nix, &resolved, &root).await.unwrap();
     // Again on the same links, as a rebuild of the same image does.
     realise(&nix, &resolved, &root).await.unwrap();
@@ -442,6 +445,10 @@ async fn a_store_owned_by_a_daemon_is_reached_through_it() {
     );
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("out");
+    // Its socket is spoken to directly: no process of ours.
+    let session = Session::open(&through).await.unwrap();
+    assert!(!session.started_a_process());
+    drop(session);
     let closure = realise(&through, &resolved, &root).await.unwrap();
     let hello = &resolved.found["hello"].out_path;
     assert!(closure.iter().any(|p| &p.path == hello), "{closure:?}");
@@ -456,4 +463,26 @@ async fn a_store_owned_by_a_daemon_is_reached_through_it() {
         matches!(&err, NixError::Daemon { log, .. } if log.contains("broken on purpose")),
         "{err:?}"
     );
+    // And the timeout holds.
+    let hurried = Nix::new(
+        PathBuf::from(PREPARE_IMAGE),
+        Duration::from_secs(2),
+        through.options().to_vec(),
+    );
+    let slow = resolve(&direct, &["slow"]).await.unwrap();
+    let started = Instant::now();
+    let err = realise(&hurried, &slow, &dir.path().join("s"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            NixError::Timeout {
+                stage: Stage::Realise,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(8));
 }

@@ -1108,9 +1108,12 @@ impl Builder {
         let gc_root = self.gc_root_dir(key);
         let dir = gc_root.clone();
         blocking(move || std::fs::create_dir_all(dir).map_err(BuildError::GcRoot)).await?;
-        // Realising and the closure: one Nix process (see `realise`).
-        counters.nix();
+        // Realising and the closure: one Nix process, or none where a
+        // daemon's socket is reached directly (see `realise`).
         let session = Session::open(nix).await?;
+        if session.started_a_process() {
+            counters.nix();
+        }
         let session = session.realise(nix, &wanted, &gc_root.join("out")).await?;
         phases.finish("nix build");
         let closure = session.closure(nix, &outs).await?;

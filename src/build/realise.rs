@@ -1,9 +1,11 @@
 //! Realising an image's packages and reading their runtime closure in one
-//! Nix process: a `nix-daemon --stdio` spoken to in the worker protocol
-//! (`worker_protocol`), the interface `nix-store` itself uses. On a
-//! single-user store it works on the store itself; where the store
-//! belongs to a daemon it passes the conversation on to it, so the
-//! daemon's rules on trusted users and options hold as for `nix-store`.
+//! conversation in Nix's worker protocol (`worker_protocol`), the
+//! interface `nix-store` itself uses with the daemon: with the daemon's
+//! socket where the store is named a daemon's (no process at all), else
+//! with a `nix-daemon --stdio` of our own (one process), which works on
+//! a single-user store itself and passes the conversation on to a daemon
+//! where Nix's own rules say the store is one. Either way the daemon's
+//! rules on trusted users and options hold as for `nix-store`.
 //!
 //! In one conversation: each output is held by a temporary GC root before
 //! it is built (so nothing between building and rooting can lose it),
@@ -17,7 +19,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::Engine as _;
-use tokio::process::{ChildStdin, ChildStdout, Command};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::UnixStream;
+use tokio::process::Command;
 
 use crate::build::nix::{Nix, NixError, Stage};
 use crate::build::process::{self, Conversation, ProcessError};
@@ -34,43 +38,52 @@ pub struct Wanted {
     pub out_path: String,
 }
 
-/// One conversation with Nix for a build. Dropping it stops the process.
+type Reader = Box<dyn AsyncRead + Unpin + Send>;
+type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+
+/// One conversation with Nix for a build. Dropping it stops the process
+/// (or hangs up on the daemon, which stops what it did for us).
 pub struct Session {
-    conn: Connection<ChildStdout, ChildStdin>,
-    conversation: Conversation,
+    conn: Connection<Reader, Writer>,
+    /// The `nix-daemon --stdio` spoken to; none when talking to a
+    /// daemon's socket.
+    conversation: Option<Conversation>,
     timeout: Duration,
 }
 
 impl Session {
-    /// Starts `nix-daemon --stdio` (with the server's `--option`s) and
-    /// sets the connection's options: Nix's build timeout, and the
-    /// options again, which reach a daemon only this way.
+    /// Connects to the daemon's socket where the store is named a
+    /// daemon's (`NIX_REMOTE` or `--nix-option store`: `daemon` or
+    /// `unix://PATH`), else starts `nix-daemon --stdio` with the server's
+    /// `--option`s; then sets the connection's options: Nix's build
+    /// timeout, and the options again, which reach a daemon only this way.
     pub async fn open(nix: &Nix) -> Result<Session, NixError> {
-        let mut args: Vec<OsString> = vec!["--stdio".into()];
-        for (name, value) in nix.options() {
-            args.extend(["--option".into(), name.into(), value.into()]);
-        }
-        tracing::debug!(args = %crate::redact::redact(&format!("{args:?}")), "starting nix-daemon --stdio");
-        let mut cmd = Command::new("nix-daemon");
-        cmd.args(&args);
-        let mut conversation = process::converse(cmd, "nix-daemon").map_err(|e| match e {
-            ProcessError::Spawn { program, source } => NixError::Spawn { program, source },
-            other => NixError::Io {
-                stage: Stage::Realise,
-                source: std::io::Error::other(other.to_string()),
-            },
-        })?;
-        let (Some(stdout), Some(stdin)) = (conversation.stdout.take(), conversation.stdin.take())
-        else {
-            return Err(NixError::Io {
-                stage: Stage::Realise,
-                source: std::io::Error::other("nix-daemon has no stdio"),
-            });
+        let (from, to, conversation) = match connect_daemon(nix).await {
+            Some(stream) => {
+                let (from, to) = stream.into_split();
+                (Box::new(from) as Reader, Box::new(to) as Writer, None)
+            }
+            None => {
+                let mut conversation = spawn_stdio(nix)?;
+                let (Some(stdout), Some(stdin)) =
+                    (conversation.stdout.take(), conversation.stdin.take())
+                else {
+                    return Err(NixError::Io {
+                        stage: Stage::Realise,
+                        source: std::io::Error::other("nix-daemon has no stdio"),
+                    });
+                };
+                (
+                    Box::new(stdout) as Reader,
+                    Box::new(stdin) as Writer,
+                    Some(conversation),
+                )
+            }
         };
         let timeout = nix.timeout();
         let secs = nix.timeout_secs().to_string();
         let opened = async {
-            let mut conn = Connection::handshake(stdout, stdin).await?;
+            let mut conn = Connection::handshake(from, to).await?;
             let mut overrides: BTreeMap<String, String> = BTreeMap::new();
             overrides.insert("timeout".into(), secs);
             for (name, value) in nix.options() {
@@ -99,6 +112,11 @@ impl Session {
             conversation,
             timeout,
         })
+    }
+
+    /// Whether this session started a Nix process (for the build record).
+    pub fn started_a_process(&self) -> bool {
+        self.conversation.is_some()
     }
 
     /// Roots each output under `gc_root` (`out`, `out-2`, ...), then
@@ -186,7 +204,9 @@ impl Session {
             Err(_) => return Err(timed_out(Stage::Closure, nix)),
         }
         drop(self.conn);
-        self.conversation.finish(EXIT_GRACE).await;
+        if let Some(conversation) = self.conversation {
+            conversation.finish(EXIT_GRACE).await;
+        }
         Ok(closure.into_values().collect())
     }
 
@@ -200,6 +220,68 @@ impl Session {
             other => other,
         }
     }
+}
+
+/// `nix-daemon --stdio` with the server's `--option`s.
+fn spawn_stdio(nix: &Nix) -> Result<Conversation, NixError> {
+    let mut args: Vec<OsString> = vec!["--stdio".into()];
+    for (name, value) in nix.options() {
+        args.extend(["--option".into(), name.into(), value.into()]);
+    }
+    tracing::debug!(args = %crate::redact::redact(&format!("{args:?}")), "starting nix-daemon --stdio");
+    let mut cmd = Command::new("nix-daemon");
+    cmd.args(&args);
+    process::converse(cmd, "nix-daemon").map_err(|e| match e {
+        ProcessError::Spawn { program, source } => NixError::Spawn { program, source },
+        other => NixError::Io {
+            stage: Stage::Realise,
+            source: std::io::Error::other(other.to_string()),
+        },
+    })
+}
+
+/// The daemon's socket, connected, where the store is named a daemon's;
+/// None otherwise, or if it cannot be reached (then `nix-daemon --stdio`
+/// tries, and says why it cannot).
+async fn connect_daemon(nix: &Nix) -> Option<UnixStream> {
+    let store = nix
+        .options()
+        .iter()
+        .rev()
+        .find(|(name, _)| name == "store")
+        .map(|(_, value)| value.clone())
+        .or_else(|| std::env::var("NIX_REMOTE").ok())?;
+    let socket = daemon_socket(
+        &store,
+        std::env::var_os("NIX_DAEMON_SOCKET_PATH"),
+        std::env::var_os("NIX_STATE_DIR"),
+    )?;
+    match UnixStream::connect(&socket).await {
+        Ok(stream) => Some(stream),
+        Err(err) => {
+            tracing::warn!(socket = %socket.display(), %err, "cannot reach the Nix daemon's socket");
+            None
+        }
+    }
+}
+
+/// Where a store URI names a daemon's socket: `daemon` (Nix's own
+/// default place, or `NIX_DAEMON_SOCKET_PATH`) or `unix://PATH`.
+fn daemon_socket(
+    store: &str,
+    socket_path: Option<OsString>,
+    state_dir: Option<OsString>,
+) -> Option<PathBuf> {
+    if store == "daemon" {
+        return Some(match socket_path {
+            Some(path) => PathBuf::from(path),
+            None => PathBuf::from(state_dir.unwrap_or_else(|| "/nix/var/nix".into()))
+                .join("daemon-socket/socket"),
+        });
+    }
+    let path = store.strip_prefix("unix://")?;
+    let path = path.split('?').next().unwrap_or(path);
+    (!path.is_empty()).then(|| PathBuf::from(path))
 }
 
 /// `drv!output` (1.30+), or the derivation alone (all its outputs).
@@ -300,8 +382,11 @@ fn timed_out(stage: Stage, nix: &Nix) -> NixError {
 
 /// The daemon's error (its message after its log), or what went wrong
 /// with the process, with the end of its stderr.
-async fn failed(stage: Stage, e: ProtocolError, conversation: Conversation) -> NixError {
-    let stderr_tail = conversation.finish(EXIT_GRACE).await;
+async fn failed(stage: Stage, e: ProtocolError, conversation: Option<Conversation>) -> NixError {
+    let stderr_tail = match conversation {
+        Some(conversation) => conversation.finish(EXIT_GRACE).await,
+        None => String::new(),
+    };
     let stderr_tail = crate::redact::redact(&stderr_tail).into_owned();
     let log = match e {
         ProtocolError::Daemon { message, log } => format!("{log}{message}"),
@@ -327,6 +412,32 @@ mod tests {
         assert_eq!(derived_path(&hello, 29), hello.drv_path);
         let curl = w("curl-8.0.drv", "curl-8.0-bin");
         assert_eq!(derived_path(&curl, 34), format!("{}!bin", curl.drv_path));
+    }
+
+    #[test]
+    fn daemon_sockets_from_store_names() {
+        let socket = |store, path: Option<&str>, state: Option<&str>| {
+            daemon_socket(store, path.map(Into::into), state.map(Into::into))
+        };
+        assert_eq!(
+            socket("daemon", None, None),
+            Some(PathBuf::from("/nix/var/nix/daemon-socket/socket"))
+        );
+        assert_eq!(
+            socket("daemon", None, Some("/s")),
+            Some(PathBuf::from("/s/daemon-socket/socket"))
+        );
+        assert_eq!(
+            socket("daemon", Some("/x/sock"), Some("/s")),
+            Some(PathBuf::from("/x/sock"))
+        );
+        assert_eq!(
+            socket("unix:///run/nix.sock?max-connections=1", None, None),
+            Some(PathBuf::from("/run/nix.sock"))
+        );
+        for other in ["auto", "local", "unix://", "ssh://host", ""] {
+            assert_eq!(socket(other, None, None), None, "{other}");
+        }
     }
 
     #[test]
