@@ -489,12 +489,11 @@ def read_all(server, path, buf):
     socket. Returns the number of bytes."""
     with urllib.request.urlopen(server.base + path, timeout=900) as r:
         got = 0
-        view = memoryview(buf)
         while True:
             if got == len(buf):
                 buf.extend(bytes(len(buf)))
-                view = memoryview(buf)
-            n = r.readinto(view[got:])
+            with memoryview(buf) as view:
+                n = r.readinto(view[got:])
             if not n:
                 return got
             got += n
@@ -512,7 +511,7 @@ def cold_pull(server, image, times):
     times.append((got_manifest, time.monotonic() - start))
 
 
-PARALLEL_ROUNDS = 3
+PARALLEL_ROUNDS = int(os.environ.get("BENCH_PARALLEL_ROUNDS", "5"))
 
 
 def parallel_cold_round(work, image, n, round_no):
@@ -538,22 +537,27 @@ def parallel_cold_round(work, image, n, round_no):
 
 def parallel_cold_figure(work, image="hello/coreutils/bash"):
     """One cold pull against 4 identical ones at once, each on fresh
-    storage (they share one build, then each client downloads every blob);
-    PARALLEL_ROUNDS rounds, alternating which goes first, medians."""
+    storage (they share one build, then each client downloads every blob).
+    The shared build's time swings with the machine's load far more than
+    the downloads add, so PARALLEL_ROUNDS rounds run the two side by side
+    (alternating which goes first) and the figure is the median of the
+    rounds' ratios; each round is also split into the time to the last
+    client's manifest and the rest (the blobs)."""
     rounds = {1: [], 4: []}
     for r in range(PARALLEL_ROUNDS):
         for n in ((1, 4) if r % 2 == 0 else (4, 1)):
             rounds[n].append(parallel_cold_round(work, image, n, r))
-    med = {n: sorted(rs)[len(rs) // 2] for n, rs in rounds.items()}
-    median = lambda n, i: sorted(x[i] for x in rounds[n])[len(rounds[n]) // 2]
+    ratios = [a[0] / b[0] for a, b in zip(rounds[4], rounds[1])]
+    mid = lambda xs: sorted(xs)[len(xs) // 2]
+    split = lambda n: ", ".join(f"{x[1]:.2f}+{x[0] - x[1]:.2f}" for x in rounds[n])
     say(
         f"4 identical cold pulls of {image} at once against one",
-        f"{median(4, 0):.2f} s against {median(1, 0):.2f} s: {median(4, 0) / median(1, 0):.2f}x "
-        f"(median of {PARALLEL_ROUNDS} rounds; every round's ratio "
-        + ", ".join(f"{a[0] / b[0]:.2f}" for a, b in zip(rounds[4], rounds[1]))
-        + f"); manifests after {median(4, 1):.2f} s against {median(1, 1):.2f} s; "
-        f"server CPU {median(4, 2):.2f} s against {median(1, 2):.2f} s",
-        f"{med[1][3]}; n x (GET manifest, then every blob into a reused buffer), "
+        f"{mid(ratios):.2f}x, median of {PARALLEL_ROUNDS} rounds "
+        f"({', '.join(f'{x:.2f}' for x in ratios)}); "
+        f"{mid([x[0] for x in rounds[4]]):.2f} s against {mid([x[0] for x in rounds[1]]):.2f} s median; "
+        f"manifest+blobs, 4 at once: {split(4)} s; one: {split(1)} s; "
+        f"server CPU {mid([x[2] for x in rounds[4]]):.2f} s against {mid([x[2] for x in rounds[1]]):.2f} s",
+        f"{rounds[1][0][3]}; n x (GET manifest, then every blob into a reused buffer), "
         f"n = 1 and 4, each on fresh storage, {PARALLEL_ROUNDS} rounds alternating the order",
     )
 
