@@ -405,16 +405,20 @@ class RssSampler:
         return self.peak / 1024
 
 
-def downloads(url, size, n):
-    """Downloads `url` on n connections at once; MB/s in all."""
-    results = []
-    threads = [threading.Thread(target=download, args=(url, results)) for _ in range(n)]
+def run_threads(threads):
+    """Starts the threads at once and waits for all; seconds taken."""
     start = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    secs = time.monotonic() - start
+    return time.monotonic() - start
+
+
+def downloads(url, size, n):
+    """Downloads `url` on n connections at once; MB/s in all."""
+    results = []
+    secs = run_threads([threading.Thread(target=download, args=(url, results)) for _ in range(n)])
     assert results == [size] * n, results
     return n * size / 1e6 / secs
 
@@ -520,14 +524,8 @@ def parallel_cold_round(work, image, n, round_no):
     storage = os.path.join(work, f"parallel-{n}-{round_no}")
     server = Server(storage)
     times = []
-    threads = [threading.Thread(target=cold_pull, args=(server, image, times)) for _ in range(n)]
     cpu_before = cpu_seconds(server.proc.pid)
-    start = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.monotonic() - start
+    wall = run_threads([threading.Thread(target=cold_pull, args=(server, image, times)) for _ in range(n)])
     cpu = cpu_seconds(server.proc.pid) - cpu_before
     server.stop()
     shutil.rmtree(storage, ignore_errors=True)

@@ -13,9 +13,10 @@ use crate::build::layering::{self, LayerError, Strategy};
 use crate::build::manifest::{self, ImageConfig, LayerBlob, ManifestError};
 use crate::build::nix::{Nix, NixError, Resolved, ResolvedPackage, Stage};
 use crate::build::queue::{Abandoned, BuildQueue};
-use crate::build::realise::{Session, Wanted};
+use crate::build::realise::Wanted;
 use crate::build::singleflight::SingleFlight;
 use crate::build::source::{Resolution, Source};
+use crate::build::spare::Spare;
 use crate::build::store_path::{self, PathInfo};
 use crate::build::users;
 use crate::clock::now_unix;
@@ -288,6 +289,8 @@ pub struct Builder {
     hot_generation: AtomicU64,
     /// The Nix binary cache, when a signing key is configured.
     nix_cache: std::sync::OnceLock<Arc<crate::nixcache::NixCache>>,
+    /// The next build's conversation with Nix, started ahead.
+    spare: Arc<Spare>,
 }
 
 /// What the Nix cache records of a closure.
@@ -397,6 +400,7 @@ impl Builder {
             hot: HotManifests::default(),
             hot_generation: AtomicU64::new(0),
             nix_cache: std::sync::OnceLock::new(),
+            spare: Arc::default(),
         })
     }
 
@@ -1110,7 +1114,7 @@ impl Builder {
         blocking(move || std::fs::create_dir_all(dir).map_err(BuildError::GcRoot)).await?;
         // Realising and the closure: one Nix process, or none where a
         // daemon's socket is reached directly (see `realise`).
-        let session = Session::open(nix).await?;
+        let session = self.spare.take(nix).await?;
         if session.started_a_process() {
             counters.nix();
         }

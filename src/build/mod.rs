@@ -26,6 +26,7 @@ pub mod referrers;
 pub mod sbom;
 pub mod singleflight;
 pub mod source;
+pub mod spare;
 pub mod store_path;
 pub mod users;
 pub mod worker_protocol;
