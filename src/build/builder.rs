@@ -945,6 +945,8 @@ impl Builder {
             )
             .instrument(span)
             .await;
+        // The next build's Nix, started now that this one's work is done.
+        self.spare.refill(&self.settings.nix);
         // Its client fetches the blobs next: held by a lease from before
         // the pins go, so that no collection slips in between.
         if let Ok(digest) = &result {

@@ -35,8 +35,9 @@ pub struct Spare {
 
 impl Spare {
     /// A session for a build: the one started ahead if it is young
-    /// enough and started, else a new one; then the next is started in
-    /// the background.
+    /// enough and started, else a new one. The caller starts the next
+    /// with [`refill`](Self::refill) once its build is done, so that
+    /// starting it takes no CPU from the build.
     pub async fn take(self: &Arc<Self>, nix: &Nix) -> Result<Session, NixError> {
         let next = self.lock().take();
         let ahead = match next {
@@ -50,12 +51,12 @@ impl Spare {
         if !session.started_a_process() {
             self.direct.store(true, Ordering::Relaxed);
         }
-        self.refill(nix);
         Ok(session)
     }
 
-    /// Starts the next build's process, unless one is there already.
-    fn refill(self: &Arc<Self>, nix: &Nix) {
+    /// Starts the next build's process in the background, unless one is
+    /// there already.
+    pub fn refill(self: &Arc<Self>, nix: &Nix) {
         if self.direct.load(Ordering::Relaxed) {
             return;
         }
