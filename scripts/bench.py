@@ -515,7 +515,7 @@ def cold_pull(server, image, times):
     times.append((got_manifest, time.monotonic() - start))
 
 
-PARALLEL_ROUNDS = int(os.environ.get("BENCH_PARALLEL_ROUNDS", "5"))
+PARALLEL_ROUNDS = int(os.environ.get("BENCH_PARALLEL_ROUNDS", "9"))
 
 
 def parallel_cold_round(work, image, n, round_no):
