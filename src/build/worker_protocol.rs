@@ -458,3 +458,133 @@ impl LogTail {
         String::from_utf8_lossy(&bytes).into_owned()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::duplex;
+
+    fn word(out: &mut Vec<u8>, n: u64) {
+        put(out, n);
+    }
+
+    /// A daemon's side of a conversation, written ahead: the handshake
+    /// (1.34, with its version string) and then `replies`.
+    async fn connect(
+        replies: Vec<u8>,
+    ) -> (
+        Connection<tokio::io::DuplexStream, tokio::io::DuplexStream>,
+        tokio::io::DuplexStream,
+    ) {
+        let mut daemon = Vec::new();
+        word(&mut daemon, WORKER_MAGIC_2);
+        word(&mut daemon, (1 << 8) | 34);
+        put_str(&mut daemon, "2.8.0");
+        word(&mut daemon, STDERR_LAST);
+        daemon.extend(replies);
+        let (mut daemon_end, from) = duplex(1 << 20);
+        daemon_end.write_all(&daemon).await.unwrap();
+        // What the client writes is kept, unread, in the other end.
+        let (to, sink) = duplex(1 << 20);
+        (Connection::handshake(from, to).await.unwrap(), sink)
+    }
+
+    #[tokio::test]
+    async fn path_info_and_missing_paths() {
+        let mut replies = Vec::new();
+        // A log line and an activity first, as Nix sends them.
+        word(&mut replies, STDERR_NEXT);
+        put_str(&mut replies, "querying\n");
+        word(&mut replies, STDERR_START_ACTIVITY);
+        for n in [1, 0, 105] {
+            word(&mut replies, n);
+        }
+        put_str(&mut replies, "building");
+        word(&mut replies, 1);
+        word(&mut replies, 1);
+        put_str(&mut replies, "field");
+        word(&mut replies, 0);
+        word(&mut replies, STDERR_LAST);
+        word(&mut replies, 1);
+        put_str(&mut replies, "/nix/store/d.drv");
+        put_str(&mut replies, "ab".repeat(32).as_str());
+        word(&mut replies, 1);
+        put_str(&mut replies, "/nix/store/glibc");
+        word(&mut replies, 7);
+        word(&mut replies, 4096);
+        word(&mut replies, 1);
+        word(&mut replies, 0);
+        put_str(&mut replies, "");
+        word(&mut replies, STDERR_LAST);
+        word(&mut replies, 0);
+        let (mut conn, _sink) = connect(replies).await;
+        assert_eq!(conn.minor(), 34);
+        let got = conn
+            .query_path_infos(&["/nix/store/hello".into(), "/nix/store/gone".into()])
+            .await
+            .unwrap();
+        assert_eq!(
+            got,
+            vec![
+                Some(PathInfoReply {
+                    nar_hash_hex: "ab".repeat(32),
+                    nar_size: 4096,
+                    references: vec!["/nix/store/glibc".into()],
+                }),
+                None
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn errors_keep_the_log_and_lose_the_colours() {
+        let mut replies = Vec::new();
+        word(&mut replies, STDERR_RESULT);
+        word(&mut replies, 1);
+        word(&mut replies, RESULT_BUILD_LOG_LINE);
+        word(&mut replies, 1);
+        word(&mut replies, 1);
+        put_str(&mut replies, "make: *** [all] Error 1");
+        word(&mut replies, STDERR_ERROR);
+        put_str(&mut replies, "Error");
+        word(&mut replies, 0);
+        put_str(&mut replies, "Error");
+        put_str(
+            &mut replies,
+            "builder for '\u{1b}[35;1m/nix/store/x.drv\u{1b}[0m' failed",
+        );
+        word(&mut replies, 0);
+        word(&mut replies, 0);
+        let (mut conn, _sink) = connect(replies).await;
+        match conn.build_paths(&["/nix/store/x.drv!out".into()]).await {
+            Err(ProtocolError::Daemon { message, log }) => {
+                assert_eq!(message, "builder for '/nix/store/x.drv' failed");
+                assert_eq!(log, "make: *** [all] Error 1\n");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn oversized_strings_are_refused() {
+        let mut replies = Vec::new();
+        word(&mut replies, STDERR_NEXT);
+        word(&mut replies, STRING_MAX + 1);
+        let (mut conn, _sink) = connect(replies).await;
+        assert!(matches!(
+            conn.add_temp_root("/nix/store/x").await,
+            Err(ProtocolError::Unexpected(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn not_a_daemon_is_refused() {
+        let (mut other, from) = duplex(64);
+        other.write_all(&[0u8; 16]).await.unwrap();
+        let (to, _sink) = duplex(64);
+        assert!(matches!(
+            Connection::handshake(from, to).await,
+            Err(ProtocolError::Unexpected(_))
+        ));
+    }
+}
