@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nixery::build::nix::{Nix, NixError, Resolved, Stage};
-use nixery::build::store_path::name_of;
+use nixery::build::realise::{Session, Wanted};
+use nixery::build::store_path::{name_of, PathInfo};
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/pkgs");
 const PREPARE_IMAGE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/nix/prepare-image.nix");
@@ -29,15 +30,42 @@ async fn resolve(nix: &Nix, names: &[&str]) -> Result<Resolved, NixError> {
     nix.resolve("path", FIXTURE, "x86_64-linux", &names).await
 }
 
+fn wanted(resolved: &Resolved) -> Vec<Wanted> {
+    resolved
+        .found
+        .values()
+        .map(|p| Wanted {
+            drv_path: p.drv_path.clone(),
+            out_path: p.out_path.clone(),
+        })
+        .collect()
+}
+
+/// Realises the packages in one session, rooted at `root`, and returns
+/// their closure.
+async fn realise(
+    nix: &Nix,
+    resolved: &Resolved,
+    root: &std::path::Path,
+) -> Result<Vec<PathInfo>, NixError> {
+    let outs: Vec<String> = resolved
+        .found
+        .values()
+        .map(|p| p.out_path.clone())
+        .collect();
+    let session = Session::open(nix).await?;
+    let session = session.realise(nix, &wanted(resolved), root).await?;
+    session.closure(nix, &outs).await
+}
+
 /// Resolves, builds and returns the out path of one fixture package.
 async fn build(nix: &Nix, name: &str) -> String {
     let resolved = resolve(nix, &[name]).await.unwrap();
-    let pkg = &resolved.found[name];
     let roots = tempfile::tempdir().unwrap();
-    nix.realise(std::slice::from_ref(&pkg.drv_path), &roots.path().join("r"))
+    realise(nix, &resolved, &roots.path().join("r"))
         .await
         .unwrap();
-    pkg.out_path.clone()
+    resolved.found[name].out_path.clone()
 }
 
 /// The GC roots Nix knows for a store path.
@@ -54,15 +82,15 @@ fn roots_of(path: &str) -> String {
 async fn realised_outputs_are_rooted_until_the_link_goes() {
     let nix = nix(Duration::from_secs(120));
     let resolved = resolve(&nix, &["hello", "coreutils"]).await.unwrap();
-    let drvs: Vec<String> = resolved
-        .found
-        .values()
-        .map(|p| p.drv_path.clone())
-        .collect();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("build").join("out");
     std::fs::create_dir_all(root.parent().unwrap()).unwrap();
-    nix.realise(&drvs, &root).await.unwrap();
+    let session = Session::open(&nix).await.unwrap();
+    assert!(session.started_a_process(), "nix-daemon --stdio");
+    drop(session);
+    realise(&nix, &resolved, &root).await.unwrap();
+    // Again on the same links, as a rebuild of the same image does.
+    realise(&nix, &resolved, &root).await.unwrap();
     for pkg in resolved.found.values() {
         let roots = roots_of(&pkg.out_path);
         assert!(
@@ -177,6 +205,24 @@ async fn closure_of_manydeps_is_large() {
 }
 
 #[tokio::test]
+async fn the_session_reads_the_closure_nix_path_info_reports() {
+    let nix = nix(Duration::from_secs(600));
+    let resolved = resolve(&nix, &["manydeps", "hello"]).await.unwrap();
+    let roots = tempfile::tempdir().unwrap();
+    let from_session = realise(&nix, &resolved, &roots.path().join("r"))
+        .await
+        .unwrap();
+    let outs: Vec<String> = resolved
+        .found
+        .values()
+        .map(|p| p.out_path.clone())
+        .collect();
+    let from_path_info = nix.closure(&outs).await.unwrap();
+    assert!(from_session.len() > 100);
+    assert_eq!(from_session, from_path_info);
+}
+
+#[tokio::test]
 async fn closure_of_an_unbuilt_path_is_an_error() {
     let nix = nix(Duration::from_secs(120));
     let path = "/nix/store/00000000000000000000000000000000-not-there-1.0".to_string();
@@ -197,26 +243,23 @@ async fn closure_of_an_unbuilt_path_is_an_error() {
 async fn broken_build_keeps_the_builder_message() {
     let nix = nix(Duration::from_secs(120));
     let resolved = resolve(&nix, &["broken"]).await.unwrap();
-    let err = nix
-        .realise(
-            &[resolved.found["broken"].drv_path.clone()],
-            &std::env::temp_dir().join("nixery-test-broken-root"),
-        )
+    let roots = tempfile::tempdir().unwrap();
+    let err = realise(&nix, &resolved, &roots.path().join("r"))
         .await
         .unwrap_err();
     match &err {
-        NixError::Failed {
+        NixError::Daemon {
             stage: Stage::Realise,
-            status,
-            stderr,
+            log,
         } => {
-            assert_eq!(*status, Some(100));
             assert!(
-                stderr.contains("nixery-fixture: this package is broken on purpose"),
-                "{stderr}"
+                log.contains("nixery-fixture: this package is broken on purpose"),
+                "{log}"
             );
+            assert!(log.contains("failed with exit code"), "{log}");
+            assert!(!log.contains('\u{1b}'), "colours left in {log:?}");
         }
-        other => panic!("expected Failed, got {other:?}"),
+        other => panic!("expected Daemon, got {other:?}"),
     }
 }
 
@@ -224,12 +267,15 @@ async fn broken_build_keeps_the_builder_message() {
 async fn slow_build_times_out() {
     let nix = nix(Duration::from_secs(2));
     let resolved = resolve(&nix, &["slow"]).await.unwrap();
+    assert_times_out(&nix, &resolved).await;
+}
+
+/// Realising `resolved` (the `slow` package) with a 2 s timeout is a
+/// timeout, in time.
+async fn assert_times_out(nix: &Nix, resolved: &Resolved) {
+    let roots = tempfile::tempdir().unwrap();
     let started = Instant::now();
-    let err = nix
-        .realise(
-            &[resolved.found["slow"].drv_path.clone()],
-            &std::env::temp_dir().join("nixery-test-slow-root"),
-        )
+    let err = realise(nix, resolved, &roots.path().join("r"))
         .await
         .unwrap_err();
     let elapsed = started.elapsed();
@@ -352,4 +398,114 @@ async fn missing_prepare_image_is_a_failure() {
         ),
         "{err:?}"
     );
+}
+
+/// A nix-daemon of our own on a private socket, stopped on drop.
+struct PrivateDaemon {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+    socket: std::path::PathBuf,
+}
+
+impl Drop for PrivateDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn private_daemon() -> PrivateDaemon {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("socket");
+    let child = std::process::Command::new("nix-daemon")
+        .env("NIX_DAEMON_SOCKET_PATH", &socket)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("these tests need nix-daemon");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "nix-daemon made no socket");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    PrivateDaemon {
+        child,
+        _dir: dir,
+        socket,
+    }
+}
+
+#[tokio::test]
+async fn a_store_owned_by_a_daemon_is_reached_through_it() {
+    let daemon = private_daemon();
+    let direct = nix(Duration::from_secs(120));
+    let resolved = resolve(&direct, &["hello"]).await.unwrap();
+    let store = format!("unix://{}", daemon.socket.display());
+    let through = Nix::new(
+        PathBuf::from(PREPARE_IMAGE),
+        Duration::from_secs(120),
+        vec![
+            ("substituters".into(), String::new()),
+            ("store".into(), store),
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("out");
+    // Its socket is spoken to directly: no process of ours.
+    let session = Session::open(&through).await.unwrap();
+    assert!(!session.started_a_process());
+    drop(session);
+    let closure = realise(&through, &resolved, &root).await.unwrap();
+    let hello = &resolved.found["hello"].out_path;
+    assert!(closure.iter().any(|p| &p.path == hello), "{closure:?}");
+    // The daemon registered the root.
+    assert!(roots_of(hello).contains(&root.display().to_string()));
+    // A build failure comes back the same way.
+    let broken = resolve(&direct, &["broken"]).await.unwrap();
+    let err = realise(&through, &broken, &dir.path().join("b"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, NixError::Daemon { log, .. } if log.contains("broken on purpose")),
+        "{err:?}"
+    );
+    // And the timeout holds.
+    let hurried = Nix::new(
+        PathBuf::from(PREPARE_IMAGE),
+        Duration::from_secs(2),
+        through.options().to_vec(),
+    );
+    let slow = resolve(&direct, &["slow"]).await.unwrap();
+    assert_times_out(&hurried, &slow).await;
+}
+
+#[tokio::test]
+async fn sessions_started_ahead_serve_one_build_each() {
+    let nix = nix(Duration::from_secs(120));
+    let spare = std::sync::Arc::new(nixery::build::spare::Spare::default());
+    let resolved = resolve(&nix, &["hello"]).await.unwrap();
+    let hello = resolved.found["hello"].out_path.clone();
+    let dir = tempfile::tempdir().unwrap();
+    for round in 0..3 {
+        let root = dir.path().join(format!("r{round}"));
+        // From the second round on, the session was started ahead.
+        let session = spare.take(&nix).await.unwrap();
+        assert!(session.started_a_process());
+        let session = session
+            .realise(&nix, &wanted(&resolved), &root)
+            .await
+            .unwrap();
+        let closure = session
+            .closure(&nix, std::slice::from_ref(&hello))
+            .await
+            .unwrap();
+        assert!(closure.iter().any(|p| p.path == hello));
+        assert!(roots_of(&hello).contains(&root.display().to_string()));
+        spare.refill(&nix);
+        if round == 1 {
+            // Not waited for: the next take waits for it to start.
+            continue;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -13,8 +13,10 @@ use crate::build::layering::{self, LayerError, Strategy};
 use crate::build::manifest::{self, ImageConfig, LayerBlob, ManifestError};
 use crate::build::nix::{Nix, NixError, Resolved, ResolvedPackage, Stage};
 use crate::build::queue::{Abandoned, BuildQueue};
+use crate::build::realise::Wanted;
 use crate::build::singleflight::SingleFlight;
 use crate::build::source::{Resolution, Source};
+use crate::build::spare::Spare;
 use crate::build::store_path::{self, PathInfo};
 use crate::build::users;
 use crate::clock::now_unix;
@@ -287,6 +289,8 @@ pub struct Builder {
     hot_generation: AtomicU64,
     /// The Nix binary cache, when a signing key is configured.
     nix_cache: std::sync::OnceLock<Arc<crate::nixcache::NixCache>>,
+    /// The next build's conversation with Nix, started ahead.
+    spare: Arc<Spare>,
 }
 
 /// What the Nix cache records of a closure.
@@ -385,6 +389,7 @@ impl Builder {
             hot: HotManifests::default(),
             hot_generation: AtomicU64::new(0),
             nix_cache: std::sync::OnceLock::new(),
+            spare: Arc::default(),
         })
     }
 
@@ -929,6 +934,8 @@ impl Builder {
             )
             .instrument(span)
             .await;
+        // The next build's Nix, started now that this one's work is done.
+        self.spare.refill(&self.settings.nix);
         // Its client fetches the blobs next: held by a lease from before
         // the pins go, so that no collection slips in between.
         if let Ok(digest) = &result {
@@ -1078,10 +1085,13 @@ impl Builder {
         if !resolved.not_found.is_empty() {
             return Err(BuildError::NotFound(resolved.not_found));
         }
-        let drvs: Vec<String> = resolved
+        let wanted: Vec<Wanted> = resolved
             .found
             .values()
-            .map(|p| p.drv_path.clone())
+            .map(|p| Wanted {
+                drv_path: p.drv_path.clone(),
+                out_path: p.out_path.clone(),
+            })
             .collect();
         // Sorted by package name, so the symlink layer's order is stable.
         let outs: Vec<String> = resolved
@@ -1093,11 +1103,15 @@ impl Builder {
         let gc_root = self.gc_root_dir(key);
         let dir = gc_root.clone();
         blocking(move || std::fs::create_dir_all(dir).map_err(BuildError::GcRoot)).await?;
-        counters.nix();
-        nix.realise(&drvs, &gc_root.join("out")).await?;
+        // Realising and the closure: one Nix process, or none where a
+        // daemon's socket is reached directly (see `realise`).
+        let session = self.spare.take(nix).await?;
+        if session.started_a_process() {
+            counters.nix();
+        }
+        let session = session.realise(nix, &wanted, &gc_root.join("out")).await?;
         phases.finish("nix build");
-        counters.nix();
-        let closure = nix.closure(&outs).await?;
+        let closure = session.closure(nix, &outs).await?;
         phases.finish("closure");
         let closure_paths = crate::nixcache::closure_paths(&closure);
 

@@ -1,5 +1,6 @@
 //! From an image name to a stored manifest: the name (`image`), where
-//! packages come from (`source`, `git`), Nix (`nix`), the processes it
+//! packages come from (`source`, `git`), Nix (`nix`; `realise` and its
+//! `worker_protocol` for building and closures), the processes it
 //! runs (`process`) and what its evaluations gave (`eval_cache`), the closure's layer plan (`layering`, `popularity`),
 //! packing (`archive`), the manifest and the forms it is served in
 //! (`manifest`, `forms`), and the orchestration of it all (`builder`,
@@ -20,9 +21,12 @@ pub mod pgzip;
 pub mod popularity;
 pub mod process;
 pub mod queue;
+pub mod realise;
 pub mod referrers;
 pub mod sbom;
 pub mod singleflight;
 pub mod source;
+pub mod spare;
 pub mod store_path;
 pub mod users;
+pub mod worker_protocol;

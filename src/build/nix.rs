@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -14,17 +14,14 @@ use tokio::process::Command;
 use crate::build::process::{self, ProcessError};
 use crate::build::store_path::PathInfo;
 
-/// `nix-store --realise` exits with this status when a build timed out.
-const NIX_BUILD_TIMED_OUT: i32 = 101;
-
 /// Which Nix operation an error comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
     /// Evaluating prepare-image.nix (`nix-instantiate`).
     Resolve,
-    /// Building derivations (`nix-store --realise`).
+    /// Building derivations and rooting them (`build::realise`).
     Realise,
-    /// Querying the runtime closure (`nix path-info`).
+    /// Reading the runtime closure (`build::realise`, or `nix path-info`).
     Closure,
     /// Copying closures to or from a binary cache (`nix copy`).
     Copy,
@@ -74,6 +71,10 @@ pub enum NixError {
     },
     #[error("nix reports {path} as not valid (is it built?)")]
     InvalidPath { path: String },
+    /// Nix's own error for a request (`realise`): its message after the
+    /// end of the build log, at most [`process::STDERR_TAIL`] bytes.
+    #[error("nix {stage} failed: {}", last_lines(.log, 3))]
+    Daemon { stage: Stage, log: String },
 }
 
 impl NixError {
@@ -81,7 +82,9 @@ impl NixError {
     /// errors that carry no stderr.
     pub fn stderr_tail(&self, n: usize) -> Option<&str> {
         match self {
-            NixError::Failed { stderr, .. } => Some(last_lines(stderr, n)),
+            NixError::Failed { stderr, .. } | NixError::Daemon { log: stderr, .. } => {
+                Some(last_lines(stderr, n))
+            }
             _ => None,
         }
     }
@@ -220,27 +223,6 @@ impl Nix {
         parse_resolved(&stdout)
     }
 
-    /// Builds the derivations (nix-store --realise), bounded by the timeout.
-    pub async fn realise(&self, drv_paths: &[String], gc_root: &Path) -> Result<(), NixError> {
-        if drv_paths.is_empty() {
-            return Ok(());
-        }
-        let mut args: Vec<OsString> = vec![
-            "--realise".into(),
-            // Nix's own limit kills builders cleanly; ours is the backstop.
-            "--timeout".into(),
-            self.timeout_secs().to_string().into(),
-            // Keeps the outputs (and so their closures) from the garbage
-            // collector until the caller removes the links, i.e. while the
-            // image is packed. Nix names them gc_root, gc_root-2, ...
-            "--add-root".into(),
-            gc_root.as_os_str().to_owned(),
-        ];
-        args.extend(drv_paths.iter().map(OsString::from));
-        self.run(Stage::Realise, "nix-store", args).await?;
-        Ok(())
-    }
-
     /// The runtime closure of the out paths, from Nix's own metadata.
     pub async fn closure(&self, out_paths: &[String]) -> Result<Vec<PathInfo>, NixError> {
         if out_paths.is_empty() {
@@ -305,8 +287,13 @@ impl Nix {
         self.timeout
     }
 
+    /// The `--option NAME VALUE` pairs every invocation gets.
+    pub fn options(&self) -> &[(String, String)] {
+        &self.options
+    }
+
     /// Whole seconds for Nix's `--timeout`, at least 1 (0 means none).
-    fn timeout_secs(&self) -> u64 {
+    pub fn timeout_secs(&self) -> u64 {
         let secs = self.timeout.as_secs() + u64::from(self.timeout.subsec_nanos() > 0);
         secs.max(1)
     }
@@ -355,12 +342,6 @@ impl Nix {
             return Ok(done.stdout);
         }
         tracing::warn!(%stage, program, ?status, %stderr, "nix failed");
-        if stage == Stage::Realise && status.code() == Some(NIX_BUILD_TIMED_OUT) {
-            return Err(NixError::Timeout {
-                stage,
-                seconds: self.timeout_secs(),
-            });
-        }
         Err(NixError::Failed {
             stage,
             status: status.code(),

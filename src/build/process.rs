@@ -11,7 +11,8 @@ use std::io;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::process::{Child, Command};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::task::JoinHandle;
 
 /// How long a stopped process gets to clean up after SIGTERM before SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(3);
@@ -109,6 +110,62 @@ pub async fn run(
         stdout,
         stderr: String::from_utf8_lossy(&stderr).into_owned(),
     })
+}
+
+/// A child talked to through its stdin and stdout (a `nix-daemon
+/// --stdio`), in its own process group like [`run`]'s; dropping it before
+/// [`Conversation::finish`] stops the whole group.
+pub struct Conversation {
+    guard: ChildGuard,
+    /// The child's stdin; `None` once handed out.
+    pub stdin: Option<ChildStdin>,
+    /// The child's stdout; `None` once handed out.
+    pub stdout: Option<ChildStdout>,
+    /// The end of its stderr, read all along so the child never blocks.
+    stderr: JoinHandle<io::Result<Vec<u8>>>,
+}
+
+/// Starts `cmd` (its stdio is set here) for a [`Conversation`].
+pub fn converse(mut cmd: Command, program: &str) -> Result<Conversation, ProcessError> {
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|source| ProcessError::Spawn {
+        program: program.to_owned(),
+        source,
+    })?;
+    let stdin = child.stdin.take();
+    let stdout = child.stdout.take();
+    let stderr = tokio::spawn(read_tail(child.stderr.take(), STDERR_TAIL));
+    Ok(Conversation {
+        guard: ChildGuard(Some(child)),
+        stdin,
+        stdout,
+        stderr,
+    })
+}
+
+impl Conversation {
+    /// Closes stdin (the end of the conversation) and waits up to `grace`
+    /// for the child to exit, then stops its group; returns the end of
+    /// its stderr, lossily decoded.
+    pub async fn finish(mut self, grace: Duration) -> String {
+        drop(self.stdin.take());
+        drop(self.stdout.take());
+        if let Some(mut child) = self.guard.0.take() {
+            if tokio::time::timeout(grace, child.wait()).await.is_err() {
+                terminate(child).await;
+            }
+        }
+        // A helper that inherited the pipe could hold it open: bounded.
+        let stderr = match tokio::time::timeout(grace, &mut self.stderr).await {
+            Ok(Ok(Ok(tail))) => tail,
+            _ => Vec::new(),
+        };
+        String::from_utf8_lossy(&stderr).into_owned()
+    }
 }
 
 /// All of a pipe, or None if it was longer than `max` (it is drained to the
