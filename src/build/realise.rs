@@ -352,6 +352,7 @@ fn path_info(path: String, reply: PathInfoReply) -> PathInfo {
         nar_size: reply.nar_size,
         nar_hash: sri_sha256(&reply.nar_hash_hex),
         references,
+        deriver: Some(reply.deriver).filter(|d| !d.is_empty()),
     }
 }
 

@@ -55,6 +55,8 @@ pub enum ProtocolError {
 /// What the daemon knows of a valid store path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathInfoReply {
+    /// The derivation that built the path; empty when Nix does not know.
+    pub deriver: String,
     /// SHA-256 of the NAR, hex.
     pub nar_hash_hex: String,
     pub nar_size: u64,
@@ -208,7 +210,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Connection<R, W> {
                     replies.push(None);
                     continue;
                 }
-                let _deriver = string(from).await?;
+                let deriver = string(from).await?;
                 let nar_hash_hex = string(from).await?;
                 let references = strings(from).await?;
                 let _registered = int(from).await?;
@@ -219,6 +221,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Connection<R, W> {
                     let _content_address = string(from).await?;
                 }
                 replies.push(Some(PathInfoReply {
+                    deriver,
                     nar_hash_hex,
                     nar_size,
                     references,
@@ -527,6 +530,7 @@ mod tests {
             got,
             vec![
                 Some(PathInfoReply {
+                    deriver: "/nix/store/d.drv".into(),
                     nar_hash_hex: "ab".repeat(32),
                     nar_size: 4096,
                     references: vec!["/nix/store/glibc".into()],
