@@ -12,9 +12,9 @@ use crate::http::plot::{plot, LineData, Plot, Unit};
 use crate::http::report::{BuildView, ReportError};
 use crate::oci::manifest;
 use crate::oci::media::Format;
+use crate::store::collector::Overview;
 use crate::store::db::ImagePullsRecord;
 use crate::store::db::{ManifestRecord, TagTree};
-use crate::store::gc;
 use serde::Serialize;
 use std::collections::HashMap;
 
@@ -175,11 +175,11 @@ pub async fn find(builder: &Builder, name: &str) -> Result<Vec<Found>, ReportErr
 
 fn eviction(
     builder: &Builder,
-    images: &[gc::Image],
+    overview: &Overview,
     digests: &[Digest],
     imported: bool,
 ) -> Eviction {
-    let order = gc::eviction_order(images);
+    let order = &overview.eviction_order;
     let candidates = order.len();
     let policy = builder.collector().policy();
     let at = |state, rank, text: String| Eviction {
@@ -198,15 +198,15 @@ fn eviction(
             "no storage limit is set: never evicted".into(),
         );
     }
-    let Some((rank, i)) = order
+    let Some((rank, (_, leased))) = order
         .iter()
         .enumerate()
-        .find(|(_, &i)| digests.contains(&images[i].manifest))
+        .find(|(_, (manifest, _))| digests.contains(manifest))
     else {
         return at("unknown", None, "not among the stored images".into());
     };
     let rank = rank + 1;
-    if images[*i].leased {
+    if *leased {
         return at(
             "leased",
             Some(rank),
@@ -226,7 +226,7 @@ fn eviction(
 fn platform(
     builder: &Builder,
     found: &Found,
-    shared: &HashMap<Digest, usize>,
+    shared: &HashMap<Digest, u32>,
 ) -> Result<PlatformView, ReportError> {
     let stored = builder.blobs().get(&found.digest)?;
     let bytes = stored.as_ref().map(|b| b.as_ref());
@@ -240,7 +240,7 @@ fn platform(
             digest: d.to_string(),
             size: *size,
             // Others: this image counts once.
-            shared_with: shared.get(d).copied().unwrap_or(1).saturating_sub(1),
+            shared_with: shared.get(d).copied().unwrap_or(1).saturating_sub(1) as usize,
         })
         .collect();
     let record = found.record.as_ref();
@@ -305,8 +305,9 @@ fn pulls_plot(days: &[DayPulls], now: u64) -> Plot {
 }
 
 impl ImageReport {
-    /// Reads every stored manifest (for layer sharing and the eviction
-    /// order) and the database: call off the async runtime. `None` when
+    /// Reads the database and the collector's overview of every stored
+    /// image (for layer sharing and the eviction order): call off the
+    /// async runtime. `None` when
     /// the name has neither a stored image nor a recent build (a failed
     /// build has a page, with its error).
     pub fn collect(
@@ -321,19 +322,14 @@ impl ImageReport {
         }
         builder.status().flush_counts();
         let pulled = builder.collector().pulls().all(db)?;
-        let images = builder.collector().stored_images()?;
-        // Images per blob, each image once.
-        let mut shared: HashMap<Digest, usize> = HashMap::new();
-        for image in &images {
-            for blob in &image.blobs {
-                *shared.entry(*blob).or_default() += 1;
-            }
-        }
         let digests: Vec<Digest> = found.iter().map(|f| f.digest).collect();
         let imported = !found.is_empty() && found.iter().all(|f| f.imported);
+        let expected = if imported { &[][..] } else { &digests[..] };
+        let overview = builder.collector().overview(expected)?;
+        let shared = &overview.images_per_blob;
         let mut tags: Vec<TagView> = Vec::new();
         for f in &found {
-            let view = platform(builder, f, &shared)?;
+            let view = platform(builder, f, shared)?;
             match tags.last_mut() {
                 Some(t) if t.tag == f.tag => t.platforms.push(view),
                 _ => tags.push(TagView {
@@ -361,7 +357,7 @@ impl ImageReport {
                 .max(),
             pulls_plot: pulls_plot(&pulls_by_day, now),
             pulls_by_day,
-            eviction: eviction(builder, &images, &digests, imported),
+            eviction: eviction(builder, &overview, &digests, imported),
             tags,
         }))
     }

@@ -3,11 +3,13 @@
 //! space is looked at every flush). Also flushes the last-pulled times, so
 //! they reach the disk in batches.
 
+use crate::digest::Digest;
 use crate::store::db::Db;
 use crate::store::fs::BlobStore;
 use crate::store::gc::{self, Policy, Report};
 use crate::store::pulls::LastPulled;
 use crate::store::scrub::{self, ScrubView, Scrubber};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -40,7 +42,27 @@ pub struct Collector {
     shared: bool,
     /// Free bytes when the last collection ended (`u64::MAX` before one).
     free_after: std::sync::atomic::AtomicU64,
+    /// The last [`Overview`], when it was made and at which generation.
+    overview: Mutex<Option<(std::time::Instant, u64, Arc<Overview>)>>,
 }
+
+/// What image pages need to know of every stored image, kept small: the
+/// list of images with every blob they name is ~1 KB per image, and
+/// working it out anew for each page left tens of MB of freed memory
+/// stranded (idle RSS after the bench 38 MB instead of 23).
+#[derive(Debug, Default)]
+pub struct Overview {
+    /// Manifests a collection may evict, in the order it would, each with
+    /// whether a lease holds it.
+    pub eviction_order: Vec<(Digest, bool)>,
+    /// How many stored images name each blob.
+    pub images_per_blob: HashMap<Digest, u32>,
+}
+
+/// How long an [`Overview`] is shown before it is worked out again (at
+/// once after a collection deleted something): pulls reorder the
+/// eviction line all the time, and a page a few seconds behind is fine.
+const OVERVIEW_FOR: Duration = Duration::from_secs(5);
 
 impl Collector {
     pub fn new(
@@ -66,6 +88,7 @@ impl Collector {
             named: gc::NamedMemo::default(),
             shared,
             free_after: std::sync::atomic::AtomicU64::new(u64::MAX),
+            overview: Mutex::new(None),
         })
     }
 
@@ -82,11 +105,52 @@ impl Collector {
     /// Every stored image as a collection sees it, with what each
     /// manifest names read once per manifest (for the image pages).
     /// Blocking.
-    pub(crate) fn stored_images(&self) -> Result<Vec<gc::Image>, crate::store::db::DbError> {
+    fn stored_images(&self) -> Result<Vec<gc::Image>, crate::store::db::DbError> {
         let pulled = self.pulls.all(&self.db)?;
         let (leased, _) = self.blobs.leased();
         self.named
             .stored_images(&self.db, &self.blobs, &pulled, &leased)
+    }
+
+    /// The [`Overview`] of the stored images, at most [`OVERVIEW_FOR`]
+    /// old, and worked out anew if it has none of `expected` (an image
+    /// just built). Blocking (it may read every stored manifest); one
+    /// caller works it out while the others wait for it.
+    pub fn overview(
+        &self,
+        expected: &[Digest],
+    ) -> Result<Arc<Overview>, crate::store::db::DbError> {
+        let mut cached = self.overview.lock().unwrap_or_else(|e| e.into_inner());
+        let generation = self.generation();
+        if let Some((at, made_in, overview)) = cached.as_ref() {
+            let knows = expected.is_empty()
+                || overview
+                    .eviction_order
+                    .iter()
+                    .any(|(m, _)| expected.contains(m));
+            if *made_in == generation && at.elapsed() < OVERVIEW_FOR && knows {
+                return Ok(Arc::clone(overview));
+            }
+        }
+        let images = self.stored_images()?;
+        let eviction_order = gc::eviction_order(&images)
+            .into_iter()
+            .map(|i| (images[i].manifest, images[i].leased))
+            .collect();
+        let mut images_per_blob: HashMap<Digest, u32> = HashMap::new();
+        for image in &images {
+            for blob in &image.blobs {
+                *images_per_blob.entry(*blob).or_default() += 1;
+            }
+        }
+        drop(images);
+        images_per_blob.shrink_to_fit();
+        let overview = Arc::new(Overview {
+            eviction_order,
+            images_per_blob,
+        });
+        *cached = Some((std::time::Instant::now(), generation, Arc::clone(&overview)));
+        Ok(overview)
     }
 
     /// What the scrub did since start.
