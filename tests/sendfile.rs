@@ -209,6 +209,21 @@ async fn the_connection_is_kept_alive_after_a_sendfile_body() {
     assert_eq!(read_body(&mut stream, 2).await, b"{}");
     drop(stream);
     until_nothing_is_sent(&s).await;
+
+    // Bytes sent by the kernel are counted as served, HEAD's none.
+    let metrics = Client::new()
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let served = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("nixery_blob_bytes_served_total "))
+        .unwrap_or_else(|| panic!("no blob bytes in {metrics}"));
+    assert_eq!(served, (file.len() as u64 + b - a + 1).to_string());
     s.stop().await;
 }
 
