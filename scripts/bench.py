@@ -664,7 +664,7 @@ def main():
 
 def serve_figures(work):
     storage = pack_figure("incompressible closure (hello + 110 MB random)", "hello/big", ["hello", "big"], work)
-    mapped_storage = linked_copy(storage, storage + "-mapped")
+    sendfile_storage = linked_copy(storage, storage + "-sendfile")
     pack_figure("text closure (hello + 154 MB text)", "hello/text", ["hello", "text"], work)
 
     # A fresh process on the warm storage, with many more images cached:
@@ -690,36 +690,49 @@ def serve_figures(work):
     largest = max(manifest["layers"], key=lambda l: l["size"])
     path = f"/v2/hello/big/blobs/{largest['digest']}"
     size = largest["size"]
-    # The same blob from a second server writing mapped windows itself
-    # (--no-sendfile), and from nginx; rounds interleaved among the three.
-    mapped = Server(mapped_storage, ["--no-sendfile"])
+    # The same blob from a second server handing the file to the kernel
+    # (--sendfile), and from nginx; rounds interleaved among the three.
+    kernel = Server(sendfile_storage, ["--sendfile"])
     nginx = Nginx(work, storage, largest)
-    urls = {"sendfile": server.base + path, "mapped": mapped.base + path, "nginx": nginx.url}
+    urls = {"mapped": server.base + path, "sendfile": kernel.base + path, "nginx": nginx.url}
+    servers = {"mapped": server, "sendfile": kernel}
     try:
         # Warm the page cache, so all send from memory.
         downloads(urls["nginx"], size, 1)
-        samplers = {"sendfile": RssSampler(server.proc.pid), "mapped": RssSampler(mapped.proc.pid)}
+        # The downloads' own peak: VmHWM restarts from the RSS now (what the
+        # admin pages above left is reported beside it).
+        before = {}
+        for label, s in servers.items():
+            with open(f"/proc/{s.proc.pid}/clear_refs", "w") as f:
+                f.write("5")
+            before[label] = status_kb(s.proc.pid, "RssAnon") / 1024
+        samplers = {label: RssSampler(s.proc.pid) for label, s in servers.items()}
+        cpu = {label: cpu_seconds(s.proc.pid) for label, s in servers.items()}
         rates = interleaved_rates(urls, size)
-        for label, proc, how in [
-            ("sendfile", server, "sendfile (the default)"),
-            ("mapped", mapped, "mapped 1 MiB windows written by us (--no-sendfile)"),
+        for label, how in [
+            ("mapped", "mapped 1 MiB windows written by us (the default)"),
+            ("sendfile", "sendfile (--sendfile)"),
         ]:
+            proc = servers[label]
             anon = samplers[label].stop()
             hwm = status_kb(proc.proc.pid, "VmHWM") / 1024
+            used = (cpu_seconds(proc.proc.pid) - cpu[label]) / ROUNDS
             say(
                 f"{DOWNLOADS} connections download a {size / 1e6:.0f} MB blob, {how}",
                 f"{rates[label]:.0f} MB/s in all (median of {ROUNDS} rounds); {rates[label] / rates['nginx']:.2f}x nginx; "
-                f"peak RSS {hwm:.0f} MB (VmHWM), peak RssAnon {anon:.1f} MB (sampled every 10 ms)",
+                f"server CPU {used:.2f} s a round; "
+                f"peak RSS {hwm:.0f} MB (VmHWM, reset before), peak RssAnon {anon:.1f} MB "
+                f"(sampled every 10 ms; {before[label]:.1f} MB before)",
                 f"{proc.command}; {DOWNLOADS} x curl -o /dev/null {proc.base}{path} at once",
             )
         say(
             f"the same {DOWNLOADS} downloads from Debian's nginx (sendfile on), rounds interleaved with the two above",
-            f"{rates['nginx']:.0f} MB/s in all (median of {ROUNDS} rounds); sendfile/mapped {rates['sendfile'] / rates['mapped']:.2f}x",
+            f"{rates['nginx']:.0f} MB/s in all (median of {ROUNDS} rounds); mapped/sendfile {rates['mapped'] / rates['sendfile']:.2f}x",
             f"nginx -c {nginx.conf}; {DOWNLOADS} x curl -o /dev/null {nginx.url} at once",
         )
     finally:
         nginx.stop()
-        mapped.stop()
+        kernel.stop()
     url = f"{server.base}/v2/hello/big/manifests/latest"
     say(
         f"warm manifest GET, {CONNECTIONS} connections",

@@ -1,7 +1,8 @@
-//! Blob bodies sent with sendfile on plain HTTP/1.1: whole and ranged
-//! bytes, HEAD, keep-alive afterwards, clients that hang up or stop
-//! reading, and the same bytes with `--no-sendfile`. A 110 MB layer
-//! (`hello/big`) spans several of the 16 MiB windows handed to the kernel.
+//! Blob bodies sent with sendfile on plain HTTP/1.1 (`--sendfile`): whole
+//! and ranged bytes, HEAD, keep-alive afterwards, clients that hang up or
+//! stop reading, and the same bytes from mapped windows (the default). A
+//! 110 MB layer (`hello/big`) spans several of the 16 MiB windows handed
+//! to the kernel.
 
 mod common;
 
@@ -105,7 +106,7 @@ async fn until_nothing_is_sent(s: &TestServer) {
 async fn large_blobs_and_ranges_hold_the_files_bytes() {
     require_tool("curl");
     let dir = tempfile::tempdir().unwrap();
-    for extra in [&[][..], &["--no-sendfile"][..]] {
+    for extra in [&["--sendfile"][..], &[][..]] {
         let (s, layer) = big_server(dir.path(), extra).await;
         let file = std::fs::read(blob_path(dir.path(), &layer)).unwrap();
         let n = file.len() as u64;
@@ -175,7 +176,7 @@ async fn the_connection_is_kept_alive_after_a_sendfile_body() {
         file,
         path,
         mut stream,
-    } = big(&[]).await;
+    } = big(&["--sendfile"]).await;
 
     send(&mut stream, "GET", &path, "").await;
     let (status, headers) = read_head(&mut stream).await;
@@ -238,7 +239,7 @@ async fn a_client_that_hangs_up_mid_body_releases_the_blob() {
         path,
         mut stream,
         ..
-    } = big(&[]).await;
+    } = big(&["--sendfile"]).await;
     send(&mut stream, "GET", &path, "").await;
     let (status, _) = read_head(&mut stream).await;
     assert_eq!(status, 200);
@@ -270,7 +271,7 @@ async fn slow_clients_are_served_and_stalled_ones_cut_off() {
         path,
         mut stream,
         ..
-    } = big(&["--idle-timeout", "2"]).await;
+    } = big(&["--sendfile", "--idle-timeout", "2"]).await;
 
     // Slow: 64 KiB every 10 ms, across a window's end.
     let (a, b) = (WINDOW - (1 << 20), WINDOW + (2 << 20) - 1);

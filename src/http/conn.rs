@@ -12,8 +12,8 @@
 //! meanwhile); ALPN picks HTTP/2 or HTTP/1.1, and a plain HTTP request
 //! sent to the port gets a 400 saying to use https.
 //!
-//! On plain HTTP/1.1, blob bodies go from the file to the socket with
-//! sendfile (unless `Limits::sendfile` is off): see [`super::sendfile`].
+//! With `Limits::sendfile`, blob bodies on plain HTTP/1.1 go from the file
+//! to the socket with sendfile: see [`super::sendfile`].
 
 use super::sendfile::{self, Sendfile};
 use crate::tls::Tls;
