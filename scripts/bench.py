@@ -27,7 +27,7 @@ SEED = os.path.join(ROOT, "target", "release", "examples", "seed_cache")
 # seeder cannot write).
 SEEDED_IMAGES = int(os.environ.get("BENCH_SEED", "10000"))
 PULL_LAYERS = 30
-PULLS = 3
+PULLS = int(os.environ.get("BENCH_PULLS", "5"))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "pkgs")
 OHA_SECONDS = int(os.environ.get("BENCH_OHA_SECONDS", "10"))
 CONNECTIONS = 64
@@ -224,16 +224,28 @@ def oha(url):
     return f"{rps:,.0f} req/s, p99 {p99 * 1000:.1f} ms, status codes {codes}, errors {errors}"
 
 
-def pull_times(sock, image):
-    """Seconds per `docker pull` of `image`, each into an empty image store."""
-    times = []
-    for _ in range(PULLS):
-        start = time.monotonic()
-        subprocess.run(["docker", "-H", sock, "pull", "-q", image], check=True, capture_output=True)
-        times.append(time.monotonic() - start)
-        subprocess.run(["docker", "-H", sock, "rmi", image], check=True, capture_output=True)
-    times.sort()
-    return times
+def pull_time(sock, image):
+    """Seconds for one `docker pull` of `image` into an empty image store
+    (the image is removed again after)."""
+    start = time.monotonic()
+    subprocess.run(["docker", "-H", sock, "pull", "-q", image], check=True, capture_output=True)
+    secs = time.monotonic() - start
+    subprocess.run(["docker", "-H", sock, "rmi", image], check=True, capture_output=True)
+    return secs
+
+
+def interleaved_pulls(sock, images):
+    """Pull times of each of `images` (label -> image), PULLS each after
+    one unmeasured pull of each, in rounds whose order turns, so that the
+    shared machine's load and dockerd's own warming fall on all alike."""
+    for image in images.values():
+        pull_time(sock, image)
+    times = {label: [] for label in images}
+    labels = list(images)
+    for r in range(PULLS):
+        for label in labels[r % len(labels):] + labels[: r % len(labels)]:
+            times[label].append(pull_time(sock, images[label]))
+    return {label: sorted(t) for label, t in times.items()}
 
 
 def distribution_copy(work, image):
@@ -311,12 +323,16 @@ def docker_pull_figure(work):
         # The same image in distribution (docker-registry), for comparison.
         registry, mirrored = distribution_copy(work, image)
         try:
-            for label, pulled in [("nixery", image), ("distribution 2.8", mirrored)]:
-                times = pull_times(sock, pulled)
+            pulled = {"nixery": image, "distribution 2.8": mirrored}
+            times = interleaved_pulls(sock, pulled)
+            median = {label: t[len(t) // 2] for label, t in times.items()}
+            for label, t in times.items():
                 say(
                     f"docker pull of a cached {layers}-layer image from {label} (private dockerd)",
-                    f"{times[len(times) // 2]:.2f} s median of {PULLS} ({', '.join(f'{t:.2f}' for t in times)})",
-                    f"dockerd --data-root {d}/data --host {sock} ...; docker -H {sock} pull {pulled}; docker rmi",
+                    f"{median[label]:.2f} s median of {PULLS} ({', '.join(f'{x:.2f}' for x in t)}); "
+                    f"{median[label] / median['distribution 2.8']:.2f}x distribution",
+                    f"dockerd --data-root {d}/data --host {sock} ...; docker -H {sock} pull {pulled[label]}; docker rmi; "
+                    f"one unmeasured pull each, then {PULLS} rounds alternating the two",
                 )
         finally:
             registry.terminate()
@@ -416,37 +432,66 @@ def run_threads(threads):
 
 
 def downloads(url, size, n):
-    """Downloads `url` on n connections at once; MB/s in all."""
-    results = []
-    secs = run_threads([threading.Thread(target=download, args=(url, results)) for _ in range(n)])
-    assert results == [size] * n, results
+    """Downloads `url` with n curl processes at once; MB/s in all. curl
+    (not Python threads, which share one interpreter lock) so that the
+    client is not what limits the figure."""
+    start = time.monotonic()
+    procs = [
+        subprocess.Popen(
+            ["curl", "-sf", "-o", "/dev/null", "-w", "%{size_download}", url],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(n)
+    ]
+    got = [int(p.communicate()[0] or 0) for p in procs]
+    secs = time.monotonic() - start
+    assert got == [size] * n, got
     return n * size / 1e6 / secs
 
 
-def nginx_figure(work, storage, layer, ours):
-    """Debian's nginx (`sendfile on`) serving the same blob file to the same
-    load, for comparison."""
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not os.access(nginx, os.X_OK):
-        sys.exit("nginx missing: run scripts/install-deps --bench")
-    hex_digest = layer["digest"].split(":", 1)[1]
-    path = None
-    for d, _, files in os.walk(os.path.join(storage, "blobs")):
-        if hex_digest in files:
-            path = os.path.join(d, hex_digest)
-    if path is None:
-        sys.exit(f"blob {hex_digest} not found under {storage}/blobs")
-    root = os.path.join(work, "nginx")
-    os.makedirs(os.path.join(root, "www"))
-    os.makedirs(os.path.join(root, "tmp"))
-    os.link(path, os.path.join(root, "www", "blob"))
-    port = free_port()
-    conf = os.path.join(root, "nginx.conf")
-    with open(conf, "w") as f:
-        # As root, nginx's workers would run as nobody, who cannot read
-        # the bench's private temporary directory.
-        user = "user root;\n" if os.geteuid() == 0 else ""
-        f.write(f"""daemon off;
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+
+
+def interleaved_rates(urls, size):
+    """MB/s of DOWNLOADS downloads from each of `urls` (label -> URL),
+    median of ROUNDS rounds; each round visits every URL, in an order that
+    turns each round, so that load changes on the shared machine fall on
+    all alike."""
+    rates = {label: [] for label in urls}
+    labels = list(urls)
+    for r in range(ROUNDS):
+        for label in labels[r % len(labels):] + labels[: r % len(labels)]:
+            rates[label].append(downloads(urls[label], size, DOWNLOADS))
+    return {label: sorted(v)[len(v) // 2] for label, v in rates.items()}
+
+
+class Nginx:
+    """Debian's nginx (`sendfile on`) serving a hard link of the same blob
+    file, for comparison."""
+
+    def __init__(self, work, storage, layer):
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        if not os.access(nginx, os.X_OK):
+            sys.exit("nginx missing: run scripts/install-deps --bench")
+        hex_digest = layer["digest"].split(":", 1)[1]
+        path = None
+        for d, _, files in os.walk(os.path.join(storage, "blobs")):
+            if hex_digest in files:
+                path = os.path.join(d, hex_digest)
+        if path is None:
+            sys.exit(f"blob {hex_digest} not found under {storage}/blobs")
+        root = os.path.join(work, "nginx")
+        os.makedirs(os.path.join(root, "www"))
+        os.makedirs(os.path.join(root, "tmp"))
+        os.link(path, os.path.join(root, "www", "blob"))
+        port = free_port()
+        self.conf = os.path.join(root, "nginx.conf")
+        with open(self.conf, "w") as f:
+            # As root, nginx's workers would run as nobody, who cannot read
+            # the bench's private temporary directory.
+            user = "user root;\n" if os.geteuid() == 0 else ""
+            f.write(f"""daemon off;
 {user}worker_processes auto;
 pid {root}/nginx.pid;
 error_log {root}/error.log;
@@ -466,25 +511,30 @@ http {{
   }}
 }}
 """)
-    proc = subprocess.Popen([nginx, "-c", conf, "-p", root], stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/blob"
-    try:
+        self.proc = subprocess.Popen([nginx, "-c", self.conf, "-p", root], stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{port}/blob"
         for _ in range(500):
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=1):
                     break
             except OSError:
                 time.sleep(0.01)
-        downloads(url, layer["size"], 1)
-        rate = downloads(url, layer["size"], DOWNLOADS)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-    say(
-        f"the same {DOWNLOADS} downloads from Debian's nginx (sendfile on), same run",
-        f"{rate:.0f} MB/s in all; nixery {ours / rate:.2f}x nginx",
-        f"nginx -c {conf} (sendfile on); {DOWNLOADS} x GET {url}",
-    )
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+
+
+def linked_copy(storage, to):
+    """A copy of a stopped server's storage for a second server: blobs
+    hard-linked (they never change in place), everything else copied."""
+    def copy(src, dst):
+        if os.sep + "blobs" + os.sep in src:
+            os.link(src, dst)
+        else:
+            shutil.copy2(src, dst)
+    shutil.copytree(storage, to, symlinks=True, copy_function=copy)
+    return to
 
 
 def read_all(server, path, buf):
@@ -558,17 +608,6 @@ def parallel_cold_figure(work, image="hello/coreutils/bash"):
         f"{rounds[1][0][3]}; n x (GET manifest, then every blob into a reused buffer), "
         f"n = 1 and 4, each on fresh storage, {PARALLEL_ROUNDS} rounds alternating the order",
     )
-
-
-def download(url, results):
-    got = 0
-    with urllib.request.urlopen(url, timeout=900) as r:
-        while True:
-            piece = r.read(1 << 20)
-            if not piece:
-                break
-            got += len(piece)
-    results.append(got)
 
 
 def timed_get(server, path, runs):
@@ -687,6 +726,7 @@ def main():
 
 def serve_figures(work):
     storage = pack_figure("incompressible closure (hello + 110 MB random)", "hello/big", ["hello", "big"], work)
+    sendfile_storage = linked_copy(storage, storage + "-sendfile")
     pack_figure("text closure (hello + 154 MB text)", "hello/text", ["hello", "text"], work)
 
     # A fresh process on the warm storage, with many more images cached:
@@ -710,19 +750,51 @@ def serve_figures(work):
 
     manifest = json.loads(server.get("/v2/hello/big/manifests/latest"))
     largest = max(manifest["layers"], key=lambda l: l["size"])
-    blob = f"{server.base}/v2/hello/big/blobs/{largest['digest']}"
-    # Warm the page cache, so both servers send from memory.
-    downloads(blob, largest["size"], 1)
-    sampler = RssSampler(server.proc.pid)
-    rate = downloads(blob, largest["size"], DOWNLOADS)
-    anon = sampler.stop()
-    hwm = status_kb(server.proc.pid, "VmHWM") / 1024
-    say(
-        f"{DOWNLOADS} connections download a {largest['size'] / 1e6:.0f} MB blob",
-        f"{rate:.0f} MB/s in all; peak RSS {hwm:.0f} MB (VmHWM), peak RssAnon {anon:.1f} MB (sampled every 10 ms)",
-        f"{DOWNLOADS} x GET {blob}",
-    )
-    nginx_figure(work, storage, largest, rate)
+    path = f"/v2/hello/big/blobs/{largest['digest']}"
+    size = largest["size"]
+    # The same blob from a second server handing the file to the kernel
+    # (--sendfile), and from nginx; rounds interleaved among the three.
+    kernel = Server(sendfile_storage, ["--sendfile"])
+    nginx = Nginx(work, storage, largest)
+    urls = {"mapped": server.base + path, "sendfile": kernel.base + path, "nginx": nginx.url}
+    servers = {"mapped": server, "sendfile": kernel}
+    try:
+        # Warm the page cache, so all send from memory.
+        downloads(urls["nginx"], size, 1)
+        # The downloads' own peak: VmHWM restarts from the RSS now (what the
+        # admin pages above left is reported beside it).
+        before = {}
+        for label, s in servers.items():
+            with open(f"/proc/{s.proc.pid}/clear_refs", "w") as f:
+                f.write("5")
+            before[label] = status_kb(s.proc.pid, "RssAnon") / 1024
+        samplers = {label: RssSampler(s.proc.pid) for label, s in servers.items()}
+        cpu = {label: cpu_seconds(s.proc.pid) for label, s in servers.items()}
+        rates = interleaved_rates(urls, size)
+        for label, how in [
+            ("mapped", "mapped 1 MiB windows written by us (the default)"),
+            ("sendfile", "sendfile (--sendfile)"),
+        ]:
+            proc = servers[label]
+            anon = samplers[label].stop()
+            hwm = status_kb(proc.proc.pid, "VmHWM") / 1024
+            used = (cpu_seconds(proc.proc.pid) - cpu[label]) / ROUNDS
+            say(
+                f"{DOWNLOADS} connections download a {size / 1e6:.0f} MB blob, {how}",
+                f"{rates[label]:.0f} MB/s in all (median of {ROUNDS} rounds); {rates[label] / rates['nginx']:.2f}x nginx; "
+                f"server CPU {used:.2f} s a round; "
+                f"peak RSS {hwm:.0f} MB (VmHWM, reset before), peak RssAnon {anon:.1f} MB "
+                f"(sampled every 10 ms; {before[label]:.1f} MB before)",
+                f"{proc.command}; {DOWNLOADS} x curl -o /dev/null {proc.base}{path} at once",
+            )
+        say(
+            f"the same {DOWNLOADS} downloads from Debian's nginx (sendfile on), rounds interleaved with the two above",
+            f"{rates['nginx']:.0f} MB/s in all (median of {ROUNDS} rounds); mapped/sendfile {rates['mapped'] / rates['sendfile']:.2f}x",
+            f"nginx -c {nginx.conf}; {DOWNLOADS} x curl -o /dev/null {nginx.url} at once",
+        )
+    finally:
+        nginx.stop()
+        kernel.stop()
     url = f"{server.base}/v2/hello/big/manifests/latest"
     say(
         f"warm manifest GET, {CONNECTIONS} connections",

@@ -108,6 +108,11 @@ pub struct ServeArgs {
     /// Seconds a connection may stay open without a request in progress.
     #[arg(long, env = "NIXERY_IDLE_TIMEOUT", default_value_t = 60)]
     pub idle_timeout: u64,
+    /// Hand blob bodies on plain HTTP/1.1 to the kernel with sendfile,
+    /// rather than writing them from mapped windows (which measured faster
+    /// over loopback; see the README's performance notes).
+    #[arg(long, env = "NIXERY_SENDFILE")]
+    pub sendfile: bool,
     /// Platforms a pull by tag is built for, comma-separated
     /// (`linux/amd64,linux/arm64`); with more than one, clients that accept
     /// an index get one. Default: the host's platform only.
@@ -542,6 +547,7 @@ impl ServeArgs {
                 max_connections: self.max_connections,
                 header_timeout: Duration::from_secs(self.header_timeout),
                 idle_timeout: Duration::from_secs(self.idle_timeout),
+                sendfile: self.sendfile,
             },
             platforms,
         })

@@ -11,7 +11,11 @@
 //! headers (a client that stalls in it is cut off alike, and holds a slot
 //! meanwhile); ALPN picks HTTP/2 or HTTP/1.1, and a plain HTTP request
 //! sent to the port gets a 400 saying to use https.
+//!
+//! With `Limits::sendfile`, blob bodies on plain HTTP/1.1 go from the file
+//! to the socket with sendfile: see [`super::sendfile`].
 
+use super::sendfile::{self, Sendfile};
 use crate::tls::Tls;
 use axum::extract::Request;
 use axum::response::Response;
@@ -32,12 +36,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tower::Service;
 
-/// How many connections, and for how long each may wait on its client.
+/// How many connections, for how long each may wait on its client, and
+/// whether plain HTTP/1.1 sends blob bodies with sendfile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     pub max_connections: usize,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
+    pub sendfile: bool,
 }
 
 /// Accept errors (such as running out of file descriptors) and a full
@@ -100,10 +106,30 @@ impl Drop for InFlight {
     }
 }
 
-/// The socket, noting when bytes move.
+/// The socket, noting when bytes move; with `sendfile`, bytes of blob
+/// windows registered there are sent from their file.
 struct Watched {
     stream: TcpStream,
     state: Arc<ConnState>,
+    sendfile: Option<Sendfile>,
+}
+
+impl Watched {
+    /// Writes the first of `bufs` with sendfile if it is a registered
+    /// window, or the buffers before the first such one; `None` when no
+    /// buffer is one.
+    fn poll_send_file(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Option<Poll<io::Result<usize>>> {
+        let (i, span) = self.sendfile.as_ref()?.locate(bufs)?;
+        Some(if i == 0 {
+            sendfile::poll_send(&self.stream, cx, &span)
+        } else {
+            Pin::new(&mut self.stream).poll_write_vectored(cx, &bufs[..i])
+        })
+    }
 }
 
 impl AsyncRead for Watched {
@@ -127,7 +153,10 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.stream).poll_write(cx, buf);
+        let r = match self.poll_send_file(cx, &[io::IoSlice::new(buf)]) {
+            Some(r) => r,
+            None => Pin::new(&mut self.stream).poll_write(cx, buf),
+        };
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             self.state.touch();
         }
@@ -139,7 +168,10 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        let r = match self.poll_send_file(cx, bufs) {
+            Some(r) => r,
+            None => Pin::new(&mut self.stream).poll_write_vectored(cx, bufs),
+        };
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             self.state.touch();
         }
@@ -159,11 +191,13 @@ impl AsyncWrite for Watched {
     }
 }
 
-/// The application as hyper calls it, counting requests in progress.
+/// The application as hyper calls it, counting requests in progress and
+/// giving each the connection's [`Sendfile`], if it has one.
 #[derive(Clone)]
 struct Tracked {
     app: Router,
     state: Arc<ConnState>,
+    sendfile: Option<Sendfile>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for Tracked {
@@ -171,8 +205,11 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         let guard = InFlight::enter(&self.state);
+        if let Some(sendfile) = &self.sendfile {
+            req.extensions_mut().insert(sendfile.clone());
+        }
         let mut app = self.app.clone();
         Box::pin(async move {
             // A Router is always ready.
@@ -265,7 +302,10 @@ pub async fn serve(
     http1
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
-        .keep_alive(true);
+        .keep_alive(true)
+        // Queue body buffers rather than copy them into one: sendfile
+        // needs to see the blob windows themselves.
+        .writev(true);
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())
@@ -308,13 +348,18 @@ pub async fn serve(
         }
         let _ = stream.set_nodelay(true);
         let state = Arc::new(ConnState::new());
+        // Only plain HTTP/1.1 writes a body's bytes to the socket as they
+        // are; TLS encrypts them first.
+        let sendfile = (limits.sendfile && protocols.tls.is_none()).then(Sendfile::default);
         let service = Tracked {
             app: app.clone(),
             state: Arc::clone(&state),
+            sendfile: sendfile.clone(),
         };
         let io = Watched {
             stream,
             state: Arc::clone(&state),
+            sendfile,
         };
         let conn = protocols.clone().serve(io, service, graceful.watcher());
         tokio::spawn(async move {
@@ -355,6 +400,7 @@ mod tests {
         max_connections: 1,
         header_timeout: Duration::from_millis(100),
         idle_timeout: Duration::from_millis(300),
+        sendfile: true,
     };
 
     /// A connection state as if opened `ago`.

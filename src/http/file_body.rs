@@ -7,8 +7,12 @@
 //! slow the client. A blob of one piece or less is read at once.
 //!
 //! The body is an ordinary stream of [`Bytes`], so it goes through any
-//! connection (plain or TLS) as hyper writes it.
+//! connection (plain or TLS) as hyper writes it. On a plain HTTP/1.1
+//! connection the windows are registered with it instead, unread, and the
+//! socket sends their bytes from the file with sendfile (see
+//! [`super::sendfile`]).
 
+use super::sendfile::Sendfile;
 use crate::store::fs::BlobFile;
 use axum::body::Body;
 use bytes::Bytes;
@@ -23,6 +27,11 @@ const PIECE: u64 = 256 * 1024;
 /// mapping per window are noise next to sending it, small enough that 8
 /// downloads pin a few MB of page cache in our RSS.
 const WINDOW: u64 = 1024 * 1024;
+
+/// Bytes per step handed to sendfile: they are mapped but never read, so
+/// they pin no memory, and larger steps mean fewer trips to the blocking
+/// pool.
+const SENDFILE_WINDOW: u64 = 16 * 1024 * 1024;
 
 /// An opened blob: small ones already read, saving a trip to the blocking
 /// pool per request.
@@ -54,29 +63,38 @@ impl Opened {
     }
 
     /// The bytes `span` (within `0..len()`), read off the async runtime as
-    /// they are sent.
-    pub fn body(self, span: Range<u64>) -> Body {
+    /// they are sent; with `sendfile`, sent from the file by the kernel.
+    pub fn body(self, span: Range<u64>, sendfile: Option<Sendfile>) -> Body {
         match self {
             Opened::Small(bytes) => Body::from(bytes.slice(span.start as usize..span.end as usize)),
-            Opened::Large(file) => stream(file, span),
+            Opened::Large(file) => stream(file, span, sendfile),
         }
     }
 }
 
-fn stream(file: BlobFile, span: Range<u64>) -> Body {
+fn stream(file: BlobFile, span: Range<u64>, sendfile: Option<Sendfile>) -> Body {
     let file = Arc::new(file);
     let end = span.end;
+    let step = if sendfile.is_some() {
+        SENDFILE_WINDOW
+    } else {
+        WINDOW
+    };
     let windows = futures::stream::try_unfold(span.start, move |pos| {
         let file = Arc::clone(&file);
+        let sendfile = sendfile.clone();
         async move {
             if pos >= end {
                 return Ok::<_, io::Error>(None);
             }
-            let n = (end - pos).min(WINDOW);
-            let window = tokio::task::spawn_blocking(move || file.map_window(pos, n as usize))
-                .await
-                .map_err(io::Error::other)??;
-            Ok(Some((window, pos + n)))
+            let n = (end - pos).min(step) as usize;
+            let window = tokio::task::spawn_blocking(move || match sendfile {
+                Some(sendfile) => sendfile.window(&file, pos, n),
+                None => file.map_window(pos, n),
+            })
+            .await
+            .map_err(io::Error::other)??;
+            Ok(Some((window, pos + n as u64)))
         }
     });
     Body::from_stream(windows)
@@ -105,13 +123,16 @@ mod tests {
                 len.min(4095)..len.min(WINDOW + 5),
             ];
             for span in spans {
-                let file = store.open_blob(&digest).unwrap().unwrap();
-                let opened = Opened::new(file).unwrap();
-                assert_eq!(matches!(opened, Opened::Small(_)), len <= PIECE);
-                assert_eq!(opened.len(), len);
-                let body = opened.body(span.clone());
-                let got = axum::body::to_bytes(body, usize::MAX).await.unwrap();
-                assert_eq!(&got[..], &data[span.start as usize..span.end as usize]);
+                // Registered windows read like any others.
+                for sendfile in [None, Some(Sendfile::default())] {
+                    let file = store.open_blob(&digest).unwrap().unwrap();
+                    let opened = Opened::new(file).unwrap();
+                    assert_eq!(matches!(opened, Opened::Small(_)), len <= PIECE);
+                    assert_eq!(opened.len(), len);
+                    let body = opened.body(span.clone(), sendfile);
+                    let got = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+                    assert_eq!(&got[..], &data[span.start as usize..span.end as usize]);
+                }
             }
         }
     }

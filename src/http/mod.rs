@@ -14,4 +14,5 @@ pub mod plot;
 pub mod range;
 pub mod registry;
 pub mod report;
+pub mod sendfile;
 pub mod trends;

@@ -87,6 +87,7 @@ pub async fn nar(
     State(builder): State<Arc<Builder>>,
     method: Method,
     headers: HeaderMap,
+    sendfile: Option<axum::Extension<super::sendfile::Sendfile>>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let head = reading(&method)?;
@@ -119,7 +120,15 @@ pub async fn nar(
     }
     // No image is served under this name: a NAR renews no image's lease.
     const NAR_LEASES: &str = "nix-cache";
-    let response = crate::http::registry::blob(&builder, NAR_LEASES, file, &headers, head).await?;
+    let response = crate::http::registry::blob(
+        &builder,
+        NAR_LEASES,
+        file,
+        &headers,
+        head,
+        sendfile.map(|axum::Extension(s)| s),
+    )
+    .await?;
     if !head && response.status().is_success() {
         let sent = response
             .headers()

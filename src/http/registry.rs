@@ -3,6 +3,7 @@
 use super::accept::Accept;
 use super::file_body::Opened as OpenFile;
 use super::range::{self, RangeRequest};
+use super::sendfile::Sendfile;
 use crate::build::builder::{BuildError, Builder, TagAnswer};
 use crate::build::forms::Served;
 use crate::build::git::GitError;
@@ -20,6 +21,7 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -61,6 +63,7 @@ pub async fn dispatch(
     method: Method,
     path: Result<Path<String>, PathRejection>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    sendfile: Option<Extension<Sendfile>>,
     headers: HeaderMap,
 ) -> Response {
     let head = method == Method::HEAD;
@@ -92,7 +95,8 @@ pub async fn dispatch(
         }
         Ok(RegistryPath::Referrers { digest, .. }) => referrers(&builder, digest, &query).await,
         Ok(RegistryPath::Blob { name, digest }) => {
-            blob(&builder, &name, digest, &headers, head).await
+            let sendfile = sendfile.map(|Extension(s)| s);
+            blob(&builder, &name, digest, &headers, head, sendfile).await
         }
         Ok(RegistryPath::TagsList { name }) => {
             let q = TagsQuery {
@@ -496,6 +500,7 @@ pub(crate) async fn blob(
     digest: Digest,
     headers: &HeaderMap,
     head: bool,
+    sendfile: Option<Sendfile>,
 ) -> Result<Response, ApiError> {
     if !head {
         builder.blobs().renew_lease(name, &digest);
@@ -507,7 +512,7 @@ pub(crate) async fn blob(
             Ok(span) => span,
             Err(refused) => return Ok(*refused),
         };
-        let body = file.body(span.clone().unwrap_or(0..total));
+        let body = file.body(span.clone().unwrap_or(0..total), sendfile);
         return Ok(blob_response(body, span, total, &digest, head));
     }
     let storage = builder.storage();

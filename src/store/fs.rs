@@ -950,26 +950,53 @@ impl BlobFile {
         if len == 0 {
             return Ok(bytes::Bytes::new());
         }
+        let window = self.map(offset, len, true)?;
+        // Only advice: a kernel that ignores it changes nothing.
+        let _ = window.map.advise(memmap2::Advice::Sequential);
+        let skip = window.skip;
+        Ok(bytes::Bytes::from_owner(window.map).slice(skip..))
+    }
+
+    /// The `len` (> 0) bytes at `offset` mapped read-only and shared, from
+    /// the page holding `offset`; faulted in now with `populate`, else
+    /// only when read.
+    pub fn map(&self, offset: u64, len: usize, populate: bool) -> io::Result<MappedWindow> {
         let page = page_size();
         let start = offset - offset % page;
         let skip = (offset - start) as usize;
+        let mut options = memmap2::MmapOptions::new();
+        options.offset(start).len(skip + len);
+        if populate {
+            options.populate();
+        }
         // SAFETY: blobs are never written in place (a new one is linked in
         // whole; deleting unlinks), so the mapped bytes cannot change.
-        let map = unsafe {
-            memmap2::MmapOptions::new()
-                .offset(start)
-                .len(skip + len)
-                .populate()
-                .map(&self.file)?
-        };
-        // Only advice: a kernel that ignores it changes nothing.
-        let _ = map.advise(memmap2::Advice::Sequential);
-        Ok(bytes::Bytes::from_owner(map).slice(skip..))
+        let map = unsafe { options.map(&self.file)? };
+        Ok(MappedWindow {
+            map,
+            skip,
+            file_start: start,
+        })
     }
 }
 
+impl std::os::fd::AsRawFd for BlobFile {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.file)
+    }
+}
+
+/// A window of a blob mapped by [`BlobFile::map`]: the requested bytes
+/// start `skip` bytes into `map`, whose first byte is the file's byte
+/// `file_start` (a page boundary).
+pub struct MappedWindow {
+    pub map: memmap2::Mmap,
+    pub skip: usize,
+    pub file_start: u64,
+}
+
 /// The size of a memory page (mapping offsets are multiples of it).
-fn page_size() -> u64 {
+pub fn page_size() -> u64 {
     // SAFETY: sysconf only reads a system setting.
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     u64::try_from(size).ok().filter(|s| *s > 0).unwrap_or(4096)
