@@ -36,7 +36,6 @@ pub struct Collector {
     running: tokio::sync::Mutex<()>,
     /// See [`Collector::generation`].
     generation: std::sync::atomic::AtomicU64,
-    named: gc::NamedMemo,
     scrubber: Scrubber,
     /// The disk caches a shared bucket (see [`gc::collect`]).
     shared: bool,
@@ -55,7 +54,7 @@ pub struct Overview {
     /// Manifests a collection may evict, in the order it would, each with
     /// whether a lease holds it.
     pub eviction_order: Vec<(Digest, bool)>,
-    /// How many stored images name each blob.
+    /// How many stored images name each blob named by more than one.
     pub images_per_blob: HashMap<Digest, u32>,
 }
 
@@ -85,7 +84,6 @@ impl Collector {
             last: Mutex::new(None),
             running: tokio::sync::Mutex::new(()),
             generation: Default::default(),
-            named: gc::NamedMemo::default(),
             shared,
             free_after: std::sync::atomic::AtomicU64::new(u64::MAX),
             overview: Mutex::new(None),
@@ -108,8 +106,7 @@ impl Collector {
     fn stored_images(&self) -> Result<Vec<gc::Image>, crate::store::db::DbError> {
         let pulled = self.pulls.all(&self.db)?;
         let (leased, _) = self.blobs.leased();
-        self.named
-            .stored_images(&self.db, &self.blobs, &pulled, &leased)
+        gc::stored_images(&self.db, &self.blobs, &pulled, &leased)
     }
 
     /// The [`Overview`] of the stored images, at most [`OVERVIEW_FOR`]
@@ -144,6 +141,8 @@ impl Collector {
             }
         }
         drop(images);
+        // Only blobs shared by several images: a page shows others as 0.
+        images_per_blob.retain(|_, n| *n > 1);
         images_per_blob.shrink_to_fit();
         let overview = Arc::new(Overview {
             eviction_order,
