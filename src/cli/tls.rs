@@ -21,9 +21,30 @@ pub enum TlsCommand {
     /// it and how clients trust it.
     Init(InitArgs),
     /// Write a new server key and certificate signed by the CA that `init`
-    /// wrote (before the old one expires, or for other names); clients
-    /// keep trusting the same CA, and a running server rereads the pair.
+    /// wrote, before the old one expires (for its names, unless --hostname
+    /// or --ip is given) or for other names; clients keep trusting the
+    /// same CA, and a running server rereads the pair.
     Renew(RenewArgs),
+}
+
+/// The names a server certificate is for.
+#[derive(Debug, Args)]
+pub struct NameArgs {
+    /// DNS name clients use for the server (repeatable).
+    #[arg(long = "hostname")]
+    pub hostnames: Vec<String>,
+    /// IP address clients use for the server (repeatable).
+    #[arg(long = "ip")]
+    pub ips: Vec<IpAddr>,
+}
+
+impl From<NameArgs> for Names {
+    fn from(a: NameArgs) -> Names {
+        Names {
+            hostnames: a.hostnames,
+            ips: a.ips,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -31,13 +52,8 @@ pub struct RenewArgs {
     /// The directory `tls init` wrote (ca.crt, ca-private/ca.key).
     #[arg(long)]
     pub dir: PathBuf,
-    /// DNS name clients use for the server (repeatable); without any
-    /// --hostname or --ip, the names of the current server certificate.
-    #[arg(long = "hostname")]
-    pub hostnames: Vec<String>,
-    /// IP address clients use for the server (repeatable).
-    #[arg(long = "ip")]
-    pub ips: Vec<IpAddr>,
+    #[command(flatten)]
+    pub names: NameArgs,
 }
 
 #[derive(Debug, Args)]
@@ -46,12 +62,8 @@ pub struct InitArgs {
     /// server.key into.
     #[arg(long)]
     pub dir: PathBuf,
-    /// DNS name clients use for the server (repeatable).
-    #[arg(long = "hostname")]
-    pub hostnames: Vec<String>,
-    /// IP address clients use for the server (repeatable).
-    #[arg(long = "ip")]
-    pub ips: Vec<IpAddr>,
+    #[command(flatten)]
+    pub names: NameArgs,
     /// The port `serve` will listen on, for the printed steps.
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
@@ -68,10 +80,7 @@ pub fn run(args: TlsArgs) -> ExitCode {
 }
 
 fn run_renew(args: RenewArgs) -> ExitCode {
-    let mut names = Names {
-        hostnames: args.hostnames,
-        ips: args.ips,
-    };
+    let mut names = Names::from(args.names);
     if names.hostnames.is_empty() && names.ips.is_empty() {
         let layout = Layout::under(&args.dir);
         match crate::tls::load(&layout.server_cert, &layout.server_key) {
@@ -127,10 +136,7 @@ fn run_init(args: InitArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let names = Names {
-        hostnames: args.hostnames,
-        ips: args.ips,
-    };
+    let names = Names::from(args.names);
     let layout = match init(&dir, &names, args.force) {
         Ok(l) => l,
         Err(e) => {
