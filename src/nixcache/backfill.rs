@@ -96,6 +96,7 @@ async fn derive_missing(builder: &Arc<Builder>) -> Result<usize, BuildError> {
     .await?;
     let mut seen: HashSet<Digest> = have.into_iter().collect();
     let mut derived = 0;
+    let mut gone = 0;
     for (_, record) in records {
         if record.out_paths.is_empty() || !seen.insert(record.digest) {
             continue;
@@ -111,6 +112,12 @@ async fn derive_missing(builder: &Arc<Builder>) -> Result<usize, BuildError> {
             // Evicted, or (s3) another replica's record is followed.
             continue;
         }
+        // A path gone from the store's directory is not valid: no Nix
+        // process for it (each start would spawn one per such image).
+        if !all_exist(&record.out_paths).await {
+            gone += 1;
+            continue;
+        }
         match builder.nix().closure(&record.out_paths).await {
             Ok(closure) => {
                 let paths = super::closure_paths(&closure);
@@ -124,5 +131,21 @@ async fn derive_missing(builder: &Arc<Builder>) -> Result<usize, BuildError> {
             ),
         }
     }
+    if gone > 0 {
+        tracing::info!(
+            images = gone,
+            "images recorded before the Nix cache have store paths no longer in the host's Nix store: they are not served until built again"
+        );
+    }
     Ok(derived)
+}
+
+/// Whether every path is there on disk (off the async threads).
+async fn all_exist(paths: &[String]) -> bool {
+    for p in paths {
+        if !tokio::fs::try_exists(p).await.unwrap_or(false) {
+            return false;
+        }
+    }
+    true
 }
