@@ -93,18 +93,7 @@ impl Kind {
     }
 }
 
-/// A store path's name and version: the version starts at the first `-`
-/// followed by a digit (Nix's `parseDrvName`).
-pub fn name_and_version(path: &str) -> (&str, Option<&str>) {
-    let name = crate::build::store_path::name_of(path);
-    let split = name
-        .char_indices()
-        .find(|&(i, c)| c == '-' && name[i + 1..].starts_with(|d: char| d.is_ascii_digit()));
-    match split {
-        Some((i, _)) => (&name[..i], Some(&name[i + 1..])),
-        None => (name, None),
-    }
-}
+pub use crate::build::store_path::name_and_version;
 
 /// The hash part of a store path (`/nix/store/<hash>-name`).
 fn store_hash(path: &str) -> &str {
