@@ -418,6 +418,36 @@ fn broken_layouts_are_refused_and_change_nothing() {
     std::fs::write(&blob, bytes).unwrap();
     let missing = copy("missing");
     std::fs::remove_file(missing.join("blobs/sha256").join(layer_hex(1))).unwrap();
+    // A bill of materials whose subject is a layer, not an image: that
+    // layer would be kept as a manifest served by digest.
+    let misplaced = copy("misplaced");
+    let mut misplaced_index = index.clone();
+    let artifact = misplaced_index["manifests"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|m| m["artifactType"].is_string())
+        .expect("the export carries a bill of materials");
+    let artifact_path = |dir: &Path, d: &serde_json::Value| {
+        dir.join("blobs/sha256")
+            .join(d.as_str().unwrap().trim_start_matches("sha256:"))
+    };
+    let mut doc: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(artifact_path(&misplaced, &artifact["digest"])).unwrap(),
+    )
+    .unwrap();
+    doc["subject"]["digest"] = oci["layers"][0]["digest"].clone();
+    doc["subject"]["size"] = oci["layers"][0]["size"].clone();
+    let bytes = serde_json::to_vec(&doc).unwrap();
+    let digest = nixery::digest::Digest::of(&bytes).to_string();
+    artifact["digest"] = digest.clone().into();
+    artifact["size"] = bytes.len().into();
+    std::fs::write(artifact_path(&misplaced, &digest.into()), &bytes).unwrap();
+    std::fs::write(
+        misplaced.join("index.json"),
+        serde_json::to_vec(&misplaced_index).unwrap(),
+    )
+    .unwrap();
     let flipped_tar = work.path().join("flipped.tar");
     run(Command::new("tar")
         .arg("-cf")
@@ -435,6 +465,7 @@ fn broken_layouts_are_refused_and_change_nothing() {
         (&flipped, "is damaged"),
         (&missing, "is missing from the layout"),
         (&flipped_tar, "is damaged"),
+        (&misplaced, "is no image of the layout"),
     ] {
         let other = work.path().join("other");
         let out = output(nixery(&other, false).arg("import").arg(bad));

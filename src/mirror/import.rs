@@ -248,6 +248,22 @@ fn check_layout(c: &mut Checked) -> Result<(), ImportError> {
     Ok(())
 }
 
+/// Whether `subject` is a blob of the layout that reads as an image
+/// manifest or index (the OCI form of an imported image): not any blob,
+/// which would be stored as a manifest served by digest and kept.
+fn is_image_form(c: &mut Checked, subject: &Digest) -> Result<bool, ImportError> {
+    let small = std::fs::metadata(c.blob_path(subject))
+        .is_ok_and(|m| m.len() <= crate::oci::manifest::MANIFEST_MAX_BYTES);
+    if !c.blobs.contains(subject) || !small {
+        return Ok(false);
+    }
+    let bytes = c.read_verified(subject, None)?;
+    Ok(matches!(
+        named_by(&bytes),
+        Some(Named::Image(_) | Named::Index(_))
+    ))
+}
+
 /// Checks an artifact manifest of the layout (a bill of materials), its
 /// blobs, and that its subject is a manifest of an image imported with it.
 fn check_artifact(c: &mut Checked, entry: &Descriptor) -> Result<(), ImportError> {
@@ -260,8 +276,7 @@ fn check_artifact(c: &mut Checked, entry: &Descriptor) -> Result<(), ImportError
         return Err(bad("an artifactType but no subject".into()));
     };
     let manifests: BTreeSet<Digest> = c.images.iter().flat_map(|i| i.manifests()).collect();
-    let is_oci_form = c.blobs.contains(&subject);
-    if !manifests.contains(&subject) && !is_oci_form {
+    if !manifests.contains(&subject) && !is_image_form(c, &subject)? {
         return Err(bad(format!(
             "its subject {subject} is no image of the layout"
         )));
