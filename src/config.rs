@@ -361,7 +361,7 @@ pub enum ConfigError {
     Timeout,
     #[error("--max-concurrent-builds (NIXERY_MAX_BUILDS) must be at least 1")]
     MaxBuilds,
-    #[error("--scrub-rate (NIXERY_SCRUB_RATE) must be at least 1 (MiB/s); turn scrubbing off with --scrub-interval 0")]
+    #[error("--scrub-rate (NIXERY_SCRUB_RATE) must be at least 1 MiB/s, and below 16 TiB/s; turn scrubbing off with --scrub-interval 0")]
     ScrubRate,
     #[error("--max-queued-builds (NIXERY_MAX_QUEUED_BUILDS) must be at least 1")]
     MaxQueued,
@@ -469,7 +469,7 @@ impl ServeArgs {
         if self.nix_timeout == 0 {
             return Err(ConfigError::Timeout);
         }
-        if self.scrub_rate == 0 {
+        if self.scrub_rate == 0 || self.scrub_rate.checked_mul(1 << 20).is_none() {
             return Err(ConfigError::ScrubRate);
         }
         if self.max_concurrent_builds == 0 {
@@ -512,7 +512,7 @@ impl ServeArgs {
         let scrub = crate::store::scrub::Settings {
             interval: (self.scrub_interval > 0 && s3.is_none())
                 .then(|| Duration::from_secs(self.scrub_interval)),
-            rate: self.scrub_rate << 20,
+            rate: self.scrub_rate.saturating_mul(1 << 20),
         };
         if platforms.is_empty() {
             platforms
@@ -736,6 +736,10 @@ mod tests {
         );
         assert_eq!(
             with(&["--scrub-rate", "0"]).unwrap_err(),
+            ConfigError::ScrubRate
+        );
+        assert_eq!(
+            with(&["--scrub-rate", &u64::MAX.to_string()]).unwrap_err(),
             ConfigError::ScrubRate
         );
         // The old window has no meaning on a local store: said so, once.

@@ -398,12 +398,14 @@ impl Server {
         let flusher = tokio::spawn(flush_counts_every(Arc::clone(&self.builder), COUNT_FLUSH));
         let trimmer = tokio::spawn(memory::trim_periodically());
         let builder = Arc::clone(&self.builder);
-        if let Some(cache) = builder.nix_cache() {
-            builder.in_background(nixcache::backfill::run(
+        // Its own task, not the builder's background work that shutdown
+        // waits for: it may run a Nix process per older image.
+        let backfill = builder.nix_cache().map(|cache| {
+            tokio::spawn(nixcache::backfill::run(
                 Arc::clone(&builder),
                 Arc::clone(cache),
-            ));
-        }
+            ))
+        });
         let watcher = self.auth.as_ref().map(|a| a.watch());
         let tls_watcher = self.tls.as_ref().map(|t| t.watch());
         let app = router(self.builder, self.auth, self.tls.clone());
@@ -414,6 +416,9 @@ impl Server {
         }
         background.abort();
         scrub.abort();
+        if let Some(b) = backfill {
+            b.abort();
+        }
         flusher.abort();
         trimmer.abort();
         collector.flush_pulls().await;

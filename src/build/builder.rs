@@ -293,7 +293,7 @@ pub struct Builder {
     spare: Arc<Spare>,
 }
 
-/// What the Nix cache records of a closure.
+/// SHA-256 of the parts one after another, in hex.
 fn hex_sha256(parts: &[&str]) -> String {
     let mut h = Sha256::new();
     for p in parts {

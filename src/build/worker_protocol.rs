@@ -330,7 +330,12 @@ async fn finish_work<R: AsyncRead + Unpin>(
 ) -> Result<(), ProtocolError> {
     loop {
         match int(from).await? {
-            STDERR_LAST => return Ok(()),
+            STDERR_LAST => {
+                // An operation that ended well: its log is no later
+                // error's.
+                log.take();
+                return Ok(());
+            }
             STDERR_ERROR => {
                 let message = if minor >= 26 {
                     read_error(from).await?

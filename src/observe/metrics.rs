@@ -289,12 +289,12 @@ impl Metrics {
             .inc_by(layers_built);
     }
 
-    /// The OpenMetrics text exposition.
     /// Seconds the served certificate has left, set before each scrape.
     pub fn tls_seconds_left(&self, seconds: i64) {
         self.tls_expiry.get_or_create(&Vec::new()).set(seconds);
     }
 
+    /// The OpenMetrics text exposition.
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
