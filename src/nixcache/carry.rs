@@ -58,7 +58,9 @@ pub async fn export(
     cache: &Path,
 ) -> anyhow::Result<(usize, usize)> {
     let dir = cache.join(DIR);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .with_context(|| format!("creating {}", dir.display()))?;
     let (mut images, mut left_out, mut written) = (Vec::new(), 0, 0);
     for manifest in manifests {
         if builder.storage().is_shared() {
@@ -94,7 +96,7 @@ pub async fn export(
                     .with_context(|| format!("{path} is not in the Nix store to make its NAR"))?,
             };
             let to = nar_file(&dir, &nar.file);
-            if !to.exists() {
+            if !tokio::fs::try_exists(&to).await.unwrap_or(false) {
                 let from = builder.blobs().path_of(&nar.file);
                 let (f, t) = (from.clone(), to.clone());
                 blocking(move || std::fs::copy(&f, &t))
@@ -127,10 +129,12 @@ pub async fn export(
 pub async fn import(builder: &Arc<Builder>, cache: &Path) -> anyhow::Result<usize> {
     let dir = cache.join(DIR);
     let list = dir.join(LIST);
-    if !list.exists() {
+    if !tokio::fs::try_exists(&list).await.unwrap_or(false) {
         return Ok(0);
     }
-    let text = std::fs::read(&list).with_context(|| format!("reading {}", list.display()))?;
+    let text = tokio::fs::read(&list)
+        .await
+        .with_context(|| format!("reading {}", list.display()))?;
     let carried: Carried =
         serde_json::from_slice(&text).with_context(|| format!("{} is damaged", list.display()))?;
     let mut recorded = 0;
