@@ -300,7 +300,7 @@ fn pulls_plot(days: &[DayPulls], now: u64) -> Plot {
         Unit::Count,
         &starts,
         vec![line],
-        |t| super::format::utc(t)[5..10].to_owned(),
+        super::trends::date,
     )
 }
 

@@ -19,7 +19,8 @@ fn hhmm(t: u64) -> String {
     s[11..16].to_owned()
 }
 
-fn date(t: u64) -> String {
+/// A time's month and day (`MM-DD`), for axis labels.
+pub(crate) fn date(t: u64) -> String {
     format::utc(t)[5..10].to_owned()
 }
 
@@ -207,25 +208,15 @@ pub fn plots(db: &Db, now: u64) -> Result<Vec<Plot>, DbError> {
         now,
     );
     let percentiles = |slots: &[HistoryRecord]| {
-        let point = |s: &HistoryRecord| crate::observe::history::Point::from(s);
-        vec![
-            LineData {
-                label: "p50",
-                class: "series-a",
-                values: slots
-                    .iter()
-                    .map(|s| point(s).build_p50_ms.map(|v| v as f64))
-                    .collect(),
-            },
-            LineData {
-                label: "p95",
-                class: "series-c",
-                values: slots
-                    .iter()
-                    .map(|s| point(s).build_p95_ms.map(|v| v as f64))
-                    .collect(),
-            },
-        ]
+        let line = |label, class, q| LineData {
+            label,
+            class,
+            values: slots
+                .iter()
+                .map(|s| crate::observe::history::quantile_ms(&s.durations, q).map(|v| v as f64))
+                .collect(),
+        };
+        vec![line("p50", "series-a", 0.5), line("p95", "series-c", 0.95)]
     };
     let hit_rate = |slots: &[HistoryRecord]| {
         vec![LineData {
@@ -233,10 +224,7 @@ pub fn plots(db: &Db, now: u64) -> Result<Vec<Plot>, DbError> {
             class: "series-b",
             values: slots
                 .iter()
-                .map(|s| {
-                    let n = s.hits + s.misses;
-                    (n > 0).then(|| s.hits as f64 / n as f64)
-                })
+                .map(crate::observe::history::hit_rate)
                 .collect(),
         }]
     };

@@ -87,7 +87,7 @@ fn bin_middle_ms(bin: usize) -> u64 {
 }
 
 /// The `q` quantile (0..1) of a duration histogram; `None` when empty.
-fn quantile_ms(bins: &[u32], q: f64) -> Option<u64> {
+pub(crate) fn quantile_ms(bins: &[u32], q: f64) -> Option<u64> {
     let total: u64 = bins.iter().map(|&n| u64::from(n)).sum();
     if total == 0 {
         return None;
@@ -173,9 +173,14 @@ pub struct Point {
     pub queued_builds: Option<u64>,
 }
 
+/// Hits over manifest requests by tag in a slot; `None` with none.
+pub(crate) fn hit_rate(r: &HistoryRecord) -> Option<f64> {
+    let lookups = r.hits + r.misses;
+    (lookups > 0).then(|| r.hits as f64 / lookups as f64)
+}
+
 impl From<&HistoryRecord> for Point {
     fn from(r: &HistoryRecord) -> Point {
-        let lookups = r.hits + r.misses;
         let levels = r.levels;
         Point {
             start: r.start,
@@ -186,7 +191,7 @@ impl From<&HistoryRecord> for Point {
             builds_failed: r.builds_failed,
             cache_hits: r.hits,
             cache_misses: r.misses,
-            hit_rate: (lookups > 0).then(|| r.hits as f64 / lookups as f64),
+            hit_rate: hit_rate(r),
             build_p50_ms: quantile_ms(&r.durations, 0.5),
             build_p95_ms: quantile_ms(&r.durations, 0.95),
             storage_used: levels.map(|l| l.storage_used),
