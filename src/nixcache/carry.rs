@@ -165,7 +165,8 @@ pub async fn import(builder: &Arc<Builder>, cache: &Path) -> anyhow::Result<usiz
                 deriver: p.deriver.clone(),
             })
             .collect();
-        super::record_closure(builder, image.manifest, closure).await?;
+        // The NARs first: recording the closure then finds them made, and
+        // (on s3) does not set out to make them again.
         let (db, paths) = (builder.db().clone(), image.paths.clone());
         blocking(move || -> Result<(), crate::store::db::DbError> {
             for p in &paths {
@@ -176,6 +177,7 @@ pub async fn import(builder: &Arc<Builder>, cache: &Path) -> anyhow::Result<usiz
             Ok(())
         })
         .await?;
+        super::record_closure(builder, image.manifest, closure).await?;
         let referrers = image
             .paths
             .iter()
