@@ -4,6 +4,7 @@
 //! they reach the disk in batches.
 
 use crate::digest::Digest;
+use crate::oci::manifest::{named_by, Named};
 use crate::store::db::Db;
 use crate::store::fs::BlobStore;
 use crate::store::gc::{self, Policy, Report};
@@ -52,10 +53,30 @@ pub struct Collector {
 #[derive(Debug, Default)]
 pub struct Overview {
     /// Manifests a collection may evict, in the order it would, each with
-    /// whether a lease holds it.
+    /// whether a lease holds it; empty without a storage limit (nothing
+    /// is evicted, and reading every image record to rank them left sled
+    /// holding ~6 MB of pages for good).
     pub eviction_order: Vec<(Digest, bool)>,
     /// How many stored images name each blob named by more than one.
     pub images_per_blob: HashMap<Digest, u32>,
+    /// The first 8 bytes of every manifest counted, sorted: whether an
+    /// image just built is in this overview yet.
+    counted: Vec<[u8; 8]>,
+}
+
+impl Overview {
+    /// Whether any of `manifests` was stored when this was made.
+    fn knows(&self, manifests: &[Digest]) -> bool {
+        manifests
+            .iter()
+            .any(|m| self.counted.binary_search(&prefix(m)).is_ok())
+    }
+}
+
+fn prefix(digest: &Digest) -> [u8; 8] {
+    let mut out = [0; 8];
+    out.copy_from_slice(&digest.as_bytes()[..8]);
+    out
 }
 
 /// How long an [`Overview`] is shown before it is worked out again (at
@@ -120,33 +141,23 @@ impl Collector {
         let mut cached = self.overview.lock().unwrap_or_else(|e| e.into_inner());
         let generation = self.generation();
         if let Some((at, made_in, overview)) = cached.as_ref() {
-            let knows = expected.is_empty()
-                || overview
-                    .eviction_order
-                    .iter()
-                    .any(|(m, _)| expected.contains(m));
+            let knows = expected.is_empty() || overview.knows(expected);
             if *made_in == generation && at.elapsed() < OVERVIEW_FOR && knows {
                 return Ok(Arc::clone(overview));
             }
         }
-        let images = self.stored_images()?;
-        let eviction_order = gc::eviction_order(&images)
-            .into_iter()
-            .map(|i| (images[i].manifest, images[i].leased))
-            .collect();
-        let mut images_per_blob: HashMap<Digest, u32> = HashMap::new();
-        for image in &images {
-            for blob in &image.blobs {
-                *images_per_blob.entry(*blob).or_default() += 1;
-            }
-        }
-        drop(images);
-        // Only blobs shared by several images: a page shows others as 0.
-        images_per_blob.retain(|_, n| *n > 1);
-        images_per_blob.shrink_to_fit();
+        let eviction_order = if self.policy.is_active() {
+            let images = self.stored_images()?;
+            gc::eviction_order(&images)
+                .into_iter()
+                .map(|i| (images[i].manifest, images[i].leased))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let overview = Arc::new(Overview {
             eviction_order,
-            images_per_blob,
+            ..images_per_blob(&self.db, &self.blobs)?
         });
         *cached = Some((std::time::Instant::now(), generation, Arc::clone(&overview)));
         Ok(overview)
@@ -276,6 +287,46 @@ impl Collector {
             }
         }
     }
+}
+
+/// How many stored images name each blob that several do, from every
+/// manifest served (not from the image records: their pages would stay
+/// in sled's cache), with the prefixes of the manifests counted. The
+/// Docker and OCI forms of one image name the same config, so an image
+/// counts once per config; indexes and artifacts name no layers of their
+/// own. Blocking: reads every manifest. (No eviction line.)
+fn images_per_blob(db: &Db, blobs: &BlobStore) -> Result<Overview, crate::store::db::DbError> {
+    let manifests = db.manifest_digest_list()?;
+    let mut configs = std::collections::HashSet::new();
+    let mut per_blob: HashMap<Digest, u32> = HashMap::new();
+    let mut counted = Vec::with_capacity(manifests.len());
+    for manifest in &manifests {
+        let Ok(Some(bytes)) = blobs.get(manifest) else {
+            continue;
+        };
+        let Some(Named::Image(parts)) = named_by(bytes.as_ref()) else {
+            continue;
+        };
+        counted.push(prefix(manifest));
+        let Some(((config, _), layers)) = parts.split_first() else {
+            continue;
+        };
+        if !configs.insert(*config) {
+            continue;
+        }
+        for (layer, _) in layers {
+            *per_blob.entry(*layer).or_default() += 1;
+        }
+    }
+    // Only blobs shared by several images: a page shows others as 0.
+    per_blob.retain(|_, n| *n > 1);
+    per_blob.shrink_to_fit();
+    counted.sort_unstable();
+    Ok(Overview {
+        eviction_order: Vec::new(),
+        images_per_blob: per_blob,
+        counted,
+    })
 }
 
 /// Free bytes on the storage path's file system; None if unreadable.
