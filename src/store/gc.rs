@@ -557,7 +557,7 @@ fn collect_measuring(
         }
     }
     let pruned = db.prune_layers(|d| matches!(blobs.stat_blob(d), Ok(Some(_))))?;
-    let pulls_pruned = prune_pulls_per_day(db, pulls)?;
+    let names_forgotten = forget_names_without_a_page(db, pulls)?;
     let bytes_freed: u64 = deleted.iter().map(|(_, n)| n).sum();
     let bytes_after = blobs.stats().1;
     let in_use = candidates - deleted.len();
@@ -587,23 +587,24 @@ fn collect_measuring(
         blobs_in_use = report.blobs_in_use,
         retry_in = report.retry_in,
         layer_records_pruned = pruned,
-        pulls_per_day_pruned = pulls_pruned,
+        names_forgotten,
         "garbage collection done"
     );
     Ok(report)
 }
 
-/// Drops the pulls per day of names that have no page any more (no image
-/// stored or last pulled under the name, no build among the recent ones),
-/// which would otherwise pile up with every name ever evicted; how many.
+/// Forgets the names that have no page any more (no image stored or last
+/// pulled under the name, no build among the recent ones): their tags, so
+/// they leave the list on `/`, and their pulls, all and per day, which
+/// would otherwise pile up with every name ever evicted; how many.
 /// Last pulls count for a replica, which serves what others built.
-fn prune_pulls_per_day(db: &Db, pulls: &LastPulled) -> Result<usize, DbError> {
+fn forget_names_without_a_page(db: &Db, pulls: &LastPulled) -> Result<usize, DbError> {
     let mut named: HashSet<String> = pulls.all(db)?.into_values().map(|p| p.image).collect();
     for which in [TagTree::Built, TagTree::Pinned] {
         named.extend(db.tag_records(which)?.into_iter().map(|(name, _, _)| name));
     }
     named.extend(db.builds()?.into_iter().map(|b| b.image));
-    db.prune_image_pulls(|name| named.contains(name))
+    db.forget_names(|name| named.contains(name))
 }
 
 /// The blob sizes an eviction plan counts as freed. Below the free-space
@@ -1127,7 +1128,7 @@ mod tests {
     }
 
     #[test]
-    fn pulls_per_day_go_with_the_last_image_and_build_of_their_name() {
+    fn a_name_leaves_the_list_with_its_pulls_after_its_last_image_and_build() {
         use crate::store::db::{BuildOutcome, BuildRecord, TagRecord};
         let dir = tempfile::tempdir().unwrap();
         let blobs = BlobStore::open(dir.path()).unwrap();
@@ -1171,6 +1172,7 @@ mod tests {
         let names = ["gone", "built-again", "kept", "never-stored"];
         let day: HashMap<String, u64> = names.iter().map(|n| (n.to_string(), 1)).collect();
         db.add_image_pulls(&day, 86_400).unwrap();
+        db.add_manifest_requests(0, 0, &day).unwrap();
         let policy = Policy {
             max_storage: Some(kept_bytes),
             min_free_space: None,
@@ -1184,5 +1186,11 @@ mod tests {
         assert_eq!(days("never-stored"), vec![]);
         assert_eq!(days("built-again"), vec![(86_400, 1)]);
         assert_eq!(days("kept"), vec![(86_400, 1)]);
+        let (_, listed) = db.image_names("", 0, 10).unwrap();
+        let listed: Vec<&str> = listed.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(listed, ["built-again", "kept"]);
+        let mut totals = db.pulls().unwrap();
+        totals.sort();
+        assert_eq!(totals, [("built-again".into(), 1), ("kept".into(), 1)]);
     }
 }
