@@ -27,6 +27,29 @@ fn builds_of(s: &TestServer, image: &str) -> usize {
     builds.iter().filter(|b| b.image == image).count()
 }
 
+/// Stops `s` and starts it again (no bills of materials) with a quota a
+/// byte below the blobs it stores and no lease; the new server, the report
+/// of its collection at start, and the bytes stored before.
+async fn restart_a_byte_over_the_quota(
+    c: &Client,
+    dir: &std::path::Path,
+    s: TestServer,
+) -> (TestServer, Value, u64) {
+    let total = s.builder.blobs().stats().1;
+    s.stop().await;
+    let quota = (total - 1).to_string();
+    let limits = [
+        "--max-storage",
+        quota.as_str(),
+        "--gc-lease",
+        "0",
+        "--no-sbom",
+    ];
+    let s = TestServer::start(&config(dir, &limits)).await;
+    let gc = next_gc(c, &s, &Value::Null).await;
+    (s, gc, total)
+}
+
 #[tokio::test]
 async fn a_quota_evicts_the_least_recently_pulled_image() {
     let dir = tempfile::tempdir().unwrap();
@@ -40,20 +63,8 @@ async fn a_quota_evicts_the_least_recently_pulled_image() {
         manifests.push(get_manifest(&c, &s, name, "latest").await);
         tokio::time::sleep(Duration::from_millis(1100)).await;
     }
-    let total = s.builder.blobs().stats().1;
-    s.stop().await;
-
     // A quota just below the three: evicting the oldest is enough.
-    let quota = (total - 1).to_string();
-    let limits = [
-        "--max-storage",
-        quota.as_str(),
-        "--gc-lease",
-        "0",
-        "--no-sbom",
-    ];
-    let s = TestServer::start(&config(dir.path(), &limits)).await;
-    let gc = next_gc(&c, &s, &Value::Null).await;
+    let (s, gc, total) = restart_a_byte_over_the_quota(&c, dir.path(), s).await;
     assert_eq!(evicted_names(&gc), vec!["hello"], "{gc}");
     assert!(gc["bytes_freed"].as_u64().unwrap() > 0);
     assert!(s.builder.blobs().stats().1 < total);
@@ -351,20 +362,8 @@ async fn an_evicted_name_leaves_the_image_list_with_its_pulls() {
         };
         s.builder.db().add_build(&build).unwrap();
     }
-    let total = s.builder.blobs().stats().1;
-    s.stop().await;
-
     // A quota just below the two: the collection at start evicts hello.
-    let quota = (total - 1).to_string();
-    let limits = [
-        "--max-storage",
-        quota.as_str(),
-        "--gc-lease",
-        "0",
-        "--no-sbom",
-    ];
-    let s = TestServer::start(&config(dir.path(), &limits)).await;
-    let gc = next_gc(&c, &s, &Value::Null).await;
+    let (s, gc, _) = restart_a_byte_over_the_quota(&c, dir.path(), s).await;
     assert_eq!(evicted_names(&gc), vec!["hello"], "{gc}");
     // hello has no page, is not listed, and its pulls are forgotten; bash
     // stays with its count.
