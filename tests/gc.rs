@@ -1,12 +1,14 @@
 //! Garbage collection with a quota, against a real server: the least
 //! recently pulled image goes, the others stay cached, the evicted one is
 //! rebuilt on its next pull, and a blob download in flight during a
-//! collection completes intact.
+//! collection completes intact; an evicted name without a page leaves the
+//! image list with its pulls.
 
 mod common;
 
 use common::{config, get_blob, get_manifest, next_gc, TestServer};
 use nixery::digest::Digest;
+use nixery::store::db::{BuildOutcome, BuildRecord};
 use reqwest::{Client, StatusCode};
 use serde_json::Value;
 use std::time::Duration;
@@ -25,6 +27,29 @@ fn builds_of(s: &TestServer, image: &str) -> usize {
     builds.iter().filter(|b| b.image == image).count()
 }
 
+/// Stops `s` and starts it again (no bills of materials) with a quota a
+/// byte below the blobs it stores and no lease; the new server, the report
+/// of its collection at start, and the bytes stored before.
+async fn restart_a_byte_over_the_quota(
+    c: &Client,
+    dir: &std::path::Path,
+    s: TestServer,
+) -> (TestServer, Value, u64) {
+    let total = s.builder.blobs().stats().1;
+    s.stop().await;
+    let quota = (total - 1).to_string();
+    let limits = [
+        "--max-storage",
+        quota.as_str(),
+        "--gc-lease",
+        "0",
+        "--no-sbom",
+    ];
+    let s = TestServer::start(&config(dir, &limits)).await;
+    let gc = next_gc(c, &s, &Value::Null).await;
+    (s, gc, total)
+}
+
 #[tokio::test]
 async fn a_quota_evicts_the_least_recently_pulled_image() {
     let dir = tempfile::tempdir().unwrap();
@@ -38,20 +63,8 @@ async fn a_quota_evicts_the_least_recently_pulled_image() {
         manifests.push(get_manifest(&c, &s, name, "latest").await);
         tokio::time::sleep(Duration::from_millis(1100)).await;
     }
-    let total = s.builder.blobs().stats().1;
-    s.stop().await;
-
     // A quota just below the three: evicting the oldest is enough.
-    let quota = (total - 1).to_string();
-    let limits = [
-        "--max-storage",
-        quota.as_str(),
-        "--gc-lease",
-        "0",
-        "--no-sbom",
-    ];
-    let s = TestServer::start(&config(dir.path(), &limits)).await;
-    let gc = next_gc(&c, &s, &Value::Null).await;
+    let (s, gc, total) = restart_a_byte_over_the_quota(&c, dir.path(), s).await;
     assert_eq!(evicted_names(&gc), vec!["hello"], "{gc}");
     assert!(gc["bytes_freed"].as_u64().unwrap() > 0);
     assert!(s.builder.blobs().stats().1 < total);
@@ -279,5 +292,102 @@ async fn a_burst_over_the_quota_is_within_it_soon_after_the_leases_end() {
         get_manifest(&c, &s, name, "latest").await;
         assert_eq!(builds_of(&s, name), before + 1, "{name} rebuilt");
     }
+    s.stop().await;
+}
+
+/// The names on `/` (`/api/status`) with their pulls, and the most pulled.
+async fn listed(c: &Client, s: &TestServer) -> (Vec<(String, u64)>, Vec<String>) {
+    let status = common::status_json(c, s).await;
+    let names = status["images"]["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["name"].as_str().unwrap().to_owned(),
+                i["pulls"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let most_pulled = status["cache"]["most_pulled"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_owned())
+        .collect();
+    (names, most_pulled)
+}
+
+async fn tag_list(c: &Client, s: &TestServer, name: &str) -> Value {
+    let r = c
+        .get(s.url(&format!("/v2/{name}/tags/list")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "{name}");
+    serde_json::from_slice::<Value>(&r.bytes().await.unwrap()).unwrap()["tags"].clone()
+}
+
+#[tokio::test]
+async fn an_evicted_name_leaves_the_image_list_with_its_pulls() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Client::new();
+    let s = TestServer::start(&config(dir.path(), &["--no-sbom"])).await;
+    // hello is built for its tag v1 (a path source builds every tag
+    // alike), and pulled first: the least recently pulled.
+    get_manifest(&c, &s, "hello", "v1").await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    get_manifest(&c, &s, "bash", "latest").await;
+    let (names, _) = listed(&c, &s).await;
+    assert_eq!(names, [("bash".into(), 1), ("hello".into(), 1)]);
+    assert_eq!(
+        tag_list(&c, &s, "hello").await,
+        serde_json::json!(["latest", "v1"])
+    );
+    // A hundred builds of other names since (failed: no image, no place on
+    // `/`), so that hello's build is no longer among the recent ones.
+    for i in 0..100 {
+        let build = BuildRecord {
+            image: format!("other-{i}"),
+            tag: "latest".into(),
+            started_at: 1,
+            phases: vec![],
+            layers_total: 0,
+            layers_reused: 0,
+            bytes_packed: 0,
+            outcome: BuildOutcome::PackagesNotFound(vec!["other".into()]),
+            revision: None,
+            nix_processes: 1,
+            evaluated: 1,
+        };
+        s.builder.db().add_build(&build).unwrap();
+    }
+    // A quota just below the two: the collection at start evicts hello.
+    let (s, gc, _) = restart_a_byte_over_the_quota(&c, dir.path(), s).await;
+    assert_eq!(evicted_names(&gc), vec!["hello"], "{gc}");
+    // hello has no page, is not listed, and its pulls are forgotten; bash
+    // stays with its count.
+    let (names, most_pulled) = listed(&c, &s).await;
+    assert_eq!(names, [("bash".into(), 1)]);
+    assert_eq!(most_pulled, ["bash"]);
+    let page = c.get(s.url("/api/images/hello")).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::NOT_FOUND);
+    // Any name is built on demand: its tag list says what a pull by tag
+    // gets without naming one, and nothing of what was evicted.
+    assert_eq!(
+        tag_list(&c, &s, "hello").await,
+        serde_json::json!(["latest"])
+    );
+    assert_eq!(
+        tag_list(&c, &s, "bash").await,
+        serde_json::json!(["latest"])
+    );
+
+    // Pulled again, hello is built again and listed anew.
+    get_manifest(&c, &s, "hello", "latest").await;
+    // (The first build is no longer among the recent ones.)
+    assert_eq!(builds_of(&s, "hello"), 1, "hello rebuilt");
+    let (names, _) = listed(&c, &s).await;
+    assert!(names.contains(&("hello".into(), 1)), "{names:?}");
     s.stop().await;
 }

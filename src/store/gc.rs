@@ -14,7 +14,8 @@ use crate::clock::now_unix;
 use crate::digest::Digest;
 use crate::oci::{named_by, Named};
 use crate::store::db::{
-    Db, DbError, ManifestRecord, PullRecord, ReferrerKind, ReferrersRecord, TagRecord, TagTree,
+    Db, DbError, Forgotten, ManifestRecord, PullRecord, ReferrerKind, ReferrersRecord, TagRecord,
+    TagTree,
 };
 use crate::store::fs::{BlobError, BlobStore};
 use crate::store::pulls::LastPulled;
@@ -557,7 +558,7 @@ fn collect_measuring(
         }
     }
     let pruned = db.prune_layers(|d| matches!(blobs.stat_blob(d), Ok(Some(_))))?;
-    let pulls_pruned = prune_pulls_per_day(db, pulls)?;
+    let forgotten = forget_names_without_a_page(db, pulls)?;
     let bytes_freed: u64 = deleted.iter().map(|(_, n)| n).sum();
     let bytes_after = blobs.stats().1;
     let in_use = candidates - deleted.len();
@@ -587,23 +588,36 @@ fn collect_measuring(
         blobs_in_use = report.blobs_in_use,
         retry_in = report.retry_in,
         layer_records_pruned = pruned,
-        pulls_per_day_pruned = pulls_pruned,
+        names_forgotten = forgotten.names,
+        tags_forgotten = forgotten.tags,
         "garbage collection done"
     );
     Ok(report)
 }
 
-/// Drops the pulls per day of names that have no page any more (no image
-/// stored or last pulled under the name, no build among the recent ones),
-/// which would otherwise pile up with every name ever evicted; how many.
-/// Last pulls count for a replica, which serves what others built.
-fn prune_pulls_per_day(db: &Db, pulls: &LastPulled) -> Result<usize, DbError> {
-    let mut named: HashSet<String> = pulls.all(db)?.into_values().map(|p| p.image).collect();
-    for which in [TagTree::Built, TagTree::Pinned] {
-        named.extend(db.tag_records(which)?.into_iter().map(|(name, _, _)| name));
+/// Forgets the names that have no page any more (no image stored or last
+/// pulled under the name, no build among the recent ones): their tags, so
+/// they leave the list on `/`, and their pulls, all and per day, which
+/// would otherwise pile up with every name ever evicted. Last pulls count
+/// for a replica, which serves what others built. Of the names that stay,
+/// the tags that have no image nor recent build go too: a client can ask
+/// one name for ever new tags (a git source's commits).
+fn forget_names_without_a_page(db: &Db, pulls: &LastPulled) -> Result<Forgotten, DbError> {
+    let mut names: HashSet<String> = pulls.all(db)?.into_values().map(|p| p.image).collect();
+    let mut tags: HashSet<Vec<u8>> = HashSet::new();
+    let tagged = [TagTree::Built, TagTree::Pinned]
+        .into_iter()
+        .map(|which| db.tag_records(which))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .flatten()
+        .map(|(name, tag, _)| (name, tag));
+    let built = db.builds()?.into_iter().map(|b| (b.image, b.tag));
+    for (name, tag) in tagged.chain(built) {
+        tags.insert(format!("{name}\0{tag}").into_bytes());
+        names.insert(name);
     }
-    named.extend(db.builds()?.into_iter().map(|b| b.image));
-    db.prune_image_pulls(|name| named.contains(name))
+    db.forget_names(|name| names.contains(name), |key| tags.contains(key))
 }
 
 /// The blob sizes an eviction plan counts as freed. Below the free-space
@@ -1127,7 +1141,7 @@ mod tests {
     }
 
     #[test]
-    fn pulls_per_day_go_with_the_last_image_and_build_of_their_name() {
+    fn a_name_leaves_the_list_with_its_pulls_after_its_last_image_and_build() {
         use crate::store::db::{BuildOutcome, BuildRecord, TagRecord};
         let dir = tempfile::tempdir().unwrap();
         let blobs = BlobStore::open(dir.path()).unwrap();
@@ -1168,9 +1182,12 @@ mod tests {
             evaluated: 1,
         })
         .unwrap();
+        // A tag of a kept name whose image went before.
+        db.add_tag("kept", "old").unwrap();
         let names = ["gone", "built-again", "kept", "never-stored"];
         let day: HashMap<String, u64> = names.iter().map(|n| (n.to_string(), 1)).collect();
         db.add_image_pulls(&day, 86_400).unwrap();
+        db.add_manifest_requests(0, 0, &day).unwrap();
         let policy = Policy {
             max_storage: Some(kept_bytes),
             min_free_space: None,
@@ -1184,5 +1201,14 @@ mod tests {
         assert_eq!(days("never-stored"), vec![]);
         assert_eq!(days("built-again"), vec![(86_400, 1)]);
         assert_eq!(days("kept"), vec![(86_400, 1)]);
+        let (_, listed) = db.image_names("", 0, 10).unwrap();
+        let latest = || vec!["latest".to_owned()];
+        assert_eq!(
+            listed,
+            [("built-again".into(), latest()), ("kept".into(), latest())]
+        );
+        let mut totals = db.pulls().unwrap();
+        totals.sort();
+        assert_eq!(totals, [("built-again".into(), 1), ("kept".into(), 1)]);
     }
 }

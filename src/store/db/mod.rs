@@ -6,9 +6,11 @@
 //! - `layers`: layer key -> [`LayerRecord`]
 //! - `popularity`: store path name -> count (u64, big-endian)
 //! - `builds`: build id (u64, big-endian) -> [`BuildRecord`]
-//! - `tags`: `<name>\0<tag>` -> ()
+//! - `tags`: `<name>\0<tag>` -> () (every tag recorded, built or
+//!   imported, while the name has a page; see [`Db::forget_names`])
 //! - `errors`: error id (u64, big-endian) -> [`ErrorRecord`]
-//! - `pulls`: image name -> manifest pulls by tag (u64, big-endian)
+//! - `pulls`: image name -> manifest pulls by tag (u64, big-endian;
+//!   forgotten with the name's tags)
 //! - `lookups`: `hit` / `miss` -> manifest requests by tag answered from
 //!   cache or not (u64, big-endian)
 //!
@@ -27,7 +29,7 @@
 //!   [`crate::build::eval_cache`])
 //! - `image_pulls`: image name -> [`ImagePullsRecord`] (pulls per day,
 //!   the last 30 days with any; dropped by a collection once the name has
-//!   no image nor recent build)
+//!   no image nor recent build, with its tags and total)
 //! - `history`: ring and slot (`m` or `h`, u16 big-endian) ->
 //!   [`HistoryRecord`] (fixed-size rings; see [`crate::observe::history`])
 //! - `nix_closures`, `nix_paths`, `nix_nars`: the Nix binary cache (see
@@ -45,12 +47,14 @@
 
 mod async_db;
 mod migrate;
+mod names;
 pub mod nix;
 pub mod records;
 mod recover;
 
 pub use async_db::AsyncDb;
 pub use migrate::SCHEMA_VERSION;
+pub use names::Forgotten;
 pub use records::{
     BuildOutcome, BuildRecord, ErrorRecord, EvalRecord, HistoryRecord, ImagePullsRecord,
     ImportedRecord, LayerRecord, Levels, ManifestRecord, PullRecord, PulledRecord, Record,
@@ -376,6 +380,7 @@ impl Db {
     }
 
     /// Records the manifest `name:tag` stands for (and that it is one).
+    /// The record goes before the tag, which `forget_names` relies on.
     pub fn put_tag_record(
         &self,
         which: TagTree,
@@ -717,19 +722,6 @@ impl Db {
                 .insert(image.as_bytes(), encode(&record)?)?;
         }
         Ok(())
-    }
-
-    /// Drops the pulls per day of every name `keep` refuses; how many.
-    pub fn prune_image_pulls(&self, keep: impl Fn(&str) -> bool) -> Result<usize, DbError> {
-        let mut pruned = 0;
-        for key in self.image_pulls.iter().keys() {
-            let key = key?;
-            if !keep(&String::from_utf8_lossy(&key)) {
-                self.image_pulls.remove(key)?;
-                pruned += 1;
-            }
-        }
-        Ok(pruned)
     }
 
     /// An image name's pulls per day.
