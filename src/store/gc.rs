@@ -1059,6 +1059,48 @@ mod tests {
         drop(transfer);
     }
 
+    #[test]
+    fn below_the_floor_an_image_just_built_stays_until_answered_and_its_grace_ends() {
+        use crate::store::leases::DELIVERY_GRACE;
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(dir.path()).unwrap();
+        let db = Db::open(&dir.path().join("db")).unwrap();
+        let pulls = LastPulled::default();
+        // A build in flight: its blobs were written pinned, then recorded,
+        // then leased before its client is answered.
+        let pins = blobs.pin_set();
+        let built = stored_image(&db, &blobs.pinning_into(&pins), "built", 1, 10);
+        let lease = Duration::from_secs(600);
+        blobs.lease("built", built[0], built[1..].to_vec(), lease);
+        pins.delivering(built[0]);
+        let policy = Policy {
+            max_storage: None,
+            min_free_space: Some(u64::MAX),
+            lease,
+            keep_recent: Duration::ZERO,
+        };
+        let report = collect(&db, &blobs, &pulls, dir.path(), &policy, false, false).unwrap();
+        assert!(report.emergency);
+        assert!(report.evicted.is_empty(), "{report:?}");
+        assert_eq!(report.leased, 1);
+        assert_eq!(report.retry_in, Some(1), "soon: the answer is quick");
+        assert!(db.is_manifest(&built[0]).unwrap());
+
+        // Answered: the grace holds it, and the collection comes back
+        // when the grace ends.
+        drop(pins);
+        let report = collect(&db, &blobs, &pulls, dir.path(), &policy, false, false).unwrap();
+        assert!(report.evicted.is_empty(), "{report:?}");
+        let retry = report.retry_in.expect("below the floor");
+        assert!(
+            (1..=DELIVERY_GRACE.as_secs() + 1).contains(&retry),
+            "{retry}"
+        );
+        for kept in built {
+            assert!(blobs.stat_blob(&kept).unwrap().is_some());
+        }
+    }
+
     /// On a replica of a bucket, the closures are the bucket's (followed,
     /// not pruned here), and a NAR on disk is a copy like any blob.
     #[test]
