@@ -657,14 +657,17 @@ fn short_of_free(policy: &Policy, free: &dyn Fn() -> Result<u64, GcError>) -> Re
 
 /// When a collection that left the store over a limit should run again:
 /// soon while transfers hold blobs, else just after the first lease ends
-/// (in an `emergency` only deliveries' graces count), at once if what
-/// kept images (`leased`: leases, or builds not yet answered) ended while
-/// it ran, else a second later; None when nothing held anything back
-/// (more collections would not help).
+/// (in an `emergency` only deliveries' graces count), at once if the
+/// leases that kept images (`leased`) ended while it ran; None when
+/// nothing held anything back (more collections would not help). In an
+/// emergency what kept images without a grace is a build whose clients
+/// are not answered yet: soon, as for transfers (it may wait for a build
+/// of another platform).
 fn retry_in(blobs: &BlobStore, emergency: bool, leased: bool, in_use: bool) -> Option<u64> {
     let first_end = blobs.leased_in(emergency).1;
     let lease_end = match first_end {
         Some(end) => Some(end.as_secs() + 1),
+        None if leased && emergency => Some(RETRY_WHILE_IN_USE),
         None if leased => Some(1),
         None => None,
     };
@@ -1083,7 +1086,11 @@ mod tests {
         assert!(report.emergency);
         assert!(report.evicted.is_empty(), "{report:?}");
         assert_eq!(report.leased, 1);
-        assert_eq!(report.retry_in, Some(1), "soon: the answer is quick");
+        assert_eq!(
+            report.retry_in,
+            Some(RETRY_WHILE_IN_USE),
+            "as for a transfer"
+        );
         assert!(db.is_manifest(&built[0]).unwrap());
 
         // Answered: the grace holds it, and the collection comes back
