@@ -760,10 +760,11 @@ impl Builder {
         }
         let platforms = self.platforms_for(name);
         if takes_index && platforms.len() > 1 {
-            let built = futures::future::try_join_all(platforms.iter().map(|arch| async {
-                let (result, hold) = self.manifest_for_arch_held(name, tag, *arch).await;
-                result.map(|digest| (digest, hold))
-            }))
+            let built = futures::future::try_join_all(
+                platforms
+                    .iter()
+                    .map(|arch| self.manifest_for_arch_held(name, tag, *arch)),
+            )
             .await?;
             let hold = built
                 .iter()
@@ -771,8 +772,8 @@ impl Builder {
             let index = platforms.into_iter().zip(built.into_iter().map(|(d, _)| d));
             return Ok((TagAnswer::Index(index.collect()), hold));
         }
-        let (result, hold) = self.manifest_for_arch_held(name, tag, platforms[0]).await;
-        result.map(|digest| (TagAnswer::Manifest(digest), hold))
+        let (digest, hold) = self.manifest_for_arch_held(name, tag, platforms[0]).await?;
+        Ok((TagAnswer::Manifest(digest), hold))
     }
 
     /// The platforms recorded for the imported `name:tag` whose manifest
@@ -815,7 +816,8 @@ impl Builder {
         tag: &str,
         arch: Arch,
     ) -> BuildResult {
-        self.manifest_for_arch_held(name, tag, arch).await.0
+        let held = self.manifest_for_arch_held(name, tag, arch).await;
+        held.map(|(digest, _)| digest)
     }
 
     /// As [`manifest_for_arch`](Self::manifest_for_arch), with the hold on
@@ -825,26 +827,12 @@ impl Builder {
         name: &str,
         tag: &str,
         arch: Arch,
-    ) -> (BuildResult, Hold) {
+    ) -> Result<(Digest, Hold), Arc<BuildError>> {
         // A mirror serves one platform per name, through `manifest_for`.
         if self.settings.source.is_mirror() {
             let e = BuildError::NoSource(format!("{name}:{tag} for {}", arch.docker()));
-            return (Err(Arc::new(e)), Hold::default());
+            return Err(Arc::new(e));
         }
-        match self.wait_for_build(name, tag, arch).await {
-            Ok((digest, hold)) => (Ok(digest), hold),
-            Err(e) => (Err(e), Hold::default()),
-        }
-    }
-
-    /// The image for `arch`, from the cache or built (joining a build in
-    /// flight), with the build's hold.
-    async fn wait_for_build(
-        self: &Arc<Self>,
-        name: &str,
-        tag: &str,
-        arch: Arch,
-    ) -> Result<(Digest, Hold), Arc<BuildError>> {
         // The registry grammar was checked; a git source also needs a ref.
         self.settings
             .source
