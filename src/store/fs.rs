@@ -260,7 +260,8 @@ impl BlobStore {
     }
 
     /// Every blob pinned now (sent to a client, or written or reused by a
-    /// build in flight): what no collection can delete yet.
+    /// build in flight or one whose clients are not answered yet): what no
+    /// collection can delete yet.
     pub fn pinned(&self) -> HashSet<Digest> {
         lock_pins(&self.dirs).holders.keys().copied().collect()
     }
