@@ -276,3 +276,74 @@ async fn a_disk_filled_from_outside_below_the_floor_is_collected_within_a_flush(
     }
     s.stop().await;
 }
+
+#[tokio::test]
+async fn an_image_whose_build_crosses_the_floor_is_served_whole_before_it_goes() {
+    let fs = Tmpfs::mount("200m");
+    let root = fs.0.clone();
+    let c = Client::new();
+    // Leases far longer than the test: below the floor they do not hold.
+    let limits = ["--min-free-space", "100M", "--gc-lease", "3600"];
+    let s = TestServer::start(&config(&root, &limits)).await;
+    s.builder.collector().collect().await.unwrap();
+
+    // Just above the floor, with nothing stored: the build of hello takes
+    // the disk below it by itself, and hello is the one image to evict.
+    let free = nixery::store::disk::free_bytes(&root).unwrap();
+    write_filler(&root.join("filler"), free - (100 << 20) - (256 << 10));
+    // Emergency collections back to back while the client waits for the
+    // build (the server runs them soon after a build, and 10 s apart
+    // while something holds it back): whenever they run, the image just
+    // built must reach its client.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let collector = std::sync::Arc::clone(s.builder.collector());
+    let stopped = std::sync::Arc::clone(&stop);
+    let collections = tokio::spawn(async move {
+        let mut emergencies = 0;
+        while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            if collector.collect().await.is_ok_and(|r| r.emergency) {
+                emergencies += 1;
+            }
+            tokio::task::yield_now().await;
+        }
+        emergencies
+    });
+
+    let r = c
+        .get(s.url("/v2/hello/manifests/latest"))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let body = r.bytes().await.unwrap();
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the build succeeded: {}",
+        String::from_utf8_lossy(&body)
+    );
+    let manifest: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    // Its client fetches the blobs next, all at once as docker does.
+    let config_digest = manifest["config"]["digest"].as_str().unwrap().to_owned();
+    let mut wanted = common::layer_digests(&manifest);
+    wanted.push(config_digest.clone());
+    futures::future::join_all(wanted.iter().map(|d| get_blob(&c, &s, d))).await;
+
+    // Then the floor holds: hello goes, its delivery over.
+    let served = std::time::Instant::now();
+    while blob_path(&root, &config_digest).exists() {
+        assert!(
+            served.elapsed() < std::time::Duration::from_secs(120),
+            "hello is still stored; last collection: {}",
+            common::status_json(&c, &s).await["limits"]["last_gc"]
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        collections.await.unwrap() > 0,
+        "no emergency collection ran"
+    );
+    assert_blobs_whole(&root);
+    s.stop().await;
+}

@@ -5,6 +5,7 @@
 use crate::blocking::blocking;
 use crate::build::archive::{self, ArchiveError, PackedLayer};
 use crate::build::cache::FailureCache;
+use crate::build::delivery::Hold;
 use crate::build::eval_cache::{self, Known, Revision};
 use crate::build::git::GitError;
 use crate::build::hot::{HotManifests, Named};
@@ -266,7 +267,9 @@ pub struct Builder {
     /// Where builds pack blobs (the backend's staging area).
     blobs: BlobStore,
     storage: Arc<dyn Storage>,
-    builds: SingleFlight<BuildResult>,
+    /// With the pins of a build that succeeded, for its clients to hold
+    /// until they are answered (see `delivery`).
+    builds: SingleFlight<(BuildResult, Option<PinSet>)>,
     layers: SingleFlight<Result<LayerRecord, Arc<BuildError>>>,
     /// Bills of materials being made, by Docker manifest.
     sboms: SingleFlight<Result<(), Arc<BuildError>>>,
@@ -702,6 +705,19 @@ impl Builder {
         tag: &str,
         takes_index: bool,
     ) -> Result<TagAnswer, Arc<BuildError>> {
+        self.answer_held(name, tag, takes_index)
+            .await
+            .map(|(answer, _)| answer)
+    }
+
+    /// As [`answer`](Self::answer), with the hold on the images just built
+    /// for it: keep it until the answer has been sent.
+    pub async fn answer_held(
+        self: &Arc<Self>,
+        name: &str,
+        tag: &str,
+        takes_index: bool,
+    ) -> Result<(TagAnswer, Hold), Arc<BuildError>> {
         let db_error = |e: DbError| Arc::new(BuildError::from(e));
         // Imported images answer whatever the source. Only `import` writes
         // them, and it cannot run beside this process: with none at start,
@@ -721,10 +737,10 @@ impl Builder {
                     .await
                     .map_err(db_error)?;
                 if platforms.len() > 1 {
-                    return Ok(TagAnswer::Index(platforms));
+                    return Ok((TagAnswer::Index(platforms), Hold::default()));
                 }
             }
-            return Ok(TagAnswer::Manifest(first));
+            return Ok((TagAnswer::Manifest(first), Hold::default()));
         }
         if self.settings.source.is_mirror() {
             let built = self
@@ -739,7 +755,7 @@ impl Builder {
             self.status
                 .manifest_requested(name, lookup, built.is_some());
             return built
-                .map(TagAnswer::Manifest)
+                .map(|d| (TagAnswer::Manifest(d), Hold::default()))
                 .ok_or_else(|| Arc::new(BuildError::NoSource(format!("{name}:{tag}"))));
         }
         let platforms = self.platforms_for(name);
@@ -747,14 +763,17 @@ impl Builder {
             let built = futures::future::try_join_all(
                 platforms
                     .iter()
-                    .map(|arch| self.manifest_for_arch(name, tag, *arch)),
+                    .map(|arch| self.manifest_for_arch_held(name, tag, *arch)),
             )
             .await?;
-            return Ok(TagAnswer::Index(platforms.into_iter().zip(built).collect()));
+            let hold = built
+                .iter()
+                .fold(Hold::default(), |all, (_, h)| all.join(h.clone()));
+            let index = platforms.into_iter().zip(built.into_iter().map(|(d, _)| d));
+            return Ok((TagAnswer::Index(index.collect()), hold));
         }
-        self.manifest_for_arch(name, tag, platforms[0])
-            .await
-            .map(TagAnswer::Manifest)
+        let (digest, hold) = self.manifest_for_arch_held(name, tag, platforms[0]).await?;
+        Ok((TagAnswer::Manifest(digest), hold))
     }
 
     /// The platforms recorded for the imported `name:tag` whose manifest
@@ -797,12 +816,22 @@ impl Builder {
         tag: &str,
         arch: Arch,
     ) -> BuildResult {
+        let held = self.manifest_for_arch_held(name, tag, arch).await;
+        held.map(|(digest, _)| digest)
+    }
+
+    /// As [`manifest_for_arch`](Self::manifest_for_arch), with the hold on
+    /// the image if it was just built.
+    async fn manifest_for_arch_held(
+        self: &Arc<Self>,
+        name: &str,
+        tag: &str,
+        arch: Arch,
+    ) -> Result<(Digest, Hold), Arc<BuildError>> {
         // A mirror serves one platform per name, through `manifest_for`.
         if self.settings.source.is_mirror() {
-            return Err(Arc::new(BuildError::NoSource(format!(
-                "{name}:{tag} for {}",
-                arch.docker()
-            ))));
+            let e = BuildError::NoSource(format!("{name}:{tag} for {}", arch.docker()));
+            return Err(Arc::new(e));
         }
         // The registry grammar was checked; a git source also needs a ref.
         self.settings
@@ -814,7 +843,7 @@ impl Builder {
         if let Some(digest) = self.fresh_cached(&key, tag).await.map_err(Arc::new)? {
             self.status.manifest_requested(name, Lookup::Hit, true);
             self.pulled(name, digest);
-            return Ok(digest);
+            return Ok((digest, Hold::default()));
         }
         if let Some(failure) = self.failures.get(&key) {
             self.status.manifest_requested(name, Lookup::Hit, false);
@@ -838,7 +867,7 @@ impl Builder {
         let this = Arc::clone(self);
         let image = name.to_owned();
         let task_key = key.clone();
-        let result = self
+        let (result, pins) = self
             .builds
             .run(&key, move || async move {
                 // The build seen running ended before this one started:
@@ -846,13 +875,17 @@ impl Builder {
                 let place = match place.or_else(|| this.queue.try_enter()) {
                     Some(p) => p,
                     None => {
-                        return Err(Arc::new(BuildError::QueueFull(this.queue.limit())));
+                        let full = BuildError::QueueFull(this.queue.limit());
+                        return (Err(Arc::new(full)), None);
                     }
                 };
                 this.build(image, spec, task_key, place).await
             })
             .await
-            .unwrap_or_else(|| Err(Arc::new(BuildError::Task("image build panicked".into()))));
+            .unwrap_or_else(|| {
+                let panicked = BuildError::Task("image build panicked".into());
+                (Err(Arc::new(panicked)), None)
+            });
         let result = match result {
             Err(e) if e.is_source_unreachable() => self.stale(name, tag, &key, e).await,
             other => other,
@@ -863,7 +896,7 @@ impl Builder {
         if let Ok(digest) = &result {
             self.pulled(name, *digest);
         }
-        result
+        result.map(|digest| (digest, Hold::of(pins)))
     }
 
     /// Notes a pull for the garbage collector (in memory; written in
@@ -895,16 +928,19 @@ impl Builder {
         spec: ImageSpec,
         key: String,
         place: crate::build::queue::Place,
-    ) -> BuildResult {
+    ) -> (BuildResult, Option<PinSet>) {
         // A build that finished just before this one was started leaves its
         // result in the cache.
-        if let Some(digest) = self.fresh_cached(&key, &spec.tag).await.map_err(Arc::new)? {
-            return Ok(digest);
+        match self.fresh_cached(&key, &spec.tag).await {
+            Ok(Some(digest)) => return (Ok(digest), None),
+            Ok(None) => {}
+            Err(e) => return (Err(Arc::new(e)), None),
         }
         // With shared storage, one replica builds while the others wait.
-        let _lease = match self.claim(&key, &spec.tag).await.map_err(Arc::new)? {
-            shared::Claim::Build(lease) => lease,
-            shared::Claim::BuiltElsewhere(digest) => return Ok(digest),
+        let _lease = match self.claim(&key, &spec.tag).await {
+            Ok(shared::Claim::Build(lease)) => lease,
+            Ok(shared::Claim::BuiltElsewhere(digest)) => return (Ok(digest), None),
+            Err(e) => return (Err(Arc::new(e)), None),
         };
         // Listed in flight (as queued) while it waits for a build slot.
         let counters = Counters::new(self.status.build_started(&image, &spec.tag));
@@ -912,11 +948,12 @@ impl Builder {
             Ok(p) => p,
             Err(abandoned) => {
                 tracing::info!(image = %image, tag = %spec.tag, "queued build dropped: its clients went away");
-                return Err(Arc::new(abandoned.into()));
+                return (Err(Arc::new(abandoned.into())), None);
             }
         };
         // Blobs this build writes or reuses stay out of the collector's
-        // reach until its manifest is recorded (the set drops at the end).
+        // reach until its manifest is recorded, and on success until the
+        // clients waiting for it were answered (they hold the set).
         let pins = self.blobs.pin_set();
         let started_at = now_unix();
         let mut phases = Phases::new();
@@ -937,13 +974,22 @@ impl Builder {
         // The next build's Nix, started now that this one's work is done.
         self.spare.refill(&self.settings.nix);
         // Its client fetches the blobs next: held by a lease from before
-        // the pins go, so that no collection slips in between.
-        if let Ok(digest) = &result {
-            if let Ok(Some(bytes)) = self.manifest_bytes(digest).await {
-                self.lease_served(&image, digest, &bytes).await;
+        // the pins go, so that no collection slips in between; below the
+        // free-space floor, by the pins until the clients were answered,
+        // then by the lease's delivery grace.
+        let pins = match &result {
+            Ok(digest) => {
+                if let Ok(Some(bytes)) = self.manifest_bytes(digest).await {
+                    self.lease_served(&image, digest, &bytes).await;
+                }
+                pins.delivering(*digest);
+                Some(pins)
             }
-        }
-        drop(pins);
+            Err(_) => {
+                drop(pins);
+                None
+            }
+        };
         // The layers are packed (or the build failed): the store paths may go.
         let gc_root = self.gc_root_dir(&key);
         let removed = blocking(move || match std::fs::remove_dir_all(gc_root) {
@@ -1002,7 +1048,7 @@ impl Builder {
         }
         let result = result.map_err(Arc::new);
         self.remember_outcome(&key, &spec.tag, &result);
-        result
+        (result, pins)
     }
 
     /// Keeps a failure to answer from memory, for as long as it can hold;

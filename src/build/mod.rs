@@ -9,6 +9,7 @@
 pub mod archive;
 pub mod builder;
 pub mod cache;
+pub mod delivery;
 pub mod eval_cache;
 pub mod forms;
 pub mod git;

@@ -299,9 +299,11 @@ async fn manifest(
         }
         api
     };
-    // Several platforms make an index, for a client that takes one.
-    let answer = builder
-        .answer(name, &tag, accept.index_format().is_some())
+    // Several platforms make an index, for a client that takes one. The
+    // images just built for it stay out of the collector's reach until the
+    // response is sent (`hold`).
+    let (answer, hold) = builder
+        .answer_held(name, &tag, accept.index_format().is_some())
         .await
         .map_err(|e| logged(&e))?;
     let served: Served = match (answer, accept.index_format()) {
@@ -315,7 +317,7 @@ async fn manifest(
                 .manifest_in(docker, accept.manifest_format())
                 .await
                 .map_err(|e| logged(&e))?
-                .ok_or_else(|| manifest_unknown(name))?
+                .ok_or_else(|| gone_meanwhile(builder, name))?
         }
     };
     if !head {
@@ -325,7 +327,7 @@ async fn manifest(
     }
     let len = served.bytes.len() as u64;
     Ok(content_response(
-        Body::from(served.bytes),
+        Body::from(hold.attach(served.bytes)),
         len,
         &served.digest,
         served.media_type,
@@ -410,6 +412,29 @@ async fn referrers(
         );
     }
     Ok(r)
+}
+
+/// A tag answered with a manifest that is not stored any more: evicted
+/// between the answer and the read, which only an emergency collection
+/// does to an image just built (or a bucket's collection on a replica).
+/// Below the free-space floor that is said, not MANIFEST_UNKNOWN.
+fn gone_meanwhile(builder: &Builder, name: &str) -> ApiError {
+    let emergency = builder
+        .collector()
+        .last_report()
+        .is_some_and(|r| r.emergency);
+    if !emergency {
+        return manifest_unknown(name);
+    }
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Unavailable,
+        format!(
+            "the registry's storage is below its free-space floor (--min-free-space), \
+             and {name} was evicted before it could be served; try again later"
+        ),
+    )
+    .with_retry_after(RETRY_AFTER_SECS)
 }
 
 fn manifest_unknown(name: &str) -> ApiError {

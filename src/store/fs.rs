@@ -7,7 +7,7 @@
 //! Blob paths are only ever built from a parsed [`Digest`].
 
 use crate::digest::{Digest, HashingWriter};
-use crate::store::leases::Leases;
+use crate::store::leases::{Leases, DELIVERY_GRACE};
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
@@ -117,7 +117,9 @@ impl Drop for Pin {
 }
 
 /// Pins collected by one build, all released together when its last
-/// handle is dropped (after the build recorded its manifest).
+/// handle is dropped: after the build recorded its manifest, or, once it
+/// is [delivering](PinSet::delivering) an image, after that manifest was
+/// answered to every client that waited for the build.
 #[derive(Debug, Clone)]
 pub struct PinSet(Arc<PinSetInner>);
 
@@ -125,6 +127,9 @@ pub struct PinSet(Arc<PinSetInner>);
 struct PinSetInner {
     dirs: Arc<Dirs>,
     pins: Mutex<Vec<Pin>>,
+    /// The image the build made, whose lease gets its delivery grace when
+    /// the pins go (see [`Leases::spare`]).
+    delivers: Mutex<Option<Digest>>,
 }
 
 impl PinSet {
@@ -135,13 +140,27 @@ impl PinSet {
             .unwrap_or_else(|e| e.into_inner())
             .push(pin);
     }
+
+    /// The build made `image` (a manifest it pinned): when the set is
+    /// dropped, its lease is spared by an emergency for
+    /// [`DELIVERY_GRACE`], so that its clients can start on its blobs.
+    pub fn delivering(&self, image: Digest) {
+        *self.0.delivers.lock().unwrap_or_else(|e| e.into_inner()) = Some(image);
+    }
 }
 
 impl Drop for PinSetInner {
     fn drop(&mut self) {
         // Counted before the pins go: a collector that sees any of them
-        // gone also sees that its view of the records may be stale.
-        lock_pins(&self.dirs).released += 1;
+        // gone also sees that its view of the records may be stale. The
+        // grace is in place by then.
+        let mut table = lock_pins(&self.dirs);
+        let delivered = self.delivers.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(image) = delivered.take() {
+            table.leases.spare(&image, Instant::now() + DELIVERY_GRACE);
+        }
+        table.released += 1;
+        drop(table);
         self.pins
             .get_mut()
             .unwrap_or_else(|e| e.into_inner())
@@ -217,6 +236,7 @@ impl BlobStore {
         PinSet(Arc::new(PinSetInner {
             dirs: Arc::clone(&self.dirs),
             pins: Mutex::default(),
+            delivers: Mutex::default(),
         }))
     }
 
@@ -240,7 +260,8 @@ impl BlobStore {
     }
 
     /// Every blob pinned now (sent to a client, or written or reused by a
-    /// build in flight): what no collection can delete yet.
+    /// build in flight or one whose clients are not answered yet): what no
+    /// collection can delete yet.
     pub fn pinned(&self) -> HashSet<Digest> {
         lock_pins(&self.dirs).holders.keys().copied().collect()
     }
@@ -273,15 +294,21 @@ impl BlobStore {
     /// Every blob a live lease holds, and how long until the first lease
     /// ends.
     pub fn leased(&self) -> (HashSet<Digest>, Option<Duration>) {
+        self.leased_in(false)
+    }
+
+    /// As [`leased`](Self::leased); in an `emergency`, only the leases of
+    /// images just delivered hold, for their grace.
+    pub fn leased_in(&self, emergency: bool) -> (HashSet<Digest>, Option<Duration>) {
         let mut table = lock_pins(&self.dirs);
         let now = Instant::now();
         table.leases.expire(now);
-        let end = table.leases.first_end(now).map(|e| e - now);
-        (table.leases.held_blobs(now), end)
+        let end = table.leases.first_end(now, emergency).map(|e| e - now);
+        (table.leases.held_blobs(now, emergency), end)
     }
 
-    /// Deletes the blobs of `digests` that no one pins (nor, with
-    /// `honour_leases`, a lease holds), as long as no pin set was released
+    /// Deletes the blobs of `digests` that no one pins nor a lease holds
+    /// (in an `emergency`, only a delivery grace), as long as no pin set was released
     /// nor lease granted since `released_before` (see
     /// [`pins_released`](Self::pins_released)); then it returns None and
     /// deletes nothing, because what the caller thought unreferenced may
@@ -292,7 +319,7 @@ impl BlobStore {
         &self,
         digests: &[Digest],
         released_before: u64,
-        honour_leases: bool,
+        emergency: bool,
     ) -> Result<Option<Vec<(Digest, u64)>>, BlobError> {
         self.wait_counted();
         // Held throughout: a commit pins before it links, so no blob can
@@ -304,9 +331,7 @@ impl BlobStore {
         let now = Instant::now();
         let mut deleted = Vec::new();
         for digest in digests {
-            if table.holders.contains_key(digest)
-                || (honour_leases && table.leases.holds(digest, now))
-            {
+            if table.holders.contains_key(digest) || table.leases.holds(digest, now, emergency) {
                 continue;
             }
             let path = self.path_of(digest);

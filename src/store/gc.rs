@@ -5,7 +5,8 @@
 //! its store paths), so its eviction counts what they free. Blobs pinned by
 //! a response or a build in flight are never deleted; images whose
 //! manifest was just served are leased (see `leases`) and kept, unless the
-//! free space is below `min_free_space`: then only pins hold.
+//! free space is below `min_free_space`: then only pins hold, and an image
+//! just built until its clients were answered and a grace after.
 //!
 //! Written against a few blob-store operations (list with sizes, stat,
 //! delete unless pinned) so that other backends can provide them.
@@ -86,9 +87,11 @@ pub struct Report {
     pub bytes_freed: u64,
     /// Unreferenced blobs kept because a response or build was using them.
     pub blobs_in_use: usize,
-    /// Images kept because their manifest was just served (leased).
+    /// Images kept because their manifest was just served (leased), or
+    /// just built and not yet answered to its clients.
     pub leased: usize,
-    /// The free space was below `min_free_space`: leases were not honoured.
+    /// The free space was below `min_free_space`: leases were not honoured
+    /// (but for images just built, see [`crate::store::leases`]).
     pub emergency: bool,
     /// Still over a limit because of leases or blobs in use: seconds until
     /// the collection runs again.
@@ -445,15 +448,13 @@ fn collect_measuring(
         .max_storage
         .map_or(0, |max| bytes_before.saturating_sub(max));
     let needed = over_quota.max(free_missing);
-    // Below the free-space floor only transfers in flight are spared.
+    // Below the free-space floor only transfers in flight and images just
+    // delivered are spared.
     let emergency = free_missing > 0;
-    let (leased_blobs, _) = if emergency {
-        (HashSet::new(), None)
-    } else {
-        blobs.leased()
-    };
+    let (leased_blobs, _) = blobs.leased_in(emergency);
 
-    let kept = stored_images(db, blobs, &pulls.all(db)?, &leased_blobs)?;
+    let mut kept = stored_images(db, blobs, &pulls.all(db)?, &leased_blobs)?;
+    hold_deliveries(&mut kept, blobs, emergency);
     let (chosen, evicted) = evictions(&kept, &freeable_sizes(&sizes, blobs, emergency), needed);
     let leased = kept
         .iter()
@@ -552,7 +553,7 @@ fn collect_measuring(
             .filter(|d| !referenced.contains(d))
             .collect();
         candidates = unreferenced.len();
-        if let Some(done) = blobs.delete_unless_pinned(&unreferenced, released, !emergency)? {
+        if let Some(done) = blobs.delete_unless_pinned(&unreferenced, released, emergency)? {
             deleted = done;
             break;
         }
@@ -593,6 +594,21 @@ fn collect_measuring(
         "garbage collection done"
     );
     Ok(report)
+}
+
+/// Marks as leased (kept) the images whose manifest a build still pins, its
+/// clients not answered yet, or whose delivery grace runs: evicting one
+/// frees nothing now, and answers a successful build with
+/// MANIFEST_UNKNOWN. Read after the records, pins first: a build pins its
+/// manifest before recording it, and sets the grace before unpinning.
+fn hold_deliveries(images: &mut [Image], blobs: &BlobStore, emergency: bool) {
+    let pinned = blobs.pinned();
+    let (leased, _) = blobs.leased_in(emergency);
+    for image in images {
+        if pinned.contains(&image.manifest) || leased.contains(&image.manifest) {
+            image.leased = true;
+        }
+    }
 }
 
 /// Forgets the names that have no page any more (no image stored or last
@@ -655,13 +671,17 @@ fn short_of_free(policy: &Policy, free: &dyn Fn() -> Result<u64, GcError>) -> Re
 
 /// When a collection that left the store over a limit should run again:
 /// soon while transfers hold blobs, else just after the first lease ends
-/// (leases hold nothing in an `emergency`), at once if the leases that
-/// kept images (`leased`) ended while it ran; None when nothing held
-/// anything back (more collections would not help).
+/// (in an `emergency` only deliveries' graces count), at once if the
+/// leases that kept images (`leased`) ended while it ran; None when
+/// nothing held anything back (more collections would not help). In an
+/// emergency what kept images without a grace is a build whose clients
+/// are not answered yet: soon, as for transfers (it may wait for a build
+/// of another platform).
 fn retry_in(blobs: &BlobStore, emergency: bool, leased: bool, in_use: bool) -> Option<u64> {
-    let first_end = if emergency { None } else { blobs.leased().1 };
+    let first_end = blobs.leased_in(emergency).1;
     let lease_end = match first_end {
         Some(end) => Some(end.as_secs() + 1),
+        None if leased && emergency => Some(RETRY_WHILE_IN_USE),
         None if leased => Some(1),
         None => None,
     };
@@ -956,7 +976,7 @@ mod tests {
         drop(pins);
         assert_eq!(
             blobs
-                .delete_unless_pinned(&[layer], released, true)
+                .delete_unless_pinned(&[layer], released, false)
                 .unwrap(),
             None
         );
@@ -1054,6 +1074,52 @@ mod tests {
         assert!(blobs.stat_blob(&sending[2]).unwrap().is_some(), "in flight");
         assert_eq!(report.retry_in, Some(RETRY_WHILE_IN_USE));
         drop(transfer);
+    }
+
+    #[test]
+    fn below_the_floor_an_image_just_built_stays_until_answered_and_its_grace_ends() {
+        use crate::store::leases::DELIVERY_GRACE;
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(dir.path()).unwrap();
+        let db = Db::open(&dir.path().join("db")).unwrap();
+        let pulls = LastPulled::default();
+        // A build in flight: its blobs were written pinned, then recorded,
+        // then leased before its client is answered.
+        let pins = blobs.pin_set();
+        let built = stored_image(&db, &blobs.pinning_into(&pins), "built", 1, 10);
+        let lease = Duration::from_secs(600);
+        blobs.lease("built", built[0], built[1..].to_vec(), lease);
+        pins.delivering(built[0]);
+        let policy = Policy {
+            max_storage: None,
+            min_free_space: Some(u64::MAX),
+            lease,
+            keep_recent: Duration::ZERO,
+        };
+        let report = collect(&db, &blobs, &pulls, dir.path(), &policy, false, false).unwrap();
+        assert!(report.emergency);
+        assert!(report.evicted.is_empty(), "{report:?}");
+        assert_eq!(report.leased, 1);
+        assert_eq!(
+            report.retry_in,
+            Some(RETRY_WHILE_IN_USE),
+            "as for a transfer"
+        );
+        assert!(db.is_manifest(&built[0]).unwrap());
+
+        // Answered: the grace holds it, and the collection comes back
+        // when the grace ends.
+        drop(pins);
+        let report = collect(&db, &blobs, &pulls, dir.path(), &policy, false, false).unwrap();
+        assert!(report.evicted.is_empty(), "{report:?}");
+        let retry = report.retry_in.expect("below the floor");
+        assert!(
+            (1..=DELIVERY_GRACE.as_secs() + 1).contains(&retry),
+            "{retry}"
+        );
+        for kept in built {
+            assert!(blobs.stat_blob(&kept).unwrap().is_some());
+        }
     }
 
     /// On a replica of a bucket, the closures are the bucket's (followed,

@@ -5,10 +5,20 @@
 //! name it belongs to (not of every image sharing a base layer, which
 //! steady traffic would then keep leased for ever). Memory only; the holds
 //! are bounded by the images stored, as only stored manifests are served.
+//!
+//! Below the free-space floor leases give way, but an image a build has
+//! just delivered is spared for [`DELIVERY_GRACE`] after its manifest was
+//! answered: its client starts fetching the blobs then (each blob sent is
+//! pinned while it is sent), and evicting it in between would answer a
+//! successful build with missing blobs.
 
 use crate::digest::Digest;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
+
+/// How long an image just built is spared by an emergency collection
+/// after its manifest was answered to the clients that waited for it.
+pub const DELIVERY_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 struct Held {
@@ -17,6 +27,15 @@ struct Held {
     until: Instant,
     ttl: Duration,
     blobs: Vec<Digest>,
+    /// Until when an emergency spares it too (see [`Leases::spare`]);
+    /// never renewed.
+    spared_until: Option<Instant>,
+}
+
+impl Held {
+    fn ends(&self) -> Instant {
+        self.spared_until.map_or(self.until, |s| s.max(self.until))
+    }
 }
 
 /// The live leases, by image (a manifest or index digest), and which
@@ -61,9 +80,23 @@ impl Leases {
                 until,
                 ttl,
                 blobs,
+                spared_until: None,
             },
         );
         true
+    }
+
+    /// The leased `image` was just delivered by its build: an emergency
+    /// spares it until `until` as well. True if that changed what an
+    /// emergency spares; nothing without a lease (no limits are set).
+    pub fn spare(&mut self, image: &Digest, until: Instant) -> bool {
+        match self.images.get_mut(image) {
+            Some(held) if held.spared_until.is_none_or(|s| s < until) => {
+                held.spared_until = Some(until);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// A blob was fetched as part of `name`: the images of that name it
@@ -86,7 +119,7 @@ impl Leases {
         let ended: Vec<Digest> = self
             .images
             .iter()
-            .filter(|(_, h)| h.until <= now)
+            .filter(|(_, h)| h.ends() <= now)
             .map(|(d, _)| *d)
             .collect();
         for image in ended {
@@ -104,29 +137,42 @@ impl Leases {
         }
     }
 
-    /// Whether a live lease holds `blob`.
-    pub fn holds(&self, blob: &Digest, now: Instant) -> bool {
+    /// Whether a live lease holds `blob`; in an `emergency`, whether an
+    /// image just delivered does.
+    pub fn holds(&self, blob: &Digest, now: Instant, emergency: bool) -> bool {
         self.by_blob.get(blob).is_some_and(|owners| {
-            owners
-                .iter()
-                .any(|o| self.images.get(o).is_some_and(|h| h.until > now))
+            owners.iter().any(|o| {
+                self.images
+                    .get(o)
+                    .and_then(|h| Self::end(h, emergency))
+                    .is_some_and(|end| end > now)
+            })
         })
     }
 
-    /// Every blob a live lease holds.
-    pub fn held_blobs(&self, now: Instant) -> HashSet<Digest> {
+    /// When `held` stops holding: the lease's end, or in an emergency the
+    /// end of its delivery grace (None without one).
+    fn end(held: &Held, emergency: bool) -> Option<Instant> {
+        match emergency {
+            true => held.spared_until,
+            false => Some(held.ends()),
+        }
+    }
+
+    /// Every blob a live lease holds (see [`holds`](Self::holds)).
+    pub fn held_blobs(&self, now: Instant, emergency: bool) -> HashSet<Digest> {
         self.by_blob
             .keys()
-            .filter(|b| self.holds(b, now))
+            .filter(|b| self.holds(b, now, emergency))
             .copied()
             .collect()
     }
 
-    /// When the first live lease ends.
-    pub fn first_end(&self, now: Instant) -> Option<Instant> {
+    /// When the first live lease ends (see [`holds`](Self::holds)).
+    pub fn first_end(&self, now: Instant, emergency: bool) -> Option<Instant> {
         self.images
             .values()
-            .map(|h| h.until)
+            .filter_map(|h| Self::end(h, emergency))
             .filter(|u| *u > now)
             .min()
     }
@@ -147,29 +193,35 @@ mod tests {
         let ttl = Duration::from_secs(10);
         assert!(leases.grant("a", d(1), vec![d(10), d(11)], ttl, t0));
         assert!(!leases.grant("a", d(1), vec![d(10), d(11)], ttl, t0));
-        assert!(leases.holds(&d(1), t0) && leases.holds(&d(11), t0));
-        assert!(!leases.holds(&d(12), t0));
-        assert_eq!(leases.first_end(t0), Some(t0 + ttl));
+        assert!(leases.holds(&d(1), t0, false) && leases.holds(&d(11), t0, false));
+        assert!(!leases.holds(&d(12), t0, false));
+        assert_eq!(leases.first_end(t0, false), Some(t0 + ttl));
 
         let t8 = t0 + Duration::from_secs(8);
         leases.renew("another", &d(10), t8);
         assert!(
-            !leases.holds(&d(11), t0 + ttl),
+            !leases.holds(&d(11), t0 + ttl, false),
             "not renewed by another name"
         );
         leases.renew("a", &d(10), t8);
         let t15 = t0 + Duration::from_secs(15);
-        assert!(leases.holds(&d(11), t15), "renewed at 8 s: held until 18 s");
+        assert!(
+            leases.holds(&d(11), t15, false),
+            "renewed at 8 s: held until 18 s"
+        );
         let t19 = t0 + Duration::from_secs(19);
-        assert!(!leases.holds(&d(11), t19));
+        assert!(!leases.holds(&d(11), t19, false));
         leases.renew("a", &d(10), t19);
-        assert!(!leases.holds(&d(10), t19), "an ended lease is not revived");
+        assert!(
+            !leases.holds(&d(10), t19, false),
+            "an ended lease is not revived"
+        );
         leases.expire(t19);
         assert!(
-            leases.held_blobs(t0).is_empty(),
+            leases.held_blobs(t0, false).is_empty(),
             "expired leases are dropped"
         );
-        assert_eq!(leases.first_end(t19), None);
+        assert_eq!(leases.first_end(t19, false), None);
     }
 
     #[test]
@@ -180,8 +232,39 @@ mod tests {
         leases.grant("b", d(2), vec![d(9)], Duration::from_secs(50), t0);
         let t10 = t0 + Duration::from_secs(10);
         leases.expire(t10);
-        assert!(leases.holds(&d(9), t10));
-        assert!(!leases.holds(&d(1), t10));
-        assert_eq!(leases.held_blobs(t10).len(), 2);
+        assert!(leases.holds(&d(9), t10, false));
+        assert!(!leases.holds(&d(1), t10, false));
+        assert_eq!(leases.held_blobs(t10, false).len(), 2);
+    }
+
+    #[test]
+    fn an_emergency_spares_only_an_image_just_delivered_and_only_for_its_grace() {
+        let mut leases = Leases::default();
+        let t0 = Instant::now();
+        let lease = Duration::from_secs(120);
+        leases.grant("built", d(1), vec![d(10)], lease, t0);
+        leases.grant("served", d(2), vec![d(20)], lease, t0);
+        assert!(!leases.holds(&d(10), t0, true), "leases give way");
+        assert!(
+            !leases.spare(&d(3), t0 + DELIVERY_GRACE),
+            "no lease, nothing"
+        );
+        assert!(leases.spare(&d(1), t0 + DELIVERY_GRACE));
+        assert!(!leases.spare(&d(1), t0 + DELIVERY_GRACE), "already so");
+        assert!(leases.holds(&d(10), t0, true) && leases.holds(&d(1), t0, true));
+        assert!(!leases.holds(&d(20), t0, true));
+        assert_eq!(leases.held_blobs(t0, true).len(), 2);
+        assert_eq!(leases.first_end(t0, true), Some(t0 + DELIVERY_GRACE));
+        let after = t0 + DELIVERY_GRACE;
+        assert!(!leases.holds(&d(10), after, true), "the grace ended");
+        assert!(leases.holds(&d(10), after, false), "the lease goes on");
+        assert_eq!(leases.first_end(after, true), None);
+
+        // A grace longer than a short lease keeps the entry until it ends.
+        let short = Duration::from_secs(1);
+        leases.grant("quick", d(4), vec![d(40)], short, t0);
+        leases.spare(&d(4), t0 + DELIVERY_GRACE);
+        leases.expire(t0 + Duration::from_secs(5));
+        assert!(leases.holds(&d(40), t0 + Duration::from_secs(5), true));
     }
 }
