@@ -633,7 +633,8 @@ def admin_page_figures(server):
         ("/ right after start-up", "/"),
         ("search", "/?q=seeded/99"),
         ("page 150 of the image list", "/?page=150"),
-        # Reads every stored manifest, for layer sharing and eviction rank.
+        # Reads every manifest served, for layer sharing (and the image
+        # records for the eviction rank only under a storage limit).
         ("of one image", "/images/seeded/5000"),
         ("/", "/"),
     ]:
