@@ -191,6 +191,12 @@ async fn kill_9_at_random_points_never_serves_a_partial_blob() {
         let started = Instant::now();
         let (bad, n) = pull_and_check(&c, &s, image).await;
         build_ms[which] = build_ms[which].max(started.elapsed().as_millis() as u64);
+        // The bills of materials are written after the pull is answered:
+        // a temp file may be one being written; left means it stays.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !common::temp_files(storage).is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         assert_eq!(
             common::temp_files(storage),
             Vec::<String>::new(),
