@@ -272,6 +272,18 @@ fn platform(
     })
 }
 
+/// The latest pull of any of `digests`: only their own records are read.
+fn last_pulled(builder: &Builder, digests: &[Digest]) -> Result<Option<u64>, ReportError> {
+    let pulls = builder.collector().pulls();
+    let mut latest = None;
+    for digest in digests {
+        if let Some(p) = pulls.get(builder.db(), digest)? {
+            latest = latest.max(Some(p.at));
+        }
+    }
+    Ok(latest)
+}
+
 const DAY: u64 = 86_400;
 
 /// Pulls per day over the last [`ImagePullsRecord::DAYS`] days to `now`,
@@ -321,7 +333,6 @@ impl ImageReport {
             return Ok(None);
         }
         builder.status().flush_counts();
-        let pulled = builder.collector().pulls().all(db)?;
         let digests: Vec<Digest> = found.iter().map(|f| f.digest).collect();
         let imported = !found.is_empty() && found.iter().all(|f| f.imported);
         let expected = if imported { &[][..] } else { &digests[..] };
@@ -351,10 +362,7 @@ impl ImageReport {
             source: builder.status().instance().source.clone(),
             builds,
             pulls: db.pull_count(name)?,
-            last_pulled: digests
-                .iter()
-                .filter_map(|d| pulled.get(d).map(|p| p.at))
-                .max(),
+            last_pulled: last_pulled(builder, &digests)?,
             pulls_plot: pulls_plot(&pulls_by_day, now),
             pulls_by_day,
             eviction: eviction(builder, &overview, &digests, imported),

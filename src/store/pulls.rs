@@ -49,6 +49,18 @@ impl LastPulled {
         Ok(batch.len())
     }
 
+    /// One image's last pull: pending, else the database's (a page reads
+    /// only its own: reading every record would keep them all in sled's
+    /// cache).
+    pub fn get(&self, db: &Db, digest: &Digest) -> Result<Option<PullRecord>, DbError> {
+        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(record) = pending.get(digest) {
+            return Ok(Some(record.clone()));
+        }
+        drop(pending);
+        db.last_pulled_of(digest)
+    }
+
     /// Every image's last pull: the database's, overlaid with what is
     /// pending.
     pub fn all(&self, db: &Db) -> Result<HashMap<Digest, PullRecord>, DbError> {
@@ -76,10 +88,13 @@ mod tests {
         pulls.touch(b, "bash", 11);
         assert!(db.last_pulled().unwrap().is_empty());
         assert_eq!(pulls.all(&db).unwrap()[&a].at, 12);
+        assert_eq!(pulls.get(&db, &a).unwrap().map(|r| r.at), Some(12));
         assert_eq!(pulls.flush(&db).unwrap(), 2);
         assert_eq!(pulls.flush(&db).unwrap(), 0);
         let stored = db.last_pulled().unwrap();
         assert_eq!(stored[&a].at, 12);
         assert_eq!(stored[&b].image, "bash");
+        assert_eq!(pulls.get(&db, &b).unwrap().map(|r| r.at), Some(11));
+        assert_eq!(pulls.get(&db, &Digest::of(b"c")).unwrap(), None);
     }
 }

@@ -865,6 +865,14 @@ impl Db {
         Ok(())
     }
 
+    /// When one image was last pulled, as last flushed.
+    pub fn last_pulled_of(&self, digest: &Digest) -> Result<Option<PullRecord>, DbError> {
+        Ok(self
+            .last_pulled
+            .get(digest.as_bytes())?
+            .and_then(|v| self.decode("last_pulled", &v)))
+    }
+
     /// When each image was last pulled, as last flushed.
     pub fn last_pulled(&self) -> Result<HashMap<Digest, PullRecord>, DbError> {
         let mut out = HashMap::new();
