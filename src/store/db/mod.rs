@@ -54,7 +54,6 @@ mod recover;
 
 pub use async_db::AsyncDb;
 pub use migrate::SCHEMA_VERSION;
-pub use names::Forgotten;
 pub use records::{
     BuildOutcome, BuildRecord, ErrorRecord, EvalRecord, HistoryRecord, ImagePullsRecord,
     ImportedRecord, LayerRecord, Levels, ManifestRecord, PullRecord, PulledRecord, Record,

@@ -6,58 +6,52 @@
 use super::{Db, DbError};
 use std::collections::BTreeSet;
 
-/// What [`Db::forget_names`] forgot.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Forgotten {
-    /// Names, with their pulls.
-    pub names: usize,
-    /// Tags (of those names, or evicted ones of names that stay).
-    pub tags: usize,
-}
-
 impl Db {
-    /// Forgets every name `keep_name` refuses: the total of its pulls,
-    /// its pulls per day and its tags (the list of images on `/` and
-    /// `tags/list`); and every other tag `keep_tag` refuses (given
-    /// `<name>\0<tag>`). A name or tag with a tag record stays whatever
-    /// they say, so a build that recorded one after their sets were read
-    /// keeps its place in the list.
+    /// Forgets every name `keep` refuses: its tags (the list of images on
+    /// `/` and `tags/list`; unless not `with_tags`), the total of its
+    /// pulls and its pulls per day; how many names. A name with a tag
+    /// record stays whatever `keep` says, so a build that recorded one
+    /// after `keep`'s names were read keeps its place in the list.
     pub fn forget_names(
         &self,
-        keep_name: impl Fn(&str) -> bool,
-        keep_tag: impl Fn(&[u8]) -> bool,
-    ) -> Result<Forgotten, DbError> {
-        let mut forgotten = Forgotten::default();
+        keep: impl Fn(&str) -> bool,
+        with_tags: bool,
+    ) -> Result<usize, DbError> {
         let mut gone: BTreeSet<Vec<u8>> = BTreeSet::new();
         for tree in [&self.pulls, &self.image_pulls] {
             for name in tree.iter().keys() {
                 gone.insert(name?.to_vec());
             }
         }
-        gone.retain(|name| !keep_name(&String::from_utf8_lossy(name)));
+        for key in self.tags.iter().keys() {
+            let key = key?;
+            let name = key.split(|&b| b == 0).next().unwrap_or(&key);
+            gone.insert(name.to_vec());
+        }
+        gone.retain(|name| !keep(&String::from_utf8_lossy(name)));
+        let mut forgotten = 0;
         for name in gone {
-            if self.has_tag_record(&[&name[..], b"\0"].concat())? {
+            let prefix = [&name[..], b"\0"].concat();
+            if self.has_tag_record(&prefix)? {
                 continue;
             }
             self.pulls.remove(&name)?;
             self.image_pulls.remove(&name)?;
-            forgotten.names += 1;
-        }
-        for key in self.tags.iter().keys() {
-            let key = key?;
-            let name = key.split(|&b| b == 0).next().unwrap_or(&key);
-            if keep_name(&String::from_utf8_lossy(name)) && keep_tag(&key) {
+            if !with_tags {
+                forgotten += 1;
                 continue;
             }
-            self.tags.remove(&key)?;
-            // `put_tag_record` writes the record before the tag: one
-            // recorded since the sets were read is seen here, or its tag
-            // is written after this removal.
-            if self.pinned.contains_key(&key)? || self.built_tags.contains_key(&key)? {
-                self.tags.insert(&key, &[])?;
-            } else {
-                forgotten.tags += 1;
+            for key in self.tags.scan_prefix(&prefix).keys() {
+                let key = key?;
+                self.tags.remove(&key)?;
+                // `put_tag_record` writes the record before the tag: one
+                // recorded since the look above is seen here, or its tag
+                // is written after this removal.
+                if self.pinned.contains_key(&key)? || self.built_tags.contains_key(&key)? {
+                    self.tags.insert(&key, &[])?;
+                }
             }
+            forgotten += 1;
         }
         Ok(forgotten)
     }
@@ -88,7 +82,7 @@ mod tests {
     use std::collections::HashMap;
 
     #[test]
-    fn refused_names_and_tags_are_forgotten_unless_a_tag_is_recorded() {
+    fn a_refused_name_loses_its_tags_and_pulls_unless_a_tag_is_recorded() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(dir.path()).unwrap();
         let record = TagRecord {
@@ -109,18 +103,25 @@ mod tests {
         db.add_manifest_requests(0, 0, &counts).unwrap();
         db.add_image_pulls(&counts, 86_400).unwrap();
 
-        // Of the kept name, only its tag `latest` is kept.
-        let keep_tag = |key: &[u8]| key != b"kept\0v1";
-        let forgotten = db.forget_names(|name| name == "kept", keep_tag).unwrap();
-        let expected = Forgotten { names: 3, tags: 6 };
-        assert_eq!(
-            forgotten, expected,
-            "gone, gone/x, untagged; kept:v1, recorded:latest"
-        );
+        // Without tags (a replica of a bucket): the pulls go, the list stays.
+        db.add_tag("cached", "latest").unwrap();
+        db.add_manifest_requests(0, 0, &HashMap::from([("cached".to_string(), 1)]))
+            .unwrap();
+        let keep = |name: &str| name != "cached";
+        assert_eq!(db.forget_names(keep, false).unwrap(), 1);
+        assert_eq!(db.tags("cached").unwrap(), vec!["latest".to_string()]);
+        assert_eq!(db.pull_count("cached").unwrap(), 0);
+        db.tags.remove("cached\0latest").unwrap();
+
+        let forgotten = db.forget_names(|name| name == "kept", true).unwrap();
+        assert_eq!(forgotten, 3, "gone, gone/x and untagged");
         let (total, names) = db.image_names("", 0, 10).unwrap();
         assert_eq!(total, 2);
-        assert_eq!(names[0], ("kept".into(), vec!["latest".into()]));
-        assert_eq!(names[1], ("recorded".into(), vec!["v1".into()]));
+        assert_eq!(names[0].0, "kept");
+        assert_eq!(
+            names[1],
+            ("recorded".into(), vec!["latest".into(), "v1".into()])
+        );
         for name in ["gone", "gone/x", "untagged"] {
             assert!(db.tags(name).unwrap().is_empty(), "{name}");
             assert_eq!(db.pull_count(name).unwrap(), 0, "{name}");
@@ -130,7 +131,6 @@ mod tests {
             assert_eq!(db.pull_count(name).unwrap(), 2, "{name}");
             assert_eq!(db.image_pulls(name).unwrap().days, vec![(86_400, 2)]);
         }
-        let again = db.forget_names(|name| name == "kept", keep_tag).unwrap();
-        assert_eq!(again, Forgotten::default());
+        assert_eq!(db.forget_names(|name| name == "kept", true).unwrap(), 0);
     }
 }
