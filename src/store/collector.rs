@@ -59,7 +59,7 @@ pub struct Overview {
     pub eviction_order: Vec<(Digest, bool)>,
     /// How many stored images name each blob named by more than one.
     pub images_per_blob: HashMap<Digest, u32>,
-    /// The first 8 bytes of every manifest counted, sorted: whether an
+    /// The first 8 bytes of every manifest digest listed, sorted: whether an
     /// image just built is in this overview yet.
     counted: Vec<[u8; 8]>,
 }
@@ -291,7 +291,7 @@ impl Collector {
 
 /// How many stored images name each blob that several do, from every
 /// manifest served (not from the image records: their pages would stay
-/// in sled's cache), with the prefixes of the manifests counted. The
+/// in sled's cache), with the prefixes of the manifests listed. The
 /// Docker and OCI forms of one image name the same config, so an image
 /// counts once per config; indexes and artifacts name no layers of their
 /// own. Blocking: reads every manifest. (No eviction line.)
@@ -301,13 +301,15 @@ fn images_per_blob(db: &Db, blobs: &BlobStore) -> Result<Overview, crate::store:
     let mut per_blob: HashMap<Digest, u32> = HashMap::new();
     let mut counted = Vec::with_capacity(manifests.len());
     for manifest in &manifests {
+        // Known even if not here (a replica's) or not an image: a page
+        // asking for it must not work the overview out again each time.
+        counted.push(prefix(manifest));
         let Ok(Some(bytes)) = blobs.get(manifest) else {
             continue;
         };
         let Some(Named::Image(parts)) = named_by(bytes.as_ref()) else {
             continue;
         };
-        counted.push(prefix(manifest));
         let Some(((config, _), layers)) = parts.split_first() else {
             continue;
         };
