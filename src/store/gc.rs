@@ -666,15 +666,17 @@ fn short_of_free(policy: &Policy, free: &dyn Fn() -> Result<u64, GcError>) -> Re
 /// soon while transfers hold blobs, else just after the first lease ends
 /// (in an `emergency` only deliveries' graces count), at once if the
 /// leases that kept images (`leased`) ended while it ran; None when
-/// nothing held anything back (more collections would not help). In an
-/// emergency what kept images without a grace is a build whose clients
-/// are not answered yet: soon, as for transfers (it may wait for a build
-/// of another platform).
+/// nothing held anything back (more collections would not help). What
+/// kept images without a live lease while something is pinned (always, in
+/// an emergency) is a build whose clients are not answered yet: soon, as
+/// for transfers (it may wait for a build of another platform).
 fn retry_in(blobs: &BlobStore, emergency: bool, leased: bool, in_use: bool) -> Option<u64> {
     let first_end = blobs.leased_in(emergency).1;
     let lease_end = match first_end {
         Some(end) => Some(end.as_secs() + 1),
-        None if leased && emergency => Some(RETRY_WHILE_IN_USE),
+        // Kept by a build not answered yet (see `hold_deliveries`): as
+        // for a transfer, not every second while it waits.
+        None if leased && (emergency || !blobs.pinned().is_empty()) => Some(RETRY_WHILE_IN_USE),
         None if leased => Some(1),
         None => None,
     };
