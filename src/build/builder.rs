@@ -979,10 +979,11 @@ impl Builder {
         // then by the lease's delivery grace.
         let pins = match &result {
             Ok(digest) => {
-                if let Ok(Some(bytes)) = self.manifest_bytes(digest).await {
-                    self.lease_served(&image, digest, &bytes).await;
-                }
-                pins.delivering(*digest);
+                let leased = match self.manifest_bytes(digest).await {
+                    Ok(Some(bytes)) => self.lease_served(&image, digest, &bytes).await,
+                    _ => Vec::new(),
+                };
+                pins.delivering(*digest, &image, leased);
                 Some(pins)
             }
             Err(_) => {

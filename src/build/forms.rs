@@ -22,11 +22,12 @@ pub struct Served {
 impl Builder {
     /// Leases a manifest or index just served as `name`, with every blob
     /// it names (for an index, its manifests' too): the collector keeps
-    /// them while the client fetches them. Nothing without a storage limit.
-    pub async fn lease_served(&self, name: &str, served: &Digest, bytes: &[u8]) {
+    /// them while the client fetches them; the blobs leased. Nothing
+    /// without a storage limit.
+    pub async fn lease_served(&self, name: &str, served: &Digest, bytes: &[u8]) -> Vec<Digest> {
         let policy = *self.collector().policy();
         if !policy.is_active() {
-            return;
+            return Vec::new();
         }
         let mut blobs = Vec::new();
         match manifest::named_by(bytes) {
@@ -44,7 +45,9 @@ impl Builder {
             // An artifact (a bill of materials) is one small document.
             Some(Named::Artifact { .. }) | None => {}
         }
-        self.blobs().lease(name, *served, blobs, policy.lease);
+        self.blobs()
+            .lease(name, *served, blobs.clone(), policy.lease);
+        blobs
     }
 
     /// The image whose Docker manifest is `docker`, in `format`; `None`

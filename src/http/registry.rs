@@ -321,7 +321,7 @@ async fn manifest(
         }
     };
     if !head {
-        builder
+        let _ = builder
             .lease_served(name, &served.digest, &served.bytes)
             .await;
     }
@@ -356,7 +356,7 @@ async fn manifest_by_digest(
         .map_err(|e| build_error(&e))?
         .ok_or_else(|| manifest_unknown(name))?;
     if !head {
-        builder.lease_served(name, &digest, &bytes).await;
+        let _ = builder.lease_served(name, &digest, &bytes).await;
     }
     let media_type = manifest::media_type_of(&bytes);
     let len = bytes.len() as u64;

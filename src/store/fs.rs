@@ -7,7 +7,7 @@
 //! Blob paths are only ever built from a parsed [`Digest`].
 
 use crate::digest::{Digest, HashingWriter};
-use crate::store::leases::{Leases, DELIVERY_GRACE};
+use crate::store::leases::Leases;
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
@@ -128,8 +128,16 @@ struct PinSetInner {
     dirs: Arc<Dirs>,
     pins: Mutex<Vec<Pin>>,
     /// The image the build made, whose lease gets its delivery grace when
-    /// the pins go (see [`Leases::spare`]).
-    delivers: Mutex<Option<Digest>>,
+    /// the pins go (see [`Leases::deliver`]).
+    delivers: Mutex<Option<Delivery>>,
+}
+
+/// An image a build made: its name and the blobs its lease holds.
+#[derive(Debug)]
+struct Delivery {
+    image: Digest,
+    name: String,
+    blobs: Vec<Digest>,
 }
 
 impl PinSet {
@@ -141,11 +149,17 @@ impl PinSet {
             .push(pin);
     }
 
-    /// The build made `image` (a manifest it pinned): when the set is
+    /// The build made `image` (a manifest it pinned) for `name`, leased
+    /// with `blobs` (none without a storage limit): when the set is
     /// dropped, its lease is spared by an emergency for
-    /// [`DELIVERY_GRACE`], so that its clients can start on its blobs.
-    pub fn delivering(&self, image: Digest) {
-        *self.0.delivers.lock().unwrap_or_else(|e| e.into_inner()) = Some(image);
+    /// [`DELIVERY_GRACE`](crate::store::leases::DELIVERY_GRACE), so that its clients can start on its blobs
+    /// (and leased again for that long if it ended while they waited).
+    pub fn delivering(&self, image: Digest, name: &str, blobs: Vec<Digest>) {
+        *self.0.delivers.lock().unwrap_or_else(|e| e.into_inner()) = Some(Delivery {
+            image,
+            name: name.to_owned(),
+            blobs,
+        });
     }
 }
 
@@ -156,8 +170,10 @@ impl Drop for PinSetInner {
         // grace is in place by then.
         let mut table = lock_pins(&self.dirs);
         let delivered = self.delivers.get_mut().unwrap_or_else(|e| e.into_inner());
-        if let Some(image) = delivered.take() {
-            table.leases.spare(&image, Instant::now() + DELIVERY_GRACE);
+        if let Some(d) = delivered.take() {
+            table
+                .leases
+                .deliver(&d.name, d.image, d.blobs, Instant::now());
         }
         table.released += 1;
         drop(table);

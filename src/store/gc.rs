@@ -1084,7 +1084,7 @@ mod tests {
         let built = stored_image(&db, &blobs.pinning_into(&pins), "built", 1, 10);
         let lease = Duration::from_secs(600);
         blobs.lease("built", built[0], built[1..].to_vec(), lease);
-        pins.delivering(built[0]);
+        pins.delivering(built[0], "built", built[1..].to_vec());
         let policy = Policy {
             max_storage: None,
             min_free_space: Some(u64::MAX),

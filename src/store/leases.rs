@@ -99,6 +99,22 @@ impl Leases {
         }
     }
 
+    /// `image`, made for `name` with `blobs`, was just answered to the
+    /// clients of its build: an emergency spares it for
+    /// [`DELIVERY_GRACE`]. Leased again for that long if its lease ended
+    /// while they waited (for another platform's build, or a lease of 0
+    /// s); nothing without blobs (no limits are set).
+    pub fn deliver(&mut self, name: &str, image: Digest, blobs: Vec<Digest>, now: Instant) -> bool {
+        if blobs.is_empty() {
+            return false;
+        }
+        let live = self.images.get(&image).is_some_and(|h| h.ends() > now);
+        if !live {
+            self.grant(name, image, blobs, DELIVERY_GRACE, now);
+        }
+        self.spare(&image, now + DELIVERY_GRACE)
+    }
+
     /// A blob was fetched as part of `name`: the images of that name it
     /// belongs to are held a full lease again.
     pub fn renew(&mut self, name: &str, blob: &Digest, now: Instant) {
@@ -266,5 +282,24 @@ mod tests {
         leases.spare(&d(4), t0 + DELIVERY_GRACE);
         leases.expire(t0 + Duration::from_secs(5));
         assert!(leases.holds(&d(40), t0 + Duration::from_secs(5), true));
+    }
+
+    #[test]
+    fn a_delivery_whose_lease_ended_while_its_clients_waited_still_gets_its_grace() {
+        let mut leases = Leases::default();
+        let t0 = Instant::now();
+        // Leased for 1 s; its clients are answered 30 s later (another
+        // platform's build took that long).
+        leases.grant("slow", d(1), vec![d(10)], Duration::from_secs(1), t0);
+        let t30 = t0 + Duration::from_secs(30);
+        assert!(!leases.holds(&d(10), t30, true));
+        assert!(leases.deliver("slow", d(1), vec![d(10)], t30));
+        assert!(leases.holds(&d(10), t30, true), "spared in an emergency");
+        assert!(leases.holds(&d(10), t30, false), "and leased for the grace");
+        let after = t30 + DELIVERY_GRACE;
+        assert!(!leases.holds(&d(10), after, true) && !leases.holds(&d(10), after, false));
+        // Never leased (no limits are set): nothing.
+        assert!(!leases.deliver("none", d(2), vec![], t30));
+        assert!(leases.held_blobs(t30, true).len() == 2);
     }
 }
