@@ -763,7 +763,7 @@ impl Builder {
             let built = futures::future::try_join_all(
                 platforms
                     .iter()
-                    .map(|arch| self.manifest_for_arch_held(name, tag, *arch)),
+                    .map(|arch| self.manifest_for_arch(name, tag, *arch)),
             )
             .await?;
             let hold = built
@@ -772,7 +772,7 @@ impl Builder {
             let index = platforms.into_iter().zip(built.into_iter().map(|(d, _)| d));
             return Ok((TagAnswer::Index(index.collect()), hold));
         }
-        let (digest, hold) = self.manifest_for_arch_held(name, tag, platforms[0]).await?;
+        let (digest, hold) = self.manifest_for_arch(name, tag, platforms[0]).await?;
         Ok((TagAnswer::Manifest(digest), hold))
     }
 
@@ -809,20 +809,9 @@ impl Builder {
     }
 
     /// As [`manifest_for`](Self::manifest_for), for `arch` (which the
-    /// `arm64` meta-package overrides).
-    pub async fn manifest_for_arch(
-        self: &Arc<Self>,
-        name: &str,
-        tag: &str,
-        arch: Arch,
-    ) -> BuildResult {
-        let held = self.manifest_for_arch_held(name, tag, arch).await;
-        held.map(|(digest, _)| digest)
-    }
-
-    /// As [`manifest_for_arch`](Self::manifest_for_arch), with the hold on
-    /// the image if it was just built.
-    async fn manifest_for_arch_held(
+    /// `arm64` meta-package overrides), with the hold on the image if it
+    /// was just built.
+    async fn manifest_for_arch(
         self: &Arc<Self>,
         name: &str,
         tag: &str,
