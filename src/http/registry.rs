@@ -313,11 +313,14 @@ async fn manifest(
             .map_err(|e| logged(&e))?,
         (answer, _) => {
             let docker = answer.first().ok_or_else(|| manifest_unknown(name))?;
-            builder
+            let served = builder
                 .manifest_in(docker, accept.manifest_format())
                 .await
-                .map_err(|e| logged(&e))?
-                .ok_or_else(|| gone_meanwhile(builder, name))?
+                .map_err(|e| logged(&e))?;
+            match served {
+                Some(served) => served,
+                None => return Err(gone_meanwhile(builder, name).await),
+            }
         }
     };
     if !head {
@@ -418,11 +421,18 @@ async fn referrers(
 /// between the answer and the read, which only an emergency collection
 /// does to an image just built (or a bucket's collection on a replica).
 /// Below the free-space floor that is said, not MANIFEST_UNKNOWN.
-fn gone_meanwhile(builder: &Builder, name: &str) -> ApiError {
-    let emergency = builder
-        .collector()
-        .last_report()
-        .is_some_and(|r| r.emergency);
+async fn gone_meanwhile(builder: &Builder, name: &str) -> ApiError {
+    // The last collection's report comes at its end: below the floor now
+    // also counts (the first collection after a start, one that failed).
+    let collector = Arc::clone(builder.collector());
+    let below_now = tokio::task::spawn_blocking(move || collector.below_the_floor())
+        .await
+        .unwrap_or(false);
+    let emergency = below_now
+        || builder
+            .collector()
+            .last_report()
+            .is_some_and(|r| r.emergency);
     if !emergency {
         return manifest_unknown(name);
     }

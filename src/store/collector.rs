@@ -240,6 +240,15 @@ impl Collector {
         None
     }
 
+    /// Whether the free space is below `--min-free-space` now. Blocking
+    /// (one `statvfs`).
+    pub fn below_the_floor(&self) -> bool {
+        match (self.policy.min_free_space, free_bytes(&self.storage_path)) {
+            (Some(min), Some(free)) => free < min,
+            _ => false,
+        }
+    }
+
     /// Whether `free` is below `--min-free-space` and well below what the
     /// last collection left: the disk filled from outside (builds and
     /// cache fills wake the collector themselves).
