@@ -352,9 +352,12 @@ impl Db {
         Ok(())
     }
 
-    /// Forgets that a digest is a manifest (its blob is gone).
+    /// Forgets that a digest is a manifest (its blob is gone), and when it
+    /// was last pulled: a superseded build's record would otherwise stay
+    /// for good, and keep its name from being forgotten.
     pub fn forget_manifest_digest(&self, digest: &Digest) -> Result<(), DbError> {
         self.manifest_digests.remove(digest.as_bytes())?;
+        self.last_pulled.remove(digest.as_bytes())?;
         Ok(())
     }
 
@@ -958,6 +961,24 @@ pub(crate) fn open_when_free(path: &std::path::Path) -> Result<Db, DbError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_forgotten_manifest_takes_its_last_pull_along() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        let (old, new) = (Digest::of(b"old"), Digest::of(b"new"));
+        let pull = |image: &str| PullRecord {
+            at: 5,
+            image: image.into(),
+        };
+        let pulls = HashMap::from([(old, pull("hello")), (new, pull("hello"))]);
+        db.put_last_pulled(&pulls).unwrap();
+        db.add_manifest_digest(&old).unwrap();
+        db.forget_manifest_digest(&old).unwrap();
+        assert!(!db.is_manifest(&old).unwrap());
+        assert_eq!(db.last_pulled_of(&old).unwrap(), None);
+        assert_eq!(db.last_pulled_of(&new).unwrap(), Some(pull("hello")));
+    }
 
     #[test]
     fn records_round_trip_across_reopen() {
