@@ -122,13 +122,13 @@ impl Builder {
         &self,
         platforms: &[(Arch, Digest)],
         format: Format,
-    ) -> Result<Served, BuildError> {
+    ) -> Result<Option<Served>, BuildError> {
         let mut entries = Vec::with_capacity(platforms.len());
         for (arch, docker) in platforms {
-            let served = self
-                .manifest_in(*docker, format)
-                .await?
-                .ok_or_else(|| BuildError::Task(format!("manifest {docker} is not stored")))?;
+            // Evicted since the answer (below the free-space floor).
+            let Some(served) = self.manifest_in(*docker, format).await? else {
+                return Ok(None);
+            };
             entries.push(PlatformManifest {
                 architecture: arch.docker(),
                 digest: served.digest,
@@ -137,10 +137,10 @@ impl Builder {
         }
         let doc = manifest::index(format, &entries)?;
         self.keep_document(&doc).await?;
-        Ok(Served {
+        Ok(Some(Served {
             digest: doc.digest,
             bytes: doc.json.into(),
             media_type: format.index_type(),
-        })
+        }))
     }
 }

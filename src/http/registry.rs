@@ -306,22 +306,22 @@ async fn manifest(
         .answer_held(name, &tag, accept.index_format().is_some())
         .await
         .map_err(|e| logged(&e))?;
-    let served: Served = match (answer, accept.index_format()) {
+    let served = match (answer, accept.index_format()) {
         (TagAnswer::Index(platforms), Some(format)) => builder
             .index_of(&platforms, format)
             .await
             .map_err(|e| logged(&e))?,
         (answer, _) => {
             let docker = answer.first().ok_or_else(|| manifest_unknown(name))?;
-            let served = builder
+            builder
                 .manifest_in(docker, accept.manifest_format())
                 .await
-                .map_err(|e| logged(&e))?;
-            match served {
-                Some(served) => served,
-                None => return Err(gone_meanwhile(builder, name).await),
-            }
+                .map_err(|e| logged(&e))?
         }
+    };
+    let served: Served = match served {
+        Some(served) => served,
+        None => return Err(gone_meanwhile(builder, name).await),
     };
     if !head {
         let _ = builder
