@@ -414,13 +414,19 @@ impl Server {
         for w in [watcher, tls_watcher].into_iter().flatten() {
             w.abort();
         }
-        background.abort();
-        scrub.abort();
-        if let Some(b) = backfill {
-            b.abort();
+        let tasks: Vec<_> = [background, scrub, flusher, trimmer]
+            .into_iter()
+            .chain(backfill)
+            .collect();
+        for task in &tasks {
+            task.abort();
         }
-        flusher.abort();
-        trimmer.abort();
+        // An aborted task keeps the builder, and so the database, until
+        // the runtime drops it: wait for that, so the database is closed
+        // when `run` returns (a restart in the same process opens it).
+        for task in tasks {
+            let _ = task.await;
+        }
         collector.flush_pulls().await;
         if let Err(e) =
             tokio::task::spawn_blocking(move || http::report::flush_counts(&builder)).await
