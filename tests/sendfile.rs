@@ -248,15 +248,7 @@ async fn a_client_that_hangs_up_mid_body_releases_the_blob() {
     drop(stream);
     until_nothing_is_sent(&s).await;
 
-    let body = Client::new()
-        .get(s.url(&path))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    assert_eq!(Digest::of(&body).to_string(), layer);
+    common::get_blob(&Client::new(), &s, &layer).await;
     s.stop().await;
 }
 

@@ -50,16 +50,18 @@ fn local_closure(db: &Db, manifest: &Digest) -> Result<Option<Vec<ClosurePath>>,
     };
     let mut paths = Vec::with_capacity(closure.paths.len());
     for path in closure.paths {
-        let Some(record) = hash_part(&path).map(|h| db.nix_path(h)).transpose()? else {
+        let Some(r) = hash_part(&path)
+            .map(|h| db.nix_path(h))
+            .transpose()?
+            .flatten()
+        else {
             continue;
         };
-        if let Some(r) = record {
-            paths.push(ClosurePath {
-                path: r.path,
-                references: r.references,
-                deriver: r.deriver,
-            });
-        }
+        paths.push(ClosurePath {
+            path: r.path,
+            references: r.references,
+            deriver: r.deriver,
+        });
     }
     Ok(Some(paths))
 }

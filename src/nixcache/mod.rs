@@ -257,7 +257,11 @@ impl NixCache {
         builder: &Arc<Builder>,
         hash: &str,
     ) -> Result<Option<Arc<str>>, CacheError> {
-        self.follow(builder).await?;
+        // What this replica knows still answers while the bucket is out of
+        // reach.
+        if let Err(e) = self.follow(builder).await {
+            tracing::warn!(error = %e, "could not follow the bucket's Nix closures");
+        }
         let generation = builder.collector().generation();
         if let Some(text) = self.remembered(generation, hash) {
             self.counters.narinfo_hits.fetch_add(1, Ordering::Relaxed);

@@ -100,9 +100,11 @@ impl Follower {
         if last.is_some_and(|at| at.elapsed() < FOLLOW_EVERY) {
             return Ok(false);
         }
-        let forgot = follow_now(builder).await?;
+        // A failure waits its turn too: with the bucket out of reach, each
+        // request would list it again.
+        let forgot = follow_now(builder).await;
         *last = Some(Instant::now());
-        Ok(forgot)
+        forgot
     }
 
     /// Lets [`follow`](Self::follow) run (once, after start-up publishing).

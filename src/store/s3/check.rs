@@ -15,9 +15,7 @@ use crate::digest::Digest;
 use crate::oci::manifest::MANIFEST_MAX_BYTES;
 use crate::oci::named_by;
 use crate::store::db::nix::SharedClosureRecord;
-use crate::store::db::{
-    self, ImportedRecord, LayerRecord, ManifestRecord, Referrer, ReferrersRecord,
-};
+use crate::store::db::{ImportedRecord, LayerRecord, ManifestRecord, Referrer, ReferrersRecord};
 use crate::store::findings::{Findings, Holder, Repaired, StaleRecord};
 use crate::store::{RecordKind, StoreError};
 use futures::{StreamExt, TryStreamExt};
@@ -148,18 +146,16 @@ pub async fn check(
         .try_collect()
         .await?;
     f.broken.extend(unpacked.into_iter().flatten());
-    for key in bucket.record_keys(RecordKind::NixClosure).await? {
-        let why = match Digest::from_hex(&key) {
-            Err(_) => "the record cannot be read".to_owned(),
-            Ok(d) if size_now(bucket, &sizes, &d).await?.is_none() => {
+    let closures = bucket
+        .records::<SharedClosureRecord>(RecordKind::NixClosure)
+        .await?;
+    for (key, record) in closures {
+        let why = match (Digest::from_hex(&key), record) {
+            (Err(_), _) | (_, None) => "the record cannot be read".to_owned(),
+            (Ok(d), Some(_)) if size_now(bucket, &sizes, &d).await?.is_none() => {
                 format!("image {d} is not stored")
             }
-            Ok(_) => match bucket.get_record(RecordKind::NixClosure, &key).await? {
-                Some(b) if db::decode::<SharedClosureRecord>(&b).is_none() => {
-                    "the record cannot be read".to_owned()
-                }
-                _ => continue,
-            },
+            (Ok(_), Some(_)) => continue,
         };
         f.stale_records.push(StaleRecord {
             kind: RecordKind::NixClosure,

@@ -285,18 +285,13 @@ async fn collect_holding_lease(
         .filter(|d| evicted_digests.contains(d) || !sizes.contains_key(d));
     records_gone.extend(notes_gone.map(|d| (RecordKind::Pulled, d.hex())));
     // What referred to a manifest that goes (a young one may be a form a
-    // replica is still recording).
-    let referrers_gone = c
-        .referrers
-        .keys()
-        .filter(|d| !referenced.contains(d) && !young_blobs.contains(d));
+    // replica is still recording), and so the image's Nix closure: no
+    // replica serves its paths after (those another kept image has stay
+    // with that image's closure).
+    let goes = |d: &&Digest| !referenced.contains(*d) && !young_blobs.contains(*d);
+    let referrers_gone = c.referrers.keys().filter(goes);
     records_gone.extend(referrers_gone.map(|d| (RecordKind::Referrers, d.hex())));
-    // So is the image's Nix closure: no replica serves its paths after
-    // (those another kept image has stay with that image's closure).
-    let closures_gone = c
-        .closures
-        .iter()
-        .filter(|d| !referenced.contains(d) && !young_blobs.contains(d));
+    let closures_gone = c.closures.iter().filter(goes);
     records_gone.extend(closures_gone.map(|d| (RecordKind::NixClosure, d.hex())));
     for (key, r) in bucket.records::<LayerRecord>(RecordKind::Layer).await? {
         match r {
