@@ -83,6 +83,19 @@ impl Builder {
             .map_err(BuildError::Shared)
     }
 
+    /// The bucket's referrers record of `subject` (None if absent or
+    /// unreadable).
+    async fn bucket_referrers(
+        &self,
+        subject: &Digest,
+    ) -> Result<Option<ReferrersRecord>, BuildError> {
+        Ok(self
+            .storage()
+            .get_record(RecordKind::Referrers, &subject.hex())
+            .await?
+            .and_then(|b| db::decode::<ReferrersRecord>(&b)))
+    }
+
     /// What refers to `subject` (any stored manifest), making the
     /// bills of materials first if none are recorded yet.
     pub async fn referrers(self: &Arc<Self>, subject: Digest) -> Result<Vec<Referrer>, BuildError> {
@@ -274,14 +287,7 @@ impl Builder {
         if !self.storage().is_shared() {
             return Ok(None);
         }
-        let Some(bytes) = self
-            .storage()
-            .get_record(RecordKind::Referrers, &subject.hex())
-            .await?
-        else {
-            return Ok(None);
-        };
-        let Some(record) = db::decode::<ReferrersRecord>(&bytes) else {
+        let Some(record) = self.bucket_referrers(subject).await? else {
             return Ok(None);
         };
         let (db, s, more) = (self.db().clone(), *subject, record.referrers.clone());
@@ -297,21 +303,14 @@ impl Builder {
     ) -> Result<(), BuildError> {
         let mut referrers = referrers;
         // This process's writes of a bucket record, one at a time.
-        let _writing = match self.storage().is_shared() {
-            true => Some(BUCKET_WRITES.lock().await),
-            false => None,
-        };
+        let mut _writing = None;
         if self.storage().is_shared() {
+            _writing = Some(BUCKET_WRITES.lock().await);
             // What other replicas recorded (documents, NARs) stays: the
             // bucket's record is replaced whole below. Two replicas adding
             // at the same moment can still lose one's addition; a NAR
             // lost so is recorded again when next asked for.
-            let bucket = self
-                .storage()
-                .get_record(RecordKind::Referrers, &subject.hex())
-                .await?
-                .and_then(|b| db::decode::<ReferrersRecord>(&b));
-            if let Some(bucket) = bucket {
+            if let Some(bucket) = self.bucket_referrers(subject).await? {
                 referrers.splice(0..0, bucket.referrers);
             }
         }
