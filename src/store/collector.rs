@@ -243,21 +243,20 @@ impl Collector {
     /// Whether the free space is below `--min-free-space` now. Blocking
     /// (one `statvfs`).
     pub fn below_the_floor(&self) -> bool {
-        match (self.policy.min_free_space, free_bytes(&self.storage_path)) {
-            (Some(min), Some(free)) => free < min,
-            _ => false,
-        }
+        self.is_below_the_floor(free_bytes(&self.storage_path))
+    }
+
+    /// Whether `free` (None: unknown) is below `--min-free-space`.
+    fn is_below_the_floor(&self, free: Option<u64>) -> bool {
+        matches!((self.policy.min_free_space, free), (Some(min), Some(free)) if free < min)
     }
 
     /// Whether `free` is below `--min-free-space` and well below what the
     /// last collection left: the disk filled from outside (builds and
     /// cache fills wake the collector themselves).
     fn filled_from_outside(&self, free: Option<u64>) -> bool {
-        let (Some(min), Some(free)) = (self.policy.min_free_space, free) else {
-            return false;
-        };
         let after = self.free_after.load(std::sync::atomic::Ordering::Relaxed);
-        free < min && free.saturating_add(FELL_BY) < after
+        self.is_below_the_floor(free) && free.is_some_and(|f| f.saturating_add(FELL_BY) < after)
     }
 
     /// Runs until the task is dropped: flushes pulls, and collects when
