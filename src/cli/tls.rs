@@ -79,10 +79,23 @@ pub fn run(args: TlsArgs) -> ExitCode {
     }
 }
 
+/// `dir` made absolute, so that the paths printed can be used anywhere;
+/// Err is the exit code after saying why.
+fn absolute_dir(dir: &std::path::Path) -> Result<std::path::PathBuf, ExitCode> {
+    std::path::absolute(dir).map_err(|e| {
+        eprintln_redacted!("nixery: {}: {e}", dir.display());
+        ExitCode::from(2)
+    })
+}
+
 fn run_renew(args: RenewArgs) -> ExitCode {
+    let dir = match absolute_dir(&args.dir) {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
     let mut names = Names::from(args.names);
     if names.hostnames.is_empty() && names.ips.is_empty() {
-        let layout = Layout::under(&args.dir);
+        let layout = Layout::under(&dir);
         match crate::tls::load(&layout.server_cert, &layout.server_key) {
             Ok(current) => {
                 for name in current.info.names {
@@ -100,12 +113,13 @@ fn run_renew(args: RenewArgs) -> ExitCode {
             }
         }
     }
-    match renew(&args.dir, &names) {
+    match renew(&dir, &names) {
         Ok(layout) => {
             let loaded = crate::tls::load(&layout.server_cert, &layout.server_key);
-            let until = loaded
-                .map(|l| crate::http::format::utc(l.info.not_after))
-                .unwrap_or_default();
+            let until = match loaded {
+                Ok(l) => crate::http::format::utc(l.info.not_after),
+                Err(e) => format!("(unknown: reading it back failed: {e})"),
+            };
             println!(
                 "wrote {} and {} for {}, signed by {}, valid until {until}; a running server picks them up within seconds",
                 layout.server_cert.display(),
@@ -129,12 +143,9 @@ fn run_renew(args: RenewArgs) -> ExitCode {
 }
 
 fn run_init(args: InitArgs) -> ExitCode {
-    let dir = match std::path::absolute(&args.dir) {
+    let dir = match absolute_dir(&args.dir) {
         Ok(d) => d,
-        Err(e) => {
-            eprintln_redacted!("nixery: {}: {e}", args.dir.display());
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let names = Names::from(args.names);
     let layout = match init(&dir, &names, args.force) {
