@@ -766,10 +766,9 @@ impl Builder {
                     .map(|arch| self.manifest_for_arch(name, tag, *arch)),
             )
             .await?;
-            let hold = built
-                .iter()
-                .fold(Hold::default(), |all, (_, h)| all.join(h.clone()));
-            let index = platforms.into_iter().zip(built.into_iter().map(|(d, _)| d));
+            let (digests, holds): (Vec<Digest>, Vec<Hold>) = built.into_iter().unzip();
+            let hold = holds.into_iter().fold(Hold::default(), Hold::join);
+            let index = platforms.into_iter().zip(digests);
             return Ok((TagAnswer::Index(index.collect()), hold));
         }
         let (digest, hold) = self.manifest_for_arch(name, tag, platforms[0]).await?;

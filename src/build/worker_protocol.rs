@@ -472,10 +472,6 @@ mod tests {
     use super::*;
     use tokio::io::duplex;
 
-    fn word(out: &mut Vec<u8>, n: u64) {
-        put(out, n);
-    }
-
     /// A daemon's side of a conversation, written ahead: the handshake
     /// (1.34, with its version string) and then `replies`.
     async fn connect(
@@ -485,10 +481,10 @@ mod tests {
         tokio::io::DuplexStream,
     ) {
         let mut daemon = Vec::new();
-        word(&mut daemon, WORKER_MAGIC_2);
-        word(&mut daemon, (1 << 8) | 34);
+        put(&mut daemon, WORKER_MAGIC_2);
+        put(&mut daemon, (1 << 8) | 34);
         put_str(&mut daemon, "2.8.0");
-        word(&mut daemon, STDERR_LAST);
+        put(&mut daemon, STDERR_LAST);
         daemon.extend(replies);
         let (mut daemon_end, from) = duplex(1 << 20);
         daemon_end.write_all(&daemon).await.unwrap();
@@ -501,30 +497,30 @@ mod tests {
     async fn path_info_and_missing_paths() {
         let mut replies = Vec::new();
         // A log line and an activity first, as Nix sends them.
-        word(&mut replies, STDERR_NEXT);
+        put(&mut replies, STDERR_NEXT);
         put_str(&mut replies, "querying\n");
-        word(&mut replies, STDERR_START_ACTIVITY);
+        put(&mut replies, STDERR_START_ACTIVITY);
         for n in [1, 0, 105] {
-            word(&mut replies, n);
+            put(&mut replies, n);
         }
         put_str(&mut replies, "building");
-        word(&mut replies, 1);
-        word(&mut replies, 1);
+        put(&mut replies, 1);
+        put(&mut replies, 1);
         put_str(&mut replies, "field");
-        word(&mut replies, 0);
-        word(&mut replies, STDERR_LAST);
-        word(&mut replies, 1);
+        put(&mut replies, 0);
+        put(&mut replies, STDERR_LAST);
+        put(&mut replies, 1);
         put_str(&mut replies, "/nix/store/d.drv");
         put_str(&mut replies, "ab".repeat(32).as_str());
-        word(&mut replies, 1);
+        put(&mut replies, 1);
         put_str(&mut replies, "/nix/store/glibc");
-        word(&mut replies, 7);
-        word(&mut replies, 4096);
-        word(&mut replies, 1);
-        word(&mut replies, 0);
+        put(&mut replies, 7);
+        put(&mut replies, 4096);
+        put(&mut replies, 1);
+        put(&mut replies, 0);
         put_str(&mut replies, "");
-        word(&mut replies, STDERR_LAST);
-        word(&mut replies, 0);
+        put(&mut replies, STDERR_LAST);
+        put(&mut replies, 0);
         let (mut conn, _sink) = connect(replies).await;
         assert_eq!(conn.minor(), 34);
         let got = conn
@@ -548,22 +544,22 @@ mod tests {
     #[tokio::test]
     async fn errors_keep_the_log_and_lose_the_colours() {
         let mut replies = Vec::new();
-        word(&mut replies, STDERR_RESULT);
-        word(&mut replies, 1);
-        word(&mut replies, RESULT_BUILD_LOG_LINE);
-        word(&mut replies, 1);
-        word(&mut replies, 1);
+        put(&mut replies, STDERR_RESULT);
+        put(&mut replies, 1);
+        put(&mut replies, RESULT_BUILD_LOG_LINE);
+        put(&mut replies, 1);
+        put(&mut replies, 1);
         put_str(&mut replies, "make: *** [all] Error 1");
-        word(&mut replies, STDERR_ERROR);
+        put(&mut replies, STDERR_ERROR);
         put_str(&mut replies, "Error");
-        word(&mut replies, 0);
+        put(&mut replies, 0);
         put_str(&mut replies, "Error");
         put_str(
             &mut replies,
             "builder for '\u{1b}[35;1m/nix/store/x.drv\u{1b}[0m' failed",
         );
-        word(&mut replies, 0);
-        word(&mut replies, 0);
+        put(&mut replies, 0);
+        put(&mut replies, 0);
         let (mut conn, _sink) = connect(replies).await;
         match conn.build_paths(&["/nix/store/x.drv!out".into()]).await {
             Err(ProtocolError::Daemon { message, log }) => {
@@ -577,8 +573,8 @@ mod tests {
     #[tokio::test]
     async fn oversized_strings_are_refused() {
         let mut replies = Vec::new();
-        word(&mut replies, STDERR_NEXT);
-        word(&mut replies, STRING_MAX + 1);
+        put(&mut replies, STDERR_NEXT);
+        put(&mut replies, STRING_MAX + 1);
         let (mut conn, _sink) = connect(replies).await;
         assert!(matches!(
             conn.add_temp_root("/nix/store/x").await,
