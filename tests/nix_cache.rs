@@ -94,6 +94,9 @@ fn substitute(
         .args(["--option", "trusted-public-keys", public_key])
         .args(["--option", "require-sigs", "true"])
         .args(["--option", "narinfo-cache-negative-ttl", "0"])
+        // Nix caches narinfos by the cache's URL: another test's server on
+        // the same port (another key) must not answer for this one.
+        .args(["--option", "narinfo-cache-positive-ttl", "0"])
         .args(paths)
         .output()
         .expect("nix-store runs")

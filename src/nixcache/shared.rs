@@ -100,11 +100,11 @@ impl Follower {
         if last.is_some_and(|at| at.elapsed() < FOLLOW_EVERY) {
             return Ok(false);
         }
-        // A failure waits its turn too: with the bucket out of reach, each
-        // request would list it again.
-        let forgot = follow_now(builder).await;
+        // A failure is tried again by the next request (the one at start-up
+        // may fail while the bucket is being written).
+        let forgot = follow_now(builder).await?;
         *last = Some(Instant::now());
-        forgot
+        Ok(forgot)
     }
 
     /// Lets [`follow`](Self::follow) run (once, after start-up publishing).
